@@ -1,0 +1,219 @@
+"""A trial's configuration: pydantic models with extra="forbid", so a typo is an error naming the key.
+
+Defaults follow S0 (SEEDS.md) where S0 states a value; the embedded synthetic dataset is the default
+data so that `python -m tune_xray.train` runs on a fresh machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not validate; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Range = tuple[float, float]
+
+
+class DataConfig(_Strict):
+    source: str = Field("synthetic", description="synthetic | nih:PATH | folder:PATH")
+    split: Literal["official", "random"] = Field(
+        "official", description="official test list (+ patient-wise val slice) or S0's random patient 70/10/20")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="random and folder splits")
+    split_seed: int = 42
+    cache_size: int = Field(256, ge=16, description="images are decoded once and stored at this size")
+    cache_dir: Optional[str] = None
+    channels: Literal[1, 3] = Field(1, description="channels kept in the cache; X-rays are grayscale")
+    synthetic_images: int = Field(2000, ge=10)
+    synthetic_size: int = Field(256, ge=32)
+    synthetic_seed: int = 0
+    num_workers: int = Field(0, ge=0, description="DataLoader workers; batches are memmap slices, cheap")
+
+
+class AugmentConfig(_Strict):
+    """On-device kornia augmentations; S0's values (SEEDS.md, augmentation ablation) as defaults."""
+
+    image_size: int = Field(224, ge=16)
+    crop: Literal["random", "random_resized", "none"] = "random"
+    crop_scale: Range = (0.5, 1.0)
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.0, ge=0, le=1)
+    rotation: float = Field(10.0, ge=0, le=180, description="± degrees; 0 = off")
+    brightness: Optional[Range] = None
+    contrast: Optional[Range] = None
+    erasing: int = Field(0, ge=0, le=3, description="independent RandomErasing transforms stacked")
+    erasing_p: float = Field(0.5, ge=0, le=1)
+    erasing_scale: Range = (0.02, 0.1)
+    blur_p: float = Field(0.0, ge=0, le=1)
+    blur_kernel: int = Field(5, ge=3)
+    blur_sigma: Range = (0.1, 1.0)
+    perspective_p: float = Field(0.0, ge=0, le=1)
+    perspective_scale: float = Field(0.2, ge=0, le=1)
+    affine_p: float = Field(0.0, ge=0, le=1)
+    affine_degrees: float = Field(10.0, ge=0, le=180)
+    affine_translate: float = Field(0.1, ge=0, le=1)
+    affine_scale: Range = (0.9, 1.1)
+    sharpness_p: float = Field(0.0, ge=0, le=1)
+    sharpness: float = Field(2.0, ge=0)
+    autocontrast_p: float = Field(0.0, ge=0, le=1)
+    normalize: Literal["imagenet", "dataset", "none"] = "imagenet"
+    eval_view: Literal["center_crop", "resize"] = "center_crop"
+    tta: Literal["none", "hflip", "tencrop"] = Field("none", description="S0 used tencrop at val and test")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for name in ("crop_scale", "erasing_scale", "blur_sigma", "affine_scale", "brightness", "contrast"):
+            r = getattr(self, name)
+            if r is not None and not (0 <= r[0] <= r[1]):
+                raise ValueError(f"{name} must be a range [low, high] with 0 <= low <= high, got {list(r)}")
+        if self.blur_kernel % 2 == 0:
+            raise ValueError(f"blur_kernel must be odd, got {self.blur_kernel}")
+        return self
+
+
+class ModelConfig(_Strict):
+    backbone: str = "resnet18"
+    pretrained_path: Optional[str] = Field(None, description="local .safetensors/.pth in timm key layout")
+    in_chans: Literal[1, 3] = 3
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+
+
+class OptimizerConfig(_Strict):
+    """Passed to timm.optim.create_optimizer_v2. S0 LARS: lr 0.2, wd 1.5e-6, momentum 0, trust 0.001."""
+
+    name: Literal["sgd", "adamw", "adam", "lars"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    trust_coeff: float = Field(0.001, gt=0, description="LARS only")
+
+
+class SchedulerConfig(_Strict):
+    """Per-epoch LR schedule through timm.scheduler (cosine stays at eta_min after t_max; S0 flaw 6)."""
+
+    name: Literal["none", "step", "plateau", "cosine", "restarts", "warmup_cosine"] = "none"
+    t_max: int = Field(250, ge=1, description="cosine / warmup_cosine length in epochs")
+    eta_min: float = Field(1e-6, ge=0)
+    step_size: int = Field(25, ge=1)
+    gamma: float = Field(0.5, gt=0, le=1, description="step and plateau decay factor")
+    patience: int = Field(10, ge=0, description="plateau patience in epochs")
+    plateau_metric: str = "val_loss"
+    t_0: int = Field(25, ge=1, description="restarts: epochs per cycle")
+    warmup_epochs: int = Field(10, ge=0)
+
+
+class SupervisedConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; all contribute")
+    loss: Literal["auto", "bce", "ce"] = "auto"
+    pos_weight: bool = Field(False, description="BCE pos_weight = n_neg / n_pos from the train split")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    early_stopping_patience: Optional[int] = Field(10, ge=1, description="S0: 10 epochs on val mAUC")
+    selection_metric: str = "val_mean_auroc"
+    selection_mode: Literal["max", "min"] = "max"
+
+
+class ByolConfig(_Strict):
+    """BYOL (Grill et al. 2020) with S0's final recipe as defaults (LARS 0.2 at batch 256, H 1024)."""
+
+    enabled: bool = False
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=2)
+    accum_steps: int = Field(1, ge=1)
+    hidden_dim: int = Field(1024, ge=1)
+    out_dim: int = Field(256, ge=1)
+    ema_tau: float = Field(0.996, ge=0, le=1, description="base tau; cosine to 1 over the run's real steps")
+    optimizer: OptimizerConfig = OptimizerConfig(name="lars", lr=0.2, weight_decay=1.5e-6, momentum=0.0)
+    scheduler: SchedulerConfig = SchedulerConfig(name="cosine", t_max=250, eta_min=1e-6)
+
+
+class TrialConfig(_Strict):
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
+    channels_last: bool = False
+    deterministic: bool = False
+    output_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    byol: ByolConfig = ByolConfig()
+    supervised: SupervisedConfig = SupervisedConfig()
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key '{key}'")
+        else:
+            lines.append(f"{origin}: {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["supervised.optimizer.lr=1e-4", "byol.enabled=true"]` → nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(tree: dict, origin: str = "config") -> TrialConfig:
+    try:
+        return TrialConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrialConfig:
+    """Read a YAML config (or the defaults) and apply `--set key=value` overrides; validate once."""
+    tree: dict = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    if overrides:
+        tree = merge(tree, parse_overrides(list(overrides)))
+        origin += " + --set"
+    return build_config(tree, origin)

@@ -1,0 +1,1 @@
+"""Data: synthetic NIH-format generator, readers → one index table, splits, uint8 cache, loaders."""

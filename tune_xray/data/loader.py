@@ -1,0 +1,84 @@
+"""Batches of uint8 images straight from the cache: no decoding and no augmentation on the CPU side
+(augmentation runs on the batch's device, see `tune_xray.augment`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from ..config import DataConfig
+from .cache import ImageCache, build_cache
+from .sources import DatasetIndex, default_cache_dir, read_source
+
+
+class CachedBatches(Dataset):
+    """Indexed by a list of rows; returns a whole batch (uint8 B×C×S×S, targets) in one memmap gather."""
+
+    def __init__(self, cache: ImageCache, rows: np.ndarray, targets: np.ndarray):
+        self.cache, self.rows, self.targets = cache, np.asarray(rows), targets
+        self._images = None  # opened lazily, once per process
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, batch: list[int]):
+        if self._images is None:
+            self._images = self.cache.open()
+        batch = np.asarray(batch)
+        order = np.argsort(self.rows[batch])  # sorted reads are sequential on disk
+        images = np.empty((len(batch), *self.cache.shape[1:]), dtype=np.uint8)
+        images[order] = self._images[self.rows[batch][order]]
+        return torch.from_numpy(images), torch.from_numpy(self.targets[batch])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_images": None}
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The checked index and its image cache: everything a phase needs to build loaders."""
+
+    index: DatasetIndex
+    cache: ImageCache
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.index.classes)
+
+    def dataset(self, split: str) -> CachedBatches:
+        rows = self.index.rows(split)
+        return CachedBatches(self.cache, rows, self.index.targets(rows))
+
+    def pixel_stats(self, split: str = "train", max_images: int = 512) -> tuple[list[float], list[float]]:
+        """Per-channel mean/std in [0, 1] over (up to) `max_images` evenly spaced images of a split."""
+        rows = self.index.rows(split)
+        rows = rows[np.linspace(0, len(rows) - 1, min(max_images, len(rows))).astype(int)]
+        pixels = self.cache.open()[np.unique(rows)].astype(np.float32) / 255.0
+        return pixels.mean(axis=(0, 2, 3)).tolist(), pixels.std(axis=(0, 2, 3)).tolist()
+
+
+def prepare(cfg: DataConfig) -> PreparedData:
+    """Read and check the source, then build (or reuse) its cache — all before any training starts."""
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    index = read_source(cfg.source, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
+                        (cfg.synthetic_images, cfg.synthetic_size, cfg.synthetic_seed), cache_dir)
+    cache = build_cache(index.frame["path"].tolist(), cfg.cache_size, cfg.channels, cache_dir)
+    return PreparedData(index, cache)
+
+
+def make_loader(dataset: CachedBatches, batch_size: int, shuffle: bool, drop_last: bool = False,
+                seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A DataLoader of whole batches; sharded by rank for DDP (call `loader.sampler.sampler.set_epoch`)."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last and world_size > 1)
+    batches = BatchSampler(sampler, batch_size, drop_last=drop_last)
+    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    loader.sampler.sampler.set_epoch(epoch)

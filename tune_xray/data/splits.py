@@ -1,0 +1,75 @@
+"""Patient-wise and stratified splits, and the patient-disjointness check every index passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupShuffleSplit, train_test_split
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, column, label or split and what was expected."""
+
+
+def patient_holdout(patient_ids: pd.Series, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of a held-out `fraction` of patients (all of a patient's images together)."""
+    splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    _, held = next(splitter.split(np.zeros(len(patient_ids)), groups=patient_ids.to_numpy()))
+    mask = np.zeros(len(patient_ids), dtype=bool)
+    mask[held] = True
+    return mask
+
+
+def patient_split(patient_ids: pd.Series, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """S0's random split by patient (70/10/20 with seed 42 there): an array of 'train'/'val'/'test'."""
+    split = np.full(len(patient_ids), "train", dtype=object)
+    test = patient_holdout(patient_ids, test_fraction, seed)
+    split[test] = "test"
+    rest = np.flatnonzero(~test)
+    val = patient_holdout(patient_ids.iloc[rest], val_fraction / (1 - test_fraction), seed)
+    split[rest[val]] = "val"
+    return split
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int, origin: str) -> np.ndarray:
+    """Boolean mask of a held-out `fraction`, stratified by class (data without patient ids)."""
+    idx = np.arange(len(labels))
+    try:
+        _, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as err:
+        raise DataError(f"{origin}: cannot split stratified by class: {err}") from None
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    return mask
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                     origin: str) -> np.ndarray:
+    """Stratified train/val/test for data without patient ids (e.g. a folder-per-class dataset)."""
+    split = np.full(len(labels), "train", dtype=object)
+    test = stratified_holdout(labels, test_fraction, seed, origin)
+    split[test] = "test"
+    rest = np.flatnonzero(~test)
+    split[rest[stratified_holdout(labels[rest], val_fraction / (1 - test_fraction), seed, origin)]] = "val"
+    return split
+
+
+def check_patient_disjoint(frame: pd.DataFrame, origin: str) -> None:
+    """A patient in two splits leaks their anatomy across them: an error, never a warning."""
+    if "patient_id" not in frame or frame["patient_id"].isna().all():
+        return
+    owners = frame.dropna(subset=["patient_id"]).groupby("patient_id")["split"].nunique()
+    leaked = owners[owners > 1].index.tolist()
+    if leaked:
+        raise DataError(
+            f"{origin}: {len(leaked)} patient(s) appear in more than one split "
+            f"(e.g. patient_id {', '.join(map(str, leaked[:5]))}); splits must be patient-disjoint")
+
+
+def check_splits_nonempty(frame: pd.DataFrame, origin: str) -> None:
+    counts = frame["split"].value_counts()
+    for name in SPLITS:
+        if counts.get(name, 0) == 0:
+            raise DataError(f"{origin}: the '{name}' split is empty; every split needs at least one image")

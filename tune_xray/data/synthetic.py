@@ -1,0 +1,275 @@
+"""A synthetic ChestX-ray14 look-alike in the NIH release's file layout: the embedded default dataset.
+
+`generate(out, n_images, size, seed)` writes what the NIH release has (`images/*.png`,
+`Data_Entry_2017.csv` with the real column names, `train_val_list.txt`, `test_list.txt`), so every
+reader, split and cache path is exercised exactly as with the real data, on a fresh machine.
+
+Each patient has their own anatomy (thorax, lungs, heart, ribs) and several follow-up images; chronic
+findings tend to persist across follow-ups, so a patient leak between splits would inflate scores, as it
+does on the real data. Labels follow NIH prevalence (≈54 % "No Finding") with clinically plausible
+co-occurrence. Every finding draws its own pattern, kept subtle under noise and anatomy variation.
+Deterministic per seed: image i is drawn from SeedSequence([seed, i]) whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .labels import NIH_LABELS, NIH_PREVALENCE, NO_FINDING
+
+# Findings that tend to appear together (NIH co-occurrence): drawing one makes the other 3× likelier.
+_AFFINITY = [
+    ("Effusion", "Atelectasis"), ("Effusion", "Infiltration"), ("Effusion", "Cardiomegaly"),
+    ("Effusion", "Edema"), ("Atelectasis", "Infiltration"), ("Consolidation", "Pneumonia"),
+    ("Consolidation", "Infiltration"), ("Pneumonia", "Infiltration"), ("Mass", "Nodule"),
+    ("Emphysema", "Pneumothorax"), ("Fibrosis", "Pleural_Thickening"), ("Edema", "Cardiomegaly"),
+]
+_CHRONIC = {"Cardiomegaly", "Emphysema", "Fibrosis", "Hernia", "Pleural_Thickening", "Mass", "Nodule"}
+_P_SICK = 0.462  # 1 − P("No Finding") in the NIH release
+_N_FINDINGS_P = (0.62, 0.25, 0.09, 0.04)  # 1, 2, 3, 4 findings in an abnormal image
+_TEST_PATIENT_FRACTION = 0.2
+
+CSV_COLUMNS = [
+    "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+    "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]",
+]
+
+
+def _affinity_matrix() -> np.ndarray:
+    idx = {name: i for i, name in enumerate(NIH_LABELS)}
+    m = np.ones((len(NIH_LABELS), len(NIH_LABELS)))
+    for a, b in _AFFINITY:
+        m[idx[a], idx[b]] = m[idx[b], idx[a]] = 3.0
+    return m
+
+
+def sample_findings(rng: np.random.Generator, carried: frozenset[str] = frozenset()) -> list[str]:
+    """One image's findings: NIH prevalence, 1–4 findings when abnormal, co-occurrence by affinity."""
+    prevalence = np.array([NIH_PREVALENCE[name] for name in NIH_LABELS])
+    chosen = {NIH_LABELS.index(name) for name in carried if rng.random() < 0.7}
+    if rng.random() < _P_SICK:
+        n = 1 + rng.choice(len(_N_FINDINGS_P), p=_N_FINDINGS_P)
+        affinity = _affinity_matrix()
+        weights = prevalence.copy()
+        for i in chosen:
+            weights = weights * affinity[i]
+        while len(chosen) < n:
+            w = weights.copy()
+            w[list(chosen)] = 0.0
+            i = int(rng.choice(len(w), p=w / w.sum()))
+            chosen.add(i)
+            weights = weights * affinity[i]
+    return [NIH_LABELS[i] for i in sorted(chosen)]
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Band-limited noise in [-1, 1]: a cells×cells grid of values upsampled bilinearly to size×size."""
+    coarse = rng.uniform(-1, 1, (cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BILINEAR))
+
+
+def _blob(x, y, cx, cy, r, sharpness=2.0):
+    d2 = ((x - cx) ** 2 + (y - cy) ** 2) / (r * r)
+    return np.exp(-(d2**sharpness))
+
+
+def _ellipse(x, y, cx, cy, a, b):
+    return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2
+
+
+def render(anatomy: dict, findings: list[str], size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw one frontal chest radiograph (uint8, size×size) of a patient with the given findings."""
+    f = set(findings)
+    lin = np.linspace(-1, 1, size, dtype=np.float32)
+    shift = rng.normal(0, 0.02, 2)
+    scale = 1 + rng.normal(0, 0.02)
+    x = (lin[None, :] - shift[0]) * scale
+    y = (lin[:, None] - shift[1]) * scale
+
+    body = _ellipse(x, y, 0.0, 0.05, anatomy["body_a"], 0.95) < 1
+    img = np.where(body, 0.55, 0.06).astype(np.float32)
+    img += 0.08 * np.exp(-((x / 0.09) ** 2)) * body  # spine
+
+    lung_b = anatomy["lung_b"] * (1.1 if "Emphysema" in f else 1.0)
+    lung_level = -0.04 + (0.05 if "Emphysema" in f else 0.0)
+    lung_masks, lung_geo = [], []
+    for side in (-1, 1):
+        cx = side * anatomy["lung_x"]
+        a, b = anatomy["lung_a"], lung_b
+        if "Atelectasis" in f and side == anatomy["atel_side"]:
+            b *= 0.88  # volume loss: raised hemidiaphragm
+        e = _ellipse(x, y, cx, lung_level, a, b)
+        lung_masks.append(np.clip((1 - e) * 6, 0, 1))  # soft edge
+        lung_geo.append((cx, lung_level, a, b, e))
+    lungs = np.maximum(*lung_masks)
+
+    texture = _smooth_noise(rng, size, 24) * (0.35 if "Emphysema" in f else 1.0)
+    ribs = np.clip(np.cos(2 * np.pi * anatomy["rib_freq"] * (y + 0.35 * x * x)), 0, 1) ** 6
+    lung_density = 0.2 + anatomy["lung_tone"] - (0.05 if "Emphysema" in f else 0.0)
+    lung_img = lung_density + 0.05 * texture + 0.07 * ribs
+    opacity = np.zeros_like(img)
+
+    def in_lung(side_index: int):
+        cx, cy, a, b, _ = lung_geo[side_index]
+        for _ in range(20):
+            px, py = rng.uniform(-0.8, 0.8) * a + cx, rng.uniform(-0.75, 0.75) * b + cy
+            if _ellipse(px, py, cx, cy, a, b) < 0.7:
+                return px, py
+        return cx, cy
+
+    def side_of() -> int:
+        return int(rng.integers(2))
+
+    if "Effusion" in f:  # fluid blunts a lung base, meniscus rising laterally
+        for s in {side_of(), side_of()}:
+            cx, cy, a, b, _ = lung_geo[s]
+            level = cy + b * rng.uniform(0.35, 0.6)
+            meniscus = level - 0.15 * np.abs(x - cx) / a
+            opacity += 0.3 * np.clip((y - meniscus) * 25, 0, 1) * lung_masks[s]
+    if "Atelectasis" in f:  # plate-like band in the lower zone
+        s = anatomy["atel_side"]
+        cx, cy, a, b, _ = lung_geo[s]
+        yy = cy + b * rng.uniform(0.15, 0.45)
+        band = np.exp(-(((y - yy - 0.15 * (x - cx)) / 0.035) ** 2)) * (np.abs(x - cx) < 0.8 * a)
+        opacity += 0.17 * band * lung_masks[s]
+    if "Consolidation" in f:
+        px, py = in_lung(side_of())
+        opacity += 0.24 * _blob(x, y, px, py, rng.uniform(0.13, 0.19)) * lungs
+    if "Pneumonia" in f:  # patchy airspace opacity, lower zones
+        px, py = in_lung(side_of())
+        patch = 0.6 + 0.4 * _smooth_noise(rng, size, 16)
+        opacity += 0.2 * _blob(x, y, px, py + 0.1, rng.uniform(0.11, 0.16), 1.0) * patch * lungs
+    if "Infiltration" in f:  # several faint ill-defined patches
+        for _ in range(int(rng.integers(3, 7))):
+            px, py = in_lung(side_of())
+            opacity += 0.09 * _blob(x, y, px, py, rng.uniform(0.05, 0.09), 1.0) * lungs
+    if "Edema" in f:  # bilateral perihilar ("bat-wing") haze
+        for s in (0, 1):
+            cx, cy, a, b, _ = lung_geo[s]
+            opacity += 0.15 * _blob(x, y, cx * 0.55, cy, 0.22, 1.0) * lung_masks[s]
+    if "Fibrosis" in f:  # reticular lines, peripheral and basal
+        reticular = np.abs(_smooth_noise(rng, size, 48)) < 0.12
+        basal = np.clip((y - 0.0) * 3, 0, 1)
+        opacity += 0.13 * reticular * basal * lungs
+    if "Nodule" in f:
+        for _ in range(int(rng.integers(1, 3))):
+            px, py = in_lung(side_of())
+            opacity += 0.24 * _blob(x, y, px, py, rng.uniform(0.025, 0.04), 3.0) * lungs
+    if "Mass" in f:
+        px, py = in_lung(side_of())
+        opacity += 0.28 * _blob(x, y, px, py, rng.uniform(0.07, 0.11), 3.0) * lungs
+    if "Pleural_Thickening" in f:  # bright band along the lateral pleura, apical bias
+        s = side_of()
+        cx, cy, a, b, e = lung_geo[s]
+        lateral = np.clip(side_sign(s) * (x - cx) / a * 3, 0, 1) * np.clip((cy + 0.2 - y) * 4, 0, 1)
+        opacity += 0.2 * ((e > 0.72) & (e < 1.0)) * lateral * lung_masks[s]
+
+    lung_img = lung_img + opacity
+    if "Pneumothorax" in f:  # lateral rim with no lung markings, thin visceral pleural line
+        s = side_of()
+        cx, cy, a, b, e = lung_geo[s]
+        rim = (e > 0.55) & (side_sign(s) * (x - cx) > 0) & (y < cy + 0.3 * b)
+        edge = np.abs(e - 0.55) < 0.025
+        lung_img = np.where(rim, lung_density - 0.06, lung_img)
+        lung_img = np.where(edge & (side_sign(s) * (x - cx) > 0) & (y < cy + 0.3 * b), lung_img + 0.12, lung_img)
+    img = img * (1 - lungs) + lung_img * lungs
+
+    heart_a = anatomy["heart_a"] * (rng.uniform(1.3, 1.45) if "Cardiomegaly" in f else 1.0)
+    heart = np.clip((1 - _ellipse(x, y, anatomy["heart_x"], 0.33, heart_a, 0.24)) * 5, 0, 1)
+    img = img * (1 - heart) + 0.66 * heart
+    if "Hernia" in f:  # retrocardiac gas-and-fluid bubble above the diaphragm
+        bubble = _blob(x, y, -0.05, 0.45, 0.11, 3.0)
+        air = bubble * (y < 0.43)
+        img += 0.12 * bubble - 0.25 * air
+
+    # acquisition: exposure, gamma, quantum noise
+    img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.15) * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02)
+    img += rng.normal(0, 0.035, img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def side_sign(side_index: int) -> int:
+    return -1 if side_index == 0 else 1
+
+
+def sample_anatomy(rng: np.random.Generator) -> dict:
+    """A patient's fixed anatomy: shared by all of their follow-up images."""
+    return {
+        "body_a": rng.uniform(0.78, 0.9),
+        "lung_x": rng.uniform(0.34, 0.42),
+        "lung_a": rng.uniform(0.25, 0.3),
+        "lung_b": rng.uniform(0.55, 0.65),
+        "lung_tone": rng.uniform(-0.03, 0.05),
+        "heart_x": rng.uniform(0.04, 0.12),
+        "heart_a": rng.uniform(0.2, 0.25),
+        "rib_freq": rng.uniform(3.5, 4.5),
+        "atel_side": int(rng.integers(2)),
+    }
+
+
+def _render_one(job):
+    path, anatomy, findings, size, seed, index = job
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    Image.fromarray(render(anatomy, findings, size, rng)).save(path, optimize=False, compress_level=1)
+
+
+def generate(out: str | os.PathLike, n_images: int = 2000, size: int = 256, seed: int = 0,
+             workers: int | None = None) -> Path:
+    """Write an NIH-format synthetic dataset of `n_images` size×size PNGs to `out` (atomically)."""
+    if n_images < 10:
+        raise ValueError(f"synthetic dataset needs at least 10 images, got {n_images}")
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    rows, jobs, test_patients = [], [], set()
+    tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=out.parent if out.parent.exists() else None))
+    (tmp / "images").mkdir()
+    patient = 0
+    while len(rows) < n_images:
+        patient += 1
+        anatomy = sample_anatomy(rng)
+        n_follow = min(int(rng.geometric(0.35)), 15)  # NIH: ≈3.6 images per patient, long tail
+        if rng.random() < _TEST_PATIENT_FRACTION:
+            test_patients.add(patient)
+        carried: frozenset[str] = frozenset()
+        for follow in range(n_follow):
+            if len(rows) >= n_images:
+                break
+            findings = sample_findings(rng, carried)
+            carried = frozenset(set(findings) & _CHRONIC)
+            name = f"{patient:08d}_{follow:03d}.png"
+            rows.append([
+                name, "|".join(findings) or NO_FINDING, follow, patient, int(rng.integers(18, 90)),
+                "MF"[int(rng.integers(2))], "PA" if rng.random() < 0.6 else "AP", size, size,
+                round(0.143 * 2500 / size, 4), round(0.143 * 2500 / size, 4),
+            ])
+            jobs.append((str(tmp / "images" / name), anatomy, findings, size, seed, len(jobs)))
+    try:
+        workers = workers or min(os.cpu_count() or 1, 8)
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                list(pool.map(_render_one, jobs, chunksize=16))
+        else:
+            for job in jobs:
+                _render_one(job)
+        with open(tmp / "Data_Entry_2017.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(CSV_COLUMNS)
+            w.writerows(rows)
+        with open(tmp / "train_val_list.txt", "w") as tv, open(tmp / "test_list.txt", "w") as te:
+            for row in rows:
+                (te if row[3] in test_patients else tv).write(row[0] + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,76 @@
+"""Backbones through timm's registry (`num_classes=0`: pooled features), with local weights only.
+
+No hub is reachable at run time, so `pretrained=True` is never used: weights come from a local
+`.safetensors` / `.pth` file in timm's key layout. The first conv is adapted when the file's input
+channels differ from `in_chans` (timm's `adapt_input_conv`), and any other mismatch is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+from timm.models import clean_state_dict, load_state_dict
+from timm.models._manipulate import adapt_input_conv
+from torch import nn
+
+
+class WeightsError(ValueError):
+    """A pretrained file that is missing or does not fit the backbone; the message names both."""
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    names = model.pretrained_cfg.get("classifier", ())
+    return tuple(n + "." for n in ([names] if isinstance(names, str) else names))
+
+
+def load_pretrained(model: nn.Module, path: str | Path, in_chans: int) -> None:
+    """Load a local checkpoint into a `num_classes=0` timm backbone; classifier weights are dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: pretrained weights file not found")
+    try:
+        state = clean_state_dict(load_state_dict(str(path), use_ema=True))
+    except Exception as err:  # pickle, safetensors and zip errors differ; all mean "unreadable"
+        raise WeightsError(f"{path}: cannot read weights ({err})") from None
+    state = {k: v for k, v in state.items() if not k.startswith(_classifier_prefixes(model))}
+    first_conv = model.pretrained_cfg.get("first_conv")
+    own = model.state_dict()
+    if first_conv and f"{first_conv}.weight" in state:
+        key = f"{first_conv}.weight"
+        if state[key].shape[1] != in_chans:
+            state[key] = adapt_input_conv(in_chans, state[key], base_chans=state[key].shape[1])
+    shape_errors = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if shape_errors or missing or unexpected:
+        parts = []
+        if shape_errors:
+            parts.append(f"shape mismatch for {len(shape_errors)} key(s), e.g. {shape_errors[0]}")
+        if missing:
+            parts.append(f"{len(missing)} model key(s) missing from the file, e.g. '{missing[0]}'")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) in the file, e.g. '{unexpected[0]}'")
+        raise WeightsError(f"{path}: does not fit backbone '{model.pretrained_cfg.get('architecture')}': "
+                           + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def create_backbone(name: str, pretrained_path: str | Path | None = None, in_chans: int = 3,
+                    **kwargs) -> tuple[nn.Module, int]:
+    """A timm feature extractor and its feature width: `(module, num_features)`."""
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ValueError(f"model.backbone: unknown timm model '{name}'" + (f"; similar: {close}" if close else ""))
+    model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+    if pretrained_path:
+        load_pretrained(model, pretrained_path, in_chans)
+    return model, model.num_features
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["create_backbone", "load_pretrained", "WeightsError", "param_count"]

@@ -1,0 +1,48 @@
+"""Phases: optional SSL pre-training (BYOL), then supervised fine-tuning — plain PyTorch.
+
+`run_phases` is one trial: the one-run CLI calls it directly; the Ray Train worker calls it per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import TrialConfig
+from ..data.loader import PreparedData, prepare
+from ..models import create_backbone
+from .byol import run_byol
+from .common import Report, no_report, resolve_device, seed_everything
+from .supervised import run_supervised
+
+
+def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report, data: PreparedData | None = None,
+               rank: int = 0, world_size: int = 1) -> dict:
+    """Run one trial config end to end; writes config.yaml, summary.json, best.pt and predictions."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed, cfg.deterministic)
+    data = data or prepare(cfg.data)  # every bad-input error surfaces here, before any compute
+    device = resolve_device(cfg.device)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    backbone, num_features = create_backbone(cfg.model.backbone, cfg.model.pretrained_path, cfg.model.in_chans)
+    summary: dict = {"backbone": cfg.model.backbone, "task": data.index.task, "classes": list(data.index.classes),
+                     "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device)}
+    if cfg.byol.enabled:
+        summary["byol"] = run_byol(cfg, data, backbone, num_features, device, run_dir, report, rank, world_size)
+    summary["supervised"] = run_supervised(cfg, data, backbone, num_features, device, run_dir, report, rank,
+                                           world_size)
+    summary["val"] = summary["supervised"]["val"]
+    summary["test"] = summary["supervised"]["test"]
+    summary["wall_time_s"] = time.perf_counter() - start
+    if rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+__all__ = ["run_phases"]

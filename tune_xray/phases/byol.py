@@ -1,0 +1,139 @@
+"""BYOL self-supervised pre-training (Grill et al. 2020, "Bootstrap your own latent").
+
+Online network = backbone + projector + predictor; target = EMA of backbone + projector (timm ModelEmaV3),
+tau on a cosine schedule from `ema_tau` to 1 over the run's *real* number of optimizer steps (S0 set it
+against a 500-epoch cap its runs never reached, so tau stayed ≈0.996: SEEDS.md flaw 4). Loss: S0's
+symmetric negative cosine similarity, 0.5·(l(p0, z1) + l(p1, z0)), l = −cos. Collapse is watched
+through `z_std`, the per-dimension std of L2-normalised projections (solo-learn): ≈1/√out_dim when
+healthy, → 0 on collapse. Pre-trains on the training split only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from ..config import TrialConfig
+from ..data.loader import PreparedData, make_loader, set_epoch
+from ..models.heads import mlp_head
+from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, no_report,
+                     optimizer_steps_per_epoch, run_epoch, step_scheduler)
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """−cos(p, sg(z)), averaged over the batch; the target branch gets no gradient."""
+    return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
+
+
+def byol_loss(p0: torch.Tensor, p1: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+    """Symmetric BYOL loss: each view's prediction regresses the other view's target projection."""
+    return 0.5 * (negative_cosine(p0, z1) + negative_cosine(p1, z0))
+
+
+def ema_tau(step: int, total_steps: int, base: float) -> float:
+    """tau_k = 1 − (1 − base)·(cos(πk/K) + 1)/2: base at k = 0, exactly 1 at k = K (BYOL §3.2)."""
+    k = min(step, total_steps)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * k / max(total_steps, 1)) + 1.0) / 2.0
+
+
+def projection_std(z: torch.Tensor) -> float:
+    """Collapse metric: mean over dimensions of the batch std of L2-normalised projections."""
+    return float(F.normalize(z.detach().float(), dim=1).std(dim=0).mean())
+
+
+class Byol(nn.Module):
+    """Online encoder (backbone + projector) and predictor, with an EMA target encoder."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, hidden_dim: int, out_dim: int, tau: float):
+        super().__init__()
+        self.online = nn.Sequential(backbone, mlp_head(num_features, hidden_dim, out_dim))
+        self.predictor = mlp_head(out_dim, hidden_dim, out_dim)
+        self.target = ModelEmaV3(self.online, decay=tau)
+        self.target.module.train()  # target BN uses batch statistics, as in BYOL
+        self.target.requires_grad_(False)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.online[0]
+
+    def forward(self, v0: torch.Tensor, v1: torch.Tensor):
+        z0, z1 = self.online(v0), self.online(v1)
+        p0, p1 = self.predictor(z0), self.predictor(z1)
+        with torch.no_grad():
+            t0, t1 = self.target.module(v0), self.target.module(v1)
+        return byol_loss(p0, p1, t0, t1), z0
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        self.target.apply_update_(self.online, tau)
+
+
+def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_features: int,
+             device: torch.device, run_dir: Path, report: Report = no_report, rank: int = 0,
+             world_size: int = 1) -> dict:
+    """Pre-train `backbone` in place with BYOL for `byol.epochs`; returns the phase summary."""
+    bc = cfg.byol
+    model = Byol(backbone, num_features, bc.hidden_dim, bc.out_dim, bc.ema_tau).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    augment, _ = build_views(cfg, data, device)
+    train_set, val_set = data.dataset("train"), data.dataset("val")
+    batch_size = min(bc.batch_size, len(train_set))
+    loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
+                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
+    val_loader = make_loader(val_set, min(batch_size, len(val_set)), shuffle=False, drop_last=len(val_set) > 1)
+    params = [p for n, p in model.named_parameters() if not n.startswith("target.") and p.requires_grad]
+    optimizer = build_optimizer(nn.ModuleList([model.online, model.predictor]), bc.optimizer)
+    scheduler = build_scheduler(optimizer, bc.scheduler, mode="min")
+    total_steps = bc.epochs * optimizer_steps_per_epoch(len(loader), bc.accum_steps)
+    state = {"step": 0, "tau": bc.ema_tau, "z_std": 0.0}
+
+    def views(x):
+        x = x.to(device, non_blocking=True)
+        v0, v1 = augment(x), augment(x)  # two independent per-image draws
+        if cfg.channels_last:
+            v0, v1 = (v.contiguous(memory_format=torch.channels_last) for v in (v0, v1))
+        return v0, v1
+
+    def micro_step(batch):
+        with autocast(device, cfg.amp):
+            loss, z0 = model(*views(batch[0]))
+        state["z_std"] = projection_std(z0)
+        return loss.float()
+
+    def after_step():
+        state["step"] += 1
+        state["tau"] = ema_tau(state["step"], total_steps, bc.ema_tau)
+        model.update_target(state["tau"])
+
+    history = []
+    for epoch in range(bc.epochs):
+        model.train()
+        set_epoch(loader, epoch)
+        train_loss = run_epoch(loader, micro_step, [optimizer], params, bc.accum_steps, after_step=after_step)
+        val_loss = byol_val_loss(model, val_loader, views, device, cfg.amp)
+        metrics = {"epoch": epoch + 1, "byol_loss": train_loss, "byol_val_loss": val_loss,
+                   "z_std": state["z_std"], "ema_tau": state["tau"], "lr": current_lr(optimizer)}
+        history.append(metrics)
+        step_scheduler(scheduler, epoch + 1, {"val_loss": val_loss, **metrics}, bc.scheduler)
+        report({"phase": "byol", **metrics})
+    return {"history": history, "steps": state["step"], "total_steps": total_steps, "final_tau": state["tau"],
+            "batch_size": batch_size}
+
+
+@torch.no_grad()
+def byol_val_loss(model: Byol, loader, views, device, amp: bool) -> float:
+    """BYOL loss on augmented validation images (BN in eval mode), for monitoring only."""
+    model.eval()
+    losses = []
+    for x, _ in loader:
+        with autocast(device, amp):
+            loss, _ = model(*views(x))
+        losses.append(float(loss))
+    model.train()
+    return sum(losses) / max(len(losses), 1)

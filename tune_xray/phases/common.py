@@ -1,0 +1,164 @@
+"""What every phase shares: seeding, device, timm optimizers and schedulers, AMP, the epoch loop.
+
+Plain PyTorch: a phase runs the same on a laptop CPU, one GPU, or as one DDP rank, and reports through
+the `report(metrics, checkpoint_dir)` callback it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from typing import Callable, Iterable, Optional, Protocol
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from ..augment import EvalViews, TrainAugment, normalization
+from ..config import OptimizerConfig, SchedulerConfig, TrialConfig
+
+
+class Report(Protocol):
+    def __call__(self, metrics: dict, checkpoint_dir: Optional[str] = None) -> None: ...
+
+
+def no_report(metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
+    pass
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA for every backbone alike (S0 flaw 7); a no-op on CPU."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# timm's "sgd" is Nesterov SGD; S0 (and torch.optim.SGD) use plain momentum: timm calls that "momentum".
+_TIMM_OPT = {"sgd": "momentum", "adamw": "adamw", "adam": "adam", "lars": "lars"}
+
+
+def build_optimizer(model_or_params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """timm.optim.create_optimizer_v2; bias and norm parameters are excluded from weight decay."""
+    kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name in ("sgd", "lars"):
+        kwargs["momentum"] = cfg.momentum
+    if cfg.name == "lars":
+        kwargs["trust_coeff"] = cfg.trust_coeff
+    return create_optimizer_v2(model_or_params, opt=_TIMM_OPT[cfg.name], **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, mode: str = "min"):
+    """A per-epoch timm scheduler (`step(epoch, metric)`), or None for a constant LR.
+
+    cosine: T_max epochs to eta_min, then stays there (never rises again: S0 flaw 6).
+    restarts: cosine cycles of t_0 epochs, each back to the base LR (SGDR).
+    warmup_cosine: linear warm-up for warmup_epochs, then cosine over t_max.
+    plateau: × gamma after `patience` epochs without improvement of `plateau_metric`.
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    if cfg.name == "none":
+        return None
+    if cfg.name == "step":
+        sched, _ = create_scheduler_v2(optimizer, "step", num_epochs=10**6, decay_epochs=cfg.step_size,
+                                       decay_rate=cfg.gamma)
+    elif cfg.name == "plateau":
+        sched, _ = create_scheduler_v2(optimizer, "plateau", decay_rate=cfg.gamma, patience_epochs=cfg.patience,
+                                       plateau_mode=mode, min_lr=cfg.eta_min)
+    elif cfg.name == "cosine":
+        sched, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg.t_max, min_lr=cfg.eta_min)
+    elif cfg.name == "restarts":
+        sched, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg.t_0, min_lr=cfg.eta_min,
+                                       cycle_limit=10**6, cycle_decay=1.0)
+    else:  # warmup_cosine
+        sched, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg.t_max, min_lr=cfg.eta_min,
+                                       warmup_epochs=cfg.warmup_epochs, warmup_prefix=True,
+                                       warmup_lr=cfg.eta_min or lr * 1e-3)
+    return sched
+
+
+def step_scheduler(scheduler, epochs_done: int, metrics: dict, cfg: SchedulerConfig) -> None:
+    """Advance a per-epoch scheduler after `epochs_done` epochs (plateau reads its metric)."""
+    if scheduler is None:
+        return
+    if cfg.name == "plateau":
+        if cfg.plateau_metric not in metrics:
+            raise KeyError(f"scheduler.plateau_metric '{cfg.plateau_metric}' is not among {sorted(metrics)}")
+        scheduler.step(epochs_done, metrics[cfg.plateau_metric])
+    else:
+        scheduler.step(epochs_done)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def run_epoch(batches: Iterable, micro_step: Callable[[object], torch.Tensor],
+              optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter], accum_steps: int = 1,
+              n_batches: Optional[int] = None, after_step: Optional[Callable[[], None]] = None,
+              max_grad_norm: Optional[float] = None) -> float:
+    """One pass over `batches` with correct gradient accumulation; returns the mean micro-batch loss.
+
+    Every micro-batch calls backward on loss / k (k = the micro-batches in its group, so a short last
+    group is weighted right); the optimizers step once per group. S0 called backward only on every k-th
+    micro-batch, so its effective batch was 1/k of the claimed one (SEEDS.md, flaw 3).
+    """
+    n_batches = n_batches if n_batches is not None else len(batches)
+    total, count = 0.0, 0
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    for i, batch in enumerate(batches):
+        group_start = (i // accum_steps) * accum_steps
+        k = min(accum_steps, n_batches - group_start)
+        loss = micro_step(batch)
+        (loss / k).backward()
+        total += float(loss.detach())
+        count += 1
+        if i + 1 == group_start + k:
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
+    return total / max(count, 1)
+
+
+def optimizer_steps_per_epoch(n_batches: int, accum_steps: int) -> int:
+    return math.ceil(n_batches / accum_steps)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / compiled wrapper, for state dicts."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def build_views(cfg: TrialConfig, data, device: torch.device) -> tuple[TrainAugment, EvalViews]:
+    """The trial's train augmentation and eval/TTA views on `device`, normalised for its backbone."""
+    stats = data.pixel_stats() if cfg.augment.normalize == "dataset" else None
+    mean, std = normalization(cfg.augment, cfg.model.in_chans, stats)
+    args = (cfg.augment, cfg.data.cache_size, cfg.model.in_chans, mean, std)
+    return TrainAugment(*args).to(device), EvalViews(*args).to(device)

@@ -1,0 +1,174 @@
+"""Supervised fine-tuning: BCE (multi-label) or cross-entropy (multi-class), model selection and early
+stopping on a validation metric only; the selected checkpoint is evaluated once on test afterwards.
+
+S0's recipe: BCE-with-logits, AdamW, early stopping patience 10 on val mAUC, best-val checkpoint restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..augment import EvalViews, tta_logits
+from ..config import TrialConfig
+from ..data.loader import PreparedData, make_loader, set_epoch
+from ..metrics import classification_metrics
+from ..models.heads import Classifier
+from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, no_report,
+                     run_epoch, step_scheduler, unwrap)
+
+
+def make_loss(task: str, loss: str, pos_weight: Optional[torch.Tensor]) -> nn.Module:
+    if loss == "auto":
+        loss = "bce" if task == "multilabel" else "ce"
+    if loss == "ce":
+        if task != "multiclass":
+            raise ValueError("supervised.loss=ce needs a multi-class task; this data is multi-label")
+        return nn.CrossEntropyLoss()
+    if task != "multilabel":
+        raise ValueError("supervised.loss=bce needs a multi-label task; this data is multi-class")
+    return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+
+def positive_weights(targets: np.ndarray) -> torch.Tensor:
+    """BCE pos_weight = n_neg / n_pos per label from the training split (S2, S4); 1 where n_pos = 0."""
+    pos = targets.sum(0)
+    return torch.tensor(np.where(pos > 0, (len(targets) - pos) / np.maximum(pos, 1), 1.0), dtype=torch.float32)
+
+
+def to_probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, views: EvalViews, device, amp: bool, channels_last: bool):
+    """Logits (mean over the TTA views) and targets for a whole split."""
+    model.eval()
+    logits, targets = [], []
+    for x, y in loader:
+        vs = views(x.to(device, non_blocking=True))
+        if channels_last:
+            vs = [v.contiguous(memory_format=torch.channels_last) for v in vs]
+        with autocast(device, amp):
+            out = tta_logits(model, vs)
+        logits.append(out.float().cpu())
+        targets.append(y)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def write_predictions(path: Path, frame: pd.DataFrame, classes, targets: np.ndarray, prob: np.ndarray,
+                      task: str) -> None:
+    out = frame[["path", "patient_id"]].reset_index(drop=True).copy()
+    truth = targets if task == "multilabel" else np.eye(len(classes))[targets]
+    for j, c in enumerate(classes):
+        out[f"y_{c}"] = truth[:, j].astype(int)
+    for j, c in enumerate(classes):
+        out[f"p_{c}"] = prob[:, j]
+    out.to_csv(path, index=False)
+
+
+def _improved(value: float, best: Optional[float], mode: str) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_features: int,
+                   device: torch.device, run_dir: Path, report: Report = no_report, rank: int = 0,
+                   world_size: int = 1) -> dict:
+    """Fine-tune `backbone` with a new head; returns the summary (val metrics at the selected epoch,
+    test metrics of that checkpoint, thresholds chosen on val). Writes best.pt and predictions."""
+    sc, index = cfg.supervised, data.index
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = Classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_aug, eval_views = build_views(cfg, data, device)
+
+    train_set = data.dataset("train")
+    pos_weight = positive_weights(train_set.targets).to(device) if sc.pos_weight else None
+    loss_fn = make_loss(index.task, sc.loss, pos_weight)
+    train_loader = make_loader(train_set, sc.batch_size, shuffle=True, drop_last=len(train_set) > sc.batch_size,
+                               seed=cfg.seed, num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
+    val_loader = make_loader(data.dataset("val"), sc.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    optimizer = build_optimizer(model, sc.optimizer)
+    scheduler = build_scheduler(optimizer, sc.scheduler, mode="min" if sc.scheduler.plateau_metric.endswith("loss")
+                                else "max")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def micro_step(batch):
+        x, y = batch
+        x = train_aug(x.to(device, non_blocking=True))
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.amp):
+            logits = model(x)
+        return loss_fn(logits.float(), y.to(device))
+
+    best_score, best_state, best_epoch, stale = None, None, 0, 0
+    history = []
+    for epoch in range(sc.epochs):
+        model.train()
+        set_epoch(train_loader, epoch)
+        train_loss = run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps)
+        logits, targets = predict(model, val_loader, eval_views, device, cfg.amp, cfg.channels_last)
+        val_loss = float(loss_fn(logits.to(device), targets.to(device)))
+        prob = to_probabilities(index.task, logits).numpy()
+        val = classification_metrics(index.task, targets.numpy(), prob, index.classes)["metrics"]
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(optimizer),
+                   **{f"val_{k}": v for k, v in val.items()}}
+        if sc.selection_metric not in metrics:
+            raise KeyError(f"supervised.selection_metric '{sc.selection_metric}' is not among "
+                           f"{sorted(k for k in metrics if k.startswith('val_'))}")
+        score = metrics[sc.selection_metric]
+        if _improved(score, best_score, sc.selection_mode):
+            best_score, best_epoch, stale = score, epoch + 1, 0
+            best_state = copy.deepcopy(unwrap(model).state_dict())
+        else:
+            stale += 1
+        metrics["best_" + sc.selection_metric] = best_score if best_score is not None else float("nan")
+        history.append(metrics)
+        step_scheduler(scheduler, epoch + 1, metrics, sc.scheduler)
+        report({"phase": "supervised", **metrics})
+        if sc.early_stopping_patience and stale >= sc.early_stopping_patience:
+            break
+
+    if best_state is not None:
+        unwrap(model).load_state_dict(best_state)
+    if rank == 0:
+        torch.save({"model": unwrap(model).state_dict(), "epoch": best_epoch, sc.selection_metric: best_score,
+                    "config": cfg.model_dump(mode="json"), "classes": list(index.classes)}, run_dir / "best.pt")
+    return evaluate_selected(cfg, data, model, eval_views, device, run_dir, best_epoch, history, rank)
+
+
+def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, device, run_dir: Path,
+                      best_epoch: int, history: list, rank: int = 0) -> dict:
+    """Score the selected checkpoint on val (choosing thresholds there) and once on test."""
+    index, out = data.index, {}
+    thresholds = None
+    for split in ("val", "test"):
+        loader = make_loader(data.dataset(split), cfg.supervised.batch_size, shuffle=False)
+        logits, targets = predict(model, loader, eval_views, device, cfg.amp, cfg.channels_last)
+        prob = to_probabilities(index.task, logits).numpy()
+        scored = classification_metrics(index.task, targets.numpy(), prob, index.classes, thresholds)
+        if split == "val":
+            thresholds = None if scored["thresholds"] is None else np.asarray(scored["thresholds"])
+            out["thresholds"] = scored["thresholds"]
+        out[split] = scored["metrics"]
+        out[f"{split}_skipped_labels"] = scored["skipped_labels"]
+        if rank == 0:
+            rows = index.rows(split)
+            write_predictions(run_dir / f"predictions_{split}.csv", index.frame.iloc[rows], index.classes,
+                              targets.numpy(), prob, index.task)
+    out.update({"best_epoch": best_epoch, "epochs_run": len(history), "history": history})
+    if rank == 0:
+        (run_dir / "supervised_history.json").write_text(json.dumps(history, indent=1))
+    return out
