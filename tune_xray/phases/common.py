@@ -83,9 +83,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, mode
     if cfg.name == "step":
         sched, _ = create_scheduler_v2(optimizer, "step", num_epochs=10**6, decay_epochs=cfg.step_size,
                                        decay_rate=cfg.gamma)
-    elif cfg.name == "plateau":
-        sched, _ = create_scheduler_v2(optimizer, "plateau", decay_rate=cfg.gamma, patience_epochs=cfg.patience,
-                                       plateau_mode=mode, min_lr=cfg.eta_min)
+    elif cfg.name == "plateau":  # torch's, as S0 used: its state checkpoints (timm's is deprecated)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.gamma,
+                                                           patience=cfg.patience, min_lr=cfg.eta_min)
     elif cfg.name == "cosine":
         sched, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=cfg.t_max, min_lr=cfg.eta_min)
     elif cfg.name == "restarts":
@@ -105,7 +105,7 @@ def step_scheduler(scheduler, epochs_done: int, metrics: dict, cfg: SchedulerCon
     if cfg.name == "plateau":
         if cfg.plateau_metric not in metrics:
             raise KeyError(f"scheduler.plateau_metric '{cfg.plateau_metric}' is not among {sorted(metrics)}")
-        scheduler.step(epochs_done, metrics[cfg.plateau_metric])
+        scheduler.step(metrics[cfg.plateau_metric])
     else:
         scheduler.step(epochs_done)
 

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small synthetic NIH-format dataset and a tiny CPU trial config."""
+
+import os
+import shutil
+
+import pytest
+
+from tune_xray.config import TrialConfig, build_config, merge
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep every cache and generated dataset of the test session out of the user's home."""
+    os.environ["TUNE_XRAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch_threads = os.environ.get("TUNE_XRAY_TEST_THREADS")
+    if torch_threads:
+        import torch
+        torch.set_num_threads(int(torch_threads))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """300 synthetic NIH-format images at 64² (generated once per session, read-only for tests)."""
+    from tune_xray.data.synthetic import generate
+    return generate(tmp_path_factory.mktemp("synth") / "nih", n_images=300, size=64, seed=0)
+
+
+@pytest.fixture
+def nih_copy(synth_root, tmp_path):
+    """A writable copy of the synthetic dataset, for tests that corrupt it."""
+    dst = tmp_path / "nih"
+    shutil.copytree(synth_root, dst)
+    return dst
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Factory of trial configs that run in seconds on CPU: timm's test_resnet, 64² cache, 56² crops."""
+    return lambda **sections: _tiny_config(tmp_path, **sections)
+
+
+def _tiny_config(tmp_path, **sections) -> TrialConfig:
+    base = {
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"source": "synthetic", "synthetic_images": 300, "synthetic_size": 64, "cache_size": 64,
+                 "cache_dir": str(tmp_path / "cache")},
+        "augment": {"image_size": 56},
+        "model": {"backbone": "test_resnet"},
+        "supervised": {"epochs": 2, "batch_size": 32},
+        "byol": {"epochs": 1, "batch_size": 32, "hidden_dim": 64, "out_dim": 32},
+    }
+    return build_config(merge(base, sections), "tiny test config")

@@ -1,0 +1,49 @@
+import os
+
+import numpy as np
+import torch
+
+from tune_xray.config import DataConfig
+from tune_xray.data import cache as cache_mod
+from tune_xray.data.loader import make_loader, prepare
+
+
+def _cfg(root, tmp_path, size=32):
+    return DataConfig(source=f"nih:{root}", cache_size=size, cache_dir=str(tmp_path / "cache"))
+
+
+def test_cache_is_reused_and_rebuilt_on_change(nih_copy, tmp_path, monkeypatch):
+    calls = []
+    real = cache_mod.decode
+    monkeypatch.setattr(cache_mod, "decode", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(cache_mod.os, "cpu_count", lambda: 1)  # decode in-process so calls are counted
+    first = prepare(_cfg(nih_copy, tmp_path))
+    assert len(calls) == 300
+    assert prepare(_cfg(nih_copy, tmp_path)).cache == first.cache and len(calls) == 300  # reused
+    prepare(_cfg(nih_copy, tmp_path, size=48))
+    assert len(calls) == 600  # new size → new cache
+    victim = sorted((nih_copy / "images").iterdir())[0]
+    os.utime(victim, ns=(1, 1))
+    prepare(_cfg(nih_copy, tmp_path))
+    assert len(calls) == 900  # changed source → rebuilt
+
+
+def test_cache_holds_the_decoded_images(nih_copy, tmp_path):
+    data = prepare(_cfg(nih_copy, tmp_path, size=64))
+    images = data.cache.open()
+    assert images.shape == (300, 1, 64, 64) and images.dtype == np.uint8
+    row = 11
+    expected = cache_mod.decode(data.index.frame.path[row], 64, 1)
+    assert np.array_equal(images[row], expected)
+
+
+def test_loader_yields_uint8_batches_with_targets(nih_copy, tmp_path):
+    data = prepare(_cfg(nih_copy, tmp_path))
+    ds = data.dataset("train")
+    loader = make_loader(ds, batch_size=16, shuffle=True, drop_last=True, seed=0)
+    x, y = next(iter(loader))
+    assert x.dtype == torch.uint8 and x.shape == (16, 1, 32, 32)
+    assert y.dtype == torch.float32 and y.shape == (16, 14)
+    assert len(loader) == len(ds) // 16
+    seen = torch.cat([yb for _, yb in make_loader(ds, 16, shuffle=False)])
+    assert torch.equal(seen, torch.from_numpy(ds.targets))

@@ -1,0 +1,132 @@
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tune_xray.config import DataConfig
+from tune_xray.data.labels import NIH_LABELS
+from tune_xray.data.loader import prepare
+from tune_xray.data.sources import read_folder, read_nih, read_source
+from tune_xray.data.splits import DataError, check_patient_disjoint
+
+
+def test_nih_official_split(synth_root):
+    index = read_nih(synth_root)
+    f = index.frame
+    test_names = set((synth_root / "test_list.txt").read_text().split())
+    assert set(f.loc[f.split == "test", "path"].map(lambda p: p.rsplit("/", 1)[1])) == test_names
+    assert index.task == "multilabel" and index.classes == NIH_LABELS
+    assert set(f.split) == {"train", "val", "test"}
+    assert f.groupby("patient_id").split.nunique().max() == 1
+    # "No Finding" is all zeros
+    table = pd.read_csv(synth_root / "Data_Entry_2017.csv").set_index("Image Index")
+    names = f.path.map(lambda p: p.rsplit("/", 1)[1])
+    healthy = (table.loc[names, "Finding Labels"] == "No Finding").to_numpy()
+    assert healthy.any() and (index.targets()[healthy] == 0).all()
+
+
+def test_nih_random_patient_split(synth_root):
+    f = read_nih(synth_root, split="random", val_fraction=0.1, test_fraction=0.2, seed=42).frame
+    patients = f.groupby("split").patient_id.nunique() / f.patient_id.nunique()
+    assert abs(patients["test"] - 0.2) < 0.03 and abs(patients["val"] - 0.1) < 0.03
+    assert f.groupby("patient_id").split.nunique().max() == 1
+    again = read_nih(synth_root, split="random", seed=42).frame
+    assert (again.split == f.split).all()
+
+
+def test_patient_leak_is_an_error(nih_copy):
+    table = pd.read_csv(nih_copy / "Data_Entry_2017.csv")
+    patient = table["Patient ID"].value_counts().index[0]
+    images = table.loc[table["Patient ID"] == patient, "Image Index"].tolist()
+    tv = [n for n in (nih_copy / "train_val_list.txt").read_text().split() if n not in images]
+    te = [n for n in (nih_copy / "test_list.txt").read_text().split() if n not in images]
+    (nih_copy / "train_val_list.txt").write_text("\n".join(tv + images[:1]))
+    (nih_copy / "test_list.txt").write_text("\n".join(te + images[1:]))
+    with pytest.raises(DataError, match=f"patient_id {patient}"):
+        read_nih(nih_copy)
+
+
+def test_leak_check_on_a_frame():
+    frame = pd.DataFrame({"patient_id": ["1", "1", "2"], "split": ["train", "test", "val"]})
+    with pytest.raises(DataError, match="more than one split"):
+        check_patient_disjoint(frame, "x")
+
+
+def test_missing_csv_column(nih_copy):
+    csv = nih_copy / "Data_Entry_2017.csv"
+    pd.read_csv(csv).drop(columns="Patient ID").to_csv(csv, index=False)
+    with pytest.raises(DataError, match=r"Data_Entry_2017.csv: missing column\(s\) \['Patient ID'\]"):
+        read_nih(nih_copy)
+
+
+def test_unknown_label(nih_copy):
+    csv = nih_copy / "Data_Entry_2017.csv"
+    table = pd.read_csv(csv)
+    table.loc[3, "Finding Labels"] = "Effusion|Pneumonitis"
+    table.to_csv(csv, index=False)
+    with pytest.raises(DataError, match="row 5 .*unknown label 'Pneumonitis'"):
+        read_nih(nih_copy)
+
+
+def test_list_names_an_image_not_in_the_csv(nih_copy):
+    with open(nih_copy / "test_list.txt", "a") as fh:
+        fh.write("\n99999999_000.png\n")
+    with pytest.raises(DataError, match="test_list.txt: 1 image.*99999999_000.png"):
+        read_nih(nih_copy)
+
+
+def test_listed_image_missing_on_disk(nih_copy):
+    victim = sorted((nih_copy / "images").iterdir())[5]
+    victim.unlink()
+    with pytest.raises(DataError, match=f"not found under images/.*{victim.name}"):
+        read_nih(nih_copy)
+
+
+def test_empty_split(nih_copy):
+    (nih_copy / "test_list.txt").write_text("")
+    with pytest.raises(DataError, match="'test' split is empty"):
+        read_nih(nih_copy)
+
+
+def test_corrupt_image_fails_before_training_and_leaves_no_cache(nih_copy, tmp_path):
+    victim = sorted((nih_copy / "images").iterdir())[7]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=f"{victim.name}: cannot read image"):
+        prepare(DataConfig(source=f"nih:{nih_copy}", cache_size=32, cache_dir=str(cache)))
+    assert not [p for p in (cache / "images").iterdir() if p.suffix in (".u8", ".json", ".tmp")]
+
+
+def test_unknown_source_kind():
+    with pytest.raises(DataError, match="unknown kind 'csv'"):
+        read_source("csv:/x")
+
+
+def _folder_dataset(root, classes=("covid", "normal", "pneumonia"), per_class=12, splits=None):
+    rng = np.random.default_rng(0)
+    for split in splits or [None]:
+        for c in classes:
+            d = root / split / c if split else root / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(d / f"{c}{i}.png")
+
+
+def test_folder_per_class_stratified(tmp_path):
+    _folder_dataset(tmp_path)
+    index = read_folder(tmp_path, val_fraction=0.2, test_fraction=0.25)
+    assert index.task == "multiclass" and index.classes == ("covid", "normal", "pneumonia")
+    counts = pd.crosstab(index.frame.split, index.targets())
+    assert counts.loc["val"].max() - counts.loc["val"].min() <= 1  # stratified: ≈ same per class
+    assert (counts.loc["test"] == 3).all()
+    assert (index.frame[list(index.classes)].sum(axis=1) == 1).all()
+
+
+def test_folder_with_split_dirs_and_unknown_label(tmp_path):
+    _folder_dataset(tmp_path, splits=["train", "test"])
+    index = read_folder(tmp_path, val_fraction=0.25)
+    assert set(index.frame.split) == {"train", "val", "test"}
+    assert (index.frame.split == "test").sum() == 36
+    _folder_dataset(tmp_path, classes=("tuberculosis",), splits=["test"])
+    with pytest.raises(DataError, match="unknown label 'tuberculosis'"):
+        read_folder(tmp_path)

@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+from timm.optim import Lars
+from torch import nn
+
+from tune_xray.config import OptimizerConfig, SchedulerConfig
+from tune_xray.phases.byol import ema_tau
+from tune_xray.phases.common import build_optimizer, build_scheduler, run_epoch, step_scheduler
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("n_batches,accum", [(4, 4), (5, 2), (3, 3)])
+def test_gradient_accumulation_equals_the_big_batch(n_batches, accum):
+    x, y = torch.randn(n_batches * 4, 6), torch.randn(n_batches * 4, 3)
+    big, small = _model(), _model()
+    loss_fn = nn.MSELoss()
+    # reference: one optimizer step per group on the concatenated group
+    opt_big = torch.optim.SGD(big.parameters(), lr=0.1)
+    for start in range(0, n_batches, accum):
+        rows = slice(start * 4, min(start + accum, n_batches) * 4)
+        opt_big.zero_grad()
+        loss_fn(big(x[rows]), y[rows]).backward()
+        opt_big.step()
+    opt_small = torch.optim.SGD(small.parameters(), lr=0.1)
+    batches = [(x[i * 4:(i + 1) * 4], y[i * 4:(i + 1) * 4]) for i in range(n_batches)]
+    steps = []
+    run_epoch(batches, lambda b: loss_fn(small(b[0]), b[1]), [opt_small], list(small.parameters()), accum,
+              after_step=lambda: steps.append(1))
+    assert len(steps) == math.ceil(n_batches / accum)
+    for a, b in zip(big.parameters(), small.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_optimizers_build_through_timm():
+    lars = build_optimizer(_model(), OptimizerConfig(name="lars", lr=0.2, weight_decay=1.5e-6, momentum=0.0))
+    assert isinstance(lars, Lars)
+    group = next(g for g in lars.param_groups if g["weight_decay"] > 0)
+    assert (group["lr"], group["weight_decay"], group["momentum"], group["trust_coeff"]) == (0.2, 1.5e-6, 0.0, 0.001)
+    assert any(g["weight_decay"] == 0 for g in lars.param_groups)  # biases excluded from decay
+    adamw = build_optimizer(_model(), OptimizerConfig(name="adamw", lr=1e-3))
+    assert isinstance(adamw, torch.optim.AdamW)
+    sgd = build_optimizer(_model(), OptimizerConfig(name="sgd", lr=0.06, momentum=0.9))
+    assert isinstance(sgd, torch.optim.SGD) and not sgd.param_groups[0]["nesterov"]
+
+
+def _lrs(cfg, epochs, metric=lambda e: 1.0):
+    opt = torch.optim.SGD(_model().parameters(), lr=1.0)
+    sched = build_scheduler(opt, cfg, mode="min")
+    out = []
+    for e in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        step_scheduler(sched, e + 1, {"val_loss": metric(e)}, cfg)
+    return out
+
+
+def test_every_scheduler():
+    assert _lrs(SchedulerConfig(name="none"), 5) == [1.0] * 5
+    step = _lrs(SchedulerConfig(name="step", step_size=2, gamma=0.5), 5)
+    assert step == pytest.approx([1, 1, 0.5, 0.5, 0.25])
+    cos = _lrs(SchedulerConfig(name="cosine", t_max=10, eta_min=1e-6), 30)
+    assert cos[0] == 1.0 and cos[5] == pytest.approx(0.5, abs=1e-3)
+    assert cos[10:] == pytest.approx([1e-6] * 20)  # stays at eta_min after T_max: no LR rise (S0 flaw 6)
+    restarts = _lrs(SchedulerConfig(name="restarts", t_0=5, eta_min=0.0), 12)
+    assert restarts[5] == restarts[10] == 1.0 and restarts[4] < 0.2
+    warm = _lrs(SchedulerConfig(name="warmup_cosine", warmup_epochs=4, t_max=10, eta_min=1e-6), 20)
+    assert warm[0] < 0.01 and warm[1] < warm[2] < warm[3] < warm[4] == pytest.approx(1.0)
+    assert warm[14:] == pytest.approx([1e-6] * 6)
+    plateau = _lrs(SchedulerConfig(name="plateau", gamma=0.1, patience=1, eta_min=0.0), 6)
+    assert plateau[-1] < 0.1  # constant val loss → decays
+
+
+def test_tau_schedule_goes_from_base_to_one():
+    taus = [ema_tau(k, 100, 0.996) for k in range(101)]
+    assert taus[0] == pytest.approx(0.996) and taus[-1] == 1.0
+    assert all(a <= b for a, b in zip(taus, taus[1:]))

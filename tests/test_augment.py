@@ -1,0 +1,88 @@
+import kornia.augmentation as K
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from tune_xray.augment import EvalViews, RandomBrightness, RandomContrast, TrainAugment, normalization, tta_logits
+from tune_xray.config import AugmentConfig
+
+S0_ALL = AugmentConfig(image_size=56, crop="random", hflip=0.5, rotation=10, brightness=(0.8, 1.2),
+                       contrast=(0.8, 1.2), erasing=3, erasing_p=0.5, erasing_scale=(0.02, 0.1), blur_p=0.5,
+                       blur_kernel=5, blur_sigma=(0.1, 1.0))
+
+
+def _batch(n=8, size=64, channels=1):
+    g = torch.Generator().manual_seed(0)
+    one = torch.randint(0, 256, (1, channels, size, size), generator=g, dtype=torch.uint8)
+    return one.expand(n, -1, -1, -1).contiguous()  # n identical images
+
+
+def _train(cfg, in_chans=3):
+    return TrainAugment(cfg, 64, in_chans, *normalization(cfg, in_chans))
+
+
+def test_shapes_and_channel_replication():
+    out = _train(S0_ALL)(_batch())
+    assert out.shape == (8, 3, 56, 56) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    gray = _train(S0_ALL, in_chans=1)(_batch())
+    assert gray.shape == (8, 1, 56, 56)
+
+
+def test_every_s0_augmentation_is_present():
+    ops = list(_train(S0_ALL).ops)
+    kinds = [type(op) for op in ops]
+    for kind in (K.RandomCrop, K.RandomHorizontalFlip, K.RandomRotation, RandomBrightness, RandomContrast,
+                 K.RandomGaussianBlur):
+        assert kinds.count(kind) == 1, kind
+    assert kinds.count(K.RandomErasing) == 3  # ×3 independent erasing transforms
+    extra = AugmentConfig(image_size=56, crop="random_resized", vflip=0.5, perspective_p=0.5, affine_p=0.5,
+                          sharpness_p=0.5, autocontrast_p=0.5)
+    kinds = {type(op) for op in _train(extra).ops}
+    assert {K.RandomResizedCrop, K.RandomVerticalFlip, K.RandomPerspective, K.RandomAffine, K.RandomSharpness,
+            K.RandomAutoContrast} <= kinds
+
+
+def test_parameters_are_drawn_per_image():
+    torch.manual_seed(0)
+    out = _train(S0_ALL)(_batch(16))
+    flat = out.flatten(1)
+    distinct = {tuple(row[:64].tolist()) for row in flat}
+    assert len(distinct) == 16  # identical inputs, all different views
+
+
+def test_blur_is_decided_per_image():
+    cfg = AugmentConfig(image_size=64, crop="none", hflip=0, rotation=0, blur_p=0.5, blur_sigma=(1.0, 1.0),
+                        normalize="none")
+    torch.manual_seed(0)
+    x = _batch(64)
+    out = TrainAugment(cfg, 64, 1, *normalization(cfg, 1))(x)
+    blurred = (out - x.float() / 255).flatten(1).abs().amax(1) > 1e-4
+    assert 10 < int(blurred.sum()) < 54
+
+
+def test_brightness_and_contrast_follow_torchvision():
+    x = torch.rand(4, 1, 16, 16)
+    b = RandomBrightness((1.2, 1.2), p=1.0)(x)
+    c = RandomContrast((0.8, 0.8), p=1.0)(x)
+    assert torch.allclose(b, TF.adjust_brightness(x, 1.2))
+    assert torch.allclose(c, TF.adjust_contrast(x, 0.8), atol=1e-6)
+
+
+@pytest.mark.parametrize("tta,n", [("none", 1), ("hflip", 2), ("tencrop", 10)])
+def test_eval_views(tta, n):
+    cfg = AugmentConfig(image_size=56, tta=tta)
+    views = EvalViews(cfg, 64, 3, *normalization(cfg, 3))(_batch(2))
+    assert len(views) == n and all(v.shape == (2, 3, 56, 56) for v in views)
+    assert torch.equal(views[0], EvalViews(cfg, 64, 3, *normalization(cfg, 3))(_batch(2))[0])  # deterministic
+
+
+def test_tta_averages_logits():
+    views = [torch.ones(2, 3, 4, 4), 3 * torch.ones(2, 3, 4, 4)]
+    model = lambda v: v.mean((1, 2, 3))[:, None]  # noqa: E731
+    assert torch.equal(tta_logits(model, views), torch.full((2, 1), 2.0))
+
+
+def test_crop_larger_than_cache_is_an_error():
+    with pytest.raises(ValueError, match="image_size 96 exceeds data.cache_size 64"):
+        _train(AugmentConfig(image_size=96))
