@@ -131,9 +131,9 @@ def render(anatomy: dict, findings: list[str], size: int, rng: np.random.Generat
     if "Effusion" in f:  # fluid blunts a lung base, meniscus rising laterally
         for s in {side_of(), side_of()}:
             cx, cy, a, b, _ = lung_geo[s]
-            level = cy + b * rng.uniform(0.35, 0.6)
+            level = cy + b * rng.uniform(0.5, 0.75)
             meniscus = level - 0.15 * np.abs(x - cx) / a
-            opacity += 0.3 * np.clip((y - meniscus) * 25, 0, 1) * lung_masks[s]
+            opacity += 0.2 * np.clip((y - meniscus) * 25, 0, 1) * lung_masks[s]
     if "Atelectasis" in f:  # plate-like band in the lower zone
         s = anatomy["atel_side"]
         cx, cy, a, b, _ = lung_geo[s]
@@ -170,7 +170,7 @@ def render(anatomy: dict, findings: list[str], size: int, rng: np.random.Generat
         s = side_of()
         cx, cy, a, b, e = lung_geo[s]
         lateral = np.clip(side_sign(s) * (x - cx) / a * 3, 0, 1) * np.clip((cy + 0.2 - y) * 4, 0, 1)
-        opacity += 0.2 * ((e > 0.72) & (e < 1.0)) * lateral * lung_masks[s]
+        opacity += 0.26 * ((e > 0.6) & (e < 1.0)) * lateral * lung_masks[s]
 
     lung_img = lung_img + opacity
     if "Pneumothorax" in f:  # lateral rim with no lung markings, thin visceral pleural line
