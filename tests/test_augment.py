@@ -3,7 +3,12 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from tune_xray.augment import EvalViews, RandomBrightness, RandomContrast, TrainAugment, normalization, tta_logits
+import math
+
+from torchvision.transforms import InterpolationMode
+
+from tune_xray.augment import (EvalViews, RandomBrightness, RandomContrast, RandomGeometry, TrainAugment, normalization,
+                               random_erasing_, tta_logits)
 from tune_xray.config import AugmentConfig
 
 S0_ALL = AugmentConfig(image_size=56, crop="random", hflip=0.5, rotation=10, brightness=(0.8, 1.2),
@@ -30,17 +35,52 @@ def test_shapes_and_channel_replication():
 
 
 def test_every_s0_augmentation_is_present():
-    ops = list(_train(S0_ALL).ops)
-    kinds = [type(op) for op in ops]
-    for kind in (K.RandomCrop, K.RandomHorizontalFlip, K.RandomRotation, RandomBrightness, RandomContrast,
-                 K.RandomGaussianBlur):
-        assert kinds.count(kind) == 1, kind
-    assert kinds.count(K.RandomErasing) == 3  # ×3 independent erasing transforms
+    aug = _train(S0_ALL)
+    geo = aug.geometry
+    assert (geo.crop, geo.size, geo.hflip, geo.degrees) == ("random", 56, 0.5, 10)
+    kinds = [type(op) for op in aug.ops]
+    assert kinds == [RandomBrightness, RandomContrast, K.RandomGaussianBlur]
+    assert (aug.cfg.erasing, aug.cfg.erasing_p, aug.cfg.erasing_scale) == (3, 0.5, (0.02, 0.1))
     extra = AugmentConfig(image_size=56, crop="random_resized", vflip=0.5, perspective_p=0.5, affine_p=0.5,
                           sharpness_p=0.5, autocontrast_p=0.5)
-    kinds = {type(op) for op in _train(extra).ops}
-    assert {K.RandomResizedCrop, K.RandomVerticalFlip, K.RandomPerspective, K.RandomAffine, K.RandomSharpness,
-            K.RandomAutoContrast} <= kinds
+    aug = _train(extra)
+    assert aug.geometry.crop == "random_resized" and aug.geometry.vflip == 0.5
+    assert {K.RandomPerspective, K.RandomAffine, K.RandomSharpness, K.RandomAutoContrast} <= {type(op) for op in aug.ops}
+
+
+@pytest.mark.parametrize("degrees,flip", [(7.0, 1.0), (-9.5, -1.0), (0.0, -1.0)])
+def test_fused_geometry_equals_torchvision_crop_flip_rotate(degrees, flip):
+    x = torch.rand(2, 1, 64, 64)
+    params = {"w": torch.full((2,), 48.0), "h": torch.full((2,), 48.0), "x0": torch.tensor([3.0, 16.0]),
+              "y0": torch.tensor([5.0, 0.0]), "theta": torch.full((2,), math.radians(degrees)),
+              "fx": torch.full((2,), flip), "fy": torch.ones(2)}
+    out = RandomGeometry(48, "random", hflip=0.5, degrees=10).apply(x, params)
+    for i, (t, l) in enumerate([(5, 3), (0, 16)]):
+        crop = x[i:i + 1, :, t:t + 48, l:l + 48]
+        crop = crop.flip(-1) if flip < 0 else crop
+        assert torch.equal(out[i:i + 1], TF.rotate(crop, degrees, interpolation=InterpolationMode.NEAREST))
+
+
+def test_random_resized_crop_scale():
+    torch.manual_seed(0)
+    geo = RandomGeometry(32, "random_resized", scale=(0.25, 0.25))
+    params = geo.sample(500, 128, "cpu")
+    area = params["w"] * params["h"] / 128**2
+    assert area.mean().item() == pytest.approx(0.25, abs=0.01)
+    ratio = params["w"] / params["h"]
+    assert ratio.min() > 0.7 and ratio.max() < 1.4
+    assert geo(torch.rand(4, 1, 128, 128)).shape == (4, 1, 32, 32)
+
+
+def test_erasing_follows_torchvision():
+    torch.manual_seed(0)
+    x = torch.ones(400, 3, 50, 50)
+    random_erasing_(x, 1, 0.5, (0.02, 0.1))
+    erased = (x == 0).all(1).flatten(1)
+    hit = erased.any(1)
+    assert 0.4 < hit.float().mean() < 0.6  # p = 0.5, per image
+    frac = erased[hit].float().mean(1)
+    assert frac.min() >= 0.015 and frac.max() <= 0.11  # scale 0.02–0.1 of the area (rounded boxes)
 
 
 def test_parameters_are_drawn_per_image():

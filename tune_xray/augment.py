@@ -1,15 +1,26 @@
-"""Augmentation on the batch's device with kornia: uint8 cache batches in, normalised float views out.
+"""Augmentation on the batch's device: uint8 cache batches in, normalised float views out.
 
-Every random parameter is drawn per image (kornia's `same_on_batch=False`), so a Gaussian blur with p 0.5
-blurs about half of each batch — S0 decided it once when building the pipeline (SEEDS.md, flaw 5).
-Brightness and contrast use torchvision's definitions (multiplicative; blend with the image mean) as S0
-did, not kornia's additive defaults.
+Order (S0's, SEEDS.md): geometry (crop or resized crop, flips, rotation) → photometric (kornia: affine,
+perspective, brightness, contrast, sharpness, autocontrast, Gaussian blur) → normalisation and channel
+replication → random erasing ×N (after normalisation with fill 0, as torchvision's RandomErasing was used).
+
+Every random parameter is drawn per image: a Gaussian blur with p 0.5 blurs about half of each batch
+(S0 decided it once for the whole pipeline: flaw 5). Brightness and contrast follow torchvision
+(multiplicative; blend with the image mean), not kornia's additive defaults.
+
+Three steps are fused by hand because kornia's general path dominated the CPU profile (batch 64,
+256 → 224, scripts/bench_data.py): crop + flips + rotation as one affine sampling per image (kornia's
+separate crop/flip/rotation warps: ≈20 ms; fused: ≈5 ms), normalise + replicate to 3 channels in one
+pass (kornia.Normalize on the replicated batch: ≈20 ms), and the erasing boxes (kornia: ≈7 ms each).
 """
 
 from __future__ import annotations
 
+import math
+
 import kornia.augmentation as K
 import torch
+import torch.nn.functional as F
 from kornia.enhance import adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction
 from torch import nn
 
@@ -23,16 +34,106 @@ class RandomBrightness(K.RandomBrightness):
     """torchvision brightness: x · f, f ~ U(range) per image."""
 
     def apply_transform(self, input, params, flags, transform=None):
-        factor = params["brightness_factor"].to(input)
-        return adjust_brightness_accumulative(input, factor)
+        return adjust_brightness_accumulative(input, params["brightness_factor"].to(input))
 
 
 class RandomContrast(K.RandomContrast):
     """torchvision contrast: f · x + (1 − f) · mean(x), f ~ U(range) per image."""
 
     def apply_transform(self, input, params, flags, transform=None):
-        factor = params["contrast_factor"].to(input)
-        return adjust_contrast_with_mean_subtraction(input, factor).clamp(0, 1)
+        return adjust_contrast_with_mean_subtraction(input, params["contrast_factor"].to(input)).clamp(0, 1)
+
+
+class RandomGeometry(nn.Module):
+    """Crop (fixed-size or resized), horizontal/vertical flip and rotation, composed into one affine map
+    per image and sampled once.
+
+    Same distribution as torchvision's RandomCrop / RandomResizedCrop (scale, ratio 3/4–4/3) →
+    RandomHorizontalFlip / RandomVerticalFlip → RandomRotation(±degrees), including their defaults:
+    a fixed-size crop is sampled nearest (exact pixels, and nearest rotation as torchvision's default),
+    a resized crop bilinear; pixels rotated in from outside the crop are 0.
+    """
+
+    def __init__(self, size: int, crop: str = "random", scale=(0.08, 1.0), hflip: float = 0.0,
+                 vflip: float = 0.0, degrees: float = 0.0):
+        super().__init__()
+        self.size, self.crop, self.scale = size, crop, scale
+        self.hflip, self.vflip, self.degrees = hflip, vflip, degrees
+        self.mode = "bilinear" if crop in ("random_resized", "none") else "nearest"
+
+    def _boxes(self, n: int, side: int, device):
+        """Per image crop box: width, height and top-left corner, in input pixels."""
+        if self.crop == "random":
+            w = h = torch.full((n,), float(self.size), device=device)
+        elif self.crop == "random_resized":
+            area = torch.empty(n, device=device).uniform_(*self.scale) * side * side
+            log_ratio = torch.empty(n, device=device).uniform_(math.log(3 / 4), math.log(4 / 3))
+            w = (area * log_ratio.exp()).sqrt().round().clamp(1, side)
+            h = (area / log_ratio.exp()).sqrt().round().clamp(1, side)
+        else:  # "none": the whole image, resized
+            w = h = torch.full((n,), float(side), device=device)
+        x0 = (torch.rand(n, device=device) * (side - w + 1)).floor()
+        y0 = (torch.rand(n, device=device) * (side - h + 1)).floor()
+        return w, h, x0, y0
+
+    def sample(self, n: int, side: int, device) -> dict:
+        """Per-image parameters: crop box (w, h, x0, y0 in input pixels), angle (radians), flip signs."""
+        w, h, x0, y0 = self._boxes(n, side, device)
+        theta = torch.empty(n, device=device).uniform_(-self.degrees, self.degrees) * (math.pi / 180)
+        fx = torch.where(torch.rand(n, device=device) < self.hflip, -1.0, 1.0)
+        fy = torch.where(torch.rand(n, device=device) < self.vflip, -1.0, 1.0)
+        return {"w": w, "h": h, "x0": x0, "y0": y0, "theta": theta, "fx": fx, "fy": fy}
+
+    def apply(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        n, s = x.shape[0], self.size
+        if self.crop == "random":  # exact crop by slicing; then rotation's zero padding is the crop's edge
+            x = torch.stack([x[i, :, t:t + s, l:l + s] for i, (t, l) in
+                             enumerate(zip(params["y0"].long().tolist(), params["x0"].long().tolist()))])
+            if not (self.degrees or self.hflip or self.vflip):
+                return x
+            params = {**params, "x0": torch.zeros_like(params["x0"]), "y0": torch.zeros_like(params["y0"])}
+        side, dev = x.shape[-1], x.device
+        col = lambda name: params[name].view(n, 1, 1).to(x.dtype)  # noqa: E731
+        w, h, x0, y0, fx, fy = (col(k) for k in ("w", "h", "x0", "y0", "fx", "fy"))
+        cos, sin = col("theta").cos(), -col("theta").sin()  # positive theta: counter-clockwise (torchvision)
+        # output pixel (u, v), centred → inverse rotation (ru, rv) → flip → scale to the box → input pixel →
+        # grid_sample's normalised coordinates (align_corners=False): (2·p + 1) / side − 1. Folded into
+        # gx = A·u + B·v + C per image, so each grid coordinate is one full-size operation.
+        c = (s - 1) / 2
+        u = (torch.arange(s, device=dev, dtype=x.dtype) - c).view(1, 1, s)
+        v = (torch.arange(s, device=dev, dtype=x.dtype) - c).view(1, s, 1)
+        ax, ay = (2 / side) * fx * (w / s), (2 / side) * fy * (h / s)
+        bx, by = (2 * (x0 + (w - 1) / 2) + 1) / side - 1, (2 * (y0 + (h - 1) / 2) + 1) / side - 1
+        grid = torch.empty(n, s, s, 2, device=dev, dtype=x.dtype)
+        torch.add((ax * cos) * u, (ax * sin) * v + bx, out=grid[..., 0])  # ru = cos·u + sin·v
+        torch.add((-ay * sin) * u, (ay * cos) * v + by, out=grid[..., 1])  # rv = cos·v − sin·u
+        if self.degrees and self.crop == "random_resized":  # rotated-in corners: zero, as torchvision fills
+            ru, rv = cos * u + sin * v, cos * v - sin * u
+            grid.masked_fill_(((ru.abs() > s / 2) | (rv.abs() > s / 2)).unsqueeze(-1), 2.0)
+        return F.grid_sample(x, grid, mode=self.mode, padding_mode="zeros", align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(x, self.sample(x.shape[0], x.shape[-1], x.device))
+
+
+def random_erasing_(x: torch.Tensor, times: int, p: float, scale, ratio=(0.3, 3.3), value: float = 0.0):
+    """torchvision RandomErasing applied `times` times independently, per image, in place.
+
+    Each: with probability p, a box of area U(scale)·H·W and aspect U_log(ratio) is set to `value`.
+    """
+    n, _, height, width = x.shape
+    k = n * times
+    apply = torch.rand(k) < p
+    area = torch.empty(k).uniform_(*scale) * height * width
+    aspect = torch.empty(k).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    bh = (area * aspect).sqrt().round().clamp(1, height).long()
+    bw = (area / aspect).sqrt().round().clamp(1, width).long()
+    top = (torch.rand(k) * (height - bh + 1)).long()
+    left = (torch.rand(k) * (width - bw + 1)).long()
+    for j in apply.nonzero().flatten().tolist():
+        i, t, l = j % n, int(top[j]), int(left[j])
+        x[i, :, t:t + int(bh[j]), l:l + int(bw[j])] = value
+    return x
 
 
 def normalization(cfg: AugmentConfig, in_chans: int, stats: tuple[list[float], list[float]] | None = None):
@@ -51,21 +152,24 @@ def normalization(cfg: AugmentConfig, in_chans: int, stats: tuple[list[float], l
 
 
 class _Views(nn.Module):
-    """Shared tail: uint8 → [0, 1], channel replication to the model's in_chans, normalisation."""
+    """Shared tail: uint8 → [0, 1], and (x − mean) / std with replication to the model's in_chans."""
 
     def __init__(self, in_chans: int, mean, std):
         super().__init__()
         self.in_chans = in_chans
-        self.normalize = K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
+        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / std, persistent=False)
+        self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std,
+                             persistent=False)
 
     @staticmethod
     def to_unit(x: torch.Tensor) -> torch.Tensor:
         return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.in_chans:
-            x = x.expand(-1, self.in_chans, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
-        return self.normalize(x.contiguous())
+        if x.shape[1] != self.in_chans and x.shape[1] != 1:  # RGB data into a grayscale model
+            x = x.mean(1, keepdim=True)
+        return torch.addcmul(self.shift, x, self.scale)  # one pass; a 1-channel batch broadcasts to 3
 
 
 class TrainAugment(_Views):
@@ -74,22 +178,13 @@ class TrainAugment(_Views):
     def __init__(self, cfg: AugmentConfig, cache_size: int, in_chans: int, mean, std):
         super().__init__(in_chans, mean, std)
         s = cfg.image_size
+        if cfg.crop == "random" and s > cache_size:
+            raise ValueError(f"augment.image_size {s} exceeds data.cache_size {cache_size} for crop=random")
+        self.cfg = cfg
+        identity = cfg.crop != "random_resized" and s == cache_size and not (cfg.hflip or cfg.vflip or cfg.rotation)
+        self.geometry = None if identity else RandomGeometry(s, cfg.crop, cfg.crop_scale, cfg.hflip, cfg.vflip,
+                                                             cfg.rotation)
         ops: list[nn.Module] = []
-        if cfg.crop == "random":
-            if s > cache_size:
-                raise ValueError(f"augment.image_size {s} exceeds data.cache_size {cache_size} for crop=random")
-            if s < cache_size:
-                ops.append(K.RandomCrop((s, s)))
-        elif cfg.crop == "random_resized":
-            ops.append(K.RandomResizedCrop((s, s), scale=cfg.crop_scale))
-        elif s != cache_size:
-            ops.append(K.Resize((s, s)))
-        if cfg.hflip:
-            ops.append(K.RandomHorizontalFlip(p=cfg.hflip))
-        if cfg.vflip:
-            ops.append(K.RandomVerticalFlip(p=cfg.vflip))
-        if cfg.rotation:
-            ops.append(K.RandomRotation(cfg.rotation, p=1.0))
         if cfg.affine_p:
             ops.append(K.RandomAffine(cfg.affine_degrees, translate=(cfg.affine_translate,) * 2,
                                       scale=cfg.affine_scale, p=cfg.affine_p))
@@ -103,14 +198,19 @@ class TrainAugment(_Views):
             ops.append(K.RandomSharpness(cfg.sharpness, p=cfg.sharpness_p))
         if cfg.autocontrast_p:
             ops.append(K.RandomAutoContrast(p=cfg.autocontrast_p))
-        ops += [K.RandomErasing(scale=cfg.erasing_scale, p=cfg.erasing_p) for _ in range(cfg.erasing)]
         if cfg.blur_p:
             ops.append(K.RandomGaussianBlur((cfg.blur_kernel,) * 2, cfg.blur_sigma, p=cfg.blur_p))
         self.ops = nn.Sequential(*ops)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.ops(self.to_unit(x)))
+        x = self.to_unit(x)
+        if self.geometry is not None:
+            x = self.geometry(x)
+        x = self.finish(self.ops(x))
+        if self.cfg.erasing:
+            random_erasing_(x, self.cfg.erasing, self.cfg.erasing_p, self.cfg.erasing_scale)
+        return x
 
 
 class EvalViews(_Views):
@@ -121,29 +221,29 @@ class EvalViews(_Views):
 
     def __init__(self, cfg: AugmentConfig, cache_size: int, in_chans: int, mean, std):
         super().__init__(in_chans, mean, std)
-        self.size, self.cache_size, self.tta = cfg.image_size, cache_size, cfg.tta
-        if cfg.eval_view == "resize" or cfg.image_size > cache_size:
-            self.view = K.Resize((cfg.image_size,) * 2)
-        else:
-            self.view = K.CenterCrop(cfg.image_size)
+        self.size, self.tta = cfg.image_size, cfg.tta
+        self.resize = cfg.eval_view == "resize" or cfg.image_size > cache_size
 
-    def _crops(self, x: torch.Tensor) -> list[torch.Tensor]:
-        s, n = self.size, x.shape[-1]
-        if s >= n:
-            return [self.view(x)]
-        o = n - s
-        corners = [(0, 0), (0, o), (o, 0), (o, o)]
-        return [x[..., i:i + s, j:j + s] for i, j in corners] + [self.view(x)]
+    def _crop(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        return x[..., top:top + self.size, left:left + self.size]
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize:
+            return F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                 align_corners=False)
+        o = (x.shape[-1] - self.size) // 2
+        return self._crop(x, o, o)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.to_unit(x)
-        if self.tta == "tencrop":
-            views = self._crops(x)
+        if self.tta == "tencrop" and not self.resize:
+            o = x.shape[-1] - self.size
+            views = [self._crop(x, t, l) for t, l in ((0, 0), (0, o), (o, 0), (o, o))] + [self.view(x)]
             views += [v.flip(-1) for v in views]
         else:
             views = [self.view(x)]
-            if self.tta == "hflip":
+            if self.tta != "none":
                 views.append(views[0].flip(-1))
         return [self.finish(v) for v in views]
 

@@ -7,10 +7,12 @@ from tune_xray.train import main as train_main
 
 
 def test_supervised_learns_the_synthetic_findings(make_config, tmp_path):
-    cfg = make_config(data={"synthetic_images": 600}, supervised={"epochs": 4, "early_stopping_patience": None})
+    # seeds 0–3 gave val 0.73–0.76, test 0.69–0.75 mean AUROC (8 s each); chance is 0.5
+    cfg = make_config(data={"synthetic_images": 1500, "val_fraction": 0.25},
+                      supervised={"epochs": 6, "early_stopping_patience": None, "optimizer": {"lr": 3e-3}})
     summary = run_phases(cfg, tmp_path / "run")
-    assert summary["val"]["mean_auroc"] > 0.6 and summary["test"]["mean_auroc"] > 0.6
-    assert 1 <= summary["supervised"]["best_epoch"] <= 4
+    assert summary["val"]["mean_auroc"] > 0.65 and summary["test"]["mean_auroc"] > 0.65
+    assert 1 <= summary["supervised"]["best_epoch"] <= 6
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.yaml", "summary.json", "best.pt", "predictions_val.csv", "predictions_test.csv"} <= files
 

@@ -15,7 +15,7 @@ from ..config import TrialConfig
 from ..data.loader import PreparedData, prepare
 from ..models import create_backbone
 from .byol import run_byol
-from .common import Report, no_report, resolve_device, seed_everything
+from .common import Report, no_report, resolve_device, reuse_freed_memory, seed_everything
 from .supervised import run_supervised
 
 
@@ -28,6 +28,8 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     seed_everything(cfg.seed, cfg.deterministic)
     data = data or prepare(cfg.data)  # every bad-input error surfaces here, before any compute
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        reuse_freed_memory()
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     backbone, num_features = create_backbone(cfg.model.backbone, cfg.model.pretrained_path, cfg.model.in_chans)

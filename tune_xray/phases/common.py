@@ -7,6 +7,7 @@ the `report(metrics, checkpoint_dir)` callback it is given.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import random
@@ -46,6 +47,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def reuse_freed_memory() -> None:
+    """CPU: let glibc keep and reuse freed large blocks instead of returning them to the OS.
+
+    Every training batch allocates tens of MB of fresh tensors; with glibc's defaults each is mmap'd
+    and page-faulted anew, about a third of the augmentation time on the 2-core CI machine
+    (scripts/bench_data.py). Same effect as GLIBC_TUNABLES mmap/trim thresholds; a no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD: 256 MiB
+    libc.mallopt(-1, 1 << 29)  # M_TRIM_THRESHOLD: 512 MiB
 
 
 def autocast(device: torch.device, amp: bool):
