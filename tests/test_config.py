@@ -40,3 +40,13 @@ def test_out_of_range_or_unknown_value(override, key):
 def test_malformed_override():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["supervised.epochs"])
+
+
+def test_crop_larger_than_cache_fails_at_load():
+    with pytest.raises(ConfigError, match="augment.image_size 300 exceeds data.cache_size 256"):
+        load_config(None, ["augment.image_size=300"])
+
+
+def test_selection_metric_typo_fails_at_load():
+    with pytest.raises(ConfigError, match="supervised.selection_metric"):
+        load_config(None, ["supervised.selection_metric=val_mean_aucroc"])

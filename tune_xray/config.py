@@ -107,7 +107,7 @@ class SchedulerConfig(_Strict):
     step_size: int = Field(25, ge=1)
     gamma: float = Field(0.5, gt=0, le=1, description="step and plateau decay factor")
     patience: int = Field(10, ge=0, description="plateau patience in epochs")
-    plateau_metric: str = "val_loss"
+    plateau_metric: Literal["val_loss", "val_mean_auroc", "val_accuracy", "val_macro_f1"] = "val_loss"
     t_0: int = Field(25, ge=1, description="restarts: epochs per cycle")
     warmup_epochs: int = Field(10, ge=0)
 
@@ -121,8 +121,8 @@ class SupervisedConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping_patience: Optional[int] = Field(10, ge=1, description="S0: 10 epochs on val mAUC")
-    selection_metric: str = "val_mean_auroc"
-    selection_mode: Literal["max", "min"] = "max"
+    selection_metric: Literal["val_mean_auroc", "val_loss", "val_accuracy", "val_macro_f1"] = Field(
+        "val_mean_auroc", description="model selection and early stopping; always a validation metric")
 
 
 class ByolConfig(_Strict):
@@ -138,6 +138,12 @@ class ByolConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig(name="lars", lr=0.2, weight_decay=1.5e-6, momentum=0.0)
     scheduler: SchedulerConfig = SchedulerConfig(name="cosine", t_max=250, eta_min=1e-6)
 
+    @model_validator(mode="after")
+    def _plateau_on_byol_loss(self):
+        if self.scheduler.name == "plateau" and self.scheduler.plateau_metric != "val_loss":
+            raise ValueError("byol.scheduler.plateau_metric must be val_loss (the BYOL validation loss)")
+        return self
+
 
 class TrialConfig(_Strict):
     seed: int = 0
@@ -151,6 +157,13 @@ class TrialConfig(_Strict):
     model: ModelConfig = ModelConfig()
     byol: ByolConfig = ByolConfig()
     supervised: SupervisedConfig = SupervisedConfig()
+
+    @model_validator(mode="after")
+    def _crop_fits_cache(self):
+        if self.augment.crop == "random" and self.augment.image_size > self.data.cache_size:
+            raise ValueError(f"augment.image_size {self.augment.image_size} exceeds data.cache_size "
+                             f"{self.data.cache_size}: a random crop needs cache_size >= image_size")
+        return self
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
@@ -217,3 +230,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         tree = merge(tree, parse_overrides(list(overrides)))
         origin += " + --set"
     return build_config(tree, origin)
+
+
+def metric_mode(metric: str) -> str:
+    """Losses are minimised, every other metric maximised."""
+    return "min" if metric.endswith("loss") else "max"

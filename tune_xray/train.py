@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / f"{cfg.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         summary = run_phases(cfg, run_dir, report=print_report)
-    except (DataError, WeightsError, ValueError) as err:
+    except (ConfigError, DataError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_summary(summary)

@@ -40,3 +40,18 @@ def test_train_cli_writes_a_run_dir(make_config, tmp_path, capsys):
     assert set(summary["test"]) >= {"mean_auroc", "macro_f1", "mean_sensitivity", "mean_specificity"}
     assert train_main(["--set", "supervised.epoch=3"]) == 2
     assert "unknown key 'supervised.epoch'" in capsys.readouterr().err
+
+
+def test_bad_input_stops_before_compute_and_writes_nothing(make_config, tmp_path):
+    import pytest
+
+    from tune_xray.config import ConfigError
+    from tune_xray.data.splits import DataError
+
+    with pytest.raises(DataError, match="Data_Entry_2017.csv: not found"):
+        run_phases(make_config(data={"source": f"nih:{tmp_path / 'nowhere'}"}), tmp_path / "a")
+    with pytest.raises(ConfigError, match="supervised.loss=ce does not fit this multilabel data"):
+        run_phases(make_config(byol={"enabled": True}, supervised={"loss": "ce"}), tmp_path / "b")
+    with pytest.raises(ConfigError, match="unknown timm model 'resnet19'"):
+        run_phases(make_config(model={"backbone": "resnet19"}), tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")

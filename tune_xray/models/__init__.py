@@ -14,6 +14,8 @@ from timm.models import clean_state_dict, load_state_dict
 from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
+from ..config import ConfigError
+
 
 class WeightsError(ValueError):
     """A pretrained file that is missing or does not fit the backbone; the message names both."""
@@ -60,9 +62,9 @@ def load_pretrained(model: nn.Module, path: str | Path, in_chans: int) -> None:
 def create_backbone(name: str, pretrained_path: str | Path | None = None, in_chans: int = 3,
                     **kwargs) -> tuple[nn.Module, int]:
     """A timm feature extractor and its feature width: `(module, num_features)`."""
-    if name not in timm.list_models():
+    if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(f"model.backbone: unknown timm model '{name}'" + (f"; similar: {close}" if close else ""))
+        raise ConfigError(f"model.backbone: unknown timm model '{name}'" + (f"; similar: {close}" if close else ""))
     model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     if pretrained_path:
         load_pretrained(model, pretrained_path, in_chans)

@@ -16,7 +16,7 @@ from ..data.loader import PreparedData, prepare
 from ..models import create_backbone
 from .byol import run_byol
 from .common import Report, no_report, resolve_device, reuse_freed_memory, seed_everything
-from .supervised import run_supervised
+from .supervised import resolve_loss, run_supervised
 
 
 def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report, data: PreparedData | None = None,
@@ -24,15 +24,17 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     """Run one trial config end to end; writes config.yaml, summary.json, best.pt and predictions."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.deterministic)
-    data = data or prepare(cfg.data)  # every bad-input error surfaces here, before any compute
+    # every bad-input error surfaces here, before any compute and before the run dir exists
+    backbone, num_features = create_backbone(cfg.model.backbone, cfg.model.pretrained_path, cfg.model.in_chans)
+    data = data or prepare(cfg.data)
+    resolve_loss(data.index.task, cfg.supervised.loss)
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         reuse_freed_memory()
+    run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    backbone, num_features = create_backbone(cfg.model.backbone, cfg.model.pretrained_path, cfg.model.in_chans)
     summary: dict = {"backbone": cfg.model.backbone, "task": data.index.task, "classes": list(data.index.classes),
                      "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device)}
     if cfg.byol.enabled:

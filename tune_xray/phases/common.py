@@ -119,8 +119,6 @@ def step_scheduler(scheduler, epochs_done: int, metrics: dict, cfg: SchedulerCon
     if scheduler is None:
         return
     if cfg.name == "plateau":
-        if cfg.plateau_metric not in metrics:
-            raise KeyError(f"scheduler.plateau_metric '{cfg.plateau_metric}' is not among {sorted(metrics)}")
         scheduler.step(metrics[cfg.plateau_metric])
     else:
         scheduler.step(epochs_done)

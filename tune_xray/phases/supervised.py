@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..augment import EvalViews, tta_logits
-from ..config import TrialConfig
+from ..config import ConfigError, TrialConfig, metric_mode
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..metrics import classification_metrics
 from ..models.heads import Classifier
@@ -26,15 +26,19 @@ from .common import (Report, autocast, build_optimizer, build_scheduler, build_v
                      run_epoch, step_scheduler, unwrap)
 
 
-def make_loss(task: str, loss: str, pos_weight: Optional[torch.Tensor]) -> nn.Module:
+def resolve_loss(task: str, loss: str) -> str:
+    """The loss name for this task ('auto': BCE for multi-label, CE for multi-class); a mismatch is an error."""
     if loss == "auto":
-        loss = "bce" if task == "multilabel" else "ce"
-    if loss == "ce":
-        if task != "multiclass":
-            raise ValueError("supervised.loss=ce needs a multi-class task; this data is multi-label")
+        return "bce" if task == "multilabel" else "ce"
+    if (loss == "ce") != (task == "multiclass"):
+        raise ConfigError(f"supervised.loss={loss} does not fit this {task} data; use "
+                          f"{'bce' if task == 'multilabel' else 'ce'} or auto")
+    return loss
+
+
+def make_loss(task: str, loss: str, pos_weight: Optional[torch.Tensor]) -> nn.Module:
+    if resolve_loss(task, loss) == "ce":
         return nn.CrossEntropyLoss()
-    if task != "multilabel":
-        raise ValueError("supervised.loss=bce needs a multi-label task; this data is multi-class")
     return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
 
@@ -100,8 +104,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
                                seed=cfg.seed, num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
     val_loader = make_loader(data.dataset("val"), sc.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     optimizer = build_optimizer(model, sc.optimizer)
-    scheduler = build_scheduler(optimizer, sc.scheduler, mode="min" if sc.scheduler.plateau_metric.endswith("loss")
-                                else "max")
+    scheduler = build_scheduler(optimizer, sc.scheduler, mode=metric_mode(sc.scheduler.plateau_metric))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def micro_step(batch):
@@ -125,11 +128,8 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
         val = classification_metrics(index.task, targets.numpy(), prob, index.classes)["metrics"]
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(optimizer),
                    **{f"val_{k}": v for k, v in val.items()}}
-        if sc.selection_metric not in metrics:
-            raise KeyError(f"supervised.selection_metric '{sc.selection_metric}' is not among "
-                           f"{sorted(k for k in metrics if k.startswith('val_'))}")
         score = metrics[sc.selection_metric]
-        if _improved(score, best_score, sc.selection_mode):
+        if _improved(score, best_score, metric_mode(sc.selection_metric)):
             best_score, best_epoch, stale = score, epoch + 1, 0
             best_state = copy.deepcopy(unwrap(model).state_dict())
         else:
