@@ -12,10 +12,6 @@ from tune_xray.config import TrialConfig, build_config, merge
 def _isolated_cache(tmp_path_factory):
     """Keep every cache and generated dataset of the test session out of the user's home."""
     os.environ["TUNE_XRAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    torch_threads = os.environ.get("TUNE_XRAY_TEST_THREADS")
-    if torch_threads:
-        import torch
-        torch.set_num_threads(int(torch_threads))
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,11 @@ def _ellipse(x, y, cx, cy, a, b):
     return ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2
 
 
+def side_sign(side_index: int) -> int:
+    """Lung 0 is on the image's left (x < 0), lung 1 on its right."""
+    return -1 if side_index == 0 else 1
+
+
 def render(anatomy: dict, findings: list[str], size: int, rng: np.random.Generator) -> np.ndarray:
     """Draw one frontal chest radiograph (uint8, size×size) of a patient with the given findings."""
     f = set(findings)
@@ -176,10 +181,9 @@ def render(anatomy: dict, findings: list[str], size: int, rng: np.random.Generat
     if "Pneumothorax" in f:  # lateral rim with no lung markings, thin visceral pleural line
         s = side_of()
         cx, cy, a, b, e = lung_geo[s]
-        rim = (e > 0.55) & (side_sign(s) * (x - cx) > 0) & (y < cy + 0.3 * b)
-        edge = np.abs(e - 0.55) < 0.025
-        lung_img = np.where(rim, lung_density - 0.06, lung_img)
-        lung_img = np.where(edge & (side_sign(s) * (x - cx) > 0) & (y < cy + 0.3 * b), lung_img + 0.12, lung_img)
+        lateral_upper = (side_sign(s) * (x - cx) > 0) & (y < cy + 0.3 * b)
+        lung_img = np.where((e > 0.55) & lateral_upper, lung_density - 0.06, lung_img)
+        lung_img = np.where((np.abs(e - 0.55) < 0.025) & lateral_upper, lung_img + 0.12, lung_img)
     img = img * (1 - lungs) + lung_img * lungs
 
     heart_a = anatomy["heart_a"] * (rng.uniform(1.3, 1.45) if "Cardiomegaly" in f else 1.0)
@@ -194,10 +198,6 @@ def render(anatomy: dict, findings: list[str], size: int, rng: np.random.Generat
     img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.15) * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02)
     img += rng.normal(0, 0.035, img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
-def side_sign(side_index: int) -> int:
-    return -1 if side_index == 0 else 1
 
 
 def sample_anatomy(rng: np.random.Generator) -> dict:
@@ -229,7 +229,8 @@ def generate(out: str | os.PathLike, n_images: int = 2000, size: int = 256, seed
     out = Path(out)
     rng = np.random.default_rng(seed)
     rows, jobs, test_patients = [], [], set()
-    tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=out.parent))  # same filesystem: the rename is atomic
     (tmp / "images").mkdir()
     patient = 0
     while len(rows) < n_images:
@@ -266,7 +267,6 @@ def generate(out: str | os.PathLike, n_images: int = 2000, size: int = 256, seed
         with open(tmp / "train_val_list.txt", "w") as tv, open(tmp / "test_list.txt", "w") as te:
             for row in rows:
                 (te if row[3] in test_patients else tv).write(row[0] + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
