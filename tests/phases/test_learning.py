@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tune_xray.phases import run_phases
 from tune_xray.train import main as train_main
 
@@ -43,8 +45,6 @@ def test_train_cli_writes_a_run_dir(make_config, tmp_path, capsys):
 
 
 def test_bad_input_stops_before_compute_and_writes_nothing(make_config, tmp_path):
-    import pytest
-
     from tune_xray.config import ConfigError
     from tune_xray.data.splits import DataError
 
@@ -55,3 +55,31 @@ def test_bad_input_stops_before_compute_and_writes_nothing(make_config, tmp_path
     with pytest.raises(ConfigError, match="unknown timm model 'resnet19'"):
         run_phases(make_config(model={"backbone": "resnet19"}), tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_best_checkpoint_is_the_selected_epoch(make_config, tmp_path):
+    import torch
+
+    from tune_xray.data.loader import make_loader, prepare
+    from tune_xray.metrics import classification_metrics
+    from tune_xray.models import create_backbone
+    from tune_xray.models.heads import Classifier
+    from tune_xray.phases.common import build_views
+    from tune_xray.phases.supervised import predict
+
+    cfg = make_config(supervised={"epochs": 3, "early_stopping_patience": None})
+    summary = run_phases(cfg, tmp_path / "r")
+    sup = summary["supervised"]
+    selected = sup["history"][sup["best_epoch"] - 1]
+    assert selected["val_mean_auroc"] == max(h["val_mean_auroc"] for h in sup["history"])
+    # reload best.pt into a fresh model: it scores exactly the selected epoch's val AUROC
+    data = prepare(cfg.data)
+    backbone, width = create_backbone(cfg.model.backbone)
+    model = Classifier(backbone, width, data.num_classes)
+    model.load_state_dict(torch.load(tmp_path / "r" / "best.pt")["model"])
+    _, views = build_views(cfg, data, torch.device("cpu"))
+    logits, targets = predict(model, make_loader(data.dataset("val"), 32, False), views, torch.device("cpu"),
+                              False, False)
+    rescored = classification_metrics("multilabel", targets.numpy(), torch.sigmoid(logits).numpy(),
+                                      data.index.classes)["metrics"]["mean_auroc"]
+    assert rescored == pytest.approx(selected["val_mean_auroc"], abs=1e-6) == summary["val"]["mean_auroc"]

@@ -116,7 +116,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
             logits = model(x)
         return loss_fn(logits.float(), y.to(device))
 
-    best_score, best_state, best_epoch, stale = None, None, 0, 0
+    best_score, best_state, best_val, best_epoch, stale = None, None, None, 0, 0
     history = []
     for epoch in range(sc.epochs):
         model.train()
@@ -131,7 +131,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
         score = metrics[sc.selection_metric]
         if _improved(score, best_score, metric_mode(sc.selection_metric)):
             best_score, best_epoch, stale = score, epoch + 1, 0
-            best_state = copy.deepcopy(unwrap(model).state_dict())
+            best_state, best_val = copy.deepcopy(unwrap(model).state_dict()), (logits, targets)
         else:
             stale += 1
         metrics["best_" + sc.selection_metric] = best_score if best_score is not None else float("nan")
@@ -146,17 +146,22 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
     if rank == 0:
         torch.save({"model": unwrap(model).state_dict(), "epoch": best_epoch, sc.selection_metric: best_score,
                     "config": cfg.model_dump(mode="json"), "classes": list(index.classes)}, run_dir / "best.pt")
-    return evaluate_selected(cfg, data, model, eval_views, device, run_dir, best_epoch, history, rank)
+    return evaluate_selected(cfg, data, model, eval_views, device, run_dir, best_epoch, history, best_val, rank)
 
 
 def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, device, run_dir: Path,
-                      best_epoch: int, history: list, rank: int = 0) -> dict:
-    """Score the selected checkpoint on val (choosing thresholds there) and once on test."""
+                      best_epoch: int, history: list, val_predictions=None, rank: int = 0) -> dict:
+    """Score the selected checkpoint on val (choosing thresholds there) and once on test.
+
+    `val_predictions`: the (logits, targets) the selected epoch already computed, so val is not re-run."""
     index, out = data.index, {}
     thresholds = None
     for split in ("val", "test"):
-        loader = make_loader(data.dataset(split), cfg.supervised.batch_size, shuffle=False)
-        logits, targets = predict(model, loader, eval_views, device, cfg.amp, cfg.channels_last)
+        if split == "val" and val_predictions is not None:
+            logits, targets = val_predictions
+        else:
+            loader = make_loader(data.dataset(split), cfg.supervised.batch_size, shuffle=False)
+            logits, targets = predict(model, loader, eval_views, device, cfg.amp, cfg.channels_last)
         prob = to_probabilities(index.task, logits).numpy()
         scored = classification_metrics(index.task, targets.numpy(), prob, index.classes, thresholds)
         if split == "val":
