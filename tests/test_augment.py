@@ -126,3 +126,14 @@ def test_tta_averages_logits():
 def test_crop_larger_than_cache_is_an_error():
     with pytest.raises(ValueError, match="image_size 96 exceeds data.cache_size 64"):
         _train(AugmentConfig(image_size=96))
+
+
+def test_dataset_statistics_normalisation():
+    cfg = AugmentConfig(image_size=56, normalize="dataset")
+    assert normalization(cfg, 1, ([0.3], [0.2])) == ([0.3], [0.2])
+    assert normalization(cfg, 3, ([0.3], [0.2])) == ([0.3] * 3, [0.2] * 3)  # gray stats, replicated input
+    with pytest.raises(ValueError, match="pixel statistics"):
+        normalization(cfg, 1)
+    x = torch.full((2, 1, 64, 64), 0.3 * 255, dtype=torch.uint8)
+    out = EvalViews(cfg, 64, 1, *normalization(cfg, 1, ([0.3], [0.2])))(x)[0]
+    assert out.abs().max() < 0.02  # (x − mean) / std ≈ 0

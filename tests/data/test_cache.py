@@ -1,6 +1,7 @@
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from tune_xray.config import DataConfig
@@ -47,3 +48,11 @@ def test_loader_yields_uint8_batches_with_targets(nih_copy, tmp_path):
     assert len(loader) == len(ds) // 16
     seen = torch.cat([yb for _, yb in make_loader(ds, 16, shuffle=False)])
     assert torch.equal(seen, torch.from_numpy(ds.targets))
+
+
+def test_pixel_statistics_of_the_training_split(nih_copy, tmp_path):
+    data = prepare(_cfg(nih_copy, tmp_path))
+    (mean,), (std,) = data.pixel_stats()
+    rows = data.index.rows("train")
+    pixels = data.cache.open()[rows].astype(np.float64) / 255
+    assert mean == pytest.approx(pixels.mean(), abs=1e-4) and std == pytest.approx(pixels.std(), abs=1e-4)

@@ -79,3 +79,11 @@ def test_tau_schedule_goes_from_base_to_one():
     taus = [ema_tau(k, 100, 0.996) for k in range(101)]
     assert taus[0] == pytest.approx(0.996) and taus[-1] == 1.0
     assert all(a <= b for a, b in zip(taus, taus[1:]))
+
+
+def test_pos_weight_is_negatives_over_positives():
+    import numpy as np
+
+    from tune_xray.phases.supervised import positive_weights
+    targets = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]], dtype=np.float32)
+    assert positive_weights(targets).tolist() == pytest.approx([3.0, 1.0, 1 / 3])  # no positive: weight 1
