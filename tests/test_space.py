@@ -1,0 +1,82 @@
+import optuna
+import pytest
+import yaml
+
+from tune_xray.config import ConfigError
+from tune_xray.space import SEARCH_SPACES, load_study
+
+MINIMAL = {"budget": {"trials": 2, "epochs": 1},
+           "params": {"supervised.optimizer.name": {"choice": ["sgd", "adamw"]},
+                      "supervised.optimizer.lr": {"by": "supervised.optimizer.name",
+                                                  "cases": {"sgd": {"loguniform": [0.01, 0.1]},
+                                                            "adamw": {"value": 0.001}}},
+                      "supervised.scheduler.name": {"choice": ["none", "cosine"]},
+                      "supervised.scheduler.t_max": {"choice": [5, 10],
+                                                     "when": {"supervised.scheduler.name": "cosine"}}}}
+
+
+def _write(tmp_path, tree):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SEARCH_SPACES.glob("*.yaml")))
+def test_shipped_search_spaces_validate(name):
+    study = load_study(name)
+    assert study.metric.startswith("val_") and study.space.warm_start
+    assert study.trial_config({}, smoke=True).model.backbone.startswith("test_")
+
+
+def test_conditional_parameters_appear_only_with_their_parent(tmp_path):
+    study = load_study(_write(tmp_path, MINIMAL))
+    optuna_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = optuna_study.ask()
+        values = study.sample(trial)
+        optuna_study.tell(trial, 0.0)
+        p = trial.params
+        assert ("supervised.scheduler.t_max" in p) == (p["supervised.scheduler.name"] == "cosine")
+        assert ("supervised.optimizer.lr[sgd]" in p) == (p["supervised.optimizer.name"] == "sgd")
+        if p["supervised.optimizer.name"] == "adamw":
+            assert values["supervised.optimizer.lr"] == 0.001  # fixed value, not an Optuna parameter
+        seen.add((p["supervised.optimizer.name"], p["supervised.scheduler.name"]))
+        cfg = study.trial_config(values)
+        assert cfg.supervised.optimizer.name == p["supervised.optimizer.name"]
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t["params"].update({"supervised.optimizer.lrr": {"choice": [0.1]}}),
+     "params.supervised.optimizer.lrr: value 0.1 is not allowed: unknown key"),
+    (lambda t: t["params"].update({"supervised.epochs": {"choise": [1, 2]}}), "exactly one of"),
+    (lambda t: t["params"].update({"augment.hflip": {"choice": []}}), "choice is empty"),
+    (lambda t: t["params"].update({"supervised.optimizer.weight_decay": {"loguniform": [0.1, 0.01]}}),
+     "inverted"),
+    (lambda t: t["params"].update({"augment.erasing": {"int": [0, 5]}}), "params.augment.erasing: value 5"),
+    (lambda t: t["params"].update({"augment.hflip": {"choice": [0.5], "when": {"augment.vflip": 0.5}}}),
+     "'when' names 'augment.vflip'"),
+    (lambda t: t.update({"metric": "test_mean_auroc"}), "metric"),
+    (lambda t: t.update({"budgett": {}}), "unknown key 'budgett'"),
+    (lambda t: t.update({"warm_start": [{"supervised.optimizer.name": "rmsprop"}]}), "warm_start[0]"),
+])
+def test_bad_search_space_is_one_clear_error(tmp_path, edit, message):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    edit(tree)
+    path = _write(tmp_path, tree)
+    with pytest.raises(ConfigError) as err:
+        load_study(path)
+    assert path in str(err.value) and message in str(err.value)
+
+
+def test_unknown_study_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="known studies: .*byol"):
+        load_study("byoll")
+
+
+def test_cyclic_conditions_are_an_error(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    tree["params"]["supervised.scheduler.name"]["when"] = {"supervised.scheduler.t_max": 5}
+    with pytest.raises(ConfigError, match="cycle"):
+        load_study(_write(tmp_path, tree))

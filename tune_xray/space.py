@@ -1,0 +1,328 @@
+"""Search-space files (search_spaces/*.yaml) → a validated `SearchSpace` → an Optuna define-by-run function.
+
+A file states the objective, the budget, fixed settings, the parameters and optional warm-start points:
+
+    metric: val_mean_auroc          # default; always a validation metric
+    mode: max
+    budget: {trials: 40, epochs: 100, grace_period: 5}
+    base: {byol: {enabled: true}}   # fixed TrialConfig values
+    params:
+      byol.optimizer.name: {choice: [sgd, adamw, lars]}
+      byol.optimizer.lr:             # conditional: a range per optimizer
+        by: byol.optimizer.name
+        cases: {sgd: {loguniform: [0.01, 0.2]}, adamw: {loguniform: [1.0e-4, 3.0e-3]}, lars: {value: 0.2}}
+      byol.scheduler.t_max: {choice: [250, 500], when: {byol.scheduler.name: cosine}}
+      augment.brightness: {choice: {"off": null, "0.8-1.2": [0.8, 1.2]}}   # labelled choices
+    warm_start: [{byol.optimizer.name: lars, ...}]
+    smoke: {budget: {trials: 6, epochs: 3}, set: {model.backbone: test_resnet, ...}}  # shrinks the run, not the space
+
+Every parameter value is checked against the TrialConfig schema before anything runs, so a typo, unknown
+key, empty choice, inverted range or out-of-range value is one error naming the file and the key.
+A `cases` branch is its own Optuna parameter (`key[case]`): TPE then never sees one name change its
+distribution between trials (Optuna refuses that for categoricals).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .config import ConfigError, TrialConfig, build_config, merge, metric_mode
+
+SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+METRICS = ("val_mean_auroc", "val_loss", "val_accuracy", "val_macro_f1")
+Scalar = Union[None, bool, int, float, str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ParamSpec(_Strict):
+    """Exactly one of: choice, uniform, loguniform, int, value, or by + cases; optionally `when`."""
+
+    choice: Optional[Union[list[Scalar], dict[str, Any]]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    integer: Optional[tuple[int, int]] = Field(None, alias="int")
+    value: Any = None
+    by: Optional[str] = None
+    cases: Optional[dict[str, "ParamSpec"]] = None
+    when: Optional[dict[str, Union[Scalar, list[Scalar]]]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, data):
+        if isinstance(data, dict):
+            kinds = [k for k in ("choice", "uniform", "loguniform", "int", "value", "cases") if k in data]
+            if len(kinds) != 1:
+                raise ValueError("give exactly one of choice, uniform, loguniform, int, value, or by + cases; "
+                                 f"got {kinds or 'none'}")
+            if ("by" in data) != ("cases" in data):
+                raise ValueError("'by' and 'cases' go together")
+        return data
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.choice is not None and len(self.choice) == 0:
+            raise ValueError("choice is empty")
+        for name in ("uniform", "loguniform", "integer"):
+            r = getattr(self, name)
+            if r is not None and not r[0] < r[1]:
+                label = "int" if name == "integer" else name
+                raise ValueError(f"{label} range [{r[0]}, {r[1]}] is empty or inverted (need low < high)")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.loguniform[0]}")
+        if self.cases is not None and not self.cases:
+            raise ValueError("cases is empty")
+        return self
+
+    @property
+    def kind(self) -> str:
+        for name in ("choice", "uniform", "loguniform", "integer", "cases"):
+            if getattr(self, name) is not None:
+                return name
+        return "value"
+
+    def candidate_values(self) -> list:
+        """Values to validate against the schema: every choice, or a range's ends."""
+        if self.choice is not None:
+            return list(self.choice.values()) if isinstance(self.choice, dict) else list(self.choice)
+        for name in ("uniform", "loguniform", "integer"):
+            if getattr(self, name) is not None:
+                return list(getattr(self, name))
+        return [self.value]
+
+
+class Budget(_Strict):
+    trials: int = Field(20, ge=1)
+    epochs: int = Field(20, ge=1, description="supervised epochs: ASHA's max_t in epochs_done")
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(3, ge=2)
+
+
+class Smoke(_Strict):
+    """`--smoke`: the same space at tiny scale (budget, data, image size, epochs, timm test_* backbone)."""
+
+    budget: Budget = Budget(trials=4, epochs=2, grace_period=1)
+    set: dict[str, Any] = {}
+
+
+class SearchSpace(_Strict):
+    description: str = ""
+    metric: Literal[METRICS] = "val_mean_auroc"  # type: ignore[valid-type]
+    mode: Optional[Literal["max", "min"]] = None
+    budget: Budget = Budget()
+    base: dict[str, Any] = {}
+    params: dict[str, ParamSpec]
+    warm_start: list[dict[str, Any]] = []
+    smoke: Smoke = Smoke()
+
+    @model_validator(mode="after")
+    def _mode(self):
+        self.mode = self.mode or metric_mode(self.metric)
+        return self
+
+
+def _tree(dotted: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _matches(values: dict, when: Optional[dict]) -> bool:
+    if not when:
+        return True
+    return all(values.get(k) in (v if isinstance(v, list) else [v]) for k, v in when.items())
+
+
+def _case_key(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class Study:
+    """A loaded, validated search space with what the search needs from it."""
+
+    def __init__(self, space: SearchSpace, origin: str, name: str):
+        self.space, self.origin, self.name = space, origin, name
+
+    @property
+    def metric(self) -> str:
+        return self.space.metric
+
+    @property
+    def mode(self) -> str:
+        return self.space.mode
+
+    def budget(self, smoke: bool = False) -> Budget:
+        return self.space.smoke.budget if smoke else self.space.budget
+
+    def trial_config(self, sampled: dict[str, Any], overrides: dict | None = None, smoke: bool = False) -> TrialConfig:
+        """base ⊕ sampled values ⊕ --set overrides (⊕ smoke shrinkage) → a validated TrialConfig.
+
+        The supervised phase runs the budget's epochs and selects on the study's metric."""
+        tree = merge(self.space.base, _tree({k: v for k, v in sampled.items() if "[" not in k}))
+        tree = merge(tree, {"supervised": {"epochs": self.budget(smoke).epochs, "selection_metric": self.metric}})
+        if overrides:
+            tree = merge(tree, overrides)
+        if smoke:
+            tree = merge(tree, _tree(self.space.smoke.set))
+        return build_config(tree, f"{self.origin} (trial config)")
+
+    def ordered_params(self) -> list[tuple[str, ParamSpec]]:
+        """Parameters with every parent (`by`, `when`) before its children, whatever the file order."""
+        params, done, order = self.space.params, set(), []
+
+        def visit(key: str, path: tuple) -> None:
+            if key in done:
+                return
+            if key in path:
+                raise ConfigError(f"{self.origin}: params.{key}: conditions form a cycle: {' → '.join(path + (key,))}")
+            spec = params[key]
+            for parent in [spec.by] * (spec.by is not None) + list(spec.when or {}):
+                if parent in params:
+                    visit(parent, path + (key,))
+            done.add(key)
+            order.append((key, spec))
+
+        for key in params:
+            visit(key, ())
+        return order
+
+    def sample(self, trial) -> dict[str, Any]:
+        """Optuna define-by-run: suggest each parameter whose condition holds; returns constants to merge.
+
+        Suggested values are recorded by Optuna under their parameter names; this returns the config
+        values (labelled choices resolved, fixed `value`s included) keyed by dotted config key."""
+        values: dict[str, Any] = {}
+        for key, spec in self.ordered_params():
+            if not _matches(values, spec.when):
+                continue
+            name = key
+            if spec.cases is not None:
+                case = _case_key(values.get(spec.by))
+                if case not in spec.cases:
+                    continue  # no branch for this parent value: the parameter does not apply
+                name, spec = f"{key}[{case}]", spec.cases[case]
+            values[key] = _suggest(trial, name, spec)
+        return values
+
+    def warm_start_points(self) -> list[dict[str, Any]]:
+        """Warm-start configs as Optuna parameter names → values (labels for labelled choices)."""
+        points = []
+        for point in self.space.warm_start:
+            out = {}
+            for key, spec in self.space.params.items():
+                if key not in point:
+                    continue
+                if spec.cases is not None:
+                    case = _case_key(point.get(spec.by))
+                    key_name, spec = f"{key}[{case}]", spec.cases.get(case)
+                else:
+                    key_name = key
+                if spec is None or spec.kind == "value":
+                    continue
+                value = point[key]
+                if isinstance(spec.choice, dict):
+                    value = next(label for label, v in spec.choice.items() if v == value)
+                out[key_name] = value
+            points.append(out)
+        return points
+
+    def validate(self) -> None:
+        """Every candidate value of every parameter, set into the base config, must validate."""
+        for key, spec in self.space.params.items():
+            if key.split(".")[0] not in TrialConfig.model_fields:
+                raise ConfigError(f"{self.origin}: params.{key}: unknown section '{key.split('.')[0]}'; "
+                                  f"expected one of {sorted(TrialConfig.model_fields)}")
+            if spec.by is not None and spec.by not in self.space.params:
+                raise ConfigError(f"{self.origin}: params.{key}: 'by: {spec.by}' is not a parameter of this file")
+            for parent in (spec.when or {}):
+                if parent not in self.space.params:
+                    raise ConfigError(f"{self.origin}: params.{key}: 'when' names '{parent}', "
+                                      "which is not a parameter of this file")
+        self.ordered_params()  # a cycle of conditions is an error
+        for key, spec in self.space.params.items():
+            branches = spec.cases.items() if spec.cases is not None else [(None, spec)]
+            for case, branch in branches:
+                for value in branch.candidate_values():
+                    where = f"params.{key}" + (f".cases.{case}" if case is not None else "")
+                    try:
+                        self.trial_config({key: value})
+                    except ConfigError as err:
+                        detail = str(err).split("\n")[0].split(": ", 1)[-1]
+                        raise ConfigError(f"{self.origin}: {where}: value {value!r} is not allowed: {detail}") from None
+        for i, point in enumerate(self.space.warm_start):
+            unknown = sorted(set(point) - set(self.space.params))
+            if unknown:
+                raise ConfigError(f"{self.origin}: warm_start[{i}]: {unknown} are not parameters of this file")
+            try:
+                self.trial_config(point)
+            except ConfigError as err:
+                raise ConfigError(f"{self.origin}: warm_start[{i}]: {str(err).split(': ', 1)[-1]}") from None
+        try:
+            self.trial_config({}, smoke=True)
+        except ConfigError as err:
+            raise ConfigError(f"{self.origin}: smoke: {str(err).split(': ', 1)[-1]}") from None
+
+
+def _suggest(trial, name: str, spec: ParamSpec):
+    if spec.choice is not None:
+        if isinstance(spec.choice, dict):
+            return spec.choice[trial.suggest_categorical(name, list(spec.choice))]
+        return trial.suggest_categorical(name, spec.choice)
+    if spec.uniform is not None:
+        return trial.suggest_float(name, *spec.uniform)
+    if spec.loguniform is not None:
+        return trial.suggest_float(name, *spec.loguniform, log=True)
+    if spec.integer is not None:
+        return trial.suggest_int(name, *spec.integer)
+    return spec.value
+
+
+def _format(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-")))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: unknown key '{key}'")
+        else:
+            lines.append(f"{origin}: {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def resolve_path(study: str) -> Path:
+    """A file stem in search_spaces/ (`byol`) or a path to a YAML file."""
+    path = Path(study)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return SEARCH_SPACES / f"{study}.yaml"
+
+
+def load_study(study: str) -> Study:
+    """Read and fully validate a search-space file; every error names the file and the key."""
+    path = resolve_path(study)
+    if not path.is_file():
+        known = sorted(p.stem for p in SEARCH_SPACES.glob("*.yaml"))
+        raise ConfigError(f"{path}: no such search-space file; known studies: {known}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with metric, budget, base, params, ...")
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, str(path))) from None
+    study_obj = Study(space, str(path), path.stem)
+    study_obj.validate()
+    return study_obj
