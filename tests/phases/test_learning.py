@@ -83,3 +83,25 @@ def test_best_checkpoint_is_the_selected_epoch(make_config, tmp_path):
     rescored = classification_metrics("multilabel", targets.numpy(), torch.sigmoid(logits).numpy(),
                                       data.index.classes)["metrics"]["mean_auroc"]
     assert rescored == pytest.approx(selected["val_mean_auroc"], abs=1e-6) == summary["val"]["mean_auroc"]
+
+
+def test_checkpoints_resume_where_they_left_off(make_config, tmp_path):
+    from tune_xray.phases.common import load_state
+
+    cfg = make_config(byol={"enabled": True, "epochs": 2}, supervised={"epochs": 3, "early_stopping_patience": None})
+    seen = []
+    run_phases(cfg, tmp_path / "full", report=lambda m, c=None: seen.append((m, c)), checkpoints=True)
+    assert all(c is not None for _, c in seen) and len(seen) == 5
+    byol_state = load_state(seen[0][1])
+    assert byol_state["phase"] == "byol" and byol_state["epoch"] == 1
+    resumed = []
+    summary = run_phases(cfg, tmp_path / "from_byol", report=lambda m, c=None: resumed.append(m), resume=byol_state)
+    assert [(m["phase"], m["epoch"]) for m in resumed] == [("byol", 2), ("supervised", 1), ("supervised", 2),
+                                                            ("supervised", 3)]
+    assert summary["byol"]["final_tau"] == 1.0  # the tau schedule continued, not restarted
+    sup_state = load_state(seen[3][1])
+    assert (sup_state["phase"], sup_state["epoch"]) == ("supervised", 2)
+    resumed.clear()
+    summary = run_phases(cfg, tmp_path / "from_sup", report=lambda m, c=None: resumed.append(m), resume=sup_state)
+    assert [(m["phase"], m["epoch"]) for m in resumed] == [("supervised", 3)]
+    assert len(summary["supervised"]["history"]) == 3 and summary["byol"]["steps"] == 2 * byol_state["step"]

@@ -20,8 +20,11 @@ from .supervised import resolve_loss, run_supervised
 
 
 def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report, data: PreparedData | None = None,
-               rank: int = 0, world_size: int = 1) -> dict:
-    """Run one trial config end to end; writes config.yaml, summary.json, best.pt and predictions."""
+               rank: int = 0, world_size: int = 1, checkpoints: bool = False, resume: dict | None = None) -> dict:
+    """Run one trial config end to end; writes config.yaml, summary.json, best.pt and predictions.
+
+    `checkpoints`: every epoch, hand `report` a directory with the full state; `resume`: a state read
+    back from one (`common.load_state`) — the run continues from the epoch after it."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -37,10 +40,15 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     summary: dict = {"backbone": cfg.model.backbone, "task": data.index.task, "classes": list(data.index.classes),
                      "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device)}
-    if cfg.byol.enabled:
-        summary["byol"] = run_byol(cfg, data, backbone, num_features, device, run_dir, report, rank, world_size)
-    summary["supervised"] = run_supervised(cfg, data, backbone, num_features, device, run_dir, report, rank,
-                                           world_size)
+    resume_phase = resume["phase"] if resume else None
+    if cfg.byol.enabled and resume_phase != "supervised":
+        summary["byol"] = run_byol(cfg, data, backbone, num_features, device, run_dir, report, rank, world_size,
+                                   checkpoints, resume if resume_phase == "byol" else None)
+    elif resume_phase == "supervised" and resume.get("byol") is not None:
+        summary["byol"] = resume["byol"]  # pre-trained before the interruption; its weights are in the state
+    summary["supervised"] = run_supervised(
+        cfg, data, backbone, num_features, device, run_dir, report, rank, world_size, checkpoints,
+        resume if resume_phase == "supervised" else None, carry={"byol": summary.get("byol")})
     summary["val"] = summary["supervised"]["val"]
     summary["test"] = summary["supervised"]["test"]
     summary["wall_time_s"] = time.perf_counter() - start

@@ -21,8 +21,8 @@ from torch import nn
 from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..models.heads import mlp_head
-from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, no_report,
-                     optimizer_steps_per_epoch, run_epoch, step_scheduler)
+from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
+                     no_report, optimizer_steps_per_epoch, run_epoch, save_state, scheduler_state, step_scheduler)
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -75,12 +75,15 @@ class Byol(nn.Module):
 
 def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_features: int,
              device: torch.device, run_dir: Path, report: Report = no_report, rank: int = 0,
-             world_size: int = 1) -> dict:
-    """Pre-train `backbone` in place with BYOL for `byol.epochs`; returns the phase summary."""
+             world_size: int = 1, checkpoints: bool = False, resume: dict | None = None) -> dict:
+    """Pre-train `backbone` in place with BYOL for `byol.epochs`; returns the phase summary.
+
+    `checkpoints`: hand a full-state checkpoint to `report` every epoch; `resume`: such a state."""
     bc = cfg.byol
     model = Byol(backbone, num_features, bc.hidden_dim, bc.out_dim, bc.ema_tau).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    trained = distributed(model, world_size, device)
     augment, _ = build_views(cfg, data, device)
     train_set, val_set = data.dataset("train"), data.dataset("val")
     batch_size = min(bc.batch_size, len(train_set))
@@ -92,6 +95,14 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
     scheduler = build_scheduler(optimizer, bc.scheduler, mode="min")
     total_steps = bc.epochs * optimizer_steps_per_epoch(len(loader), bc.accum_steps)
     state = {"step": 0, "tau": bc.ema_tau, "z_std": 0.0}
+    history, start = [], 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        state.update(step=resume["step"], tau=resume["tau"])
+        history, start = list(resume["history"]), resume["epoch"]
 
     def views(x):
         x = x.to(device, non_blocking=True)
@@ -102,7 +113,7 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
 
     def micro_step(batch):
         with autocast(device, cfg.amp):
-            loss, z0 = model(*views(batch[0]))
+            loss, z0 = trained(*views(batch[0]))
         state["z_std"] = projection_std(z0)
         return loss.float()
 
@@ -111,8 +122,7 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
         state["tau"] = ema_tau(state["step"], total_steps, bc.ema_tau)
         model.update_target(state["tau"])
 
-    history = []
-    for epoch in range(bc.epochs):
+    for epoch in range(start, bc.epochs):
         model.train()
         set_epoch(loader, epoch)
         train_loss = run_epoch(loader, micro_step, [optimizer], params, bc.accum_steps, after_step=after_step)
@@ -121,7 +131,13 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
                    "z_std": state["z_std"], "ema_tau": state["tau"], "lr": current_lr(optimizer)}
         history.append(metrics)
         step_scheduler(scheduler, epoch + 1, {"val_loss": val_loss, **metrics}, bc.scheduler)
-        report({"phase": "byol", **metrics})
+        checkpoint = None
+        if checkpoints and rank == 0:
+            checkpoint = save_state(run_dir, {
+                "phase": "byol", "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler_state(scheduler), "step": state["step"], "tau": state["tau"],
+                "history": history})
+        report({"phase": "byol", **metrics}, checkpoint)
     return {"history": history, "steps": state["step"], "total_steps": total_steps, "final_tau": state["tau"],
             "batch_size": batch_size}
 

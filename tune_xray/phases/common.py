@@ -11,6 +11,8 @@ import ctypes
 import math
 import os
 import random
+import tempfile
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol
 
 import numpy as np
@@ -176,3 +178,32 @@ def build_views(cfg: TrialConfig, data, device: torch.device) -> tuple[TrainAugm
     mean, std = normalization(cfg.augment, cfg.model.in_chans, stats)
     args = (cfg.augment, cfg.data.cache_size, cfg.model.in_chans, mean, std)
     return TrainAugment(*args).to(device), EvalViews(*args).to(device)
+
+
+STATE_FILE = "state.pt"
+
+
+def save_state(run_dir: Path, state: dict) -> str:
+    """Write a phase's full state (model, optimizer, scheduler, progress) to a fresh checkpoint directory
+    and return its path; `report` hands it on (Ray Train persists it, then it may be deleted)."""
+    directory = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=run_dir))
+    torch.save(state, directory / STATE_FILE)
+    return str(directory)
+
+
+def load_state(checkpoint_dir: str | Path) -> dict:
+    """A state written by `save_state` (our own file, so full unpickling is safe)."""
+    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def scheduler_state(scheduler) -> Optional[dict]:
+    return None if scheduler is None else scheduler.state_dict()
+
+
+def distributed(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    """DDP across the ranks of one trial (the process group is set up by the launcher, e.g. Ray Train)."""
+    if world_size <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -22,8 +22,8 @@ from ..config import ConfigError, TrialConfig, metric_mode
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..metrics import classification_metrics
 from ..models.heads import Classifier
-from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, no_report,
-                     run_epoch, step_scheduler, unwrap)
+from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
+                     no_report, run_epoch, save_state, scheduler_state, step_scheduler, unwrap)
 
 
 def resolve_loss(task: str, loss: str) -> str:
@@ -87,9 +87,13 @@ def _improved(value: float, best: Optional[float], mode: str) -> bool:
 
 def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_features: int,
                    device: torch.device, run_dir: Path, report: Report = no_report, rank: int = 0,
-                   world_size: int = 1) -> dict:
+                   world_size: int = 1, checkpoints: bool = False, resume: dict | None = None,
+                   carry: dict | None = None) -> dict:
     """Fine-tune `backbone` with a new head; returns the summary (val metrics at the selected epoch,
-    test metrics of that checkpoint, thresholds chosen on val). Writes best.pt and predictions."""
+    test metrics of that checkpoint, thresholds chosen on val). Writes best.pt and predictions.
+
+    `checkpoints`: hand a full-state checkpoint to `report` every epoch (with `carry`, e.g. the BYOL
+    summary, inside); `resume`: such a state to continue from."""
     sc, index = cfg.supervised, data.index
     run_dir.mkdir(parents=True, exist_ok=True)
     model = Classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate).to(device)
@@ -106,6 +110,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
     optimizer = build_optimizer(model, sc.optimizer)
     scheduler = build_scheduler(optimizer, sc.scheduler, mode=metric_mode(sc.scheduler.plateau_metric))
     params = [p for p in model.parameters() if p.requires_grad]
+    trained = distributed(model, world_size, device)
 
     def micro_step(batch):
         x, y = batch
@@ -113,12 +118,22 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg.amp):
-            logits = model(x)
+            logits = trained(x)
         return loss_fn(logits.float(), y.to(device))
 
     best_score, best_state, best_val, best_epoch, stale = None, None, None, 0, 0
-    history = []
-    for epoch in range(sc.epochs):
+    history, start = [], 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        best_score, best_state, best_epoch, stale = (resume[k] for k in ("best_score", "best_state", "best_epoch",
+                                                                          "stale"))
+        history, start = list(resume["history"]), resume["epoch"]
+        if sc.early_stopping_patience and stale >= sc.early_stopping_patience:
+            start = sc.epochs  # it had already stopped early
+    for epoch in range(start, sc.epochs):
         model.train()
         set_epoch(train_loader, epoch)
         train_loss = run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps)
@@ -137,7 +152,14 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
         metrics["best_" + sc.selection_metric] = best_score if best_score is not None else float("nan")
         history.append(metrics)
         step_scheduler(scheduler, epoch + 1, metrics, sc.scheduler)
-        report({"phase": "supervised", **metrics})
+        checkpoint = None
+        if checkpoints and rank == 0:
+            checkpoint = save_state(run_dir, {
+                "phase": "supervised", "epoch": epoch + 1, "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler), "best_score": best_score,
+                "best_state": best_state, "best_epoch": best_epoch, "stale": stale, "history": history,
+                **(carry or {})})
+        report({"phase": "supervised", **metrics}, checkpoint)
         if sc.early_stopping_patience and stale >= sc.early_stopping_patience:
             break
 
