@@ -38,7 +38,7 @@ def test_conditional_parameters_appear_only_with_their_parent(tmp_path):
         optuna_study.tell(trial, 0.0)
         p = trial.params
         assert ("supervised.scheduler.t_max" in p) == (p["supervised.scheduler.name"] == "cosine")
-        assert ("supervised.optimizer.lr[sgd]" in p) == (p["supervised.optimizer.name"] == "sgd")
+        assert ("supervised.optimizer.lr:sgd" in p) == (p["supervised.optimizer.name"] == "sgd")
         if p["supervised.optimizer.name"] == "adamw":
             assert values["supervised.optimizer.lr"] == 0.001  # fixed value, not an Optuna parameter
         seen.add((p["supervised.optimizer.name"], p["supervised.scheduler.name"]))

@@ -18,7 +18,7 @@ A file states the objective, the budget, fixed settings, the parameters and opti
 
 Every parameter value is checked against the TrialConfig schema before anything runs, so a typo, unknown
 key, empty choice, inverted range or out-of-range value is one error naming the file and the key.
-A `cases` branch is its own Optuna parameter (`key[case]`): TPE then never sees one name change its
+A `cases` branch is its own Optuna parameter (`key:case`): TPE then never sees one name change its
 distribution between trials (Optuna refuses that for categoricals).
 """
 
@@ -169,7 +169,7 @@ class Study:
         """base ⊕ sampled values ⊕ --set overrides (⊕ smoke shrinkage) → a validated TrialConfig.
 
         The supervised phase runs the budget's epochs and selects on the study's metric."""
-        tree = merge(self.space.base, _tree({k: v for k, v in sampled.items() if "[" not in k}))
+        tree = merge(self.space.base, _tree({k: v for k, v in sampled.items() if ":" not in k}))
         tree = merge(tree, {"supervised": {"epochs": self.budget(smoke).epochs, "selection_metric": self.metric}})
         if overrides:
             tree = merge(tree, overrides)
@@ -211,7 +211,7 @@ class Study:
                 case = _case_key(values.get(spec.by))
                 if case not in spec.cases:
                     continue  # no branch for this parent value: the parameter does not apply
-                name, spec = f"{key}[{case}]", spec.cases[case]
+                name, spec = f"{key}:{case}", spec.cases[case]
             values[key] = _suggest(trial, name, spec)
         return values
 
@@ -225,7 +225,7 @@ class Study:
                     continue
                 if spec.cases is not None:
                     case = _case_key(point.get(spec.by))
-                    key_name, spec = f"{key}[{case}]", spec.cases.get(case)
+                    key_name, spec = f"{key}:{case}", spec.cases.get(case)
                 else:
                     key_name = key
                 if spec is None or spec.kind == "value":

@@ -1,0 +1,135 @@
+"""One Tune trial = one Ray Train run: the Tune function trainable (`trial_driver`) launches a TorchTrainer
+whose workers (`train_worker`, 1..N ranks, DDP) run the phases and report every epoch.
+
+Ray 2.60's supported pattern (Train V2): a TorchTrainer is built and fit inside a plain Tune function;
+`TuneReportCallback` forwards rank 0's reports to Tune. The Train run is named after the Tune trial id, so a
+retried trial (tune.FailureConfig) finds its own snapshot and resumes; a worker failure restarts the worker
+group from the last epoch's checkpoint (ray.train.FailureConfig).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+from ray import tune
+from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from .config import build_config
+from .phases import run_phases
+from .phases.common import load_state
+
+TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
+FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
+FINAL_FILE = "final.json"  # the last report, kept with the results so a finished run re-reports it on retry
+RESULT_FILES = (FINAL_FILE, "config.yaml", "summary.json", "best.pt", "predictions_val.csv", "predictions_test.csv",
+                "supervised_history.json")
+
+
+def tune_metric(metric: str) -> str:
+    """What the searcher and ASHA read: the best value of the study's validation metric so far."""
+    return f"best_{metric}"
+
+
+def _numbers(metrics: dict, prefix: str = "") -> dict:
+    return {prefix + k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def train_worker(config: dict) -> None:
+    """Per-rank function: resume from the last checkpoint if any, run the phases, report every epoch."""
+    cfg = build_config(config["trial_config"], "trial config")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    cfg.device = str(ray.train.torch.get_device())
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            if (Path(directory) / FINAL_FILE).is_file():  # the run had finished: report its result again
+                final = json.loads((Path(directory) / FINAL_FILE).read_text())
+                ray.train.report(final, checkpoint=checkpoint if rank == 0 else None)
+                return
+            resume = load_state(directory)
+    run_dir = Path(tempfile.mkdtemp(prefix="tune_xray-"))
+    supervised_epochs = [resume["epoch"] if resume and resume["phase"] == "supervised" else 0]
+
+    def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
+        if metrics["phase"] == "byol":
+            out = _numbers({k: v for k, v in metrics.items() if k != "epoch"}, "byol/")
+            out["byol/epoch"] = metrics["epoch"]
+        else:
+            supervised_epochs[0] = metrics["epoch"]
+            out = _numbers(metrics)
+        out[TIME_ATTR] = supervised_epochs[0]
+        ray.train.report(out, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray Train by now
+
+    summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume)
+    sup, metric = summary["supervised"], cfg.supervised.selection_metric
+    final = {TIME_ATTR: supervised_epochs[0], FINISHED: 1.0, "best_epoch": sup["best_epoch"],
+             tune_metric(metric): sup["history"][sup["best_epoch"] - 1][metric],
+             **_numbers(summary["val"], "val_"), **_numbers(summary["test"], "test_")}
+    result_dir = None
+    if rank == 0:  # the selected checkpoint, predictions and summary travel as the run's last checkpoint
+        result_dir = tempfile.mkdtemp(prefix="tune_xray-result-")
+        (run_dir / FINAL_FILE).write_text(json.dumps(final))
+        for name in RESULT_FILES:
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, result_dir)
+    ray.train.report(final, checkpoint=Checkpoint.from_directory(result_dir) if result_dir else None)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial uses: `workers` ranks sharing `cpus` CPUs and `gpus` GPUs (fractions allowed)."""
+
+    workers: int = 1
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    def scaling(self) -> ScalingConfig:
+        per_worker = {"CPU": self.cpus / self.workers}
+        if self.gpus:
+            per_worker["GPU"] = self.gpus / self.workers
+        return ScalingConfig(num_workers=self.workers, use_gpu=self.gpus > 0, resources_per_worker=per_worker)
+
+    def max_concurrent(self, cluster: dict) -> int:
+        """Trials that fit at once: Tune counts only the driver, so the search must cap concurrency."""
+        fits = [cluster.get("CPU", 1) // self.cpus]
+        if self.gpus:
+            fits.append(cluster.get("GPU", 0) // self.gpus)
+        return max(1, int(min(fits)))
+
+
+def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources: TrialResources,
+                 storage_path: str, max_failures: int) -> None:
+    """Tune function trainable: resolve the sampled config, run it as a Ray Train run, keep its results."""
+    cfg = study.trial_config(config, overrides, smoke)
+    context = tune.get_context()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"trial_config": cfg.model_dump(mode="json")},
+        scaling_config=resources.scaling(),
+        run_config=ray.train.RunConfig(
+            name=f"train-{context.get_trial_id()}",  # deterministic: a retried trial resumes from it
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is not None:  # the trial dir is uploaded to MLflow as the trial's artifacts
+        with result.checkpoint.as_directory() as directory:
+            for path in Path(directory).iterdir():
+                shutil.copy2(path, Path(context.get_trial_dir()) / path.name)
