@@ -22,7 +22,8 @@ from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..models.heads import mlp_head
 from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
-                     no_report, optimizer_steps_per_epoch, run_epoch, save_state, scheduler_state, step_scheduler)
+                     no_report, optimizer_steps_per_epoch, restore_training, run_epoch, save_state, step_scheduler,
+                     training_state)
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -97,12 +98,8 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
     state = {"step": 0, "tau": bc.ema_tau, "z_std": 0.0}
     history, start = [], 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
+        history, start = restore_training(resume, model, optimizer, scheduler)
         state.update(step=resume["step"], tau=resume["tau"])
-        history, start = list(resume["history"]), resume["epoch"]
 
     def views(x):
         x = x.to(device, non_blocking=True)
@@ -133,10 +130,8 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
         step_scheduler(scheduler, epoch + 1, {"val_loss": val_loss, **metrics}, bc.scheduler)
         checkpoint = None
         if checkpoints and rank == 0:
-            checkpoint = save_state(run_dir, {
-                "phase": "byol", "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler_state(scheduler), "step": state["step"], "tau": state["tau"],
-                "history": history})
+            checkpoint = save_state(run_dir, training_state("byol", epoch + 1, model, optimizer, scheduler, history,
+                                                            step=state["step"], tau=state["tau"]))
         report({"phase": "byol", **metrics}, checkpoint)
     return {"history": history, "steps": state["step"], "total_steps": total_steps, "final_tau": state["tau"],
             "batch_size": batch_size}

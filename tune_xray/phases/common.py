@@ -196,8 +196,19 @@ def load_state(checkpoint_dir: str | Path) -> dict:
     return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def scheduler_state(scheduler) -> Optional[dict]:
-    return None if scheduler is None else scheduler.state_dict()
+def training_state(phase: str, epoch: int, model: nn.Module, optimizer, scheduler, history: list, **extra) -> dict:
+    """What a phase needs to continue after `epoch`: weights, optimizer, scheduler, history, its own extras."""
+    return {"phase": phase, "epoch": epoch, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(), "history": history, **extra}
+
+
+def restore_training(resume: dict, model: nn.Module, optimizer, scheduler) -> tuple[list, int]:
+    """Load a `training_state` back; returns (history so far, epochs already done)."""
+    unwrap(model).load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(resume["scheduler"])
+    return list(resume["history"]), resume["epoch"]
 
 
 def distributed(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:

@@ -23,7 +23,7 @@ from ..data.loader import PreparedData, make_loader, set_epoch
 from ..metrics import classification_metrics
 from ..models.heads import Classifier
 from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
-                     no_report, run_epoch, save_state, scheduler_state, step_scheduler, unwrap)
+                     no_report, restore_training, run_epoch, save_state, step_scheduler, training_state, unwrap)
 
 
 def resolve_loss(task: str, loss: str) -> str:
@@ -124,13 +124,9 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
     best_score, best_state, best_val, best_epoch, stale = None, None, None, 0, 0
     history, start = [], 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
+        history, start = restore_training(resume, model, optimizer, scheduler)
         best_score, best_state, best_epoch, stale = (resume[k] for k in ("best_score", "best_state", "best_epoch",
                                                                           "stale"))
-        history, start = list(resume["history"]), resume["epoch"]
         if sc.early_stopping_patience and stale >= sc.early_stopping_patience:
             start = sc.epochs  # it had already stopped early
     for epoch in range(start, sc.epochs):
@@ -154,11 +150,9 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
         step_scheduler(scheduler, epoch + 1, metrics, sc.scheduler)
         checkpoint = None
         if checkpoints and rank == 0:
-            checkpoint = save_state(run_dir, {
-                "phase": "supervised", "epoch": epoch + 1, "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler), "best_score": best_score,
-                "best_state": best_state, "best_epoch": best_epoch, "stale": stale, "history": history,
-                **(carry or {})})
+            checkpoint = save_state(run_dir, training_state(
+                "supervised", epoch + 1, model, optimizer, scheduler, history, best_score=best_score,
+                best_state=best_state, best_epoch=best_epoch, stale=stale, **(carry or {})))
         report({"phase": "supervised", **metrics}, checkpoint)
         if sc.early_stopping_patience and stale >= sc.early_stopping_patience:
             break
