@@ -103,3 +103,12 @@ def test_bad_search_space_errors_before_ray(tmp_path, capsys):
     assert main([str(space), "--storage", str(tmp_path / "s")]) == 2
     assert "params.augment.erasing: value 9 is not allowed" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "s").exists()
+
+
+def test_a_trial_runs_as_two_ddp_ranks(tmp_path, ray_session):
+    args = _args(tmp_path)
+    args.trials, args.workers_per_trial, args.cpus_per_trial, args.no_asha = 1, 2, 2.0, True
+    args.overrides = ["supervised.epochs=1", "byol.enabled=true", "byol.epochs=1", "byol.batch_size=32",
+                      "byol.hidden_dim=32", "byol.out_dim=16"]
+    summary = run_search(args)
+    assert summary["complete"] == 1 and summary["error"] == 0
