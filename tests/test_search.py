@@ -57,7 +57,9 @@ def test_search_records_trials_in_optuna_and_mlflow(tmp_path, ray_session):
     assert on_disk["complete"] + on_disk["pruned"] == 3
 
     client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment.artifact_location == (exp / "mlartifacts").as_uri()  # beside the store, not in ./mlruns
+    runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("tune_xray.role") == "search")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 3
@@ -67,6 +69,9 @@ def test_search_records_trials_in_optuna_and_mlflow(tmp_path, ray_session):
     assert parent.data.tags["best_trial_run_id"] == summary["best_mlflow_run_id"]
     best = client.get_run(summary["best_mlflow_run_id"])
     assert best.data.metrics["best_val_mean_auroc"] == pytest.approx(summary["best"]["best_val_mean_auroc"])
+    artifacts = {a.path for a in client.list_artifacts(best.info.run_id)}
+    if best.data.metrics.get("trial_finished"):
+        assert {"best.pt", "config.yaml", "predictions_val.csv", "predictions_test.csv"} <= artifacts
 
 
 class InterruptAfterFirstTrial(tune.Callback):

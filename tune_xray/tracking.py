@@ -31,7 +31,11 @@ def start_parent(tracking_uri: str, experiment: str, experiment_dir: Path, param
         client.update_run(run_id, status="RUNNING")
         return run_id
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    # a local store keeps its artifacts beside it (MLflow's default would be ./mlruns in the working dir);
+    # a tracking server decides for itself
+    local = tracking_uri.startswith("sqlite:")
+    artifacts = (experiment_dir / "mlartifacts").resolve().as_uri() if local else None
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifacts)
     run = client.create_run(experiment_id, run_name=f"search:{experiment}", tags={"tune_xray.role": "search"})
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
