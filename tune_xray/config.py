@@ -166,36 +166,42 @@ class TrialConfig(_Strict):
         return self
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
+def format_validation_errors(err: ValidationError, origin: str) -> str:
+    """One line per error: the file (origin), the dotted key, and what was wrong (with the value if short)."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-"))) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"{origin}: unknown key '{key}'")
         else:
-            lines.append(f"{origin}: {key}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(e.get("input"))
+            lines.append(f"{origin}: {key}: {e['msg']}" + (f" (got {got})" if len(got) <= 60 else ""))
     return "\n".join(lines)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
-    node[leaf] = value
+def nest(dotted: dict[str, Any], origin: str = "--set") -> dict:
+    """`{"supervised.optimizer.lr": 1e-4}` → `{"supervised": {"optimizer": {"lr": 1e-4}}}`."""
+    tree: dict = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{origin} {key}: '{p}' is not a section")
+        node[leaf] = value
+    return tree
 
 
 def parse_overrides(overrides: list[str]) -> dict:
     """`["supervised.optimizer.lr=1e-4", "byol.enabled=true"]` → nested dict (values parsed as YAML)."""
-    tree: dict = {}
+    dotted = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return tree
+        dotted[key.strip()] = yaml.safe_load(raw)
+    return nest(dotted)
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -209,7 +215,7 @@ def build_config(tree: dict, origin: str = "config") -> TrialConfig:
     try:
         return TrialConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origin)) from None
+        raise ConfigError(format_validation_errors(err, origin)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrialConfig:

@@ -30,7 +30,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import ConfigError, TrialConfig, build_config, merge, metric_mode
+from .config import (ConfigError, TrialConfig, build_config, format_validation_errors, merge, metric_mode,
+                     nest)
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 METRICS = ("val_mean_auroc", "val_loss", "val_accuracy", "val_macro_f1")
@@ -127,17 +128,6 @@ class SearchSpace(_Strict):
         return self
 
 
-def _tree(dotted: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for key, value in dotted.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def _matches(values: dict, when: Optional[dict]) -> bool:
     if not when:
         return True
@@ -169,12 +159,12 @@ class Study:
         """base ⊕ sampled values ⊕ --set overrides (⊕ smoke shrinkage) → a validated TrialConfig.
 
         The supervised phase runs the budget's epochs and selects on the study's metric."""
-        tree = merge(self.space.base, _tree({k: v for k, v in sampled.items() if ":" not in k}))
+        tree = merge(self.space.base, nest({k: v for k, v in sampled.items() if ":" not in k}, self.origin))
         tree = merge(tree, {"supervised": {"epochs": self.budget(smoke).epochs, "selection_metric": self.metric}})
         if overrides:
             tree = merge(tree, overrides)
         if smoke:
-            tree = merge(tree, _tree(self.space.smoke.set))
+            tree = merge(tree, nest(self.space.smoke.set, f"{self.origin}: smoke.set"))
         return build_config(tree, f"{self.origin} (trial config)")
 
     def ordered_params(self) -> list[tuple[str, ParamSpec]]:
@@ -288,17 +278,6 @@ def _suggest(trial, name: str, spec: ParamSpec):
     return spec.value
 
 
-def _format(err: ValidationError, origin: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-")))
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{origin}: unknown key '{key}'")
-        else:
-            lines.append(f"{origin}: {key}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def resolve_path(study: str) -> Path:
     """A file stem in search_spaces/ (`byol`) or a path to a YAML file."""
     path = Path(study)
@@ -322,7 +301,7 @@ def load_study(study: str) -> Study:
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format(err, str(path))) from None
+        raise ConfigError(format_validation_errors(err, str(path))) from None
     study_obj = Study(space, str(path), path.stem)
     study_obj.validate()
     return study_obj
