@@ -28,6 +28,23 @@ RAY_ENV = {
 }
 
 
+def _init_ray(address: str | None, verbose: bool) -> None:
+    """Join the cluster at `address` (or the one `ray start` left running here), or start a local one.
+
+    A local start passes RAY_ENV by inheritance: a job-level runtime_env would keep Ray's prestarted worker
+    processes from being used, and each actor of a trial would start its own (bench_search_overhead.py).
+    """
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address  # what ray.init itself resolves
+
+    if address is None and canonicalize_bootstrap_address(None) is None:
+        for key, value in RAY_ENV.items():
+            os.environ.setdefault(key, value)  # the raylet and its workers inherit the driver's environment
+        ray.init(log_to_driver=verbose)
+    else:
+        ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=verbose)
+
+
 def _optuna_search(study: Study, name: str, experiment_dir: Path, seed: int, metric: str):
     """OptunaSearch (TPE, seeded) on the study's define-by-run space, its study in sqlite beside the experiment.
 
@@ -130,7 +147,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     if not ray.is_initialized():
         # keep the dashboard (ray[default]'s State API): without it a Train run stopped by ASHA leaks its
         # placement group and the next trial waits for resources forever
-        ray.init(address=args.address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=args.verbose)
+        _init_ray(args.address, args.verbose)
     resources = TrialResources(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial)
     parent = tracking.start_parent(tracking_uri, name, experiment_dir,
                                    {"study": study.origin, "trials": trials, "smoke": args.smoke,

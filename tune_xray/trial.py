@@ -23,8 +23,6 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from .config import build_config
-from .phases import run_phases
-from .phases.common import load_state
 
 TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
 FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
@@ -45,6 +43,9 @@ def _numbers(metrics: dict, prefix: str = "") -> dict:
 
 def train_worker(config: dict) -> None:
     """Per-rank function: resume from the last checkpoint if any, run the phases, report every epoch."""
+    from .phases import run_phases  # here, not at the top: the Tune trial actor needs no timm or kornia
+    from .phases.common import load_state
+
     cfg = build_config(config["trial_config"], "trial config")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
