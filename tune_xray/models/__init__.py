@@ -1,4 +1,5 @@
-"""Backbones through timm's registry (`num_classes=0`: pooled features), with local weights only.
+"""Backbones through timm's registry (`num_classes=0`: pooled features), with local weights only. Importing
+this package registers our MambaVision and VMamba (`mambavision_t` … `vmamba_b`, tiny `test_*` variants).
 
 No hub is reachable at run time, so `pretrained=True` is never used: weights come from a local
 `.safetensors` / `.pth` file in timm's key layout. The first conv is adapted when the file's input
@@ -15,6 +16,7 @@ from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
 from ..config import ConfigError
+from . import mamba_vision, vmamba  # noqa: F401  (registers mambavision_* and vmamba_* in timm)
 
 
 class WeightsError(ValueError):
@@ -35,9 +37,12 @@ def load_pretrained(model: nn.Module, path: str | Path, in_chans: int) -> None:
         state = clean_state_dict(load_state_dict(str(path), use_ema=True))
     except Exception as err:  # pickle, safetensors and zip errors differ; all mean "unreadable"
         raise WeightsError(f"{path}: cannot read weights ({err})") from None
+    own = model.state_dict()
+    for prefix in ("model.", "backbone."):  # exports that nest the network (e.g. MambaVision's HF release)
+        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in own):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(_classifier_prefixes(model))}
     first_conv = model.pretrained_cfg.get("first_conv")
-    own = model.state_dict()
     if first_conv and f"{first_conv}.weight" in state:
         key = f"{first_conv}.weight"
         if state[key].shape[1] != in_chans:
