@@ -8,7 +8,7 @@ import math
 from torchvision.transforms import InterpolationMode
 
 from tune_xray.augment import (EvalViews, RandomBrightness, RandomContrast, RandomGeometry, TrainAugment, normalization,
-                               random_erasing_, tta_logits)
+                               preprocess, random_erasing_, tta_logits)
 from tune_xray.config import AugmentConfig
 
 S0_ALL = AugmentConfig(image_size=56, crop="random", hflip=0.5, rotation=10, brightness=(0.8, 1.2),
@@ -137,3 +137,33 @@ def test_dataset_statistics_normalisation():
     x = torch.full((2, 1, 64, 64), 0.3 * 255, dtype=torch.uint8)
     out = EvalViews(cfg, 64, 1, *normalization(cfg, 1, ([0.3], [0.2])))(x)[0]
     assert out.abs().max() < 0.02  # (x − mean) / std ≈ 0
+
+
+def _low_contrast_batch():
+    g = torch.Generator().manual_seed(0)
+    return 0.3 + 0.2 * torch.rand(2, 1, 64, 64, generator=g)  # values in [0.3, 0.5]
+
+
+def test_equalisation_spreads_the_histogram_over_the_full_range():
+    x = _low_contrast_batch()
+    y = preprocess(x, ["equalize"])
+    assert y.min() < 0.05 and y.max() > 0.95
+    # monotone: a brighter pixel stays at least as bright
+    order = x[0, 0].flatten().argsort()
+    assert (y[0, 0].flatten()[order].diff() >= -1e-6).all()
+
+
+def test_clahe_raises_local_contrast_and_blur_lowers_it():
+    x = _low_contrast_batch()
+    clahe, blur = preprocess(x, ["clahe"], clahe_clip=2.0, clahe_grid=4), preprocess(x, ["blur"])
+    assert clahe.std() > 1.5 * x.std()
+    assert blur.std() < 0.5 * x.std()
+    assert torch.allclose(blur.mean(), x.mean(), atol=1e-3)  # a blur keeps the mean
+
+
+def test_preprocessing_applies_to_train_and_eval_alike():
+    cfg = AugmentConfig(image_size=64, crop="none", hflip=0, rotation=0, preprocess=["equalize"], normalize="none")
+    x = (255 * _low_contrast_batch()).to(torch.uint8)
+    train = TrainAugment(cfg, 64, 1, [0.0], [1.0])(x)
+    (view,) = EvalViews(cfg, 64, 1, [0.0], [1.0])(x)
+    assert torch.allclose(train, view) and train.max() > 0.95

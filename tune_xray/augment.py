@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 
 import kornia.augmentation as K
+import kornia.enhance as KE
+import kornia.filters as KF
 import torch
 import torch.nn.functional as F
 from kornia.enhance import adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction
@@ -151,20 +153,35 @@ def normalization(cfg: AugmentConfig, in_chans: int, stats: tuple[list[float], l
     return mean, std
 
 
-class _Views(nn.Module):
-    """Shared tail: uint8 → [0, 1], and (x − mean) / std with replication to the model's in_chans."""
+def preprocess(x: torch.Tensor, steps, clahe_clip: float = 2.0, clahe_grid: int = 8) -> torch.Tensor:
+    """S4's fixed preprocessing on a [0, 1] batch, on its device: global histogram equalisation, CLAHE, and
+    OpenCV's GaussianBlur((5, 5), 0) (σ = 0.3·((5 − 1)/2 − 1) + 0.8 = 1.1)."""
+    for step in steps:
+        if step == "equalize":
+            x = KE.equalize(x)
+        elif step == "clahe":
+            x = KE.equalize_clahe(x, clip_limit=clahe_clip, grid_size=(clahe_grid, clahe_grid))
+        else:
+            x = KF.gaussian_blur2d(x, (5, 5), (1.1, 1.1), border_type="reflect")
+    return x
 
-    def __init__(self, in_chans: int, mean, std):
+
+class _Views(nn.Module):
+    """Shared head and tail: uint8 → [0, 1] and the fixed preprocessing; then (x − mean) / std with
+    replication to the model's in_chans."""
+
+    def __init__(self, cfg: AugmentConfig, in_chans: int, mean, std):
         super().__init__()
         self.in_chans = in_chans
+        self.steps, self.clahe = list(cfg.preprocess), (cfg.clahe_clip, cfg.clahe_grid)
         std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.register_buffer("scale", 1.0 / std, persistent=False)
         self.register_buffer("shift", -torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std,
                              persistent=False)
 
-    @staticmethod
-    def to_unit(x: torch.Tensor) -> torch.Tensor:
-        return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+        return preprocess(x, self.steps, *self.clahe) if self.steps else x
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.in_chans and x.shape[1] != 1:  # RGB data into a grayscale model
@@ -176,7 +193,7 @@ class TrainAugment(_Views):
     """The training view (also each BYOL/CASS view: call it twice for two independent draws)."""
 
     def __init__(self, cfg: AugmentConfig, cache_size: int, in_chans: int, mean, std):
-        super().__init__(in_chans, mean, std)
+        super().__init__(cfg, in_chans, mean, std)
         s = cfg.image_size
         if cfg.crop == "random" and s > cache_size:
             raise ValueError(f"augment.image_size {s} exceeds data.cache_size {cache_size} for crop=random")
@@ -220,7 +237,7 @@ class EvalViews(_Views):
     """
 
     def __init__(self, cfg: AugmentConfig, cache_size: int, in_chans: int, mean, std):
-        super().__init__(in_chans, mean, std)
+        super().__init__(cfg, in_chans, mean, std)
         self.size, self.tta = cfg.image_size, cfg.tta
         self.resize = cfg.eval_view == "resize" or cfg.image_size > cache_size
 

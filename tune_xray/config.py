@@ -66,6 +66,10 @@ class AugmentConfig(_Strict):
     sharpness_p: float = Field(0.0, ge=0, le=1)
     sharpness: float = Field(2.0, ge=0)
     autocontrast_p: float = Field(0.0, ge=0, le=1)
+    preprocess: list[Literal["equalize", "clahe", "blur"]] = Field(
+        [], description="applied in order to train and eval images alike, before augmentation (S4)")
+    clahe_clip: float = Field(2.0, gt=0, description="CLAHE clip limit, OpenCV's scale (its common choice)")
+    clahe_grid: int = Field(8, ge=1, description="CLAHE tiles per side")
     normalize: Literal["imagenet", "dataset", "none"] = "imagenet"
     eval_view: Literal["center_crop", "resize"] = "center_crop"
     tta: Literal["none", "hflip", "tencrop"] = Field("none", description="S0 used tencrop at val and test")
