@@ -120,8 +120,14 @@ class SupervisedConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; all contribute")
-    loss: Literal["auto", "bce", "ce"] = "auto"
+    loss: Literal["auto", "bce", "ce", "focal"] = Field(
+        "auto", description="auto: BCE (multi-label) or CE (multi-class); focal: α(1−p_t)^γ·BCE/CE")
+    focal_alpha: float = Field(1.0, gt=0, description="focal loss factor (α = 1, γ = 0 is BCE/CE)")
+    focal_gamma: float = Field(2.0, ge=0, description="focal loss focusing γ (Lin et al. 2017)")
     pos_weight: bool = Field(False, description="BCE pos_weight = n_neg / n_pos from the train split")
+    class_weights: Literal["inverse", "none", "s1_count"] = Field(
+        "inverse", description="single-label tasks: n/(K·n_c); none; or S1's n_c/n (reversed, to replicate S1)")
+    undersample_majority: bool = Field(False, description="single-label: cut the largest class to the next one")
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping_patience: Optional[int] = Field(10, ge=1, description="S0: 10 epochs on val mAUC")

@@ -15,11 +15,12 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..augment import EvalViews, tta_logits
 from ..config import ConfigError, TrialConfig, metric_mode
-from ..data.loader import PreparedData, make_loader, set_epoch
+from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
 from ..metrics import classification_metrics
 from ..models.heads import Classifier
 from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
@@ -30,16 +31,70 @@ def resolve_loss(task: str, loss: str) -> str:
     """The loss name for this task ('auto': BCE for multi-label, CE for multi-class); a mismatch is an error."""
     if loss == "auto":
         return "bce" if task == "multilabel" else "ce"
-    if (loss == "ce") != (task == "multiclass"):
+    if loss != "focal" and (loss == "ce") != (task == "multiclass"):
         raise ConfigError(f"supervised.loss={loss} does not fit this {task} data; use "
-                          f"{'bce' if task == 'multilabel' else 'ce'} or auto")
+                          f"{'bce' if task == 'multilabel' else 'ce'}, focal or auto")
     return loss
 
 
-def make_loss(task: str, loss: str, pos_weight: Optional[torch.Tensor]) -> nn.Module:
-    if resolve_loss(task, loss) == "ce":
-        return nn.CrossEntropyLoss()
-    return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): α·(1 − p_t)^γ times the per-label BCE (multi-label, sigmoid) or the
+    per-image CE (multi-class, softmax, class-weighted and normalised like nn.CrossEntropyLoss). α is a plain
+    factor, so α = 1, γ = 0 is exactly BCE / CE."""
+
+    def __init__(self, task: str, alpha: float = 1.0, gamma: float = 2.0, weight: Optional[torch.Tensor] = None,
+                 pos_weight: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.task, self.alpha, self.gamma = task, alpha, gamma
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.task == "multilabel":
+            ce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight, reduction="none")
+            p_t = torch.exp(-F.binary_cross_entropy_with_logits(logits, target, reduction="none"))
+            return (self.alpha * (1 - p_t) ** self.gamma * ce).mean()
+        log_p_t = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
+        w = self.weight[target] if self.weight is not None else torch.ones_like(log_p_t)
+        return (self.alpha * (1 - log_p_t.exp()) ** self.gamma * -log_p_t * w).sum() / w.sum()
+
+
+def class_weights(targets: np.ndarray, num_classes: int, scheme: str) -> Optional[torch.Tensor]:
+    """Single-label class weights from the train split. 'inverse': n / (K·n_c) (scikit-learn's 'balanced');
+    's1_count': n_c / n, S1's scheme, which weighs the majority class most (SEEDS.md) — for replication only."""
+    if scheme == "none":
+        return None
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    if scheme == "inverse":
+        weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    else:
+        weights = counts / counts.sum()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def make_loss(task: str, sc, train_targets: np.ndarray, num_classes: int) -> nn.Module:
+    """The configured loss with its weights computed from the training targets."""
+    name = resolve_loss(task, sc.loss)
+    if task == "multilabel":
+        pos_weight = positive_weights(train_targets) if sc.pos_weight else None
+        if name == "focal":
+            return FocalLoss(task, sc.focal_alpha, sc.focal_gamma, pos_weight=pos_weight)
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    weight = class_weights(train_targets, num_classes, sc.class_weights)
+    if name == "focal":
+        return FocalLoss(task, sc.focal_alpha, sc.focal_gamma, weight=weight)
+    return nn.CrossEntropyLoss(weight=weight)
+
+
+def undersample_majority(targets: np.ndarray, seed: int) -> np.ndarray:
+    """Positions to keep so that the largest class has as many images as the second largest (seeded)."""
+    counts = np.bincount(targets)
+    if (counts > 0).sum() < 2:
+        return np.arange(len(targets))
+    majority, runner_up = np.argsort(counts)[-1], np.sort(counts)[-2]
+    rng = np.random.default_rng(seed)
+    kept = rng.choice(np.flatnonzero(targets == majority), size=runner_up, replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(targets != majority), kept]))
 
 
 def positive_weights(targets: np.ndarray) -> torch.Tensor:
@@ -102,8 +157,10 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
     train_aug, eval_views = build_views(cfg, data, device)
 
     train_set = data.dataset("train")
-    pos_weight = positive_weights(train_set.targets).to(device) if sc.pos_weight else None
-    loss_fn = make_loss(index.task, sc.loss, pos_weight)
+    if sc.undersample_majority and index.task == "multiclass":
+        keep = undersample_majority(train_set.targets, cfg.seed)
+        train_set = CachedBatches(data.cache, train_set.rows[keep], train_set.targets[keep])
+    loss_fn = make_loss(index.task, sc, train_set.targets, data.num_classes).to(device)
     train_loader = make_loader(train_set, sc.batch_size, shuffle=True, drop_last=len(train_set) > sc.batch_size,
                                seed=cfg.seed, num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
     val_loader = make_loader(data.dataset("val"), sc.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
