@@ -31,6 +31,8 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="random and folder splits")
     split_seed: int = 42
+    label_fraction: float = Field(1.0, gt=0, le=1, description="training labels kept (stratified, by patient)")
+    label_seed: int = Field(0, description="which subset a label fraction keeps")
     cache_size: int = Field(256, ge=16, description="images are decoded once and stored at this size")
     cache_dir: Optional[str] = None
     channels: Literal[1, 3] = Field(1, description="channels kept in the cache; X-rays are grayscale")
@@ -139,6 +141,7 @@ class ByolConfig(_Strict):
     """BYOL (Grill et al. 2020) with S0's final recipe as defaults (LARS 0.2 at batch 256, H 1024)."""
 
     enabled: bool = False
+    labelled_only: bool = Field(False, description="pre-train on the labelled subset only (S1), not all of train")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(256, ge=2)
     accum_steps: int = Field(1, ge=1)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from ..config import DataConfig
 from .cache import ImageCache, build_cache
 from .sources import DatasetIndex, default_cache_dir, read_source
+from .splits import UNLABELLED, check_patient_disjoint, labelled_subset
 
 
 class CachedBatches(Dataset):
@@ -49,8 +50,12 @@ class PreparedData:
     def num_classes(self) -> int:
         return len(self.index.classes)
 
-    def dataset(self, split: str) -> CachedBatches:
+    def dataset(self, split: str, with_unlabelled: bool = False) -> CachedBatches:
+        """A split's images and targets; `with_unlabelled` adds the training images a label fraction hid
+        (for self-supervised phases, which use no labels)."""
         rows = self.index.rows(split)
+        if with_unlabelled:
+            rows = np.sort(np.concatenate([rows, self.index.rows(UNLABELLED)]))
         return CachedBatches(self.cache, rows, self.index.targets(rows))
 
     def pixel_stats(self, split: str = "train", max_images: int = 512) -> tuple[list[float], list[float]]:
@@ -66,6 +71,13 @@ def prepare(cfg: DataConfig) -> PreparedData:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     index = read_source(cfg.source, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
                         (cfg.synthetic_images, cfg.synthetic_size, cfg.synthetic_seed), cache_dir)
+    if cfg.label_fraction < 1:
+        frame = index.frame.copy()
+        train = (frame["split"] == "train").to_numpy()
+        keep = labelled_subset(frame[train], index.classes, index.task, cfg.label_fraction, cfg.label_seed)
+        frame.loc[np.flatnonzero(train)[~keep], "split"] = UNLABELLED
+        check_patient_disjoint(frame, index.origin)
+        index = replace(index, frame=frame)
     cache = build_cache(index.frame["path"].tolist(), cfg.cache_size, cfg.channels, cache_dir)
     return PreparedData(index, cache)
 

@@ -7,6 +7,7 @@ import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = "train_unlabelled"  # training images whose labels a label-fraction run hides (SSL still sees them)
 
 
 class DataError(ValueError):
@@ -73,3 +74,38 @@ def check_splits_nonempty(frame: pd.DataFrame, origin: str) -> None:
     for name in SPLITS:
         if counts.get(name, 0) == 0:
             raise DataError(f"{origin}: the '{name}' split is empty; every split needs at least one image")
+
+
+def labelled_subset(frame: pd.DataFrame, classes, task: str, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the training images that keep their labels at `fraction` (S1's 1 % / 10 % cells).
+
+    Patient-aware (a patient's images are kept or hidden together), seeded, and stratified: every class
+    with a positive in `frame` keeps at least one labelled patient (rarest class first); then each class
+    (multi-class) or the whole set (multi-label) is filled with randomly drawn patients up to `fraction`
+    of its images. S1 drew its subsets without stratification, so rare classes could vanish (SEEDS.md).
+    """
+    rng = np.random.default_rng(seed)
+    patients = frame["patient_id"].fillna(pd.Series(frame.index.astype(str), index=frame.index)).to_numpy()
+    labels = frame[list(classes)].to_numpy() > 0
+    ids, inverse = np.unique(patients, return_inverse=True)
+    has = np.zeros((len(ids), len(classes)), dtype=bool)  # which classes each patient contributes
+    np.logical_or.at(has, inverse, labels)
+    images = np.bincount(inverse, minlength=len(ids))
+    order = rng.permutation(len(ids))
+    chosen = np.zeros(len(ids), dtype=bool)
+    for c in np.argsort(has.sum(0)):
+        if has[:, c].any() and not (chosen & has[:, c]).any():
+            chosen[order[has[order, c]][0]] = True
+
+    def fill(members: np.ndarray, quota: float) -> None:
+        for patient in order[members[order]]:
+            if images[chosen & members].sum() >= quota:
+                return
+            chosen[patient] = True
+
+    if task == "multiclass":
+        for c in range(len(classes)):
+            fill(has[:, c], fraction * labels[:, c].sum())
+    else:
+        fill(np.ones(len(ids), dtype=bool), fraction * len(frame))
+    return chosen[inverse]

@@ -86,7 +86,8 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
         model = model.to(memory_format=torch.channels_last)
     trained = distributed(model, world_size, device)
     augment, _ = build_views(cfg, data, device)
-    train_set, val_set = data.dataset("train"), data.dataset("val")
+    train_set = data.dataset("train", with_unlabelled=not bc.labelled_only)
+    val_set = data.dataset("val")
     batch_size = min(bc.batch_size, len(train_set))
     loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
                          num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
