@@ -54,11 +54,28 @@ def _decode_job(args):
     return decode(*args)
 
 
+NPZ_MEMBER = "#"  # "FILE.npz#train/12": image 12 of train_images in a MedMNIST-style npz
+
+
+def _decode_npz_members(paths: list[str], size: int, channels: int):
+    """Yield each npz member image as uint8 (channels, size, size); every file is read once."""
+    arrays: dict[str, np.lib.npyio.NpzFile] = {}
+    for p in paths:
+        file, _, member = p.partition(NPZ_MEMBER)
+        split, _, i = member.partition("/")
+        if file not in arrays:
+            arrays[file] = np.load(file)
+        arr = arrays[file][f"{split}_images"][int(i)]
+        img = Image.fromarray(arr).convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+        yield arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
 def cache_key(paths: list[str], size: int, channels: int) -> str:
     h = hashlib.sha1(f"v1|{size}|{channels}".encode())
     for p in paths:
         try:
-            st = os.stat(p)
+            st = os.stat(p.partition(NPZ_MEMBER)[0])
         except FileNotFoundError:
             raise DataError(f"{p}: image file not found") from None
         h.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -87,7 +104,11 @@ def build_cache(paths: list[str], size: int, channels: int, cache_dir: str | Pat
             workers = workers or min(os.cpu_count() or 1, 8)
             bar = tqdm(total=len(paths), desc=f"caching {len(paths)} images at {size}²", unit="img",
                        mininterval=1.0, disable=len(paths) < 200)
-            if workers > 1 and len(paths) >= 64:
+            if paths and NPZ_MEMBER in paths[0]:
+                for i, arr in enumerate(_decode_npz_members(paths, size, channels)):
+                    out[i] = arr
+                    bar.update()
+            elif workers > 1 and len(paths) >= 64:
                 with ProcessPoolExecutor(workers) as pool:
                     for i, arr in enumerate(pool.map(_decode_job, jobs, chunksize=32)):
                         out[i] = arr

@@ -15,8 +15,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from .cache import NPZ_MEMBER
 from .labels import NIH_LABELS, NO_FINDING
-from .splits import (DataError, check_patient_disjoint, check_splits_nonempty, patient_holdout, patient_split,
+from .splits import (SPLITS, DataError, check_patient_disjoint, check_splits_nonempty, patient_holdout, patient_split,
                      stratified_holdout, stratified_split)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -185,6 +186,48 @@ def read_folder(root: str | Path, val_fraction: float = 0.1, test_fraction: floa
     return _finish(frame.drop(columns="label"), classes, "multiclass", origin)
 
 
+def read_medmnist(path: str | Path) -> DatasetIndex:
+    """A MedMNIST npz (train/val/test `_images` and `_labels`, any resolution) with its official splits.
+
+    Labels (n, 1) are a single-label task (PneumoniaMNIST: binary); (n, K > 1) multi-label (ChestMNIST, whose
+    14 columns are NIH's findings in NIH order). MedMNIST carries no patient ids; its authors split by patient.
+    """
+    path = Path(path)
+    origin = f"medmnist:{path}"
+    try:
+        npz = np.load(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{origin}: cannot read npz ({err})") from None
+    expected = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
+    missing = [k for k in expected if k not in npz.files]
+    if missing:
+        raise DataError(f"{origin}: missing array(s) {missing}; a MedMNIST file has {expected}")
+    labels = {s: np.asarray(npz[f"{s}_labels"]).reshape(len(npz[f"{s}_images"]), -1) for s in SPLITS}
+    width = {a.shape[1] for a in labels.values()}
+    if len(width) != 1:
+        raise DataError(f"{origin}: label arrays differ in width {sorted(width)} across splits")
+    multilabel = width.pop() > 1
+    if multilabel:
+        k = labels["train"].shape[1]
+        classes = list(NIH_LABELS) if k == len(NIH_LABELS) and "chest" in path.name.lower() else [f"label_{j}" for j in range(k)]
+    else:
+        k = int(labels["train"].max()) + 1 if labels["train"].size else 0  # the classes are train's
+        classes = [f"class_{j}" for j in range(k)]
+    frames = []
+    for split in SPLITS:
+        y = labels[split]
+        if not np.isin(y, range(k) if not multilabel else (0, 1)).all():
+            allowed = "{0, 1}" if multilabel else f"0..{k - 1} (the classes in train_labels)"
+            raise DataError(f"{origin}: {split}_labels has values outside {allowed}")
+        onehot = y.astype(np.uint8) if multilabel else np.eye(k, dtype=np.uint8)[y[:, 0]]
+        frame = pd.DataFrame(onehot, columns=classes)
+        frame.insert(0, "path", [f"{path}{NPZ_MEMBER}{split}/{i}" for i in range(len(y))])
+        frame.insert(1, "patient_id", pd.Series([None] * len(y), dtype=object))
+        frame.insert(2, "split", split)
+        frames.append(frame)
+    return _finish(pd.concat(frames, ignore_index=True), classes, "multilabel" if multilabel else "multiclass", origin)
+
+
 def synthetic_root(n_images: int, size: int, seed: int, cache_dir: str | Path | None = None) -> Path:
     """Generate the synthetic NIH-format dataset once (under a lock) and return its folder."""
     from .synthetic import generate
@@ -205,15 +248,17 @@ def synthetic_root(n_images: int, size: int, seed: int, cache_dir: str | Path | 
 def read_source(spec: str, split: str = "official", val_fraction: float = 0.1, test_fraction: float = 0.2,
                 seed: int = 42, synthetic: tuple[int, int, int] = (2000, 256, 0),
                 cache_dir: str | Path | None = None) -> DatasetIndex:
-    """Resolve a data spec (`synthetic`, `nih:PATH`, `folder:PATH`) to a checked `DatasetIndex`."""
+    """Resolve a data spec (`synthetic`, `nih:PATH`, `folder:PATH`, `medmnist:PATH.npz`) to a checked index."""
     kind, _, path = spec.partition(":")
     if kind == "synthetic":
         root = synthetic_root(*synthetic, cache_dir=cache_dir)
         return read_nih(root, split, val_fraction, test_fraction, seed)
     if not path:
-        raise DataError(f"data source '{spec}': expected synthetic, nih:PATH or folder:PATH")
+        raise DataError(f"data source '{spec}': expected synthetic, nih:PATH, folder:PATH or medmnist:PATH.npz")
     if kind == "nih":
         return read_nih(path, split, val_fraction, test_fraction, seed)
     if kind == "folder":
         return read_folder(path, val_fraction, test_fraction, seed)
-    raise DataError(f"data source '{spec}': unknown kind '{kind}'; expected synthetic, nih or folder")
+    if kind == "medmnist":
+        return read_medmnist(path)
+    raise DataError(f"data source '{spec}': unknown kind '{kind}'; expected synthetic, nih, folder or medmnist")
