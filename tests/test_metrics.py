@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score)
 
-from tune_xray.metrics import classification_metrics, youden_thresholds
+from tune_xray.metrics import THRESHOLD_RANGE, classification_metrics, f1_thresholds, youden_thresholds
 
 
 def test_multilabel_auroc_skips_single_class_labels():
@@ -33,3 +33,38 @@ def test_multiclass_metrics():
     m = classification_metrics("multiclass", y, p, ["x", "y", "z"])["metrics"]
     assert m["accuracy"] == pytest.approx(5 / 6)
     assert 0 < m["macro_f1"] < 1 and 0.5 < m["mean_auroc"] <= 1
+
+
+def test_multiclass_metrics_match_scikit_learn():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 300)
+    p = rng.dirichlet(np.ones(4), 300) + 0.6 * np.eye(4)[y]
+    p /= p.sum(1, keepdims=True)
+    out = classification_metrics("multiclass", y, p, ["a", "b", "c", "d"])
+    m, pred = out["metrics"], p.argmax(1)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["micro_f1"] == pytest.approx(f1_score(y, pred, average="micro"))
+    assert m["sensitivity/c"] == pytest.approx(recall_score(y, pred, labels=[2], average=None)[0])
+    assert m["specificity/c"] == pytest.approx(recall_score(y != 2, pred != 2))
+    assert m["mean_auroc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"))
+    assert out["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+
+
+def test_binary_threshold_is_chosen_on_validation_and_reused_on_test():
+    rng = np.random.default_rng(2)
+    y_val, y_test = rng.integers(0, 2, 400), rng.integers(0, 2, 400)
+    score = lambda y: np.clip(0.25 * y + 0.6 * rng.random(len(y)), 0, 1)  # noqa: E731  (skewed probabilities)
+    p_val, p_test = (np.stack([1 - s, s], 1) for s in (score(y_val), score(y_test)))
+    val = classification_metrics("multiclass", y_val, p_val, ["normal", "pneumonia"], rule="f1")
+    (t,) = val["thresholds"]
+    assert THRESHOLD_RANGE[0] <= t <= THRESHOLD_RANGE[1] and t == f1_thresholds(y_val[:, None], p_val[:, 1:])[0]
+    test = classification_metrics("multiclass", y_test, p_test, ["normal", "pneumonia"], np.array([t]))
+    assert test["metrics"]["f1"] == pytest.approx(f1_score(y_test, p_test[:, 1] >= t))  # F1, not recall (S2)
+    assert test["thresholds"] == [t]
+
+
+def test_f1_thresholds_stay_inside_the_range():
+    y = np.array([[0], [0], [1], [1]])
+    assert f1_thresholds(y, np.array([[0.001], [0.002], [0.003], [0.004]]))[0] == pytest.approx(0.05)
+    assert f1_thresholds(y, np.array([[0.1], [0.2], [0.7], [0.8]]))[0] == pytest.approx(0.7)

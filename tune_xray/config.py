@@ -135,6 +135,8 @@ class SupervisedConfig(_Strict):
     early_stopping_patience: Optional[int] = Field(10, ge=1, description="S0: 10 epochs on val mAUC")
     selection_metric: Literal["val_mean_auroc", "val_loss", "val_accuracy", "val_macro_f1"] = Field(
         "val_mean_auroc", description="model selection and early stopping; always a validation metric")
+    threshold: Literal["youden", "f1"] = Field(
+        "youden", description="multi-label and binary decision thresholds, chosen on val within [0.05, 0.95]")
 
 
 class ByolConfig(_Strict):

@@ -7,7 +7,10 @@ then applied unchanged to test: nothing is ever tuned on the test split (S0 flaw
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_curve,
+                             roc_auc_score, roc_curve)
+
+THRESHOLD_RANGE = (0.05, 0.95)  # thresholds are searched inside this range, never at the extremes
 
 
 def auroc_per_label(y_true: np.ndarray, prob: np.ndarray, classes) -> tuple[dict[str, float], list[str]]:
@@ -21,14 +24,34 @@ def auroc_per_label(y_true: np.ndarray, prob: np.ndarray, classes) -> tuple[dict
     return scores, skipped
 
 
-def youden_thresholds(y_true: np.ndarray, prob: np.ndarray) -> np.ndarray:
+def youden_thresholds(y_true: np.ndarray, prob: np.ndarray, limits=(0.0, 1.0)) -> np.ndarray:
     """Per-label threshold maximising sensitivity + specificity − 1 (0.5 for labels with one class)."""
     out = np.full(y_true.shape[1], 0.5)
     for j in range(y_true.shape[1]):
         if np.unique(y_true[:, j]).size == 2:
             fpr, tpr, thr = roc_curve(y_true[:, j], prob[:, j])
-            out[j] = float(np.clip(thr[np.argmax(tpr - fpr)], 0.0, 1.0))
+            out[j] = float(np.clip(thr[np.argmax(tpr - fpr)], *limits))
     return out
+
+
+def f1_thresholds(y_true: np.ndarray, prob: np.ndarray, limits=THRESHOLD_RANGE) -> np.ndarray:
+    """Per-label probability threshold in `limits` maximising F1 (0.5 for labels with one class)."""
+    out = np.full(y_true.shape[1], 0.5)
+    for j in range(y_true.shape[1]):
+        if np.unique(y_true[:, j]).size == 2:
+            precision, recall, thr = precision_recall_curve(y_true[:, j], prob[:, j])
+            f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+            inside = (thr >= limits[0]) & (thr <= limits[1])
+            candidates = np.concatenate([thr[inside], limits])  # the range's ends count too
+            scores = np.concatenate([f1[inside], [f1_score(y_true[:, j], prob[:, j] >= t, zero_division=0)
+                                                  for t in limits]])
+            out[j] = float(candidates[np.argmax(scores)])
+    return out
+
+
+def choose_thresholds(y_true: np.ndarray, prob: np.ndarray, rule: str) -> np.ndarray:
+    """Thresholds chosen on validation data by `rule` ('youden' or 'f1'), inside THRESHOLD_RANGE."""
+    return (f1_thresholds if rule == "f1" else youden_thresholds)(y_true, prob, THRESHOLD_RANGE)
 
 
 def _sens_spec(y_true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -39,12 +62,12 @@ def _sens_spec(y_true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 
 def multilabel_metrics(y_true: np.ndarray, prob: np.ndarray, classes,
-                       thresholds: np.ndarray | None = None) -> dict:
-    """mean_auroc (+ per label), and at `thresholds` (Youden on these data when None — pass the
+                       thresholds: np.ndarray | None = None, rule: str = "youden") -> dict:
+    """mean_auroc (+ per label), and at `thresholds` (chosen on these data by `rule` when None — pass the
     validation thresholds when scoring test): macro F1, accuracy, mean sensitivity and specificity."""
     per_label, skipped = auroc_per_label(y_true, prob, classes)
     if thresholds is None:
-        thresholds = youden_thresholds(y_true, prob)
+        thresholds = choose_thresholds(y_true, prob, rule)
     pred = (prob >= thresholds).astype(int)
     present = [j for j, c in enumerate(classes) if c not in skipped]
     sens, spec = zip(*[_sens_spec(y_true[:, j], pred[:, j]) for j in present]) if present else ((), ())
@@ -60,24 +83,44 @@ def multilabel_metrics(y_true: np.ndarray, prob: np.ndarray, classes,
     return {"metrics": out, "skipped_labels": skipped, "thresholds": thresholds.tolist()}
 
 
-def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes) -> dict:
-    """Accuracy, macro-F1 and one-vs-rest AUROC (per class and mean) for single-label tasks."""
-    pred = prob.argmax(1)
-    onehot = np.eye(len(classes))[y_true]
+def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes, threshold: float | None = None,
+                       rule: str = "youden") -> dict:
+    """Single-label tasks: accuracy, balanced accuracy, macro/micro F1, per-class sensitivity/specificity,
+    the confusion matrix (rows true, columns predicted) and one-vs-rest AUROC.
+
+    Two classes are a binary task: the positive class is the second, predicted when its probability reaches
+    `threshold` (chosen on these data by `rule` when None — pass validation's when scoring test). More than
+    two: argmax. S2 reported recall as F1; S4 thresholded logits at 0.5 (SEEDS.md)."""
+    k = len(classes)
+    if k == 2:
+        if threshold is None:
+            threshold = float(choose_thresholds((y_true == 1)[:, None].astype(int), prob[:, 1:], rule)[0])
+        pred = (prob[:, 1] >= threshold).astype(int)
+    else:
+        pred = prob.argmax(1)
+    onehot = np.eye(k)[y_true]
     per_class, skipped = auroc_per_label(onehot, prob, classes)
+    sens, spec = zip(*[_sens_spec(onehot[:, j], (pred == j).astype(int)) for j in range(k)])
     out = {
         "mean_auroc": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
         "accuracy": float(accuracy_score(y_true, pred)),
-        "macro_f1": float(f1_score(y_true, pred, average="macro", labels=range(len(classes)), zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)) if len(np.unique(y_true)) > 1 else float("nan"),
+        "macro_f1": float(f1_score(y_true, pred, average="macro", labels=range(k), zero_division=0)),
+        "micro_f1": float(f1_score(y_true, pred, average="micro", labels=range(k), zero_division=0)),
+        "mean_sensitivity": float(np.nanmean(sens)), "mean_specificity": float(np.nanmean(spec)),
     }
-    sens, spec = zip(*[_sens_spec(onehot[:, j], (pred == j).astype(int)) for j in range(len(classes))])
-    out["mean_sensitivity"], out["mean_specificity"] = float(np.nanmean(sens)), float(np.nanmean(spec))
+    if k == 2:
+        out["f1"] = float(f1_score(y_true, pred, pos_label=1, zero_division=0))
     out.update({f"auroc/{name}": v for name, v in per_class.items()})
-    return {"metrics": out, "skipped_labels": skipped, "thresholds": None}
+    out.update({f"sensitivity/{name}": float(v) for name, v in zip(classes, sens)})
+    out.update({f"specificity/{name}": float(v) for name, v in zip(classes, spec)})
+    return {"metrics": out, "skipped_labels": skipped, "thresholds": None if k != 2 else [threshold],
+            "confusion_matrix": confusion_matrix(y_true, pred, labels=range(k)).tolist()}
 
 
 def classification_metrics(task: str, y_true: np.ndarray, prob: np.ndarray, classes,
-                           thresholds: np.ndarray | None = None) -> dict:
+                           thresholds: np.ndarray | None = None, rule: str = "youden") -> dict:
+    """Metrics of probabilities (never logits); `thresholds` from validation when scoring test."""
     if task == "multilabel":
-        return multilabel_metrics(y_true, prob, classes, thresholds)
-    return multiclass_metrics(y_true, prob, classes)
+        return multilabel_metrics(y_true, prob, classes, thresholds, rule)
+    return multiclass_metrics(y_true, prob, classes, None if thresholds is None else float(thresholds[0]), rule)

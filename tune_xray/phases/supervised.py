@@ -193,7 +193,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
         logits, targets = predict(model, val_loader, eval_views, device, cfg.amp, cfg.channels_last)
         val_loss = float(loss_fn(logits.to(device), targets.to(device)))
         prob = to_probabilities(index.task, logits).numpy()
-        val = classification_metrics(index.task, targets.numpy(), prob, index.classes)["metrics"]
+        val = classification_metrics(index.task, targets.numpy(), prob, index.classes, rule=sc.threshold)["metrics"]
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(optimizer),
                    **{f"val_{k}": v for k, v in val.items()}}
         score = metrics[sc.selection_metric]
@@ -236,10 +236,13 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, d
             loader = make_loader(data.dataset(split), cfg.supervised.batch_size, shuffle=False)
             logits, targets = predict(model, loader, eval_views, device, cfg.amp, cfg.channels_last)
         prob = to_probabilities(index.task, logits).numpy()
-        scored = classification_metrics(index.task, targets.numpy(), prob, index.classes, thresholds)
-        if split == "val":
+        scored = classification_metrics(index.task, targets.numpy(), prob, index.classes, thresholds,
+                                        cfg.supervised.threshold)
+        if split == "val":  # thresholds are chosen here and only applied to test
             thresholds = None if scored["thresholds"] is None else np.asarray(scored["thresholds"])
             out["thresholds"] = scored["thresholds"]
+        if "confusion_matrix" in scored:
+            out[f"{split}_confusion_matrix"] = scored["confusion_matrix"]
         out[split] = scored["metrics"]
         out[f"{split}_skipped_labels"] = scored["skipped_labels"]
         if rank == 0:
