@@ -7,7 +7,7 @@ data so that `python -m tune_xray.train` runs on a fresh machine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -130,6 +130,16 @@ class SupervisedConfig(_Strict):
     class_weights: Literal["inverse", "none", "s1_count"] = Field(
         "inverse", description="single-label tasks: n/(K·n_c); none; or S1's n_c/n (reversed, to replicate S1)")
     undersample_majority: bool = Field(False, description="single-label: cut the largest class to the next one")
+    freeze: Union[Literal["head_only"], float] = Field(
+        0.0, description="share of the backbone's parameter groups frozen in depth order (S3: 0, 0.5, 0.75), or head_only")
+    head_warmup_epochs: int = Field(0, ge=0, description="S0 stage 1: epochs training only the head first (S0: 3)")
+    head_warmup_lr: float = Field(1e-3, gt=0, description="S0 stage 1 LR; stage 2 uses optimizer.lr (S0: 1e-4)")
+
+    @model_validator(mode="after")
+    def _freeze_share(self):
+        if not isinstance(self.freeze, str) and not 0 <= self.freeze < 1:
+            raise ValueError(f"freeze must be a share in [0, 1) or head_only, got {self.freeze}")
+        return self
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping_patience: Optional[int] = Field(10, ge=1, description="S0: 10 epochs on val mAUC")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from timm.models import group_parameters
 from torch import nn
 
 
@@ -21,3 +22,21 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.backbone(x))
+
+
+def freeze_backbone(backbone: nn.Module, freeze: float | str) -> int:
+    """Freeze the first ⌊freeze·G⌋ of the backbone's G parameter groups in depth order, or all of them
+    ('head_only'); returns how many parameter tensors were frozen. Groups are timm's `group_matcher`
+    (stem, then each stage) where the model has one, its top-level children otherwise (S3: 0, 50 %, 75 %)."""
+    if hasattr(backbone, "group_matcher"):
+        grouped = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        groups = [names for _, names in sorted(grouped.items())]
+    else:
+        groups = [[f"{child}.{name}" for name, _ in module.named_parameters()] for child, module in backbone.named_children()]
+        groups = [g for g in groups if g]
+    n = len(groups) if freeze == "head_only" else int(float(freeze) * len(groups))
+    frozen = {name for group in groups[:n] for name in group}
+    for name, param in backbone.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return len(frozen)

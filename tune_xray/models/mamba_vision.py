@@ -200,6 +200,11 @@ class MambaVision(nn.Module):
     def no_weight_decay_keywords(self):
         return {"A_log", "D", "gamma_"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """timm's parameter groups in depth order (layer-wise LR decay, freezing): stem, stages, final norm."""
+        return dict(stem=r"^patch_embed", blocks=[(r"^levels\.(\d+)", None), (r"^norm", (99999,))])
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

@@ -150,6 +150,11 @@ class VMamba(nn.Module):
     def no_weight_decay_keywords(self):
         return {"A_logs", "Ds"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """timm's parameter groups in depth order (layer-wise LR decay, freezing): stem, stages, final norm."""
+        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^classifier\.norm", (99999,))])
+
     def get_classifier(self) -> nn.Module:
         return self.classifier.head
 

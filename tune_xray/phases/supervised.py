@@ -6,6 +6,7 @@ S0's recipe: BCE-with-logits, AdamW, early stopping patience 10 on val mAUC, bes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -22,7 +23,7 @@ from ..augment import EvalViews, tta_logits
 from ..config import ConfigError, TrialConfig, metric_mode
 from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
 from ..metrics import classification_metrics
-from ..models.heads import Classifier
+from ..models.heads import Classifier, freeze_backbone
 from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
                      no_report, restore_training, run_epoch, save_state, step_scheduler, training_state, unwrap)
 
@@ -161,13 +162,14 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
         keep = undersample_majority(train_set.targets, cfg.seed)
         train_set = CachedBatches(data.cache, train_set.rows[keep], train_set.targets[keep])
     loss_fn = make_loss(index.task, sc, train_set.targets, data.num_classes).to(device)
+    if sc.freeze:
+        freeze_backbone(model.backbone, sc.freeze)
     train_loader = make_loader(train_set, sc.batch_size, shuffle=True, drop_last=len(train_set) > sc.batch_size,
                                seed=cfg.seed, num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
     val_loader = make_loader(data.dataset("val"), sc.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     optimizer = build_optimizer(model, sc.optimizer)
     scheduler = build_scheduler(optimizer, sc.scheduler, mode=metric_mode(sc.scheduler.plateau_metric))
     params = [p for p in model.parameters() if p.requires_grad]
-    trained = distributed(model, world_size, device)
 
     def micro_step(batch):
         x, y = batch
@@ -180,6 +182,11 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
 
     best_score, best_state, best_val, best_epoch, stale = None, None, None, 0, 0
     history, start = [], 0
+    if sc.head_warmup_epochs and resume is None:  # S0's stage 1 (a resumed run had passed it)
+        with head_only(model):
+            trained = distributed(model, world_size, device)  # DDP over the head alone in stage 1
+            warm_up_head(model, train_loader, micro_step, sc)
+    trained = distributed(model, world_size, device)
     if resume is not None:
         history, start = restore_training(resume, model, optimizer, scheduler)
         best_score, best_state, best_epoch, stale = (resume[k] for k in ("best_score", "best_state", "best_epoch",
@@ -220,6 +227,30 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
         torch.save({"model": unwrap(model).state_dict(), "epoch": best_epoch, sc.selection_metric: best_score,
                     "config": cfg.model_dump(mode="json"), "classes": list(index.classes)}, run_dir / "best.pt")
     return evaluate_selected(cfg, data, model, eval_views, device, run_dir, best_epoch, history, best_val, rank)
+
+
+@contextlib.contextmanager
+def head_only(model: Classifier):
+    """The backbone frozen for the duration, then each of its parameters trainable as before."""
+    was_trainable = [p.requires_grad for p in model.backbone.parameters()]
+    model.backbone.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, trainable in zip(model.backbone.parameters(), was_trainable):
+            p.requires_grad_(trainable)
+
+
+def warm_up_head(model: Classifier, train_loader, micro_step, sc) -> None:
+    """S0's stage 1: `head_warmup_epochs` epochs training only the head at `head_warmup_lr` (its own
+    optimizer, no schedule); stage 2 is the normal loop over the configured (unfrozen) parameters at
+    optimizer.lr. Not selected on and not reported: it only initialises the head."""
+    optimizer = build_optimizer(model.head, sc.optimizer.model_copy(update={"lr": sc.head_warmup_lr}))
+    params = list(model.head.parameters())
+    for epoch in range(sc.head_warmup_epochs):
+        model.train()
+        set_epoch(train_loader, 1_000_000 + epoch)  # its own shuffles, apart from stage 2's
+        run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps)
 
 
 def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, device, run_dir: Path,
