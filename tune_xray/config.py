@@ -170,6 +170,32 @@ class ByolConfig(_Strict):
         return self
 
 
+class CassConfig(_Strict):
+    """CASS (Singh et al. 2022) with S1's recipe as defaults: ResNet-50 + ViT-B/16 on the same augmented batch,
+    Adam 1e-3 each, cosine T_max 16, batch 16 (SEEDS.md, S1)."""
+
+    enabled: bool = False
+    cnn: str = Field("resnet50", description="the CNN arm (any timm or own backbone)")
+    transformer: str = Field("vit_base_patch16_384", description="the transformer arm")
+    finetune: Literal["cnn", "transformer"] = Field("cnn", description="the arm fine-tuned afterwards")
+    labelled_only: bool = Field(False, description="pre-train on the labelled subset only (S1), not all of train")
+    out_dim: int = Field(1000, ge=1, description="shared output width both arms are projected to")
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=2)
+    accum_steps: int = Field(1, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig(name="adam", lr=1e-3, weight_decay=0.0)
+    scheduler: SchedulerConfig = SchedulerConfig(name="cosine", t_max=16, eta_min=1e-6)
+    swa: bool = Field(False, description="stochastic weight averaging of both arms (S1's was a no-op)")
+    swa_start: float = Field(0.75, ge=0, lt=1, description="share of the epochs before averaging starts")
+    swa_lr: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _plateau_on_cass_loss(self):
+        if self.scheduler.name == "plateau" and self.scheduler.plateau_metric != "val_loss":
+            raise ValueError("cass.scheduler.plateau_metric must be val_loss (the CASS validation loss)")
+        return self
+
+
 class TrialConfig(_Strict):
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -181,7 +207,14 @@ class TrialConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
     byol: ByolConfig = ByolConfig()
+    cass: CassConfig = CassConfig()
     supervised: SupervisedConfig = SupervisedConfig()
+
+    @model_validator(mode="after")
+    def _one_ssl_phase(self):
+        if self.byol.enabled and self.cass.enabled:
+            raise ValueError("byol.enabled and cass.enabled: choose one self-supervised phase")
+        return self
 
     @model_validator(mode="after")
     def _crop_fits_cache(self):

@@ -63,9 +63,10 @@ def train_worker(config: dict) -> None:
     supervised_epochs = [resume["epoch"] if resume and resume["phase"] == "supervised" else 0]
 
     def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
-        if metrics["phase"] == "byol":
-            out = _numbers({k: v for k, v in metrics.items() if k != "epoch"}, "byol/")
-            out["byol/epoch"] = metrics["epoch"]
+        if metrics["phase"] != "supervised":  # an SSL phase (byol, cass): its own namespace
+            phase = metrics["phase"]
+            out = _numbers({k: v for k, v in metrics.items() if k != "epoch"}, f"{phase}/")
+            out[f"{phase}/epoch"] = metrics["epoch"]
         else:
             supervised_epochs[0] = metrics["epoch"]
             out = _numbers(metrics)

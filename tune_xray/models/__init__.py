@@ -65,11 +65,15 @@ def load_pretrained(model: nn.Module, path: str | Path, in_chans: int) -> None:
 
 
 def create_backbone(name: str, pretrained_path: str | Path | None = None, in_chans: int = 3,
-                    **kwargs) -> tuple[nn.Module, int]:
-    """A timm feature extractor and its feature width: `(module, num_features)`."""
+                    image_size: int | None = None, key: str = "model.backbone", **kwargs) -> tuple[nn.Module, int]:
+    """A timm feature extractor and its feature width: `(module, num_features)`. Models built for one input
+    size (ViT, Swin, CoAtNet, MaxViT: timm's `fixed_input_size`) are built for `image_size`."""
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ConfigError(f"model.backbone: unknown timm model '{name}'" + (f"; similar: {close}" if close else ""))
+        raise ConfigError(f"{key}: unknown timm model '{name}'" + (f"; similar: {close}" if close else ""))
+    default = timm.models.get_pretrained_cfg(name.split(".")[0])
+    if image_size and default is not None and default.fixed_input_size and default.input_size[-1] != image_size:
+        kwargs.setdefault("img_size", image_size)
     model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     if pretrained_path:
         load_pretrained(model, pretrained_path, in_chans)

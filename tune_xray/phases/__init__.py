@@ -1,4 +1,4 @@
-"""Phases: optional SSL pre-training (BYOL), then supervised fine-tuning — plain PyTorch.
+"""Phases: optional SSL pre-training (BYOL or CASS), then supervised fine-tuning — plain PyTorch.
 
 `run_phases` is one trial: the one-run CLI calls it directly; the Ray Train worker calls it per rank.
 """
@@ -15,6 +15,7 @@ from ..config import TrialConfig
 from ..data.loader import PreparedData, prepare
 from ..models import create_backbone
 from .byol import run_byol
+from .cass import build_cass, run_cass
 from .common import Report, no_report, resolve_device, reuse_freed_memory, seed_everything
 from .supervised import resolve_loss, run_supervised
 
@@ -29,7 +30,13 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     run_dir = Path(run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     # every bad-input error surfaces here, before any compute and before the run dir exists
-    backbone, num_features = create_backbone(cfg.model.backbone, cfg.model.pretrained_path, cfg.model.in_chans)
+    if cfg.cass.enabled:  # the fine-tuned backbone is one of the CASS arms, pre-trained in place
+        cass = build_cass(cfg)
+        arm = getattr(cass, cfg.cass.finetune)
+        backbone, num_features = arm.backbone, arm.num_features
+    else:
+        backbone, num_features = create_backbone(cfg.model.backbone, cfg.model.pretrained_path, cfg.model.in_chans,
+                                                 cfg.augment.image_size)
     data = data or prepare(cfg.data)
     resolve_loss(data.index.task, cfg.supervised.loss)
     device = resolve_device(cfg.device)
@@ -38,17 +45,23 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    summary: dict = {"backbone": cfg.model.backbone, "task": data.index.task, "classes": list(data.index.classes),
+    summary: dict = {"backbone": getattr(cfg.cass, cfg.cass.finetune) if cfg.cass.enabled else cfg.model.backbone, "task": data.index.task, "classes": list(data.index.classes),
                      "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device)}
     resume_phase = resume["phase"] if resume else None
-    if cfg.byol.enabled and resume_phase != "supervised":
-        summary["byol"] = run_byol(cfg, data, backbone, num_features, device, run_dir, report, rank, world_size,
-                                   checkpoints, resume if resume_phase == "byol" else None)
-    elif resume_phase == "supervised" and resume.get("byol") is not None:
-        summary["byol"] = resume["byol"]  # pre-trained before the interruption; its weights are in the state
+    ssl = "byol" if cfg.byol.enabled else "cass" if cfg.cass.enabled else None
+    if ssl and resume_phase != "supervised":
+        ssl_resume = resume if resume_phase == ssl else None
+        if ssl == "byol":
+            summary[ssl] = run_byol(cfg, data, backbone, num_features, device, run_dir, report, rank, world_size,
+                                    checkpoints, ssl_resume)
+        else:
+            summary[ssl] = run_cass(cfg, data, cass, device, run_dir, report, rank, world_size, checkpoints,
+                                    ssl_resume)
+    elif resume_phase == "supervised" and resume.get("ssl") is not None:
+        summary[ssl] = resume["ssl"]  # pre-trained before the interruption; its weights are in the state
     summary["supervised"] = run_supervised(
         cfg, data, backbone, num_features, device, run_dir, report, rank, world_size, checkpoints,
-        resume if resume_phase == "supervised" else None, carry={"byol": summary.get("byol")})
+        resume if resume_phase == "supervised" else None, carry={"ssl": summary.get(ssl)} if ssl else None)
     summary["val"] = summary["supervised"]["val"]
     summary["test"] = summary["supervised"]["test"]
     summary["wall_time_s"] = time.perf_counter() - start

@@ -1,0 +1,141 @@
+"""CASS: cross-architecture self-supervision (Singh et al. 2022, arXiv:2206.04170), as in S1 (SEEDS.md).
+
+A CNN arm and a transformer arm see the same augmented batch; each output is projected to a shared width
+and the loss is 2 − 2·cos between the two L2-normalised outputs. There is no stop-gradient, EMA or
+predictor: both arms learn, each with its own optimizer and schedule, gradients zeroed every step (S1 never
+zeroed them). Optional stochastic weight averaging is real here (torch.optim.swa_utils: averaged weights,
+SWA LR, BN statistics recomputed); S1's SWA wrapper never averaged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
+
+from ..config import TrialConfig
+from ..data.loader import PreparedData, make_loader, set_epoch
+from ..models import create_backbone
+from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
+                     no_report, run_epoch, save_state, step_scheduler, unwrap)
+
+
+class CassArm(nn.Module):
+    """A backbone (pooled features) and a linear projection to the shared output width."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, out_dim: int):
+        super().__init__()
+        self.backbone, self.num_features = backbone, num_features
+        self.proj = nn.Linear(num_features, out_dim)
+
+    def forward(self, x):
+        return self.proj(self.backbone(x))
+
+
+def cass_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """2 − 2·cos(a, b), averaged over the batch (the BYOL regression loss between the two arms)."""
+    return (2 - 2 * F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
+
+
+class Cass(nn.Module):
+    def __init__(self, cnn: CassArm, transformer: CassArm):
+        super().__init__()
+        self.cnn, self.transformer = cnn, transformer
+
+    def forward(self, x):
+        return cass_loss(self.cnn(x), self.transformer(x))
+
+
+def build_cass(cfg: TrialConfig) -> Cass:
+    """Both arms, built (and their names checked) before anything runs."""
+    cc, arms = cfg.cass, []
+    for key in ("cnn", "transformer"):
+        backbone, width = create_backbone(getattr(cc, key), in_chans=cfg.model.in_chans,
+                                          image_size=cfg.augment.image_size, key=f"cass.{key}")
+        arms.append(CassArm(backbone, width, cc.out_dim))
+    return Cass(*arms)
+
+
+def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.device, run_dir: Path,
+             report: Report = no_report, rank: int = 0, world_size: int = 1, checkpoints: bool = False,
+             resume: dict | None = None) -> dict:
+    """Pre-train both arms of `model` in place for `cass.epochs`; returns the phase summary."""
+    cc = cfg.cass
+    model.to(device)
+    arms = (model.cnn, model.transformer)
+    trained = distributed(model, world_size, device)
+    augment, eval_views = build_views(cfg, data, device)
+    train_set = data.dataset("train", with_unlabelled=not cc.labelled_only)
+    batch_size = min(cc.batch_size, len(train_set))
+    loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
+                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
+    val_loader = make_loader(data.dataset("val"), batch_size, shuffle=False)
+    optimizers = [build_optimizer(arm, cc.optimizer) for arm in arms]
+    schedulers = [build_scheduler(opt, cc.scheduler, mode="min") for opt in optimizers]
+    averaged = [AveragedModel(arm) for arm in arms] if cc.swa else []
+    swa_schedulers = [SWALR(opt, swa_lr=cc.swa_lr) for opt in optimizers] if cc.swa else []
+    swa_start = int(cc.swa_start * cc.epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    history, start = [], 0
+    if resume is not None:
+        unwrap(model).load_state_dict(resume["model"])
+        for opt, sched, state in zip(optimizers, schedulers, resume["arms"]):
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+        for avg, swa_sched, state in zip(averaged, swa_schedulers, resume["arms"]):
+            avg.load_state_dict(state["averaged"])
+            swa_sched.load_state_dict(state["swa_scheduler"])
+        history, start = list(resume["history"]), resume["epoch"]
+
+    def micro_step(batch):
+        x = augment(batch[0].to(device, non_blocking=True))  # one draw, the same images for both arms
+        with autocast(device, cfg.amp):
+            return trained(x).float()
+
+    for epoch in range(start, cc.epochs):
+        model.train()
+        set_epoch(loader, epoch)
+        train_loss = run_epoch(loader, micro_step, optimizers, params, cc.accum_steps)
+        val_loss = cass_val_loss(model, val_loader, eval_views, device, cfg.amp)
+        metrics = {"epoch": epoch + 1, "cass_loss": train_loss, "cass_val_loss": val_loss,
+                   "lr": current_lr(optimizers[0])}
+        if averaged and epoch >= swa_start:
+            for avg, arm, swa_sched in zip(averaged, arms, swa_schedulers):
+                avg.update_parameters(arm)
+                swa_sched.step()
+        else:
+            for sched in schedulers:
+                step_scheduler(sched, epoch + 1, {"val_loss": val_loss, **metrics}, cc.scheduler)
+        history.append(metrics)
+        checkpoint = None
+        if checkpoints and rank == 0:
+            arm_states = [{"optimizer": opt.state_dict(), "scheduler": None if s is None else s.state_dict()}
+                          for opt, s in zip(optimizers, schedulers)]
+            for state, avg, swa_sched in zip(arm_states, averaged, swa_schedulers):
+                state.update(averaged=avg.state_dict(), swa_scheduler=swa_sched.state_dict())
+            checkpoint = save_state(run_dir, {"phase": "cass", "epoch": epoch + 1, "history": history,
+                                              "model": unwrap(model).state_dict(), "arms": arm_states})
+        report({"phase": "cass", **metrics}, checkpoint)
+
+    swa_updates = int(averaged[0].n_averaged) if averaged else 0
+    if swa_updates:  # the averaged weights become the arms, with BN statistics recomputed for them
+        for avg, arm in zip(averaged, arms):
+            update_bn((augment(x.to(device)) for x, _ in loader), avg)
+            arm.load_state_dict(avg.module.state_dict())
+    return {"history": history, "batch_size": batch_size, "swa_updates": swa_updates, "finetuned_arm": cc.finetune}
+
+
+@torch.no_grad()
+def cass_val_loss(model: Cass, loader, eval_views, device, amp: bool) -> float:
+    """The CASS loss on validation images' centre view (BN in eval mode), for monitoring and plateau."""
+    model.eval()
+    losses = []
+    for x, _ in loader:
+        with autocast(device, amp):
+            losses.append(float(model(eval_views(x.to(device))[0])))
+    model.train()
+    return sum(losses) / max(len(losses), 1)
