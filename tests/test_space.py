@@ -25,7 +25,9 @@ def _write(tmp_path, tree):
 def test_shipped_search_spaces_validate(name):
     study = load_study(name)
     assert study.metric.startswith("val_") and study.space.warm_start
-    assert study.trial_config({}, smoke=True).model.backbone.startswith("test_")
+    smoke = study.trial_config({}, smoke=True)
+    backbones = [smoke.cass.cnn, smoke.cass.transformer] if smoke.cass.enabled else [smoke.model.backbone]
+    assert all(b.startswith("test_") for b in backbones)  # --smoke runs on timm's tiny test models
 
 
 def test_conditional_parameters_appear_only_with_their_parent(tmp_path):
@@ -60,6 +62,8 @@ def test_conditional_parameters_appear_only_with_their_parent(tmp_path):
     (lambda t: t.update({"metric": "test_mean_auroc"}), "metric"),
     (lambda t: t.update({"budgett": {}}), "unknown key 'budgett'"),
     (lambda t: t.update({"warm_start": [{"supervised.optimizer.name": "rmsprop"}]}), "warm_start[0]"),
+    (lambda t: (t["params"].update({"augment.preprocess": {"choice": {"off": [], "eq": ["equalize"]}}}),
+                t.update({"warm_start": [{"augment.preprocess": "on"}]})), "warm_start[0]"),
 ])
 def test_bad_search_space_is_one_clear_error(tmp_path, edit, message):
     tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
@@ -80,3 +84,11 @@ def test_cyclic_conditions_are_an_error(tmp_path):
     tree["params"]["supervised.scheduler.name"]["when"] = {"supervised.scheduler.t_max": 5}
     with pytest.raises(ConfigError, match="cycle"):
         load_study(_write(tmp_path, tree))
+
+
+def test_warm_start_takes_a_labelled_choice_by_label_or_value(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    tree["params"]["augment.preprocess"] = {"choice": {"off": [], "eq+blur": ["equalize", "blur"]}}
+    tree["warm_start"] = [{"augment.preprocess": "eq+blur"}, {"augment.preprocess": []}]
+    study = load_study(_write(tmp_path, tree))
+    assert [p["augment.preprocess"] for p in study.warm_start_points()] == ["eq+blur", "off"]

@@ -205,6 +205,17 @@ class Study:
             values[key] = _suggest(trial, name, spec)
         return values
 
+    def _label_values(self, point: dict[str, Any]) -> dict[str, Any]:
+        """A warm-start point with labels of labelled choices replaced by their values."""
+        out = dict(point)
+        for key, value in point.items():
+            spec = self.space.params.get(key)
+            if spec is not None and spec.cases is not None:
+                spec = spec.cases.get(_case_key(point.get(spec.by)))
+            if spec is not None and isinstance(spec.choice, dict) and isinstance(value, str) and value in spec.choice:
+                out[key] = spec.choice[value]
+        return out
+
     def warm_start_points(self) -> list[dict[str, Any]]:
         """Warm-start configs as Optuna parameter names → values (labels for labelled choices)."""
         points = []
@@ -221,8 +232,12 @@ class Study:
                 if spec is None or spec.kind == "value":
                     continue
                 value = point[key]
-                if isinstance(spec.choice, dict):
-                    value = next(label for label, v in spec.choice.items() if v == value)
+                if isinstance(spec.choice, dict):  # labelled choice: a point may give the label or the value
+                    labels = [label for label, v in spec.choice.items() if v == value or label == value]
+                    if not labels:
+                        raise ConfigError(f"{self.origin}: warm_start: {key}: {value!r} is none of "
+                                          f"{list(spec.choice)} (labels) or their values")
+                    value = labels[0]
                 out[key_name] = value
             points.append(out)
         return points
@@ -255,9 +270,10 @@ class Study:
             if unknown:
                 raise ConfigError(f"{self.origin}: warm_start[{i}]: {unknown} are not parameters of this file")
             try:
-                self.trial_config(point)
+                self.trial_config(self._label_values(point))
             except ConfigError as err:
                 raise ConfigError(f"{self.origin}: warm_start[{i}]: {str(err).split(': ', 1)[-1]}") from None
+        self.warm_start_points()  # every labelled value resolves
         try:
             self.trial_config({}, smoke=True)
         except ConfigError as err:
