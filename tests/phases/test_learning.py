@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-
 import pytest
 
 from tune_xray.phases import run_phases
