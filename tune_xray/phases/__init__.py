@@ -45,7 +45,8 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    summary: dict = {"backbone": getattr(cfg.cass, cfg.cass.finetune) if cfg.cass.enabled else cfg.model.backbone, "task": data.index.task, "classes": list(data.index.classes),
+    fine_tuned = getattr(cfg.cass, cfg.cass.finetune) if cfg.cass.enabled else cfg.model.backbone
+    summary: dict = {"backbone": fine_tuned, "task": data.index.task, "classes": list(data.index.classes),
                      "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device)}
     resume_phase = resume["phase"] if resume else None
     ssl = "byol" if cfg.byol.enabled else "cass" if cfg.cass.enabled else None
