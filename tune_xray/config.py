@@ -177,7 +177,8 @@ class CassConfig(_Strict):
     enabled: bool = False
     cnn: str = Field("resnet50", description="the CNN arm (any timm or own backbone)")
     transformer: str = Field("vit_base_patch16_384", description="the transformer arm")
-    finetune: Literal["cnn", "transformer"] = Field("cnn", description="the arm fine-tuned afterwards")
+    finetune: Literal["cnn", "transformer", "both"] = Field(
+        "cnn", description="the arm fine-tuned afterwards, or both as a two-member ensemble")
     labelled_only: bool = Field(False, description="pre-train on the labelled subset only (S1), not all of train")
     out_dim: int = Field(1000, ge=1, description="shared output width both arms are projected to")
     epochs: int = Field(100, ge=1)

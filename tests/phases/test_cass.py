@@ -78,3 +78,25 @@ def test_cass_then_fine_tune_one_arm(make_config, tmp_path):
     assert [m["phase"] for m in seen] == ["cass", "supervised"]
     assert summary["backbone"] == "test_resnet" and summary["cass"]["finetuned_arm"] == "cnn"
     assert 0 <= summary["val"]["mean_auroc"] <= 1
+
+
+def test_both_arms_fine_tuned_as_a_two_member_ensemble(make_config, tmp_path):
+    cfg = make_config(**{**ARMS, "cass": {**ARMS["cass"], "finetune": "both"}},
+                      supervised={"epochs": 1, "freeze": 0.5, "head_warmup_epochs": 1})  # per member
+    summary = run_phases(cfg, tmp_path / "run")
+    assert summary["backbone"] == "test_resnet+test_vit"
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=False)["model"]
+    assert any(k.startswith("members.0.backbone.") for k in state) and any(k.startswith("members.1.") for k in state)
+    assert 0 <= summary["val"]["mean_auroc"] <= 1
+
+
+def test_member_ensemble_outputs_the_mean_probability():
+    from tune_xray.models.heads import Classifier, MemberEnsemble
+    members = [Classifier(*create_backbone("test_resnet"), 3) for _ in range(2)]
+    x = torch.randn(4, 3, 32, 32)
+    for multilabel, prob in ((True, torch.sigmoid), (False, lambda t: t.softmax(1))):
+        ensemble = MemberEnsemble(members, multilabel).eval()
+        with torch.no_grad():
+            expected = (prob(members[0](x)) + prob(members[1](x))) / 2
+            assert torch.allclose(prob(ensemble(x)), expected, atol=1e-5)
+        assert ensemble.train()(x).shape == (8, 3)  # training: both members' logits, each to its own loss

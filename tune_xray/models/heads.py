@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from timm.models import group_parameters
 from torch import nn
 
@@ -22,6 +23,35 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.backbone(x))
+
+
+class MemberEnsemble(nn.Module):
+    """Classifiers fine-tuned side by side (both CASS arms), each with its own head and its own loss.
+
+    Training: the members' logits come stacked along the batch (the loss repeats the targets), so no member
+    leans on the other. Eval: the logit of the members' mean probability (sigmoid for multi-label, log for
+    softmax), so the usual sigmoid/softmax of the output is exactly the ensemble's mean probability (S0's
+    ensemble rule)."""
+
+    def __init__(self, members: list[Classifier], multilabel: bool):
+        super().__init__()
+        self.members, self.multilabel = nn.ModuleList(members), multilabel
+
+    @property
+    def backbone(self) -> nn.ModuleList:  # views for freezing and the head warm-up, not extra parameters
+        return nn.ModuleList(m.backbone for m in self.members)
+
+    @property
+    def head(self) -> nn.ModuleList:
+        return nn.ModuleList(m.head for m in self.members)
+
+    def forward(self, x):
+        logits = [m(x) for m in self.members]
+        if self.training:
+            return torch.cat(logits)
+        if self.multilabel:
+            return torch.logit(torch.stack([t.float().sigmoid() for t in logits]).mean(0), eps=1e-7)
+        return torch.stack([t.float().softmax(1) for t in logits]).mean(0).clamp_min(1e-12).log()
 
 
 def freeze_backbone(backbone: nn.Module, freeze: float | str) -> int:

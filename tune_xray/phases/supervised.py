@@ -23,7 +23,7 @@ from ..augment import EvalViews, tta_logits
 from ..config import ConfigError, TrialConfig, metric_mode
 from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
 from ..metrics import classification_metrics
-from ..models.heads import Classifier, freeze_backbone
+from ..models.heads import Classifier, MemberEnsemble, freeze_backbone
 from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
                      no_report, restore_training, run_epoch, save_state, step_scheduler, training_state, unwrap)
 
@@ -141,7 +141,8 @@ def _improved(value: float, best: Optional[float], mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_features: int,
+def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | list[nn.Module],
+                   num_features: int | list[int],
                    device: torch.device, run_dir: Path, report: Report = no_report, rank: int = 0,
                    world_size: int = 1, checkpoints: bool = False, resume: dict | None = None,
                    carry: dict | None = None) -> dict:
@@ -152,7 +153,11 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
     summary, inside); `resume`: such a state to continue from."""
     sc, index = cfg.supervised, data.index
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = Classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate).to(device)
+    if isinstance(backbone, (list, tuple)):  # several backbones (both CASS arms): a member ensemble
+        model = MemberEnsemble([Classifier(b, w, data.num_classes, cfg.model.drop_rate)
+                                for b, w in zip(backbone, num_features)], index.task == "multilabel").to(device)
+    else:
+        model = Classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_aug, eval_views = build_views(cfg, data, device)
@@ -163,7 +168,8 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
         train_set = CachedBatches(data.cache, train_set.rows[keep], train_set.targets[keep])
     loss_fn = make_loss(index.task, sc, train_set.targets, data.num_classes).to(device)
     if sc.freeze:
-        freeze_backbone(model.backbone, sc.freeze)
+        for member in getattr(model, "members", [model]):
+            freeze_backbone(member.backbone, sc.freeze)
     train_loader = make_loader(train_set, sc.batch_size, shuffle=True, drop_last=len(train_set) > sc.batch_size,
                                seed=cfg.seed, num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
     val_loader = make_loader(data.dataset("val"), sc.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
@@ -178,7 +184,10 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg.amp):
             logits = trained(x)
-        return loss_fn(logits.float(), y.to(device))
+        y = y.to(device)
+        if len(logits) != len(y):  # a member ensemble in training: each member's logits, stacked
+            y = y.repeat(len(logits) // len(y), *[1] * (y.dim() - 1))
+        return loss_fn(logits.float(), y)
 
     best_score, best_state, best_val, best_epoch, stale = None, None, None, 0, 0
     history, start = [], 0
@@ -230,7 +239,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, nu
 
 
 @contextlib.contextmanager
-def head_only(model: Classifier):
+def head_only(model: Classifier | MemberEnsemble):
     """The backbone frozen for the duration, then each of its parameters trainable as before."""
     was_trainable = [p.requires_grad for p in model.backbone.parameters()]
     model.backbone.requires_grad_(False)
@@ -241,7 +250,7 @@ def head_only(model: Classifier):
             p.requires_grad_(trainable)
 
 
-def warm_up_head(model: Classifier, train_loader, micro_step, sc) -> None:
+def warm_up_head(model: Classifier | MemberEnsemble, train_loader, micro_step, sc) -> None:
     """S0's stage 1: `head_warmup_epochs` epochs training only the head at `head_warmup_lr` (its own
     optimizer, no schedule); stage 2 is the normal loop over the configured (unfrozen) parameters at
     optimizer.lr. Not selected on and not reported: it only initialises the head."""
