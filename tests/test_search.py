@@ -117,3 +117,24 @@ def test_a_trial_runs_as_two_ddp_ranks(tmp_path, ray_session):
                       "byol.hidden_dim=32", "byol.out_dim=16"]
     summary = run_search(args)
     assert summary["complete"] == 1 and summary["error"] == 0
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"model.backbone": {"choice": ["test_resnet", "resnet_18"]}}, "model.backbone 'resnet_18' is not a timm model"),
+    ({"model.pretrained_path": {"choice": {"scratch": None, "imagenet": "weights/nope.safetensors"}}},
+     "model.pretrained_path weights/nope.safetensors: no such file"),
+])
+def test_backbones_and_weight_files_are_checked_before_ray(tmp_path, capsys, params, message):
+    import ray
+    ray.shutdown()
+    space = tmp_path / "bad.yaml"
+    space.write_text(yaml.safe_dump({**SPACE, "params": {**SPACE["params"], **params}}))
+    assert main([str(space), "--storage", str(tmp_path / "s")]) == 2
+    assert message in capsys.readouterr().err and not ray.is_initialized()
+
+
+def test_shipped_smoke_searches_pass_the_candidate_check():
+    from tune_xray.search import check_candidates
+    from tune_xray.space import SEARCH_SPACES, load_study
+    for path in sorted(SEARCH_SPACES.glob("*.yaml")):
+        check_candidates(load_study(str(path)), {}, smoke=True)  # transfer's ImageNet files: smoke is scratch

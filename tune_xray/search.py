@@ -50,6 +50,29 @@ def _init_ray(address: str | None, verbose: bool) -> None:
         ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=verbose)
 
 
+def check_candidates(study: Study, overrides: dict, smoke: bool) -> None:
+    """Before Ray starts: every backbone a trial could draw is a timm model (ours included) and every weights
+    file it could load exists here — a trial that would only fail on its worker is one error now."""
+    import timm
+
+    from . import models  # noqa: F401  (registers MambaVision and VMamba)
+
+    for key, spec in study.space.params.items():
+        branches = spec.cases.values() if spec.cases is not None else [spec]
+        for value in [v for branch in branches for v in branch.candidate_values()]:
+            cfg = study.trial_config({key: value}, overrides, smoke)
+            names = {"model.backbone": cfg.model.backbone}
+            if cfg.cass.enabled:
+                names = {"cass.cnn": cfg.cass.cnn, "cass.transformer": cfg.cass.transformer}
+            for where, name in names.items():
+                if not timm.is_model(name.split(".")[0]):
+                    raise ConfigError(f"{study.origin}: params.{key}={value!r}: {where} '{name}' is not a timm model")
+            path = cfg.model.pretrained_path
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{study.origin}: params.{key}={value!r}: model.pretrained_path {path}: no such "
+                                  "file (weights load from local files only)")
+
+
 def _optuna_search(study: Study, name: str, experiment_dir: Path, seed: int, metric: str):
     """OptunaSearch (TPE, seeded) on the study's define-by-run space, its study in sqlite beside the experiment.
 
@@ -127,6 +150,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     if args.data:
         overrides = merge(overrides, {"data": {"source": args.data}})
     base_cfg = study.trial_config({}, overrides, args.smoke)
+    check_candidates(study, overrides, args.smoke)
     budget = study.budget(args.smoke)
     trials = args.trials or budget.trials
     storage = Path(args.storage).resolve() if "://" not in args.storage else args.storage
