@@ -100,3 +100,13 @@ def test_member_ensemble_outputs_the_mean_probability():
             expected = (prob(members[0](x)) + prob(members[1](x))) / 2
             assert torch.allclose(prob(ensemble(x)), expected, atol=1e-5)
         assert ensemble.train()(x).shape == (8, 3)  # training: both members' logits, each to its own loss
+
+
+def test_cass_resumes_from_an_epoch_checkpoint(make_config, tmp_path):
+    from tune_xray.phases.common import load_state
+    cfg = make_config(**{**ARMS, "cass": {**ARMS["cass"], "epochs": 2, "swa": True, "swa_start": 0.0}})
+    data, saved = prepare(cfg.data), []
+    run_cass(cfg, data, build_cass(cfg), torch.device("cpu"), tmp_path, checkpoints=True,
+             report=lambda m, checkpoint=None: saved.append(load_state(checkpoint)))
+    resumed = run_cass(cfg, data, build_cass(cfg), torch.device("cpu"), tmp_path, resume=saved[0])
+    assert [m["epoch"] for m in resumed["history"]] == [1, 2] and resumed["swa_updates"] == 2

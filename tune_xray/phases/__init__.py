@@ -30,12 +30,15 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     run_dir = Path(run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     # every bad-input error surfaces here, before any compute and before the run dir exists
+    fine_tuned = cfg.model.backbone
     if cfg.cass.enabled:  # the fine-tuned backbone is a CASS arm (or both), pre-trained in place
         cass = build_cass(cfg)
-        arms = [cass.cnn, cass.transformer] if cfg.cass.finetune == "both" else [getattr(cass, cfg.cass.finetune)]
+        keys = ("cnn", "transformer") if cfg.cass.finetune == "both" else (cfg.cass.finetune,)
+        arms = [getattr(cass, k) for k in keys]
         backbone, num_features = [a.backbone for a in arms], [a.num_features for a in arms]
         if len(arms) == 1:
             backbone, num_features = backbone[0], num_features[0]
+        fine_tuned = "+".join(getattr(cfg.cass, k) for k in keys)
     else:
         backbone, num_features = create_backbone(cfg.model.backbone, cfg.model.pretrained_path, cfg.model.in_chans,
                                                  cfg.augment.image_size)
@@ -47,10 +50,6 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    fine_tuned = cfg.model.backbone
-    if cfg.cass.enabled:
-        fine_tuned = "+".join(getattr(cfg.cass, a) for a in (("cnn", "transformer") if cfg.cass.finetune == "both"
-                                                                 else (cfg.cass.finetune,)))
     summary: dict = {"backbone": fine_tuned, "task": data.index.task, "classes": list(data.index.classes),
                      "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device)}
     resume_phase = resume["phase"] if resume else None

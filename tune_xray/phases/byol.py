@@ -22,8 +22,8 @@ from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..models.heads import mlp_head
 from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
-                     no_report, optimizer_steps_per_epoch, restore_training, run_epoch, save_state, step_scheduler,
-                     training_state)
+                     eval_loss, no_report, optimizer_steps_per_epoch, restore_training, run_epoch, save_state,
+                     step_scheduler, training_state)
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
     state = {"step": 0, "tau": bc.ema_tau, "z_std": 0.0}
     history, start = [], 0
     if resume is not None:
-        history, start = restore_training(resume, model, optimizer, scheduler)
+        history, start = restore_training(resume, model, [optimizer], [scheduler])
         state.update(step=resume["step"], tau=resume["tau"])
 
     def views(x):
@@ -124,28 +124,16 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
         model.train()
         set_epoch(loader, epoch)
         train_loss = run_epoch(loader, micro_step, [optimizer], params, bc.accum_steps, after_step=after_step)
-        val_loss = byol_val_loss(model, val_loader, views, device, cfg.amp)
+        # the BYOL loss on augmented validation images
+        val_loss = eval_loss(model, val_loader, lambda x: model(*views(x))[0], device, cfg.amp)
         metrics = {"epoch": epoch + 1, "byol_loss": train_loss, "byol_val_loss": val_loss,
                    "z_std": state["z_std"], "ema_tau": state["tau"], "lr": current_lr(optimizer)}
         history.append(metrics)
         step_scheduler(scheduler, epoch + 1, {"val_loss": val_loss, **metrics}, bc.scheduler)
         checkpoint = None
         if checkpoints and rank == 0:
-            checkpoint = save_state(run_dir, training_state("byol", epoch + 1, model, optimizer, scheduler, history,
+            checkpoint = save_state(run_dir, training_state("byol", epoch + 1, model, [optimizer], [scheduler], history,
                                                             step=state["step"], tau=state["tau"]))
         report({"phase": "byol", **metrics}, checkpoint)
     return {"history": history, "steps": state["step"], "total_steps": total_steps, "final_tau": state["tau"],
             "batch_size": batch_size}
-
-
-@torch.no_grad()
-def byol_val_loss(model: Byol, loader, views, device, amp: bool) -> float:
-    """BYOL loss on augmented validation images (BN in eval mode), for monitoring only."""
-    model.eval()
-    losses = []
-    for x, _ in loader:
-        with autocast(device, amp):
-            loss, _ = model(*views(x))
-        losses.append(float(loss))
-    model.train()
-    return sum(losses) / max(len(losses), 1)

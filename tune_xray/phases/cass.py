@@ -20,7 +20,7 @@ from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..models import create_backbone
 from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
-                     no_report, run_epoch, save_state, step_scheduler, unwrap)
+                     eval_loss, no_report, restore_training, run_epoch, save_state, step_scheduler, training_state)
 
 
 class CassArm(nn.Module):
@@ -81,15 +81,11 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
     params = [p for p in model.parameters() if p.requires_grad]
     history, start = [], 0
     if resume is not None:
-        unwrap(model).load_state_dict(resume["model"])
-        for opt, sched, state in zip(optimizers, schedulers, resume["arms"]):
-            opt.load_state_dict(state["optimizer"])
-            if sched is not None:
-                sched.load_state_dict(state["scheduler"])
-        for avg, swa_sched, state in zip(averaged, swa_schedulers, resume["arms"]):
-            avg.load_state_dict(state["averaged"])
-            swa_sched.load_state_dict(state["swa_scheduler"])
-        history, start = list(resume["history"]), resume["epoch"]
+        history, start = restore_training(resume, model, optimizers, schedulers)
+        for avg, state in zip(averaged, resume["averaged"]):
+            avg.load_state_dict(state)
+        for swa_sched, state in zip(swa_schedulers, resume["swa_schedulers"]):
+            swa_sched.load_state_dict(state)
 
     def micro_step(batch):
         x = augment(batch[0].to(device, non_blocking=True))  # one draw, the same images for both arms
@@ -100,7 +96,8 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
         model.train()
         set_epoch(loader, epoch)
         train_loss = run_epoch(loader, micro_step, optimizers, params, cc.accum_steps)
-        val_loss = cass_val_loss(model, val_loader, eval_views, device, cfg.amp)
+        # the CASS loss on validation images' centre view
+        val_loss = eval_loss(model, val_loader, lambda x: model(eval_views(x.to(device))[0]), device, cfg.amp)
         metrics = {"epoch": epoch + 1, "cass_loss": train_loss, "cass_val_loss": val_loss,
                    "lr": current_lr(optimizers[0])}
         if averaged and epoch >= swa_start:
@@ -113,12 +110,10 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
         history.append(metrics)
         checkpoint = None
         if checkpoints and rank == 0:
-            arm_states = [{"optimizer": opt.state_dict(), "scheduler": None if s is None else s.state_dict()}
-                          for opt, s in zip(optimizers, schedulers)]
-            for state, avg, swa_sched in zip(arm_states, averaged, swa_schedulers):
-                state.update(averaged=avg.state_dict(), swa_scheduler=swa_sched.state_dict())
-            checkpoint = save_state(run_dir, {"phase": "cass", "epoch": epoch + 1, "history": history,
-                                              "model": unwrap(model).state_dict(), "arms": arm_states})
+            checkpoint = save_state(run_dir, training_state(
+                "cass", epoch + 1, model, optimizers, schedulers, history,
+                averaged=[avg.state_dict() for avg in averaged],
+                swa_schedulers=[swa_sched.state_dict() for swa_sched in swa_schedulers]))
         report({"phase": "cass", **metrics}, checkpoint)
 
     swa_updates = int(averaged[0].n_averaged) if averaged else 0
@@ -127,15 +122,3 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
             update_bn((augment(x.to(device)) for x, _ in loader), avg)
             arm.load_state_dict(avg.module.state_dict())
     return {"history": history, "batch_size": batch_size, "swa_updates": swa_updates, "finetuned_arm": cc.finetune}
-
-
-@torch.no_grad()
-def cass_val_loss(model: Cass, loader, eval_views, device, amp: bool) -> float:
-    """The CASS loss on validation images' centre view (BN in eval mode), for monitoring and plateau."""
-    model.eval()
-    losses = []
-    for x, _ in loader:
-        with autocast(device, amp):
-            losses.append(float(model(eval_views(x.to(device))[0])))
-    model.train()
-    return sum(losses) / max(len(losses), 1)

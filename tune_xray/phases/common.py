@@ -162,6 +162,20 @@ def run_epoch(batches: Iterable, micro_step: Callable[[object], torch.Tensor],
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def eval_loss(model: nn.Module, loader, batch_loss: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+              amp: bool) -> float:
+    """Mean of `batch_loss(images)` over a loader with `model` in eval mode (BN statistics fixed), then back
+    to train mode: the self-supervised phases' validation loss, for monitoring and plateau schedules."""
+    model.eval()
+    losses = []
+    for x, _ in loader:
+        with autocast(device, amp):
+            losses.append(float(batch_loss(x)))
+    model.train()
+    return sum(losses) / max(len(losses), 1)
+
+
 def optimizer_steps_per_epoch(n_batches: int, accum_steps: int) -> int:
     return math.ceil(n_batches / accum_steps)
 
@@ -196,18 +210,24 @@ def load_state(checkpoint_dir: str | Path) -> dict:
     return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def training_state(phase: str, epoch: int, model: nn.Module, optimizer, scheduler, history: list, **extra) -> dict:
-    """What a phase needs to continue after `epoch`: weights, optimizer, scheduler, history, its own extras."""
-    return {"phase": phase, "epoch": epoch, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(), "history": history, **extra}
+def training_state(phase: str, epoch: int, model: nn.Module, optimizers: list, schedulers: list, history: list,
+                   **extra) -> dict:
+    """What a phase needs to continue after `epoch`: weights, its optimizers and schedulers (one each, or one
+    per arm as in CASS), history, its own extras."""
+    return {"phase": phase, "epoch": epoch, "model": unwrap(model).state_dict(),
+            "optimizers": [opt.state_dict() for opt in optimizers],
+            "schedulers": [None if sched is None else sched.state_dict() for sched in schedulers],
+            "history": history, **extra}
 
 
-def restore_training(resume: dict, model: nn.Module, optimizer, scheduler) -> tuple[list, int]:
+def restore_training(resume: dict, model: nn.Module, optimizers: list, schedulers: list) -> tuple[list, int]:
     """Load a `training_state` back; returns (history so far, epochs already done)."""
     unwrap(model).load_state_dict(resume["model"])
-    optimizer.load_state_dict(resume["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(resume["scheduler"])
+    for opt, state in zip(optimizers, resume["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    for sched, state in zip(schedulers, resume["schedulers"], strict=True):
+        if sched is not None:
+            sched.load_state_dict(state)
     return list(resume["history"]), resume["epoch"]
 
 

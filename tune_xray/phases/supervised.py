@@ -197,7 +197,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
             warm_up_head(model, train_loader, micro_step, sc)
     trained = distributed(model, world_size, device)
     if resume is not None:
-        history, start = restore_training(resume, model, optimizer, scheduler)
+        history, start = restore_training(resume, model, [optimizer], [scheduler])
         best_score, best_state, best_epoch, stale = (resume[k] for k in ("best_score", "best_state", "best_epoch",
                                                                           "stale"))
         if sc.early_stopping_patience and stale >= sc.early_stopping_patience:
@@ -224,7 +224,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
         checkpoint = None
         if checkpoints and rank == 0:
             checkpoint = save_state(run_dir, training_state(
-                "supervised", epoch + 1, model, optimizer, scheduler, history, best_score=best_score,
+                "supervised", epoch + 1, model, [optimizer], [scheduler], history, best_score=best_score,
                 best_state=best_state, best_epoch=best_epoch, stale=stale, **(carry or {})))
         report({"phase": "supervised", **metrics}, checkpoint)
         if sc.early_stopping_patience and stale >= sc.early_stopping_patience:
