@@ -21,7 +21,6 @@ from ray import tune
 from tune_xray.config import build_config
 from tune_xray.data.loader import prepare
 from tune_xray.phases import run_phases
-from tune_xray.search import main as search_main
 from tune_xray.search import run_search
 
 
@@ -63,7 +62,7 @@ def main() -> None:
     first_direct = first_direct[0] - start
 
     timer = FirstResult()
-    parsed = search_main.__globals__["argparse"].Namespace(
+    parsed = argparse.Namespace(
         study=str(space), data=None, trials=1, smoke=False, storage=str(work / "store"), local_dir="", name="bench",
         resume=False, workers_per_trial=1, cpus_per_trial=2.0, gpus_per_trial=0.0, address=None, tracking_uri=None,
         overrides=[], seed=0, max_failures=0, no_asha=True, verbose=False)

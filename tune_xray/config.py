@@ -7,7 +7,7 @@ data so that `python -m tune_xray.train` runs on a fresh machine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -149,9 +149,23 @@ class SupervisedConfig(_Strict):
         "youden", description="multi-label and binary decision thresholds, chosen on val within [0.05, 0.95]")
 
 
-class ByolConfig(_Strict):
+class _SslPhase(_Strict):
+    """What the self-supervised phases share: a plateau schedule can only watch their own validation loss."""
+
+    _phase: ClassVar[str]
+
+    @model_validator(mode="after")
+    def _plateau_on_own_loss(self):
+        if self.scheduler.name == "plateau" and self.scheduler.plateau_metric != "val_loss":
+            raise ValueError(f"{self._phase}.scheduler.plateau_metric must be val_loss "
+                             f"(the {self._phase.upper()} validation loss)")
+        return self
+
+
+class ByolConfig(_SslPhase):
     """BYOL (Grill et al. 2020) with S0's final recipe as defaults (LARS 0.2 at batch 256, H 1024)."""
 
+    _phase: ClassVar[str] = "byol"
     enabled: bool = False
     labelled_only: bool = Field(False, description="pre-train on the labelled subset only (S1), not all of train")
     epochs: int = Field(10, ge=1)
@@ -163,17 +177,13 @@ class ByolConfig(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig(name="lars", lr=0.2, weight_decay=1.5e-6, momentum=0.0)
     scheduler: SchedulerConfig = SchedulerConfig(name="cosine", t_max=250, eta_min=1e-6)
 
-    @model_validator(mode="after")
-    def _plateau_on_byol_loss(self):
-        if self.scheduler.name == "plateau" and self.scheduler.plateau_metric != "val_loss":
-            raise ValueError("byol.scheduler.plateau_metric must be val_loss (the BYOL validation loss)")
-        return self
 
 
-class CassConfig(_Strict):
+class CassConfig(_SslPhase):
     """CASS (Singh et al. 2022) with S1's recipe as defaults: ResNet-50 + ViT-B/16 on the same augmented batch,
     Adam 1e-3 each, cosine T_max 16, batch 16 (SEEDS.md, S1)."""
 
+    _phase: ClassVar[str] = "cass"
     enabled: bool = False
     cnn: str = Field("resnet50", description="the CNN arm (any timm or own backbone)")
     transformer: str = Field("vit_base_patch16_384", description="the transformer arm")
@@ -190,11 +200,6 @@ class CassConfig(_Strict):
     swa_start: float = Field(0.75, ge=0, lt=1, description="share of the epochs before averaging starts")
     swa_lr: float = Field(1e-4, gt=0)
 
-    @model_validator(mode="after")
-    def _plateau_on_cass_loss(self):
-        if self.scheduler.name == "plateau" and self.scheduler.plateau_metric != "val_loss":
-            raise ValueError("cass.scheduler.plateau_metric must be val_loss (the CASS validation loss)")
-        return self
 
 
 class TrialConfig(_Strict):

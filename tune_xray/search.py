@@ -57,20 +57,18 @@ def check_candidates(study: Study, overrides: dict, smoke: bool) -> None:
 
     from . import models  # noqa: F401  (registers MambaVision and VMamba)
 
-    for key, spec in study.space.params.items():
-        branches = spec.cases.values() if spec.cases is not None else [spec]
-        for value in [v for branch in branches for v in branch.candidate_values()]:
-            cfg = study.trial_config({key: value}, overrides, smoke)
-            names = {"model.backbone": cfg.model.backbone}
-            if cfg.cass.enabled:
-                names = {"cass.cnn": cfg.cass.cnn, "cass.transformer": cfg.cass.transformer}
-            for where, name in names.items():
-                if not timm.is_model(name.split(".")[0]):
-                    raise ConfigError(f"{study.origin}: params.{key}={value!r}: {where} '{name}' is not a timm model")
-            path = cfg.model.pretrained_path
-            if path and not Path(path).is_file():
-                raise ConfigError(f"{study.origin}: params.{key}={value!r}: model.pretrained_path {path}: no such "
-                                  "file (weights load from local files only)")
+    for where, key, value in study.candidates():
+        cfg = study.trial_config({key: value}, overrides, smoke)
+        names = {"model.backbone": cfg.model.backbone}
+        if cfg.cass.enabled:
+            names = {"cass.cnn": cfg.cass.cnn, "cass.transformer": cfg.cass.transformer}
+        for field, name in names.items():
+            if not timm.is_model(name.split(".")[0]):
+                raise ConfigError(f"{study.origin}: {where}={value!r}: {field} '{name}' is not a timm model")
+        path = cfg.model.pretrained_path
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{study.origin}: {where}={value!r}: model.pretrained_path {path}: no such "
+                              "file (weights load from local files only)")
 
 
 def _optuna_search(study: Study, name: str, experiment_dir: Path, seed: int, metric: str):

@@ -242,6 +242,14 @@ class Study:
             points.append(out)
         return points
 
+    def candidates(self):
+        """(where, key, value) for every value each parameter can take, every `cases` branch included."""
+        for key, spec in self.space.params.items():
+            branches = spec.cases.items() if spec.cases is not None else [(None, spec)]
+            for case, branch in branches:
+                for value in branch.candidate_values():
+                    yield f"params.{key}" + (f".cases.{case}" if case is not None else ""), key, value
+
     def validate(self) -> None:
         """Every candidate value of every parameter, set into the base config, must validate."""
         for key, spec in self.space.params.items():
@@ -255,16 +263,12 @@ class Study:
                     raise ConfigError(f"{self.origin}: params.{key}: 'when' names '{parent}', "
                                       "which is not a parameter of this file")
         self.ordered_params()  # a cycle of conditions is an error
-        for key, spec in self.space.params.items():
-            branches = spec.cases.items() if spec.cases is not None else [(None, spec)]
-            for case, branch in branches:
-                for value in branch.candidate_values():
-                    where = f"params.{key}" + (f".cases.{case}" if case is not None else "")
-                    try:
-                        self.trial_config({key: value})
-                    except ConfigError as err:
-                        detail = str(err).split("\n")[0].split(": ", 1)[-1]
-                        raise ConfigError(f"{self.origin}: {where}: value {value!r} is not allowed: {detail}") from None
+        for where, key, value in self.candidates():
+            try:
+                self.trial_config({key: value})
+            except ConfigError as err:
+                detail = str(err).split("\n")[0].split(": ", 1)[-1]
+                raise ConfigError(f"{self.origin}: {where}: value {value!r} is not allowed: {detail}") from None
         for i, point in enumerate(self.space.warm_start):
             unknown = sorted(set(point) - set(self.space.params))
             if unknown:

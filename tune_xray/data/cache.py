@@ -43,10 +43,14 @@ def decode(path: str, size: int, channels: int) -> np.ndarray:
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(img, dtype=np.float32)
                 img = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
-            img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            return _to_cache_layout(img, size, channels)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
+
+
+def _to_cache_layout(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """A PIL image → uint8 (channels, size, size), bilinear."""
+    arr = np.asarray(img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
@@ -65,10 +69,7 @@ def _decode_npz_members(paths: list[str], size: int, channels: int):
         split, _, i = member.partition("/")
         if file not in arrays:
             arrays[file] = np.load(file)
-        arr = arrays[file][f"{split}_images"][int(i)]
-        img = Image.fromarray(arr).convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-        yield arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+        yield _to_cache_layout(Image.fromarray(arrays[file][f"{split}_images"][int(i)]), size, channels)
 
 
 def cache_key(paths: list[str], size: int, channels: int) -> str:
