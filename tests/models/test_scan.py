@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from tune_xray.models.scan import _MAX_CHUNK, scan_backend, selective_scan
+import torch.nn.functional as F
+
+from tune_xray.models.scan import _MAX_CHUNK, _chunk_for, scan_backend, selective_scan
 
 from .scan_reference import sequential_scan
 
@@ -24,24 +26,30 @@ def values_and_grads(scan, inputs):
     return [y.detach(), *torch.autograd.grad((y * weights).sum(), list(leaves.values()))]
 
 
-@pytest.mark.parametrize("shape", [
-    dict(batch=2, dim=6, length=37, n=4),                                      # one chunk
-    dict(batch=2, dim=8, length=300, n=3, groups=4, b_layout="groups"),      # VMamba's grouped B/C, chunk ends
-    dict(batch=1, dim=4, length=2 * _MAX_CHUNK + 5, n=16),                    # long: several full chunks + a tail
-    dict(batch=2, dim=4, length=50, n=2, b_layout="fixed"),                   # time-invariant B/C
-    dict(batch=2, dim=4, length=64, n=2, scale=30.0),                         # steep decays: short chunks
+@pytest.mark.parametrize("shape, plan", [
+    (dict(batch=2, dim=6, length=37, n=4, scale=0.05), "one chunk"),
+    (dict(batch=2, dim=8, length=300, n=3, groups=4, b_layout="groups", scale=0.05), "chunks"),  # VMamba's B/C
+    (dict(batch=1, dim=4, length=2 * _MAX_CHUNK + 5, n=16, scale=0.05), "padded chunks"),
+    (dict(batch=2, dim=4, length=211, n=2, scale=0.5), "padded chunks"),       # prime L: a padded tail
+    (dict(batch=2, dim=4, length=50, n=2, b_layout="fixed", scale=0.05), "one chunk"),  # time-invariant B/C
+    (dict(batch=2, dim=4, length=64, n=2), "log-step"),                        # steep decays
+    (dict(batch=2, dim=4, length=100, n=1, groups=2, b_layout="groups", scale=30.0), "log-step"),
 ])
-def test_chunked_scan_equals_the_sequential_definition(shape):
+def test_chunked_scan_equals_the_sequential_definition(shape, plan):
     inputs = make_inputs(**shape)
+    delta = F.softplus(inputs["delta"] + inputs["delta_bias"][:, None])
+    chunk, length = _chunk_for(delta, inputs["A"]), shape["length"]
+    assert plan == ("log-step" if chunk is None else "one chunk" if chunk == length
+                    else "chunks" if length % chunk == 0 else "padded chunks")
     ours, reference = values_and_grads(selective_scan, inputs), values_and_grads(sequential_scan, inputs)
     for name, a, b in zip(["y", *inputs], ours, reference):
         scale = float(b.abs().max())
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 
-def test_no_overflow_at_large_decay():
+def test_no_overflow_at_large_decay():  # e^{-cumsum} would overflow in any chunk: the log-step scan
     inputs = make_inputs(batch=2, dim=4, length=400, n=16, scale=1.0)
-    inputs["A"] = -torch.full((4, 16), 1e4)  # |ΔA| up to ~1e4: e^{-cumsum} would overflow without the guard
+    inputs["A"] = -torch.full((4, 16), 1e4)  # |ΔA| up to ~1e4
     y, *grads = values_and_grads(selective_scan, inputs)
     assert all(torch.isfinite(t).all() for t in [y, *grads])
     reference = values_and_grads(sequential_scan, inputs)[0]
