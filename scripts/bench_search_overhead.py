@@ -3,7 +3,8 @@
 
 Prints the time from trial start to its first reported metric under Ray, both wall times, and Ray's share
 of the trial's wall time: (Ray − direct) / Ray. Goals (issue #3): ≤ 10 s to first metric, ≤ 3 % overhead for a
-trial of a few minutes.
+trial of a few minutes. Then where the CPU went while the trial trained (Linux): its worker's share of the
+cores, and that of every other process — on a small machine, what Ray's own processes take from training.
 
     python scripts/bench_search_overhead.py [--epochs 40] [--images 2000]
 """
@@ -11,6 +12,7 @@ trial of a few minutes.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,20 +26,48 @@ from tune_xray.phases import run_phases
 from tune_xray.search import run_search
 
 
+def cpu_seconds() -> dict:
+    """CPU seconds (user + system) so far of every process on this machine, by pid, with its command line."""
+    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(pid)] = ((int(fields[11]) + int(fields[12])) / ticks, command)
+    return out
+
+
 class FirstResult(tune.Callback):
-    """Wall-clock times of a trial's start, its first result, and its end (driver side)."""
+    """Wall-clock times of a trial's start, its first result, and its end (driver side), and the CPU each
+    process used between the second and the last result (the worker is gone by the trial's end)."""
 
     def __init__(self):
         self.start = self.first = self.end = None
+        self.results, self.window = 0, []
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.start = self.start or time.perf_counter()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.first = self.first or time.perf_counter()
+        self.results += 1
+        if self.results >= 2:
+            snapshot = (time.perf_counter(), cpu_seconds())
+            self.window = [self.window[0] if self.window else snapshot, snapshot]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.end = time.perf_counter()
+
+    def cpu_shares(self) -> tuple[float, float, float]:
+        """Over the window: its wall seconds, the CPU share of the busiest process (the trial's worker) and
+        that of every other process together, each as a share of the machine's cores."""
+        (t0, before), (t1, after) = self.window
+        used = sorted((cpu - before.get(pid, (0.0, ""))[0] for pid, (cpu, _) in after.items()), reverse=True)
+        capacity = (t1 - t0) * os.cpu_count()
+        return t1 - t0, used[0] / capacity, sum(used[1:]) / capacity
 
 
 def main() -> None:
@@ -77,6 +107,10 @@ def main() -> None:
     print(f"trial start → first reported metric  {timer.first - timer.start:7.1f} s   (direct: {first_direct:.1f} s, "
           f"so Ray adds {timer.first - timer.start - first_direct:.1f} s before the first epoch's report)")
     print(f"Ray's share of the trial's wall time {100 * (trial - direct) / trial:7.1f} %")
+    if len(timer.window) == 2 and Path("/proc").is_dir():
+        seconds, worker, others = timer.cpu_shares()
+        print(f"CPU over {seconds:.0f} s of epochs: the trial's worker {100 * worker:.1f} %, every other process "
+              f"(Ray's daemons and actors, the Tune driver) {100 * others:.1f} % of {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
