@@ -8,10 +8,13 @@ export MLFLOW_EXPERIMENT_ID, which Ray's workers inherit and prefer (runs would 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from ray.air.constants import TRAINING_ITERATION
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.utils.util import flatten_dict
 
@@ -79,6 +82,14 @@ class TrialRuns(MLflowLoggerCallback):
         super().__init__(tracking_uri=tracking_uri, experiment_name=experiment,
                          tags={"mlflow.parentRunId": parent_run_id}, save_artifact=True)
         self.resolve = resolve
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        """A result's numbers as one MLflow batch at step `training_iteration`. Ray's logger writes each metric
+        in its own transaction: about 55 sqlite commits an epoch, most of the Tune driver's CPU (cProfile)."""
+        timestamp = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), timestamp, result[TRAINING_ITERATION])
+                   for key, value in flatten_dict(result).items() if isinstance(value, (int, float))]
+        MlflowClient(self.tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
 
     def log_trial_start(self, trial) -> None:
         fresh = trial not in self._trial_runs
