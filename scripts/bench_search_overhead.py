@@ -26,17 +26,16 @@ from tune_xray.phases import run_phases
 from tune_xray.search import run_search
 
 
-def cpu_seconds() -> dict:
-    """CPU seconds (user + system) so far of every process on this machine, by pid, with its command line."""
+def cpu_seconds() -> dict[int, float]:
+    """CPU seconds (user + system) so far of every process on this machine, by pid."""
     ticks, out = os.sysconf("SC_CLK_TCK"), {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
-            command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        out[int(pid)] = ((int(fields[11]) + int(fields[12])) / ticks, command)
+        out[int(pid)] = (int(fields[11]) + int(fields[12])) / ticks
     return out
 
 
@@ -65,7 +64,7 @@ class FirstResult(tune.Callback):
         """Over the window: its wall seconds, the CPU share of the busiest process (the trial's worker) and
         that of every other process together, each as a share of the machine's cores."""
         (t0, before), (t1, after) = self.window
-        used = sorted((cpu - before.get(pid, (0.0, ""))[0] for pid, (cpu, _) in after.items()), reverse=True)
+        used = sorted((cpu - before.get(pid, 0.0) for pid, cpu in after.items()), reverse=True)
         capacity = (t1 - t0) * os.cpu_count()
         return t1 - t0, used[0] / capacity, sum(used[1:]) / capacity
 
