@@ -11,18 +11,15 @@ installed, the chunked PyTorch scan otherwise).
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from .scan import scan_backend, selective_scan
-
-log = logging.getLogger(__name__)
+from .scan import build_ssm_model, selective_scan
 
 
 class Stem(nn.Module):
@@ -261,11 +258,8 @@ SIZES = {
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> MambaVision:
-    if pretrained:
-        raise ValueError(f"{variant}: no hub at run time; load a local file with model.pretrained_path")
-    log.info("%s: selective scan = %s", variant, scan_backend())
     args = {"window_size": (8, 8, 14, 7), **SIZES[variant], **kwargs}
-    return build_model_with_cfg(MambaVision, variant, False, feature_cfg=dict(flatten_sequential=True), **args)
+    return build_ssm_model(MambaVision, variant, pretrained, **args)
 
 
 @register_model

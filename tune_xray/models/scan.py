@@ -46,6 +46,17 @@ def scan_backend() -> str:
     return "pure-PyTorch chunked scan (mamba-ssm not installed)"
 
 
+def build_ssm_model(model_cls, variant: str, pretrained: bool, **kwargs):
+    """A timm entry point's body for our SSM backbones: weights come from local files only (no hub at run
+    time), and the log says which scan path the model takes."""
+    from timm.models import build_model_with_cfg
+
+    if pretrained:
+        raise ValueError(f"{variant}: no hub at run time; load a local file with model.pretrained_path")
+    log.info("%s: selective scan = %s", variant, scan_backend())
+    return build_model_with_cfg(model_cls, variant, False, feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,

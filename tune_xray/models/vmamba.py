@@ -10,19 +10,17 @@ official checkpoints, so they load with `model.pretrained_path`. Computed channe
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from .scan import scan_backend, selective_scan
+from .scan import build_ssm_model, selective_scan
 
-log = logging.getLogger(__name__)
 DIRECTIONS = 4
 
 
@@ -197,11 +195,7 @@ SIZES = {  # the released v2 checkpoints: vmamba_tiny_s1l8, vmamba_small_s2l15, 
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
-    if pretrained:
-        raise ValueError(f"{variant}: no hub at run time; load a local file with model.pretrained_path")
-    log.info("%s: selective scan = %s", variant, scan_backend())
-    return build_model_with_cfg(VMamba, variant, False, feature_cfg=dict(flatten_sequential=True),
-                                **{**SIZES[variant], **kwargs})
+    return build_ssm_model(VMamba, variant, pretrained, **{**SIZES[variant], **kwargs})
 
 
 @register_model
