@@ -8,8 +8,9 @@ import math
 from torchvision.transforms import InterpolationMode
 
 from tune_xray.augment import (EvalViews, RandomBrightness, RandomContrast, RandomGeometry, TrainAugment, normalization,
-                               preprocess, random_erasing_, tta_logits)
+                               preprocess, random_erasing_)
 from tune_xray.config import AugmentConfig
+from tune_xray.models.heads import mean_probability_logits
 
 S0_ALL = AugmentConfig(image_size=56, crop="random", hflip=0.5, rotation=10, brightness=(0.8, 1.2),
                        contrast=(0.8, 1.2), erasing=3, erasing_p=0.5, erasing_scale=(0.02, 0.1), blur_p=0.5,
@@ -117,10 +118,22 @@ def test_eval_views(tta, n):
     assert torch.equal(views[0], EvalViews(cfg, 64, 3, *normalization(cfg, 3))(_batch(2))[0])  # deterministic
 
 
-def test_tta_averages_logits():
-    views = [torch.ones(2, 3, 4, 4), 3 * torch.ones(2, 3, 4, 4)]
-    model = lambda v: v.mean((1, 2, 3))[:, None]  # noqa: E731
-    assert torch.equal(tta_logits(model, views), torch.full((2, 1), 2.0))
+def test_tta_averages_probabilities_not_logits():
+    logits = [torch.tensor([[0.0, 2.0]]), torch.tensor([[4.0, -2.0]])]
+    multi = torch.sigmoid(mean_probability_logits(logits, multilabel=True))
+    assert torch.allclose(multi, (torch.sigmoid(logits[0]) + torch.sigmoid(logits[1])) / 2)
+    assert not torch.allclose(multi, torch.sigmoid((logits[0] + logits[1]) / 2))  # what S0 did
+    single = torch.softmax(mean_probability_logits(logits, multilabel=False), 1)
+    assert torch.allclose(single, (torch.softmax(logits[0], 1) + torch.softmax(logits[1], 1)) / 2)
+
+
+@pytest.mark.parametrize("change, key", [({"augment": {"eval_view": "resize"}}, "eval_view=center_crop"),
+                                         ({"augment": {"image_size": 64}}, "cache_size > image_size")])
+def test_tencrop_that_cannot_crop_is_a_config_error(change, key):
+    from tune_xray.config import ConfigError, build_config, merge
+    tree = merge({"data": {"cache_size": 64}, "augment": {"image_size": 56, "tta": "tencrop"}}, change)
+    with pytest.raises(ConfigError, match=key):
+        build_config(tree)
 
 
 def test_crop_larger_than_cache_is_an_error():

@@ -233,13 +233,17 @@ class TrainAugment(_Views):
 class EvalViews(_Views):
     """Deterministic evaluation views: one centre/resized view, or TTA views whose logits are averaged.
 
-    `tencrop` is S0's TTA: the four corners and the centre at image_size, and their horizontal flips.
+    `tencrop` is S0's TTA: the four corners and the centre at image_size, and their horizontal flips; it needs
+    a cache larger than the crop (TrialConfig checks it). The views' probabilities are averaged by the caller.
     """
 
     def __init__(self, cfg: AugmentConfig, cache_size: int, in_chans: int, mean, std):
         super().__init__(cfg, in_chans, mean, std)
         self.size, self.tta = cfg.image_size, cfg.tta
         self.resize = cfg.eval_view == "resize" or cfg.image_size > cache_size
+        if self.tta == "tencrop" and (self.resize or cfg.image_size >= cache_size):
+            raise ValueError(f"augment.tta=tencrop needs eval_view=center_crop and image_size < cache_size "
+                             f"(got {cfg.eval_view}, {cfg.image_size} vs {cache_size})")
 
     def _crop(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
         return x[..., top:top + self.size, left:left + self.size]
@@ -254,7 +258,7 @@ class EvalViews(_Views):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.to_unit(x)
-        if self.tta == "tencrop" and not self.resize:
+        if self.tta == "tencrop":
             o = x.shape[-1] - self.size
             views = [self._crop(x, t, l) for t, l in ((0, 0), (0, o), (o, 0), (o, o))] + [self.view(x)]
             views += [v.flip(-1) for v in views]
@@ -263,8 +267,3 @@ class EvalViews(_Views):
             if self.tta != "none":
                 views.append(views[0].flip(-1))
         return [self.finish(v) for v in views]
-
-
-def tta_logits(model: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-    """Mean of the model's logits over the views (S0: mean of logits, then sigmoid)."""
-    return torch.stack([model(v) for v in views]).mean(0)

@@ -227,6 +227,11 @@ class TrialConfig(_Strict):
         if self.augment.crop == "random" and self.augment.image_size > self.data.cache_size:
             raise ValueError(f"augment.image_size {self.augment.image_size} exceeds data.cache_size "
                              f"{self.data.cache_size}: a random crop needs cache_size >= image_size")
+        if self.augment.tta == "tencrop" and (self.augment.eval_view == "resize"
+                                              or self.augment.image_size >= self.data.cache_size):
+            raise ValueError(f"augment.tta=tencrop crops image_size {self.augment.image_size} from the "
+                             f"{self.data.cache_size}-px cache: it needs augment.eval_view=center_crop (got "
+                             f"{self.augment.eval_view}) and data.cache_size > image_size (S0: 224 from 256)")
         return self
 
 

@@ -67,6 +67,7 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     from .phases import run_phases
+    from .phases.common import Diverged
 
     run_dir = Path(args.run_dir or Path(cfg.output_dir) / f"{cfg.model.backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Diverged as err:  # a result of the configuration, not a crash: one line
+        print(f"diverged: {err} (run dir: {run_dir})", file=sys.stderr)
+        return 1
     print_summary(summary)
     print(f"run dir: {run_dir}  ({summary['wall_time_s']:.0f} s)")
     return 0

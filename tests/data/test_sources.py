@@ -130,3 +130,15 @@ def test_folder_with_split_dirs_and_unknown_label(tmp_path):
     _folder_dataset(tmp_path, classes=("tuberculosis",), splits=["test"])
     with pytest.raises(DataError, match="unknown label 'tuberculosis'"):
         read_folder(tmp_path)
+
+
+def test_data_a_classifier_cannot_learn_from_is_an_error(tmp_path, nih_copy):
+    _folder_dataset(tmp_path / "one", classes=("normal",))
+    with pytest.raises(DataError, match=r"'train' split holds images of 1 class\(es\) \['normal'\]"):
+        read_folder(tmp_path / "one")
+    csv = nih_copy / "Data_Entry_2017.csv"
+    frame = pd.read_csv(csv)
+    frame["Finding Labels"] = "No Finding"  # every label all negative
+    frame.to_csv(csv, index=False)
+    with pytest.raises(DataError, match="no label has both positive and negative images in the 'train' split"):
+        read_nih(nih_copy)

@@ -91,3 +91,23 @@ def test_fine_tune_phase_runs_with_a_tiny_mambavision(make_config, tmp_path):
     cfg = make_config(model={"backbone": "test_mambavision", "in_chans": 1}, supervised={"epochs": 1})
     summary = run_phases(cfg, tmp_path / "run")
     assert 0 <= summary["val"]["mean_auroc"] <= 1
+
+
+@pytest.mark.parametrize("name, kept", [("test_mambavision", ("A_log", "D")), ("test_vmamba", ("A_logs", "Ds"))])
+def test_ssm_parameters_are_kept_out_of_weight_decay_however_wrapped(name, kept):
+    """timm's create_optimizer_v2 reads no_weight_decay() (full names) on the module it is given: the bare
+    backbone, the fine-tuned Classifier and BYOL's online modules must all name A_log / D (the papers' code)."""
+    from tune_xray.config import OptimizerConfig
+    from tune_xray.models.heads import Classifier
+    from tune_xray.phases.byol import Byol, OnlineModules
+    from tune_xray.phases.common import build_optimizer
+
+    backbone, width = create_backbone(name)
+    byol = Byol(create_backbone(name)[0], width, 16, 8, 0.99)
+    for module in (backbone, Classifier(backbone, width, 3), OnlineModules([byol.online, byol.predictor])):
+        optimizer = build_optimizer(module, OptimizerConfig(name="adamw", weight_decay=0.05))
+        decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        names = dict(module.named_parameters())
+        ssm = [n for n in names if n.split(".")[-1] in kept]
+        assert ssm and all(decay_of[id(names[n])] == 0 for n in ssm)
+        assert any(decay_of[id(p)] == 0.05 for n, p in names.items() if n.endswith("weight") and p.ndim > 1)

@@ -80,7 +80,7 @@ def test_best_checkpoint_is_the_selected_epoch(make_config, tmp_path):
     model.load_state_dict(torch.load(tmp_path / "r" / "best.pt")["model"])
     _, views = build_views(cfg, data, torch.device("cpu"))
     logits, targets = predict(model, make_loader(data.dataset("val"), 32, False), views, torch.device("cpu"),
-                              False, False)
+                              False, False, multilabel=True)
     rescored = classification_metrics("multilabel", targets.numpy(), torch.sigmoid(logits).numpy(),
                                       data.index.classes)["metrics"]["mean_auroc"]
     assert rescored == pytest.approx(selected["val_mean_auroc"], abs=1e-6) == summary["val"]["mean_auroc"]
@@ -136,3 +136,30 @@ def test_supervised_learns_a_multiclass_folder_dataset(make_config, tmp_path):
     assert summary["task"] == "multiclass" and summary["classes"] == ["disc", "speckle", "stripes"]
     assert summary["val"]["accuracy"] > 0.6 and summary["test"]["accuracy"] > 0.6  # chance is 1/3
     assert np.array(summary["supervised"]["test_confusion_matrix"]).sum() == summary["split_sizes"]["test"]
+
+
+def test_a_diverging_run_stops_at_once_with_one_line(make_config, tmp_path, capsys):
+    from tune_xray.phases.common import Diverged
+
+    cfg = make_config(supervised={"epochs": 3, "optimizer": {"name": "sgd", "lr": 1e6}})
+    seen = []
+    with pytest.raises(Diverged, match="supervised diverged at epoch 1: non-finite training loss"):
+        run_phases(cfg, tmp_path / "run", report=lambda m, checkpoint_dir=None: seen.append(m))
+    assert seen == []  # no epoch was reported as if it had trained
+    assert train_main(["--set", "supervised.optimizer.name=sgd", "--set", "supervised.optimizer.lr=1e6",
+                       "--set", "augment.image_size=56", "--set", "data.cache_size=64",
+                       "--set", "data.synthetic_images=300", "--set", "data.synthetic_size=64",
+                       "--set", "model.backbone=test_resnet", "--run-dir", str(tmp_path / "cli")]) == 1
+    err = capsys.readouterr().err  # (and the cache's progress bar)
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("diverged: supervised diverged at epoch 1")
+
+
+def test_a_rank_shard_smaller_than_the_batch_is_an_error(make_config, tmp_path):
+    from tune_xray.config import ConfigError
+    from tune_xray.data.loader import make_loader, prepare
+
+    data = prepare(make_config().data)
+    train = data.dataset("train")
+    with pytest.raises(ConfigError, match=r"supervised.batch_size=200 is larger than each of the 2 ranks'"):
+        make_loader(train, 200, shuffle=True, drop_last=True, rank=1, world_size=2, key="supervised.batch_size")
+    assert len(make_loader(train, 32, shuffle=True, drop_last=True, rank=1, world_size=2)) > 0

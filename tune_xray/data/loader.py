@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .cache import ImageCache, build_cache
 from .sources import DatasetIndex, default_cache_dir, read_source
 from .splits import UNLABELLED, check_patient_disjoint, labelled_subset
@@ -83,11 +83,19 @@ def prepare(cfg: DataConfig) -> PreparedData:
 
 
 def make_loader(dataset: CachedBatches, batch_size: int, shuffle: bool, drop_last: bool = False,
-                seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """A DataLoader of whole batches; sharded by rank for DDP (call `loader.sampler.sampler.set_epoch`)."""
+                seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                key: str = "batch_size") -> DataLoader:
+    """A DataLoader of whole batches; sharded by rank for DDP (call `loader.sampler.sampler.set_epoch`).
+
+    A shard smaller than one batch with `drop_last` would train epochs of zero steps (and report loss 0):
+    that is a `ConfigError` naming `key`, the batch size and the shard."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                                  drop_last=drop_last and world_size > 1)
     batches = BatchSampler(sampler, batch_size, drop_last=drop_last)
+    if len(batches) == 0:
+        shard = f"each of the {world_size} ranks' {len(sampler)}" if world_size > 1 else f"the {len(sampler)}"
+        raise ConfigError(f"{key}={batch_size} is larger than {shard} images: every epoch would have no "
+                          f"optimizer step; use {key} <= {len(sampler)}" + (" or fewer workers" if world_size > 1 else ""))
     return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 

@@ -17,8 +17,8 @@ import pandas as pd
 
 from .cache import NPZ_MEMBER
 from .labels import NIH_LABELS, NO_FINDING
-from .splits import (SPLITS, DataError, check_patient_disjoint, check_splits_nonempty, patient_holdout, patient_split,
-                     stratified_holdout, stratified_split)
+from .splits import (SPLITS, DataError, check_learnable, check_patient_disjoint, check_splits_nonempty,
+                     patient_holdout, patient_split, stratified_holdout, stratified_split)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 NIH_REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
@@ -53,6 +53,7 @@ def default_cache_dir() -> Path:
 def _finish(frame: pd.DataFrame, classes, task, origin) -> DatasetIndex:
     check_splits_nonempty(frame, origin)
     check_patient_disjoint(frame, origin)
+    check_learnable(frame, classes, task, origin)
     return DatasetIndex(frame.reset_index(drop=True), tuple(classes), task, origin)
 
 

@@ -76,6 +76,23 @@ def check_splits_nonempty(frame: pd.DataFrame, origin: str) -> None:
             raise DataError(f"{origin}: the '{name}' split is empty; every split needs at least one image")
 
 
+def check_learnable(frame: pd.DataFrame, classes, task: str, origin: str) -> None:
+    """A classifier needs something to tell apart, both where it learns (train) and where it is selected (val):
+    at least two classes present (single-label), or a label with positive and negative images (multi-label;
+    otherwise AUROC is undefined for every label)."""
+    for split in ("train", "val"):
+        y = frame.loc[frame["split"] == split, list(classes)].to_numpy()
+        counts = y.sum(0)
+        if task == "multiclass":
+            present = [c for c, n in zip(classes, counts) if n > 0]
+            if len(present) < 2:
+                raise DataError(f"{origin}: the '{split}' split holds images of {len(present)} class(es) {present}; "
+                                "a classifier needs at least two (e.g. one sub-folder per class)")
+        elif not ((counts > 0) & (counts < len(y))).any():
+            raise DataError(f"{origin}: no label has both positive and negative images in the '{split}' split; "
+                            "AUROC is undefined for every label and nothing could be learnt or selected")
+
+
 def labelled_subset(frame: pd.DataFrame, classes, task: str, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the training images that keep their labels at `fraction` (S1's 1 % / 10 % cells).
 

@@ -1,6 +1,9 @@
-"""Heads: the linear classifier, and BYOL's projector / predictor MLPs (Grill et al. 2020, §3.3)."""
+"""Heads: the linear classifier, and BYOL's projector / predictor MLPs (Grill et al. 2020, §3.3); how several
+predictions of one image are averaged; which parameters stay out of weight decay once a backbone is wrapped."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from timm.models import group_parameters
@@ -13,6 +16,28 @@ def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
                          nn.Linear(hidden_dim, out_dim))
 
 
+def nested_no_weight_decay(root: nn.Module) -> set[str]:
+    """Full names (from `root`) of the parameters kept out of weight decay: those flagged `_no_weight_decay`
+    (the SSM A_log / D of MambaVision and VMamba, as in their papers' code) and every timm submodule's own
+    `no_weight_decay()` list (ViT's pos_embed, cls_token, ...). timm's `create_optimizer_v2` reads a model's
+    `no_weight_decay()`, but only on the module it is given: wrappers return this."""
+    names = {name for name, p in root.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    for prefix, module in root.named_modules():
+        if module is not root and hasattr(module, "no_weight_decay"):
+            names |= {f"{prefix}.{name}" for name in module.no_weight_decay()}
+    return names
+
+
+def mean_probability_logits(logits: Sequence[torch.Tensor], multilabel: bool) -> torch.Tensor:
+    """Logits whose sigmoid (multi-label) or softmax (multi-class) is the mean of the inputs' probabilities.
+
+    Averaging probabilities, not logits, is the ensemble rule (S0's ensemble; TTA views and CASS members
+    alike): downstream code keeps applying sigmoid/softmax and gets the mean probability."""
+    if multilabel:
+        return torch.logit(torch.stack([t.float().sigmoid() for t in logits]).mean(0), eps=1e-7)
+    return torch.stack([t.float().softmax(1) for t in logits]).mean(0).clamp_min(1e-12).log()
+
+
 class Classifier(nn.Module):
     """Backbone features → dropout → linear logits."""
 
@@ -23,6 +48,10 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.backbone(x))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return nested_no_weight_decay(self)
 
 
 class MemberEnsemble(nn.Module):
@@ -49,9 +78,11 @@ class MemberEnsemble(nn.Module):
         logits = [m(x) for m in self.members]
         if self.training:
             return torch.cat(logits)
-        if self.multilabel:
-            return torch.logit(torch.stack([t.float().sigmoid() for t in logits]).mean(0), eps=1e-7)
-        return torch.stack([t.float().softmax(1) for t in logits]).mean(0).clamp_min(1e-12).log()
+        return mean_probability_logits(logits, self.multilabel)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return nested_no_weight_decay(self)
 
 
 def freeze_backbone(backbone: nn.Module, freeze: float | str) -> int:

@@ -19,6 +19,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from .heads import nested_no_weight_decay
 from .scan import build_ssm_model, selective_scan
 
 DIRECTIONS = 4
@@ -145,8 +146,8 @@ class VMamba(nn.Module):
             nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
-    def no_weight_decay_keywords(self):
-        return {"A_logs", "Ds"}
+    def no_weight_decay(self) -> set[str]:
+        return nested_no_weight_decay(self)  # A_log and D, by their full names (timm's mechanism)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):

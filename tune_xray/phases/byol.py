@@ -20,9 +20,9 @@ from torch import nn
 
 from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader, set_epoch
-from ..models.heads import mlp_head
+from ..models.heads import mlp_head, nested_no_weight_decay
 from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
-                     eval_loss, no_report, optimizer_steps_per_epoch, restore_training, run_epoch, save_state,
+                     epoch_loop, eval_loss, no_report, optimizer_steps_per_epoch, restore_training, run_epoch,
                      step_scheduler, training_state)
 
 
@@ -45,6 +45,14 @@ def ema_tau(step: int, total_steps: int, base: float) -> float:
 def projection_std(z: torch.Tensor) -> float:
     """Collapse metric: mean over dimensions of the batch std of L2-normalised projections."""
     return float(F.normalize(z.detach().float(), dim=1).std(dim=0).mean())
+
+
+class OnlineModules(nn.ModuleList):
+    """What BYOL's optimizer trains (online encoder + predictor, not the EMA target), with the full names of
+    the parameters kept out of weight decay for timm's `create_optimizer_v2`."""
+
+    def no_weight_decay(self) -> set[str]:
+        return nested_no_weight_decay(self)
 
 
 class Byol(nn.Module):
@@ -88,12 +96,12 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
     augment, _ = build_views(cfg, data, device)
     train_set = data.dataset("train", with_unlabelled=not bc.labelled_only)
     val_set = data.dataset("val")
-    batch_size = min(bc.batch_size, len(train_set))
+    batch_size = bc.batch_size
     loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
-                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
+                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size, key="byol.batch_size")
     val_loader = make_loader(val_set, min(batch_size, len(val_set)), shuffle=False, drop_last=len(val_set) > 1)
     params = [p for n, p in model.named_parameters() if not n.startswith("target.") and p.requires_grad]
-    optimizer = build_optimizer(nn.ModuleList([model.online, model.predictor]), bc.optimizer)
+    optimizer = build_optimizer(OnlineModules([model.online, model.predictor]), bc.optimizer)
     scheduler = build_scheduler(optimizer, bc.scheduler, mode="min")
     total_steps = bc.epochs * optimizer_steps_per_epoch(len(loader), bc.accum_steps)
     state = {"step": 0, "tau": bc.ema_tau, "z_std": 0.0}
@@ -120,20 +128,25 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
         state["tau"] = ema_tau(state["step"], total_steps, bc.ema_tau)
         model.update_target(state["tau"])
 
-    for epoch in range(start, bc.epochs):
+    def train(epoch: int) -> float:
         model.train()
         set_epoch(loader, epoch)
-        train_loss = run_epoch(loader, micro_step, [optimizer], params, bc.accum_steps, after_step=after_step)
+        return run_epoch(loader, micro_step, [optimizer], params, bc.accum_steps, after_step=after_step, model=trained)
+
+    def evaluate(epoch: int, train_loss: float) -> dict:
         # the BYOL loss on augmented validation images
         val_loss = eval_loss(model, val_loader, lambda x: model(*views(x))[0], device, cfg.amp)
-        metrics = {"epoch": epoch + 1, "byol_loss": train_loss, "byol_val_loss": val_loss,
-                   "z_std": state["z_std"], "ema_tau": state["tau"], "lr": current_lr(optimizer)}
+        return {"byol_loss": train_loss, "byol_val_loss": val_loss, "z_std": state["z_std"], "ema_tau": state["tau"],
+                "lr": current_lr(optimizer)}
+
+    def after_evaluate(metrics: dict) -> None:
         history.append(metrics)
-        step_scheduler(scheduler, epoch + 1, {"val_loss": val_loss, **metrics}, bc.scheduler)
-        checkpoint = None
-        if checkpoints and rank == 0:
-            checkpoint = save_state(run_dir, training_state("byol", epoch + 1, model, [optimizer], [scheduler], history,
-                                                            step=state["step"], tau=state["tau"]))
-        report({"phase": "byol", **metrics}, checkpoint)
+        step_scheduler(scheduler, metrics["epoch"], {"val_loss": metrics["byol_val_loss"], **metrics}, bc.scheduler)
+
+    epoch_loop("byol", start, bc.epochs, train=train, evaluate=evaluate, after_evaluate=after_evaluate,
+               state=lambda done: training_state("byol", done, model, [optimizer], [scheduler], history,
+                                                 step=state["step"], tau=state["tau"]),
+               report=report, run_dir=run_dir, checkpoints=checkpoints, rank=rank, world_size=world_size,
+               watched=("byol_val_loss",))
     return {"history": history, "steps": state["step"], "total_steps": total_steps, "final_tau": state["tau"],
             "batch_size": batch_size}

@@ -19,8 +19,10 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..models import create_backbone
+from ..models.heads import nested_no_weight_decay
 from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
-                     eval_loss, no_report, restore_training, run_epoch, save_state, step_scheduler, training_state)
+                     epoch_loop, eval_loss, no_report, plain_state, restore_training, run_epoch, step_scheduler,
+                     training_state)
 
 
 class CassArm(nn.Module):
@@ -33,6 +35,9 @@ class CassArm(nn.Module):
 
     def forward(self, x):
         return self.proj(self.backbone(x))
+
+    def no_weight_decay(self) -> set[str]:
+        return nested_no_weight_decay(self)  # each arm has its own optimizer (timm reads this)
 
 
 def cass_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,9 +74,9 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
     trained = distributed(model, world_size, device)
     augment, eval_views = build_views(cfg, data, device)
     train_set = data.dataset("train", with_unlabelled=not cc.labelled_only)
-    batch_size = min(cc.batch_size, len(train_set))
+    batch_size = cc.batch_size
     loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
-                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
+                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size, key="cass.batch_size")
     val_loader = make_loader(data.dataset("val"), batch_size, shuffle=False)
     optimizers = [build_optimizer(arm, cc.optimizer) for arm in arms]
     schedulers = [build_scheduler(opt, cc.scheduler, mode="min") for opt in optimizers]
@@ -92,29 +97,34 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
         with autocast(device, cfg.amp):
             return trained(x).float()
 
-    for epoch in range(start, cc.epochs):
+    def train(epoch: int) -> float:
         model.train()
         set_epoch(loader, epoch)
-        train_loss = run_epoch(loader, micro_step, optimizers, params, cc.accum_steps)
+        return run_epoch(loader, micro_step, optimizers, params, cc.accum_steps, model=trained)
+
+    def evaluate(epoch: int, train_loss: float) -> dict:
         # the CASS loss on validation images' centre view
         val_loss = eval_loss(model, val_loader, lambda x: model(eval_views(x.to(device))[0]), device, cfg.amp)
-        metrics = {"epoch": epoch + 1, "cass_loss": train_loss, "cass_val_loss": val_loss,
-                   "lr": current_lr(optimizers[0])}
-        if averaged and epoch >= swa_start:
+        return {"cass_loss": train_loss, "cass_val_loss": val_loss, "lr": current_lr(optimizers[0])}
+
+    def after_evaluate(metrics: dict) -> None:
+        if averaged and metrics["epoch"] > swa_start:
             for avg, arm, swa_sched in zip(averaged, arms, swa_schedulers):
                 avg.update_parameters(arm)
                 swa_sched.step()
         else:
             for sched in schedulers:
-                step_scheduler(sched, epoch + 1, {"val_loss": val_loss, **metrics}, cc.scheduler)
+                step_scheduler(sched, metrics["epoch"], {"val_loss": metrics["cass_val_loss"], **metrics},
+                               cc.scheduler)
         history.append(metrics)
-        checkpoint = None
-        if checkpoints and rank == 0:
-            checkpoint = save_state(run_dir, training_state(
-                "cass", epoch + 1, model, optimizers, schedulers, history,
-                averaged=[avg.state_dict() for avg in averaged],
-                swa_schedulers=[swa_sched.state_dict() for swa_sched in swa_schedulers]))
-        report({"phase": "cass", **metrics}, checkpoint)
+
+    epoch_loop("cass", start, cc.epochs, train=train, evaluate=evaluate, after_evaluate=after_evaluate,
+               state=lambda done: training_state(
+                   "cass", done, model, optimizers, schedulers, history,
+                   averaged=[avg.state_dict() for avg in averaged],
+                   swa_schedulers=[plain_state(swa_sched) for swa_sched in swa_schedulers]),
+               report=report, run_dir=run_dir, checkpoints=checkpoints, rank=rank, world_size=world_size,
+               watched=("cass_val_loss",))
 
     swa_updates = int(averaged[0].n_averaged) if averaged else 0
     if swa_updates:  # the averaged weights become the arms, with BN statistics recomputed for them

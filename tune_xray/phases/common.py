@@ -11,6 +11,7 @@ import ctypes
 import math
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol
@@ -130,15 +131,38 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
+class Diverged(RuntimeError):
+    """A non-finite loss: the run stops at once. A deterministic divergence (too high an LR, say) is a result
+    of the configuration, not a fault to retry."""
+
+    def __init__(self, phase: str, epoch: int, what: str):
+        super().__init__(f"{phase} diverged at epoch {epoch}: {what}")
+        self.phase, self.epoch, self.what = phase, epoch, what
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (DDP): every rank then takes the same branch, so none
+    waits in a collective the others left."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def run_epoch(batches: Iterable, micro_step: Callable[[object], torch.Tensor],
               optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter], accum_steps: int = 1,
               n_batches: Optional[int] = None, after_step: Optional[Callable[[], None]] = None,
-              max_grad_norm: Optional[float] = None) -> float:
+              max_grad_norm: Optional[float] = None, model: Optional[nn.Module] = None) -> float:
     """One pass over `batches` with correct gradient accumulation; returns the mean micro-batch loss.
 
     Every micro-batch calls backward on loss / k (k = the micro-batches in its group, so a short last
     group is weighted right); the optimizers step once per group. S0 called backward only on every k-th
-    micro-batch, so its effective batch was 1/k of the claimed one (SEEDS.md, flaw 3).
+    micro-batch, so its effective batch was 1/k of the claimed one (SEEDS.md, flaw 3). With a DDP `model`,
+    the micro-batches before a group's last skip the gradient all-reduce (`no_sync`). A non-finite loss on
+    any rank raises `FloatingPointError` on every rank before its backward.
     """
     n_batches = n_batches if n_batches is not None else len(batches)
     total, count = 0.0, 0
@@ -147,11 +171,17 @@ def run_epoch(batches: Iterable, micro_step: Callable[[object], torch.Tensor],
     for i, batch in enumerate(batches):
         group_start = (i // accum_steps) * accum_steps
         k = min(accum_steps, n_batches - group_start)
-        loss = micro_step(batch)
-        (loss / k).backward()
-        total += float(loss.detach())
+        last_of_group = i + 1 == group_start + k
+        sync = contextlib.nullcontext() if last_of_group or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            loss = micro_step(batch)
+            value = float(loss.detach())
+            if _all_ranks_agree(not math.isfinite(value)):
+                raise FloatingPointError(f"non-finite training loss ({value}) at step {i + 1}")
+            (loss / k).backward()
+        total += value
         count += 1
-        if i + 1 == group_start + k:
+        if last_of_group:
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             for opt in optimizers:
@@ -160,6 +190,48 @@ def run_epoch(batches: Iterable, micro_step: Callable[[object], torch.Tensor],
             if after_step is not None:
                 after_step()
     return total / max(count, 1)
+
+
+def from_rank0(value, world_size: int):
+    """Rank 0's value on every rank (DDP): decisions made from metrics (early stop, plateau) cannot differ."""
+    if world_size <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def epoch_loop(phase: str, start: int, epochs: int, *, train: Callable[[int], float],
+               evaluate: Callable[[int, float], dict], after_evaluate: Callable[[dict], None],
+               state: Callable[[int], dict], report: Report, run_dir: Path, checkpoints: bool, rank: int = 0,
+               world_size: int = 1, should_stop: Callable[[dict], bool] = lambda metrics: False,
+               watched: tuple[str, ...] = ()) -> None:
+    """The train → evaluate → schedule → checkpoint → report skeleton every phase shares.
+
+    `train(epoch)` runs one epoch and returns its loss; `evaluate(epoch, train_loss)` returns the epoch's
+    metrics; rank 0's metrics are broadcast, so `after_evaluate` (selection, history, LR schedule; it may add
+    metrics) and `should_stop` decide the same on every rank. A non-finite training loss or `watched` metric raises
+    `Diverged`. The report of the phase's last epoch (its budget or an early stop) carries `last: True`.
+    `state(epochs_done)` is the training state checkpointed with the report (rank 0, when `checkpoints`)."""
+    for epoch in range(start, epochs):
+        try:
+            train_loss = train(epoch)
+        except FloatingPointError as err:
+            raise Diverged(phase, epoch + 1, str(err)) from None
+        metrics = {"epoch": epoch + 1, **evaluate(epoch, train_loss)}
+        metrics = from_rank0({k: v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()},
+                             world_size)  # plain numbers: a checkpointed history loads with weights_only
+        bad = [k for k in watched if not math.isfinite(metrics[k])]
+        if bad:
+            raise Diverged(phase, epoch + 1, f"non-finite {', '.join(bad)}")
+        after_evaluate(metrics)
+        stop = should_stop(metrics)
+        checkpoint = save_state(run_dir, state(epoch + 1)) if checkpoints and rank == 0 else None
+        report({"phase": phase, **metrics, "last": stop or epoch + 1 == epochs}, checkpoint)
+        if stop:
+            break
 
 
 @torch.no_grad()
@@ -197,17 +269,41 @@ def build_views(cfg: TrialConfig, data, device: torch.device) -> tuple[TrainAugm
 STATE_FILE = "state.pt"
 
 
+BEST_FILE = "best.pt"  # the selected checkpoint, written when the selection metric improves
+
+
 def save_state(run_dir: Path, state: dict) -> str:
-    """Write a phase's full state (model, optimizer, scheduler, progress) to a fresh checkpoint directory
-    and return its path; `report` hands it on (Ray Train persists it, then it may be deleted)."""
+    """Write a phase's full state (model, optimizer, scheduler, progress) to a fresh checkpoint directory,
+    with the run's best.pt so far, and return its path; `report` hands it on (Ray Train persists it, then it
+    may be deleted)."""
     directory = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=run_dir))
     torch.save(state, directory / STATE_FILE)
+    if (run_dir / BEST_FILE).is_file():
+        os.link(run_dir / BEST_FILE, directory / BEST_FILE)  # no copy: best.pt is replaced, never rewritten
     return str(directory)
 
 
-def load_state(checkpoint_dir: str | Path) -> dict:
-    """A state written by `save_state` (our own file, so full unpickling is safe)."""
-    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+def save_best(run_dir: Path, payload: dict) -> None:
+    """Replace best.pt atomically (a new file, then rename): checkpoints that link the old one keep it."""
+    tmp = run_dir / f".{BEST_FILE}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, run_dir / BEST_FILE)
+
+
+def load_state(checkpoint_dir: str | Path, run_dir: Path | None = None) -> dict:
+    """A state written by `save_state`, read with `weights_only=True`: a checkpoint on shared storage is
+    untrusted input, and a state holds only tensors and plain data. Its best.pt goes back into `run_dir`."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if run_dir is not None and (checkpoint_dir / BEST_FILE).is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(checkpoint_dir / BEST_FILE, run_dir / BEST_FILE)
+    return torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def plain_state(obj) -> dict:
+    """A scheduler's state without callables (SWALR keeps its anneal function there), so it loads with
+    `weights_only=True`; the object being restored already has them."""
+    return {k: v for k, v in obj.state_dict().items() if not callable(v)}
 
 
 def training_state(phase: str, epoch: int, model: nn.Module, optimizers: list, schedulers: list, history: list,
@@ -216,7 +312,7 @@ def training_state(phase: str, epoch: int, model: nn.Module, optimizers: list, s
     per arm as in CASS), history, its own extras."""
     return {"phase": phase, "epoch": epoch, "model": unwrap(model).state_dict(),
             "optimizers": [opt.state_dict() for opt in optimizers],
-            "schedulers": [None if sched is None else sched.state_dict() for sched in schedulers],
+            "schedulers": [None if sched is None else plain_state(sched) for sched in schedulers],
             "history": history, **extra}
 
 

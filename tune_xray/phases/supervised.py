@@ -7,7 +7,6 @@ S0's recipe: BCE-with-logits, AdamW, early stopping patience 10 on val mAUC, bes
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 from pathlib import Path
@@ -19,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import EvalViews, tta_logits
+from ..augment import EvalViews
 from ..config import ConfigError, TrialConfig, metric_mode
 from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
 from ..metrics import classification_metrics
-from ..models.heads import Classifier, MemberEnsemble, freeze_backbone
-from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
-                     no_report, restore_training, run_epoch, save_state, step_scheduler, training_state, unwrap)
+from ..models.heads import Classifier, MemberEnsemble, freeze_backbone, mean_probability_logits
+from .common import (BEST_FILE, Report, autocast, build_optimizer, build_scheduler, build_views, current_lr,
+                     distributed, epoch_loop, no_report, restore_training, run_epoch, save_best, step_scheduler,
+                     training_state, unwrap)
 
 
 def resolve_loss(task: str, loss: str) -> str:
@@ -109,8 +109,8 @@ def to_probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, views: EvalViews, device, amp: bool, channels_last: bool):
-    """Logits (mean over the TTA views) and targets for a whole split."""
+def predict(model: nn.Module, loader, views: EvalViews, device, amp: bool, channels_last: bool, multilabel: bool):
+    """Logits and targets for a whole split; with TTA, the logits of the views' mean probability."""
     model.eval()
     logits, targets = [], []
     for x, y in loader:
@@ -118,7 +118,7 @@ def predict(model: nn.Module, loader, views: EvalViews, device, amp: bool, chann
         if channels_last:
             vs = [v.contiguous(memory_format=torch.channels_last) for v in vs]
         with autocast(device, amp):
-            out = tta_logits(model, vs)
+            out = mean_probability_logits([model(v) for v in vs], multilabel)
         logits.append(out.float().cpu())
         targets.append(y)
     return torch.cat(logits), torch.cat(targets)
@@ -170,8 +170,10 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
     if sc.freeze:
         for member in getattr(model, "members", [model]):
             freeze_backbone(member.backbone, sc.freeze)
-    train_loader = make_loader(train_set, sc.batch_size, shuffle=True, drop_last=len(train_set) > sc.batch_size,
-                               seed=cfg.seed, num_workers=cfg.data.num_workers, rank=rank, world_size=world_size)
+    train_loader = make_loader(train_set, sc.batch_size, shuffle=True,
+                               drop_last=len(train_set) // world_size > sc.batch_size, seed=cfg.seed,
+                               num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
+                               key="supervised.batch_size")
     val_loader = make_loader(data.dataset("val"), sc.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
     optimizer = build_optimizer(model, sc.optimizer)
     scheduler = build_scheduler(optimizer, sc.scheduler, mode=metric_mode(sc.scheduler.plateau_metric))
@@ -189,7 +191,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
             y = y.repeat(len(logits) // len(y), *[1] * (y.dim() - 1))
         return loss_fn(logits.float(), y)
 
-    best_score, best_state, best_val, best_epoch, stale = None, None, None, 0, 0
+    best = {"score": None, "epoch": 0, "stale": 0, "val": None, "latest": None}  # the selection so far
     history, start = [], 0
     if sc.head_warmup_epochs and resume is None:  # S0's stage 1 (a resumed run had passed it)
         with head_only(model):
@@ -198,44 +200,57 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
     trained = distributed(model, world_size, device)
     if resume is not None:
         history, start = restore_training(resume, model, [optimizer], [scheduler])
-        best_score, best_state, best_epoch, stale = (resume[k] for k in ("best_score", "best_state", "best_epoch",
-                                                                          "stale"))
-        if sc.early_stopping_patience and stale >= sc.early_stopping_patience:
+        best.update(score=resume["best_score"], epoch=resume["best_epoch"], stale=resume["stale"])
+        if sc.early_stopping_patience and best["stale"] >= sc.early_stopping_patience:
             start = sc.epochs  # it had already stopped early
-    for epoch in range(start, sc.epochs):
+    mode = metric_mode(sc.selection_metric)
+
+    def train(epoch: int) -> float:
         model.train()
         set_epoch(train_loader, epoch)
-        train_loss = run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps)
-        logits, targets = predict(model, val_loader, eval_views, device, cfg.amp, cfg.channels_last)
+        return run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps, model=trained)
+
+    def evaluate(epoch: int, train_loss: float) -> dict:
+        logits, targets = predict(model, val_loader, eval_views, device, cfg.amp, cfg.channels_last,
+                                  index.task == "multilabel")
+        best["latest"] = (logits, targets)
         val_loss = float(loss_fn(logits.to(device), targets.to(device)))
         prob = to_probabilities(index.task, logits).numpy()
         val = classification_metrics(index.task, targets.numpy(), prob, index.classes, rule=sc.threshold)["metrics"]
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(optimizer),
-                   **{f"val_{k}": v for k, v in val.items()}}
-        score = metrics[sc.selection_metric]
-        if _improved(score, best_score, metric_mode(sc.selection_metric)):
-            best_score, best_epoch, stale = score, epoch + 1, 0
-            best_state, best_val = copy.deepcopy(unwrap(model).state_dict()), (logits, targets)
-        else:
-            stale += 1
-        metrics["best_" + sc.selection_metric] = best_score if best_score is not None else float("nan")
-        history.append(metrics)
-        step_scheduler(scheduler, epoch + 1, metrics, sc.scheduler)
-        checkpoint = None
-        if checkpoints and rank == 0:
-            checkpoint = save_state(run_dir, training_state(
-                "supervised", epoch + 1, model, [optimizer], [scheduler], history, best_score=best_score,
-                best_state=best_state, best_epoch=best_epoch, stale=stale, **(carry or {})))
-        report({"phase": "supervised", **metrics}, checkpoint)
-        if sc.early_stopping_patience and stale >= sc.early_stopping_patience:
-            break
+        return {"train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(optimizer),
+                **{f"val_{k}": v for k, v in val.items()}}
 
-    if best_state is not None:
-        unwrap(model).load_state_dict(best_state)
-    if rank == 0:
-        torch.save({"model": unwrap(model).state_dict(), "epoch": best_epoch, sc.selection_metric: best_score,
-                    "config": cfg.model_dump(mode="json"), "classes": list(index.classes)}, run_dir / "best.pt")
-    return evaluate_selected(cfg, data, model, eval_views, device, run_dir, best_epoch, history, best_val, rank)
+    def select_and_schedule(metrics: dict) -> None:
+        """Model selection on the agreed (rank 0's) metrics: best.pt replaced when the metric improves."""
+        score = metrics[sc.selection_metric]
+        if _improved(score, best["score"], mode):
+            best.update(score=score, epoch=metrics["epoch"], stale=0, val=best["latest"])
+            if rank == 0:
+                save_best(run_dir, {"model": unwrap(model).state_dict(), "epoch": metrics["epoch"],
+                                    sc.selection_metric: score, "config": cfg.model_dump(mode="json"),
+                                    "classes": list(index.classes)})
+        else:
+            best["stale"] += 1
+        metrics["best_" + sc.selection_metric] = best["score"] if best["score"] is not None else float("nan")
+        history.append(metrics)
+        step_scheduler(scheduler, metrics["epoch"], metrics, sc.scheduler)
+
+    epoch_loop("supervised", start, sc.epochs, train=train, evaluate=evaluate, after_evaluate=select_and_schedule,
+               state=lambda done: training_state(
+                   "supervised", done, model, [optimizer], [scheduler], history, best_score=best["score"],
+                   best_epoch=best["epoch"], stale=best["stale"], **(carry or {})),
+               report=report, run_dir=run_dir, checkpoints=checkpoints, rank=rank, world_size=world_size,
+               should_stop=lambda m: bool(sc.early_stopping_patience) and best["stale"] >= sc.early_stopping_patience,
+               watched=("val_loss",))
+    if rank != 0:  # rank 0 holds best.pt and scores it; the other ranks' work ends with training
+        return {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history, "val": {}, "test": {}}
+    if (run_dir / BEST_FILE).is_file():
+        unwrap(model).load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True)["model"])
+    else:  # no epoch had a defined selection metric: the last weights are what there is
+        save_best(run_dir, {"model": unwrap(model).state_dict(), "epoch": len(history),
+                            sc.selection_metric: float("nan"), "config": cfg.model_dump(mode="json"),
+                            "classes": list(index.classes)})
+    return evaluate_selected(cfg, data, model, eval_views, device, run_dir, best["epoch"], history, best["val"], rank)
 
 
 @contextlib.contextmanager
@@ -274,7 +289,8 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, d
             logits, targets = val_predictions
         else:
             loader = make_loader(data.dataset(split), cfg.supervised.batch_size, shuffle=False)
-            logits, targets = predict(model, loader, eval_views, device, cfg.amp, cfg.channels_last)
+            logits, targets = predict(model, loader, eval_views, device, cfg.amp, cfg.channels_last,
+                                      index.task == "multilabel")
         prob = to_probabilities(index.task, logits).numpy()
         scored = classification_metrics(index.task, targets.numpy(), prob, index.classes, thresholds,
                                         cfg.supervised.threshold)
