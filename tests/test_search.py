@@ -10,7 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from tune_xray.search import main, run_search
+from tune_xray.search import exit_code, main, run_search
 
 SPACE = {
     "metric": "val_mean_auroc",
@@ -18,10 +18,17 @@ SPACE = {
     "base": {"data": {"synthetic_images": 300, "synthetic_size": 64, "cache_size": 64},
              "augment": {"image_size": 56}, "model": {"backbone": "test_resnet"},
              "supervised": {"batch_size": 32}},
-    "params": {"supervised.optimizer.lr": {"loguniform": [1.0e-3, 1.0e-2]},
+    "params": {"supervised.optimizer.name": {"choice": ["adamw", "sgd"]},
+               "supervised.optimizer.lr": {"by": "supervised.optimizer.name",
+                                           "cases": {"adamw": {"loguniform": [1.0e-3, 1.0e-2]},
+                                                     "sgd": {"choice": [0.01, 1.0e6]}}},
                "supervised.scheduler.name": {"choice": ["none", "cosine"]},
                "supervised.scheduler.t_max": {"choice": [2, 4], "when": {"supervised.scheduler.name": "cosine"}}},
-    "warm_start": [{"supervised.optimizer.lr": 3.0e-3, "supervised.scheduler.name": "none"}],
+    # the first trial is S0-like; the second diverges (SGD at lr 1e6: NaN loss in its first epoch)
+    "warm_start": [{"supervised.optimizer.name": "adamw", "supervised.optimizer.lr": 3.0e-3,
+                    "supervised.scheduler.name": "none"},
+                   {"supervised.optimizer.name": "sgd", "supervised.optimizer.lr": 1.0e6,
+                    "supervised.scheduler.name": "none"}],
 }
 
 
@@ -41,39 +48,59 @@ def _args(tmp_path, *extra):
         address=None, tracking_uri=None, overrides=[], seed=0, max_failures=1, no_asha=False, verbose=False)
 
 
-def test_search_records_trials_in_optuna_and_mlflow(tmp_path, ray_session):
+def _mlflow(exp):
+    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(exp.name).experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("tune_xray.role") == "search")
+    return client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ray_session):
     summary = run_search(_args(tmp_path))
     exp = tmp_path / "store" / "tiny"
+    assert summary["status"] == "complete" and exit_code(summary) == 0
+    by_trial = {r["trial"]: r for r in summary["rows"]}
+    assert by_trial["t001"]["status"] == "diverged" and "diverged at epoch 1" in by_trial["t001"]["reason"]
+    assert by_trial["t000"]["status"] == "complete"  # the other trials go on
+    assert summary["best"]["status"] == "complete" and summary["best"] in summary["top"]
+    assert all(r["status"] == "complete" for r in summary["top"])
+
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{exp / 'optuna.db'}")
-    states = [t.state for t in study.trials]
-    assert len(states) == 3 and set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
-    assert optuna.trial.TrialState.COMPLETE in states
-    assert study.trials[0].params == {"supervised.optimizer.lr": 3.0e-3, "supervised.scheduler.name": "none"}
-    for t in study.trials:  # conditional parameter only with its parent choice
+    State = optuna.trial.TrialState
+    assert [t.state for t in study.trials][:2] == [State.COMPLETE, State.PRUNED]
+    assert study.trials[1].user_attrs["status"] == "diverged"
+    for t in study.trials:
+        assert t.user_attrs["model.backbone"] == "test_resnet" and t.user_attrs["device"] == "cpu"  # resolved
+        assert t.user_attrs["mlflow_run_id"] in {r["mlflow_run_id"] for r in summary["rows"]}
+        if t.user_attrs["status"] == "pruned":
+            assert t.intermediate_values  # kept in Optuna
         assert ("supervised.scheduler.t_max" in t.params) == (t.params["supervised.scheduler.name"] == "cosine")
+    assert json.loads((exp / "summary.json").read_text())["best"]["trial_id"] == summary["best"]["trial_id"]
+    assert {p.name for p in exp.iterdir() if p.name.startswith("train-")}  # Train runs inside the experiment
 
-    on_disk = json.loads((exp / "summary.json").read_text())
-    assert on_disk["best"]["trial_id"] == summary["best"]["trial_id"] and on_disk["trials"] == 3
-    assert on_disk["complete"] + on_disk["pruned"] == 3
-
-    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tiny")
-    assert experiment.artifact_location == (exp / "mlartifacts").as_uri()  # beside the store, not in ./mlruns
-    runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("tune_xray.role") == "search")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3
+    client, parent, children = _mlflow(exp)
+    assert len(children) == 3 and all(c.info.status != "RUNNING" for c in children)
+    assert sorted(c.info.run_name.split()[0] for c in children) == ["t000", "t001", "t002"]
+    runs = {c.info.run_name.split()[0]: c for c in children}
+    assert runs["t001"].info.run_name == "t001 sgd lr=1e+06 none"
+    assert runs["t001"].info.status == "FAILED" and runs["t001"].data.tags["tune_xray.status"] == "diverged"
+    assert runs["t000"].info.status == "FINISHED" and runs["t000"].data.tags["tune_xray.status"] == "complete"
     for child in children:
         assert child.data.params["model.backbone"] == "test_resnet"  # the full resolved config
-        assert "best_val_mean_auroc" in child.data.metrics
-        history = client.get_metric_history(child.info.run_id, "epochs_done")  # every report, one step each
-        assert [m.step for m in history] == list(range(1, int(child.data.metrics["training_iteration"]) + 1))
-    assert parent.data.tags["best_trial_run_id"] == summary["best_mlflow_run_id"]
+        assert not [p for p in child.data.params if ":" in p]  # no conditional-branch params
+        assert not [m for m in child.data.metrics
+                    if m in ("pid", "timestamp", "done", "training_iteration", "epochs_done")
+                    or m.startswith(("time_", "config/"))]
+    done = runs["t000"]
+    epochs = int(summary["best"]["epochs_done"]) if summary["best"]["trial"] == "t000" else 2
+    assert [m.step for m in client.get_metric_history(done.info.run_id, "val_loss")] == list(range(1, epochs + 1))
+    assert {"selected_val_mean_auroc", "record_test_mean_auroc"} <= set(done.data.metrics)
+    assert {"best.pt", "config.yaml", "predictions_val.csv", "predictions_test.csv"} <= {
+        a.path for a in client.list_artifacts(done.info.run_id)}
     best = client.get_run(summary["best_mlflow_run_id"])
-    assert best.data.metrics["best_val_mean_auroc"] == pytest.approx(summary["best"]["best_val_mean_auroc"])
-    artifacts = {a.path for a in client.list_artifacts(best.info.run_id)}
-    if best.data.metrics.get("trial_finished"):
-        assert {"best.pt", "config.yaml", "predictions_val.csv", "predictions_test.csv"} <= artifacts
+    assert parent.data.tags["best_trial_run_id"] == best.info.run_id and parent.info.status == "FINISHED"
+    assert parent.data.metrics["record_test_mean_auroc"] == best.data.metrics["record_test_mean_auroc"]
+    assert parent.data.metrics["best_val_mean_auroc"] == pytest.approx(summary["best"]["best_val_mean_auroc"])
 
 
 class InterruptAfterFirstTrial(tune.Callback):
@@ -89,17 +116,70 @@ class InterruptAfterFirstTrial(tune.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_interrupted_search_resumes_and_keeps_finished_trials(tmp_path, ray_session):
-    run_search(_args(tmp_path), extra_callbacks=[InterruptAfterFirstTrial(tmp_path / "interrupted")])
+def test_ctrl_c_is_an_interruption_and_resume_completes_the_record(tmp_path, ray_session):
+    args = _args(tmp_path)
+    args.no_asha = True
+    summary = run_search(args, extra_callbacks=[InterruptAfterFirstTrial(tmp_path / "interrupted")])
     exp = tmp_path / "store" / "tiny"
+    assert summary["status"] == "interrupted" and exit_code(summary) == 130 and summary["pruned"] == 0
+    assert summary["complete"] + summary["diverged"] >= 1 and summary["complete"] + summary["diverged"] < 3
+    client, parent, children = _mlflow(exp)
+    assert parent.info.status == "KILLED" and parent.data.tags["tune_xray.status"] == "interrupted"
+    assert all(c.info.status != "RUNNING" for c in children)
     storage = f"sqlite:///{exp / 'optuna.db'}"
     before = {t.number: t for t in optuna.load_study(study_name="tiny", storage=storage).trials if t.state.is_finished()}
-    assert 1 <= len(before) < 3
+
     summary = run_search(_args(tmp_path, "--resume"))
+    assert summary["status"] == "complete" and summary["trials"] == 3 and summary["interrupted"] == 0
     after = optuna.load_study(study_name="tiny", storage=storage).trials
-    assert summary["trials"] == 3 and len([t for t in after if t.state.is_finished()]) == 3
+    assert len(after) == 3 and all(t.state.is_finished() for t in after)
     for number, trial in before.items():
         assert after[number].state == trial.state and after[number].value == trial.value
+    client, parent, children = _mlflow(exp)
+    assert len(children) == 3 and all(c.info.status != "RUNNING" for c in children)  # no duplicate child runs
+    assert parent.info.status == "FINISHED"
+    for child in children:
+        if child.data.tags["tune_xray.status"] == "complete":  # one unbroken per-epoch history
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
+            assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 1
+
+
+def test_resume_of_a_search_that_never_ran_leaves_nothing(tmp_path, capsys):
+    import ray
+    ray.shutdown()
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    assert main([str(space), "--resume", "nothing", "--storage", str(tmp_path / "s")]) == 2
+    assert "--resume: no search named 'nothing'" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()
+
+
+def test_set_that_contradicts_the_study_is_an_error_or_carries_through(tmp_path, capsys):
+    import ray
+    ray.shutdown()
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    assert main([str(space), "--set", "supervised.selection_metric=val_loss", "--storage", str(tmp_path / "s")]) == 2
+    assert "contradicts" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    from tune_xray.space import load_study
+    study = load_study(str(space))
+    overrides = {"supervised": {"epochs": 5}}
+    assert study.budget(False, overrides).epochs == 5  # ASHA's max_t follows the --set budget
+    assert study.trial_config({}, overrides).supervised.epochs == 5
+
+
+def test_a_dataset_with_one_class_is_an_error_before_ray(tmp_path, capsys):
+    import ray
+    from PIL import Image
+    ray.shutdown()
+    for i in range(12):
+        (tmp_path / "data" / "normal").mkdir(parents=True, exist_ok=True)
+        Image.new("L", (32, 32), i * 10).save(tmp_path / "data" / "normal" / f"{i}.png")
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    assert main([str(space), "--data", f"folder:{tmp_path / 'data'}", "--storage", str(tmp_path / "s")]) == 2
+    assert "a classifier needs at least two" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()
 
 
 def test_bad_search_space_errors_before_ray(tmp_path, capsys):
@@ -140,3 +220,32 @@ def test_shipped_smoke_searches_pass_the_candidate_check():
     from tune_xray.space import SEARCH_SPACES, load_study
     for path in sorted(SEARCH_SPACES.glob("*.yaml")):
         check_candidates(load_study(str(path)), {}, smoke=True)  # transfer's ImageNet files: smoke is scratch
+
+
+def test_best_is_the_best_completed_trial_and_none_completed_is_not_success(tmp_path):
+    """An errored trial with a last value, or a pruned one, never ranks as best; with nothing complete the
+    summary says so and the exit code is not 0."""
+    from types import SimpleNamespace
+
+    from tune_xray.search import summarize
+    from tune_xray.space import load_study
+
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    study = load_study(str(space))
+
+    def trial(number, tune_status, **result):
+        return SimpleNamespace(trial_id=f"id{number}", status=tune_status, config={"optuna_trial": number},
+                               last_result={"epochs_done": 1, **result}, error_file=None)
+
+    args = dict(requested=3, study=study, metric="best_val_mean_auroc", experiment_dir=tmp_path,
+                tracking_uri="sqlite:///x.db", runs={}, experiment_id="1")
+    trials = [trial(0, "ERROR", best_val_mean_auroc=0.99), trial(1, "TERMINATED", best_val_mean_auroc=0.9),
+              trial(2, "TERMINATED", best_val_mean_auroc=0.7, status="complete")]
+    summary = summarize(trials, **args)
+    assert summary["best"]["trial"] == "t002" and (summary["error"], summary["pruned"]) == (1, 1)
+    assert exit_code(summary) == 0
+    summary = summarize(trials[:2] + [trial(2, "TERMINATED", status="diverged", reason="nan")], **args)
+    assert summary["best"] is None and summary["status"] == "no trial completed" and exit_code(summary) == 1
+    summary = summarize(trials[1:2] + [trial(2, "RUNNING")], **args)
+    assert summary["status"] == "interrupted" and summary["interrupted"] == 1 and exit_code(summary) == 130

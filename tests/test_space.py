@@ -92,3 +92,35 @@ def test_warm_start_takes_a_labelled_choice_by_label_or_value(tmp_path):
     tree["warm_start"] = [{"augment.preprocess": "eq+blur"}, {"augment.preprocess": []}]
     study = load_study(_write(tmp_path, tree))
     assert [p["augment.preprocess"] for p in study.warm_start_points()] == ["eq+blur", "off"]
+
+
+def test_smoke_keeps_every_axis_meaningful_and_records_what_ran():
+    """--smoke: each backbone its family's test model, drawn sizes shrunk in proportion (two drawn values
+    never train as one), and the trial's record shows the resolved values with the drawn ones beside."""
+    from tune_xray.search import DefineByRun
+    from tune_xray.space import smoke_backbone
+
+    assert [smoke_backbone(n) for n in ("mambavision_t2", "vmamba_s", "convnextv2_large", "swinv2_cr_small_ns_224",
+                                        "coatnet_2_rw_224", "vit_base_patch16_384", "densenet121",
+                                        "efficientnetv2_s")] == [
+        "test_mambavision", "test_vmamba", "test_convnext", "test_vit_relpos", "test_vit_relpos", "test_vit",
+        "test_resnet", "test_efficientnet"]
+    study = load_study("byol")
+    space = DefineByRun(study, {"device": "cpu"}, smoke=True)
+    optuna_study = optuna.create_study()
+    trained = {}
+    for batch, hidden, backbone in [(256, 1024, "mambavision_t2"), (512, 4096, "vmamba_s")]:
+        optuna_study.enqueue_trial({"byol.batch_size": batch, "byol.hidden_dim": hidden, "model.backbone": backbone})
+        trial = optuna_study.ask()
+        config = space(trial)
+        trained[batch] = config
+        assert config["sampled.model.backbone"] == backbone and config["model.backbone"] == smoke_backbone(backbone)
+        assert trial.user_attrs["model.backbone"] == smoke_backbone(backbone) and trial.user_attrs["smoke"] is True
+        assert study.sampled_from(config)["byol.batch_size"] == batch  # the drawn value is kept beside
+        cfg = study.trial_config(study.sampled_from(config), {"device": "cpu"}, smoke=True)
+        assert (cfg.byol.batch_size, cfg.byol.hidden_dim) == (config["byol.batch_size"], config["byol.hidden_dim"])
+    assert trained[256]["byol.batch_size"] != trained[512]["byol.batch_size"]
+    assert trained[256]["byol.hidden_dim"] != trained[512]["byol.hidden_dim"]
+    sizes = {load_study("supervised").trial_config({"augment.image_size": s}, smoke=True).augment.image_size
+             for s in (224, 256)}
+    assert len(sizes) == 2

@@ -17,10 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
 from .config import ConfigError, merge, parse_overrides
 from .data.splits import DataError
 from .models import WeightsError
-from .space import Study, load_study
+from . import tracking
+from .space import BACKBONE_KEYS, Study, flatten, load_study
+from .trial import STATUS, TIME_ATTR
 
 RAY_ENV = {
     # Train's controller polls workers this often (default 2 s): 0.5 s cuts per-report latency (STACK_NOTES)
@@ -71,104 +75,311 @@ def check_candidates(study: Study, overrides: dict, smoke: bool) -> None:
                               "file (weights load from local files only)")
 
 
-def _optuna_search(study: Study, name: str, experiment_dir: Path, seed: int, metric: str):
+KEY_FIELDS = ("model.backbone", "model.pretrained_path", "augment.image_size", "device", "supervised.batch_size",
+              "supervised.epochs")
+SSL_KEY_FIELDS = {"byol": ("byol.batch_size", "byol.hidden_dim", "byol.epochs"),
+                  "cass": ("cass.cnn", "cass.transformer", "cass.batch_size", "cass.epochs")}
+TRIAL_NUMBER = "optuna_trial"  # in every Tune trial config: the Optuna trial it is
+
+
+def trial_name(trial) -> str:
+    """`t007-<trial id>`: the Optuna trial number first, in Tune's table and as the trial's directory."""
+    return f"t{trial.config.get(TRIAL_NUMBER, -1):03d}-{trial.trial_id}"
+
+
+def key_fields(cfg) -> tuple[str, ...]:
+    """The resolved values a reader needs beside the drawn ones: what trained, at which size, where."""
+    ssl = "byol" if cfg.byol.enabled else "cass" if cfg.cass.enabled else None
+    return KEY_FIELDS + SSL_KEY_FIELDS.get(ssl, ())
+
+
+class DefineByRun:
+    """Optuna define-by-run for OptunaSearch: draws the study's parameters, then returns the values that will
+    *train* (smoke shrinkage and `--set` applied) under the parameters' names, the drawn value beside each
+    that differs (`sampled.<key>`), a few key resolved fields, and the Optuna trial number. Tune's trial table
+    then shows what ran; the Optuna trial keeps the same resolved values as user attributes.
+    (A class, not a closure: Tune pickles the searcher with the experiment.)"""
+
+    def __init__(self, study: Study, overrides: dict, smoke: bool):
+        self.study, self.overrides, self.smoke = study, overrides, smoke
+
+    def __call__(self, trial) -> dict:
+        sampled = self.study.sample(trial)
+        cfg = self.study.trial_config(sampled, self.overrides, self.smoke)
+        resolved = flatten(cfg.model_dump(mode="json"))
+        out = {TRIAL_NUMBER: trial.number}
+        for key, value in sampled.items():
+            out[key] = resolved[key]
+            if resolved[key] != value:
+                out[f"sampled.{key}"] = value
+        out.update({key: resolved[key] for key in key_fields(cfg)})
+        for key, value in out.items():
+            if key != TRIAL_NUMBER and not key.startswith("sampled."):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("smoke", self.smoke)
+        return out
+
+
+def _name_rank(key: str, value) -> int:
+    """Which drawn values a run name shows first: backbones, optimizer, LR, batch size, other choices."""
+    order = ("backbone", "cnn", "transformer", "optimizer.name", "optimizer.lr", "batch_size")
+    return next((i for i, part in enumerate(order) if key.endswith(part)), len(order) + (not isinstance(value, str)))
+
+
+def run_name(study: Study, config: dict, width: int = 72) -> str:
+    """`t007 mambavision_t2 lars lr=0.2 batch_size=256 …`: the Optuna trial number, then the drawn values (as
+    drawn: a smoke run's resolved backbone is in its params), labelled choices by their label."""
+    words = []
+    for key, value in sorted(study.sampled_from(config).items(), key=lambda kv: _name_rank(*kv)):
+        spec = study.space.params[key]
+        if spec.cases is not None:
+            spec = spec.cases.get(str(study.sampled_from(config).get(spec.by)).lower(), spec)
+        if spec.kind == "value":
+            continue
+        short = key.split(".")[-1]
+        if isinstance(spec.choice, dict):
+            label = next((k for k, v in spec.choice.items() if v == value), value)
+            words.append(f"{short}={label}")
+        elif isinstance(value, str) and _name_rank(key, value) < 5 or key.endswith("scheduler.name"):
+            words.append(str(value))
+        elif isinstance(value, float):
+            words.append(f"{short}={value:.3g}")
+        else:
+            words.append(f"{short}={value}")
+    name = f"t{config[TRIAL_NUMBER]:03d}"
+    for word in words:
+        if len(name) + 1 + len(word) <= width:
+            name += " " + word
+    return name
+
+
+def _optuna_search(study: Study, space, name: str, experiment_dir: Path, seed: int, metric: str):
     """OptunaSearch (TPE, seeded) on the study's define-by-run space, its study in sqlite beside the experiment.
 
-    Differs from Ray's in two ways: results without the metric (the BYOL phase) are not told to Optuna,
-    and a trial that ASHA stopped before its own end is told as PRUNED, not COMPLETE with a truncated value
-    (which would mislead TPE)."""
+    Differs from Ray's: results without the metric (the SSL phase) or with a non-finite value are not told to
+    Optuna as intermediate values; what a trial is told as follows its status, not whether a value exists —
+    complete → COMPLETE with its value; pruned by ASHA → PRUNED (a truncated value told as COMPLETE misleads
+    TPE); diverged → PRUNED, so TPE counts the region among the bad ones (FAIL would be ignored by TPE, which
+    would keep proposing it); error → FAIL (Ray told an errored trial with a last value COMPLETE). The status
+    is kept as a user attribute."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from .trial import FINISHED, TIME_ATTR
+    from .trial import trial_status
 
-    class PrunedAwareOptunaSearch(OptunaSearch):
+    State = optuna.trial.TrialState
+
+    class StatusAwareOptunaSearch(OptunaSearch):
         def on_trial_result(self, trial_id: str, result: dict):
-            if self.metric in result and trial_id not in self._completed_trials:
-                self._ot_trials[trial_id].report(result[self.metric], int(result.get(TIME_ATTR, 0)))
+            value = result.get(self.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value) and trial_id not in self._completed_trials:
+                self._ot_trials[trial_id].report(value, int(result.get(TIME_ATTR, 0)))
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            if not error and result is not None and not result.get(FINISHED) and trial_id not in self._completed_trials:
-                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-                self._completed_trials.add(trial_id)
+            if trial_id in self._completed_trials:
                 return
-            super().on_trial_complete(trial_id, result, error)
+            ot_trial, status = self._ot_trials[trial_id], trial_status(result, error)
+            value = (result or {}).get(self.metric)
+            if status == "pruned":  # the result ASHA stopped it on never reached on_trial_result
+                self.on_trial_result(trial_id, result or {})
+            ot_trial.set_user_attr("status", status)
+            if status == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._ot_study.tell(ot_trial, value)
+            else:
+                self._ot_study.tell(ot_trial, state=State.FAIL if status in ("error", "complete") else State.PRUNED)
+            self._completed_trials.add(trial_id)
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{(experiment_dir / 'optuna.db').resolve()}")
-    return PrunedAwareOptunaSearch(
-        space=study.sample, metric=metric, mode=study.mode, sampler=optuna.samplers.TPESampler(seed=seed),
+    return StatusAwareOptunaSearch(
+        space=space, metric=metric, mode=study.mode, sampler=optuna.samplers.TPESampler(seed=seed),
         study_name=name, storage=storage, points_to_evaluate=study.warm_start_points() or None)
 
 
-def summarize(results, study: Study, metric: str, experiment_dir: Path, tracking_uri: str, top: int = 5) -> dict:
-    """Top trials by the validation objective, their key parameters, and where to look next."""
-    from .trial import FINISHED, TIME_ATTR
+def _close_optuna_orphans(experiment_dir: Path, name: str) -> int:
+    """After a search that ran to its end, an Optuna trial still RUNNING belongs to no Tune trial (asked just
+    before the driver was killed; the restored searcher drew a new one): told FAIL, so the study holds no
+    trial running forever. Returns how many were closed."""
+    import optuna
 
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{(experiment_dir / 'optuna.db').resolve()}")
+    orphans = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in orphans:
+        study._storage.set_trial_user_attr(trial._trial_id, "status", "orphaned by an interruption")
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)
+
+
+def _link_optuna_run(experiment_dir: Path, name: str):
+    """`on_run` for TrialRuns: the trial's Optuna record carries its MLflow run id."""
+    def link(config: dict, run_id: str) -> None:
+        import optuna
+
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(experiment_dir / 'optuna.db').resolve()}")
+        study_id = storage.get_study_id_from_name(name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, config[TRIAL_NUMBER])
+        storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
+
+    return link
+
+
+def status_of(trial, failed: bool) -> tuple[str, str]:
+    """A finished Tune trial's status and, where there is one, its reason (one line)."""
+    from .trial import REASON, trial_status
+
+    status = trial_status(trial.last_result, failed or trial.status == "ERROR")
+    if status == "error":
+        text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
+        lines = [line for line in text.splitlines() if line.strip()]
+        return status, lines[-1] if lines else "error"
+    if status == "pruned":
+        return status, f"stopped by ASHA after epoch {int(trial.last_result.get(TIME_ATTR, 0))}"
+    return status, str(trial.last_result.get(REASON, ""))
+
+
+class FinishAwareASHA(ASHAScheduler):
+    """ASHA (max_t = the budget's epochs) that never stops a trial on the report that ends it (it carries a
+    status): a trial that trained its whole budget is complete even when ASHA's last rung is its last epoch."""
+
+    def __init__(self, budget, metric: str, mode: str):
+        super().__init__(time_attr=TIME_ATTR, metric=metric, mode=mode, max_t=budget.epochs,
+                         grace_period=min(budget.grace_period, budget.epochs),
+                         reduction_factor=budget.reduction_factor)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE if result.get(STATUS) else decision
+
+
+def summarize(trials, requested: int, study: Study, metric: str, experiment_dir: Path, tracking_uri: str,
+              runs: dict[str, str], experiment_id: str, ended: set[str] | None = None, top: int = 5) -> dict:
+    """Trials by status, the best *completed* trials by the validation objective, and where to look next.
+
+    A trial that had not ended when the search returned (Ctrl-C; `ended`: the trial ids Tune ended, default
+    all TERMINATED / ERROR) is `interrupted`, never pruned; fewer trials than requested also means the search
+    was interrupted."""
     rows = []
-    for r in results:
-        m = r.metrics or {}
-        value = m.get(metric)
+    for t in trials:
+        if t.status in ("TERMINATED", "ERROR") and (ended is None or t.trial_id in ended):
+            status, reason = status_of(t, t.status == "ERROR")
+        else:
+            status, reason = "interrupted", ""
+        m = t.last_result or {}
         rows.append({
-            "trial_id": m.get("trial_id"),
-            "status": "error" if r.error else ("complete" if m.get(FINISHED) else "pruned"),
-            metric: value, TIME_ATTR: m.get(TIME_ATTR),
-            "test_mean_auroc (record only)": m.get("test_mean_auroc"),
-            "params": {k: v for k, v in (r.config or {}).items() if ":" not in k},
+            "trial": f"t{t.config.get(TRIAL_NUMBER, -1):03d}", "trial_id": t.trial_id, "status": status,
+            "reason": reason, metric: m.get(metric) if status == "complete" else None, TIME_ATTR: m.get(TIME_ATTR),
+            "selected_epoch": m.get("selected_epoch"), "record_test_mean_auroc": m.get("record_test_mean_auroc"),
+            "mlflow_run_id": runs.get(t.trial_id),
+            "resolved": {k: v for k, v in t.config.items() if ":" not in k and not k.startswith("sampled.")},
+            "sampled": {k[len("sampled."):]: v for k, v in t.config.items() if k.startswith("sampled.")},
         })
-    scored = [r for r in rows if isinstance(r[metric], (int, float)) and not math.isnan(r[metric])]
-    scored.sort(key=lambda r: r[metric], reverse=study.mode == "max")
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("complete", "pruned", "error")}
+    complete = [r for r in rows if r["status"] == "complete" and isinstance(r[metric], (int, float))
+                and math.isfinite(r[metric])]
+    complete.sort(key=lambda r: r[metric], reverse=study.mode == "max")
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("complete", "pruned", "diverged", "error", "interrupted")}
+    interrupted = counts["interrupted"] > 0 or len(rows) < requested
+    status = "interrupted" if interrupted else "complete" if complete else "no trial completed"
     return {
-        "study": study.name, "file": study.origin, "metric": metric, "mode": study.mode, "trials": len(rows),
-        **counts, "best": scored[0] if scored else None, "top": scored[:top],
+        "study": study.name, "file": study.origin, "status": status, "metric": metric, "mode": study.mode,
+        "requested": requested, "trials": len(rows), **counts, "best": complete[0] if complete else None,
+        "top": complete[:top], "rows": rows,
         "mlflow": f"mlflow ui --backend-store-uri {tracking_uri}",
+        "mlflow_runs_table": tracking.runs_table_url(tracking_uri, experiment_id),
         "optuna": f"optuna-dashboard sqlite:///{(experiment_dir / 'optuna.db').resolve()}",
         "experiment_dir": str(experiment_dir),
     }
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: dict, resume_command: str) -> None:
     metric = summary["metric"]
-    print(f"\n{summary['study']}: {summary['trials']} trials — {summary['complete']} complete, "
-          f"{summary['pruned']} pruned by ASHA, {summary['error']} errored; objective {metric} ({summary['mode']})")
+    counts = ", ".join(f"{summary[s]} {s}" for s in ("complete", "pruned", "diverged", "error", "interrupted")
+                       if summary[s] or s == "complete")
+    print(f"\n{summary['study']}: {summary['status']} — {summary['trials']} of {summary['requested']} trials: "
+          f"{counts}; objective {metric} ({summary['mode']})")
     for rank, row in enumerate(summary["top"], 1):
-        params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
-        print(f"{rank:2d}. {row[metric]:.4f}  [{row['status']}, {row['epochs_done']} epochs]  {params}")
+        params = ", ".join(f"{k}={v}" for k, v in row["resolved"].items() if k != TRIAL_NUMBER)
+        print(f"{rank:2d}. {row['trial']} {row[metric]:.4f}  [epoch {row['selected_epoch']:.0f} selected of "
+              f"{row[TIME_ATTR]}]  {params}")
+    if summary["status"] == "interrupted":
+        print(f"interrupted: finished trials are kept; continue with\n    {resume_command}")
+    elif summary["status"] != "complete":
+        print("no trial completed: nothing to report as best (see each trial's status and reason)")
     print(f"summary: {summary['experiment_dir']}/summary.json")
-    print(f"runs:    {summary['mlflow']}")
+    print(f"runs:    {summary['mlflow']}\n         then open {summary['mlflow_runs_table']}")
     print(f"study:   {summary['optuna']}")
+
+
+def exit_code(summary: dict) -> int:
+    """0: the search did what was asked; 130: interrupted (resumable); 1: no trial completed."""
+    return {"complete": 0, "interrupted": 130}.get(summary["status"], 1)
+
+
+INVOCATION_FILE = "search.json"
+INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name")  # what a resume repeats
+
+
+def _where(args) -> tuple[str, str, Path]:
+    """(experiment name, storage path or URI, local experiment directory for optuna.db and mlflow.db)."""
+    from .space import resolve_path
+
+    if isinstance(args.resume, str):
+        args.name = args.resume
+    name = args.name or f"{resolve_path(args.study).stem}{'-smoke' if args.smoke else ''}"
+    uri_storage = "://" in args.storage
+    storage = args.storage.rstrip("/") if uri_storage else str(Path(args.storage).resolve())
+    return name, storage, (Path(args.local_dir).resolve() if uri_storage else Path(storage)) / name
+
+
+def _restore_invocation(args) -> None:
+    """`--resume [NAME]`: the search must exist; it continues as it was started (study file, --set, --data,
+    --smoke, trials, seed), whatever else this command line says; resources and cluster may differ."""
+    from ray import tune
+
+    name, storage, experiment_dir = _where(args)
+    if not tune.Tuner.can_restore(f"{storage}/{name}") or not (experiment_dir / INVOCATION_FILE).is_file():
+        raise ConfigError(f"--resume: no search named '{name}' to resume in {storage}/{name}")
+    for key, value in json.loads((experiment_dir / INVOCATION_FILE).read_text()).items():
+        setattr(args, key, value)
+
+
+def resume_command(args) -> str:
+    name, storage, _ = _where(args)
+    return f"python -m tune_xray.search {args.study} --resume {name} --storage {storage}"
 
 
 def run_search(args, extra_callbacks: list = ()) -> dict:
     """Validate everything, then run (or resume) the search; returns the summary written to summary.json.
 
     `extra_callbacks`: more Tune callbacks (tests use one to interrupt a search)."""
+    if args.resume:
+        _restore_invocation(args)  # before anything else: nothing to resume is one error, leaving nothing behind
     study = load_study(args.study)  # every search-space error before Ray starts
     overrides = parse_overrides(args.overrides)
+    study.check_overrides(overrides)
     if args.data:
         overrides = merge(overrides, {"data": {"source": args.data}})
+    if "device" not in overrides:  # what the trials will train on, resolved here so every record shows it
+        overrides = merge(overrides, {"device": "cuda" if args.gpus_per_trial else "cpu"})
     base_cfg = study.trial_config({}, overrides, args.smoke)
     check_candidates(study, overrides, args.smoke)
-    budget = study.budget(args.smoke)
+    budget = study.budget(args.smoke, overrides)
     trials = args.trials or budget.trials
-    storage = Path(args.storage).resolve() if "://" not in args.storage else args.storage
-    name = args.name or f"{study.name}{'-smoke' if args.smoke else ''}"
-    experiment_dir = Path(storage) / name if isinstance(storage, Path) else Path(args.local_dir).resolve() / name
-    if experiment_dir.exists() and not args.resume and (experiment_dir / "tuner.pkl").exists():
+    name, storage, experiment_dir = _where(args)
+    from ray import tune
+
+    if not args.resume and (experiment_dir / "tuner.pkl").exists():
         raise ConfigError(f"{experiment_dir} holds an earlier search '{name}': pass --resume, or --name for a new one")
 
     from .data.loader import prepare
     prepare(base_cfg.data)  # check and cache the data once, before any trial starts
 
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # BYOL-phase reports carry no objective
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from . import tracking
-    from .trial import TIME_ATTR, TrialResources, trial_driver, tune_metric
+    from .trial import RESULT_FILES, TrialResources, trial_driver, tune_metric
 
     experiment_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (experiment_dir / INVOCATION_FILE).write_text(json.dumps({k: getattr(args, k) for k in INVOCATION}))
     metric = tune_metric(study.metric)
     tracking_uri = args.tracking_uri or tracking.default_tracking_uri(experiment_dir)
     if not ray.is_initialized():
@@ -176,41 +387,62 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         # placement group and the next trial waits for resources forever
         _init_ray(args.address, args.verbose)
     resources = TrialResources(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial)
-    parent = tracking.start_parent(tracking_uri, name, experiment_dir,
-                                   {"study": study.origin, "trials": trials, "smoke": args.smoke,
-                                    "metric": study.metric, "mode": study.mode})
-    resolve = lambda sampled: study.trial_config(sampled, overrides, args.smoke).model_dump(mode="json")  # noqa: E731
+    parent = tracking.start_parent(
+        tracking_uri, name, experiment_dir,
+        {"study": study.origin, "trials": trials, "smoke": args.smoke, "metric": study.metric, "mode": study.mode,
+         "budget.epochs": budget.epochs, "overrides": json.dumps(overrides, sort_keys=True)},
+        {"tune_xray.smoke": str(args.smoke).lower()})
+    experiment_path = f"{storage}/{name}"
+
+    def describe(config: dict) -> tracking.TrialRecord:
+        cfg = study.trial_config(study.sampled_from(config), overrides, args.smoke)
+        params = flatten(cfg.model_dump(mode="json"))
+        params.update({k: v for k, v in config.items() if k.startswith("sampled.")})
+        return tracking.TrialRecord(run_name(study, config), params,
+                                    {"tune_xray.smoke": str(args.smoke).lower(),
+                                     "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])})
+
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, study=study, overrides=overrides, smoke=args.smoke, resources=resources,
-                             storage_path=str(storage), max_failures=args.max_failures),
+                             storage_path=experiment_path, max_failures=args.max_failures),
         {"cpu": 0, "memory": 2**20})  # the driver only waits on its Train run, whose workers hold the resources
-    run_config = tune.RunConfig(name=name, storage_path=str(storage),
-                                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                callbacks=[tracking.TrialRuns(tracking_uri, name, parent, resolve), *extra_callbacks])
+    callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, _link_optuna_run(experiment_dir, name),
+                                    RESULT_FILES), *extra_callbacks]
+    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                                failure_config=tune.FailureConfig(max_failures=args.max_failures))
     start = time.perf_counter()
     if args.resume:
-        restore_path = f"{storage}/{name}"
-        if not tune.Tuner.can_restore(restore_path):
-            raise ConfigError(f"--resume: no search to resume in {restore_path}")
-        tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     else:
-        # max_t one past the budget: ASHA stops a trial whose clock reaches max_t, which at the last epoch
-        # would cut off the trial's own final report (test metrics for the record, artifacts)
-        scheduler = (ASHAScheduler(time_attr=TIME_ATTR, max_t=budget.epochs + 1, grace_period=budget.grace_period,
-                                   reduction_factor=budget.reduction_factor) if not args.no_asha else FIFOScheduler())
+        scheduler = FinishAwareASHA(budget, metric, study.mode) if not args.no_asha else None
         tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-            metric=metric, mode=study.mode, num_samples=trials, scheduler=scheduler,
-            search_alg=_optuna_search(study, name, experiment_dir, args.seed, metric),
+            num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+            search_alg=_optuna_search(study, DefineByRun(study, overrides, args.smoke), name, experiment_dir,
+                                      args.seed, metric),
             max_concurrent_trials=resources.max_concurrent(ray.cluster_resources())))
     results = tuner.fit()
-    summary = summarize(results, study, metric, experiment_dir, tracking_uri)
+    all_trials = results._experiment_analysis.trials
+    runs = tracking.child_runs(tracking_uri, parent)
+    summary = summarize(all_trials, trials, study, metric, experiment_dir, tracking_uri, runs,
+                        tracking.experiment_id_of(tracking_uri, parent), tracking.ended_trials(tracking_uri, parent))
     summary["wall_time_s"] = time.perf_counter() - start
+    known = {t.trial_id for t in all_trials}
+    tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
+                                      if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",
+                       "the search was interrupted; --resume continues it")
+    tracking.delete_runs(tracking_uri, [run_id for trial_id, run_id in runs.items() if trial_id not in known])
+    if summary["status"] != "interrupted":
+        summary["optuna_orphans_closed"] = _close_optuna_orphans(experiment_dir, name)
     best = summary["best"]
-    summary["best_mlflow_run_id"] = tracking.finish_parent(
-        tracking_uri, parent, best["trial_id"] if best else None,
-        {k: v for k, v in (results.get_best_result().metrics or {}).items()
-         if k.startswith(("best_", "val_", "test_", TIME_ATTR))} if best else {})
-    (experiment_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
+    summary_file = experiment_dir / "summary.json"
+    summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
+    tracking.finish_parent(
+        tracking_uri, parent, summary["status"], summary["best_mlflow_run_id"],
+        {m.key: m.value for m in tracking.epoch_metrics(best_trial.last_result, 0)
+         if m.key.startswith(tracking.RECORD_PREFIXES) or m.key == metric} if best_trial else {}, summary_file)
     return summary
 
 
@@ -225,7 +457,9 @@ def main(argv=None) -> int:
     parser.add_argument("--local-dir", default="tune_xray_runs", help="where optuna.db and mlflow.db live "
                         "when --storage is a URI")
     parser.add_argument("--name", help="experiment name (default: the study name)")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="NAME",
+                        help="continue the interrupted search NAME (default: --name, or the study's name) as it "
+                        "was started")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
     parser.add_argument("--gpus-per-trial", type=float, default=None,
@@ -247,8 +481,11 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_summary(summary)
-    return 0
+    except KeyboardInterrupt:  # before the trials started (Tune handles Ctrl-C while they run)
+        print("interrupted before any trial ran", file=sys.stderr)
+        return 130
+    print_summary(summary, resume_command(args))
+    return exit_code(summary)
 
 
 if __name__ == "__main__":

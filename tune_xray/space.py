@@ -14,7 +14,10 @@ A file states the objective, the budget, fixed settings, the parameters and opti
       byol.scheduler.t_max: {choice: [250, 500], when: {byol.scheduler.name: cosine}}
       augment.brightness: {choice: {"off": null, "0.8-1.2": [0.8, 1.2]}}   # labelled choices
     warm_start: [{byol.optimizer.name: lars, ...}]
-    smoke: {budget: {trials: 6, epochs: 3}, set: {model.backbone: test_resnet, ...}}  # shrinks the run, not the space
+    smoke: {budget: {trials: 6, epochs: 3}, set: {data.cache_size: 64}, scale: {byol.batch_size: 0.125}}
+
+`--smoke` shrinks the run, not the space: every drawn backbone becomes its family's tiny test model
+(`smoke_backbone`), `scale` multiplies sizes so that distinct drawn values stay distinct, `set` fixes the rest.
 
 Every parameter value is checked against the TrialConfig schema before anything runs, so a typo, unknown
 key, empty choice, inverted range or out-of-range value is one error naming the file and the key.
@@ -106,10 +109,51 @@ class Budget(_Strict):
 
 
 class Smoke(_Strict):
-    """`--smoke`: the same space at tiny scale (budget, data, image size, epochs, timm test_* backbone)."""
+    """`--smoke`: the same space at tiny scale: budget, fixed small values (`set`), sizes multiplied by a factor
+    (`scale`, so two drawn batch sizes or widths stay two), and each backbone its family's test model."""
 
     budget: Budget = Budget(trials=4, epochs=2, grace_period=1)
     set: dict[str, Any] = {}
+    scale: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _factors(self):
+        for key, factor in self.scale.items():
+            if not 0 < factor <= 1:
+                raise ValueError(f"scale.{key}: a factor in (0, 1] shrinks a size, got {factor}")
+        return self
+
+
+# timm name prefixes → the tiny test model of the family a smoke search trains instead (ours included), so
+# a smoke search runs the code paths the full study will: tokens vs feature maps, fixed input sizes, SSM scans.
+# Swin, CoAtNet and MaxViT (windowed / relative-position attention) → test_vit_relpos, a relative-position
+# transformer that takes any input size (timm's test_coatnet / test_maxvit need multiples of 32 px)
+SMOKE_BACKBONES = (
+    (("mambavision",), "test_mambavision"), (("vmamba",), "test_vmamba"), (("mambaout",), "test_mambaout"),
+    (("convnext",), "test_convnext"), (("swin", "coatnet", "coatnext", "maxvit", "maxxvit"), "test_vit_relpos"),
+    (("vit", "deit", "eva", "beit"), "test_vit"),
+    (("efficientnet", "tf_efficientnet", "mobilenet", "tf_mobilenet"), "test_efficientnet"),
+    (("nfnet", "dm_nfnet", "eca_nfnet"), "test_nfnet"),
+)
+BACKBONE_KEYS = ("model.backbone", "cass.cnn", "cass.transformer")
+
+
+def smoke_backbone(name: str) -> str:
+    """The test model of `name`'s family (ResNet's for any other CNN: DenseNet, ResNet, RegNet, ...)."""
+    if name.startswith("test_"):
+        return name
+    return next((test for prefixes, test in SMOKE_BACKBONES if name.startswith(prefixes)), "test_resnet")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` → `{"a.b": 1}` (the inverse of config.nest)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class SearchSpace(_Strict):
@@ -152,20 +196,48 @@ class Study:
     def mode(self) -> str:
         return self.space.mode
 
-    def budget(self, smoke: bool = False) -> Budget:
-        return self.space.smoke.budget if smoke else self.space.budget
+    def budget(self, smoke: bool = False, overrides: dict | None = None) -> Budget:
+        """The file's budget (or its smoke budget). `--set supervised.epochs=N` carries through: it becomes the
+        budget ASHA's max_t is built from, so no trial is cut at the file's epoch count."""
+        budget = self.space.smoke.budget if smoke else self.space.budget
+        epochs = ((overrides or {}).get("supervised") or {}).get("epochs")
+        if epochs is not None:
+            budget = budget.model_copy(update={"epochs": epochs, "grace_period": min(budget.grace_period, epochs)})
+        return budget
+
+    def check_overrides(self, overrides: dict) -> None:
+        """`--set` values that would contradict the study's objective are one error before anything runs."""
+        chosen = (overrides.get("supervised") or {}).get("selection_metric")
+        if chosen is not None and chosen != self.metric:
+            raise ConfigError(f"--set supervised.selection_metric={chosen} contradicts {self.origin}'s metric "
+                              f"{self.metric}: the search optimises the file's metric and each trial selects its "
+                              "epoch on it; change `metric:` in the file instead")
 
     def trial_config(self, sampled: dict[str, Any], overrides: dict | None = None, smoke: bool = False) -> TrialConfig:
-        """base ⊕ sampled values ⊕ --set overrides (⊕ smoke shrinkage) → a validated TrialConfig.
+        """base ⊕ sampled values (⊕ smoke shrinkage) ⊕ --set overrides → a validated TrialConfig.
 
-        The supervised phase runs the budget's epochs and selects on the study's metric."""
+        The supervised phase runs the budget's epochs and selects on the study's metric. Smoke: `smoke.set`,
+        then `smoke.scale` factors, then each backbone its family's test model; the user's `--set` comes last."""
         tree = merge(self.space.base, nest({k: v for k, v in sampled.items() if ":" not in k}, self.origin))
         tree = merge(tree, {"supervised": {"epochs": self.budget(smoke).epochs, "selection_metric": self.metric}})
-        if overrides:
-            tree = merge(tree, overrides)
         if smoke:
             tree = merge(tree, nest(self.space.smoke.set, f"{self.origin}: smoke.set"))
+            values = flatten(build_config(tree, f"{self.origin} (trial config)").model_dump(mode="json"))
+            sizes = {k for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
+            if set(self.space.smoke.scale) - sizes:
+                raise ConfigError(f"{self.origin}: smoke.scale: {sorted(set(self.space.smoke.scale) - sizes)} "
+                                  "are not integer sizes of the trial config")
+            shrunk = {key: max(1, round(values[key] * factor)) for key, factor in self.space.smoke.scale.items()}
+            shrunk.update({key: smoke_backbone(values[key]) for key in BACKBONE_KEYS})
+            tree = merge(tree, nest(shrunk, f"{self.origin}: smoke"))
+        if overrides:
+            tree = merge(tree, overrides)
         return build_config(tree, f"{self.origin} (trial config)")
+
+    def sampled_from(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The drawn values in a Tune trial config, which shows the resolved values under the parameters'
+        names and the drawn ones under `sampled.<key>` where they differ (see search.DefineByRun)."""
+        return {key: config.get(f"sampled.{key}", config[key]) for key in self.space.params if key in config}
 
     def ordered_params(self) -> list[tuple[str, ParamSpec]]:
         """Parameters with every parent (`by`, `when`) before its children, whatever the file order."""

@@ -26,6 +26,9 @@ from .config import build_config
 
 TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
 FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
+STATUS = "status"  # in a trial's last report: "complete" or "diverged" (pruned / error / interrupted: Tune's)
+REASON = "reason"
+REPLAY = "replay"  # in the first report after a resume: the restored epochs' reports (see tracking.TrialRuns)
 FINAL_FILE = "final.json"  # the last report, kept with the results so a finished run re-reports it on retry
 RESULT_FILES = (FINAL_FILE, "config.yaml", "summary.json", "best.pt", "predictions_val.csv", "predictions_test.csv",
                 "supervised_history.json")
@@ -36,20 +39,42 @@ def tune_metric(metric: str) -> str:
     return f"best_{metric}"
 
 
+def trial_status(result: dict | None, error: bool) -> str:
+    """complete | diverged (the trial's own last report) | error (it raised, retries spent) | pruned (stopped
+    by the scheduler before its end). A trial still pending or running when the search stops is `interrupted`
+    (see search.summarize)."""
+    if error:
+        return "error"
+    return (result or {}).get(STATUS) or "pruned"
+
+
 def _numbers(metrics: dict, prefix: str = "") -> dict:
+    """Numeric values (NaN and inf included: a non-finite metric is never silently dropped)."""
     return {prefix + k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _format(phase: str, metrics: dict) -> dict:
+    """A phase's epoch metrics as reported: the fine-tune's as they are, an SSL phase's (byol, cass) in its own
+    namespace with its own epoch (`byol/epoch`)."""
+    numbers = _numbers({k: v for k, v in metrics.items() if k not in ("phase", "last")})
+    return numbers if phase == "supervised" else {f"{phase}/{k}": v for k, v in numbers.items()}
 
 
 def train_worker(config: dict) -> None:
-    """Per-rank function: resume from the last checkpoint if any, run the phases, report every epoch."""
+    """Per-rank function: resume from the last checkpoint if any, run the phases, report every epoch.
+
+    The fine-tune's last epoch (its budget or an early stop) is reported together with the final record, so
+    that ASHA never stops a trial on the report that ends it. A diverged run reports `status: diverged` and
+    returns normally: neither Ray Train nor Tune retries a deterministic divergence."""
     from .phases import run_phases  # here, not at the top: the Tune trial actor needs no timm or kornia
-    from .phases.common import load_state
+    from .phases.common import Diverged, load_state
 
     cfg = build_config(config["trial_config"], "trial config")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     cfg.device = str(ray.train.torch.get_device())
+    run_dir = Path(tempfile.mkdtemp(prefix="tune_xray-"))
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -58,28 +83,43 @@ def train_worker(config: dict) -> None:
                 final = json.loads((Path(directory) / FINAL_FILE).read_text())
                 ray.train.report(final, checkpoint=checkpoint if rank == 0 else None)
                 return
-            resume = load_state(directory)
-    run_dir = Path(tempfile.mkdtemp(prefix="tune_xray-"))
+            resume = load_state(directory, run_dir)
     supervised_epochs = [resume["epoch"] if resume and resume["phase"] == "supervised" else 0]
+    held: dict = {}  # the fine-tune's last epoch, reported with the final record
+    # a resumed run re-sends the epochs its state holds: those reported after the driver's last save reach
+    # the record this way (the tracker keeps the epochs it already has)
+    replay = [] if resume is None else [_format(resume["phase"], m) for m in resume["history"]]
+    if resume is not None and resume["phase"] == "supervised" and resume.get("ssl"):
+        ssl = "byol" if cfg.byol.enabled else "cass"
+        replay = [_format(ssl, m) for m in resume["ssl"]["history"]] + replay
 
     def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
-        if metrics["phase"] != "supervised":  # an SSL phase (byol, cass): its own namespace
-            phase = metrics["phase"]
-            out = _numbers({k: v for k, v in metrics.items() if k != "epoch"}, f"{phase}/")
-            out[f"{phase}/epoch"] = metrics["epoch"]
-        else:
+        phase = metrics["phase"]
+        if phase == "supervised":
             supervised_epochs[0] = metrics["epoch"]
-            out = _numbers(metrics)
-        out[TIME_ATTR] = supervised_epochs[0]
-        ray.train.report(out, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        out = {**_format(phase, metrics), TIME_ATTR: supervised_epochs[0]}
+        if replay:
+            out[REPLAY] = replay.copy()
+            replay.clear()
+        if phase == "supervised" and metrics["last"]:
+            held.update(out)
+        else:
+            ray.train.report(out, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
         if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray Train by now
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray Train by now (or not needed)
 
-    summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume)
+    try:
+        summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume)
+    except Diverged as err:  # every rank raises it (the non-finite check is agreed across ranks)
+        ray.train.report({**held, TIME_ATTR: supervised_epochs[0], STATUS: "diverged", REASON: str(err),
+                          "diverged_epoch": float(err.epoch)})
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
     sup, metric = summary["supervised"], cfg.supervised.selection_metric
-    final = {TIME_ATTR: supervised_epochs[0], FINISHED: 1.0, "best_epoch": sup["best_epoch"],
-             tune_metric(metric): sup["history"][sup["best_epoch"] - 1][metric],
-             **_numbers(summary["val"], "val_"), **_numbers(summary["test"], "test_")}
+    final = {**held, TIME_ATTR: supervised_epochs[0], FINISHED: 1.0, STATUS: "complete",
+             "selected_epoch": float(sup["best_epoch"]), **_numbers(summary["val"], "selected_val_"),
+             **_numbers(summary["test"], "record_test_")}
+    final[tune_metric(metric)] = sup["history"][sup["best_epoch"] - 1][metric] if sup["best_epoch"] else math.nan
     result_dir = None
     if rank == 0:  # the selected checkpoint, predictions and summary travel as the run's last checkpoint
         result_dir = tempfile.mkdtemp(prefix="tune_xray-result-")
@@ -115,8 +155,10 @@ class TrialResources:
 
 def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources: TrialResources,
                  storage_path: str, max_failures: int) -> None:
-    """Tune function trainable: resolve the sampled config, run it as a Ray Train run, keep its results."""
-    cfg = study.trial_config(config, overrides, smoke)
+    """Tune function trainable: resolve the drawn config, run it as a Ray Train run, keep its results.
+
+    The Train run lives in the experiment directory (`storage_path`) as `train-<trial id>`."""
+    cfg = study.trial_config(study.sampled_from(config), overrides, smoke)
     context = tune.get_context()
     trainer = TorchTrainer(
         train_worker,
