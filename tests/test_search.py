@@ -249,3 +249,74 @@ def test_best_is_the_best_completed_trial_and_none_completed_is_not_success(tmp_
     assert summary["best"] is None and summary["status"] == "no trial completed" and exit_code(summary) == 1
     summary = summarize(trials[1:2] + [trial(2, "RUNNING")], **args)
     assert summary["status"] == "interrupted" and summary["interrupted"] == 1 and exit_code(summary) == 130
+
+
+class KillTrainWorkerAfterFirstEpoch(tune.Callback):
+    """SIGKILL the trial's Ray Train worker process once its first fine-tune epoch has been reported."""
+
+    def __init__(self):
+        self.killed = False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        import psutil
+        if not self.killed and result.get("epoch") == 1:
+            self.killed = True
+            for proc in psutil.process_iter(["cmdline"]):
+                if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+
+
+def test_a_killed_train_worker_resumes_from_its_last_epoch(tmp_path, ray_session):
+    """--set supervised.epochs beyond the file's budget carries through (ASHA's max_t follows it), and a Train
+    worker killed after epoch 1 restarts from that epoch's checkpoint: one run, epochs 1..3 once each."""
+    args = _args(tmp_path)
+    args.trials, args.cpus_per_trial, args.overrides = 1, 2.0, ["supervised.epochs=3"]
+    summary = run_search(args, extra_callbacks=[KillTrainWorkerAfterFirstEpoch()])
+    assert summary["complete"] == 1 and summary["best"]["epochs_done"] == 3
+    client, parent, children = _mlflow(tmp_path / "store" / "tiny")
+    assert len(children) == 1 and children[0].data.params["supervised.epochs"] == "3"
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "val_loss")] == [1, 2, 3]
+
+
+def test_a_killed_driver_resumes_with_one_run_per_trial_and_none_running(tmp_path, ray_session):
+    import subprocess
+    import sys
+
+    # the driver is SIGKILLed (no chance to save or clean up) at the first result after a trial has ended;
+    # the callback is defined in __main__ so that the experiment's pickle carries it by value
+    code = f"""
+import os, pathlib, signal, sys
+from ray import tune
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_search import _args
+from tune_xray.search import run_search
+
+class KillDriverMidTrial(tune.Callback):
+    ended = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended += 1
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.ended and not os.path.exists({str(tmp_path / "killed")!r}):
+            open({str(tmp_path / "killed")!r}, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+args = _args(pathlib.Path({str(tmp_path)!r}))
+args.no_asha = True
+run_search(args, extra_callbacks=[KillDriverMidTrial()])
+"""
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    exp = tmp_path / "store" / "tiny"
+    summary = run_search(_args(tmp_path, "--resume"))
+    assert summary["status"] == "complete" and summary["trials"] == 3
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert all(t.state.is_finished() for t in study.trials)
+    assert sum(t.state != optuna.trial.TrialState.FAIL for t in study.trials) == 3  # orphans only are FAIL
+    client, parent, children = _mlflow(exp)
+    assert len(children) == summary["trials"] and parent.info.status == "FINISHED"
+    assert all(c.info.status != "RUNNING" for c in children)
+    for child in children:
+        if child.data.tags["tune_xray.status"] == "complete":
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
+            assert steps == [1, 2]

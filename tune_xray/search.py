@@ -23,7 +23,7 @@ from .config import ConfigError, merge, parse_overrides
 from .data.splits import DataError
 from .models import WeightsError
 from . import tracking
-from .space import BACKBONE_KEYS, Study, flatten, load_study
+from .space import BACKBONE_KEYS, Study, case_key, flatten, load_study
 from .trial import STATUS, TIME_ATTR
 
 RAY_ENV = {
@@ -129,11 +129,11 @@ def _name_rank(key: str, value) -> int:
 def run_name(study: Study, config: dict, width: int = 72) -> str:
     """`t007 mambavision_t2 lars lr=0.2 batch_size=256 …`: the Optuna trial number, then the drawn values (as
     drawn: a smoke run's resolved backbone is in its params), labelled choices by their label."""
-    words = []
-    for key, value in sorted(study.sampled_from(config).items(), key=lambda kv: _name_rank(*kv)):
+    words, sampled = [], study.sampled_from(config)
+    for key, value in sorted(sampled.items(), key=lambda kv: _name_rank(*kv)):
         spec = study.space.params[key]
         if spec.cases is not None:
-            spec = spec.cases.get(str(study.sampled_from(config).get(spec.by)).lower(), spec)
+            spec = spec.cases.get(case_key(sampled.get(spec.by)), spec)
         if spec.kind == "value":
             continue
         short = key.split(".")[-1]
@@ -265,7 +265,8 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment_dir:
             status, reason = "interrupted", ""
         m = t.last_result or {}
         rows.append({
-            "trial": f"t{t.config.get(TRIAL_NUMBER, -1):03d}", "trial_id": t.trial_id, "status": status,
+            "trial": f"t{t.config.get(TRIAL_NUMBER, -1):03d}", "name": run_name(study, t.config) if TRIAL_NUMBER in
+            t.config else t.trial_id, "trial_id": t.trial_id, "status": status,
             "reason": reason, metric: m.get(metric) if status == "complete" else None, TIME_ATTR: m.get(TIME_ATTR),
             "selected_epoch": m.get("selected_epoch"), "record_test_mean_auroc": m.get("record_test_mean_auroc"),
             "mlflow_run_id": runs.get(t.trial_id),
@@ -296,9 +297,9 @@ def print_summary(summary: dict, resume_command: str) -> None:
     print(f"\n{summary['study']}: {summary['status']} — {summary['trials']} of {summary['requested']} trials: "
           f"{counts}; objective {metric} ({summary['mode']})")
     for rank, row in enumerate(summary["top"], 1):
-        params = ", ".join(f"{k}={v}" for k, v in row["resolved"].items() if k != TRIAL_NUMBER)
-        print(f"{rank:2d}. {row['trial']} {row[metric]:.4f}  [epoch {row['selected_epoch']:.0f} selected of "
-              f"{row[TIME_ATTR]}]  {params}")
+        trained = ", ".join(f"{k}={row['resolved'][k]}" for k in row["sampled"])
+        print(f"{rank:2d}. {row[metric]:.4f}  {row['name']}  [epoch {row['selected_epoch']:.0f} of "
+              f"{row[TIME_ATTR]} selected]" + (f"  trained as: {trained}" if trained else ""))
     if summary["status"] == "interrupted":
         print(f"interrupted: finished trials are kept; continue with\n    {resume_command}")
     elif summary["status"] != "complete":

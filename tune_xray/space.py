@@ -178,7 +178,7 @@ def _matches(values: dict, when: Optional[dict]) -> bool:
     return all(values.get(k) in (v if isinstance(v, list) else [v]) for k, v in when.items())
 
 
-def _case_key(value: Any) -> str:
+def case_key(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -270,7 +270,7 @@ class Study:
                 continue
             name = key
             if spec.cases is not None:
-                case = _case_key(values.get(spec.by))
+                case = case_key(values.get(spec.by))
                 if case not in spec.cases:
                     continue  # no branch for this parent value: the parameter does not apply
                 name, spec = f"{key}:{case}", spec.cases[case]
@@ -283,7 +283,7 @@ class Study:
         for key, value in point.items():
             spec = self.space.params.get(key)
             if spec is not None and spec.cases is not None:
-                spec = spec.cases.get(_case_key(point.get(spec.by)))
+                spec = spec.cases.get(case_key(point.get(spec.by)))
             if spec is not None and isinstance(spec.choice, dict) and isinstance(value, str) and value in spec.choice:
                 out[key] = spec.choice[value]
         return out
@@ -297,7 +297,7 @@ class Study:
                 if key not in point:
                     continue
                 if spec.cases is not None:
-                    case = _case_key(point.get(spec.by))
+                    case = case_key(point.get(spec.by))
                     key_name, spec = f"{key}:{case}", spec.cases.get(case)
                 else:
                     key_name = key
