@@ -170,13 +170,23 @@ def _optuna_search(study: Study, space, name: str, experiment_dir: Path, seed: i
     State = optuna.trial.TrialState
 
     class StatusAwareOptunaSearch(OptunaSearch):
+        def _told(self, trial_id: str) -> bool:
+            """Told already: here, or by the run before a kill whose searcher state was saved earlier than the
+            study in sqlite (Tune then runs the trial again; the study keeps its first record)."""
+            if trial_id not in self._completed_trials:
+                ot_trial = self._ot_trials[trial_id]
+                if not self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+                    return False
+                self._completed_trials.add(trial_id)
+            return True
+
         def on_trial_result(self, trial_id: str, result: dict):
             value = result.get(self.metric)
-            if isinstance(value, (int, float)) and math.isfinite(value) and trial_id not in self._completed_trials:
+            if isinstance(value, (int, float)) and math.isfinite(value) and not self._told(trial_id):
                 self._ot_trials[trial_id].report(value, int(result.get(TIME_ATTR, 0)))
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            if trial_id in self._completed_trials:
+            if self._told(trial_id):
                 return
             ot_trial, status = self._ot_trials[trial_id], trial_status(result, error)
             value = (result or {}).get(self.metric)

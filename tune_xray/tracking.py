@@ -34,7 +34,8 @@ RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED
 # Tune's own bookkeeping in every result, and ASHA's clock: not metrics of the trial
 BOOKKEEPING = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", TIME_ATTR, FINISHED,
                REPLAY}
-RECORD_PREFIXES = ("selected_", "record_test_")  # a trial's final record: one value each, not a curve
+RECORD_PREFIXES = ("selected_", "record_test_")
+SSL_PHASES = ("byol", "cass")  # their epoch metrics come as `byol/…` with their own `byol/epoch`  # a trial's final record: one value each, not a curve
 
 
 def default_tracking_uri(experiment_dir: Path) -> str:
@@ -142,25 +143,36 @@ class TrialRecord:
     tags: dict
 
 
-def epoch_metrics(result: dict, timestamp: int) -> list[Metric]:
+def report_epochs(report: dict):
+    """(phase, epoch) of each phase epoch in a report: `""` for the fine-tune (`epoch`), `byol` for `byol/epoch`;
+    ("record", 0) for a final record."""
+    if any(key.startswith(RECORD_PREFIXES) for key in report):
+        yield "record", 0
+    for key in report:
+        if key == "epoch" or (key.endswith("/epoch") and key.split("/")[0] in SSL_PHASES):
+            yield key.split("/")[0] if "/" in key else "", int(report[key])
+
+
+def epoch_metrics(result: dict, timestamp: int, skip: dict[str, set[int]] | None = None) -> list[Metric]:
     """A Tune result as MLflow metrics: each phase's epoch metrics at that phase's epoch (fine-tune epoch k is
     step k; BYOL/CASS under `byol/…`, `cass/…` at their own epochs), the final record (`selected_…`,
-    `record_test_…`) as single values. Tune's bookkeeping is left out; NaN and inf are kept."""
-    out = []
+    `record_test_…`) as single values. Tune's bookkeeping is left out; NaN and inf are kept. `skip`: epochs
+    (per phase) already logged."""
+    out, skip = [], skip or {}
     for key, value in result.items():
         if key in BOOKKEEPING or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        phase = key.split("/")[0] if f"{key.split('/')[0]}/epoch" in result else None  # byol/…, cass/…
+        phase = key.split("/")[0] if key.split("/")[0] in SSL_PHASES and f"{key.split('/')[0]}/epoch" in result else ""
         if key.startswith(RECORD_PREFIXES):
             step = 0
-        elif phase:
-            if key == f"{phase}/epoch":
+            if 0 in skip.get("record", ()):  # the final record is logged once
                 continue
-            step = int(result[f"{phase}/epoch"])
-        elif key == "epoch":
+        elif key == "epoch" or key == f"{phase}/epoch":
             continue
         else:
-            step = int(result.get("epoch", 0))
+            step = int(result[f"{phase}/epoch" if phase else "epoch"]) if (phase or "epoch" in result) else 0
+            if step in skip.get(phase, ()):
+                continue
         out.append(Metric(key, float(value), timestamp, step))
     return out
 
@@ -179,9 +191,10 @@ class TrialRuns(LoggerCallback):
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
         self.describe, self.status_of, self.on_run, self.artifacts = describe, status_of, on_run, artifacts
         self._runs: dict[str, str] = {}
+        self._logged: dict[str, dict[str, set[int]]] = {}
 
-    def __getstate__(self):  # Tune pickles its callbacks with the experiment; the map is rebuilt from MLflow
-        return {**self.__dict__, "_runs": {}}
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment; the maps are rebuilt from MLflow
+        return {**self.__dict__, "_runs": {}, "_logged": {}}
 
     def _client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
@@ -211,27 +224,32 @@ class TrialRuns(LoggerCallback):
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         """One MLflow batch per result (one sqlite transaction; Ray's logger wrote each metric in its own).
 
-        A resumed trial's first result carries the epochs its checkpoint holds (`replay`): those the run lacks
-        (reported after the driver last saved its state, before it was killed) are added at their steps."""
-        timestamp = int(time.time() * 1000)
-        metrics = epoch_metrics(result, timestamp)
-        if result.get(REPLAY):
-            metrics += self._missing_epochs(self.run_id(trial), result[REPLAY], timestamp)
+        Idempotent per epoch: an epoch the run already has is not logged again (a finished trial's result
+        re-sent when a killed search resumes). A resumed trial's first result carries the epochs its
+        checkpoint holds (`replay`): those the run lacks — reported after the driver last saved its state,
+        before it was killed — are added at their steps."""
+        run_id, timestamp = self.run_id(trial), int(time.time() * 1000)
+        logged, metrics = self._logged_epochs(run_id), []
+        for report in [*result.get(REPLAY, ()), result]:
+            metrics += epoch_metrics(report, timestamp, skip=logged)
+            for phase, epoch in report_epochs(report):
+                logged.setdefault(phase, set()).add(epoch)
         if metrics:
-            self._client().log_batch(self.run_id(trial), metrics=metrics)
+            self._client().log_batch(run_id, metrics=metrics)
 
-    def _missing_epochs(self, run_id: str, reports: list[dict], timestamp: int) -> list[Metric]:
-        """The metrics of `reports` at epochs the run has not logged (a report is logged whole, in one batch,
-        so one metric per phase tells which epochs are there)."""
-        client, out, logged = self._client(), [], {}
-        for report in reports:
-            marker = next(k for k in report if k.endswith("epoch"))  # `epoch` or `byol/epoch`, `cass/epoch`
-            name = next(k for k in report if k != marker and k.startswith(marker[:-len("epoch")]))
-            if marker not in logged:
-                logged[marker] = {m.step for m in client.get_metric_history(run_id, name)}
-            if int(report[marker]) not in logged[marker]:
-                out += epoch_metrics(report, timestamp)
-        return out
+    def _logged_epochs(self, run_id: str) -> dict[str, set[int]]:
+        """Phase (`""` for the fine-tune, `byol`, `cass`) → epochs the run has logged, read from MLflow once per
+        run and process (an epoch is logged whole, in one batch, so one metric per phase tells)."""
+        if run_id not in self._logged:
+            client, logged = self._client(), {}
+            for key in sorted(client.get_run(run_id).data.metrics):
+                phase = key.split("/")[0] if key.split("/")[0] in SSL_PHASES else ""
+                if key.startswith(RECORD_PREFIXES):
+                    logged["record"] = {0}
+                elif phase not in logged:
+                    logged[phase] = {m.step for m in client.get_metric_history(run_id, key)}
+            self._logged[run_id] = logged
+        return self._logged[run_id]
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         client, run_id = self._client(), self.run_id(trial)
