@@ -2,9 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -52,7 +55,8 @@ def _mlflow(exp):
     client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(exp.name).experiment_id])
     parent = next(r for r in runs if r.data.tags.get("tune_xray.role") == "search")
-    return client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                            and "tune_xray.trial_id" in r.data.tags]  # the trials' runs (not the ensemble's)
 
 
 def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ray_session):
@@ -101,6 +105,42 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     assert parent.data.tags["best_trial_run_id"] == best.info.run_id and parent.info.status == "FINISHED"
     assert parent.data.metrics["record_test_mean_auroc"] == best.data.metrics["record_test_mean_auroc"]
     assert parent.data.metrics["best_val_mean_auroc"] == pytest.approx(summary["best"]["best_val_mean_auroc"])
+
+    # the search ends with the ensemble chosen on val, registered; in a fresh process (no Ray) its pyfunc
+    # reproduces the stored ensemble test predictions, and predict reads PNG and DICOM and names a bad file
+    registered = summary["ensemble"]["registered"]
+    assert registered["uri"] == "models:/tiny/1"
+    ensemble_run = client.get_run(registered["run_id"])
+    assert ensemble_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "val_mean_auroc.ensemble.ci_low" in ensemble_run.data.metrics
+    assert client.get_model_version("tiny", "1").run_id == registered["run_id"]
+    member = client.get_run(summary["ensemble"]["members"][0]["mlflow_run_id"])
+    assert float(member.data.tags["tune_xray.ensemble_weight"]) == pytest.approx(
+        summary["ensemble"]["members"][0]["weight"], abs=1e-4)
+    import subprocess
+    import sys
+    stored = pd.read_csv(exp / "ensemble" / "predictions_test.csv")
+    code = ("import mlflow, pandas as pd, sys; m = mlflow.pyfunc.load_model('models:/tiny/latest'); "
+            f"out = m.predict(pd.DataFrame({{'path': pd.read_csv({str(exp / 'ensemble' / 'predictions_test.csv')!r})"
+            f"['path']}})); out.to_csv({str(tmp_path / 'fresh.csv')!r}, index=False); "
+            "assert 'ray' not in sys.modules or not __import__('ray').is_initialized()")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{exp / 'mlflow.db'}"}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+    fresh = pd.read_csv(tmp_path / "fresh.csv")
+    p_cols = [c for c in stored.columns if c.startswith("p_")]
+    assert np.abs(fresh[p_cols].to_numpy() - stored[p_cols].to_numpy()).max() < 1e-5
+
+    from tests.test_ensemble import _dicom
+    from tune_xray.predict import main as predict_main
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for path in stored["path"][:2]:
+        shutil.copy(path, inputs)
+    _dicom(inputs / "scan.dcm", np.tile(np.linspace(0, 4095, 64), (64, 1)))
+    (inputs / "readme.txt").write_text("not an image")
+    assert predict_main([str(exp), str(inputs), "--out", str(tmp_path / "pred.csv")]) == 1  # one bad file
+    predicted = pd.read_csv(tmp_path / "pred.csv")
+    assert len(predicted) == 3 and predicted[p_cols].notna().all().all()
 
 
 class InterruptAfterFirstTrial(tune.Callback):

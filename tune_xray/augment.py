@@ -172,7 +172,7 @@ class _Views(nn.Module):
 
     def __init__(self, cfg: AugmentConfig, in_chans: int, mean, std):
         super().__init__()
-        self.in_chans = in_chans
+        self.in_chans, self.mean, self.std = in_chans, list(mean), list(std)  # kept with a checkpoint (predict)
         self.steps, self.clahe = list(cfg.preprocess), (cfg.clahe_clip, cfg.clahe_grid)
         std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.register_buffer("scale", 1.0 / std, persistent=False)

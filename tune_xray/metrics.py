@@ -6,6 +6,8 @@ then applied unchanged to test: nothing is ever tuned on the test split (S0 flaw
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_curve,
                              roc_auc_score, roc_curve)
@@ -124,3 +126,51 @@ def classification_metrics(task: str, y_true: np.ndarray, prob: np.ndarray, clas
     if task == "multilabel":
         return multilabel_metrics(y_true, prob, classes, thresholds, rule)
     return multiclass_metrics(y_true, prob, classes, None if thresholds is None else float(thresholds[0]), rule)
+
+
+def weighted_mean_auroc(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mean over labels of the Mann–Whitney AUROC with per-image weights, for many weightings at once.
+
+    `y_true` (n, C) of 0/1 (one-hot for single-label tasks), `prob` (n, C), `weights` (B, n) — e.g. bootstrap
+    resample counts — → (B,) mean AUROC. Ties count one half, as in roc_auc_score; a label without both
+    classes under a weighting is left out of that mean. One sort per label serves every weighting, so 1,000
+    resamples of 25k images take about a second."""
+    weights = np.atleast_2d(weights).astype(np.float64)
+    per_label = []
+    for c in range(y_true.shape[1]):
+        pos = y_true[:, c] > 0
+        if pos.all() or not pos.any():
+            continue
+        order = np.argsort(prob[:, c], kind="stable")
+        scores, pos, w = prob[order, c], pos[order], weights[:, order]
+        starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+        group = np.cumsum(np.r_[True, scores[1:] != scores[:-1]]) - 1
+        neg_in_group = np.add.reduceat(w * ~pos, starts, axis=1)
+        neg_below = np.cumsum(neg_in_group, axis=1) - neg_in_group
+        wins = (w * pos * (neg_below + 0.5 * neg_in_group)[:, group]).sum(1)
+        denom = (w * pos).sum(1) * (w * ~pos).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_label.append(np.where(denom > 0, wins / denom, np.nan))
+    if not per_label:
+        return np.full(len(weights), np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a weighting with no label defined: NaN
+        return np.nanmean(np.stack(per_label, 1), axis=1)
+
+
+def patient_bootstrap(groups: np.ndarray, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """(resamples, n) image weights of a bootstrap that resamples **patients** with replacement (each drawn
+    patient brings all their images), so images of one patient never count as independent evidence."""
+    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, index.max() + 1, size=(resamples, index.max() + 1))
+    counts = np.stack([np.bincount(d, minlength=index.max() + 1) for d in draws])
+    return counts[:, index]
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap values (NaN resamples left out)."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    return float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))

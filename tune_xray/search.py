@@ -314,6 +314,12 @@ def print_summary(summary: dict, resume_command: str) -> None:
         print(f"interrupted: finished trials are kept; continue with\n    {resume_command}")
     elif summary["status"] != "complete":
         print("no trial completed: nothing to report as best (see each trial's status and reason)")
+    if summary.get("ensemble", {}).get("members"):
+        ens, metric = summary["ensemble"], summary["metric"][len("best_val_"):]
+        print(f"ensemble ({ens['method']}, {len(ens['members'])} members, chosen on val): val {metric} "
+              f"{ens['val']['ensemble']['value']:.4f} [{ens['val']['ensemble']['ci_low']:.4f}, "
+              f"{ens['val']['ensemble']['ci_high']:.4f}] vs best single {ens['val']['best_single']['value']:.4f}; "
+              f"registered as {ens['registered']['uri']}")
     print(f"summary: {summary['experiment_dir']}/summary.json")
     print(f"runs:    {summary['mlflow']}\n         then open {summary['mlflow_runs_table']}")
     print(f"study:   {summary['optuna']}")
@@ -325,7 +331,8 @@ def exit_code(summary: dict) -> int:
 
 
 INVOCATION_FILE = "search.json"
-INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name")  # what a resume repeats
+INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name", "tracking_uri",
+              "ensemble_size", "no_ensemble")  # what a resume repeats
 
 
 def _where(args) -> tuple[str, str, Path]:
@@ -349,7 +356,8 @@ def _restore_invocation(args) -> None:
     if not tune.Tuner.can_restore(f"{storage}/{name}") or not (experiment_dir / INVOCATION_FILE).is_file():
         raise ConfigError(f"--resume: no search named '{name}' to resume in {storage}/{name}")
     for key, value in json.loads((experiment_dir / INVOCATION_FILE).read_text()).items():
-        setattr(args, key, value)
+        if value is not None or not hasattr(args, key):
+            setattr(args, key, value)
 
 
 def resume_command(args) -> str:
@@ -390,7 +398,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
 
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
-        (experiment_dir / INVOCATION_FILE).write_text(json.dumps({k: getattr(args, k) for k in INVOCATION}))
+        (experiment_dir / INVOCATION_FILE).write_text(json.dumps({k: getattr(args, k, None) for k in INVOCATION}))
     metric = tune_metric(study.metric)
     tracking_uri = args.tracking_uri or tracking.default_tracking_uri(experiment_dir)
     if not ray.is_initialized():
@@ -449,6 +457,16 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     summary_file = experiment_dir / "summary.json"
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    if summary["status"] == "complete" and not getattr(args, "no_ensemble", False):
+        from .ensemble import EnsembleError, run_ensemble
+        try:
+            result = run_ensemble(experiment_dir, size=getattr(args, "ensemble_size", 5), seed=args.seed,
+                                  tracking_uri=tracking_uri)
+            summary["ensemble"] = {k: result[k] for k in ("method", "members", "val", "test", "registered",
+                                                          "wall_time_s")}
+        except EnsembleError as err:
+            summary["ensemble"] = {"error": str(err)}
+        summary_file.write_text(json.dumps(summary, indent=1, default=str))
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
     tracking.finish_parent(
         tracking_uri, parent, summary["status"], summary["best_mlflow_run_id"],
@@ -482,6 +500,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     parser.add_argument("--max-failures", type=int, default=1, help="retries per trial (Tune and Train)")
     parser.add_argument("--no-asha", action="store_true", help="run every trial to its own end")
+    parser.add_argument("--ensemble-size", type=int, default=5, help="Caruana ensemble size chosen on val at the end")
+    parser.add_argument("--no-ensemble", action="store_true", help="end with the leaderboard, no ensemble")
     parser.add_argument("--verbose", action="store_true", help="show the trials' own output")
     args = parser.parse_args(argv)
     if args.gpus_per_trial is None:

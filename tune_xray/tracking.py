@@ -12,13 +12,18 @@ search got a second run per trial and left the first RUNNING).
 
 from __future__ import annotations
 
-import math
+import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import mlflow
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.models import infer_signature
+from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
@@ -262,3 +267,121 @@ class TrialRuns(LoggerCallback):
                 client.log_artifact(run_id, str(directory / name))
         client.set_terminated(run_id, status=RUN_STATUS[status])
 
+
+
+ENSEMBLE_LABELS = ("ensemble", "best_single", "top_k", "ensemble_minus_best_single")
+
+
+class EnsembleModel(PythonModel):
+    """A selected ensemble as one MLflow pyfunc: each member's best.pt (its resolved config inside), the
+    weights and the validation thresholds. Input: a DataFrame with a `path` column (PNG, JPEG, DICOM) or a uint8
+    batch; output: one probability column per class (and the decisions where thresholds were chosen)."""
+
+    def load_context(self, context) -> None:
+        from .predict import EnsemblePredictor
+
+        spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
+        members = [context.artifacts[f"member_{i}"] for i in range(len(spec["weights"]))]
+        device = (context.model_config or {}).get("device", "cpu")
+        self.predictor = EnsemblePredictor(members, spec["weights"], spec.get("thresholds"), device)
+
+    def predict(self, context, model_input, params=None):
+        from .predict import images_from_input
+
+        return self.predictor.frame(self.predictor.predict(images_from_input(model_input)))
+
+
+def _log_pyfunc(checkpoints: list[str], weights: list[float], thresholds, example: pd.DataFrame,
+                registered_name: Optional[str] = None):
+    """Log an EnsembleModel into the active run (and register it); returns the ModelInfo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "ensemble_spec.json"
+        spec.write_text(json.dumps({"weights": weights, "thresholds": thresholds}))
+        artifacts = {"ensemble": str(spec), **{f"member_{i}": c for i, c in enumerate(checkpoints)}}
+        model = EnsembleModel()
+        model.load_context(type("Context", (), {"artifacts": artifacts, "model_config": {}})())
+        output = model.predict(None, example)
+        return mlflow.pyfunc.log_model(name="model", python_model=EnsembleModel(), artifacts=artifacts,
+                                       signature=infer_signature(example, output), input_example=example,
+                                       registered_model_name=registered_name, pip_requirements=_requirements())
+
+
+def _requirements() -> list[str]:
+    """The packages the pyfunc imports, pinned to this environment (MLflow's own inference loads the model in
+    a subprocess: seconds per model)."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("tune_xray", "torch", "torchvision", "timm", "kornia", "pydicom",
+                                           "pandas", "mlflow", "ray")]
+
+
+def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members: pd.DataFrame,
+                 out_dir: Path) -> dict:
+    """The selection as an `ensemble` child run of the search's parent: params, members (table and params),
+    val and record-test metrics with CI bounds, the selection curve, the model card, and the ensemble as one
+    pyfunc registered under the experiment's name (a new version per selection, its metrics as version tags).
+    Each member's trial run gets its own model and a tag with its weight. Returns the registered model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parent = find_parent(experiment_dir)
+    client = MlflowClient(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    name = experiment_dir.name
+    metrics = {}
+    for split, prefix in (("val", "val"), ("test", "record_test")):
+        metric = result["metric"][len("val_"):]
+        for label in ENSEMBLE_LABELS:
+            entry = result[split][label]
+            metrics[f"{prefix}_{metric}.{label}"] = entry["value"]
+            metrics[f"{prefix}_{metric}.{label}.ci_low"] = entry["ci_low"]
+            metrics[f"{prefix}_{metric}.{label}.ci_high"] = entry["ci_high"]
+    run = client.create_run(experiment_id_of(tracking_uri, parent),
+                            run_name=f"ensemble {result['method']} {len(members)} of {result['pool']}",
+                            tags={"mlflow.parentRunId": parent, "tune_xray.role": "ensemble",
+                                  STATUS_TAG: "complete"})
+    params = {"method": result["method"], "size": result["size"], "bags": result["bags"], "seed": result["seed"],
+              "resamples": result["resamples"], "pool": result["pool"], "selection_metric": result["metric"],
+              "val_hash": result["hashes"]["val"], "test_hash": result["hashes"]["test"],
+              **{f"member.{m['trial']}": round(m["weight"], 4) for m in result["members"]}}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                     metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    curve = result["selection_curve"]
+    ax.plot(range(1, len(curve) + 1), curve, marker="o")
+    ax.set_xlabel("ensemble size (selections, with replacement)")
+    ax.set_ylabel(result["metric"])
+    ax.set_title("forward selection on validation")
+    fig.tight_layout()
+    fig.savefig(out_dir / "selection_curve.png", dpi=110)
+    plt.close(fig)
+    for file in ("members.csv", "model_card.md", "ensemble.json", "predictions_test.csv", "selection_curve.png"):
+        if (out_dir / file).is_file():
+            client.log_artifact(run.info.run_id, str(out_dir / file))
+    example = pd.DataFrame({"path": [pd.read_csv(out_dir / "predictions_test.csv")["path"].iloc[0]]})
+    checkpoints = [str(Path(d) / "best.pt") for d in members["dir"]]
+    with mlflow.start_run(run_id=run.info.run_id):
+        info = _log_pyfunc(checkpoints, members["weight"].tolist(), result.get("thresholds"), example, name)
+    version = info.registered_model_version
+    for key, value in metrics.items():
+        if ".ci_" not in key:
+            client.set_model_version_tag(name, version, key, f"{value:.4f}")
+    client.update_model_version(name, version, description=(out_dir / "model_card.md").read_text())
+    for member in members.itertuples():  # each member's own run: its model and its weight
+        if member.mlflow_run_id:
+            client.set_tag(member.mlflow_run_id, "tune_xray.ensemble_weight", f"{member.weight:.4f}")
+            with mlflow.start_run(run_id=member.mlflow_run_id):
+                _log_pyfunc([str(Path(member.dir) / "best.pt")], [1.0], None, example)
+            client.set_terminated(member.mlflow_run_id, status="FINISHED")
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return {"name": name, "version": str(version), "uri": f"models:/{name}/{version}", "run_id": run.info.run_id,
+            "tracking_uri": tracking_uri}
+
+
+def load_predictor(uri: str, device: str = "cpu", tracking_uri: Optional[str] = None):
+    """The EnsemblePredictor inside a logged or registered ensemble (`models:/…`, `runs:/…`)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pyfunc.load_model(uri, model_config={"device": device}).unwrap_python_model().predictor

@@ -20,6 +20,23 @@ from .common import Report, no_report, resolve_device, reuse_freed_memory, seed_
 from .supervised import resolve_loss, run_supervised
 
 
+def fine_tuned_backbones(cfg: TrialConfig, pretrained: bool = True):
+    """(backbone(s), feature width(s), name, CASS model or None) of what the fine-tune trains: the configured
+    backbone, or a CASS arm (both arms as a list), pre-trained in place by CASS. `pretrained=False`: no local
+    weights are loaded (a checkpoint will overwrite them, as in predict)."""
+    if not cfg.cass.enabled:
+        backbone, width = create_backbone(cfg.model.backbone, cfg.model.pretrained_path if pretrained else None,
+                                          cfg.model.in_chans, cfg.augment.image_size)
+        return backbone, width, cfg.model.backbone, None
+    cass = build_cass(cfg)
+    keys = ("cnn", "transformer") if cfg.cass.finetune == "both" else (cfg.cass.finetune,)
+    arms = [getattr(cass, k) for k in keys]
+    name = "+".join(getattr(cfg.cass, k) for k in keys)
+    if len(arms) == 1:
+        return arms[0].backbone, arms[0].num_features, name, cass
+    return [a.backbone for a in arms], [a.num_features for a in arms], name, cass
+
+
 def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report, data: PreparedData | None = None,
                rank: int = 0, world_size: int = 1, checkpoints: bool = False, resume: dict | None = None) -> dict:
     """Run one trial config end to end; writes config.yaml, summary.json, best.pt and predictions.
@@ -30,18 +47,7 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     run_dir = Path(run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     # every bad-input error surfaces here, before any compute and before the run dir exists
-    fine_tuned = cfg.model.backbone
-    if cfg.cass.enabled:  # the fine-tuned backbone is a CASS arm (or both), pre-trained in place
-        cass = build_cass(cfg)
-        keys = ("cnn", "transformer") if cfg.cass.finetune == "both" else (cfg.cass.finetune,)
-        arms = [getattr(cass, k) for k in keys]
-        backbone, num_features = [a.backbone for a in arms], [a.num_features for a in arms]
-        if len(arms) == 1:
-            backbone, num_features = backbone[0], num_features[0]
-        fine_tuned = "+".join(getattr(cfg.cass, k) for k in keys)
-    else:
-        backbone, num_features = create_backbone(cfg.model.backbone, cfg.model.pretrained_path, cfg.model.in_chans,
-                                                 cfg.augment.image_size)
+    backbone, num_features, fine_tuned, cass = fine_tuned_backbones(cfg)
     data = data or prepare(cfg.data)
     resolve_loss(data.index.task, cfg.supervised.loss)
     device = resolve_device(cfg.device)
@@ -75,4 +81,4 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     return summary
 
 
-__all__ = ["run_phases"]
+__all__ = ["run_phases", "fine_tuned_backbones"]

@@ -141,6 +141,16 @@ def _improved(value: float, best: Optional[float], mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
+def classifier(backbone: nn.Module | list[nn.Module], num_features: int | list[int], num_classes: int,
+               drop_rate: float, task: str) -> Classifier | MemberEnsemble:
+    """The fine-tuned model: backbone + linear head, or a member ensemble over several backbones (both CASS
+    arms), whose output is the logit of the members' mean probability."""
+    if isinstance(backbone, (list, tuple)):
+        return MemberEnsemble([Classifier(b, w, num_classes, drop_rate) for b, w in zip(backbone, num_features)],
+                              task == "multilabel")
+    return Classifier(backbone, num_features, num_classes, drop_rate)
+
+
 def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | list[nn.Module],
                    num_features: int | list[int],
                    device: torch.device, run_dir: Path, report: Report = no_report, rank: int = 0,
@@ -153,11 +163,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
     summary, inside); `resume`: such a state to continue from."""
     sc, index = cfg.supervised, data.index
     run_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(backbone, (list, tuple)):  # several backbones (both CASS arms): a member ensemble
-        model = MemberEnsemble([Classifier(b, w, data.num_classes, cfg.model.drop_rate)
-                                for b, w in zip(backbone, num_features)], index.task == "multilabel").to(device)
-    else:
-        model = Classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate).to(device)
+    model = classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate, index.task).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_aug, eval_views = build_views(cfg, data, device)
@@ -228,7 +234,8 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
             if rank == 0:
                 save_best(run_dir, {"model": unwrap(model).state_dict(), "epoch": metrics["epoch"],
                                     sc.selection_metric: score, "config": cfg.model_dump(mode="json"),
-                                    "classes": list(index.classes)})
+                                    "classes": list(index.classes), "task": index.task,
+                                    "normalization": [eval_views.mean, eval_views.std]})
         else:
             best["stale"] += 1
         metrics["best_" + sc.selection_metric] = best["score"] if best["score"] is not None else float("nan")
@@ -249,7 +256,8 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
     else:  # no epoch had a defined selection metric: the last weights are what there is
         save_best(run_dir, {"model": unwrap(model).state_dict(), "epoch": len(history),
                             sc.selection_metric: float("nan"), "config": cfg.model_dump(mode="json"),
-                            "classes": list(index.classes)})
+                            "classes": list(index.classes), "task": index.task,
+                            "normalization": [eval_views.mean, eval_views.std]})
     return evaluate_selected(cfg, data, model, eval_views, device, run_dir, best["epoch"], history, best["val"], rank)
 
 

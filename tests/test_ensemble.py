@@ -1,0 +1,126 @@
+"""Ensemble selection on stored predictions (Caruana et al. 2004), its CIs, and the image readers of predict."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from tune_xray.ensemble import EnsembleError, forward_selection, load_pool, run_ensemble, select, split_scorer
+from tune_xray.metrics import patient_bootstrap, weighted_mean_auroc
+
+CLASSES = ["A", "B"]
+
+
+def _pool_dir(tmp_path, n=120, seed=0):
+    """A search directory with four completed trials: t000 sees label A, t001 sees label B, t002 is noise,
+    t003 is mediocre at both. Their mean (t000 + t001) is the best ensemble."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 2)) < 0.4).astype(int)
+    noise = lambda: rng.random((n, 2))  # noqa: E731
+    probs = {"t000": np.c_[0.8 * y[:, 0] + 0.2 * noise()[:, 0], noise()[:, 1]],
+             "t001": np.c_[noise()[:, 0], 0.8 * y[:, 1] + 0.2 * noise()[:, 1]],
+             "t002": noise(), "t003": 0.3 * y + 0.7 * noise()}
+    rows = []
+    for i, (trial, prob) in enumerate(probs.items()):
+        directory = tmp_path / f"{trial}-id{i}"
+        directory.mkdir()
+        for split in ("val", "test"):
+            frame = pd.DataFrame({"path": [f"img{j}.png" for j in range(n)], "patient_id": np.arange(n) // 2})
+            for j, c in enumerate(CLASSES):
+                frame[f"y_{c}"] = y[:, j]
+            for j, c in enumerate(CLASSES):
+                frame[f"p_{c}"] = prob[:, j]
+            frame.to_csv(directory / f"predictions_{split}.csv", index=False)
+        (directory / "summary.json").write_text(json.dumps({"classes": CLASSES, "task": "multilabel"}))
+        (directory / "config.yaml").write_text(yaml.safe_dump(
+            {"supervised": {"selection_metric": "val_mean_auroc", "threshold": "youden"}}))
+        rows.append({"trial": trial, "trial_id": f"id{i}", "status": "complete"})
+    rows.append({"trial": "t004", "trial_id": "id4", "status": "pruned"})
+    (tmp_path / "summary.json").write_text(json.dumps({"rows": rows}))
+    return tmp_path
+
+
+def test_caruana_finds_the_complementary_members_with_replacement(tmp_path):
+    pool = load_pool(_pool_dir(tmp_path))
+    assert [t["trial"] for t in pool.trials] == ["t000", "t001", "t002", "t003"]  # the pruned trial is not in
+    counts, curve = forward_selection(pool.val.probs, split_scorer(pool.val.y, "multilabel", "val_mean_auroc",
+                                                                   CLASSES, "youden"), 4, 1, range(4))
+    assert counts[0] > 0 and counts[1] > 0 and counts[2] == 0  # the two specialists, never the noise
+    assert counts.sum() == 4 and curve[1] > curve[0]  # with replacement: four selections from three useful
+    weights, _ = select(pool, "caruana", size=4, bags=1)
+    assert weights == pytest.approx(counts / 4)
+    bagged = [select(pool, "caruana", size=4, bags=10, seed=3)[0] for _ in range(2)]
+    assert np.array_equal(*bagged) and bagged[0].sum() == pytest.approx(1)  # seeded, deterministic
+    best = select(pool, "best")[0]
+    assert best.max() == 1.0 and best.sum() == 1.0
+    assert np.count_nonzero(select(pool, "topk", size=2)[0]) == 2
+
+
+def test_test_labels_never_choose_the_ensemble(tmp_path):
+    directory = _pool_dir(tmp_path)
+    first = run_ensemble(directory, size=4, bags=5, resamples=200)
+    for trial_dir in directory.glob("t00*"):  # permute the test labels of every trial alike
+        frame = pd.read_csv(trial_dir / "predictions_test.csv")
+        frame[["y_A", "y_B"]] = frame[["y_A", "y_B"]].to_numpy()[np.random.default_rng(1).permutation(len(frame))]
+        frame.to_csv(trial_dir / "predictions_test.csv", index=False)
+    second = run_ensemble(directory, size=4, bags=5, resamples=200)
+    assert [(m["trial"], m["weight"]) for m in first["members"]] == [(m["trial"], m["weight"]) for m in second["members"]]
+    assert first["val"] == second["val"] and first["test"] != second["test"]
+    assert first["val"]["ensemble"]["value"] >= first["val"]["best_single"]["value"]
+    card = (directory / "ensemble" / "model_card.md").read_text()
+    assert "validation mean_auroc only" in card and first["hashes"]["val"] in card
+
+
+def test_trials_that_predicted_other_images_are_not_ensembled(tmp_path):
+    directory = _pool_dir(tmp_path)
+    frame = pd.read_csv(directory / "t002-id2" / "predictions_val.csv")
+    frame.loc[0, "path"] = "another.png"
+    frame.to_csv(directory / "t002-id2" / "predictions_val.csv", index=False)
+    with pytest.raises(EnsembleError, match="t002 predicted other val images than t000"):
+        load_pool(directory)
+
+
+def test_weighted_auroc_and_the_patient_bootstrap_match_brute_force():
+    rng = np.random.default_rng(0)
+    y, prob = (rng.random((200, 3)) < 0.3).astype(int), np.round(rng.random((200, 3)), 2)  # ties included
+    groups = np.arange(200) // 4
+    weights = patient_bootstrap(groups, resamples=20, seed=5)
+    assert np.array_equal(weights, patient_bootstrap(groups, resamples=20, seed=5))
+    assert all(len(set(w[groups == g])) == 1 for w in weights[:3] for g in range(50))  # a patient moves whole
+    fast = weighted_mean_auroc(y, prob, weights)
+    for b in range(5):
+        rows = np.repeat(np.arange(200), weights[b])
+        brute = np.mean([roc_auc_score(y[rows, c], prob[rows, c]) for c in range(3)])
+        assert fast[b] == pytest.approx(brute, abs=1e-12)
+
+
+def _dicom(path, array, photometric="MONOCHROME2"):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "DX", *array.shape, 1
+    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = photometric, 16, 12, 11
+    ds.PixelRepresentation, ds.PixelData = 0, array.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_reads_any_bit_depth_and_inverts_monochrome1(tmp_path):
+    from tune_xray.data.splits import DataError
+    from tune_xray.predict import read_image
+
+    ramp = np.tile(np.linspace(0, 4095, 32), (32, 1))
+    normal = np.asarray(read_image(_dicom(tmp_path / "a.dcm", ramp)), dtype=int)
+    inverted = np.asarray(read_image(_dicom(tmp_path / "b.dcm", ramp, "MONOCHROME1")), dtype=int)
+    assert normal.min() == 0 and normal.max() == 255 and np.array_equal(inverted, 255 - normal)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="notes.txt: not a readable image"):
+        read_image(tmp_path / "notes.txt")

@@ -1,0 +1,204 @@
+"""`python -m tune_xray.predict MODEL [INPUT ...]`: a selected ensemble (or one trial) on image files.
+
+MODEL is a registered model (`models:/NAME/latest`), a run's model URI (`runs:/ID/model`) or a search directory
+(its latest ensemble). INPUT: PNG / JPEG / DICOM files or folders (recursive). Each member applies its own
+preprocessing: decoded like the training cache (grayscale, bilinear to its cache size), its eval view and TTA;
+probabilities are averaged with the members' weights. A file that is not an image is one line naming it; the
+others are still predicted, and the exit code (1) says that some failed.
+
+    python -m tune_xray.predict models:/byol-smoke/latest scans/ --out predictions.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .augment import EvalViews
+from .config import build_config
+from .data.cache import _to_cache_layout
+from .data.splits import DataError
+from .phases import fine_tuned_backbones
+from .phases.supervised import classifier, to_probabilities
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | DICOM_SUFFIXES
+
+
+def read_dicom(path: str | Path) -> Image.Image:
+    """A DICOM image as 8-bit grayscale: rescale slope/intercept and the VOI LUT or window (pydicom), any bit
+    depth stretched to 0–255, MONOCHROME1 inverted so that bone is bright as in every other X-ray here."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(str(path))
+    arr = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (rare for X-rays)
+        arr = arr[..., :3].mean(-1)
+    low, high = float(arr.min()), float(arr.max())
+    arr = (arr - low) / (high - low) if high > low else np.zeros_like(arr)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        arr = 1.0 - arr
+    return Image.fromarray(np.round(255 * arr).astype(np.uint8))
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """PNG / JPEG / ... through PIL (16-bit rescaled as in the cache), DICOM through pydicom; anything else is
+    a `DataError` naming the file."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in DICOM_SUFFIXES:
+            return read_dicom(path)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float32)
+                return Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
+            return img.copy()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, AttributeError) as err:
+        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    except Exception as err:  # pydicom raises its own errors for non-DICOM bytes
+        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+class Member:
+    """One fine-tuned trial: its model (from best.pt), eval views and cache geometry, on `device`."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        self.cfg = build_config(state["config"], f"{checkpoint}: config")
+        self.classes, self.task = list(state["classes"]), state.get("task", "multilabel")
+        backbone, width, _, _ = fine_tuned_backbones(self.cfg, pretrained=False)
+        self.model = classifier(backbone, width, len(self.classes), 0.0, self.task)
+        self.model.load_state_dict(state["model"])
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        mean, std = state["normalization"]
+        self.views = EvalViews(self.cfg.augment, self.cfg.data.cache_size, self.cfg.model.in_chans, mean,
+                               std).to(self.device)
+
+    def layout(self, image: Image.Image) -> np.ndarray:
+        """As the training cache stored it: uint8 (channels, cache_size, cache_size)."""
+        return _to_cache_layout(image, self.cfg.data.cache_size, self.cfg.data.channels)
+
+    @torch.no_grad()
+    def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        from .models.heads import mean_probability_logits
+
+        x = torch.from_numpy(np.stack([self.layout(img) for img in images])).to(self.device)
+        logits = mean_probability_logits([self.model(v) for v in self.views(x)], self.task == "multilabel")
+        return to_probabilities(self.task, logits.float()).cpu().numpy().astype(np.float64)
+
+
+class EnsemblePredictor:
+    """Members with weights; `predict(images)` → (n, classes) mean probability (weights sum to 1)."""
+
+    def __init__(self, checkpoints: list[str | Path], weights: list[float], thresholds=None, device: str = "cpu"):
+        self.members = [Member(c, device) for c in checkpoints]
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.classes, self.task = self.members[0].classes, self.members[0].task
+        self.thresholds = thresholds
+
+    def predict(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            out.append(sum(w * m.probabilities(chunk) for w, m in zip(self.weights, self.members)))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+
+    def frame(self, probs: np.ndarray) -> pd.DataFrame:
+        """One probability column per class, and the decision where validation chose thresholds."""
+        out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
+        if self.thresholds is not None:
+            if self.task == "multilabel":
+                for j, c in enumerate(self.classes):
+                    out[f"y_{c}"] = (probs[:, j] >= self.thresholds[j]).astype(int)
+            else:  # binary: the positive (second) class at the validation threshold
+                out["label"] = np.where(probs[:, 1] >= self.thresholds[0], self.classes[1], self.classes[0])
+        return out
+
+
+def images_from_input(model_input) -> list[Image.Image]:
+    """A DataFrame with a `path` column, or a uint8 array batch (n, H, W) / (n, C, H, W) / (n, H, W, C)."""
+    if isinstance(model_input, pd.DataFrame):
+        if "path" not in model_input:
+            raise DataError(f"expected a `path` column of image files; got columns {list(model_input.columns)}")
+        return [read_image(p) for p in model_input["path"]]
+    arr = np.asarray(model_input)
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+        raise DataError(f"expected a uint8 batch (n, H, W[, C]) or (n, C, H, W); got {arr.dtype} {arr.shape}")
+    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)
+    return [Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a) for a in arr]
+
+
+def find_inputs(inputs: list[str]) -> list[Path]:
+    files = []
+    for item in inputs:
+        path = Path(item)
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return files
+
+
+def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """(model URI, tracking URI): a search directory → its latest registered ensemble (`ensemble/ensemble.json`)
+    in its own store; URIs pass through."""
+    path = Path(model)
+    if "://" not in model and path.is_dir():
+        saved = path / "ensemble" / "ensemble.json"
+        registered = json.loads(saved.read_text()).get("registered") if saved.is_file() else None
+        if not registered:
+            raise DataError(f"{path}: no registered ensemble (run python -m tune_xray.ensemble {path})")
+        return registered["uri"], tracking_uri or registered["tracking_uri"]
+    return model, tracking_uri
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_xray.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="models:/NAME/VERSION|latest, runs:/ID/model, or a search directory")
+    parser.add_argument("inputs", nargs="+", help="image files (PNG, JPEG, DICOM) or folders")
+    parser.add_argument("--out", help="CSV to write (default: print)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
+    args = parser.parse_args(argv)
+    from . import tracking
+
+    try:
+        uri, tracking_uri = resolve_model(args.model, args.tracking_uri)
+        predictor = tracking.load_predictor(uri, args.device, tracking_uri)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    readable, images, failed = [], [], 0
+    for path in find_inputs(args.inputs):
+        try:
+            images.append(read_image(path))
+            readable.append(str(path))
+        except DataError as err:
+            print(f"skipped: {err}", file=sys.stderr)
+            failed += 1
+    start = time.perf_counter()
+    frame = predictor.frame(predictor.predict(images, args.batch_size))
+    seconds = time.perf_counter() - start
+    frame.insert(0, "path", readable)
+    if args.out:
+        frame.to_csv(args.out, index=False)
+    else:
+        print(frame.to_csv(index=False), end="")
+    print(f"{len(readable)} images in {seconds:.1f} s ({len(readable) / max(seconds, 1e-9):.1f} img/s)"
+          + (f"; {failed} not readable" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
