@@ -256,7 +256,7 @@ def model_card(pool: Pool, result: dict) -> str:
     """A markdown model card: data, split hashes, members, metrics with CIs, and how the selection was made."""
     search = json.loads((pool.experiment_dir / "search.json").read_text()) if (
         pool.experiment_dir / "search.json").is_file() else {}
-    rows = "\n".join(f"| {m['trial']} | {m['name']} | {m['weight']:.3f} |" for m in result["members"])
+    rows = "\n".join(f"| {m['name']} | {m['weight']:.3f} |" for m in result["members"])
     metric = pool.metric[len("val_"):]
     lines = [f"# Ensemble of {pool.experiment_dir.name}", "",
              f"- Study: `{search.get('study', '?')}`; data: `{search.get('data') or 'synthetic (default)'}`; "
@@ -265,12 +265,14 @@ def model_card(pool: Pool, result: dict) -> str:
              f"- Split image-id hashes: val `{result['hashes']['val']}`, test `{result['hashes']['test']}`",
              f"- Selection: {result['method']} (size {result['size']}, bags {result['bags']}) over {result['pool']} "
              f"completed trials, on **validation {metric} only**; the test split was read once, after selection, "
-             "for the record.", "", "| trial | drawn configuration | weight |", "|---|---|---|", rows, "",
+             "for the record.", "", "| member (trial and drawn configuration) | weight |", "|---|---|", rows, "",
              f"| {metric} (95 % patient bootstrap CI, {result['resamples']} resamples) | val | test |", "|---|---|---|"]
     for label in ("ensemble", "best_single", "top_k", "ensemble_minus_best_single"):
         lines.append(f"| {label} | {_fmt(result['val'][label])} | {_fmt(result['test'][label])} |")
     if result.get("thresholds"):
-        lines += ["", f"Decision thresholds (chosen on validation, rule `{pool.rule}`): {result['thresholds']}"]
+        chosen = ", ".join(f"{c} {t:.3f}" for c, t in zip(pool.classes if len(result["thresholds"]) > 1
+                                                           else pool.classes[1:], result["thresholds"]))
+        lines += ["", f"Decision thresholds (chosen on validation, rule `{pool.rule}`): {chosen}"]
     return "\n".join(lines) + "\n"
 
 

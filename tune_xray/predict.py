@@ -21,33 +21,15 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
 
 from .augment import EvalViews
 from .config import build_config
-from .data.cache import _to_cache_layout
+from .data.cache import DICOM_SUFFIXES, read_dicom, to_cache_layout
 from .data.splits import DataError
 from .phases import fine_tuned_backbones
 from .phases.supervised import classifier, to_probabilities
 
-DICOM_SUFFIXES = {".dcm", ".dicom"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | DICOM_SUFFIXES
-
-
-def read_dicom(path: str | Path) -> Image.Image:
-    """A DICOM image as 8-bit grayscale: rescale slope/intercept and the VOI LUT or window (pydicom), any bit
-    depth stretched to 0–255, MONOCHROME1 inverted so that bone is bright as in every other X-ray here."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(str(path))
-    arr = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (rare for X-rays)
-        arr = arr[..., :3].mean(-1)
-    low, high = float(arr.min()), float(arr.max())
-    arr = (arr - low) / (high - low) if high > low else np.zeros_like(arr)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        arr = 1.0 - arr
-    return Image.fromarray(np.round(255 * arr).astype(np.uint8))
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -63,9 +45,7 @@ def read_image(path: str | Path) -> Image.Image:
                 arr = np.asarray(img, dtype=np.float32)
                 return Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
             return img.copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, AttributeError) as err:
-        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
-    except Exception as err:  # pydicom raises its own errors for non-DICOM bytes
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, AttributeError, InvalidDicomError) as err:
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
@@ -87,7 +67,7 @@ class Member:
 
     def layout(self, image: Image.Image) -> np.ndarray:
         """As the training cache stored it: uint8 (channels, cache_size, cache_size)."""
-        return _to_cache_layout(image, self.cfg.data.cache_size, self.cfg.data.channels)
+        return to_cache_layout(image, self.cfg.data.cache_size, self.cfg.data.channels)
 
     @torch.no_grad()
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:

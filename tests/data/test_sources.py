@@ -142,3 +142,17 @@ def test_data_a_classifier_cannot_learn_from_is_an_error(tmp_path, nih_copy):
     frame.to_csv(csv, index=False)
     with pytest.raises(DataError, match="no label has both positive and negative images in the 'train' split"):
         read_nih(nih_copy)
+
+
+def test_folder_datasets_accept_dicom(tmp_path):
+    from tests.test_ensemble import _dicom
+    from tune_xray.data.cache import build_cache
+
+    for cls, level in (("normal", 500), ("pneumonia", 3500)):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            _dicom(tmp_path / cls / f"{i}.dcm", np.full((32, 32), level + 10 * i) + np.eye(32) * 400)
+    index = read_folder(tmp_path, val_fraction=0.2, test_fraction=0.2)
+    assert len(index.frame) == 20 and index.classes == ("normal", "pneumonia")
+    cache = build_cache(index.frame["path"].tolist(), 16, 1, tmp_path / "cache")
+    assert cache.open().shape == (20, 1, 16, 16)

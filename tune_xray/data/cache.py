@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.errors import InvalidDicomError
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -35,20 +36,43 @@ class ImageCache:
         return np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def read_dicom(path: str | Path) -> Image.Image:
+    """A DICOM image as 8-bit grayscale: rescale slope/intercept and the VOI LUT or window (pydicom), any bit
+    depth stretched to 0–255, MONOCHROME1 inverted so that bone is bright as in every other X-ray here."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(str(path))
+    arr = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (rare for X-rays)
+        arr = arr[..., :3].mean(-1)
+    low, high = float(arr.min()), float(arr.max())
+    arr = (arr - low) / (high - low) if high > low else np.zeros_like(arr)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        arr = 1.0 - arr
+    return Image.fromarray(np.round(255 * arr).astype(np.uint8))
+
+
 def decode(path: str, size: int, channels: int) -> np.ndarray:
-    """One image → uint8 (channels, size, size). 16-bit grayscale is rescaled, not clipped."""
+    """One image → uint8 (channels, size, size). 16-bit grayscale is rescaled, not clipped; DICOM through
+    `read_dicom`."""
     try:
+        if str(path).lower().endswith(DICOM_SUFFIXES):
+            return to_cache_layout(read_dicom(path), size, channels)
         with Image.open(path) as img:
             img.draft("L" if channels == 1 else "RGB", (size, size))  # JPEG: decode at reduced scale
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(img, dtype=np.float32)
                 img = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
-            return _to_cache_layout(img, size, channels)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            return to_cache_layout(img, size, channels)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, AttributeError, InvalidDicomError) as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
 
 
-def _to_cache_layout(img: Image.Image, size: int, channels: int) -> np.ndarray:
+def to_cache_layout(img: Image.Image, size: int, channels: int) -> np.ndarray:
     """A PIL image → uint8 (channels, size, size), bilinear."""
     arr = np.asarray(img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
@@ -69,7 +93,7 @@ def _decode_npz_members(paths: list[str], size: int, channels: int):
         split, _, i = member.partition("/")
         if file not in arrays:
             arrays[file] = np.load(file)
-        yield _to_cache_layout(Image.fromarray(arrays[file][f"{split}_images"][int(i)]), size, channels)
+        yield to_cache_layout(Image.fromarray(arrays[file][f"{split}_images"][int(i)]), size, channels)
 
 
 def cache_key(paths: list[str], size: int, channels: int) -> str:

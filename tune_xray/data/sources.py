@@ -20,7 +20,7 @@ from .labels import NIH_LABELS, NO_FINDING
 from .splits import (SPLITS, DataError, check_learnable, check_patient_disjoint, check_splits_nonempty,
                      patient_holdout, patient_split, stratified_holdout, stratified_split)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}  # DICOM via pydicom
 NIH_REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 
 
