@@ -356,7 +356,7 @@ def _restore_invocation(args) -> None:
     if not tune.Tuner.can_restore(f"{storage}/{name}") or not (experiment_dir / INVOCATION_FILE).is_file():
         raise ConfigError(f"--resume: no search named '{name}' to resume in {storage}/{name}")
     for key, value in json.loads((experiment_dir / INVOCATION_FILE).read_text()).items():
-        if value is not None or not hasattr(args, key):
+        if value is not None:
             setattr(args, key, value)
 
 
@@ -460,7 +460,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     if summary["status"] == "complete" and not getattr(args, "no_ensemble", False):
         from .ensemble import EnsembleError, run_ensemble
         try:
-            result = run_ensemble(experiment_dir, size=getattr(args, "ensemble_size", 5), seed=args.seed,
+            result = run_ensemble(experiment_dir, size=getattr(args, "ensemble_size", None) or 5, seed=args.seed,
                                   tracking_uri=tracking_uri)
             summary["ensemble"] = {k: result[k] for k in ("method", "members", "val", "test", "registered",
                                                           "wall_time_s")}
