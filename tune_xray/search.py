@@ -19,10 +19,10 @@ from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from . import tracking
 from .config import ConfigError, merge, parse_overrides
 from .data.splits import DataError
 from .models import WeightsError
-from . import tracking
 from .space import BACKBONE_KEYS, Study, case_key, flatten, load_study
 from .trial import STATUS, TIME_ATTR
 
