@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +59,12 @@ class Pool:
     metric: str  # the study's selection metric, e.g. val_mean_auroc
     rule: str  # threshold rule of the trials (youden | f1)
     val: Split
+
+    @cached_property
+    def single(self) -> np.ndarray:
+        """Each member's own validation score (the study's metric, higher is better)."""
+        score = scorer(self)
+        return np.array([float(score(p)[0]) for p in self.val.probs])
 
 
 def _read_split(directory: Path, split: str, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -133,11 +140,13 @@ def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str):
     return score
 
 
-def forward_selection(probs: np.ndarray, score, size: int, init: int, candidates) -> tuple[np.ndarray, list[float]]:
-    """Caruana's greedy forward selection with replacement from a sorted initialisation of the `init` best;
-    returns the selection counts (M,) and the score after each addition (the selection curve)."""
+def forward_selection(probs: np.ndarray, score, size: int, init: int, candidates,
+                      single: np.ndarray | None = None) -> tuple[np.ndarray, list[float]]:
+    """Caruana's greedy forward selection with replacement from a sorted initialisation of the `init` best
+    (`single`: the members' own scores, computed here when not given); returns the selection counts (M,) and
+    the score after each addition (the selection curve)."""
     candidates = list(candidates)
-    single = {j: float(score(probs[j])[0]) for j in candidates}
+    single = single if single is not None else np.array([float(score(p)[0]) for p in probs])
     counts, total = np.zeros(len(probs)), np.zeros(probs.shape[1:])
     for j in sorted(candidates, key=lambda j: -single[j])[:max(1, min(init, size))]:
         counts[j] += 1
@@ -158,20 +167,19 @@ def select(pool: Pool, method: str = "caruana", size: int = 5, bags: int = 20, b
     (validation metric vs ensemble size, forward selection over the whole pool)."""
     probs, score = pool.val.probs, scorer(pool)
     m = len(probs)
-    single = np.array([float(score(p)[0]) for p in probs])
-    ranked = np.argsort(-single, kind="stable")
+    ranked = np.argsort(-pool.single, kind="stable")
     if method in ("best", "topk"):
         k = 1 if method == "best" else min(size, m)
         weights = np.zeros(m)
         weights[ranked[:k]] = 1.0 / k
         return weights, [float(score(probs[ranked[:i]].mean(0))[0]) for i in range(1, k + 1)]
-    counts, curve = forward_selection(probs, score, size, init, range(m))
+    counts, curve = forward_selection(probs, score, size, init, range(m), pool.single)
     if bags <= 1 or m == 1:
         return counts / counts.sum(), curve
     rng, weights = np.random.default_rng(seed), np.zeros(m)
     for _ in range(bags):
         subset = rng.choice(m, size=max(1, math.ceil(bag_fraction * m)), replace=False)
-        bag_counts, _ = forward_selection(probs, score, size, init, sorted(subset))
+        bag_counts, _ = forward_selection(probs, score, size, init, sorted(subset), pool.single)
         weights += bag_counts / bag_counts.sum()
     return weights / weights.sum(), curve
 
@@ -187,12 +195,11 @@ def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, se
     selection, once; its thresholds come from validation."""
     names = [t["trial"] for t in pool.trials]
     test = _stack([Path(t["dir"]) for t in pool.trials], names, "test", pool.classes)
-    score = scorer(pool)
-    single = np.array([float(score(p)[0]) for p in pool.val.probs])
-    ranked = np.argsort(-single, kind="stable")
-    top = np.zeros(len(single))
-    top[ranked[:min(topk, len(single))]] = 1.0 / min(topk, len(single))
-    best = np.zeros(len(single))
+    m = len(pool.trials)
+    ranked = np.argsort(-pool.single, kind="stable")
+    top = np.zeros(m)
+    top[ranked[:min(topk, m)]] = 1.0 / min(topk, m)
+    best = np.zeros(m)
     best[ranked[0]] = 1.0
     out = {}
     for split_name, split in (("val", pool.val), ("test", test)):
@@ -228,7 +235,7 @@ def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int 
     members = pd.DataFrame([{"trial": t["trial"], "trial_id": t["trial_id"], "name": t.get("name", t["trial"]),
                              "weight": float(w), "val_" + pool.metric[len("val_"):]: float(s),
                              "mlflow_run_id": t.get("mlflow_run_id"), "dir": t["dir"]}
-                            for t, w, s in zip(pool.trials, weights, [scorer(pool)(p)[0] for p in pool.val.probs])
+                            for t, w, s in zip(pool.trials, weights, pool.single)
                             if w > 0]).sort_values("weight", ascending=False)
     members.to_csv(out_dir / "members.csv", index=False)
     test_frame = pd.DataFrame(recorded.pop("test_probs"), columns=[f"p_{c}" for c in pool.classes])
