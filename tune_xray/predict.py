@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
-from pydicom.errors import InvalidDicomError
+from PIL import Image
 
 from .augment import EvalViews
 from .config import build_config
-from .data.cache import DICOM_SUFFIXES, read_dicom, to_cache_layout
+from .data.cache import IMAGE_ERRORS, open_image, to_cache_layout
 from .data.splits import DataError
 from .phases import fine_tuned_backbones
 from .phases.supervised import classifier, to_probabilities
@@ -33,19 +32,11 @@ from .phases.supervised import classifier, to_probabilities
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """PNG / JPEG / ... through PIL (16-bit rescaled as in the cache), DICOM through pydicom; anything else is
-    a `DataError` naming the file."""
-    path = Path(path)
+    """PNG / JPEG / DICOM / ... as the cache reads them (`data.cache.open_image`); anything else is a
+    `DataError` naming the file."""
     try:
-        if path.suffix.lower() in DICOM_SUFFIXES:
-            return read_dicom(path)
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float32)
-                return Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
-            return img.copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, AttributeError, InvalidDicomError) as err:
+        return open_image(path)
+    except IMAGE_ERRORS as err:
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 

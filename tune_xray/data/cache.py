@@ -56,19 +56,29 @@ def read_dicom(path: str | Path) -> Image.Image:
     return Image.fromarray(np.round(255 * arr).astype(np.uint8))
 
 
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, AttributeError, InvalidDicomError)
+
+
+def open_image(path: str | Path, draft: tuple[str, int] | None = None) -> Image.Image:
+    """An image file as a PIL image: DICOM through `read_dicom`, 16-bit grayscale rescaled (not clipped), the
+    rest through PIL; `draft` (mode, size) lets JPEG decode at reduced scale. Raises one of IMAGE_ERRORS."""
+    if str(path).lower().endswith(DICOM_SUFFIXES):
+        return read_dicom(path)
+    img = Image.open(path)
+    if draft:
+        img.draft(draft[0], (draft[1], draft[1]))
+    img.load()  # reads the pixels and closes the file PIL opened
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        return Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
+    return img
+
+
 def decode(path: str, size: int, channels: int) -> np.ndarray:
-    """One image → uint8 (channels, size, size). 16-bit grayscale is rescaled, not clipped; DICOM through
-    `read_dicom`."""
+    """One image → uint8 (channels, size, size), as the cache stores it."""
     try:
-        if str(path).lower().endswith(DICOM_SUFFIXES):
-            return to_cache_layout(read_dicom(path), size, channels)
-        with Image.open(path) as img:
-            img.draft("L" if channels == 1 else "RGB", (size, size))  # JPEG: decode at reduced scale
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float32)
-                img = Image.fromarray((255 * arr / max(arr.max(), 1)).astype(np.uint8))
-            return to_cache_layout(img, size, channels)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, AttributeError, InvalidDicomError) as err:
+        return to_cache_layout(open_image(path, ("L" if channels == 1 else "RGB", size)), size, channels)
+    except IMAGE_ERRORS as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
 
 

@@ -226,16 +226,20 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
         return {"train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(optimizer),
                 **{f"val_{k}": v for k, v in val.items()}}
 
+    def best_checkpoint(epoch: int, score: float) -> dict:
+        """best.pt: the weights with what predict needs to rebuild and feed them (config, classes, task,
+        normalisation)."""
+        return {"model": unwrap(model).state_dict(), "epoch": epoch, sc.selection_metric: score,
+                "config": cfg.model_dump(mode="json"), "classes": list(index.classes), "task": index.task,
+                "normalization": [eval_views.mean, eval_views.std]}
+
     def select_and_schedule(metrics: dict) -> None:
         """Model selection on the agreed (rank 0's) metrics: best.pt replaced when the metric improves."""
         score = metrics[sc.selection_metric]
         if _improved(score, best["score"], mode):
             best.update(score=score, epoch=metrics["epoch"], stale=0, val=best["latest"])
             if rank == 0:
-                save_best(run_dir, {"model": unwrap(model).state_dict(), "epoch": metrics["epoch"],
-                                    sc.selection_metric: score, "config": cfg.model_dump(mode="json"),
-                                    "classes": list(index.classes), "task": index.task,
-                                    "normalization": [eval_views.mean, eval_views.std]})
+                save_best(run_dir, best_checkpoint(metrics["epoch"], score))
         else:
             best["stale"] += 1
         metrics["best_" + sc.selection_metric] = best["score"] if best["score"] is not None else float("nan")
@@ -254,10 +258,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
     if (run_dir / BEST_FILE).is_file():
         unwrap(model).load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True)["model"])
     else:  # no epoch had a defined selection metric: the last weights are what there is
-        save_best(run_dir, {"model": unwrap(model).state_dict(), "epoch": len(history),
-                            sc.selection_metric: float("nan"), "config": cfg.model_dump(mode="json"),
-                            "classes": list(index.classes), "task": index.task,
-                            "normalization": [eval_views.mean, eval_views.std]})
+        save_best(run_dir, best_checkpoint(len(history), float("nan")))
     return evaluate_selected(cfg, data, model, eval_views, device, run_dir, best["epoch"], history, best["val"], rank)
 
 
