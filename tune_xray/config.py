@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -39,7 +39,12 @@ class DataConfig(_Strict):
     synthetic_images: int = Field(2000, ge=10)
     synthetic_size: int = Field(256, ge=32)
     synthetic_seed: int = 0
-    num_workers: int = Field(0, ge=0, description="DataLoader workers; batches are memmap slices, cheap")
+    num_workers: Optional[int] = Field(
+        None, ge=0, description="DataLoader workers (batches are memmap slices, cheap); default: 0 on CPU or with "
+        "the device cache, 2 on CUDA (they prefetch into pinned memory)")
+    device_cache: Union[bool, Literal["auto"]] = Field(
+        "auto", description="the whole uint8 cache on the training device, batches gathered there by index (no "
+        "loader, no host copies); auto: on CUDA when it takes under half the free GPU memory")
 
 
 class AugmentConfig(_Strict):
@@ -90,6 +95,7 @@ class AugmentConfig(_Strict):
 class ModelConfig(_Strict):
     backbone: str = "resnet18"
     pretrained_path: Optional[str] = Field(None, description="local .safetensors/.pth in timm key layout")
+    compile: bool = Field(False, description="torch.compile the trained model (every phase)")
     in_chans: Literal[1, 3] = 3
     drop_rate: float = Field(0.0, ge=0, lt=1)
 
@@ -205,8 +211,16 @@ class CassConfig(_SslPhase):
 class TrialConfig(_Strict):
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
-    channels_last: bool = False
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="CUDA mixed precision: auto = bf16 where the GPU has it (Ampere+), else fp16 with a "
+        "GradScaler; ignored on CPU")
+    channels_last: bool = Field(True, description="NHWC images and weights on CUDA, in every phase; ignored on CPU")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bool(cls, value):
+        """`amp: true/false` (earlier configs) mean auto/off."""
+        return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
     deterministic: bool = False
     output_dir: str = "runs"
     data: DataConfig = DataConfig()

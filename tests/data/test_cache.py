@@ -56,3 +56,30 @@ def test_pixel_statistics_of_the_training_split(nih_copy, tmp_path):
     rows = data.index.rows("train")
     pixels = data.cache.open()[rows].astype(np.float64) / 255
     assert mean == pytest.approx(pixels.mean(), abs=1e-4) and std == pytest.approx(pixels.std(), abs=1e-4)
+
+
+@pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 2)])
+def test_device_cache_gathers_the_loaders_batches(nih_copy, tmp_path, rank, world_size):
+    from tune_xray.config import DataConfig
+    from tune_xray.data.loader import DeviceBatches, set_epoch
+
+    ds = prepare(_cfg(nih_copy, tmp_path)).dataset("train")
+    kwargs = dict(batch_size=16, shuffle=True, drop_last=True, seed=3, rank=rank, world_size=world_size)
+    on_device = make_loader(ds, data=DataConfig(device_cache=True), **kwargs)
+    loader = make_loader(ds, data=DataConfig(device_cache=False), **kwargs)
+    assert isinstance(on_device, DeviceBatches) and len(on_device) == len(loader)
+    for epoch in (0, 1):  # the same sampler: the same shuffles every epoch
+        set_epoch(on_device, epoch)
+        set_epoch(loader, epoch)
+        for (xd, yd), (x, y) in zip(on_device, loader, strict=True):
+            assert xd.dtype == torch.uint8 and torch.equal(xd, x) and torch.equal(yd, y)
+
+
+def test_device_cache_auto_stays_off_on_cpu(nih_copy, tmp_path):
+    from tune_xray.config import DataConfig
+    from tune_xray.data.loader import DeviceBatches
+
+    ds = prepare(_cfg(nih_copy, tmp_path)).dataset("val")
+    assert DataConfig().device_cache == "auto"
+    assert not isinstance(make_loader(ds, 16, shuffle=False, device=torch.device("cpu"), data=DataConfig()),
+                          DeviceBatches)

@@ -87,3 +87,37 @@ def test_pos_weight_is_negatives_over_positives():
     from tune_xray.phases.supervised import positive_weights
     targets = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]], dtype=np.float32)
     assert positive_weights(targets).tolist() == pytest.approx([3.0, 1.0, 1 / 3])  # no positive: weight 1
+
+
+@pytest.mark.parametrize("mode, device, bf16_supported, expected", [
+    ("auto", "cpu", True, None), ("bf16", "cpu", True, None), ("off", "cuda", True, None),
+    ("auto", "cuda", True, "bfloat16"), ("auto", "cuda", False, "float16"),
+    ("bf16", "cuda", False, "bfloat16"), ("fp16", "cuda", True, "float16"),
+])
+def test_amp_mode_selection(monkeypatch, mode, device, bf16_supported, expected):
+    from tune_xray.phases.common import amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    dtype = amp_dtype(mode, torch.device(device))
+    assert dtype == (getattr(torch, expected) if expected else None)
+
+
+def test_amp_config_values(make_config):
+    from tune_xray.config import ConfigError, build_config
+    from tune_xray.phases.common import Precision
+
+    assert build_config({"amp": True}).amp == "auto" and build_config({"amp": False}).amp == "off"  # earlier files
+    with pytest.raises(ConfigError, match="amp"):
+        build_config({"amp": "fp32"})
+    cpu = Precision(make_config(), torch.device("cpu"))  # fp32 and NCHW on CPU, whatever the config says
+    assert cpu.dtype is None and not cpu.channels_last and not cpu.scaler().is_enabled()
+
+
+def test_a_compiled_model_saves_the_plain_weights(make_config):
+    from tune_xray.phases.common import compiled, unwrap
+
+    model = nn.Linear(3, 2)
+    assert compiled(model, make_config()) is model  # model.compile defaults to off
+    wrapped = compiled(model, make_config(model={"backbone": "test_resnet", "compile": True}))
+    assert wrapped is not model and unwrap(wrapped) is model  # torch.compile is lazy: nothing compiles here
+    assert set(unwrap(wrapped).state_dict()) == {"weight", "bias"}

@@ -65,7 +65,7 @@ def test_best_checkpoint_is_the_selected_epoch(make_config, tmp_path):
     from tune_xray.metrics import classification_metrics
     from tune_xray.models import create_backbone
     from tune_xray.models.heads import Classifier
-    from tune_xray.phases.common import build_views
+    from tune_xray.phases.common import Precision, build_views
     from tune_xray.phases.supervised import predict
 
     cfg = make_config(supervised={"epochs": 3, "early_stopping_patience": None})
@@ -79,8 +79,8 @@ def test_best_checkpoint_is_the_selected_epoch(make_config, tmp_path):
     model = Classifier(backbone, width, data.num_classes)
     model.load_state_dict(torch.load(tmp_path / "r" / "best.pt")["model"])
     _, views = build_views(cfg, data, torch.device("cpu"))
-    logits, targets = predict(model, make_loader(data.dataset("val"), 32, False), views, torch.device("cpu"),
-                              False, False, multilabel=True)
+    logits, targets = predict(model, make_loader(data.dataset("val"), 32, False), views,
+                              Precision(cfg, torch.device("cpu")), multilabel=True)
     rescored = classification_metrics("multilabel", targets.numpy(), torch.sigmoid(logits).numpy(),
                                       data.index.classes)["metrics"]["mean_auroc"]
     assert rescored == pytest.approx(selected["val_mean_auroc"], abs=1e-6) == summary["val"]["mean_auroc"]

@@ -83,9 +83,11 @@ def prepare(cfg: DataConfig) -> PreparedData:
 
 
 def make_loader(dataset: CachedBatches, batch_size: int, shuffle: bool, drop_last: bool = False,
-                seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                key: str = "batch_size") -> DataLoader:
-    """A DataLoader of whole batches; sharded by rank for DDP (call `loader.sampler.sampler.set_epoch`).
+                seed: int = 0, rank: int = 0, world_size: int = 1, key: str = "batch_size",
+                device: torch.device | None = None, data: DataConfig | None = None):
+    """Whole batches of a split, sharded by rank for DDP (call `set_epoch`): gathered on `device` from the
+    device-resident cache when `data.device_cache` puts it there (`DeviceBatches`), else a DataLoader of memmap
+    slices (on CUDA: pinned memory, worker processes that prefetch).
 
     A shard smaller than one batch with `drop_last` would train epochs of zero steps (and report loss 0):
     that is a `ConfigError` naming `key`, the batch size and the shard."""
@@ -96,8 +98,58 @@ def make_loader(dataset: CachedBatches, batch_size: int, shuffle: bool, drop_las
         shard = f"each of the {world_size} ranks' {len(sampler)}" if world_size > 1 else f"the {len(sampler)}"
         raise ConfigError(f"{key}={batch_size} is larger than {shard} images: every epoch would have no "
                           f"optimizer step; use {key} <= {len(sampler)}" + (" or fewer workers" if world_size > 1 else ""))
-    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+    device, data = device or torch.device("cpu"), data or DataConfig()
+    if use_device_cache(dataset.cache, device, data.device_cache):
+        return DeviceBatches(device_images(dataset.cache, device), dataset.rows, dataset.targets, batches)
+    workers = data.num_workers if data.num_workers is not None else 2 if device.type == "cuda" else 0
+    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+
+
+class DeviceBatches:
+    """The batches of a DataLoader over `CachedBatches`, gathered by index from the cache held on the device:
+    no loader process, no host copy in the training loop. Same sampler, same batches, same order."""
+
+    def __init__(self, images: torch.Tensor, rows: np.ndarray, targets: np.ndarray, sampler: BatchSampler):
+        self.images, self.sampler = images, sampler
+        self.rows = torch.as_tensor(np.asarray(rows), device=images.device)
+        self.targets = torch.as_tensor(targets, device=images.device)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            index = torch.as_tensor(batch, device=self.images.device)
+            yield self.images.index_select(0, self.rows[index]), self.targets[index]
+
+
+_DEVICE_IMAGES: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def device_images(cache: ImageCache, device: torch.device) -> torch.Tensor:
+    """The whole uint8 cache as one tensor on `device`, loaded once per process (every phase and split of a
+    trial shares it; ChestX-ray14 at 256² is 7.3 GB)."""
+    key = (str(cache.path), str(device))
+    if key not in _DEVICE_IMAGES:
+        _DEVICE_IMAGES.clear()  # one cache resident at a time
+        images, source = torch.empty(cache.shape, dtype=torch.uint8, device=device), cache.open()
+        for start in range(0, len(source), 2048):  # in slices: no second full copy in host memory
+            images[start:start + 2048] = torch.from_numpy(np.array(source[start:start + 2048]))
+        _DEVICE_IMAGES[key] = images
+    return _DEVICE_IMAGES[key]
+
+
+def use_device_cache(cache: ImageCache, device: torch.device, setting: bool | str) -> bool:
+    """`data.device_cache`: true, false, or auto — on CUDA when the cache takes under half the free memory."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return False
+    if (str(cache.path), str(device)) in _DEVICE_IMAGES:
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(np.prod(cache.shape)) < free / 2
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

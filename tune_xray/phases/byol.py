@@ -21,7 +21,7 @@ from torch import nn
 from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..models.heads import mlp_head, nested_no_weight_decay
-from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
+from .common import (Precision, Report, build_optimizer, compiled, build_scheduler, build_views, current_lr, distributed,
                      epoch_loop, eval_loss, no_report, optimizer_steps_per_epoch, restore_training, run_epoch,
                      step_scheduler, training_state)
 
@@ -89,17 +89,18 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
 
     `checkpoints`: hand a full-state checkpoint to `report` every epoch; `resume`: such a state."""
     bc = cfg.byol
-    model = Byol(backbone, num_features, bc.hidden_dim, bc.out_dim, bc.ema_tau).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    trained = distributed(model, world_size, device)
+    precision = Precision(cfg, device)
+    model = precision.module(Byol(backbone, num_features, bc.hidden_dim, bc.out_dim, bc.ema_tau))
+    trained = compiled(distributed(model, world_size, device), cfg)
+    scaler = precision.scaler()
     augment, _ = build_views(cfg, data, device)
     train_set = data.dataset("train", with_unlabelled=not bc.labelled_only)
     val_set = data.dataset("val")
     batch_size = bc.batch_size
-    loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
-                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size, key="byol.batch_size")
-    val_loader = make_loader(val_set, min(batch_size, len(val_set)), shuffle=False, drop_last=len(val_set) > 1)
+    loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed, rank=rank,
+                         world_size=world_size, key="byol.batch_size", device=device, data=cfg.data)
+    val_loader = make_loader(val_set, min(batch_size, len(val_set)), shuffle=False, drop_last=len(val_set) > 1,
+                             device=device, data=cfg.data)
     params = [p for n, p in model.named_parameters() if not n.startswith("target.") and p.requires_grad]
     optimizer = build_optimizer(OnlineModules([model.online, model.predictor]), bc.optimizer)
     scheduler = build_scheduler(optimizer, bc.scheduler, mode="min")
@@ -112,13 +113,10 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
 
     def views(x):
         x = x.to(device, non_blocking=True)
-        v0, v1 = augment(x), augment(x)  # two independent per-image draws
-        if cfg.channels_last:
-            v0, v1 = (v.contiguous(memory_format=torch.channels_last) for v in (v0, v1))
-        return v0, v1
+        return precision.images(augment(x)), precision.images(augment(x))  # two independent per-image draws
 
     def micro_step(batch):
-        with autocast(device, cfg.amp):
+        with precision.autocast():
             loss, z0 = trained(*views(batch[0]))
         state["z_std"] = projection_std(z0)
         return loss.float()
@@ -131,11 +129,12 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
     def train(epoch: int) -> float:
         model.train()
         set_epoch(loader, epoch)
-        return run_epoch(loader, micro_step, [optimizer], params, bc.accum_steps, after_step=after_step, model=trained)
+        return run_epoch(loader, micro_step, [optimizer], params, bc.accum_steps, after_step=after_step, model=trained,
+                         scaler=scaler)
 
     def evaluate(epoch: int, train_loss: float) -> dict:
         # the BYOL loss on augmented validation images
-        val_loss = eval_loss(model, val_loader, lambda x: model(*views(x))[0], device, cfg.amp)
+        val_loss = eval_loss(model, val_loader, lambda x: model(*views(x))[0], precision)
         return {"byol_loss": train_loss, "byol_val_loss": val_loss, "z_std": state["z_std"], "ema_tau": state["tau"],
                 "lr": current_lr(optimizer)}
 

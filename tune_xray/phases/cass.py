@@ -20,7 +20,7 @@ from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..models import create_backbone
 from ..models.heads import nested_no_weight_decay
-from .common import (Report, autocast, build_optimizer, build_scheduler, build_views, current_lr, distributed,
+from .common import (Precision, Report, build_optimizer, compiled, build_scheduler, build_views, current_lr, distributed,
                      epoch_loop, eval_loss, no_report, plain_state, restore_training, run_epoch, step_scheduler,
                      training_state)
 
@@ -69,15 +69,17 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
              resume: dict | None = None) -> dict:
     """Pre-train both arms of `model` in place for `cass.epochs`; returns the phase summary."""
     cc = cfg.cass
-    model.to(device)
+    precision = Precision(cfg, device)
+    precision.module(model)
     arms = (model.cnn, model.transformer)
-    trained = distributed(model, world_size, device)
+    trained = compiled(distributed(model, world_size, device), cfg)
+    scaler = precision.scaler()
     augment, eval_views = build_views(cfg, data, device)
     train_set = data.dataset("train", with_unlabelled=not cc.labelled_only)
     batch_size = cc.batch_size
-    loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
-                         num_workers=cfg.data.num_workers, rank=rank, world_size=world_size, key="cass.batch_size")
-    val_loader = make_loader(data.dataset("val"), batch_size, shuffle=False)
+    loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed, rank=rank,
+                         world_size=world_size, key="cass.batch_size", device=device, data=cfg.data)
+    val_loader = make_loader(data.dataset("val"), batch_size, shuffle=False, device=device, data=cfg.data)
     optimizers = [build_optimizer(arm, cc.optimizer) for arm in arms]
     schedulers = [build_scheduler(opt, cc.scheduler, mode="min") for opt in optimizers]
     averaged = [AveragedModel(arm) for arm in arms] if cc.swa else []
@@ -93,18 +95,19 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
             swa_sched.load_state_dict(state)
 
     def micro_step(batch):
-        x = augment(batch[0].to(device, non_blocking=True))  # one draw, the same images for both arms
-        with autocast(device, cfg.amp):
+        x = precision.images(augment(batch[0].to(device, non_blocking=True)))  # one draw, the same for both arms
+        with precision.autocast():
             return trained(x).float()
 
     def train(epoch: int) -> float:
         model.train()
         set_epoch(loader, epoch)
-        return run_epoch(loader, micro_step, optimizers, params, cc.accum_steps, model=trained)
+        return run_epoch(loader, micro_step, optimizers, params, cc.accum_steps, model=trained, scaler=scaler)
 
     def evaluate(epoch: int, train_loss: float) -> dict:
         # the CASS loss on validation images' centre view
-        val_loss = eval_loss(model, val_loader, lambda x: model(eval_views(x.to(device))[0]), device, cfg.amp)
+        val_loss = eval_loss(model, val_loader, lambda x: model(precision.images(eval_views(x.to(device))[0])),
+                             precision)
         return {"cass_loss": train_loss, "cass_val_loss": val_loss, "lr": current_lr(optimizers[0])}
 
     def after_evaluate(metrics: dict) -> None:
@@ -129,6 +132,6 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
     swa_updates = int(averaged[0].n_averaged) if averaged else 0
     if swa_updates:  # the averaged weights become the arms, with BN statistics recomputed for them
         for avg, arm in zip(averaged, arms):
-            update_bn((augment(x.to(device)) for x, _ in loader), avg)
+            update_bn((precision.images(augment(x.to(device))) for x, _ in loader), avg)
             arm.load_state_dict(avg.module.state_dict())
     return {"history": history, "batch_size": batch_size, "swa_updates": swa_updates, "finetuned_arm": cc.finetune}

@@ -67,11 +67,41 @@ def reuse_freed_memory() -> None:
     libc.mallopt(-1, 1 << 29)  # M_TRIM_THRESHOLD: 512 MiB
 
 
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA for every backbone alike (S0 flaw 7); a no-op on CPU."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of `amp` (auto | bf16 | fp16 | off) on `device`: None (fp32) on CPU or when off; auto is
+    bf16 where the GPU supports it (Ampere and later), else fp16 (which needs a GradScaler)."""
+    if mode == "off" or device.type != "cuda":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+class Precision:
+    """How a phase computes on its device: the autocast dtype (every backbone alike, S0 flaw 7), the GradScaler
+    fp16 needs (a pass-through otherwise), and channels_last for images and weights on CUDA."""
+
+    def __init__(self, cfg: TrialConfig, device: torch.device):
+        self.device, self.dtype = device, amp_dtype(cfg.amp, device)
+        self.channels_last = cfg.channels_last and device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def module(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+
+
+def compiled(model: nn.Module, cfg: TrialConfig) -> nn.Module:
+    """torch.compile of the module a phase trains (after DDP: compiled DDP keeps its bucketed all-reduce),
+    when `model.compile`; `unwrap` reaches the weights through both wrappers."""
+    return torch.compile(model) if cfg.model.compile else model
 
 
 # timm's "sgd" is Nesterov SGD; S0 (and torch.optim.SGD) use plain momentum: timm calls that "momentum".
@@ -155,15 +185,18 @@ def _all_ranks_agree(flag: bool) -> bool:
 def run_epoch(batches: Iterable, micro_step: Callable[[object], torch.Tensor],
               optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter], accum_steps: int = 1,
               n_batches: Optional[int] = None, after_step: Optional[Callable[[], None]] = None,
-              max_grad_norm: Optional[float] = None, model: Optional[nn.Module] = None) -> float:
+              max_grad_norm: Optional[float] = None, model: Optional[nn.Module] = None,
+              scaler: Optional[torch.amp.GradScaler] = None) -> float:
     """One pass over `batches` with correct gradient accumulation; returns the mean micro-batch loss.
 
     Every micro-batch calls backward on loss / k (k = the micro-batches in its group, so a short last
     group is weighted right); the optimizers step once per group. S0 called backward only on every k-th
     micro-batch, so its effective batch was 1/k of the claimed one (SEEDS.md, flaw 3). With a DDP `model`,
     the micro-batches before a group's last skip the gradient all-reduce (`no_sync`). A non-finite loss on
-    any rank raises `FloatingPointError` on every rank before its backward.
+    any rank raises `FloatingPointError` on every rank before its backward. With an fp16 `scaler` the loss is
+    scaled, gradients are unscaled before clipping, and a step whose gradients hold inf/NaN is skipped (GradScaler).
     """
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
     n_batches = n_batches if n_batches is not None else len(batches)
     total, count = 0.0, 0
     for opt in optimizers:
@@ -178,15 +211,18 @@ def run_epoch(batches: Iterable, micro_step: Callable[[object], torch.Tensor],
             value = float(loss.detach())
             if _all_ranks_agree(not math.isfinite(value)):
                 raise FloatingPointError(f"non-finite training loss ({value}) at step {i + 1}")
-            (loss / k).backward()
+            scaler.scale(loss / k).backward()
         total += value
         count += 1
         if last_of_group:
             if max_grad_norm:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             for opt in optimizers:
-                opt.step()
+                scaler.step(opt)
                 opt.zero_grad(set_to_none=True)
+            scaler.update()
             if after_step is not None:
                 after_step()
     return total / max(count, 1)
@@ -235,14 +271,14 @@ def epoch_loop(phase: str, start: int, epochs: int, *, train: Callable[[int], fl
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, loader, batch_loss: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-              amp: bool) -> float:
+def eval_loss(model: nn.Module, loader, batch_loss: Callable[[torch.Tensor], torch.Tensor],
+              precision: "Precision") -> float:
     """Mean of `batch_loss(images)` over a loader with `model` in eval mode (BN statistics fixed), then back
     to train mode: the self-supervised phases' validation loss, for monitoring and plateau schedules."""
     model.eval()
     losses = []
     for x, _ in loader:
-        with autocast(device, amp):
+        with precision.autocast():
             losses.append(float(batch_loss(x)))
     model.train()
     return sum(losses) / max(len(losses), 1)

@@ -23,7 +23,7 @@ from ..config import ConfigError, TrialConfig, metric_mode
 from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
 from ..metrics import classification_metrics
 from ..models.heads import Classifier, MemberEnsemble, freeze_backbone, mean_probability_logits
-from .common import (BEST_FILE, Report, autocast, build_optimizer, build_scheduler, build_views, current_lr,
+from .common import (BEST_FILE, Precision, Report, build_optimizer, compiled, build_scheduler, build_views, current_lr,
                      distributed, epoch_loop, no_report, restore_training, run_epoch, save_best, step_scheduler,
                      training_state, unwrap)
 
@@ -109,18 +109,16 @@ def to_probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, views: EvalViews, device, amp: bool, channels_last: bool, multilabel: bool):
-    """Logits and targets for a whole split; with TTA, the logits of the views' mean probability."""
+def predict(model: nn.Module, loader, views: EvalViews, precision: Precision, multilabel: bool):
+    """Logits and targets (on the CPU) for a whole split; with TTA, the logits of the views' mean probability."""
     model.eval()
     logits, targets = [], []
     for x, y in loader:
-        vs = views(x.to(device, non_blocking=True))
-        if channels_last:
-            vs = [v.contiguous(memory_format=torch.channels_last) for v in vs]
-        with autocast(device, amp):
+        vs = [precision.images(v) for v in views(x.to(precision.device, non_blocking=True))]
+        with precision.autocast():
             out = mean_probability_logits([model(v) for v in vs], multilabel)
         logits.append(out.float().cpu())
-        targets.append(y)
+        targets.append(y.cpu())
     return torch.cat(logits), torch.cat(targets)
 
 
@@ -163,9 +161,9 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
     summary, inside); `resume`: such a state to continue from."""
     sc, index = cfg.supervised, data.index
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate, index.task).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    precision = Precision(cfg, device)
+    model = precision.module(classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate, index.task))
+    scaler = precision.scaler()
     train_aug, eval_views = build_views(cfg, data, device)
 
     train_set = data.dataset("train")
@@ -177,20 +175,17 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
         for member in getattr(model, "members", [model]):
             freeze_backbone(member.backbone, sc.freeze)
     train_loader = make_loader(train_set, sc.batch_size, shuffle=True,
-                               drop_last=len(train_set) // world_size > sc.batch_size, seed=cfg.seed,
-                               num_workers=cfg.data.num_workers, rank=rank, world_size=world_size,
-                               key="supervised.batch_size")
-    val_loader = make_loader(data.dataset("val"), sc.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+                               drop_last=len(train_set) // world_size > sc.batch_size, seed=cfg.seed, rank=rank,
+                               world_size=world_size, key="supervised.batch_size", device=device, data=cfg.data)
+    val_loader = make_loader(data.dataset("val"), sc.batch_size, shuffle=False, device=device, data=cfg.data)
     optimizer = build_optimizer(model, sc.optimizer)
     scheduler = build_scheduler(optimizer, sc.scheduler, mode=metric_mode(sc.scheduler.plateau_metric))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def micro_step(batch):
         x, y = batch
-        x = train_aug(x.to(device, non_blocking=True))
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg.amp):
+        x = precision.images(train_aug(x.to(device, non_blocking=True)))
+        with precision.autocast():
             logits = trained(x)
         y = y.to(device)
         if len(logits) != len(y):  # a member ensemble in training: each member's logits, stacked
@@ -202,8 +197,8 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
     if sc.head_warmup_epochs and resume is None:  # S0's stage 1 (a resumed run had passed it)
         with head_only(model):
             trained = distributed(model, world_size, device)  # DDP over the head alone in stage 1
-            warm_up_head(model, train_loader, micro_step, sc)
-    trained = distributed(model, world_size, device)
+            warm_up_head(model, train_loader, micro_step, sc, scaler)
+    trained = compiled(distributed(model, world_size, device), cfg)
     if resume is not None:
         history, start = restore_training(resume, model, [optimizer], [scheduler])
         best.update(score=resume["best_score"], epoch=resume["best_epoch"], stale=resume["stale"])
@@ -214,11 +209,10 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
     def train(epoch: int) -> float:
         model.train()
         set_epoch(train_loader, epoch)
-        return run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps, model=trained)
+        return run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps, model=trained, scaler=scaler)
 
     def evaluate(epoch: int, train_loss: float) -> dict:
-        logits, targets = predict(model, val_loader, eval_views, device, cfg.amp, cfg.channels_last,
-                                  index.task == "multilabel")
+        logits, targets = predict(model, val_loader, eval_views, precision, index.task == "multilabel")
         best["latest"] = (logits, targets)
         val_loss = float(loss_fn(logits.to(device), targets.to(device)))
         prob = to_probabilities(index.task, logits).numpy()
@@ -259,7 +253,8 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
         unwrap(model).load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True)["model"])
     else:  # no epoch had a defined selection metric: the last weights are what there is
         save_best(run_dir, best_checkpoint(len(history), float("nan")))
-    return evaluate_selected(cfg, data, model, eval_views, device, run_dir, best["epoch"], history, best["val"], rank)
+    return evaluate_selected(cfg, data, model, eval_views, precision, run_dir, best["epoch"], history, best["val"],
+                             rank)
 
 
 @contextlib.contextmanager
@@ -274,7 +269,7 @@ def head_only(model: Classifier | MemberEnsemble):
             p.requires_grad_(trainable)
 
 
-def warm_up_head(model: Classifier | MemberEnsemble, train_loader, micro_step, sc) -> None:
+def warm_up_head(model: Classifier | MemberEnsemble, train_loader, micro_step, sc, scaler=None) -> None:
     """S0's stage 1: `head_warmup_epochs` epochs training only the head at `head_warmup_lr` (its own
     optimizer, no schedule); stage 2 is the normal loop over the configured (unfrozen) parameters at
     optimizer.lr. Not selected on and not reported: it only initialises the head."""
@@ -283,10 +278,10 @@ def warm_up_head(model: Classifier | MemberEnsemble, train_loader, micro_step, s
     for epoch in range(sc.head_warmup_epochs):
         model.train()
         set_epoch(train_loader, 1_000_000 + epoch)  # its own shuffles, apart from stage 2's
-        run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps)
+        run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps, scaler=scaler)
 
 
-def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, device, run_dir: Path,
+def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, precision: Precision, run_dir: Path,
                       best_epoch: int, history: list, val_predictions=None, rank: int = 0) -> dict:
     """Score the selected checkpoint on val (choosing thresholds there) and once on test.
 
@@ -297,9 +292,9 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, d
         if split == "val" and val_predictions is not None:
             logits, targets = val_predictions
         else:
-            loader = make_loader(data.dataset(split), cfg.supervised.batch_size, shuffle=False)
-            logits, targets = predict(model, loader, eval_views, device, cfg.amp, cfg.channels_last,
-                                      index.task == "multilabel")
+            loader = make_loader(data.dataset(split), cfg.supervised.batch_size, shuffle=False,
+                                 device=precision.device, data=cfg.data)
+            logits, targets = predict(model, loader, eval_views, precision, index.task == "multilabel")
         prob = to_probabilities(index.task, logits).numpy()
         scored = classification_metrics(index.task, targets.numpy(), prob, index.classes, thresholds,
                                         cfg.supervised.threshold)
