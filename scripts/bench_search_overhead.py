@@ -1,12 +1,13 @@
-"""Ray's cost per trial: the same trial config run directly (`run_phases`, no Ray) and as a one-trial search
-(Ray Tune driver → Ray Train TorchTrainer → worker), in this one process.
+"""Ray's cost per trial: the same trial config run directly (`run_phases`, no Ray) and as a one-trial search in
+both ways a one-worker trial can run (`--one-worker-trials`): trainer (Ray Tune trial → Ray Train TorchTrainer →
+worker actor) and tune (the Tune trial trains in its own process), in this one process.
 
 Prints the time from trial start to its first reported metric under Ray, both wall times, and Ray's share
 of the trial's wall time: (Ray − direct) / Ray. Goals (issue #3): ≤ 10 s to first metric, ≤ 3 % overhead for a
 trial of a few minutes. Then where the CPU went while the trial trained (Linux): its worker's share of the
 cores, and that of every other process — on a small machine, what Ray's own processes take from training.
 
-    python scripts/bench_search_overhead.py [--epochs 40] [--images 2000]
+    python scripts/bench_search_overhead.py [--epochs 40] [--images 2000] [--modes trainer,tune]
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=40)  # ≈ 2.5 min: "a trial of a few minutes"
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--modes", default="trainer,tune", help="--one-worker-trials values, in this order")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_search-"))
     base = {"data": {"synthetic_images": args.images, "synthetic_size": 96, "cache_size": 96, "cache_dir": str(work)},
@@ -90,26 +92,29 @@ def main() -> None:
     direct = time.perf_counter() - start
     first_direct = first_direct[0] - start
 
-    timer = FirstResult()
-    parsed = argparse.Namespace(
-        study=str(space), data=None, trials=1, smoke=False, storage=str(work / "store"), local_dir="", name="bench",
-        resume=False, workers_per_trial=1, cpus_per_trial=2.0, gpus_per_trial=0.0, address=None, tracking_uri=None,
-        overrides=[], seed=0, max_failures=0, no_asha=True, verbose=False)
-    start = time.perf_counter()
-    run_search(parsed, extra_callbacks=[timer])
-    whole = time.perf_counter() - start
-    trial = timer.end - timer.start
-
     print(f"trial: test_resnet, {args.images} synthetic images at 80 px, {args.epochs} epochs, 2 CPUs")
-    print(f"direct (run_phases, no Ray)          {direct:7.1f} s")
-    print(f"Ray trial (Tune → Train → worker)    {trial:7.1f} s   (whole search incl. Ray start: {whole:.1f} s)")
-    print(f"trial start → first reported metric  {timer.first - timer.start:7.1f} s   (direct: {first_direct:.1f} s, "
-          f"so Ray adds {timer.first - timer.start - first_direct:.1f} s before the first epoch's report)")
-    print(f"Ray's share of the trial's wall time {100 * (trial - direct) / trial:7.1f} %")
-    if len(timer.window) == 2 and Path("/proc").is_dir():
-        seconds, worker, others = timer.cpu_shares()
-        print(f"CPU over {seconds:.0f} s of epochs: the trial's worker {100 * worker:.1f} %, every other process "
-              f"(Ray's daemons and actors, the Tune driver) {100 * others:.1f} % of {os.cpu_count()} cores")
+    print(f"direct (run_phases, no Ray)          {direct:7.1f} s   (first report after {first_direct:.1f} s)")
+    what = {"trainer": "Tune → Train → worker", "tune": "the Tune trial trains itself"}
+    for mode in args.modes.split(","):  # the first starts Ray; run both orders to see what that costs
+        timer = FirstResult()
+        parsed = argparse.Namespace(
+            study=str(space), data=None, trials=1, smoke=False, storage=str(work / "store"), local_dir="",
+            name=f"bench-{mode}", resume=False, workers_per_trial=1, cpus_per_trial=2.0, gpus_per_trial=0.0,
+            address=None, tracking_uri=None, overrides=[], seed=0, max_failures=0, no_asha=True, verbose=False,
+            one_worker_trials=mode, no_ensemble=True)
+        start = time.perf_counter()
+        run_search(parsed, extra_callbacks=[timer])
+        whole = time.perf_counter() - start
+        trial = timer.end - timer.start
+        print(f"\n--one-worker-trials {mode} ({what[mode]})")
+        print(f"  trial wall time                    {trial:7.1f} s   (whole search incl. Ray start: {whole:.1f} s)")
+        print(f"  trial start → first reported metric {timer.first - timer.start:6.1f} s   (Ray adds "
+              f"{timer.first - timer.start - first_direct:.1f} s before the first epoch's report)")
+        print(f"  Ray's share of the trial's wall time {100 * (trial - direct) / trial:6.1f} %")
+        if len(timer.window) == 2 and Path("/proc").is_dir():
+            seconds, worker, others = timer.cpu_shares()
+            print(f"  CPU over {seconds:.0f} s of epochs: the training process {100 * worker:.1f} %, every other "
+                  f"process (Ray's daemons and actors, the Tune driver) {100 * others:.1f} % of {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
             assert t.intermediate_values  # kept in Optuna
         assert ("supervised.scheduler.t_max" in t.params) == (t.params["supervised.scheduler.name"] == "cosine")
     assert json.loads((exp / "summary.json").read_text())["best"]["trial_id"] == summary["best"]["trial_id"]
-    assert {p.name for p in exp.iterdir() if p.name.startswith("train-")}  # Train runs inside the experiment
+    # one-worker trials train in the Tune trial itself: no Train run, one checkpoint kept per trial
+    assert not [p for p in exp.iterdir() if p.name.startswith("train-")]
+    assert all(len(list(d.glob("checkpoint_*"))) <= 1 for d in exp.glob("t0*-*"))
 
     client, parent, children = _mlflow(exp)
     assert len(children) == 3 and all(c.info.status != "RUNNING" for c in children)
@@ -239,6 +241,10 @@ def test_a_trial_runs_as_two_ddp_ranks(tmp_path, ray_session):
                       "byol.hidden_dim=32", "byol.out_dim=16"]
     summary = run_search(args)
     assert summary["complete"] == 1 and summary["error"] == 0
+    trial = summary["rows"][0]
+    exp = tmp_path / "store" / "tiny"
+    assert (exp / f"train-{trial['trial_id']}").is_dir()  # a Ray Train run, inside the experiment
+    assert (exp / f"{trial['trial']}-{trial['trial_id']}" / "best.pt").is_file()  # its results with the trial
 
 
 @pytest.mark.parametrize("params, message", [
@@ -291,27 +297,34 @@ def test_best_is_the_best_completed_trial_and_none_completed_is_not_success(tmp_
     assert summary["status"] == "interrupted" and summary["interrupted"] == 1 and exit_code(summary) == 130
 
 
-class KillTrainWorkerAfterFirstEpoch(tune.Callback):
-    """SIGKILL the trial's Ray Train worker process once its first fine-tune epoch has been reported."""
+class KillTrainingAfterFirstEpoch(tune.Callback):
+    """SIGKILL the process that trains (the Ray Train worker, or the Tune trial's own process in a one-worker
+    trial) once its first fine-tune epoch has been reported."""
 
     def __init__(self):
-        self.killed = False
+        self.killed = None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         import psutil
-        if not self.killed and result.get("epoch") == 1:
-            self.killed = True
-            for proc in psutil.process_iter(["cmdline"]):
-                if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                    proc.kill()
+        if self.killed is None and result.get("epoch") == 1:
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            for proc in workers or [psutil.Process(result["pid"])]:
+                self.killed = " ".join(proc.cmdline())
+                proc.kill()
 
 
-def test_a_killed_train_worker_resumes_from_its_last_epoch(tmp_path, ray_session):
-    """--set supervised.epochs beyond the file's budget carries through (ASHA's max_t follows it), and a Train
-    worker killed after epoch 1 restarts from that epoch's checkpoint: one run, epochs 1..3 once each."""
+@pytest.mark.parametrize("one_worker", ["tune", "trainer"])
+def test_a_killed_trial_resumes_from_its_last_epoch(tmp_path, ray_session, one_worker):
+    """--set supervised.epochs beyond the file's budget carries through (ASHA's max_t follows it), and the
+    training process killed after epoch 1 restarts from that epoch's checkpoint (a Train worker: Ray Train's
+    retry; the trial itself: Tune's): one run, epochs 1..3 once each."""
     args = _args(tmp_path)
     args.trials, args.cpus_per_trial, args.overrides = 1, 2.0, ["supervised.epochs=3"]
-    summary = run_search(args, extra_callbacks=[KillTrainWorkerAfterFirstEpoch()])
+    args.one_worker_trials = one_worker
+    killer = KillTrainingAfterFirstEpoch()
+    summary = run_search(args, extra_callbacks=[killer])
+    assert ("RayTrainWorker" in killer.killed) == (one_worker == "trainer")
     assert summary["complete"] == 1 and summary["best"]["epochs_done"] == 3
     client, parent, children = _mlflow(tmp_path / "store" / "tiny")
     assert len(children) == 1 and children[0].data.params["supervised.epochs"] == "3"
@@ -360,3 +373,14 @@ run_search(args, extra_callbacks=[KillDriverMidTrial()])
         if child.data.tags["tune_xray.status"] == "complete":
             steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
             assert steps == [1, 2]
+
+
+def test_optuna_storage_urls(tmp_path):
+    from tune_xray.search import optuna_storage, shown_url
+
+    journal = tmp_path / "shared" / "optuna.log"
+    for url in (f"journal:{journal}", f"sqlite:///{tmp_path / 'optuna.db'}"):
+        optuna.create_study(study_name="s", storage=optuna_storage(url)).optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+        assert len(optuna.load_study(study_name="s", storage=optuna_storage(url)).trials) == 2
+    assert journal.is_file()
+    assert shown_url("postgresql://optuna:secret@db:5432/optuna") == "postgresql://optuna:***@db:5432/optuna"

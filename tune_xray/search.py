@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -21,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from . import tracking
 from .config import ConfigError, merge, parse_overrides
+from .cluster import alive_nodes, check_cluster_paths, storage_filesystem
 from .data.splits import DataError
 from .models import WeightsError
 from .space import BACKBONE_KEYS, Study, case_key, flatten, load_study
@@ -37,6 +39,14 @@ LOCAL_RAY_ENV = {
 }
 
 
+class _ForcedSnapshots(logging.Filter):
+    """Tune warns at every epoch of a trial that checkpoints each epoch with `num_to_keep=1` that it snapshots
+    the experiment state (so that a resume never points at a deleted checkpoint): that is the point, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "snapshotting has been triggered" not in record.getMessage()
+
+
 def _init_ray(address: str | None, verbose: bool) -> None:
     """Join the cluster at `address` (or the one `ray start` left running here), or start a local one.
 
@@ -46,12 +56,20 @@ def _init_ray(address: str | None, verbose: bool) -> None:
     import ray
     from ray._private.services import canonicalize_bootstrap_address  # what ray.init itself resolves
 
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(_ForcedSnapshots())
+
     if address is None and canonicalize_bootstrap_address(None) is None:
         for key, value in {**RAY_ENV, **LOCAL_RAY_ENV}.items():
             os.environ.setdefault(key, value)  # the raylet and its workers inherit the driver's environment
         ray.init(log_to_driver=verbose)
     else:
         ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=verbose)
+
+
+def absolute_data(source: str) -> str:
+    """`nih:data/nih` → `nih:/abs/data/nih`: Ray runs trials in directories of its own (and on other nodes)."""
+    kind, sep, path = source.partition(":")
+    return f"{kind}:{Path(path).expanduser().resolve()}" if sep and path and "://" not in source else source
 
 
 def check_candidates(study: Study, overrides: dict, smoke: bool) -> None:
@@ -153,8 +171,31 @@ def run_name(study: Study, config: dict, width: int = 72) -> str:
     return name
 
 
-def _optuna_search(study: Study, space, name: str, experiment_dir: Path, seed: int, metric: str):
-    """OptunaSearch (TPE, seeded) on the study's define-by-run space, its study in sqlite beside the experiment.
+def optuna_storage(url: str):
+    """An Optuna storage from `--optuna-storage`: a database URL (sqlite:///…, postgresql://…, mysql://…) or a
+    journal file (`journal:PATH`, or a path ending .log) — Optuna's option for a file on shared storage."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if url.startswith("journal:") or (url.endswith(".log") and "://" not in url):
+        path = url.removeprefix("journal:")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
+    return optuna.storages.RDBStorage(url)
+
+
+def shown_url(url: str) -> str:
+    """A database URL as printed and written to summary.json: its password masked."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _optuna_search(study: Study, space, name: str, storage_url: str, seed: int, metric: str):
+    """OptunaSearch (TPE, seeded) on the study's define-by-run space, its study in `storage_url` (default: sqlite
+    beside the experiment).
 
     Differs from Ray's: results without the metric (the SSL phase) or with a non-finite value are not told to
     Optuna as intermediate values; what a trial is told as follows its status, not whether a value exists —
@@ -199,19 +240,18 @@ def _optuna_search(study: Study, space, name: str, experiment_dir: Path, seed: i
                 self._ot_study.tell(ot_trial, state=State.FAIL if status in ("error", "complete") else State.PRUNED)
             self._completed_trials.add(trial_id)
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(experiment_dir / 'optuna.db').resolve()}")
     return StatusAwareOptunaSearch(
         space=space, metric=metric, mode=study.mode, sampler=optuna.samplers.TPESampler(seed=seed),
-        study_name=name, storage=storage, points_to_evaluate=study.warm_start_points() or None)
+        study_name=name, storage=optuna_storage(storage_url), points_to_evaluate=study.warm_start_points() or None)
 
 
-def _close_optuna_orphans(experiment_dir: Path, name: str) -> int:
+def _close_optuna_orphans(storage_url: str, name: str) -> int:
     """After a search that ran to its end, an Optuna trial still RUNNING belongs to no Tune trial (asked just
     before the driver was killed; the restored searcher drew a new one): told FAIL, so the study holds no
     trial running forever. Returns how many were closed."""
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{(experiment_dir / 'optuna.db').resolve()}")
+    study = optuna.load_study(study_name=name, storage=optuna_storage(storage_url))
     orphans = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for trial in orphans:
         study._storage.set_trial_user_attr(trial._trial_id, "status", "orphaned by an interruption")
@@ -219,12 +259,10 @@ def _close_optuna_orphans(experiment_dir: Path, name: str) -> int:
     return len(orphans)
 
 
-def _link_optuna_run(experiment_dir: Path, name: str):
+def _link_optuna_run(storage_url: str, name: str):
     """`on_run` for TrialRuns: the trial's Optuna record carries its MLflow run id."""
     def link(config: dict, run_id: str) -> None:
-        import optuna
-
-        storage = optuna.storages.RDBStorage(f"sqlite:///{(experiment_dir / 'optuna.db').resolve()}")
+        storage = optuna_storage(storage_url)
         study_id = storage.get_study_id_from_name(name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, config[TRIAL_NUMBER])
         storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
@@ -261,7 +299,8 @@ class FinishAwareASHA(ASHAScheduler):
 
 
 def summarize(trials, requested: int, study: Study, metric: str, experiment_dir: Path, tracking_uri: str,
-              runs: dict[str, str], experiment_id: str, ended: set[str] | None = None, top: int = 5) -> dict:
+              runs: dict[str, str], experiment_id: str, ended: set[str] | None = None, top: int = 5,
+              optuna_url: str | None = None) -> dict:
     """Trials by status, the best *completed* trials by the validation objective, and where to look next.
 
     A trial that had not ended when the search returned (Ctrl-C; `ended`: the trial ids Tune ended, default
@@ -280,6 +319,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment_dir:
             "reason": reason, metric: m.get(metric) if status == "complete" else None, TIME_ATTR: m.get(TIME_ATTR),
             "selected_epoch": m.get("selected_epoch"), "record_test_mean_auroc": m.get("record_test_mean_auroc"),
             "mlflow_run_id": runs.get(t.trial_id),
+            "node_id": m.get("node_id"),
             "resolved": {k: v for k, v in t.config.items() if ":" not in k and not k.startswith("sampled.")},
             "sampled": {k[len("sampled."):]: v for k, v in t.config.items() if k.startswith("sampled.")},
         })
@@ -295,7 +335,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment_dir:
         "top": complete[:top], "rows": rows,
         "mlflow": f"mlflow ui --backend-store-uri {tracking_uri}",
         "mlflow_runs_table": tracking.runs_table_url(tracking_uri, experiment_id),
-        "optuna": f"optuna-dashboard sqlite:///{(experiment_dir / 'optuna.db').resolve()}",
+        "optuna": f"optuna-dashboard {shown_url(optuna_url or default_optuna_url(experiment_dir))}",
         "experiment_dir": str(experiment_dir),
     }
 
@@ -332,7 +372,11 @@ def exit_code(summary: dict) -> int:
 
 INVOCATION_FILE = "search.json"
 INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name", "tracking_uri",
-              "ensemble_size", "no_ensemble")  # what a resume repeats
+              "optuna_storage", "ensemble_size", "no_ensemble")  # what a resume repeats
+
+
+def default_optuna_url(experiment_dir: Path) -> str:
+    return f"sqlite:///{(experiment_dir / 'optuna.db').resolve()}"
 
 
 def _where(args) -> tuple[str, str, Path]:
@@ -347,13 +391,60 @@ def _where(args) -> tuple[str, str, Path]:
     return name, storage, (Path(args.local_dir).resolve() if uri_storage else Path(storage)) / name
 
 
+def sync_to_storage(experiment_dir: Path, storage: str, name: str, names=(INVOCATION_FILE, "summary.json", "ensemble")):
+    """With a remote `--storage` (s3://, gs://) the search's own files go there too, beside Tune's: the machine
+    that drove the search (a KubeRay head pod, say) may be gone when someone resumes or reads it."""
+    if "://" not in storage:
+        return
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    filesystem, root = storage_filesystem(f"{storage}/{name}")
+    filesystem.create_dir(root, recursive=True)
+    for entry in names:
+        if (experiment_dir / entry).is_dir():
+            filesystem.create_dir(f"{root}/{entry}", recursive=True)
+        if (experiment_dir / entry).exists():
+            copy_files(str(experiment_dir / entry), f"{root}/{entry}", source_filesystem=LocalFileSystem(),
+                       destination_filesystem=filesystem)
+
+
+def fetch_results(experiment_dir: Path, storage: str, name: str, trial_dir: str) -> Path:
+    """A trial's result files (best.pt, predictions, ...) in the local experiment directory: with a local or
+    mounted storage they are there already; from a remote one they are fetched (MLflow logs them from here, the
+    ensemble reads them here)."""
+    local = experiment_dir / trial_dir
+    if "://" in storage:
+        from pyarrow.fs import FileType, LocalFileSystem, copy_files
+
+        filesystem, root = storage_filesystem(f"{storage}/{name}/{trial_dir}")
+        if filesystem.get_file_info(root).type == FileType.Directory:  # none: a trial that errored first
+            local.mkdir(parents=True, exist_ok=True)
+            copy_files(root, str(local), source_filesystem=filesystem, destination_filesystem=LocalFileSystem())
+    return local
+
+
+def _fetch_invocation(experiment_dir: Path, storage: str, name: str) -> None:
+    """A resume on another machine: search.json from the remote storage, where `sync_to_storage` put it."""
+    from pyarrow.fs import FileType, LocalFileSystem, copy_files
+
+    filesystem, root = storage_filesystem(f"{storage}/{name}/{INVOCATION_FILE}")
+    if "://" in storage and filesystem.get_file_info(root).type == FileType.File:
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        copy_files(root, str(experiment_dir / INVOCATION_FILE), source_filesystem=filesystem,
+                   destination_filesystem=LocalFileSystem())
+
+
 def _restore_invocation(args) -> None:
     """`--resume [NAME]`: the search must exist; it continues as it was started (study file, --set, --data,
     --smoke, trials, seed), whatever else this command line says; resources and cluster may differ."""
     from ray import tune
 
     name, storage, experiment_dir = _where(args)
-    if not tune.Tuner.can_restore(f"{storage}/{name}") or not (experiment_dir / INVOCATION_FILE).is_file():
+    if not tune.Tuner.can_restore(f"{storage}/{name}"):
+        raise ConfigError(f"--resume: no search named '{name}' to resume in {storage}/{name}")
+    if not (experiment_dir / INVOCATION_FILE).is_file():
+        _fetch_invocation(experiment_dir, storage, name)
+    if not (experiment_dir / INVOCATION_FILE).is_file():
         raise ConfigError(f"--resume: no search named '{name}' to resume in {storage}/{name}")
     for key, value in json.loads((experiment_dir / INVOCATION_FILE).read_text()).items():
         if value is not None:
@@ -371,10 +462,15 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     `extra_callbacks`: more Tune callbacks (tests use one to interrupt a search)."""
     if args.resume:
         _restore_invocation(args)  # before anything else: nothing to resume is one error, leaving nothing behind
+    if args.workers_per_trial > 1 and 0 < args.gpus_per_trial / args.workers_per_trial < 1:
+        raise ConfigError(f"--workers-per-trial {args.workers_per_trial} with --gpus-per-trial {args.gpus_per_trial:g}: "
+                          "each DDP rank needs a GPU of its own (NCCL refuses two ranks on one GPU); use "
+                          f"--gpus-per-trial {args.workers_per_trial} or more")
     study = load_study(args.study)  # every search-space error before Ray starts
     overrides = parse_overrides(args.overrides)
     study.check_overrides(overrides)
     if args.data:
+        args.data = absolute_data(args.data)
         overrides = merge(overrides, {"data": {"source": args.data}})
     if "device" not in overrides:  # what the trials will train on, resolved here so every record shows it
         overrides = merge(overrides, {"device": "cuda" if args.gpus_per_trial else "cpu"})
@@ -396,16 +492,22 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
 
     from .trial import RESULT_FILES, TrialResources, trial_driver, tune_metric
 
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        (experiment_dir / INVOCATION_FILE).write_text(json.dumps({k: getattr(args, k, None) for k in INVOCATION}))
-    metric = tune_metric(study.metric)
-    tracking_uri = args.tracking_uri or tracking.default_tracking_uri(experiment_dir)
     if not ray.is_initialized():
         # keep the dashboard (ray[default]'s State API): without it a Train run stopped by ASHA leaks its
         # placement group and the next trial waits for resources forever
         _init_ray(args.address, args.verbose)
-    resources = TrialResources(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial)
+    if len(alive_nodes()) > 1:  # every node must see the storage and the data; checked before anything is written
+        kind, _, data_path = base_cfg.data.source.partition(":")
+        check_cluster_paths(storage, data_path if kind != "synthetic" else None)
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (experiment_dir / INVOCATION_FILE).write_text(json.dumps({k: getattr(args, k, None) for k in INVOCATION}))
+        sync_to_storage(experiment_dir, storage, name, (INVOCATION_FILE,))
+    metric = tune_metric(study.metric)
+    tracking_uri = args.tracking_uri or tracking.default_tracking_uri(experiment_dir)
+    optuna_url = getattr(args, "optuna_storage", None) or default_optuna_url(experiment_dir)
+    resources = TrialResources(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial,
+                               getattr(args, "one_worker_trials", None) or "tune")
     parent = tracking.start_parent(
         tracking_uri, name, experiment_dir,
         {"study": study.origin, "trials": trials, "smoke": args.smoke, "metric": study.metric, "mode": study.mode,
@@ -424,11 +526,14 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, study=study, overrides=overrides, smoke=args.smoke, resources=resources,
                              storage_path=experiment_path, max_failures=args.max_failures),
-        {"cpu": 0, "memory": 2**20})  # the driver only waits on its Train run, whose workers hold the resources
-    callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, _link_optuna_run(experiment_dir, name),
-                                    RESULT_FILES), *extra_callbacks]
+        resources.trial())
+    callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, _link_optuna_run(optuna_url, name),
+                                    RESULT_FILES, lambda trial: fetch_results(experiment_dir, storage, name,
+                                                                              Path(trial.path).name)),
+                 *extra_callbacks]
     run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
-                                failure_config=tune.FailureConfig(max_failures=args.max_failures))
+                                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     start = time.perf_counter()
     if args.resume:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
@@ -437,14 +542,15 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
             num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
-            search_alg=_optuna_search(study, DefineByRun(study, overrides, args.smoke), name, experiment_dir,
+            search_alg=_optuna_search(study, DefineByRun(study, overrides, args.smoke), name, optuna_url,
                                       args.seed, metric),
             max_concurrent_trials=resources.max_concurrent(ray.cluster_resources())))
     results = tuner.fit()
     all_trials = results._experiment_analysis.trials
     runs = tracking.child_runs(tracking_uri, parent)
     summary = summarize(all_trials, trials, study, metric, experiment_dir, tracking_uri, runs,
-                        tracking.experiment_id_of(tracking_uri, parent), tracking.ended_trials(tracking_uri, parent))
+                        tracking.experiment_id_of(tracking_uri, parent), tracking.ended_trials(tracking_uri, parent),
+                        optuna_url=optuna_url)
     summary["wall_time_s"] = time.perf_counter() - start
     known = {t.trial_id for t in all_trials}
     tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
@@ -452,13 +558,16 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
                        "the search was interrupted; --resume continues it")
     tracking.delete_runs(tracking_uri, [run_id for trial_id, run_id in runs.items() if trial_id not in known])
     if summary["status"] != "interrupted":
-        summary["optuna_orphans_closed"] = _close_optuna_orphans(experiment_dir, name)
+        summary["optuna_orphans_closed"] = _close_optuna_orphans(optuna_url, name)
     best = summary["best"]
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     summary_file = experiment_dir / "summary.json"
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
     if summary["status"] == "complete" and not getattr(args, "no_ensemble", False):
         from .ensemble import EnsembleError, run_ensemble
+        for row in summary["rows"]:  # trials that ended before a resume on another machine
+            if row["status"] == "complete" and not (experiment_dir / f"{row['trial']}-{row['trial_id']}").is_dir():
+                fetch_results(experiment_dir, storage, name, f"{row['trial']}-{row['trial_id']}")
         try:
             result = run_ensemble(experiment_dir, size=getattr(args, "ensemble_size", None) or 5, seed=args.seed,
                                   tracking_uri=tracking_uri)
@@ -467,6 +576,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         except EnsembleError as err:
             summary["ensemble"] = {"error": str(err)}
         summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    sync_to_storage(experiment_dir, storage, name)
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
     tracking.finish_parent(
         tracking_uri, parent, summary["status"], summary["best_mlflow_run_id"],
@@ -475,7 +585,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tune_xray.search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="a file stem in search_spaces/ (byol, supervised, ...) or a YAML path")
@@ -491,10 +601,16 @@ def main(argv=None) -> int:
                         "was started")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
+    parser.add_argument("--one-worker-trials", choices=["tune", "trainer"], default="tune",
+                        help="a one-worker trial trains in the Tune trial's own process (tune: no Ray Train worker "
+                        "group to start) or as a Ray Train run (trainer); two or more workers are always a Train run")
     parser.add_argument("--gpus-per-trial", type=float, default=None,
                         help="default: 1 when CUDA is available, else 0; fractions pack trials onto a GPU")
     parser.add_argument("--address", help="Ray cluster address (default: start Ray locally, or RAY_ADDRESS)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the experiment dir)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the experiment dir; on a "
+                        "cluster, an MLflow server http://…)")
+    parser.add_argument("--optuna-storage", help="Optuna storage: a database URL (postgresql://…) or journal:PATH "
+                        "(default: sqlite in the experiment dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="fixed override on every trial, e.g. --set supervised.batch_size=64")
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
@@ -503,7 +619,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ensemble-size", type=int, default=5, help="Caruana ensemble size chosen on val at the end")
     parser.add_argument("--no-ensemble", action="store_true", help="end with the leaderboard, no ensemble")
     parser.add_argument("--verbose", action="store_true", help="show the trials' own output")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.gpus_per_trial is None:
         import torch
         args.gpus_per_trial = 1.0 if torch.cuda.is_available() else 0.0

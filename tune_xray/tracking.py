@@ -187,14 +187,17 @@ class TrialRuns(LoggerCallback):
     metrics at their epoch, its result files as artifacts, and a status tag with the MLflow status to match.
 
     `describe(trial config) → TrialRecord`; `on_run(trial config, run id)` tells the search which run a
-    trial got (it keeps the run id on the Optuna trial); `status_of(trial, failed) → (status, reason)`."""
+    trial got (it keeps the run id on the Optuna trial); `status_of(trial, failed) → (status, reason)`;
+    `results_dir(trial)`: a local directory holding the trial's result files (its directory on storage, fetched
+    here when the storage is remote)."""
 
     def __init__(self, tracking_uri: str, parent_run_id: str, describe: Callable[[dict], TrialRecord],
                  status_of: Callable[[object, bool], tuple[str, str]],
                  on_run: Callable[[dict, str], None] = lambda config, run_id: None,
-                 artifacts: tuple[str, ...] = ()):
+                 artifacts: tuple[str, ...] = (), results_dir: Callable[[object], Path] = lambda trial: Path(trial.path)):
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
         self.describe, self.status_of, self.on_run, self.artifacts = describe, status_of, on_run, artifacts
+        self.results_dir = results_dir
         self._runs: dict[str, str] = {}
         self._logged: dict[str, dict[str, set[int]]] = {}
 
@@ -260,8 +263,10 @@ class TrialRuns(LoggerCallback):
         client, run_id = self._client(), self.run_id(trial)
         status, reason = self.status_of(trial, failed)
         tags = [RunTag(STATUS_TAG, status)] + ([RunTag("tune_xray.reason", reason[:5000])] if reason else [])
+        node = (trial.last_result or {}).get("node_id")
+        tags += [RunTag("tune_xray.node_id", node)] if isinstance(node, str) else []
         client.log_batch(run_id, tags=tags)
-        directory = Path(trial.local_path or "")
+        directory = self.results_dir(trial)
         for name in self.artifacts:
             if (directory / name).is_file():
                 client.log_artifact(run_id, str(directory / name))

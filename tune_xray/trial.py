@@ -1,10 +1,12 @@
-"""One Tune trial = one Ray Train run: the Tune function trainable (`trial_driver`) launches a TorchTrainer
-whose workers (`train_worker`, 1..N ranks, DDP) run the phases and report every epoch.
+"""One Tune trial: the Tune function trainable (`trial_driver`) runs the phases (`run_trial`), reporting every
+epoch — in its own process when the trial has one worker (`TuneSession`), else as a Ray Train run whose workers
+(`train_worker`, N ranks, DDP) do.
 
-Ray 2.60's supported pattern (Train V2): a TorchTrainer is built and fit inside a plain Tune function;
-`TuneReportCallback` forwards rank 0's reports to Tune. The Train run is named after the Tune trial id, so a
-retried trial (tune.FailureConfig) finds its own snapshot and resumes; a worker failure restarts the worker
-group from the last epoch's checkpoint (ray.train.FailureConfig).
+Ray 2.60's supported pattern for the latter (Train V2): a TorchTrainer is built and fit inside a plain Tune
+function; `TuneReportCallback` forwards rank 0's reports to Tune. The Train run is named after the Tune trial
+id, so a retried trial (tune.FailureConfig) finds its own snapshot and resumes; a worker failure restarts the
+worker group from the last epoch's checkpoint (ray.train.FailureConfig). A one-worker trial checkpoints to Tune
+itself, and Tune's retry resumes it from there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from .cluster import storage_filesystem
 from .config import build_config
 
 TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
@@ -61,8 +64,62 @@ def _format(phase: str, metrics: dict) -> dict:
     return numbers if phase == "supervised" else {f"{phase}/{k}": v for k, v in numbers.items()}
 
 
+class TrainSession:
+    """One rank of a Ray Train worker group (TorchTrainer): its rank, device, checkpoints and reports."""
+
+    def __init__(self):
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = str(ray.train.torch.get_device())
+
+    def get_checkpoint(self) -> Checkpoint | None:
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint: Checkpoint | None = None) -> None:
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def store(self, result_dir: str) -> None:
+        """The driver stores the results from the Train run's last checkpoint (trial_driver)."""
+
+
+class TuneSession:
+    """A one-worker trial run in the Tune trial's own process, reporting to Tune directly: Ray Train's local
+    mode without its report (which keeps only the last metrics). No controller, placement group or worker actor
+    to start; ASHA, per-epoch checkpoints, resume and Tune's retries work as with a worker group. The final
+    result's files go straight to the trial's directory on storage."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, device: str, results_to: str):
+        self.device, self.results_to = device, results_to
+
+    def get_checkpoint(self) -> Checkpoint | None:
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict, checkpoint: Checkpoint | None = None) -> None:
+        tune.report(metrics, checkpoint=checkpoint)
+
+    def store(self, result_dir: str) -> None:
+        store_results(result_dir, self.results_to)
+
+
+def store_results(directory: str, trial_dir: str) -> None:
+    """A finished run's result files into the trial's directory on storage (local, mounted or s3://): on a
+    cluster the trial may run on any node, whose local trial directory is not the driver's."""
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    filesystem, path = storage_filesystem(trial_dir)
+    filesystem.create_dir(path, recursive=True)
+    copy_files(directory, path, source_filesystem=LocalFileSystem(), destination_filesystem=filesystem)
+
+
 def train_worker(config: dict) -> None:
-    """Per-rank function: resume from the last checkpoint if any, run the phases, report every epoch.
+    """Ray Train's per-rank function (a trial of two or more ranks, or `--one-worker-trials trainer`)."""
+    run_trial(config, TrainSession())
+
+
+def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
+    """One rank of a trial: resume from the last checkpoint if any, run the phases, report every epoch.
 
     The fine-tune's last epoch (its budget or an early stop) is reported together with the final record, so
     that ASHA never stops a trial on the report that ends it. A diverged run reports `status: diverged` and
@@ -71,17 +128,16 @@ def train_worker(config: dict) -> None:
     from .phases.common import Diverged, load_state
 
     cfg = build_config(config["trial_config"], "trial config")
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    cfg.device = str(ray.train.torch.get_device())
+    rank, world_size = session.rank, session.world_size
+    cfg.device = session.device
     run_dir = Path(tempfile.mkdtemp(prefix="tune_xray-"))
     resume = None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             if (Path(directory) / FINAL_FILE).is_file():  # the run had finished: report its result again
                 final = json.loads((Path(directory) / FINAL_FILE).read_text())
-                ray.train.report(final, checkpoint=checkpoint if rank == 0 else None)
+                session.report(final, checkpoint=checkpoint if rank == 0 else None)
                 return
             resume = load_state(directory, run_dir)
     supervised_epochs = [resume["epoch"] if resume and resume["phase"] == "supervised" else 0]
@@ -104,15 +160,15 @@ def train_worker(config: dict) -> None:
         if phase == "supervised" and metrics["last"]:
             held.update(out)
         else:
-            ray.train.report(out, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+            session.report(out, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray Train by now (or not needed)
 
     try:
         summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume)
     except Diverged as err:  # every rank raises it (the non-finite check is agreed across ranks)
-        ray.train.report({**held, TIME_ATTR: supervised_epochs[0], STATUS: "diverged", REASON: str(err),
-                          "diverged_epoch": float(err.epoch)})
+        session.report({**held, TIME_ATTR: supervised_epochs[0], STATUS: "diverged", REASON: str(err),
+                        "diverged_epoch": float(err.epoch)})
         shutil.rmtree(run_dir, ignore_errors=True)
         return
     sup, metric = summary["supervised"], cfg.supervised.selection_metric
@@ -120,6 +176,7 @@ def train_worker(config: dict) -> None:
              "selected_epoch": float(sup["best_epoch"]), **_numbers(summary["val"], "selected_val_"),
              **_numbers(summary["test"], "record_test_")}
     final[tune_metric(metric)] = sup["history"][sup["best_epoch"] - 1][metric] if sup["best_epoch"] else math.nan
+    final["node_id"] = ray.get_runtime_context().get_node_id()  # where it trained (rank 0), for the record
     result_dir = None
     if rank == 0:  # the selected checkpoint, predictions and summary travel as the run's last checkpoint
         result_dir = tempfile.mkdtemp(prefix="tune_xray-result-")
@@ -127,7 +184,8 @@ def train_worker(config: dict) -> None:
         for name in RESULT_FILES:
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, result_dir)
-    ray.train.report(final, checkpoint=Checkpoint.from_directory(result_dir) if result_dir else None)
+        session.store(result_dir)  # before the report: the trial's end is processed once it is in
+    session.report(final, checkpoint=Checkpoint.from_directory(result_dir) if result_dir else None)
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -138,6 +196,18 @@ class TrialResources:
     workers: int = 1
     cpus: float = 1.0
     gpus: float = 0.0
+    one_worker: str = "tune"  # how a one-worker trial runs: "tune" (in the trial's process) or "trainer"
+
+    @property
+    def in_trial(self) -> bool:
+        return self.workers == 1 and self.one_worker == "tune"
+
+    def trial(self) -> dict:
+        """What Tune reserves for the trial itself: everything when it trains in its own process; otherwise
+        nothing (it only waits on its Train run, whose workers hold the resources)."""
+        if self.in_trial:
+            return {"cpu": self.cpus, "gpu": self.gpus}
+        return {"cpu": 0, "memory": 2**20}
 
     def scaling(self) -> ScalingConfig:
         per_worker = {"CPU": self.cpus / self.workers}
@@ -155,14 +225,22 @@ class TrialResources:
 
 def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources: TrialResources,
                  storage_path: str, max_failures: int) -> None:
-    """Tune function trainable: resolve the drawn config, run it as a Ray Train run, keep its results.
+    """Tune function trainable: resolve the drawn config and run it — in this process when it has one worker
+    (`TuneSession`), else as a Ray Train run of `resources.workers` ranks (DDP).
 
-    The Train run lives in the experiment directory (`storage_path`) as `train-<trial id>`."""
+    A Train run lives in the experiment directory (`storage_path`) as `train-<trial id>`. Either way the result
+    files are written straight into the trial's directory there (on a cluster this trial may run on any node:
+    its local trial directory is not the driver's)."""
     cfg = study.trial_config(study.sampled_from(config), overrides, smoke)
     context = tune.get_context()
+    train_config = {"trial_config": cfg.model_dump(mode="json")}
+    results_to = f"{storage_path}/{Path(context.get_trial_dir()).name}"
+    if resources.in_trial:
+        run_trial(train_config, TuneSession("cuda" if resources.gpus else "cpu", results_to))
+        return
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"trial_config": cfg.model_dump(mode="json")},
+        train_loop_config=train_config,
         scaling_config=resources.scaling(),
         run_config=ray.train.RunConfig(
             name=f"train-{context.get_trial_id()}",  # deterministic: a retried trial resumes from it
@@ -173,7 +251,6 @@ def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources
         ),
     )
     result = trainer.fit()
-    if result.checkpoint is not None:  # the trial dir is uploaded to MLflow as the trial's artifacts
+    if result.checkpoint is not None:  # the trial's results: MLflow artifacts, the ensemble's pool
         with result.checkpoint.as_directory() as directory:
-            for path in Path(directory).iterdir():
-                shutil.copy2(path, Path(context.get_trial_dir()) / path.name)
+            store_results(directory, results_to)

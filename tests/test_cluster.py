@@ -1,0 +1,97 @@
+"""A real two-node Ray cluster on this machine (two `ray start` raylets on loopback): a search runs its trials
+on both nodes, and the storage check refuses a path one node cannot see. Each Ray client here is a subprocess,
+so the cluster's auth token never mixes with the local Ray sessions of other tests."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tune_xray.cluster import local_cluster
+
+SPACE = {
+    "metric": "val_mean_auroc",
+    "budget": {"trials": 2, "epochs": 2, "grace_period": 1, "reduction_factor": 2},
+    "base": {"data": {"synthetic_images": 300, "synthetic_size": 64, "cache_size": 64},
+             "augment": {"image_size": 56}, "model": {"backbone": "test_resnet"},
+             "supervised": {"batch_size": 32}},
+    "params": {"supervised.optimizer.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cluster")
+    with local_cluster(directory, nodes=2, cpus_per_node=1) as c:
+        yield c
+    left = subprocess.run(["pgrep", "-f", str(c.temp_root)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the test cluster still running: {left}"
+
+
+def _client(cluster, code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, cluster.address, *args], env=cluster.env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_search_runs_its_trials_on_both_nodes_with_complete_records(cluster, tmp_path):
+    """Storage given as a URI (file://, as s3:// would be): results reach the driver through the storage alone."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(SPACE))
+    out = subprocess.run([sys.executable, "-m", "tune_xray.search", str(tmp_path / "tiny.yaml"), "--address",
+                          cluster.address, "--storage", f"file://{tmp_path}/store", "--local-dir",
+                          str(tmp_path / "local"), "--no-asha", "--ensemble-size", "2"],
+                         env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    exp, stored = tmp_path / "local" / "tiny", tmp_path / "store" / "tiny"
+    summary = json.loads((exp / "summary.json").read_text())
+    nodes = _client(cluster, "import ray, sys; ray.init(address=sys.argv[1]); "
+                             "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))").stdout.split()
+    assert len(nodes) == 2
+    assert {r["node_id"] for r in summary["rows"]} == set(nodes)  # one trial on each node
+
+    client = MlflowClient(f"sqlite:///{exp / 'mlflow.db'}")
+    for row in summary["rows"]:
+        assert row["status"] == "complete"
+        trial_dir = f"{row['trial']}-{row['trial_id']}"
+        for name in ("best.pt", "predictions_val.csv", "predictions_test.csv", "summary.json", "config.yaml"):
+            assert (stored / trial_dir / name).is_file() and (exp / trial_dir / name).is_file(), f"{trial_dir}: {name}"
+        run = client.get_run(row["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["tune_xray.node_id"] == row["node_id"]
+        assert {"best.pt", "predictions_val.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+    assert summary["ensemble"]["registered"]  # chosen from the fetched predictions
+    for name in ("search.json", "summary.json", "ensemble/model_card.md"):  # the search's own files, on storage
+        assert (stored / name).is_file(), name
+
+
+CHECK = """
+import ray, sys
+from tune_xray.cluster import check_cluster_paths
+from tune_xray.config import ConfigError
+ray.init(address=sys.argv[1])
+head = ray.get_runtime_context().get_node_id()
+check_cluster_paths(sys.argv[2], sys.argv[3])  # one directory all nodes see: passes
+# the other node names both paths as a directory of its own, as a node-local disk would be
+local = lambda path, node: path if node == head else f"{sys.argv[4]}/{node}{path}"
+try:
+    check_cluster_paths(sys.argv[2], sys.argv[3], node_view=local)
+except ConfigError as err:
+    print(err)
+"""
+
+
+def test_storage_and_data_one_node_cannot_see_are_one_error_naming_it(cluster, tmp_path):
+    storage, data = tmp_path / "store", tmp_path / "data"
+    data.mkdir()
+    out = _client(cluster, CHECK, str(storage), str(data), str(tmp_path / "node-local"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"--storage {storage}: what these nodes write there does not reach the driver")
+    assert "must be shared" in lines[0] and "127.0.0.2" in lines[0]
+    assert lines[1].startswith(f"--data {data}: not visible on")
+    assert not any(p.name.startswith(".tune_xray") for p in storage.rglob("*"))  # no marker left behind
+    assert not any(p.name.startswith(".tune_xray") for p in (tmp_path / "node-local").rglob("*"))
