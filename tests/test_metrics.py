@@ -68,3 +68,24 @@ def test_f1_thresholds_stay_inside_the_range():
     y = np.array([[0], [0], [1], [1]])
     assert f1_thresholds(y, np.array([[0.001], [0.002], [0.003], [0.004]]))[0] == pytest.approx(0.05)
     assert f1_thresholds(y, np.array([[0.1], [0.2], [0.7], [0.8]]))[0] == pytest.approx(0.7)
+
+
+def test_per_label_bootstrap_intervals_match_brute_force_and_keep_patients_together():
+    from tune_xray.metrics import auroc_intervals, interval, patient_bootstrap
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(30), 3)  # 30 patients, 3 images each
+    y = (rng.random((90, 2)) < 0.4).astype(int)
+    prob = np.clip(y * 0.3 + rng.random((90, 2)) * 0.7, 0, 1)
+    weights = patient_bootstrap(groups, resamples=50, seed=1)
+    for row in weights:  # a drawn patient brings every one of their images
+        assert all(len(set(row[groups == g])) == 1 for g in range(30))
+    got = auroc_intervals(y, prob, groups, ["a", "b"], resamples=50, seed=1)
+    for c, name in enumerate("ab"):
+        brute = []
+        for row in weights:  # the resample made explicit: each image repeated by its weight
+            idx = np.repeat(np.arange(90), row)
+            if 0 < y[idx, c].sum() < len(idx):
+                brute.append(roc_auc_score(y[idx, c], prob[idx, c]))
+        assert got[f"auroc/{name}"] == pytest.approx(interval(np.array(brute)))
+    assert set(got) == {"mean_auroc", "auroc/a", "auroc/b"}

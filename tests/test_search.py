@@ -144,6 +144,24 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     predicted = pd.read_csv(tmp_path / "pred.csv")
     assert len(predicted) == 3 and predicted[p_cols].notna().all().all()
 
+    # the search's last product: one self-contained HTML page, logged to the parent run
+    report = exp / "report.html"
+    assert summary["report"] == str(report)
+    text = report.read_text()
+    titles = ["The study", "The search", "The model", "Explainability", "Cost", "The record: test split"]
+    assert [text.index(f"<h2>{t}</h2>") for t in titles] == sorted(text.index(f"<h2>{t}</h2>") for t in titles)
+    for heading in ("Parameter importance (fANOVA)", "Grad-CAM", "t-SNE", "Calibration", "ROC per label",
+                    "ASHA: epochs spent per trial", "Learning curves"):
+        assert heading in text
+    assert "http://" not in text and "https://" not in text and "<script" not in text  # opens offline
+    assert text.count("data:image/png;base64,") >= 8
+    record = text.index("<h2>The record")  # test numbers only in the record, after every choice
+    assert text.index(f"{summary['ensemble']['test']['ensemble']['value']:.4f}") > record
+    assert f"{summary['best']['record_test_mean_auroc']:.4f}" not in text[:record]
+    assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert summary["best"]["ci"][0] <= summary["best"]["best_val_mean_auroc"] <= summary["best"]["ci"][1]
+    assert {"record_test_mean_auroc_ci_low", "selected_val_mean_auroc_ci_high"} <= set(done.data.metrics)
+
 
 class InterruptAfterFirstTrial(tune.Callback):
     """SIGINT to the driver once a trial has finished: Tune saves the experiment and returns. Once only:

@@ -168,6 +168,19 @@ def patient_bootstrap(groups: np.ndarray, resamples: int = 1000, seed: int = 0) 
     return counts[:, index]
 
 
+def auroc_intervals(y_true: np.ndarray, prob: np.ndarray, groups: np.ndarray, classes, resamples: int = 1000,
+                    seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """95 % patient-level bootstrap intervals of the mean AUROC and of each label's AUROC (`auroc/<label>`), all
+    from the same resamples. `y_true` (n, C) 0/1 (one-hot for single-label tasks); a label without both classes
+    in the split has no interval."""
+    weights = patient_bootstrap(groups, resamples, seed)
+    out = {"mean_auroc": interval(weighted_mean_auroc(y_true, prob, weights), level)}
+    for c, name in enumerate(classes):
+        if 0 < y_true[:, c].sum() < len(y_true):
+            out[f"auroc/{name}"] = interval(weighted_mean_auroc(y_true[:, c:c + 1], prob[:, c:c + 1], weights), level)
+    return out
+
+
 def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of bootstrap values (NaN resamples left out)."""
     values = values[np.isfinite(values)]

@@ -317,7 +317,10 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment_dir:
             "trial": f"t{t.config.get(TRIAL_NUMBER, -1):03d}", "name": run_name(study, t.config) if TRIAL_NUMBER in
             t.config else t.trial_id, "trial_id": t.trial_id, "status": status,
             "reason": reason, metric: m.get(metric) if status == "complete" else None, TIME_ATTR: m.get(TIME_ATTR),
-            "selected_epoch": m.get("selected_epoch"), "record_test_mean_auroc": m.get("record_test_mean_auroc"),
+            "selected_epoch": m.get("selected_epoch"),
+            "ci": [m.get(f"selected_{study.metric}_ci_low"), m.get(f"selected_{study.metric}_ci_high")],
+            "record_test_mean_auroc": m.get("record_test_mean_auroc"),
+            "record_test_mean_auroc_ci": [m.get("record_test_mean_auroc_ci_low"), m.get("record_test_mean_auroc_ci_high")],
             "mlflow_run_id": runs.get(t.trial_id),
             "node_id": m.get("node_id"),
             "resolved": {k: v for k, v in t.config.items() if ":" not in k and not k.startswith("sampled.")},
@@ -345,10 +348,11 @@ def print_summary(summary: dict, resume_command: str) -> None:
     counts = ", ".join(f"{summary[s]} {s}" for s in ("complete", "pruned", "diverged", "error", "interrupted")
                        if summary[s] or s == "complete")
     print(f"\n{summary['study']}: {summary['status']} — {summary['trials']} of {summary['requested']} trials: "
-          f"{counts}; objective {metric} ({summary['mode']})")
+          f"{counts}; objective {metric} ({summary['mode']}; [95 % patient bootstrap CI])")
     for rank, row in enumerate(summary["top"], 1):
         trained = ", ".join(f"{k}={row['resolved'][k]}" for k in row["sampled"])
-        print(f"{rank:2d}. {row[metric]:.4f}  {row['name']}  [epoch {row['selected_epoch']:.0f} of "
+        ci = f" [{row['ci'][0]:.4f}, {row['ci'][1]:.4f}]" if None not in row.get("ci", [None]) else ""
+        print(f"{rank:2d}. {row[metric]:.4f}{ci}  {row['name']}  [epoch {row['selected_epoch']:.0f} of "
               f"{row[TIME_ATTR]} selected]" + (f"  trained as: {trained}" if trained else ""))
     if summary["status"] == "interrupted":
         print(f"interrupted: finished trials are kept; continue with\n    {resume_command}")
@@ -361,6 +365,8 @@ def print_summary(summary: dict, resume_command: str) -> None:
               f"{ens['val']['ensemble']['ci_high']:.4f}] vs best single {ens['val']['best_single']['value']:.4f}; "
               f"registered as {ens['registered']['uri']}")
     print(f"summary: {summary['experiment_dir']}/summary.json")
+    if str(summary.get("report", "")).endswith(".html"):
+        print(f"report:  {summary['report']}")
     print(f"runs:    {summary['mlflow']}\n         then open {summary['mlflow_runs_table']}")
     print(f"study:   {summary['optuna']}")
 
@@ -372,7 +378,7 @@ def exit_code(summary: dict) -> int:
 
 INVOCATION_FILE = "search.json"
 INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name", "tracking_uri",
-              "optuna_storage", "ensemble_size", "no_ensemble")  # what a resume repeats
+              "optuna_storage", "ensemble_size", "no_ensemble", "no_report")  # what a resume repeats
 
 
 def default_optuna_url(experiment_dir: Path) -> str:
@@ -552,6 +558,8 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
                         tracking.experiment_id_of(tracking_uri, parent), tracking.ended_trials(tracking_uri, parent),
                         optuna_url=optuna_url)
     summary["wall_time_s"] = time.perf_counter() - start
+    summary["resources"] = {"workers_per_trial": resources.workers, "cpus_per_trial": resources.cpus,
+                            "gpus_per_trial": resources.gpus}
     known = {t.trial_id for t in all_trials}
     tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
                                       if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",
@@ -576,12 +584,22 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         except EnsembleError as err:
             summary["ensemble"] = {"error": str(err)}
         summary_file.write_text(json.dumps(summary, indent=1, default=str))
-    sync_to_storage(experiment_dir, storage, name)
+    report = None
+    if summary["status"] == "complete" and not getattr(args, "no_report", False):
+        from .report import ReportError, build_report
+        try:
+            report = build_report(experiment_dir, device="cuda" if args.gpus_per_trial else "cpu")
+            summary["report"] = str(report)
+        except (ReportError, OSError, ValueError) as err:
+            summary["report"] = f"not written: {err}"
+        summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    sync_to_storage(experiment_dir, storage, name, (INVOCATION_FILE, "summary.json", "ensemble", "report.html"))
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
     tracking.finish_parent(
         tracking_uri, parent, summary["status"], summary["best_mlflow_run_id"],
         {m.key: m.value for m in tracking.epoch_metrics(best_trial.last_result, 0)
-         if m.key.startswith(tracking.RECORD_PREFIXES) or m.key == metric} if best_trial else {}, summary_file)
+         if m.key.startswith(tracking.RECORD_PREFIXES) or m.key == metric} if best_trial else {}, summary_file,
+        (report,) if report else ())
     return summary
 
 
@@ -618,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-asha", action="store_true", help="run every trial to its own end")
     parser.add_argument("--ensemble-size", type=int, default=5, help="Caruana ensemble size chosen on val at the end")
     parser.add_argument("--no-ensemble", action="store_true", help="end with the leaderboard, no ensemble")
+    parser.add_argument("--no-report", action="store_true", help="no report.html at the end (python -m tune_xray.report)")
     parser.add_argument("--verbose", action="store_true", help="show the trials' own output")
     return parser
 

@@ -104,9 +104,10 @@ def ended_trials(tracking_uri: str, parent_run_id: str) -> set[str]:
 
 
 def finish_parent(tracking_uri: str, parent_run_id: str, status: str, best_run_id: Optional[str],
-                  best_metrics: dict, summary_file: Optional[Path] = None) -> None:
+                  best_metrics: dict, summary_file: Optional[Path] = None, artifacts: tuple[Path, ...] = ()) -> None:
     """The parent's status (`complete`, `interrupted`, `no trial completed`, `error`), the best completed
-    trial's record under the same metric names as its child run, and a link to that run."""
+    trial's record under the same metric names as its child run, a link to that run, and the search's files
+    (summary.json, the report)."""
     client = MlflowClient(tracking_uri)
     client.log_batch(parent_run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
                                              for k, v in best_metrics.items()])
@@ -114,8 +115,9 @@ def finish_parent(tracking_uri: str, parent_run_id: str, status: str, best_run_i
         experiment_id = experiment_id_of(tracking_uri, parent_run_id)
         client.set_tag(parent_run_id, "best_trial_run_id", best_run_id)
         client.set_tag(parent_run_id, "best_trial_link", f"#/experiments/{experiment_id}/runs/{best_run_id}")
-    if summary_file is not None and summary_file.is_file():
-        client.log_artifact(parent_run_id, str(summary_file))
+    for path in (summary_file, *artifacts):
+        if path is not None and path.is_file():
+            client.log_artifact(parent_run_id, str(path))
     client.set_tag(parent_run_id, STATUS_TAG, status)
     client.set_terminated(parent_run_id, status={"complete": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
 

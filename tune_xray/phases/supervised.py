@@ -21,7 +21,7 @@ from torch import nn
 from ..augment import EvalViews
 from ..config import ConfigError, TrialConfig, metric_mode
 from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
-from ..metrics import classification_metrics
+from ..metrics import auroc_intervals, classification_metrics
 from ..models.heads import Classifier, MemberEnsemble, freeze_backbone, mean_probability_logits
 from .common import (BEST_FILE, Precision, Report, build_optimizer, compiled, build_scheduler, build_views, current_lr,
                      distributed, epoch_loop, no_report, restore_training, run_epoch, save_best, step_scheduler,
@@ -283,7 +283,8 @@ def warm_up_head(model: Classifier | MemberEnsemble, train_loader, micro_step, s
 
 def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, precision: Precision, run_dir: Path,
                       best_epoch: int, history: list, val_predictions=None, rank: int = 0) -> dict:
-    """Score the selected checkpoint on val (choosing thresholds there) and once on test.
+    """Score the selected checkpoint on val (choosing thresholds there) and once on test; every AUROC with its
+    95 % patient-level bootstrap interval (`mean_auroc_ci_low`, `auroc/<label>_ci_high`, ...).
 
     `val_predictions`: the (logits, targets) the selected epoch already computed, so val is not re-run."""
     index, out = data.index, {}
@@ -304,6 +305,10 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, p
         if "confusion_matrix" in scored:
             out[f"{split}_confusion_matrix"] = scored["confusion_matrix"]
         out[split] = scored["metrics"]
+        truth = targets.numpy() if index.task == "multilabel" else np.eye(len(index.classes))[targets.numpy()]
+        groups = index.frame["patient_id"].to_numpy()[index.rows(split)]
+        for key, (low, high) in auroc_intervals(truth, prob, groups, index.classes, seed=cfg.seed).items():
+            out[split].update({f"{key}_ci_low": low, f"{key}_ci_high": high})  # patient bootstrap, 95 %
         out[f"{split}_skipped_labels"] = scored["skipped_labels"]
         if rank == 0:
             rows = index.rows(split)

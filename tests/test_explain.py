@@ -1,0 +1,47 @@
+"""Grad-CAM on CNNs and token models alike; embeddings, t-SNE and inference cost of a classifier."""
+
+import numpy as np
+import pytest
+import torch
+
+from tune_xray.explain import FeatureMapClassifier, as_feature_map, embeddings, gradcam, inference_cost, tsne
+from tune_xray.models import create_backbone
+from tune_xray.models.heads import Classifier
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit", "test_mambavision", "test_vmamba"])
+def test_gradcam_maps_for_cnns_and_token_models(name):
+    torch.manual_seed(0)
+    backbone, width = create_backbone(name, image_size=64)
+    model = Classifier(backbone, width, 2).eval()
+    with torch.no_grad():  # class 1's evidence is class 0's, negated: ReLU keeps one or the other everywhere
+        model.head[1].weight[1] = -model.head[1].weight[0]
+        model.head[1].bias.zero_()
+    x = torch.randn(1, 3, 64, 64).repeat(2, 1, 1, 1)
+    with torch.no_grad():  # the hooked model computes exactly the classifier
+        assert torch.allclose(FeatureMapClassifier(model)(x), model(x), atol=1e-5)
+    maps = gradcam(model, x, [0, 1])
+    assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    assert max(maps[0].std(), maps[1].std()) > 0.05  # a map, not a constant
+
+
+def test_feature_maps_of_every_layout():
+    nchw = torch.randn(2, 8, 4, 4)
+    assert as_feature_map(nchw, 8) is nchw
+    assert torch.equal(as_feature_map(nchw.permute(0, 2, 3, 1), 8), nchw)  # Swin-style NHWC
+    tokens = torch.randn(2, 1 + 16, 8)  # class token + 4×4 patches
+    grid = as_feature_map(tokens, 8, prefix_tokens=1)
+    assert grid.shape == (2, 8, 4, 4) and torch.equal(grid[:, :, 0, 1], tokens[:, 2])
+
+
+def test_embeddings_tsne_and_cost():
+    backbone, width = create_backbone("test_resnet")
+    model = Classifier(backbone, width, 2)
+    x = torch.randn(20, 3, 32, 32)
+    features = embeddings(model, x, batch=8)
+    assert features.shape == (20, width)
+    points = tsne(features)
+    assert points.shape == (20, 2) and np.isfinite(points).all()
+    cost = inference_cost(model, (3, 32, 32), batch=4, repeats=1)
+    assert cost["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert cost["gflops"] > 0 and cost["img_per_s"] > 0

@@ -1,0 +1,99 @@
+"""What a fine-tuned model looks at and how it groups images, and what it costs to run.
+
+Grad-CAM (Selvaraju et al. 2017, through pytorch-grad-cam) reads the backbone's last feature map — the output of
+timm's `forward_features` — for CNNs and token models alike: ViT tokens (B, N, C) drop their prefix tokens and
+fold into a square grid, Swin-style NHWC maps are transposed; a ViT that classifies its class token is read at
+its last block's input instead (S4 showed Grad-CAM; S0 an inference-cost table).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class FeatureMapClassifier(nn.Module):
+    """A `Classifier` with its backbone's last feature map passing through a module of its own (`features`),
+    the layer Grad-CAM hooks; the output equals the classifier's."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier, self.features = classifier, nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backbone = self.classifier.backbone
+        features = self.features(backbone.forward_features(x))
+        return self.classifier.head(backbone.forward_head(features, pre_logits=True))
+
+
+def as_feature_map(t: torch.Tensor, channels: int, prefix_tokens: int = 0) -> torch.Tensor:
+    """Any backbone's last features as (B, C, H, W): tokens (B, N, C) without their prefix (class, register)
+    tokens folded into √N × √N; NHWC maps transposed."""
+    if t.dim() == 3:
+        t = t[:, prefix_tokens:]
+        side = math.isqrt(t.shape[1])
+        t = t[:, t.shape[1] - side * side:]
+        return t.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
+    if t.shape[1] != channels and t.shape[-1] == channels:
+        return t.permute(0, 3, 1, 2)
+    return t
+
+
+def gradcam(classifier: nn.Module, images: torch.Tensor, classes: list[int]) -> np.ndarray:
+    """(B, H, W) Grad-CAM maps in [0, 1] of `classes[i]`'s logit for each normalised image."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = FeatureMapClassifier(classifier).eval()
+    backbone = classifier.backbone
+    channels, prefix = backbone.num_features, getattr(backbone, "num_prefix_tokens", 0)
+    target = model.features
+    if getattr(backbone, "global_pool", None) == "token" and hasattr(backbone, "blocks"):
+        # a ViT that classifies its class token: the last features of the patches get no gradient; the input of
+        # the last block, whose attention mixes them into the class token, does (pytorch-grad-cam's ViT recipe)
+        target = backbone.blocks[-1].norm1
+    with GradCAM(model=model, target_layers=[target],
+                 reshape_transform=lambda t: as_feature_map(t, channels, prefix)) as cam:
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in classes])
+
+
+@torch.no_grad()
+def embeddings(classifier: nn.Module, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+    """The backbone's pooled features (what the head sees) of normalised images."""
+    classifier.eval()
+    return torch.cat([classifier.backbone(images[i:i + batch]).float() for i in range(0, len(images), batch)]).numpy()
+
+
+def tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE (scikit-learn; PCA init, seeded). t-SNE rather than UMAP: scikit-learn has it, no new dependency."""
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(2, (len(features) - 1) // 3)))
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
+
+
+@torch.no_grad()
+def inference_cost(model: nn.Module, shape: tuple[int, int, int], device: str = "cpu", batch: int = 16,
+                   repeats: int = 3) -> dict:
+    """Parameters, forward FLOPs per image (torch's FlopCounterMode; a multiply-add counts 2) and measured
+    inference img/s (eval mode, batch `batch`, after one warm-up) on `device`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.to(device).eval()
+    x = torch.randn(batch, *shape, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    model(x)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(x)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "gflops": counter.get_total_flops() / 1e9,
+            "img_per_s": repeats * batch / (time.perf_counter() - start)}
