@@ -402,3 +402,34 @@ def test_optuna_storage_urls(tmp_path):
         assert len(optuna.load_study(study_name="s", storage=optuna_storage(url)).trials) == 2
     assert journal.is_file()
     assert shown_url("postgresql://optuna:secret@db:5432/optuna") == "postgresql://optuna:***@db:5432/optuna"
+
+
+def test_repeats_rerun_the_best_configs_with_new_seeds(tmp_path, ray_session):
+    from tune_xray.repeat import main as repeat_main
+
+    args = _args(tmp_path)
+    args.trials, args.no_asha, args.no_ensemble, args.no_report = 2, True, True, True
+    space = {k: v for k, v in SPACE.items() if k != "warm_start"}  # two trials that complete
+    space["params"] = {"supervised.optimizer.lr": {"choice": [1.0e-3, 5.0e-3]}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space))
+    run_search(args)
+    exp = tmp_path / "store" / "tiny"
+    assert repeat_main([str(exp), "--top", "2", "--seeds", "1"]) == 0
+    summary = json.loads((exp / "summary.json").read_text())
+    repeats = summary["repeats"]
+    complete = [r for r in summary["rows"] if r["status"] == "complete"]
+    assert len(complete) == 2 and len(repeats["trials"]) == 2  # one new seed per repeated configuration
+    assert all(t["status"] == "complete" and t["seed"] == 1000 for t in repeats["trials"])
+    for row in repeats["rows"]:  # the search's trial and its repeat: two seeds, aggregated
+        assert row["seeds"] == 2 and row["mean"] == pytest.approx(np.mean(row["values"]))
+    client, parent, runs = _mlflow(exp)
+    repeat_runs = [r for r in runs if "tune_xray.repeat_of" in r.data.tags]
+    assert len(runs) - len(repeat_runs) == summary["trials"]
+    assert sorted(r.data.tags["tune_xray.repeat_of"] for r in repeat_runs) == sorted(t["repeat_of"] for t in repeats["trials"])
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
+               and r.data.params["seed"] == "1000" for r in repeat_runs)
+    assert len(repeats["rows"]) == 2
+    (comparison,) = repeats["comparisons"]  # the best against the other, paired over 2 seeds and patients
+    assert comparison["seeds"] == 2 and comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
+    from tune_xray.ensemble import load_pool
+    assert len(load_pool(exp).trials) == len(complete) + len(repeats["trials"])  # the pool holds the repeats

@@ -61,6 +61,8 @@ def test_conditional_parameters_appear_only_with_their_parent(tmp_path):
      "'when' names 'augment.vflip'"),
     (lambda t: t.update({"metric": "test_mean_auroc"}), "metric"),
     (lambda t: t.update({"budgett": {}}), "unknown key 'budgett'"),
+    (lambda t: t.update({"sampler": {"multivariat": True}}), "unknown key 'sampler.multivariat'"),
+    (lambda t: t.update({"sampler": {"n_startup_trials": 0}}), "sampler.n_startup_trials"),
     (lambda t: t.update({"warm_start": [{"supervised.optimizer.name": "rmsprop"}]}), "warm_start[0]"),
     (lambda t: (t["params"].update({"augment.preprocess": {"choice": {"off": [], "eq": ["equalize"]}}}),
                 t.update({"warm_start": [{"augment.preprocess": "on"}]})), "warm_start[0]"),
@@ -124,3 +126,15 @@ def test_smoke_keeps_every_axis_meaningful_and_records_what_ran():
     sizes = {load_study("supervised").trial_config({"augment.image_size": s}, smoke=True).augment.image_size
              for s in (224, 256)}
     assert len(sizes) == 2
+
+
+def test_sampler_options_reach_optuna(tmp_path):
+    tree = {**MINIMAL, "sampler": {"multivariate": True, "constant_liar": True, "n_startup_trials": 3}}
+    from tune_xray.search import DefineByRun, _optuna_search
+
+    study = load_study(_write(tmp_path, tree))
+    searcher = _optuna_search(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+                              "best_val_mean_auroc")
+    sampler = searcher._sampler
+    assert sampler._multivariate and sampler._constant_liar and sampler._n_startup_trials == 3
+    assert load_study(_write(tmp_path, MINIMAL)).space.sampler.multivariate is False  # Optuna's defaults

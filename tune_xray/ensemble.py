@@ -97,8 +97,9 @@ def load_pool(experiment_dir: str | Path) -> Pool:
         raise EnsembleError(f"{experiment_dir}: no summary.json (not a tune_xray search directory)")
     summary = json.loads(summary_file.read_text())
     trials = []
-    for row in summary["rows"]:
-        directory = experiment_dir / f"{row['trial']}-{row['trial_id']}"
+    # the search's trials, then its repeats (tune_xray.repeat: the best configurations with new seeds)
+    for row in summary["rows"] + (summary.get("repeats") or {}).get("trials", []):
+        directory = Path(row.get("dir") or experiment_dir / f"{row['trial']}-{row['trial_id']}")
         if row["status"] == "complete" and (directory / "predictions_val.csv").is_file():
             trials.append({**row, "dir": str(directory)})
     if not trials:

@@ -98,6 +98,22 @@ def _trial_seconds(directory: Path) -> float:
 
 # -- sections ---------------------------------------------------------------------------------------------------
 
+def _budget_and_space(summary: dict, invocation: dict) -> list[tuple[str, str]]:
+    """The budget the search ran with and its parameters as the file states them."""
+    from .config import parse_overrides
+    from .space import load_study
+
+    try:
+        study = load_study(summary["file"])
+    except (OSError, ValueError):  # the file moved or changed since: the summary still stands
+        return []
+    budget = study.budget(bool(invocation.get("smoke")), parse_overrides(invocation.get("overrides") or []))
+    space = "; ".join(f"{key}: " + ", ".join(f"{k} {v}" for k, v in spec.model_dump(exclude_none=True, by_alias=True).items())
+                      for key, spec in study.space.params.items())
+    return [("budget", f"{budget.trials} trials, {budget.epochs} fine-tune epochs each at most; ASHA grace "
+                       f"{budget.grace_period}, reduction factor {budget.reduction_factor}"), ("space", space)]
+
+
 def study_section(summary: dict, invocation: dict, experiment_dir: Path, complete: list[dict]) -> str:
     resources = summary.get("resources", {})
     seconds = sum(_trial_seconds(_trial_dir(experiment_dir, r)) for r in summary["rows"])
@@ -106,7 +122,7 @@ def study_section(summary: dict, invocation: dict, experiment_dir: Path, complet
              ("objective", f"{summary['metric'].removeprefix('best_')} ({summary['mode']}), on validation"),
              ("trials", f"{summary['trials']} of {summary['requested']} requested: "
                         + ", ".join(f"{summary[s]} {s}" for s in STATUSES if summary.get(s))),
-             ("status", summary["status"]), ("smoke", invocation.get("smoke")),
+             ("status", summary["status"]), ("smoke", invocation.get("smoke")), *_budget_and_space(summary, invocation),
              ("fixed overrides", " ".join(invocation.get("overrides") or []) or "none"),
              ("search wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min"),
              ("trial time", f"{hours:.3g} h: {hours * resources.get('cpus_per_trial', 1):.3g} CPU-hours, "
@@ -129,8 +145,18 @@ def study_section(summary: dict, invocation: dict, experiment_dir: Path, complet
                 f"; registered as {html.escape(str(ensemble.get('registered', {}).get('uri')))}</p>")
         out += _table(pd.DataFrame([{"member": m["name"], "weight": m["weight"]} for m in ensemble["members"]]))
     repeats = summary.get("repeats")
-    if repeats:
-        out += "<h3>Repeats (new seeds, full budget)</h3>" + _table(pd.DataFrame(repeats["rows"]))
+    if repeats and repeats.get("rows"):
+        out += ("<h3>Repeats: the best configurations with new seeds (full budget), ranked by the mean</h3>"
+                + _table(pd.DataFrame([{"configuration": r["name"], "seeds": r["seeds"],
+                                        "mean ± sd": f"{r['mean']:.4f} ± {r['sd']:.4f}",
+                                        "95 % t-interval": f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
+                                        "values": ", ".join(f"{v:.4f}" for v in r["values"])} for r in repeats["rows"]])))
+        if repeats.get("comparisons"):
+            out += ("<p>The best against each other, paired across seeds and patients (validation):</p>"
+                    + _table(pd.DataFrame([{"best − other": f"{c['best']} − {c['other']}",
+                                            "difference [95 % CI]": _ci(c["difference"], c["ci_low"], c["ci_high"]),
+                                            "verdict": "within noise" if c["within_noise"] else "a real difference"}
+                                           for c in repeats["comparisons"]])))
     return out
 
 

@@ -72,6 +72,18 @@ def absolute_data(source: str) -> str:
     return f"{kind}:{Path(path).expanduser().resolve()}" if sep and path and "://" not in source else source
 
 
+def trial_overrides(study: Study, overrides: list[str], data: str | None, gpus_per_trial: float) -> dict:
+    """What every trial gets on top of the study file: `--set`, `--data`, and the device its resources give
+    (resolved here, so every record shows it)."""
+    tree = parse_overrides(overrides)
+    study.check_overrides(tree)
+    if data:
+        tree = merge(tree, {"data": {"source": data}})
+    if "device" not in tree:
+        tree = merge(tree, {"device": "cuda" if gpus_per_trial else "cpu"})
+    return tree
+
+
 def check_candidates(study: Study, overrides: dict, smoke: bool) -> None:
     """Before Ray starts: every backbone a trial could draw is a timm model (ours included) and every weights
     file it could load exists here — a trial that would only fail on its worker is one error now."""
@@ -241,7 +253,8 @@ def _optuna_search(study: Study, space, name: str, storage_url: str, seed: int, 
             self._completed_trials.add(trial_id)
 
     return StatusAwareOptunaSearch(
-        space=space, metric=metric, mode=study.mode, sampler=optuna.samplers.TPESampler(seed=seed),
+        space=space, metric=metric, mode=study.mode,
+        sampler=optuna.samplers.TPESampler(seed=seed, **study.space.sampler.model_dump()),
         study_name=name, storage=optuna_storage(storage_url), points_to_evaluate=study.warm_start_points() or None)
 
 
@@ -378,7 +391,7 @@ def exit_code(summary: dict) -> int:
 
 INVOCATION_FILE = "search.json"
 INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name", "tracking_uri",
-              "optuna_storage", "ensemble_size", "no_ensemble", "no_report")  # what a resume repeats
+              "optuna_storage", "ensemble_size", "no_ensemble", "no_report", "repeats", "repeat_top")  # what a resume repeats
 
 
 def default_optuna_url(experiment_dir: Path) -> str:
@@ -473,13 +486,9 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
                           "each DDP rank needs a GPU of its own (NCCL refuses two ranks on one GPU); use "
                           f"--gpus-per-trial {args.workers_per_trial} or more")
     study = load_study(args.study)  # every search-space error before Ray starts
-    overrides = parse_overrides(args.overrides)
-    study.check_overrides(overrides)
     if args.data:
         args.data = absolute_data(args.data)
-        overrides = merge(overrides, {"data": {"source": args.data}})
-    if "device" not in overrides:  # what the trials will train on, resolved here so every record shows it
-        overrides = merge(overrides, {"device": "cuda" if args.gpus_per_trial else "cpu"})
+    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial)
     base_cfg = study.trial_config({}, overrides, args.smoke)
     check_candidates(study, overrides, args.smoke)
     budget = study.budget(args.smoke, overrides)
@@ -559,7 +568,8 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
                         optuna_url=optuna_url)
     summary["wall_time_s"] = time.perf_counter() - start
     summary["resources"] = {"workers_per_trial": resources.workers, "cpus_per_trial": resources.cpus,
-                            "gpus_per_trial": resources.gpus}
+                            "gpus_per_trial": resources.gpus, "one_worker_trials": resources.one_worker}
+    summary["storage"] = experiment_path
     known = {t.trial_id for t in all_trials}
     tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
                                       if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",
@@ -571,6 +581,10 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     summary_file = experiment_dir / "summary.json"
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    if summary["status"] == "complete" and getattr(args, "repeats", 0):
+        from .repeat import print_repeats, run_repeats
+        summary["repeats"] = run_repeats(experiment_dir, args.repeat_top, args.repeats, max_failures=args.max_failures)
+        print_repeats(summary["repeats"])
     if summary["status"] == "complete" and not getattr(args, "no_ensemble", False):
         from .ensemble import EnsembleError, run_ensemble
         for row in summary["rows"]:  # trials that ended before a resume on another machine
@@ -636,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-asha", action="store_true", help="run every trial to its own end")
     parser.add_argument("--ensemble-size", type=int, default=5, help="Caruana ensemble size chosen on val at the end")
     parser.add_argument("--no-ensemble", action="store_true", help="end with the leaderboard, no ensemble")
+    parser.add_argument("--repeats", type=int, default=0, metavar="K", help="then run the best --repeat-top "
+                        "configurations again with K new seeds each (full budget, no ASHA): mean ± sd over seeds")
+    parser.add_argument("--repeat-top", type=int, default=3, metavar="N")
     parser.add_argument("--no-report", action="store_true", help="no report.html at the end (python -m tune_xray.report)")
     parser.add_argument("--verbose", action="store_true", help="show the trials' own output")
     return parser

@@ -15,6 +15,7 @@ A file states the objective, the budget, fixed settings, the parameters and opti
       augment.brightness: {choice: {"off": null, "0.8-1.2": [0.8, 1.2]}}   # labelled choices
     warm_start: [{byol.optimizer.name: lars, ...}]
     smoke: {budget: {trials: 6, epochs: 3}, set: {data.cache_size: 64}, scale: {byol.batch_size: 0.125}}
+    sampler: {multivariate: true, constant_liar: true, n_startup_trials: 10}   # Optuna TPE options (default off)
 
 `--smoke` shrinks the run, not the space: every drawn backbone becomes its family's tiny test model
 (`smoke_backbone`), `scale` multiplies sizes so that distinct drawn values stay distinct, `set` fixes the rest.
@@ -108,6 +109,15 @@ class Budget(_Strict):
     reduction_factor: int = Field(3, ge=2)
 
 
+class Sampler(_Strict):
+    """Optuna's TPE options (`sampler:` in the file). multivariate models the parameters jointly; constant_liar
+    lets parallel trials not all propose the same region while others run (both Optuna's, off by default)."""
+
+    multivariate: bool = False
+    constant_liar: bool = False
+    n_startup_trials: int = Field(10, ge=1, description="random trials before TPE models the results")
+
+
 class Smoke(_Strict):
     """`--smoke`: the same space at tiny scale: budget, fixed small values (`set`), sizes multiplied by a factor
     (`scale`, so two drawn batch sizes or widths stay two), and each backbone its family's test model."""
@@ -165,6 +175,7 @@ class SearchSpace(_Strict):
     params: dict[str, ParamSpec]
     warm_start: list[dict[str, Any]] = []
     smoke: Smoke = Smoke()
+    sampler: Sampler = Sampler()
 
     @model_validator(mode="after")
     def _mode(self):

@@ -32,6 +32,7 @@ from .trial import FINISHED, REPLAY, TIME_ATTR
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
 TRIAL_TAG = "tune_xray.trial_id"
+REPEAT_TAG = "tune_xray.repeat_of"  # a repeat's run: the search trial whose configuration it repeats
 STATUS_TAG = "tune_xray.status"
 # a trial's status → the MLflow run status: a pruned run is visibly not "finished"
 RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED", "diverged": "FAILED",
@@ -85,15 +86,16 @@ def experiment_id_of(tracking_uri: str, run_id: str) -> str:
     return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
 
 
-def _children(tracking_uri: str, parent_run_id: str) -> list:
+def _children(tracking_uri: str, parent_run_id: str, repeats: bool = False) -> list:
+    """The parent's trial runs: the search's, or (`repeats`) those of its repeats (tune_xray.repeat)."""
     return [r for r in MlflowClient(tracking_uri).search_runs(
         [experiment_id_of(tracking_uri, parent_run_id)], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        max_results=50000) if TRIAL_TAG in r.data.tags]
+        max_results=50000) if TRIAL_TAG in r.data.tags and (REPEAT_TAG in r.data.tags) == repeats]
 
 
-def child_runs(tracking_uri: str, parent_run_id: str) -> dict[str, str]:
+def child_runs(tracking_uri: str, parent_run_id: str, repeats: bool = False) -> dict[str, str]:
     """Tune trial id → child run id (runs of this parent that are not deleted)."""
-    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in _children(tracking_uri, parent_run_id)}
+    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in _children(tracking_uri, parent_run_id, repeats)}
 
 
 def ended_trials(tracking_uri: str, parent_run_id: str) -> set[str]:
@@ -196,10 +198,11 @@ class TrialRuns(LoggerCallback):
     def __init__(self, tracking_uri: str, parent_run_id: str, describe: Callable[[dict], TrialRecord],
                  status_of: Callable[[object, bool], tuple[str, str]],
                  on_run: Callable[[dict, str], None] = lambda config, run_id: None,
-                 artifacts: tuple[str, ...] = (), results_dir: Callable[[object], Path] = lambda trial: Path(trial.path)):
+                 artifacts: tuple[str, ...] = (), results_dir: Callable[[object], Path] = lambda trial: Path(trial.path),
+                 repeats: bool = False):
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
         self.describe, self.status_of, self.on_run, self.artifacts = describe, status_of, on_run, artifacts
-        self.results_dir = results_dir
+        self.results_dir, self.repeats = results_dir, repeats
         self._runs: dict[str, str] = {}
         self._logged: dict[str, dict[str, set[int]]] = {}
 
@@ -211,7 +214,7 @@ class TrialRuns(LoggerCallback):
 
     def run_id(self, trial) -> str:
         if trial.trial_id not in self._runs:
-            self._runs.update(child_runs(self.tracking_uri, self.parent_run_id))
+            self._runs.update(child_runs(self.tracking_uri, self.parent_run_id, repeats=self.repeats))
         return self._runs.get(trial.trial_id)
 
     def log_trial_start(self, trial) -> None:

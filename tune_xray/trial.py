@@ -27,6 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from .cluster import storage_filesystem
 from .config import build_config
 
+REPEAT_OF, REPEAT_SEED = "repeat_of", "repeat_seed"  # in a repeat trial's config: its source trial, its seed
 TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
 FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
 STATUS = "status"  # in a trial's last report: "complete" or "diverged" (pruned / error / interrupted: Tune's)
@@ -231,6 +232,8 @@ def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources
     A Train run lives in the experiment directory (`storage_path`) as `train-<trial id>`. Either way the result
     files are written straight into the trial's directory there (on a cluster this trial may run on any node:
     its local trial directory is not the driver's)."""
+    if REPEAT_SEED in config:  # a repeat (tune_xray.repeat): the same configuration with a new seed
+        overrides = {**overrides, "seed": config[REPEAT_SEED]}
     cfg = study.trial_config(study.sampled_from(config), overrides, smoke)
     context = tune.get_context()
     train_config = {"trial_config": cfg.model_dump(mode="json")}

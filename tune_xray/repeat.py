@@ -1,0 +1,254 @@
+"""`python -m tune_xray.repeat EXPERIMENT_DIR --top N --seeds K`: the best N completed configurations of a search
+run again with K new seeds, at full budget and without ASHA, as Tune trials beside the search (`repeats/`) and
+MLflow children of its parent run (tagged `tune_xray.repeat_of`).
+
+S0 published 0.853 vs 0.849 from single runs whose seed-to-seed noise is ≈0.004 (SEEDS.md). Each configuration
+gets its validation metric over seeds (the search's own trial is seed one): mean ± sd and a 95 % t-interval; and
+the best configuration is compared with each other one paired across seeds and patients (the same patient
+bootstrap resamples for both, seeds matched by index): a difference whose interval holds 0 is within noise.
+The ensemble's pool then includes the repeats. `python -m tune_xray.search … --repeats K --repeat-top N` runs
+this at the end of a search.
+
+    python -m tune_xray.repeat tune_xray_runs/byol-smoke --top 3 --seeds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError
+from .trial import REPEAT_OF, REPEAT_SEED
+
+REPEATS_DIR = "repeats"
+
+
+def repeat_configs(summary: dict, top: int, seeds: list[int]) -> list[dict]:
+    """The Tune configs of the repeats: each of the `top` best completed trials' config (resolved values, and the
+    drawn ones where they differ) once per seed."""
+    configs = []
+    for row in summary["top"][:top]:
+        config = {**row["resolved"], **{f"sampled.{k}": v for k, v in row["sampled"].items()}}
+        configs += [{**config, REPEAT_OF: row["trial"], REPEAT_SEED: seed} for seed in seeds]
+    return configs
+
+
+def _fixed_configs():
+    from ray.tune.search import Searcher
+
+    class FixedConfigs(Searcher):
+        """Proposes the given configs (flat, dotted keys as the search's), once each, in order."""
+
+        def __init__(self, configs: list[dict]):
+            super().__init__()
+            self.configs = list(configs)
+
+        def suggest(self, trial_id: str):
+            return self.configs.pop(0) if self.configs else Searcher.FINISHED
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            pass
+
+    return FixedConfigs
+
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of a mean over seeds (NaN for fewer than two)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf((1 + level) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def _val_predictions(directory: Path, classes: list[str]):
+    import pandas as pd
+
+    frame = pd.read_csv(directory / "predictions_val.csv")
+    return frame, frame[[f"y_{c}" for c in classes]].to_numpy(), frame[[f"p_{c}" for c in classes]].to_numpy()
+
+
+def compare(by_config: dict[str, list[Path]], best: str, task: str, metric: str, classes: list[str], rule: str,
+            resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """best − each other configuration on val, paired across seeds (matched by index) and patients (the same
+    bootstrap resamples): the point difference of the seed-mean metric and its 95 % interval."""
+    from .ensemble import split_scorer
+    from .metrics import interval, patient_bootstrap
+
+    frame, y, _ = _val_predictions(by_config[best][0], classes)
+    score = split_scorer(y, task, metric, classes, rule)
+    boot = patient_bootstrap(frame["patient_id"].to_numpy(), resamples, seed)
+
+    def seed_mean(dirs: list[Path], n: int):
+        probs = [_val_predictions(d, classes)[2] for d in dirs[:n]]
+        return np.mean([score(p)[0] for p in probs]), np.mean([score(p, boot) for p in probs], axis=0)
+
+    out = []
+    for other, dirs in by_config.items():
+        if other == best:
+            continue
+        n = min(len(dirs), len(by_config[best]))
+        (a, a_boot), (b, b_boot) = seed_mean(by_config[best], n), seed_mean(dirs, n)
+        low, high = interval(a_boot - b_boot)
+        out.append({"best": best, "other": other, "seeds": n, "difference": float(a - b), "ci_low": low,
+                    "ci_high": high, "within_noise": bool(low <= 0 <= high)})
+    return out
+
+
+def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, address: str | None = None,
+                max_failures: int = 1, verbose: bool = False) -> dict:
+    """Run the repeats of a finished search and add them to its summary.json (`repeats`); returns that entry."""
+    import ray
+    from ray import tune
+
+    from . import tracking
+    from .search import (INVOCATION_FILE, _init_ray, fetch_results, run_name, status_of, trial_overrides)
+    from .space import flatten, load_study
+    from .trial import RESULT_FILES, TrialResources, trial_driver, tune_metric
+
+    experiment_dir = Path(experiment_dir).resolve()
+    summary_file = experiment_dir / "summary.json"
+    if not summary_file.is_file() or not (experiment_dir / INVOCATION_FILE).is_file():
+        raise ConfigError(f"{experiment_dir}: not a finished tune_xray search (no summary.json / search.json)")
+    summary = json.loads(summary_file.read_text())
+    if not summary["top"]:
+        raise ConfigError(f"{experiment_dir}: no completed trial to repeat")
+    if top < 1 or seeds < 1:
+        raise ConfigError(f"--top and --seeds must be at least 1 (got {top}, {seeds})")
+    invocation = json.loads((experiment_dir / INVOCATION_FILE).read_text())
+    study = load_study(invocation["study"])
+    res = summary.get("resources", {})
+    resources = TrialResources(res.get("workers_per_trial", 1), res.get("cpus_per_trial", 1.0),
+                               res.get("gpus_per_trial", 0.0), res.get("one_worker_trials", "tune"))
+    overrides = trial_overrides(study, invocation.get("overrides") or [], invocation.get("data"), resources.gpus)
+    base_seed = study.trial_config({}, overrides, invocation.get("smoke", False)).seed
+    new_seeds = [base_seed + 1000 * k for k in range(1, seeds + 1)]  # apart from the search's own seed
+    configs = repeat_configs(summary, top, new_seeds)
+    FixedConfigs = _fixed_configs()
+    storage = summary.get("storage") or str(experiment_dir)
+    tracking_uri = invocation.get("tracking_uri") or tracking.default_tracking_uri(experiment_dir)
+    parent = tracking.find_parent(experiment_dir)
+    smoke, metric = invocation.get("smoke", False), tune_metric(study.metric)
+    if not ray.is_initialized():
+        _init_ray(address, verbose)
+
+    def describe(config: dict) -> tracking.TrialRecord:
+        cfg = study.trial_config(study.sampled_from(config), {**overrides, "seed": config[REPEAT_SEED]}, smoke)
+        params = flatten(cfg.model_dump(mode="json"))
+        name = run_name(study, config)
+        name = f"{name[:4]} seed={config[REPEAT_SEED]}{name[4:]}"
+        return tracking.TrialRecord(name, params, {tracking.REPEAT_TAG: config[REPEAT_OF],
+                                                   "tune_xray.repeat_seed": str(config[REPEAT_SEED]),
+                                                   "tune_xray.smoke": str(smoke).lower()})
+
+    def dirname(trial) -> str:
+        return f"{trial.config[REPEAT_OF]}-s{trial.config[REPEAT_SEED]}-{trial.trial_id}"
+
+    name = experiment_dir.name
+    repeats_dir = experiment_dir / REPEATS_DIR
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, study=study, overrides=overrides, smoke=smoke, resources=resources,
+                             storage_path=f"{storage}/{REPEATS_DIR}", max_failures=max_failures),
+        resources.trial())
+    callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, artifacts=RESULT_FILES,
+                                    results_dir=lambda trial: fetch_results(repeats_dir, storage.rsplit("/", 1)[0],
+                                                                            f"{name}/{REPEATS_DIR}", dirname(trial)),
+                                    repeats=True)]
+    start = time.perf_counter()
+    results = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        num_samples=len(configs), search_alg=FixedConfigs(configs),
+        trial_name_creator=dirname, trial_dirname_creator=dirname,
+        max_concurrent_trials=resources.max_concurrent(ray.cluster_resources())),
+        run_config=tune.RunConfig(name=REPEATS_DIR, storage_path=storage, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()
+    runs = tracking.child_runs(tracking_uri, parent, repeats=True)
+    trials = []
+    for t in results._experiment_analysis.trials:
+        status, reason = status_of(t, t.status == "ERROR")
+        if status == "pruned":  # no scheduler stops a repeat: one that did not finish was cut short (Ctrl-C)
+            status, reason = "interrupted", "the repeats were interrupted; run tune_xray.repeat again"
+            if runs.get(t.trial_id):
+                tracking.mark_runs(tracking_uri, {t.trial_id: runs[t.trial_id]}, status, reason)
+        m = t.last_result or {}
+        trials.append({"trial": f"{t.config[REPEAT_OF]}/seed{t.config[REPEAT_SEED]}", "repeat_of": t.config[REPEAT_OF],
+                       "seed": t.config[REPEAT_SEED], "trial_id": t.trial_id, "status": status, "reason": reason,
+                       "name": describe(t.config).name, metric: m.get(metric) if status == "complete" else None,
+                       "mlflow_run_id": runs.get(t.trial_id), "dir": str(repeats_dir / dirname(t))})
+    entry = aggregate(summary, trials, study, metric, experiment_dir)
+    entry.update(seeds=new_seeds, wall_time_s=time.perf_counter() - start)
+    summary["repeats"] = entry
+    summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    return entry
+
+
+def aggregate(summary: dict, trials: list[dict], study, metric: str, experiment_dir: Path) -> dict:
+    """Per configuration: its seeds' values (the search's trial first), mean ± sd, t-interval; ranked by mean;
+    and the paired comparison of the best with each other."""
+    import yaml
+
+    originals = {r["trial"]: r for r in summary["top"]}
+    by_config: dict[str, list[Path]] = {}
+    rows = []
+    for source, original in originals.items():
+        done = [t for t in trials if t["repeat_of"] == source and t["status"] == "complete"]
+        if not any(t["repeat_of"] == source for t in trials):
+            continue
+        values = np.array([original[metric]] + [t[metric] for t in done], dtype=float)
+        low, high = t_interval(values)
+        rows.append({"config": source, "name": original["name"], "seeds": len(values), "mean": float(values.mean()),
+                     "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"), "ci_low": low,
+                     "ci_high": high, "values": [float(v) for v in values]})
+        by_config[source] = [experiment_dir / f"{original['trial']}-{original['trial_id']}"] + [Path(t["dir"]) for t in done]
+    rows.sort(key=lambda r: r["mean"], reverse=study.mode == "max")
+    comparisons = []
+    if len(rows) > 1:
+        first = by_config[rows[0]["config"]][0]
+        cfg = yaml.safe_load((first / "config.yaml").read_text())
+        trial_summary = json.loads((first / "summary.json").read_text())
+        comparisons = compare(by_config, rows[0]["config"], trial_summary["task"], study.metric,
+                              list(trial_summary["classes"]), cfg["supervised"]["threshold"])
+    return {"rows": rows, "comparisons": comparisons, "trials": trials}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_xray.repeat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment_dir")
+    parser.add_argument("--top", type=int, default=3, help="the best N completed configurations")
+    parser.add_argument("--seeds", type=int, default=3, help="new seeds per configuration")
+    parser.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        entry = run_repeats(args.experiment_dir, args.top, args.seeds, args.address, verbose=args.verbose)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted before any repeat ran", file=sys.stderr)
+        return 130
+    print_repeats(entry)
+    statuses = {t["status"] for t in entry["trials"]}
+    return 0 if statuses == {"complete"} else 130 if "interrupted" in statuses else 1
+
+
+def print_repeats(entry: dict) -> None:
+    print(f"\nrepeats: {len(entry['trials'])} trials, seeds {entry['seeds']}")
+    for row in entry["rows"]:
+        print(f"  {row['mean']:.4f} ± {row['sd']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] over "
+              f"{row['seeds']} seeds  {row['name']}")
+    for c in entry["comparisons"]:
+        verdict = "within noise" if c["within_noise"] else "a real difference"
+        print(f"  {c['best']} − {c['other']}: {c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
+              f"(paired over {c['seeds']} seeds and patients): {verdict}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
