@@ -8,7 +8,7 @@ with new seeds (tune_xray.repeat), sd over the seeds. Goal (issue #13): TPE + AS
 that noise with ≤ 1/5 of the grid's trial-epochs. TPE runs as shipped (independent, 10 random start-up trials)
 and with Optuna's options for parallel TPE (multivariate, constant_liar, fewer start-up trials).
 
-    python scripts/bench_search_efficiency.py [--epochs 6] [--trials 12] [--images 800]
+    python scripts/bench_search_efficiency.py [--epochs 6] [--trials 14] [--images 2000]
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def search(work: Path, name: str, spec: dict, no_asha: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--trials", type=int, default=12, help="TPE + ASHA trials")
-    parser.add_argument("--images", type=int, default=800)
+    parser.add_argument("--trials", type=int, default=14, help="TPE + ASHA trials")
+    parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=2, help="new seeds of the grid's best, for its noise")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_efficiency-"))

@@ -230,8 +230,7 @@ def model_section(experiment_dir: Path, summary: dict, complete: list[dict]) -> 
     members = experiment_dir / "ensemble" / "members.csv"
     if members.is_file():
         table = pd.read_csv(members)
-        curves_of["ensemble"] = sum(w * _predictions(_trial_dir(experiment_dir, r), "val")[2]
-                                    for w, r in zip(table["weight"], table.to_dict("records")))
+        curves_of["ensemble"] = sum(w * _predictions(Path(d), "val")[2] for w, d in zip(table["weight"], table["dir"]))
 
     def rocs(fig):
         for i, (label, p) in enumerate(curves_of.items()):

@@ -125,7 +125,7 @@ def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
     The fine-tune's last epoch (its budget or an early stop) is reported together with the final record, so
     that ASHA never stops a trial on the report that ends it. A diverged run reports `status: diverged` and
     returns normally: neither Ray Train nor Tune retries a deterministic divergence."""
-    from .phases import run_phases  # here, not at the top: the Tune trial actor needs no timm or kornia
+    from .phases import run_phases  # here: only the process that trains needs timm and kornia
     from .phases.common import Diverged, load_state
 
     cfg = build_config(config["trial_config"], "trial config")
