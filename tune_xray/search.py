@@ -1,6 +1,7 @@
 """`python -m tune_xray.search STUDY`: a search-space file run as Ray Tune + Optuna (TPE) + ASHA, each trial
-a Ray Train run, every trial an MLflow child run. Optimises the study's validation metric (default val mean
-AUROC, max); test metrics are logged for the record and never read by the searcher or the scheduler.
+trained in its Tune trial (a Ray Train run when it has several DDP ranks), every trial an MLflow child run.
+Optimises the study's validation metric (default val mean AUROC, max); test metrics are logged for the record and
+never read by the searcher or the scheduler.
 
     python -m tune_xray.search byol --smoke                 # the BYOL ablation at tiny scale (CPU, minutes)
     python -m tune_xray.search byol --data nih:/data/nih --gpus-per-trial 1 --cpus-per-trial 8
@@ -652,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ensemble", action="store_true", help="end with the leaderboard, no ensemble")
     parser.add_argument("--repeats", type=int, default=0, metavar="K", help="then run the best --repeat-top "
                         "configurations again with K new seeds each (full budget, no ASHA): mean ± sd over seeds")
-    parser.add_argument("--repeat-top", type=int, default=3, metavar="N")
+    parser.add_argument("--repeat-top", type=int, default=3, metavar="N",
+                        help="how many of the best configurations --repeats re-runs")
     parser.add_argument("--no-report", action="store_true", help="no report.html at the end (python -m tune_xray.report)")
     parser.add_argument("--verbose", action="store_true", help="show the trials' own output")
     return parser
