@@ -293,11 +293,14 @@ def explain_section(experiment_dir: Path, best: dict, per_class: int = 2, max_po
     for c, name in enumerate(classes):
         rows = np.flatnonzero(y[:, c] > 0)
         picks += [(i, c) for i in rows[np.argsort(-prob[rows, c])][:per_class]]
-    raw = torch.from_numpy(np.stack([member.layout(read_image(frame["path"][i])) for i, _ in picks])).to(device)
-    images = member.views(raw)[0] if picks else None
-    out = "<h3>Grad-CAM (best trial, validation images with the finding)</h3>"
+    # a member ensemble (both CASS arms fine-tuned) is explained through its first member
+    classifier = member.model.members[0] if hasattr(member.model, "members") else member.model
+    which = " (its first member)" if classifier is not member.model else ""
+    out = f"<h3>Grad-CAM (best trial{which}, validation images with the finding)</h3>"
     if picks:
-        maps = gradcam(member.model, images, [c for _, c in picks])
+        raw = torch.from_numpy(np.stack([member.layout(read_image(frame["path"][i])) for i, _ in picks])).to(device)
+        images = member.views(raw)[0]
+        maps = gradcam(classifier, images, [c for _, c in picks])
 
         def overlays(fig):
             columns = min(6, len(picks))
@@ -311,7 +314,7 @@ def explain_section(experiment_dir: Path, best: dict, per_class: int = 2, max_po
         out += _figure(overlays, 9, 1.6 * np.ceil(len(picks) / min(6, len(picks))))
     keep = np.linspace(0, len(frame) - 1, min(max_points, len(frame))).astype(int)
     x = torch.from_numpy(np.stack([member.layout(read_image(frame["path"][i])) for i in keep])).to(device)
-    points = tsne(embeddings(member.model, member.views(x)[0]))
+    points = tsne(embeddings(classifier, member.views(x)[0]))
     present = y[keep]
     # colour: the label of each image (multi-label: its least frequent finding, "No finding" when none)
     order = np.argsort(y.sum(0))
@@ -325,7 +328,7 @@ def explain_section(experiment_dir: Path, best: dict, per_class: int = 2, max_po
         ax.set_xticks([])
         ax.set_yticks([])
 
-    return out + "<h3>t-SNE of validation embeddings (best trial's backbone)</h3>" + _figure(scatter, 6, 4.5)
+    return out + f"<h3>t-SNE of validation embeddings (best trial's backbone{which})</h3>" + _figure(scatter, 6, 4.5)
 
 
 def cost_section(experiment_dir: Path, complete: list[dict], device: str = "cpu") -> str:

@@ -486,6 +486,8 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         raise ConfigError(f"--workers-per-trial {args.workers_per_trial} with --gpus-per-trial {args.gpus_per_trial:g}: "
                           "each DDP rank needs a GPU of its own (NCCL refuses two ranks on one GPU); use "
                           f"--gpus-per-trial {args.workers_per_trial} or more")
+    if getattr(args, "repeats", 0) < 0 or (getattr(args, "repeats", 0) and args.repeat_top < 1):
+        raise ConfigError(f"--repeats {args.repeats} --repeat-top {args.repeat_top}: both must be at least 1")
     study = load_study(args.study)  # every search-space error before Ray starts
     if args.data:
         args.data = absolute_data(args.data)
@@ -601,12 +603,14 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         summary_file.write_text(json.dumps(summary, indent=1, default=str))
     report = None
     if summary["status"] == "complete" and not getattr(args, "no_report", False):
-        from .report import ReportError, build_report
+        from .report import build_report
         try:
             report = build_report(experiment_dir, device="cuda" if args.gpus_per_trial else "cpu")
             summary["report"] = str(report)
-        except (ReportError, OSError, ValueError) as err:
-            summary["report"] = f"not written: {err}"
+        except Exception as err:  # noqa: BLE001 — the trials, the record and the ensemble stand; say what failed
+            summary["report"] = f"not written: {type(err).__name__}: {err}"
+            print(f"report {summary['report']} (python -m tune_xray.report {experiment_dir} retries it)",
+                  file=sys.stderr)
         summary_file.write_text(json.dumps(summary, indent=1, default=str))
     sync_to_storage(experiment_dir, storage, name, (INVOCATION_FILE, "summary.json", "ensemble", "report.html"))
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
