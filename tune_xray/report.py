@@ -337,9 +337,10 @@ def cost_section(experiment_dir: Path, complete: list[dict], device: str = "cpu"
 
     rows, seen = [], set()
     for row in complete:
+        fine_tuned = json.loads((_trial_dir(experiment_dir, row) / "summary.json").read_text())["backbone"]
         member = Member(_trial_dir(experiment_dir, row) / "best.pt", device)
-        key = (member.cfg.model.backbone, member.cfg.augment.image_size)
-        if key in seen:
+        key = (fine_tuned, member.cfg.augment.image_size)
+        if key in seen:  # what was fine-tuned (a CASS arm, or both), at its size
             continue
         seen.add(key)
         shape = (member.cfg.model.in_chans, member.cfg.augment.image_size, member.cfg.augment.image_size)
