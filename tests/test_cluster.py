@@ -11,16 +11,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.test_search import SPACE as SEARCH_SPACE
 from tune_xray.cluster import local_cluster
 
-SPACE = {
-    "metric": "val_mean_auroc",
-    "budget": {"trials": 2, "epochs": 2, "grace_period": 1, "reduction_factor": 2},
-    "base": {"data": {"synthetic_images": 300, "synthetic_size": 64, "cache_size": 64},
-             "augment": {"image_size": 56}, "model": {"backbone": "test_resnet"},
-             "supervised": {"batch_size": 32}},
-    "params": {"supervised.optimizer.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
-}
+# the search tests' tiny space: two trials that both complete (no diverging warm start), one on each node
+SPACE = {**{k: v for k, v in SEARCH_SPACE.items() if k != "warm_start"},
+         "budget": {**SEARCH_SPACE["budget"], "trials": 2},
+         "params": {"supervised.optimizer.lr": {"loguniform": [1.0e-3, 1.0e-2]}}}
 
 
 @pytest.fixture(scope="module")
