@@ -42,6 +42,28 @@ def storage_filesystem(path: str):
     return fs.LocalFileSystem(), str(Path(path).resolve())
 
 
+def upload(local: str | Path, destination: str) -> None:
+    """A local file or directory to `destination` (a path or s3:// / gs:// URI), parents created."""
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    filesystem, path = storage_filesystem(destination)
+    filesystem.create_dir(path if Path(local).is_dir() else path.rsplit("/", 1)[0], recursive=True)
+    copy_files(str(local), path, source_filesystem=LocalFileSystem(), destination_filesystem=filesystem)
+
+
+def download(source: str, local: str | Path) -> bool:
+    """A file or directory at `source` (a path or URI) to `local`; False when there is nothing there."""
+    from pyarrow.fs import FileType, LocalFileSystem, copy_files
+
+    filesystem, path = storage_filesystem(source)
+    kind = filesystem.get_file_info(path).type
+    if kind not in (FileType.File, FileType.Directory):
+        return False
+    Path(local if kind == FileType.Directory else Path(local).parent).mkdir(parents=True, exist_ok=True)
+    copy_files(path, str(local), source_filesystem=filesystem, destination_filesystem=LocalFileSystem())
+    return True
+
+
 def _write_marker(storage: str, name: str, token: str, data_path: Optional[str]) -> dict:
     """On one node: write `token` under the storage's marker directory; say whether the data path exists here."""
     import pyarrow as pa

@@ -67,7 +67,8 @@ class Pool:
         return np.array([float(score(p)[0]) for p in self.val.probs])
 
 
-def _read_split(directory: Path, split: str, classes: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def read_predictions(directory: Path, split: str, classes: list[str]) -> tuple:
+    """A trial's stored predictions of a split: (paths, 0/1 targets, patient groups, probabilities)."""
     frame = pd.read_csv(directory / f"predictions_{split}.csv")
     groups = frame["patient_id"].fillna(frame["path"]).astype(str).to_numpy()
     return (frame["path"].astype(str).tolist(), frame[[f"y_{c}" for c in classes]].to_numpy(),
@@ -78,7 +79,7 @@ def _stack(pool_dirs: list[Path], names: list[str], split: str, classes: list[st
     """Every member's predictions of one split; members that predicted other images are refused."""
     first, probs = None, []
     for directory, name in zip(pool_dirs, names):
-        paths, y, groups, prob = _read_split(directory, split, classes)
+        paths, y, groups, prob = read_predictions(directory, split, classes)
         if first is None:
             first = (paths, y, groups, name)
         elif paths != first[0]:

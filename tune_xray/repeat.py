@@ -67,26 +67,19 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
-def _val_predictions(directory: Path, classes: list[str]):
-    import pandas as pd
-
-    frame = pd.read_csv(directory / "predictions_val.csv")
-    return frame, frame[[f"y_{c}" for c in classes]].to_numpy(), frame[[f"p_{c}" for c in classes]].to_numpy()
-
-
 def compare(by_config: dict[str, list[Path]], best: str, task: str, metric: str, classes: list[str], rule: str,
             resamples: int = 1000, seed: int = 0) -> list[dict]:
     """best − each other configuration on val, paired across seeds (matched by index) and patients (the same
     bootstrap resamples): the point difference of the seed-mean metric and its 95 % interval."""
-    from .ensemble import split_scorer
+    from .ensemble import read_predictions, split_scorer
     from .metrics import interval, patient_bootstrap
 
-    frame, y, _ = _val_predictions(by_config[best][0], classes)
+    _, y, groups, _ = read_predictions(by_config[best][0], "val", classes)
     score = split_scorer(y, task, metric, classes, rule)
-    boot = patient_bootstrap(frame["patient_id"].to_numpy(), resamples, seed)
+    boot = patient_bootstrap(groups, resamples, seed)
 
     def seed_mean(dirs: list[Path], n: int):
-        probs = [_val_predictions(d, classes)[2] for d in dirs[:n]]
+        probs = [read_predictions(d, "val", classes)[3] for d in dirs[:n]]
         return np.mean([score(p)[0] for p in probs]), np.mean([score(p, boot) for p in probs], axis=0)
 
     out = []
@@ -110,7 +103,7 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
     from . import tracking
     from .search import (INVOCATION_FILE, _init_ray, fetch_results, run_name, status_of, trial_overrides)
     from .space import flatten, load_study
-    from .trial import RESULT_FILES, TrialResources, trial_driver, tune_metric
+    from .trial import RESULT_FILES, TrialResources, resolve_trial, trial_driver, tune_metric
 
     experiment_dir = Path(experiment_dir).resolve()
     summary_file = experiment_dir / "summary.json"
@@ -139,7 +132,7 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
         _init_ray(address, verbose)
 
     def describe(config: dict) -> tracking.TrialRecord:
-        cfg = study.trial_config(study.sampled_from(config), {**overrides, "seed": config[REPEAT_SEED]}, smoke)
+        cfg = resolve_trial(study, config, overrides, smoke)
         params = flatten(cfg.model_dump(mode="json"))
         name = run_name(study, config)
         name = f"{name[:4]} seed={config[REPEAT_SEED]}{name[4:]}"

@@ -32,30 +32,35 @@ class ReportError(RuntimeError):
     """The directory is not a finished search (no summary.json)."""
 
 
-def _figure(draw, width: float = 7.0, height: float = 3.6) -> str:
-    """An inline PNG <img> of what `draw(fig)` puts on a new matplotlib figure."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(width, height))
+    return plt
+
+
+def _inline_png(fig, draw=None) -> str:
+    """`fig` (after `draw(fig)`, if given) as an inline PNG <img>; the figure is closed either way."""
+    buffer = io.BytesIO()
     try:
-        draw(fig)
-        buffer = io.BytesIO()
+        if draw is not None:
+            draw(fig)
         fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _figure(draw, width: float = 7.0, height: float = 3.6) -> str:
+    """An inline PNG of what `draw(fig)` puts on a new matplotlib figure."""
+    return _inline_png(_pyplot().figure(figsize=(width, height)), draw)
 
 
 def _optuna_figure(plot, width: float = 7.5, height: float = 3.8) -> str:
     """An optuna.visualization.matplotlib plot as an inline PNG (or why it cannot be drawn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    _pyplot()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's "experimental" notice, matplotlib's equal axis limits
@@ -64,10 +69,7 @@ def _optuna_figure(plot, width: float = 7.5, height: float = 3.8) -> str:
         return f"<p class=note>not drawn: {html.escape(str(err))}</p>"
     fig = np.ravel(axes)[0].figure if isinstance(axes, np.ndarray) else axes.figure
     fig.set_size_inches(width, height)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return _inline_png(fig)
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -84,10 +86,14 @@ def _trial_dir(experiment_dir: Path, row: dict) -> Path:
     return experiment_dir / f"{row['trial']}-{row['trial_id']}"
 
 
-def _predictions(directory: Path, split: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, list[str]]:
-    frame = pd.read_csv(directory / f"predictions_{split}.csv")
-    classes = [c[2:] for c in frame.columns if c.startswith("p_")]
-    return frame, frame[[f"y_{c}" for c in classes]].to_numpy(), frame[[f"p_{c}" for c in classes]].to_numpy(), classes
+def _predictions(directory: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(paths, targets, probabilities, classes) of a trial's stored predictions."""
+    from .ensemble import read_predictions
+
+    header = pd.read_csv(directory / f"predictions_{split}.csv", nrows=0).columns
+    classes = [c[2:] for c in header if c.startswith("p_")]
+    paths, y, _, prob = read_predictions(directory, split, classes)
+    return paths, y, prob, classes
 
 
 def _trial_seconds(directory: Path) -> float:
@@ -288,7 +294,7 @@ def explain_section(experiment_dir: Path, best: dict, per_class: int = 2, max_po
     from .predict import Member, read_image
 
     member = Member(_trial_dir(experiment_dir, best) / "best.pt", device)
-    frame, y, prob, classes = _predictions(_trial_dir(experiment_dir, best), "val")
+    paths, y, prob, classes = _predictions(_trial_dir(experiment_dir, best), "val")
     picks = []  # per class: the val images with that finding the model is most sure of
     for c, name in enumerate(classes):
         rows = np.flatnonzero(y[:, c] > 0)
@@ -298,7 +304,7 @@ def explain_section(experiment_dir: Path, best: dict, per_class: int = 2, max_po
     which = " (its first member)" if classifier is not member.model else ""
     out = f"<h3>Grad-CAM (best trial{which}, validation images with the finding)</h3>"
     if picks:
-        raw = torch.from_numpy(np.stack([member.layout(read_image(frame["path"][i])) for i, _ in picks])).to(device)
+        raw = torch.from_numpy(np.stack([member.layout(read_image(paths[i])) for i, _ in picks])).to(device)
         images = member.views(raw)[0]
         maps = gradcam(classifier, images, [c for _, c in picks])
 
@@ -312,8 +318,8 @@ def explain_section(experiment_dir: Path, best: dict, per_class: int = 2, max_po
                 ax.axis("off")
 
         out += _figure(overlays, 9, 1.6 * np.ceil(len(picks) / min(6, len(picks))))
-    keep = np.linspace(0, len(frame) - 1, min(max_points, len(frame))).astype(int)
-    x = torch.from_numpy(np.stack([member.layout(read_image(frame["path"][i])) for i in keep])).to(device)
+    keep = np.linspace(0, len(paths) - 1, min(max_points, len(paths))).astype(int)
+    x = torch.from_numpy(np.stack([member.layout(read_image(paths[i])) for i in keep])).to(device)
     points = tsne(embeddings(classifier, member.views(x)[0]))
     present = y[keep]
     # colour: the label of each image (multi-label: its least frequent finding, "No finding" when none)

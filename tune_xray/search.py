@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from . import tracking
 from .config import ConfigError, merge, parse_overrides
-from .cluster import alive_nodes, check_cluster_paths, storage_filesystem
+from .cluster import alive_nodes, check_cluster_paths, download, upload
 from .data.splits import DataError
 from .models import WeightsError
 from .space import BACKBONE_KEYS, Study, case_key, flatten, load_study
@@ -414,44 +414,19 @@ def _where(args) -> tuple[str, str, Path]:
 def sync_to_storage(experiment_dir: Path, storage: str, name: str, names=(INVOCATION_FILE, "summary.json", "ensemble")):
     """With a remote `--storage` (s3://, gs://) the search's own files go there too, beside Tune's: the machine
     that drove the search (a KubeRay head pod, say) may be gone when someone resumes or reads it."""
-    if "://" not in storage:
-        return
-    from pyarrow.fs import LocalFileSystem, copy_files
-
-    filesystem, root = storage_filesystem(f"{storage}/{name}")
-    filesystem.create_dir(root, recursive=True)
-    for entry in names:
-        if (experiment_dir / entry).is_dir():
-            filesystem.create_dir(f"{root}/{entry}", recursive=True)
-        if (experiment_dir / entry).exists():
-            copy_files(str(experiment_dir / entry), f"{root}/{entry}", source_filesystem=LocalFileSystem(),
-                       destination_filesystem=filesystem)
+    if "://" in storage:
+        for entry in names:
+            if (experiment_dir / entry).exists():
+                upload(experiment_dir / entry, f"{storage}/{name}/{entry}")
 
 
 def fetch_results(experiment_dir: Path, storage: str, name: str, trial_dir: str) -> Path:
     """A trial's result files (best.pt, predictions, ...) in the local experiment directory: with a local or
     mounted storage they are there already; from a remote one they are fetched (MLflow logs them from here, the
-    ensemble reads them here)."""
-    local = experiment_dir / trial_dir
+    ensemble reads them here; a trial that errored first has none)."""
     if "://" in storage:
-        from pyarrow.fs import FileType, LocalFileSystem, copy_files
-
-        filesystem, root = storage_filesystem(f"{storage}/{name}/{trial_dir}")
-        if filesystem.get_file_info(root).type == FileType.Directory:  # none: a trial that errored first
-            local.mkdir(parents=True, exist_ok=True)
-            copy_files(root, str(local), source_filesystem=filesystem, destination_filesystem=LocalFileSystem())
-    return local
-
-
-def _fetch_invocation(experiment_dir: Path, storage: str, name: str) -> None:
-    """A resume on another machine: search.json from the remote storage, where `sync_to_storage` put it."""
-    from pyarrow.fs import FileType, LocalFileSystem, copy_files
-
-    filesystem, root = storage_filesystem(f"{storage}/{name}/{INVOCATION_FILE}")
-    if "://" in storage and filesystem.get_file_info(root).type == FileType.File:
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        copy_files(root, str(experiment_dir / INVOCATION_FILE), source_filesystem=filesystem,
-                   destination_filesystem=LocalFileSystem())
+        download(f"{storage}/{name}/{trial_dir}", experiment_dir / trial_dir)
+    return experiment_dir / trial_dir
 
 
 def _restore_invocation(args) -> None:
@@ -462,8 +437,8 @@ def _restore_invocation(args) -> None:
     name, storage, experiment_dir = _where(args)
     if not tune.Tuner.can_restore(f"{storage}/{name}"):
         raise ConfigError(f"--resume: no search named '{name}' to resume in {storage}/{name}")
-    if not (experiment_dir / INVOCATION_FILE).is_file():
-        _fetch_invocation(experiment_dir, storage, name)
+    if not (experiment_dir / INVOCATION_FILE).is_file() and "://" in storage:  # a resume on another machine
+        download(f"{storage}/{name}/{INVOCATION_FILE}", experiment_dir / INVOCATION_FILE)
     if not (experiment_dir / INVOCATION_FILE).is_file():
         raise ConfigError(f"--resume: no search named '{name}' to resume in {storage}/{name}")
     for key, value in json.loads((experiment_dir / INVOCATION_FILE).read_text()).items():
@@ -508,7 +483,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
     import ray
 
-    from .trial import RESULT_FILES, TrialResources, trial_driver, tune_metric
+    from .trial import RESULT_FILES, TrialResources, resolve_trial, trial_driver, tune_metric
 
     if not ray.is_initialized():
         # keep the dashboard (ray[default]'s State API): without it a Train run stopped by ASHA leaks its
@@ -534,7 +509,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     experiment_path = f"{storage}/{name}"
 
     def describe(config: dict) -> tracking.TrialRecord:
-        cfg = study.trial_config(study.sampled_from(config), overrides, args.smoke)
+        cfg = resolve_trial(study, config, overrides, args.smoke)
         params = flatten(cfg.model_dump(mode="json"))
         params.update({k: v for k, v in config.items() if k.startswith("sampled.")})
         return tracking.TrialRecord(run_name(study, config), params,

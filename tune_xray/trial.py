@@ -24,7 +24,7 @@ from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from .cluster import storage_filesystem
+from .cluster import upload
 from .config import build_config
 
 REPEAT_OF, REPEAT_SEED = "repeat_of", "repeat_seed"  # in a repeat trial's config: its source trial, its seed
@@ -101,17 +101,7 @@ class TuneSession:
         tune.report(metrics, checkpoint=checkpoint)
 
     def store(self, result_dir: str) -> None:
-        store_results(result_dir, self.results_to)
-
-
-def store_results(directory: str, trial_dir: str) -> None:
-    """A finished run's result files into the trial's directory on storage (local, mounted or s3://): on a
-    cluster the trial may run on any node, whose local trial directory is not the driver's."""
-    from pyarrow.fs import LocalFileSystem, copy_files
-
-    filesystem, path = storage_filesystem(trial_dir)
-    filesystem.create_dir(path, recursive=True)
-    copy_files(directory, path, source_filesystem=LocalFileSystem(), destination_filesystem=filesystem)
+        upload(result_dir, self.results_to)
 
 
 def train_worker(config: dict) -> None:
@@ -224,6 +214,14 @@ class TrialResources:
         return max(1, int(min(fits)))
 
 
+def resolve_trial(study, config: dict, overrides: dict, smoke: bool):
+    """The TrialConfig a Tune trial's config trains: its drawn values on the study with the search's overrides,
+    and a repeat's seed (tune_xray.repeat: the same configuration with a new seed)."""
+    if REPEAT_SEED in config:
+        overrides = {**overrides, "seed": config[REPEAT_SEED]}
+    return study.trial_config(study.sampled_from(config), overrides, smoke)
+
+
 def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources: TrialResources,
                  storage_path: str, max_failures: int) -> None:
     """Tune function trainable: resolve the drawn config and run it — in this process when it has one worker
@@ -232,9 +230,7 @@ def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources
     A Train run lives in the experiment directory (`storage_path`) as `train-<trial id>`. Either way the result
     files are written straight into the trial's directory there (on a cluster this trial may run on any node:
     its local trial directory is not the driver's)."""
-    if REPEAT_SEED in config:  # a repeat (tune_xray.repeat): the same configuration with a new seed
-        overrides = {**overrides, "seed": config[REPEAT_SEED]}
-    cfg = study.trial_config(study.sampled_from(config), overrides, smoke)
+    cfg = resolve_trial(study, config, overrides, smoke)
     context = tune.get_context()
     train_config = {"trial_config": cfg.model_dump(mode="json")}
     results_to = f"{storage_path}/{Path(context.get_trial_dir()).name}"
@@ -256,4 +252,4 @@ def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources
     result = trainer.fit()
     if result.checkpoint is not None:  # the trial's results: MLflow artifacts, the ensemble's pool
         with result.checkpoint.as_directory() as directory:
-            store_results(directory, results_to)
+            upload(directory, results_to)
