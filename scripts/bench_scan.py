@@ -1,24 +1,31 @@
-"""Selective scan, forward + backward, on this machine: the per-time-step loop against tune_xray's chunked
-pure-PyTorch scan, in one process, at two shapes of issue #4:
+"""Selective scan, forward + backward, on this machine: the per-time-step loop against tune_xray's torch backend
+(scan.TorchCore) in one process — time, and what autograd keeps for backward — at three shapes:
 
 - MambaVision-T stage 3 (one 14×14 window at 224 px): batch 8, dim 160, L 196, N 8
-- VMamba-S stage 1 (56×56 tokens, four scan directions of 96 channels): batch 8, dim 384, L 3136, N 1
+- VMamba-S stage 1 (56×56 tokens, four scan directions of 192 channels: ssm_ratio 2 × 96): batch 8, dim 768,
+  L 3136, N 1
+- MambaVision-T stage 3 with the steep decays of trained weights
 
-Two loops are timed. "loop" is the field's CPU fallback: mamba-ssm's `selective_scan_ref` layout (ΔA and ΔBu
-materialised as (batch, dim, L, N), then `h = dA[:, :, t] * h + dBu[:, :, t]`), which MambaVision and VMamba
-run without the kernel, and which STACK_NOTES timed. Indexing one step of a full tensor costs a full-size
-zero tensor per step in the backward, so "unbind loop" (tests/models/scan_reference.py, the tests' definition)
-is also timed: the same loop written to avoid that, a stricter baseline.
+Two loops are the baselines. "loop" is the field's CPU fallback: mamba-ssm's `selective_scan_ref` layout (ΔA and
+ΔBu materialised as (batch, dim, L, N), then `h = dA[:, :, t] * h + dBu[:, :, t]`), which MambaVision and VMamba
+run without the kernel. Indexing one step of a full tensor costs a full-size zero tensor per step in the
+backward, so "unbind loop" (tests/models/scan_reference.py, the tests' definition) is also timed: the same loop
+written to avoid that, a stricter baseline.
 
-Inputs follow the models' initialisation (Δ = softplus(·) in [0.001, 0.1], A = −(1…N)); a third row has the
-steep decays of trained weights. Goals: ≥ 4× and ≥ 100× on a 2-core CPU.
+Then whole networks (`--networks`, default vmamba_s): MiB kept for backward per image at 224 px, fp32, with and
+without `model.grad_checkpointing` (batch 2 minus batch 1; weights not counted).
 
-    python scripts/bench_scan.py [--repeats 10]
+Inputs follow the models' initialisation (Δ = softplus(·) in [0.001, 0.1], A = −(1…N)). Goals on a 2-core CPU:
+≥ 4× and ≥ 100× the loop; ≤ 20 MiB kept per image by one VMamba-S stage-1 call, ≤ 300 by vmamba_s, ≤ 80 with
+gradient checkpointing.
+
+    python scripts/bench_scan.py [--repeats 10] [--networks vmamba_s,mambavision_t2]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -32,7 +39,7 @@ from tune_xray.models.scan import selective_scan  # noqa: E402
 from tune_xray.phases.common import reuse_freed_memory  # noqa: E402
 
 SHAPES = {"MambaVision-T stage 3": dict(batch=8, dim=160, length=196, n=8, groups=None),
-          "VMamba-S stage 1": dict(batch=8, dim=384, length=3136, n=1, groups=4),
+          "VMamba-S stage 1": dict(batch=8, dim=768, length=3136, n=1, groups=4),
           "MambaVision-T stage 3, steep decays": dict(batch=8, dim=160, length=196, n=8, groups=None, steep=True)}
 
 
@@ -66,6 +73,38 @@ def indexing_loop(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fal
     return torch.stack(ys, dim=2) + D[:, None] * u
 
 
+def kept_for_backward(run, exclude=()) -> int:
+    """Bytes autograd keeps for backward while `run()` runs: each storage once, `exclude`'s (weights) not counted."""
+    kept, skip = {}, {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(kept.values())
+
+
+def kept_mib_per_call(fn, inputs: dict) -> float:
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    return kept_for_backward(lambda: fn(**leaves, delta_softplus=True)) / 2**20 / next(iter(inputs.values())).shape[0]
+
+
+def network_mib_per_image(name: str, checkpointing: bool, size: int = 224) -> float:
+    """What a whole backbone keeps for backward per image: batch 2 minus batch 1, fp32, train mode."""
+    import timm
+
+    import tune_xray.models  # noqa: F401  (registers MambaVision and VMamba)
+
+    model = timm.create_model(name, num_classes=0)
+    model.set_grad_checkpointing(checkpointing)
+    weights = list(model.parameters())
+    kept = [kept_for_backward(lambda: model(torch.randn(n, 3, size, size)), weights) for n in (1, 2)]
+    return (kept[1] - kept[0]) / 2**20
+
+
 def fwd_bwd_seconds(fn, inputs: dict, repeats: int, budget: float = 10.0) -> float:
     """Best of `repeats` timed runs after a warm-up run; stops early once `budget` seconds are spent (the
     slow loops at VMamba's L), and a single run that long counts as timed."""
@@ -83,17 +122,25 @@ def fwd_bwd_seconds(fn, inputs: dict, repeats: int, budget: float = 10.0) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--networks", default="vmamba_s", help="comma-separated backbones for the per-image "
+                        "memory rows ('' for none)")
     args = parser.parse_args()
     reuse_freed_memory()  # as in training (run_phases), for both
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fwd+bwd, best of {args.repeats}")
+    ours_fn = functools.partial(selective_scan, backend="torch")
     for name, shape in SHAPES.items():
         inputs = make_inputs(**shape)
-        ours = fwd_bwd_seconds(selective_scan, inputs, args.repeats)
+        ours, ours_kept = fwd_bwd_seconds(ours_fn, inputs, args.repeats), kept_mib_per_call(ours_fn, inputs)
         sizes = ", ".join(f"{k} {v}" for k, v in shape.items() if k != "steep" and v)
-        print(f"{name} ({sizes}): tune_xray {1e3 * ours:.1f} ms")
+        print(f"{name} ({sizes}): tune_xray {1e3 * ours:.1f} ms, keeps {ours_kept:.1f} MiB per image")
         for baseline, fn in [("loop", indexing_loop), ("unbind loop", sequential_scan)]:
-            seconds = fwd_bwd_seconds(fn, inputs, args.repeats)
-            print(f"    {baseline:12s} {1e3 * seconds:9.1f} ms   tune_xray is {seconds / ours:6.1f}× faster")
+            seconds, kept = fwd_bwd_seconds(fn, inputs, args.repeats), kept_mib_per_call(fn, inputs)
+            print(f"    {baseline:12s} {1e3 * seconds:9.1f} ms   tune_xray is {seconds / ours:6.1f}× faster;  "
+                  f"keeps {kept:8.1f} MiB per image ({kept / ours_kept:.0f}× tune_xray's)")
+    for name in filter(None, args.networks.split(",")):
+        plain, checkpointed = network_mib_per_image(name, False), network_mib_per_image(name, True)
+        print(f"{name} at 224 px, fp32: keeps {plain:.0f} MiB per image for backward; "
+              f"{checkpointed:.0f} MiB with model.grad_checkpointing")
 
 
 if __name__ == "__main__":

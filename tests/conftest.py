@@ -4,8 +4,12 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from tune_xray.config import TrialConfig, build_config, merge
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in its interpreter: the scan's Triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # backend is tested without a GPU (before triton is imported)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -93,6 +93,7 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     assert runs["t000"].info.status == "FINISHED" and runs["t000"].data.tags["tune_xray.status"] == "complete"
     for child in children:
         assert child.data.params["model.backbone"] == "test_resnet"  # the full resolved config
+        assert child.data.params["scan_backend"] == "none"  # what its device ran: no SSM layer in a ResNet
         assert not [p for p in child.data.params if ":" in p]  # no conditional-branch params
         assert not [m for m in child.data.metrics
                     if m in ("pid", "timestamp", "done", "training_iteration", "epochs_done")

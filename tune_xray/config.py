@@ -96,6 +96,12 @@ class ModelConfig(_Strict):
     backbone: str = "resnet18"
     pretrained_path: Optional[str] = Field(None, description="local .safetensors/.pth in timm key layout")
     compile: bool = Field(False, description="torch.compile the trained model (every phase)")
+    grad_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward (timm's set_grad_checkpointing): "
+        "a fraction of the memory for about a third more compute")
+    scan_backend: Literal["auto", "kernel", "triton", "torch"] = Field(
+        "auto", description="MambaVision/VMamba selective scan: mamba-ssm's kernel, our Triton kernel, or pure "
+        "PyTorch; auto: the first of them that runs on the trial's device (a CUDA fallback to torch is warned)")
     in_chans: Literal[1, 3] = 3
     drop_rate: float = Field(0.0, ge=0, lt=1)
 

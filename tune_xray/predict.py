@@ -46,6 +46,7 @@ class Member:
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         self.cfg = build_config(state["config"], f"{checkpoint}: config")
+        self.cfg.model.scan_backend = "auto"  # the scan runs where the model is now, whatever trained it
         self.classes, self.task = list(state["classes"]), state.get("task", "multilabel")
         backbone, width, _, _ = fine_tuned_backbones(self.cfg, pretrained=False)
         self.model = classifier(backbone, width, len(self.classes), 0.0, self.task)

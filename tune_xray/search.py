@@ -337,6 +337,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment_dir:
             "record_test_mean_auroc_ci": [m.get("record_test_mean_auroc_ci_low"), m.get("record_test_mean_auroc_ci_high")],
             "mlflow_run_id": runs.get(t.trial_id),
             "node_id": m.get("node_id"),
+            "scan_backend": m.get("scan_backend"),
             "resolved": {k: v for k, v in t.config.items() if ":" not in k and not k.startswith("sampled.")},
             "sampled": {k[len("sampled."):]: v for k, v in t.config.items() if k.startswith("sampled.")},
         })

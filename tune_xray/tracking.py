@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from .trial import FINISHED, REPLAY, TIME_ATTR
+from .trial import FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
 TRIAL_TAG = "tune_xray.trial_id"
@@ -270,7 +270,11 @@ class TrialRuns(LoggerCallback):
         tags = [RunTag(STATUS_TAG, status)] + ([RunTag("tune_xray.reason", reason[:5000])] if reason else [])
         node = (trial.last_result or {}).get("node_id")
         tags += [RunTag("tune_xray.node_id", node)] if isinstance(node, str) else []
-        client.log_batch(run_id, tags=tags)
+        # known once the trial ran on its device: a param beside the config it resolves (model.scan_backend: auto)
+        backend = (trial.last_result or {}).get(SCAN_BACKEND)
+        params = [Param(SCAN_BACKEND, backend)] if isinstance(backend, str) and SCAN_BACKEND not in \
+            client.get_run(run_id).data.params else []
+        client.log_batch(run_id, tags=tags, params=params)
         directory = self.results_dir(trial)
         for name in self.artifacts:
             if (directory / name).is_file():

@@ -32,6 +32,7 @@ TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iter
 FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
 STATUS = "status"  # in a trial's last report: "complete" or "diverged" (pruned / error / interrupted: Tune's)
 REASON = "reason"
+SCAN_BACKEND = "scan_backend"  # in every report: the selective scan the trial's SSM layers run ("none": no SSM)
 REPLAY = "replay"  # in the first report after a resume: the restored epochs' reports (see tracking.TrialRuns)
 FINAL_FILE = "final.json"  # the last report, kept with the results so a finished run re-reports it on retry
 RESULT_FILES = (FINAL_FILE, "config.yaml", "summary.json", "best.pt", "predictions_val.csv", "predictions_test.csv",
@@ -115,12 +116,13 @@ def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
     The fine-tune's last epoch (its budget or an early stop) is reported together with the final record, so
     that ASHA never stops a trial on the report that ends it. A diverged run reports `status: diverged` and
     returns normally: neither Ray Train nor Tune retries a deterministic divergence."""
-    from .phases import run_phases  # here: only the process that trains needs timm and kornia
+    from .phases import resolve_scan_backend, run_phases  # here: only the process that trains needs timm, kornia
     from .phases.common import Diverged, load_state
 
     cfg = build_config(config["trial_config"], "trial config")
     rank, world_size = session.rank, session.world_size
     cfg.device = session.device
+    scan_backend = resolve_scan_backend(cfg, cfg.device)
     run_dir = Path(tempfile.mkdtemp(prefix="tune_xray-"))
     resume = None
     checkpoint = session.get_checkpoint()
@@ -144,7 +146,7 @@ def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
         phase = metrics["phase"]
         if phase == "supervised":
             supervised_epochs[0] = metrics["epoch"]
-        out = {**_format(phase, metrics), TIME_ATTR: supervised_epochs[0]}
+        out = {**_format(phase, metrics), TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend}
         if replay:
             out[REPLAY] = replay.copy()
             replay.clear()
@@ -158,12 +160,12 @@ def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
     try:
         summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume)
     except Diverged as err:  # every rank raises it (the non-finite check is agreed across ranks)
-        session.report({**held, TIME_ATTR: supervised_epochs[0], STATUS: "diverged", REASON: str(err),
-                        "diverged_epoch": float(err.epoch)})
+        session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, STATUS: "diverged",
+                        REASON: str(err), "diverged_epoch": float(err.epoch)})
         shutil.rmtree(run_dir, ignore_errors=True)
         return
     sup, metric = summary["supervised"], cfg.supervised.selection_metric
-    final = {**held, TIME_ATTR: supervised_epochs[0], FINISHED: 1.0, STATUS: "complete",
+    final = {**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, FINISHED: 1.0, STATUS: "complete",
              "selected_epoch": float(sup["best_epoch"]), **_numbers(summary["val"], "selected_val_"),
              **_numbers(summary["test"], "record_test_")}
     final[tune_metric(metric)] = sup["history"][sup["best_epoch"] - 1][metric] if sup["best_epoch"] else math.nan

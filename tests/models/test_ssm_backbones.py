@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 
+from tune_xray.config import ConfigError
 from tune_xray.models import create_backbone, load_pretrained, param_count
 from tune_xray.phases import run_phases
 
@@ -91,6 +92,48 @@ def test_fine_tune_phase_runs_with_a_tiny_mambavision(make_config, tmp_path):
     cfg = make_config(model={"backbone": "test_mambavision", "in_chans": 1}, supervised={"epochs": 1})
     summary = run_phases(cfg, tmp_path / "run")
     assert 0 <= summary["val"]["mean_auroc"] <= 1
+    # the backend that ran is in the summary and in the config written beside it (auto resolved on the CPU)
+    assert summary["scan_backend"] == "torch" and "scan_backend: torch" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def _kept_for_backward(model, loss_of) -> tuple[int, torch.Tensor]:
+    """Bytes of activations autograd keeps for backward while `loss_of()` runs (each storage once, the model's
+    weights not counted), and the loss."""
+    kept, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of()
+    return sum(kept.values()), loss
+
+
+@pytest.mark.parametrize("name, at_most", [("test_mambavision", 0.5), ("test_vmamba", 0.5),
+                                           ("test_resnet", 0.9)])  # timm's ResNet checkpoints whole stages
+def test_gradient_checkpointing_keeps_less_and_changes_no_gradient(name, at_most):
+    torch.manual_seed(0)
+    plain, _ = create_backbone(name)
+    checkpointed, _ = create_backbone(name, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 64, 64)
+    kept, grads = [], []
+    for model in (plain, checkpointed):
+        size, loss = _kept_for_backward(model, lambda: model(x).square().mean())
+        loss.backward()
+        kept.append(size)
+        grads.append([p.grad for p in model.parameters()])
+    assert kept[1] < at_most * kept[0]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_backbone_without_gradient_checkpointing_is_a_config_error():
+    with torch.device("meta"), pytest.raises(ConfigError, match="model.grad_checkpointing: model.backbone 'vgg11' "
+                                                                "does not support gradient checkpointing"):
+        create_backbone("vgg11", grad_checkpointing=True)
 
 
 @pytest.mark.parametrize("name, kept", [("test_mambavision", ("A_log", "D")), ("test_vmamba", ("A_logs", "Ds"))])

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ConfigError
 from . import mamba_vision, vmamba  # noqa: F401  (registers mambavision_* and vmamba_* in timm)
+from .scan import set_scan_backend
 
 
 class WeightsError(ValueError):
@@ -65,9 +66,13 @@ def load_pretrained(model: nn.Module, path: str | Path, in_chans: int) -> None:
 
 
 def create_backbone(name: str, pretrained_path: str | Path | None = None, in_chans: int = 3,
-                    image_size: int | None = None, key: str = "model.backbone", **kwargs) -> tuple[nn.Module, int]:
+                    image_size: int | None = None, key: str = "model.backbone", grad_checkpointing: bool = False,
+                    scan_backend: str = "auto", **kwargs) -> tuple[nn.Module, int]:
     """A timm feature extractor and its feature width: `(module, num_features)`. Models built for one input
-    size (ViT, Swin, CoAtNet, MaxViT: timm's `fixed_input_size`) are built for `image_size`."""
+    size (ViT, Swin, CoAtNet, MaxViT: timm's `fixed_input_size`) are built for `image_size`.
+
+    `grad_checkpointing`: timm's `set_grad_checkpointing` (a model without it is a ConfigError); `scan_backend`:
+    the selective scan of MambaVision's and VMamba's SSM layers (scan.BACKENDS)."""
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ConfigError(f"{key}: unknown timm model '{name}'" + (f"; similar: {close}" if close else ""))
@@ -77,11 +82,25 @@ def create_backbone(name: str, pretrained_path: str | Path | None = None, in_cha
     model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     if pretrained_path:
         load_pretrained(model, pretrained_path, in_chans)
+    if grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, AttributeError, NotImplementedError):
+            raise ConfigError(f"model.grad_checkpointing: {key} '{name}' does not support gradient checkpointing "
+                              "(timm's set_grad_checkpointing)") from None
+    set_scan_backend(model, scan_backend)
     return model, model.num_features
+
+
+def uses_selective_scan(name: str) -> bool:
+    """Whether a timm model name is one of our SSM backbones (MambaVision, VMamba), whose layers run the scan."""
+    name = name.split(".")[0]
+    return timm.is_model(name) and timm.models.model_entrypoint(name).__module__ in (mamba_vision.__name__,
+                                                                                     vmamba.__name__)
 
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["create_backbone", "load_pretrained", "WeightsError", "param_count"]
+__all__ = ["create_backbone", "load_pretrained", "WeightsError", "param_count", "uses_selective_scan"]

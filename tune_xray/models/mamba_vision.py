@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from torch import nn
 
 from .heads import nested_no_weight_decay
@@ -81,16 +81,18 @@ class MambaVisionMixer(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.conv1d_x = nn.Conv1d(half, half, d_conv, groups=half, bias=False, padding="same")
         self.conv1d_z = nn.Conv1d(half, half, d_conv, groups=half, bias=False, padding="same")
+        self.scan_backend = "auto"  # scan.set_scan_backend
 
     def forward(self, tokens):  # (batch, L, dim)
         x, z = self.in_proj(tokens).transpose(1, 2).chunk(2, dim=1)
         x, z = F.silu(self.conv1d_x(x)), F.silu(self.conv1d_z(z))
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # (c, D)·(batch, D, L) on x as it is: nn.Linear on x.transpose(1, 2) kept a copy of x for backward
+        dt, B, C = torch.matmul(self.x_proj.weight[None], x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
         # the release adds dt_proj's bias twice (in dt_proj and as the scan's delta_bias); its weights were
-        # trained so, and the official checkpoints only reproduce with it
-        dt = self.dt_proj(dt).transpose(1, 2)
-        y = selective_scan(x, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
-                           self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        # trained so, and the official checkpoints only reproduce with it: Δ = softplus(W·dt + 2·bias)
+        y = selective_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(),
+                           delta_bias=2 * self.dt_proj.bias.float(), delta_softplus=True,
+                           delta_proj_weight=self.dt_proj.weight, backend=self.scan_backend)
         return self.out_proj(torch.cat([y, z], dim=1).transpose(1, 2))
 
 
@@ -136,7 +138,7 @@ class Level(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window: int, conv: bool, downsample: bool,
                  drop_path: list[float], mlp_ratio: float, layer_scale: float | None):
         super().__init__()
-        self.conv, self.window = conv, window
+        self.conv, self.window, self.grad_checkpointing = conv, window, False
         if conv:
             self.blocks = nn.ModuleList(ConvBlock(dim, drop_path[i]) for i in range(depth))
         else:
@@ -145,10 +147,13 @@ class Level(nn.Module):
                                         for i in range(depth))
         self.downsample = Downsample(dim) if downsample else None
 
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
+
     def forward(self, x):
         if self.conv:
             for block in self.blocks:
-                x = block(x)
+                x = self._run(block, x)
         else:
             batch, dim, height, width = x.shape
             w = self.window
@@ -156,7 +161,7 @@ class Level(nn.Module):
             hp, wp = x.shape[-2:]
             tokens = x.view(batch, dim, hp // w, w, wp // w, w).permute(0, 2, 4, 3, 5, 1).reshape(-1, w * w, dim)
             for block in self.blocks:
-                tokens = block(tokens)
+                tokens = self._run(block, tokens)
             x = tokens.view(batch, hp // w, wp // w, w, w, dim).permute(0, 5, 1, 3, 2, 4).reshape(batch, dim, hp, wp)
             x = x[:, :, :height, :width].contiguous()
         return x if self.downsample is None else self.downsample(x)
@@ -202,6 +207,12 @@ class MambaVision(nn.Module):
     def group_matcher(self, coarse: bool = False):
         """timm's parameter groups in depth order (layer-wise LR decay, freezing): stem, stages, final norm."""
         return dict(stem=r"^patch_embed", blocks=[(r"^levels\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: each block recomputes its activations in backward instead of keeping them."""
+        for level in self.levels:
+            level.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
 from .heads import nested_no_weight_decay
@@ -70,16 +70,17 @@ class SS2D(nn.Module):
         self.A_logs._no_weight_decay = self.Ds._no_weight_decay = True
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.scan_backend = "auto"  # scan.set_scan_backend
 
     def forward(self, x):  # (B, H, W, C)
         batch, height, width, _ = x.shape
         x = F.silu(self.conv2d(self.in_proj(x).permute(0, 3, 1, 2)))
         xs = cross_scan(x)  # (B, K, D, L)
-        dts, Bs, Cs = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        ys = selective_scan(xs.flatten(1, 2), dts.flatten(1, 2), -torch.exp(self.A_logs.float()), Bs, Cs,
-                            self.Ds.float(), delta_bias=self.dt_projs_bias.flatten().float(), delta_softplus=True)
+        # per direction (K, c, D)·(B, K, D, L): a batched matmul on xs as it is (an einsum copied it for batch > 1)
+        dts, Bs, Cs = torch.matmul(self.x_proj_weight, xs).split([self.dt_rank, self.d_state, self.d_state], dim=2)
+        ys = selective_scan(xs.flatten(1, 2), dts, -torch.exp(self.A_logs.float()), Bs, Cs, self.Ds.float(),
+                            delta_bias=self.dt_projs_bias.flatten().float(), delta_softplus=True,
+                            delta_proj_weight=self.dt_projs_weight, backend=self.scan_backend)
         y = cross_merge(ys.view_as(xs), height, width).permute(0, 2, 3, 1)
         return self.out_proj(self.out_norm(y))
 
@@ -117,6 +118,7 @@ class VMamba(nn.Module):
         super().__init__()
         assert global_pool in ("avg", ""), "VMamba pools by average (or not at all: global_pool='')"
         self.num_classes, self.global_pool, self.drop_rate = num_classes, global_pool, drop_rate
+        self.grad_checkpointing = False
         dims = [dim * 2 ** i for i in range(len(depths))]
         self.num_features = self.head_hidden_size = dims[-1]
         self.patch_embed = nn.Sequential(  # the release's 'v2' stem; indices match its checkpoints
@@ -154,6 +156,11 @@ class VMamba(nn.Module):
         """timm's parameter groups in depth order (layer-wise LR decay, freezing): stem, stages, final norm."""
         return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^classifier\.norm", (99999,))])
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: each VSS block recomputes its activations in backward instead of keeping them."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         return self.classifier.head
 
@@ -165,7 +172,10 @@ class VMamba(nn.Module):
 
     def forward_features(self, x):
         """The last stage's normalised feature map, (batch, num_features, H/32, W/32): for pooling or Grad-CAM."""
-        x = self.layers(self.patch_embed(x))
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            checkpointed = self.grad_checkpointing and not torch.jit.is_scripting()
+            x = layer.downsample(checkpoint_seq(layer.blocks, x) if checkpointed else layer.blocks(x))
         return self.classifier.norm(x).permute(0, 3, 1, 2)
 
     def forward_head(self, x, pre_logits: bool = False):

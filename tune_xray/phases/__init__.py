@@ -11,9 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import TrialConfig
+from ..config import ConfigError, TrialConfig
 from ..data.loader import PreparedData, prepare
-from ..models import create_backbone
+from ..models import create_backbone, uses_selective_scan
+from ..models.scan import resolve_backend
 from .byol import run_byol
 from .cass import build_cass, run_cass
 from .common import Report, no_report, resolve_device, reuse_freed_memory, seed_everything
@@ -26,7 +27,9 @@ def fine_tuned_backbones(cfg: TrialConfig, pretrained: bool = True):
     weights are loaded (a checkpoint will overwrite them, as in predict)."""
     if not cfg.cass.enabled:
         backbone, width = create_backbone(cfg.model.backbone, cfg.model.pretrained_path if pretrained else None,
-                                          cfg.model.in_chans, cfg.augment.image_size)
+                                          cfg.model.in_chans, cfg.augment.image_size,
+                                          grad_checkpointing=cfg.model.grad_checkpointing,
+                                          scan_backend=cfg.model.scan_backend)
         return backbone, width, cfg.model.backbone, None
     cass = build_cass(cfg)
     keys = ("cnn", "transformer") if cfg.cass.finetune == "both" else (cfg.cass.finetune,)
@@ -35,6 +38,21 @@ def fine_tuned_backbones(cfg: TrialConfig, pretrained: bool = True):
     if len(arms) == 1:
         return arms[0].backbone, arms[0].num_features, name, cass
     return [a.backbone for a in arms], [a.num_features for a in arms], name, cass
+
+
+def resolve_scan_backend(cfg: TrialConfig, device) -> str:
+    """The selective-scan backend the trial's SSM backbones run on `device` ('none' when it has none): `auto`
+    resolved (scan.resolve_backend; a CUDA model that falls back to torch is warned about) and written back to
+    `cfg.model.scan_backend`, so the trial's config and record say what ran. A backend that cannot run there is
+    a ConfigError."""
+    names = (cfg.cass.cnn, cfg.cass.transformer) if cfg.cass.enabled else (cfg.model.backbone,)
+    if not any(uses_selective_scan(name) for name in names):
+        return "none"
+    try:
+        cfg.model.scan_backend = resolve_backend(cfg.model.scan_backend, device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return cfg.model.scan_backend
 
 
 def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report, data: PreparedData | None = None,
@@ -47,17 +65,19 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     run_dir = Path(run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     # every bad-input error surfaces here, before any compute and before the run dir exists
+    device = resolve_device(cfg.device)
+    scan_backend = resolve_scan_backend(cfg, device)
     backbone, num_features, fine_tuned, cass = fine_tuned_backbones(cfg)
     data = data or prepare(cfg.data)
     resolve_loss(data.index.task, cfg.supervised.loss)
-    device = resolve_device(cfg.device)
     if device.type == "cpu":
         reuse_freed_memory()
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     summary: dict = {"backbone": fine_tuned, "task": data.index.task, "classes": list(data.index.classes),
-                     "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device)}
+                     "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device),
+                     "scan_backend": scan_backend}
     resume_phase = resume["phase"] if resume else None
     ssl = "byol" if cfg.byol.enabled else "cass" if cfg.cass.enabled else None
     if ssl and resume_phase != "supervised":
@@ -81,4 +101,4 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     return summary
 
 
-__all__ = ["run_phases", "fine_tuned_backbones"]
+__all__ = ["run_phases", "fine_tuned_backbones", "resolve_scan_backend"]

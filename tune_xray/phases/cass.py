@@ -59,7 +59,9 @@ def build_cass(cfg: TrialConfig) -> Cass:
     cc, arms = cfg.cass, []
     for key in ("cnn", "transformer"):
         backbone, width = create_backbone(getattr(cc, key), in_chans=cfg.model.in_chans,
-                                          image_size=cfg.augment.image_size, key=f"cass.{key}")
+                                          image_size=cfg.augment.image_size, key=f"cass.{key}",
+                                          grad_checkpointing=cfg.model.grad_checkpointing,
+                                          scan_backend=cfg.model.scan_backend)
         arms.append(CassArm(backbone, width, cc.out_dim))
     return Cass(*arms)
 
