@@ -62,6 +62,15 @@ def test_fused_geometry_equals_torchvision_crop_flip_rotate(degrees, flip):
         assert torch.equal(out[i:i + 1], TF.rotate(crop, degrees, interpolation=InterpolationMode.NEAREST))
 
 
+def test_a_plain_random_crop_is_the_exact_pixels_at_its_offsets():
+    x = torch.rand(3, 2, 64, 64)
+    geometry = RandomGeometry(40, "random")
+    params = geometry.sample(3, 64, x.device)
+    out = geometry.apply(x, params)
+    for i, (t, l) in enumerate(zip(params["y0"].long(), params["x0"].long())):
+        assert torch.equal(out[i], x[i, :, t:t + 40, l:l + 40])
+
+
 def test_random_resized_crop_scale():
     torch.manual_seed(0)
     geo = RandomGeometry(32, "random_resized", scale=(0.25, 0.25))

@@ -88,9 +88,11 @@ class RandomGeometry(nn.Module):
 
     def apply(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         n, s = x.shape[0], self.size
-        if self.crop == "random":  # exact crop by slicing; then rotation's zero padding is the crop's edge
-            x = torch.stack([x[i, :, t:t + s, l:l + s] for i, (t, l) in
-                             enumerate(zip(params["y0"].long().tolist(), params["x0"].long().tolist()))])
+        if self.crop == "random":  # exact crop, one gather; then rotation's zero padding is the crop's edge
+            offsets = torch.arange(s, device=x.device)
+            rows, cols = params["y0"].long()[:, None] + offsets, params["x0"].long()[:, None] + offsets
+            x = x[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+            x = x.permute(0, 3, 1, 2).contiguous()  # advanced indexing put the channels last
             if not (self.degrees or self.hflip or self.vflip):
                 return x
             params = {**params, "x0": torch.zeros_like(params["x0"]), "y0": torch.zeros_like(params["y0"])}
@@ -121,21 +123,22 @@ class RandomGeometry(nn.Module):
 def random_erasing_(x: torch.Tensor, times: int, p: float, scale, ratio=(0.3, 3.3), value: float = 0.0):
     """torchvision RandomErasing applied `times` times independently, per image, in place.
 
-    Each: with probability p, a box of area U(scale)·H·W and aspect U_log(ratio) is set to `value`.
+    Each: with probability p, a box of area U(scale)·H·W and aspect U_log(ratio) is set to `value`. Drawn on x's
+    device and applied as one mask: no host round trip and no kernel per box.
     """
     n, _, height, width = x.shape
-    k = n * times
-    apply = torch.rand(k) < p
-    area = torch.empty(k).uniform_(*scale) * height * width
-    aspect = torch.empty(k).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    bh = (area * aspect).sqrt().round().clamp(1, height).long()
-    bw = (area / aspect).sqrt().round().clamp(1, width).long()
-    top = (torch.rand(k) * (height - bh + 1)).long()
-    left = (torch.rand(k) * (width - bw + 1)).long()
-    for j in apply.nonzero().flatten().tolist():
-        i, t, l = j % n, int(top[j]), int(left[j])
-        x[i, :, t:t + int(bh[j]), l:l + int(bw[j])] = value
-    return x
+    shape, device = (times, n, 1, 1), x.device
+    apply = torch.rand(shape, device=device) < p
+    area = torch.empty(shape, device=device).uniform_(*scale) * height * width
+    aspect = torch.empty(shape, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    bh = (area * aspect).sqrt().round().clamp(1, height)
+    bw = (area / aspect).sqrt().round().clamp(1, width)
+    top = (torch.rand(shape, device=device) * (height - bh + 1)).floor()
+    left = (torch.rand(shape, device=device) * (width - bw + 1)).floor()
+    rows = torch.arange(height, device=device).view(1, 1, -1, 1)
+    cols = torch.arange(width, device=device).view(1, 1, 1, -1)
+    boxes = apply & (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+    return x.masked_fill_(boxes.any(0)[:, None], value)
 
 
 def normalization(cfg: AugmentConfig, in_chans: int, stats: tuple[list[float], list[float]] | None = None):

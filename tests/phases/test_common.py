@@ -37,6 +37,19 @@ def test_gradient_accumulation_equals_the_big_batch(n_batches, accum):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("read_every, named", [(2, "within the first 4 steps"), (32, "within the first 6 steps")])
+def test_a_non_finite_loss_stops_the_epoch_at_the_next_read(read_every, named):
+    """Losses are summed on the device and read every `read_every` steps and at the end, not at every step."""
+    model, losses = _model(), [1.0, 2.0, float("nan"), 1.0, 1.0, 1.0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = iter(losses)
+    with pytest.raises(FloatingPointError, match=named):
+        run_epoch(range(6), lambda _: model(torch.ones(1, 6)).sum() * 0 + next(steps), [optimizer],
+                  list(model.parameters()), read_every=read_every)
+    assert run_epoch(range(4), lambda i: model(torch.ones(1, 6)).sum() * 0 + i, [optimizer],
+                     list(model.parameters()), read_every=3) == pytest.approx(1.5)  # the mean of 0, 1, 2, 3
+
+
 def test_optimizers_build_through_timm():
     lars = build_optimizer(_model(), OptimizerConfig(name="lars", lr=0.2, weight_decay=1.5e-6, momentum=0.0))
     assert isinstance(lars, Lars)

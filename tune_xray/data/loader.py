@@ -119,8 +119,9 @@ class DeviceBatches:
         return len(self.sampler)
 
     def __iter__(self):
-        for batch in self.sampler:
-            index = torch.as_tensor(batch, device=self.images.device)
+        batches = list(self.sampler)  # the epoch's order onto the device in one copy, not one per batch
+        order = torch.as_tensor([i for batch in batches for i in batch], device=self.images.device)
+        for index in order.split([len(batch) for batch in batches]):
             yield self.images.index_select(0, self.rows[index]), self.targets[index]
 
 

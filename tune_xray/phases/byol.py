@@ -42,9 +42,10 @@ def ema_tau(step: int, total_steps: int, base: float) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * k / max(total_steps, 1)) + 1.0) / 2.0
 
 
-def projection_std(z: torch.Tensor) -> float:
-    """Collapse metric: mean over dimensions of the batch std of L2-normalised projections."""
-    return float(F.normalize(z.detach().float(), dim=1).std(dim=0).mean())
+def projection_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse metric: mean over dimensions of the batch std of L2-normalised projections (on z's device: read
+    once per epoch, not at every step)."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 class OnlineModules(nn.ModuleList):
@@ -135,8 +136,8 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
     def evaluate(epoch: int, train_loss: float) -> dict:
         # the BYOL loss on augmented validation images
         val_loss = eval_loss(model, val_loader, lambda x: model(*views(x))[0], precision)
-        return {"byol_loss": train_loss, "byol_val_loss": val_loss, "z_std": state["z_std"], "ema_tau": state["tau"],
-                "lr": current_lr(optimizer)}
+        return {"byol_loss": train_loss, "byol_val_loss": val_loss, "z_std": float(state["z_std"]),
+                "ema_tau": state["tau"], "lr": current_lr(optimizer)}
 
     def after_evaluate(metrics: dict) -> None:
         history.append(metrics)

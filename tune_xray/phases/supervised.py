@@ -110,16 +110,17 @@ def to_probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, views: EvalViews, precision: Precision, multilabel: bool):
-    """Logits and targets (on the CPU) for a whole split; with TTA, the logits of the views' mean probability."""
+    """Logits and targets (on the CPU) for a whole split; with TTA, the logits of the views' mean probability.
+    Gathered on the device and copied once: a copy per batch would wait for the device at every batch."""
     model.eval()
     logits, targets = [], []
     for x, y in loader:
         vs = [precision.images(v) for v in views(x.to(precision.device, non_blocking=True))]
         with precision.autocast():
             out = mean_probability_logits([model(v) for v in vs], multilabel)
-        logits.append(out.float().cpu())
-        targets.append(y.cpu())
-    return torch.cat(logits), torch.cat(targets)
+        logits.append(out.float())
+        targets.append(y.to(precision.device, non_blocking=True))
+    return torch.cat(logits).cpu(), torch.cat(targets).cpu()
 
 
 def write_predictions(path: Path, frame: pd.DataFrame, classes, targets: np.ndarray, prob: np.ndarray,
