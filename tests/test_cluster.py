@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.test_search import SPACE as SEARCH_SPACE
 from tune_xray.cluster import local_cluster
+from tune_xray.trial import RESULT_FILES
 
 # the search tests' tiny space: two trials that both complete (no diverging warm start), one on each node
 SPACE = {**{k: v for k, v in SEARCH_SPACE.items() if k != "warm_start"},
@@ -55,6 +57,8 @@ def test_a_search_runs_its_trials_on_both_nodes_with_complete_records(cluster, t
         trial_dir = f"{row['trial']}-{row['trial_id']}"
         for name in ("best.pt", "predictions_val.csv", "predictions_test.csv", "summary.json", "config.yaml"):
             assert (stored / trial_dir / name).is_file() and (exp / trial_dir / name).is_file(), f"{trial_dir}: {name}"
+        assert any(p.name.startswith("checkpoint_") for p in (stored / trial_dir).iterdir())
+        assert {p.name for p in (exp / trial_dir).iterdir()} <= set(RESULT_FILES)  # no checkpoint fetched
         run = client.get_run(row["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["tune_xray.node_id"] == row["node_id"]
         assert {"best.pt", "predictions_val.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -92,3 +96,29 @@ def test_storage_and_data_one_node_cannot_see_are_one_error_naming_it(cluster, t
     assert lines[1].startswith(f"--data {data}: not visible on")
     assert not any(p.name.startswith(".tune_xray") for p in storage.rglob("*"))  # no marker left behind
     assert not any(p.name.startswith(".tune_xray") for p in (tmp_path / "node-local").rglob("*"))
+
+
+def test_trials_waiting_for_resources_run_together_once_a_node_brings_them(tmp_path):
+    """A cluster with no room for a trial when the search starts (the head's one CPU; a trial needs two) that gains
+    a node of four CPUs afterwards runs both trials at once: no concurrency cap fixed from the start-up resources,
+    which on an autoscaling cluster whose GPU workers start from zero meant one trial at a time."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(SPACE))
+    experiment = tmp_path / "store" / "tiny"
+    with local_cluster(tmp_path / "cluster", nodes=1, cpus_per_node=1) as cluster:
+        search = subprocess.Popen([sys.executable, "-m", "tune_xray.search", str(tmp_path / "tiny.yaml"), "--address",
+                                   cluster.address, "--storage", str(tmp_path / "store"), "--cpus-per-trial", "2",
+                                   "--no-asha", "--no-ensemble", "--no-report"],
+                                  env=cluster.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not any(experiment.glob("experiment_state-*.json")):  # Tune runs, its trials wait for room
+            assert search.poll() is None and time.monotonic() < deadline, search.communicate()[1][-3000:]
+            time.sleep(0.5)
+        cluster.add_node(cpus=4)
+        _, err = search.communicate(timeout=600)
+    assert search.returncode == 0, err[-3000:]
+    client = MlflowClient(f"sqlite:///{experiment / 'mlflow.db'}")
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+            if "tune_xray.trial_id" in r.data.tags]
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    first, second = runs
+    assert first.info.start_time < second.info.end_time and second.info.start_time < first.info.end_time

@@ -394,6 +394,18 @@ run_search(args, extra_callbacks=[KillDriverMidTrial()])
             assert steps == [1, 2]
 
 
+def test_trials_get_the_device_and_gpu_share_their_resources_give():
+    from tune_xray.search import default_gpus_per_trial, trial_overrides
+    from tune_xray.space import load_study
+
+    study = load_study("supervised")
+    assert trial_overrides(study, [], None, 0.0) == {"device": "cpu"}
+    assert trial_overrides(study, [], None, 1.0) == {"device": "cuda"}
+    assert trial_overrides(study, [], None, 0.25) == {"device": "cuda", "data": {"device_share": 0.25}}
+    assert trial_overrides(study, [], None, 2.0, workers_per_trial=2) == {"device": "cuda"}  # a GPU per rank
+    assert default_gpus_per_trial({"CPU": 4}) == 0.0 and default_gpus_per_trial({"CPU": 4, "GPU": 8}) == 1.0
+
+
 def test_optuna_storage_urls(tmp_path):
     from tune_xray.search import optuna_storage, shown_url
 

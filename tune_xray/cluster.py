@@ -152,17 +152,19 @@ class LocalCluster:
                     "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self.processes: list[subprocess.Popen] = []
+        self.names: list[str] = []  # of the nodes started, each with a log of its own
         self.address: Optional[str] = None
         # Ray's sockets live in each node's temp dir, and a socket path may not exceed 107 bytes: a short one
         self.temp_root = Path(tempfile.mkdtemp(prefix="txray-", dir="/tmp" if Path("/tmp").is_dir() else None))
 
-    def _start_node(self, name: str, *args: str) -> None:
+    def _start_node(self, name: str, *args: str, cpus: Optional[int] = None) -> None:
         temp = self.temp_root / name
         ray = str(Path(sys.executable).with_name("ray"))
         log = open(self.directory / f"{name}.log", "w")
+        self.names.append(name)
         self.processes.append(subprocess.Popen(
-            [ray, "start", "--block", "--node-ip-address", LOOPBACK, "--num-cpus", str(self.cpus), "--num-gpus", "0",
-             "--temp-dir", str(temp), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [ray, "start", "--block", "--node-ip-address", LOOPBACK, "--num-cpus", str(cpus or self.cpus),
+             "--num-gpus", "0", "--temp-dir", str(temp), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True))  # its own process group: stop() signals the group, and only it
 
     def start(self, timeout: float = 120.0) -> str:
@@ -177,15 +179,20 @@ class LocalCluster:
         self.address = address_file.read_text().strip()
         for i in range(1, self.nodes):
             self._start_node(f"worker{i}", "--address", self.address)
-        while self._joined() < self.nodes:
-            self._check_alive(deadline, "nodes")
-            time.sleep(1.0)
+        self._wait_joined(deadline)
         return self.address
 
-    def _joined(self) -> int:
-        """Nodes whose `ray start` reported the runtime started (a worker only after it joined the head)."""
-        logs = [self.directory / f"{name}.log" for name in ["head", *(f"worker{i}" for i in range(1, self.nodes))]]
-        return sum(log.is_file() and "Ray runtime started" in log.read_text() for log in logs)
+    def add_node(self, cpus: Optional[int] = None, timeout: float = 120.0) -> None:
+        """One more worker node (`cpus`, default the cluster's per-node count), once the cluster runs: a cluster
+        that grows while a search runs, as an autoscaler grows one."""
+        self._start_node(f"worker{len(self.names)}", "--address", self.address, cpus=cpus)
+        self._wait_joined(time.monotonic() + timeout)
+
+    def _wait_joined(self, deadline: float) -> None:
+        """Until every node's `ray start` reported the runtime started (a worker only after it joined the head)."""
+        while not all("Ray runtime started" in (self.directory / f"{name}.log").read_text() for name in self.names):
+            self._check_alive(deadline, "nodes")
+            time.sleep(1.0)
 
     def _check_alive(self, deadline: float, what: str) -> None:
         dead = [p.args[1:3] for p in self.processes if p.poll() is not None]

@@ -44,7 +44,10 @@ class DataConfig(_Strict):
         "the device cache, 2 on CUDA (they prefetch into pinned memory)")
     device_cache: Union[bool, Literal["auto"]] = Field(
         "auto", description="the whole uint8 cache on the training device, batches gathered there by index (no "
-        "loader, no host copies); auto: on CUDA when it takes under half the free GPU memory")
+        "loader, no host copies); auto: on CUDA when it takes under half of the trial's share of the GPU's memory")
+    device_share: float = Field(
+        1.0, gt=0, le=1, description="the share of its GPU a trial holds, for device_cache: auto (the search sets "
+        "it from a fractional --gpus-per-trial: packed trials each count their own share, not what is free)")
 
 
 class AugmentConfig(_Strict):

@@ -65,7 +65,8 @@ def gradcam(classifier: nn.Module, images: torch.Tensor, classes: list[int]) -> 
 def embeddings(classifier: nn.Module, images: torch.Tensor, batch: int = 64) -> np.ndarray:
     """The backbone's pooled features (what the head sees) of normalised images."""
     classifier.eval()
-    return torch.cat([classifier.backbone(images[i:i + batch]).float() for i in range(0, len(images), batch)]).numpy()
+    features = [classifier.backbone(images[i:i + batch]).float() for i in range(0, len(images), batch)]
+    return torch.cat(features).cpu().numpy()
 
 
 def tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -119,7 +119,8 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
     res = summary.get("resources", {})
     resources = TrialResources(res.get("workers_per_trial", 1), res.get("cpus_per_trial", 1.0),
                                res.get("gpus_per_trial", 0.0), res.get("one_worker_trials", "tune"))
-    overrides = trial_overrides(study, invocation.get("overrides") or [], invocation.get("data"), resources.gpus)
+    overrides = trial_overrides(study, invocation.get("overrides") or [], invocation.get("data"), resources.gpus,
+                                resources.workers)
     base_seed = study.trial_config({}, overrides, invocation.get("smoke", False)).seed
     new_seeds = [base_seed + 1000 * k for k in range(1, seeds + 1)]  # apart from the search's own seed
     configs = repeat_configs(summary, top, new_seeds)
@@ -155,9 +156,8 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
                                     repeats=True)]
     start = time.perf_counter()
     results = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-        num_samples=len(configs), search_alg=FixedConfigs(configs),
-        trial_name_creator=dirname, trial_dirname_creator=dirname,
-        max_concurrent_trials=resources.max_concurrent(ray.cluster_resources())),
+        num_samples=len(configs), search_alg=resources.limiter(FixedConfigs(configs)),
+        trial_name_creator=dirname, trial_dirname_creator=dirname),
         run_config=tune.RunConfig(name=REPEATS_DIR, storage_path=storage, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()

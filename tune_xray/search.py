@@ -27,7 +27,7 @@ from .cluster import alive_nodes, check_cluster_paths, download, upload
 from .data.splits import DataError
 from .models import WeightsError
 from .space import BACKBONE_KEYS, Study, case_key, flatten, load_study
-from .trial import STATUS, TIME_ATTR
+from .trial import RESULT_FILES, STATUS, TIME_ATTR
 
 RAY_ENV = {
     # Train's controller polls workers this often (default 2 s): 0.5 s cuts per-report latency (STACK_NOTES)
@@ -73,16 +73,27 @@ def absolute_data(source: str) -> str:
     return f"{kind}:{Path(path).expanduser().resolve()}" if sep and path and "://" not in source else source
 
 
-def trial_overrides(study: Study, overrides: list[str], data: str | None, gpus_per_trial: float) -> dict:
-    """What every trial gets on top of the study file: `--set`, `--data`, and the device its resources give
-    (resolved here, so every record shows it)."""
+def trial_overrides(study: Study, overrides: list[str], data: str | None, gpus_per_trial: float,
+                    workers_per_trial: int = 1) -> dict:
+    """What every trial gets on top of the study file: `--set`, `--data`, the device its resources give and, on
+    a GPU it shares with other trials, its share (`data.device_share`, what `device_cache: auto` counts) —
+    resolved here, so every record shows them."""
     tree = parse_overrides(overrides)
     study.check_overrides(tree)
     if data:
         tree = merge(tree, {"data": {"source": data}})
     if "device" not in tree:
         tree = merge(tree, {"device": "cuda" if gpus_per_trial else "cpu"})
+    share = gpus_per_trial / workers_per_trial
+    if 0 < share < 1 and "device_share" not in tree.get("data", {}):
+        tree = merge(tree, {"data": {"device_share": share}})
     return tree
+
+
+def default_gpus_per_trial(cluster: dict) -> float:
+    """--gpus-per-trial when not given: 1 when the cluster (ray.cluster_resources()) has a GPU, else 0 — the
+    cluster's, not the driver's (a CPU-only head drives GPU workers)."""
+    return 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
 
 
 def check_candidates(study: Study, overrides: dict, smoke: bool) -> None:
@@ -422,11 +433,13 @@ def sync_to_storage(experiment_dir: Path, storage: str, name: str, names=(INVOCA
 
 
 def fetch_results(experiment_dir: Path, storage: str, name: str, trial_dir: str) -> Path:
-    """A trial's result files (best.pt, predictions, ...) in the local experiment directory: with a local or
-    mounted storage they are there already; from a remote one they are fetched (MLflow logs them from here, the
-    ensemble reads them here; a trial that errored first has none)."""
+    """A trial's result files (trial.RESULT_FILES: best.pt, predictions, summary, config) in the local experiment
+    directory: with a local or mounted storage they are there already; from a remote one those files alone are
+    fetched, not the trial's directory with its checkpoints and their optimizer state (MLflow logs them from
+    here, the ensemble reads them here; a pruned trial, or one that errored, has none)."""
     if "://" in storage:
-        download(f"{storage}/{name}/{trial_dir}", experiment_dir / trial_dir)
+        for file in RESULT_FILES:
+            download(f"{storage}/{name}/{trial_dir}/{file}", experiment_dir / trial_dir / file)
     return experiment_dir / trial_dir
 
 
@@ -458,7 +471,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     `extra_callbacks`: more Tune callbacks (tests use one to interrupt a search)."""
     if args.resume:
         _restore_invocation(args)  # before anything else: nothing to resume is one error, leaving nothing behind
-    if args.workers_per_trial > 1 and 0 < args.gpus_per_trial / args.workers_per_trial < 1:
+    if args.workers_per_trial > 1 and 0 < (args.gpus_per_trial or 0) / args.workers_per_trial < 1:
         raise ConfigError(f"--workers-per-trial {args.workers_per_trial} with --gpus-per-trial {args.gpus_per_trial:g}: "
                           "each DDP rank needs a GPU of its own (NCCL refuses two ranks on one GPU); use "
                           f"--gpus-per-trial {args.workers_per_trial} or more")
@@ -467,7 +480,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     study = load_study(args.study)  # every search-space error before Ray starts
     if args.data:
         args.data = absolute_data(args.data)
-    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial)
+    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial or 0, args.workers_per_trial)
     base_cfg = study.trial_config({}, overrides, args.smoke)
     check_candidates(study, overrides, args.smoke)
     budget = study.budget(args.smoke, overrides)
@@ -484,12 +497,15 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
     import ray
 
-    from .trial import RESULT_FILES, TrialResources, resolve_trial, trial_driver, tune_metric
+    from .trial import TrialResources, resolve_trial, trial_driver, tune_metric
 
     if not ray.is_initialized():
         # keep the dashboard (ray[default]'s State API): without it a Train run stopped by ASHA leaks its
         # placement group and the next trial waits for resources forever
         _init_ray(args.address, args.verbose)
+    if args.gpus_per_trial is None:
+        args.gpus_per_trial = default_gpus_per_trial(ray.cluster_resources())
+    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial, args.workers_per_trial)
     if len(alive_nodes()) > 1:  # every node must see the storage and the data; checked before anything is written
         kind, _, data_path = base_cfg.data.source.partition(":")
         check_cluster_paths(storage, data_path if kind != "synthetic" else None)
@@ -536,9 +552,9 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
             num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
-            search_alg=_optuna_search(study, DefineByRun(study, overrides, args.smoke), name, optuna_url,
-                                      args.seed, metric),
-            max_concurrent_trials=resources.max_concurrent(ray.cluster_resources())))
+            search_alg=resources.limiter(_optuna_search(study, DefineByRun(study, overrides, args.smoke), name,
+                                                        optuna_url, args.seed, metric),
+                                         getattr(args, "max_concurrent", None))))
     results = tuner.fit()
     all_trials = results._experiment_analysis.trials
     runs = tracking.child_runs(tracking_uri, parent)
@@ -581,7 +597,9 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     if summary["status"] == "complete" and not getattr(args, "no_report", False):
         from .report import build_report
         try:
-            report = build_report(experiment_dir, device="cuda" if args.gpus_per_trial else "cpu")
+            import torch  # the report runs here, in the driver: on its own device, whatever the trials had
+
+            report = build_report(experiment_dir, device="cuda" if torch.cuda.is_available() else "cpu")
             summary["report"] = str(report)
         except Exception as err:  # noqa: BLE001 — the trials, the record and the ensemble stand; say what failed
             summary["report"] = f"not written: {type(err).__name__}: {err}"
@@ -618,7 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a one-worker trial trains in the Tune trial's own process (tune: no Ray Train worker "
                         "group to start) or as a Ray Train run (trainer); two or more workers are always a Train run")
     parser.add_argument("--gpus-per-trial", type=float, default=None,
-                        help="default: 1 when CUDA is available, else 0; fractions pack trials onto a GPU")
+                        help="default: 1 when the cluster has a GPU when the search starts, else 0 (an autoscaling "
+                        "cluster whose GPU workers start from 0: pass it); fractions pack trials onto a GPU")
+    parser.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                        help="at most N trials at once, N waiting for resources (an autoscaler sees them all); "
+                        "default: as many as the cluster holds, read again as it grows, and one waiting")
     parser.add_argument("--address", help="Ray cluster address (default: start Ray locally, or RAY_ADDRESS)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the experiment dir; on a "
                         "cluster, an MLflow server http://…)")
@@ -642,9 +664,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.gpus_per_trial is None:
-        import torch
-        args.gpus_per_trial = 1.0 if torch.cuda.is_available() else 0.0
     try:
         summary = run_search(args)
     except (ConfigError, DataError, WeightsError) as err:

@@ -23,6 +23,7 @@ from ray import tune
 from ray.train import Checkpoint, CheckpointConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .cluster import upload
 from .config import build_config
@@ -208,12 +209,38 @@ class TrialResources:
             per_worker["GPU"] = self.gpus / self.workers
         return ScalingConfig(num_workers=self.workers, use_gpu=self.gpus > 0, resources_per_worker=per_worker)
 
-    def max_concurrent(self, cluster: dict) -> int:
-        """Trials that fit at once: Tune counts only the driver, so the search must cap concurrency."""
-        fits = [cluster.get("CPU", 1) // self.cpus]
+    def placeable(self, cluster: dict) -> int:
+        """How many such trials `cluster` (ray.cluster_resources()) holds at once; 0 when not one fits."""
+        fits = [cluster.get("CPU", 0) // self.cpus] if self.cpus else []
         if self.gpus:
             fits.append(cluster.get("GPU", 0) // self.gpus)
-        return max(1, int(min(fits)))
+        return int(min(fits, default=1))
+
+    def limiter(self, searcher: Searcher, cap: int | None = None) -> Searcher:
+        """`searcher` behind the limit on live trials the search runs with: `cap` (--max-concurrent), else
+        `ClusterConcurrency` — as many as the cluster holds now, and one more."""
+        return ConcurrencyLimiter(searcher, cap) if cap else ClusterConcurrency(searcher, self)
+
+
+class ClusterConcurrency(ConcurrencyLimiter):
+    """Tune's ConcurrencyLimiter with a limit that follows the cluster: the trials its resources hold now, plus one
+    waiting, whose request an autoscaler sees and adds a node for. Read again at each suggestion, so a cluster that
+    grows (GPU workers autoscaled from 0, a resume on a bigger one) runs more trials at once.
+
+    Tune sees the resources of a trial that trains in its own process and queues such trials itself; it does not
+    see a Ray Train run's workers (the trial itself holds nothing), and without a limit it would start every such
+    trial at once, each waiting on its worker group, the searcher told nothing in between."""
+
+    def __init__(self, searcher: Searcher, resources: TrialResources):
+        self.resources = resources
+        super().__init__(searcher, max_concurrent=self._limit())
+
+    def _limit(self) -> int:
+        return self.resources.placeable(ray.cluster_resources()) + 1
+
+    def suggest(self, trial_id: str):
+        self.max_concurrent = self._limit()
+        return super().suggest(trial_id)
 
 
 def resolve_trial(study, config: dict, overrides: dict, smoke: bool):

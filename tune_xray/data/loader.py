@@ -99,7 +99,7 @@ def make_loader(dataset: CachedBatches, batch_size: int, shuffle: bool, drop_las
         raise ConfigError(f"{key}={batch_size} is larger than {shard} images: every epoch would have no "
                           f"optimizer step; use {key} <= {len(sampler)}" + (" or fewer workers" if world_size > 1 else ""))
     device, data = device or torch.device("cpu"), data or DataConfig()
-    if use_device_cache(dataset.cache, device, data.device_cache):
+    if use_device_cache(dataset.cache, device, data.device_cache, data.device_share):
         return DeviceBatches(device_images(dataset.cache, device), dataset.rows, dataset.targets, batches)
     workers = data.num_workers if data.num_workers is not None else 2 if device.type == "cuda" else 0
     return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
@@ -141,16 +141,17 @@ def device_images(cache: ImageCache, device: torch.device) -> torch.Tensor:
     return _DEVICE_IMAGES[key]
 
 
-def use_device_cache(cache: ImageCache, device: torch.device, setting: bool | str) -> bool:
-    """`data.device_cache`: true, false, or auto — on CUDA when the cache takes under half the free memory."""
+def use_device_cache(cache: ImageCache, device: torch.device, setting: bool | str, share: float = 1.0) -> bool:
+    """`data.device_cache`: true, false, or auto — on CUDA when the cache takes under half of this trial's `share`
+    of the GPU's memory (`data.device_share`). Not the memory free at that moment: trials packed onto one GPU
+    would each keep a full copy while there was room (NIH at 384 px ≈ 16.5 GB each)."""
     if setting != "auto":
         return bool(setting)
     if device.type != "cuda":
         return False
     if (str(cache.path), str(device)) in _DEVICE_IMAGES:
         return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(np.prod(cache.shape)) < free / 2
+    return int(np.prod(cache.shape)) < share * torch.cuda.get_device_properties(device).total_memory / 2
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

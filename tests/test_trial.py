@@ -1,0 +1,42 @@
+"""What a trial holds and how many run at once: the limit follows the cluster as it grows."""
+
+import ray
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from tune_xray.trial import ClusterConcurrency, TrialResources
+
+
+class Configs(Searcher):
+    def suggest(self, trial_id):
+        return {"trial": trial_id}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+
+def test_trials_placeable_count_cpus_and_gpus():
+    assert TrialResources(cpus=2).placeable({"CPU": 1}) == 0
+    assert TrialResources(cpus=2).placeable({"CPU": 5}) == 2
+    assert TrialResources(cpus=1, gpus=0.5).placeable({"CPU": 16, "GPU": 2}) == 4
+    assert TrialResources(workers=2, cpus=8, gpus=2).placeable({"CPU": 64, "GPU": 3}) == 1
+
+
+def test_the_concurrency_limit_follows_the_cluster(monkeypatch):
+    """As many trials as the cluster holds now and one waiting (an autoscaler sees its request), read again at
+    every suggestion: a cluster that starts with no room and grows runs more at once."""
+    cluster = {"CPU": 1}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
+    limiter = TrialResources(cpus=2).limiter(Configs())
+    assert isinstance(limiter, ClusterConcurrency)
+    assert limiter.suggest("a") == {"trial": "a"}  # none fits: one waits
+    assert limiter.suggest("b") is None
+    cluster["CPU"] = 5  # a node joined: two fit, one more may wait
+    assert limiter.suggest("b") == {"trial": "b"} and limiter.suggest("c") == {"trial": "c"}
+    assert limiter.suggest("d") is None
+    limiter.on_trial_complete("a")
+    assert limiter.suggest("d") == {"trial": "d"}
+
+
+def test_max_concurrent_is_a_fixed_cap():
+    limiter = TrialResources().limiter(Configs(), cap=3)
+    assert type(limiter) is ConcurrencyLimiter and limiter.max_concurrent == 3
