@@ -12,6 +12,16 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in its in
     os.environ.setdefault("TRITON_INTERPRET", "1")  # backend is tested without a GPU (before triton is imported)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped without one (scripts/gpu_check.sh runs them on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep every cache and generated dataset of the test session out of the user's home."""

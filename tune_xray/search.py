@@ -480,6 +480,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     study = load_study(args.study)  # every search-space error before Ray starts
     if args.data:
         args.data = absolute_data(args.data)
+    # checked now; the device part is resolved again once Ray tells the cluster's GPUs (--gpus-per-trial default)
     overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial or 0, args.workers_per_trial)
     base_cfg = study.trial_config({}, overrides, args.smoke)
     check_candidates(study, overrides, args.smoke)

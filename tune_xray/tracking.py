@@ -271,9 +271,8 @@ class TrialRuns(LoggerCallback):
         node = (trial.last_result or {}).get("node_id")
         tags += [RunTag("tune_xray.node_id", node)] if isinstance(node, str) else []
         # known once the trial ran on its device: a param beside the config it resolves (model.scan_backend: auto)
-        backend = (trial.last_result or {}).get(SCAN_BACKEND)
-        params = [Param(SCAN_BACKEND, backend)] if isinstance(backend, str) and SCAN_BACKEND not in \
-            client.get_run(run_id).data.params else []
+        backend, logged = (trial.last_result or {}).get(SCAN_BACKEND), client.get_run(run_id).data.params
+        params = [Param(SCAN_BACKEND, backend)] if isinstance(backend, str) and SCAN_BACKEND not in logged else []
         client.log_batch(run_id, tags=tags, params=params)
         directory = self.results_dir(trial)
         for name in self.artifacts:

@@ -72,7 +72,7 @@ def create_backbone(name: str, pretrained_path: str | Path | None = None, in_cha
     size (ViT, Swin, CoAtNet, MaxViT: timm's `fixed_input_size`) are built for `image_size`.
 
     `grad_checkpointing`: timm's `set_grad_checkpointing` (a model without it is a ConfigError); `scan_backend`:
-    the selective scan of MambaVision's and VMamba's SSM layers (scan.BACKENDS)."""
+    the selective scan of MambaVision's and VMamba's SSM layers (auto | kernel | triton | torch)."""
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ConfigError(f"{key}: unknown timm model '{name}'" + (f"; similar: {close}" if close else ""))

@@ -45,8 +45,25 @@ def _projection(P, pid_b, group, offs_n, offs_l, mask3, s_b, s_g, s_n, s_l):
 def _step(DELTA, at, mask, bias, SOFTPLUS: tl.constexpr):
     """(Δ before softplus, Δ) at a tile; Δ = 0 where masked (a step past L passes the state through)."""
     raw = tl.load(DELTA + at, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-    step = _softplus(raw) if SOFTPLUS else raw
+    if SOFTPLUS:
+        step = _softplus(raw)
+    else:
+        step = raw
     return raw, tl.where(mask, step, 0.0)
+
+
+@triton.jit
+def _per_channel(BIAS, D, offs_d, mask_d, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The block's Δ bias and D (zeros for an absent one)."""
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_d, mask=mask_d, other=0.0)
+    else:
+        bias = tl.zeros([BLOCK_D], tl.float32)
+    if HAS_D:
+        skip = tl.load(D + offs_d, mask=mask_d, other=0.0)
+    else:
+        skip = tl.zeros([BLOCK_D], tl.float32)
+    return bias, skip
 
 
 @triton.jit
@@ -62,8 +79,7 @@ def _scan_forward(U, DELTA, BIAS, A, B, C, D, Z, Y, STATES, LAST,
     mask_dn = mask_d[:, None] & mask_n[None, :]
     group = offs_d // channels_per_group
     a = tl.load(A + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0)
-    bias = tl.load(BIAS + offs_d, mask=mask_d, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
-    skip = tl.load(D + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+    bias, skip = _per_channel(BIAS, D, offs_d, mask_d, HAS_BIAS, HAS_D, BLOCK_D)
     states_at = ((pid_b * dim + offs_d[:, None]) * n_state + offs_n[None, :]) * n_tiles
     state = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     for k in range(0, n_tiles):
@@ -104,8 +120,7 @@ def _scan_backward(U, DELTA, BIAS, A, B, C, D, Z, GRAD_Y, STATES,
     mask_dn = mask_d[:, None] & mask_n[None, :]
     group = offs_d // channels_per_group
     a = tl.load(A + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0)
-    bias = tl.load(BIAS + offs_d, mask=mask_d, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
-    skip = tl.load(D + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+    bias, skip = _per_channel(BIAS, D, offs_d, mask_d, HAS_BIAS, HAS_D, BLOCK_D)
     states_at = ((pid_b * dim + offs_d[:, None]) * n_state + offs_n[None, :]) * n_tiles
     # per-program partial sums: B and C over the block's channels, A, D and the Δ bias over batch and time
     blocks = tl.num_programs(1)
@@ -157,8 +172,9 @@ def _scan_backward(U, DELTA, BIAS, A, B, C, D, Z, GRAD_Y, STATES,
             grad_u += dy * skip[:, None]
             grad_skip += tl.sum(dy * u, axis=1)
         grad_a += tl.sum(grad_dA * step[:, None, :], axis=2)
-        grad_raw = grad_step * tl.sigmoid(raw) if SOFTPLUS else grad_step
-        grad_raw = tl.where(mask, grad_raw, 0.0)
+        if SOFTPLUS:
+            grad_step = grad_step * tl.sigmoid(raw)
+        grad_raw = tl.where(mask, grad_step, 0.0)
         grad_bias += tl.sum(grad_raw, axis=1)
         tl.store(GRAD_U + at, grad_u, mask=mask)
         tl.store(GRAD_DELTA + at, grad_raw, mask=mask)
