@@ -53,8 +53,16 @@ def _step(DELTA, at, mask, bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _per_channel(BIAS, D, offs_d, mask_d, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The block's Δ bias and D (zeros for an absent one)."""
+def _program(A, BIAS, D, dim, n_state, n_tiles, channels_per_group, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """What a program (batch pid_b, channel block pid_d) holds throughout: its offsets and masks, each channel's
+    group, A, Δ bias and D (zeros for an absent one), and where its chunk states live."""
+    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_dn = mask_d[:, None] & (offs_n < n_state)[None, :]
+    a = tl.load(A + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_d, mask=mask_d, other=0.0)
     else:
@@ -63,7 +71,24 @@ def _per_channel(BIAS, D, offs_d, mask_d, HAS_BIAS: tl.constexpr, HAS_D: tl.cons
         skip = tl.load(D + offs_d, mask=mask_d, other=0.0)
     else:
         skip = tl.zeros([BLOCK_D], tl.float32)
-    return bias, skip
+    states_at = ((pid_b * dim + offs_d[:, None]) * n_state + offs_n[None, :]) * n_tiles
+    return pid_b, pid_d, offs_d, offs_n, cols, mask_d, mask_dn, offs_d // channels_per_group, a, bias, skip, states_at
+
+
+@triton.jit
+def _tile(k, U, DELTA, B, pid_b, offs_d, offs_n, cols, mask_d, mask_dn, group, a, bias, length, s_b, s_d,
+          sb_b, sb_g, sb_n, sb_l, SOFTPLUS: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Tile k's steps: offsets and masks, u, Δ before softplus, Δ, the decay e^{ΔA} and the input Δ·u·B."""
+    offs_l = k * BLOCK_L + cols
+    mask_l = offs_l < length
+    mask = mask_d[:, None] & mask_l[None, :]
+    mask3 = mask_dn[:, :, None] & mask_l[None, None, :]
+    at = pid_b * s_b + offs_d[:, None] * s_d + offs_l[None, :]
+    u = tl.load(U + at, mask=mask, other=0.0).to(tl.float32)
+    raw, step = _step(DELTA, at, mask, bias, SOFTPLUS)
+    decay = tl.exp(step[:, None, :] * a[:, :, None])
+    x = (step * u)[:, None, :] * _projection(B, pid_b, group, offs_n, offs_l, mask3, sb_b, sb_g, sb_n, sb_l)
+    return offs_l, mask_l, mask, mask3, at, u, raw, step, decay, x
 
 
 @triton.jit
@@ -72,26 +97,13 @@ def _scan_forward(U, DELTA, BIAS, A, B, C, D, Z, Y, STATES, LAST,
                   sb_b, sb_g, sb_n, sb_l, sc_b, sc_g, sc_n, sc_l,
                   HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
-    mask_d, mask_n = offs_d < dim, offs_n < n_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    group = offs_d // channels_per_group
-    a = tl.load(A + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0)
-    bias, skip = _per_channel(BIAS, D, offs_d, mask_d, HAS_BIAS, HAS_D, BLOCK_D)
-    states_at = ((pid_b * dim + offs_d[:, None]) * n_state + offs_n[None, :]) * n_tiles
+    pid_b, _, offs_d, offs_n, cols, mask_d, mask_dn, group, a, bias, skip, states_at = _program(
+        A, BIAS, D, dim, n_state, n_tiles, channels_per_group, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N, BLOCK_L)
     state = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     for k in range(0, n_tiles):
-        offs_l = k * BLOCK_L + cols
-        mask_l = offs_l < length
-        mask = mask_d[:, None] & mask_l[None, :]
-        mask3 = mask_dn[:, :, None] & mask_l[None, None, :]
-        at = pid_b * s_b + offs_d[:, None] * s_d + offs_l[None, :]
-        u = tl.load(U + at, mask=mask, other=0.0).to(tl.float32)
-        _, step = _step(DELTA, at, mask, bias, SOFTPLUS)
-        decay = tl.exp(step[:, None, :] * a[:, :, None])
-        x = (step * u)[:, None, :] * _projection(B, pid_b, group, offs_n, offs_l, mask3, sb_b, sb_g, sb_n, sb_l)
+        offs_l, _, mask, mask3, at, u, _, _, decay, x = _tile(
+            k, U, DELTA, B, pid_b, offs_d, offs_n, cols, mask_d, mask_dn, group, a, bias, length, s_b, s_d,
+            sb_b, sb_g, sb_n, sb_l, SOFTPLUS, BLOCK_L)
         tl.store(STATES + states_at + k, state, mask=mask_dn)
         carried, h = tl.associative_scan((decay, x), 2, _linear_combine)
         h += carried * state[:, :, None]
@@ -113,34 +125,20 @@ def _scan_backward(U, DELTA, BIAS, A, B, C, D, Z, GRAD_Y, STATES,
                    sb_b, sb_g, sb_n, sb_l, sc_b, sc_g, sc_n, sc_l,
                    HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_b, pid_d = tl.program_id(0), tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_L)
-    mask_d, mask_n = offs_d < dim, offs_n < n_state
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    group = offs_d // channels_per_group
-    a = tl.load(A + offs_d[:, None] * n_state + offs_n[None, :], mask=mask_dn, other=0.0)
-    bias, skip = _per_channel(BIAS, D, offs_d, mask_d, HAS_BIAS, HAS_D, BLOCK_D)
-    states_at = ((pid_b * dim + offs_d[:, None]) * n_state + offs_n[None, :]) * n_tiles
+    pid_b, pid_d, offs_d, offs_n, cols, mask_d, mask_dn, group, a, bias, skip, states_at = _program(
+        A, BIAS, D, dim, n_state, n_tiles, channels_per_group, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N, BLOCK_L)
     # per-program partial sums: B and C over the block's channels, A, D and the Δ bias over batch and time
-    blocks = tl.num_programs(1)
-    partial_bc = ((pid_b * blocks + pid_d) * n_state + offs_n[:, None]) * length
+    partial_bc = ((pid_b * tl.num_programs(1) + pid_d) * n_state + offs_n[:, None]) * length
+    mask_n = offs_n < n_state
     lam_next = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)  # λ at the first step of the tile after (0 past L)
     grad_a = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     grad_skip = tl.zeros([BLOCK_D], tl.float32)
     grad_bias = tl.zeros([BLOCK_D], tl.float32)
     for i in range(0, n_tiles):
         k = n_tiles - 1 - i
-        offs_l = k * BLOCK_L + cols
-        mask_l = offs_l < length
-        mask = mask_d[:, None] & mask_l[None, :]
-        mask3 = mask_dn[:, :, None] & mask_l[None, None, :]
-        at = pid_b * s_b + offs_d[:, None] * s_d + offs_l[None, :]
-        u = tl.load(U + at, mask=mask, other=0.0).to(tl.float32)
-        raw, step = _step(DELTA, at, mask, bias, SOFTPLUS)
-        decay = tl.exp(step[:, None, :] * a[:, :, None])
-        du_b = step * u
-        x = du_b[:, None, :] * _projection(B, pid_b, group, offs_n, offs_l, mask3, sb_b, sb_g, sb_n, sb_l)
+        offs_l, mask_l, mask, mask3, at, u, raw, step, decay, x = _tile(
+            k, U, DELTA, B, pid_b, offs_d, offs_n, cols, mask_d, mask_dn, group, a, bias, length, s_b, s_d,
+            sb_b, sb_g, sb_n, sb_l, SOFTPLUS, BLOCK_L)
         cp = _projection(C, pid_b, group, offs_n, offs_l, mask3, sc_b, sc_g, sc_n, sc_l)
         entering = tl.load(STATES + states_at + k, mask=mask_dn, other=0.0)
         carried, h = tl.associative_scan((decay, x), 2, _linear_combine)
@@ -163,7 +161,7 @@ def _scan_backward(U, DELTA, BIAS, A, B, C, D, Z, GRAD_Y, STATES,
         lam_next = tl.sum(tl.where(cols[None, None, :] == 0, lam, 0.0), axis=2)
         mask_nl = mask_n[:, None] & mask_l[None, :]
         tl.store(GRAD_C + partial_bc + offs_l[None, :], tl.sum(dy[:, None, :] * h, axis=0), mask=mask_nl)
-        tl.store(GRAD_B + partial_bc + offs_l[None, :], tl.sum(lam * du_b[:, None, :], axis=0), mask=mask_nl)
+        tl.store(GRAD_B + partial_bc + offs_l[None, :], tl.sum(lam * (step * u)[:, None, :], axis=0), mask=mask_nl)
         grad_dA = lam * (h - x)  # ∂L/∂(Δ_t A): e^{Δ_t A} h_{t-1} = h_t − x_t
         lam_b = tl.sum(lam * _projection(B, pid_b, group, offs_n, offs_l, mask3, sb_b, sb_g, sb_n, sb_l), axis=1)
         grad_step = tl.sum(grad_dA * a[:, :, None], axis=1) + lam_b * u
