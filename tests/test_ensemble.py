@@ -8,8 +8,8 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from tune_xray.ensemble import EnsembleError, forward_selection, load_pool, run_ensemble, select, split_scorer
-from tune_xray.metrics import patient_bootstrap, weighted_mean_auroc
+from tune_xray.ensemble import CaruanaSelector, EnsembleError, load_pool, run_ensemble, select, split_scorer
+from tune_xray.metrics import classification_metrics, patient_bootstrap, weighted_mean_auroc
 
 CLASSES = ["A", "B"]
 
@@ -46,17 +46,78 @@ def _pool_dir(tmp_path, n=120, seed=0):
 def test_caruana_finds_the_complementary_members_with_replacement(tmp_path):
     pool = load_pool(_pool_dir(tmp_path))
     assert [t["trial"] for t in pool.trials] == ["t000", "t001", "t002", "t003"]  # the pruned trial is not in
-    counts, curve = forward_selection(pool.val.probs, split_scorer(pool.val.y, "multilabel", "val_mean_auroc",
-                                                                   CLASSES, "youden"), 4, 1, range(4))
-    assert counts[0] > 0 and counts[1] > 0 and counts[2] == 0  # the two specialists, never the noise
-    assert counts.sum() == 4 and curve[1] > curve[0]  # with replacement: four selections from three useful
-    weights, _ = select(pool, "caruana", size=4, bags=1)
-    assert weights == pytest.approx(counts / 4)
+    weights, how = select(pool, "caruana", size=4, bags=0)
+    assert weights[0] > 0 and weights[1] > 0 and weights[2] == 0  # the two specialists, never the noise
+    assert how["axis"] == "selections" and not how["bagged"]
+    x, score = zip(*how["curve"])
+    assert score[x.index(how["chosen"])] == max(score)  # the best prefix is what is returned
     bagged = [select(pool, "caruana", size=4, bags=10, seed=3)[0] for _ in range(2)]
     assert np.array_equal(*bagged) and bagged[0].sum() == pytest.approx(1)  # seeded, deterministic
     best = select(pool, "best")[0]
     assert best.max() == 1.0 and best.sum() == 1.0
     assert np.count_nonzero(select(pool, "topk", size=2)[0]) == 2
+
+
+def _random_pool(kind: str, rng, n: int = 60, labels: int = 2):
+    """Validation probabilities (M, n, labels) of a random library: one dominant model among weak ones, diverse
+    specialists, one or two models, tied copies, or noise."""
+    y = (rng.random((n, labels)) < 0.4).astype(int)
+    y[:2] = [[0] * labels, [1] * labels]  # both classes in every label
+    noise = lambda: rng.random((n, labels))  # noqa: E731
+    if kind == "dominant":
+        probs = [0.1 * y + noise() for _ in range(rng.integers(2, 10))] + [0.7 * y + 0.3 * noise()]
+    elif kind == "diverse":
+        probs = [np.where(np.arange(labels) == rng.integers(labels), 0.6 * y + 0.4 * noise(), noise())
+                 for _ in range(rng.integers(3, 10))]
+    elif kind == "tiny":
+        probs = [rng.random() * y + noise() for _ in range(rng.integers(1, 3))]
+    elif kind == "ties":
+        base = [rng.random() * y + noise() for _ in range(rng.integers(1, 4))]
+        probs = base * int(rng.integers(2, 4))
+    else:
+        probs = [noise() for _ in range(rng.integers(2, 10))]
+    order = rng.permutation(len(probs))
+    return np.stack(probs)[order].clip(0, 1), y
+
+
+def _auroc(y, p):
+    return float(weighted_mean_auroc(y, p, np.ones((1, len(y))))[0])
+
+
+def _macro_f1(y, p):
+    return classification_metrics("multilabel", y, p, ["A", "B"])["metrics"]["macro_f1"]
+
+
+@pytest.mark.parametrize("scorer, pools", [(_auroc, 100), (_macro_f1, 25)], ids=["mean_auroc", "macro_f1"])
+def test_the_ensemble_never_scores_below_its_best_member_on_validation(scorer, pools):
+    """Caruana as published (initial size chosen on the hill-climb set, best prefix, bag average kept only if
+    not worse): on every random pool the fitted weights score at least the best single model's."""
+    rng = np.random.default_rng(0)
+    for i in range(pools):
+        kind = ("dominant", "diverse", "tiny", "ties", "noise")[i % 5]
+        probs, y = _random_pool(kind, rng)
+        selector = CaruanaSelector(size=int(rng.integers(1, 8)), bags=int(rng.choice([0, 5, 10])),
+                                   seed=i).fit(probs, y, scorer)
+        assert selector.weights_.min() >= 0 and selector.weights_.sum() == pytest.approx(1)
+        score = scorer(y, np.tensordot(selector.weights_, probs, axes=1))
+        assert score >= max(scorer(y, p) for p in probs), f"pool {i} ({kind})"
+        assert score == selector.score_
+
+
+def test_a_pool_too_small_to_bag_is_not_bagged():
+    rng = np.random.default_rng(1)
+    probs, y = _random_pool("tiny", rng)
+    assert not CaruanaSelector(size=5, bags=20).fit(probs, y, _auroc).bagged_  # a bag would hold one model
+
+
+def test_the_selection_does_not_depend_on_the_order_of_the_summary(tmp_path):
+    directory = _pool_dir(tmp_path)
+    first = run_ensemble(directory, size=4, bags=10, resamples=50)
+    summary = json.loads((directory / "summary.json").read_text())
+    summary["rows"] = summary["rows"][::-1]  # as a resume may leave them
+    (directory / "summary.json").write_text(json.dumps(summary))
+    second = run_ensemble(directory, size=4, bags=10, resamples=50)
+    assert [(m["trial"], m["weight"]) for m in first["members"]] == [(m["trial"], m["weight"]) for m in second["members"]]
 
 
 def test_test_labels_never_choose_the_ensemble(tmp_path):

@@ -105,6 +105,7 @@ def load_pool(experiment_dir: str | Path) -> Pool:
             trials.append({**row, "dir": str(directory)})
     if not trials:
         raise EnsembleError(f"{experiment_dir}: no completed trial with stored predictions to ensemble")
+    trials.sort(key=lambda t: Path(t["dir"]).name)  # one order whatever summary.json's (a resume reorders it)
     first = json.loads((Path(trials[0]["dir"]) / "summary.json").read_text())
     cfg = yaml.safe_load((Path(trials[0]["dir"]) / "config.yaml").read_text())
     classes = list(first["classes"])
@@ -142,48 +143,104 @@ def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str):
     return score
 
 
-def forward_selection(probs: np.ndarray, score, size: int, init: int, candidates,
-                      single: np.ndarray | None = None) -> tuple[np.ndarray, list[float]]:
-    """Caruana's greedy forward selection with replacement from a sorted initialisation of the `init` best
-    (`single`: the members' own scores, computed here when not given); returns the selection counts (M,) and
-    the score after each addition (the selection curve)."""
-    candidates = list(candidates)
-    single = single if single is not None else np.array([float(score(p)[0]) for p in probs])
-    counts, total = np.zeros(len(probs)), np.zeros(probs.shape[1:])
-    for j in sorted(candidates, key=lambda j: -single[j])[:max(1, min(init, size))]:
-        counts[j] += 1
-        total += probs[j]
-    curve = [float(score(total / counts.sum())[0])]
-    while counts.sum() < size:
-        gains = {j: float(score((total + probs[j]) / (counts.sum() + 1))[0]) for j in candidates}
-        best = max(candidates, key=lambda j: (gains[j], single[j]))  # ties: the better single model
-        counts[best] += 1
-        total += probs[best]
-        curve.append(gains[best])
-    return counts, curve
+class CaruanaSelector:
+    """Ensemble selection from a library of models (Caruana et al. 2004, "Ensemble selection from libraries of
+    models"; with Caruana et al. 2006, "Getting the most out of ensemble selection"), as a pure estimator on the
+    hill-climb set: `fit(probs, y, scorer)` → `weights_`, no I/O.
+
+    1. Sorted initialisation: the N best models by their own score, N ≤ `max_init` chosen on the hill-climb set
+       (N = 1 allowed: the best single model).
+    2. Greedy forward selection with replacement, one model at a time, up to `size` selections; the best prefix
+       is returned (the greedy curve is not monotone, and its last step is not its best).
+    3. Bagging: the same selection on `bags` random subsets of `bag_fraction` of the models, their weights
+       averaged; the bag average is scored on the whole hill-climb set and kept only if it is not worse than the
+       unbagged selection. Bagging is skipped when a bag would hold fewer than MIN_BAG models: a bag of one or
+       two is that model or pair, so the average over bags is the random draw of which models the bags kept
+       (with two trials, each bag held one: weights 0.7/0.3 from the draw, not from the data).
+
+    Since the initialisation with N = 1 is the best single model and every later choice is kept only if it
+    scores at least as well, the fitted weights score at least the best single model's on the hill-climb set.
+    Ties go to the model with the better own score, then the lower index: give the models in a canonical order.
+
+    `scorer(y, prob) → float`, higher is better. Fitted: `weights_` (M,) summing to 1, `score_` (theirs),
+    `single_scores_` (M,), `curve_` (x, score) pairs of the returned weights' making — ensemble size in
+    selections for an unbagged result, bags averaged for a bagged one (`curve_axis_`) — `chosen_` (the x
+    returned), `init_size_`, `bagged_`.
+    """
+
+    MIN_BAG = 3
+
+    def __init__(self, size: int = 5, max_init: int | None = None, bags: int = 20, bag_fraction: float = 0.5,
+                 seed: int = 0):
+        if size < 1 or bags < 0 or not 0 < bag_fraction <= 1:
+            raise ValueError(f"CaruanaSelector(size={size}, bags={bags}, bag_fraction={bag_fraction}): size >= 1, "
+                             "bags >= 0 and 0 < bag_fraction <= 1")
+        self.size, self.max_init, self.bags, self.bag_fraction, self.seed = size, max_init, bags, bag_fraction, seed
+
+    def _select(self, probs: np.ndarray, members, y, scorer) -> tuple[np.ndarray, list[tuple[int, float]], int]:
+        """One selection over `members`: (counts of the best prefix, the curve, the initial size)."""
+        ranked = sorted(members, key=lambda j: (-self.single_scores_[j], j))
+        longest = min(self.size, self.max_init or self.size, len(ranked))
+        inits = [scorer(y, probs[ranked[:n]].mean(0)) for n in range(1, longest + 1)]
+        n0 = int(np.argmax(inits)) + 1  # the first of the best: the smallest N
+        order, total = list(ranked[:n0]), probs[ranked[:n0]].sum(0)
+        curve = [(n0, inits[n0 - 1])]
+        while len(order) < self.size:
+            k = len(order) + 1
+            gains = [(scorer(y, (total + probs[j]) / k), self.single_scores_[j], -j) for j in ranked]
+            j = -max(gains)[2]
+            order.append(j)
+            total = total + probs[j]
+            curve.append((k, max(gains)[0]))
+        best = max(range(len(curve)), key=lambda i: (curve[i][1], -i))  # the best prefix, the shortest if tied
+        counts = np.bincount(order[:curve[best][0]], minlength=len(probs)).astype(float)
+        return counts, curve, n0
+
+    def fit(self, probs: np.ndarray, y: np.ndarray, scorer: Callable[[np.ndarray, np.ndarray], float]):
+        """`probs` (M, n, C): each model's probabilities on the hill-climb set; `y` its targets."""
+        probs = np.asarray(probs, dtype=np.float64)
+        m = len(probs)
+        self.single_scores_ = np.array([scorer(y, p) for p in probs])
+        counts, curve, self.init_size_ = self._select(probs, range(m), y, scorer)
+        self.weights_, self.curve_, self.curve_axis_ = counts / counts.sum(), curve, "selections"
+        self.score_ = scorer(y, np.tensordot(self.weights_, probs, axes=1))
+        self.chosen_, self.bagged_ = int(counts.sum()), False
+        best = int(np.argmax(self.single_scores_))
+        if self.score_ < self.single_scores_[best]:  # the weighted sum rounded apart from the running mean and
+            self.weights_ = np.eye(m)[best]  # reordered near-equal probabilities: the best single model, exactly
+            self.score_, self.curve_, self.chosen_ = self.single_scores_[best], [(1, self.single_scores_[best])], 1
+        bag = math.ceil(self.bag_fraction * m)
+        if self.bags > 1 and bag >= self.MIN_BAG:
+            rng, running, bag_curve = np.random.default_rng(self.seed), np.zeros(m), []
+            for b in range(1, self.bags + 1):
+                bag_counts, _, _ = self._select(probs, sorted(rng.choice(m, size=bag, replace=False)), y, scorer)
+                running += bag_counts / bag_counts.sum()
+                bag_curve.append((b, scorer(y, np.tensordot(running / b, probs, axes=1))))
+            if bag_curve[-1][1] >= self.score_:
+                self.weights_, self.score_, self.curve_ = running / self.bags, bag_curve[-1][1], bag_curve
+                self.curve_axis_, self.chosen_, self.bagged_ = "bags", self.bags, True
+        return self
 
 
 def select(pool: Pool, method: str = "caruana", size: int = 5, bags: int = 20, bag_fraction: float = 0.5,
-           init: int = 2, seed: int = 0) -> tuple[np.ndarray, list[float]]:
-    """Member weights (summing to 1) over the pool, from validation predictions only, and the selection curve
-    (validation metric vs ensemble size, forward selection over the whole pool)."""
+           seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Member weights (summing to 1) over the pool, from validation predictions only, and how they were chosen:
+    the curve of the returned weights' making (`curve`: [x, val score] pairs along `axis`), the x returned
+    (`chosen`), `bagged`, `init` (Caruana) — for `best` and `topk` the score of the top-1 … top-k means."""
     probs, score = pool.val.probs, scorer(pool)
+    if method == "caruana":
+        selector = CaruanaSelector(size, None, bags, bag_fraction, seed).fit(probs, pool.val.y,
+                                                                             lambda y, p: float(score(p)[0]))
+        return selector.weights_, {"curve": selector.curve_, "axis": selector.curve_axis_,
+                                   "chosen": selector.chosen_, "bagged": selector.bagged_,
+                                   "init": selector.init_size_}
     m = len(probs)
+    k = 1 if method == "best" else min(size, m)
     ranked = np.argsort(-pool.single, kind="stable")
-    if method in ("best", "topk"):
-        k = 1 if method == "best" else min(size, m)
-        weights = np.zeros(m)
-        weights[ranked[:k]] = 1.0 / k
-        return weights, [float(score(probs[ranked[:i]].mean(0))[0]) for i in range(1, k + 1)]
-    counts, curve = forward_selection(probs, score, size, init, range(m), pool.single)
-    if bags <= 1 or m == 1:
-        return counts / counts.sum(), curve
-    rng, weights = np.random.default_rng(seed), np.zeros(m)
-    for _ in range(bags):
-        subset = rng.choice(m, size=max(1, math.ceil(bag_fraction * m)), replace=False)
-        bag_counts, _ = forward_selection(probs, score, size, init, sorted(subset), pool.single)
-        weights += bag_counts / bag_counts.sum()
-    return weights / weights.sum(), curve
+    weights = np.zeros(m)
+    weights[ranked[:k]] = 1.0 / k
+    curve = [(i, float(score(probs[ranked[:i]].mean(0))[0])) for i in range(1, k + 1)]
+    return weights, {"curve": curve, "axis": "top-k members", "chosen": k, "bagged": False, "init": k}
 
 
 def _with_ci(values: np.ndarray, point: float) -> dict:
@@ -230,7 +287,7 @@ def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int 
     with a tracking URI, log it as an `ensemble` run and register its pyfunc model (tracking.log_ensemble)."""
     start = time.perf_counter()
     pool = load_pool(experiment_dir)
-    weights, curve = select(pool, method, size, bags, seed=seed)
+    weights, selection = select(pool, method, size, bags, seed=seed)
     recorded = record(pool, weights, size, resamples, seed)
     out_dir = pool.experiment_dir / ENSEMBLE_DIR
     out_dir.mkdir(exist_ok=True)
@@ -245,7 +302,7 @@ def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int 
     test_frame.to_csv(out_dir / "predictions_test.csv", index=False)
     result = {"method": method, "size": size, "bags": bags if method == "caruana" else 0, "seed": seed,
               "resamples": resamples, "metric": pool.metric, "task": pool.task, "classes": pool.classes,
-              "pool": len(pool.trials), "selection_curve": curve, **recorded,
+              "pool": len(pool.trials), "selection": selection, **recorded,
               "members": members.drop(columns="dir").to_dict("records")}
     result["wall_time_s"] = time.perf_counter() - start
     (out_dir / "ensemble.json").write_text(json.dumps(result, indent=1, default=float))

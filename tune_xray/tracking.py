@@ -362,11 +362,16 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
                      metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    curve = result["selection_curve"]
-    ax.plot(range(1, len(curve) + 1), curve, marker="o")
-    ax.set_xlabel("ensemble size (selections, with replacement)")
+    selection = result["selection"]
+    x, score = zip(*selection["curve"])
+    ax.plot(x, score, marker="o")
+    ax.plot([selection["chosen"]], [score[x.index(selection["chosen"])]], marker="*", markersize=14, color="C3",
+            label="registered")
+    ax.set_xlabel({"selections": "ensemble size (selections, with replacement)",
+                   "bags": "bags averaged"}.get(selection["axis"], selection["axis"]))
     ax.set_ylabel(result["metric"])
-    ax.set_title("forward selection on validation")
+    ax.set_title("the registered weights' selection, on validation")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "selection_curve.png", dpi=110)
     plt.close(fig)
