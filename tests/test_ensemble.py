@@ -122,17 +122,63 @@ def test_the_selection_does_not_depend_on_the_order_of_the_summary(tmp_path):
 
 def test_test_labels_never_choose_the_ensemble(tmp_path):
     directory = _pool_dir(tmp_path)
-    first = run_ensemble(directory, size=4, bags=5, resamples=200)
+    first = run_ensemble(directory, size=4, bags=5, resamples=200, read_test=True)
     for trial_dir in directory.glob("t00*"):  # permute the test labels of every trial alike
         frame = pd.read_csv(trial_dir / "predictions_test.csv")
         frame[["y_A", "y_B"]] = frame[["y_A", "y_B"]].to_numpy()[np.random.default_rng(1).permutation(len(frame))]
         frame.to_csv(trial_dir / "predictions_test.csv", index=False)
-    second = run_ensemble(directory, size=4, bags=5, resamples=200)
+    second = run_ensemble(directory, size=4, bags=5, resamples=200, read_test=True)
     assert [(m["trial"], m["weight"]) for m in first["members"]] == [(m["trial"], m["weight"]) for m in second["members"]]
     assert first["val"] == second["val"] and first["test"] != second["test"]
+    assert (first["test_reads"], second["test_reads"]) == (1, 2)  # every read of test is counted
     assert first["val"]["ensemble"]["value"] >= first["val"]["best_single"]["value"]
     card = (directory / "ensemble" / "model_card.md").read_text()
     assert "validation mean_auroc only" in card and first["hashes"]["val"] in card
+
+
+def test_a_rerun_reads_no_test_unless_asked_to_record(tmp_path, capsys):
+    from tune_xray.ensemble import main
+
+    directory = _pool_dir(tmp_path)
+    for trial_dir in directory.glob("t00*"):
+        (trial_dir / "predictions_test.csv").unlink()  # not there: nothing may read it
+    assert main([str(directory), "--size", "3", "--resamples", "50", "--tracking-uri", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "val" in out and "test" not in out.replace("test_reads", "")
+    assert not (directory / "test_reads.json").exists()
+    assert "the test split was not read" in (directory / "ensemble" / "model_card.md").read_text()
+
+
+def test_the_record_scores_test_at_thresholds_chosen_on_validation(tmp_path):
+    from tune_xray.ensemble import record, select
+
+    directory = _pool_dir(tmp_path)
+    for trial_dir in directory.glob("t00*"):
+        (trial_dir / "config.yaml").write_text(yaml.safe_dump(
+            {"supervised": {"selection_metric": "val_macro_f1", "threshold": "f1"}}))
+    pool = load_pool(directory)
+    weights, _ = select(pool, "caruana", size=3, bags=0)
+    recorded = record(pool, weights, 2, resamples=20, read_test=True)
+    best = int(np.argmax(pool.single))
+    val_thresholds = classification_metrics("multilabel", pool.val.y, pool.val.probs[best], CLASSES,
+                                            rule="f1")["thresholds"]
+    test = pd.read_csv(directory / pool.trials[best]["dir"] / "predictions_test.csv")
+    expected = classification_metrics("multilabel", test[["y_A", "y_B"]].to_numpy(), test[["p_A", "p_B"]].to_numpy(),
+                                      CLASSES, np.asarray(val_thresholds))["metrics"]["macro_f1"]
+    assert recorded["test"]["best_single"]["value"] == pytest.approx(expected)
+
+
+def test_images_without_patients_are_resampled_one_by_one(tmp_path):
+    """Folder and MedMNIST data name no patient: the interval resamples images, never one unit of everything."""
+    directory = _pool_dir(tmp_path)
+    for path in directory.glob("t00*/predictions_*.csv"):
+        frame = pd.read_csv(path)
+        frame["patient_id"] = None
+        frame.to_csv(path, index=False)
+    result = run_ensemble(directory, size=3, bags=0, resamples=200, read_test=True)
+    for split in ("val", "test"):
+        entry = result[split]["best_single"]
+        assert entry["ci_low"] < entry["value"] < entry["ci_high"]
 
 
 def test_trials_that_predicted_other_images_are_not_ensembled(tmp_path):

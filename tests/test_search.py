@@ -101,12 +101,13 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     done = runs["t000"]
     epochs = int(summary["best"]["epochs_done"]) if summary["best"]["trial"] == "t000" else 2
     assert [m.step for m in client.get_metric_history(done.info.run_id, "val_loss")] == list(range(1, epochs + 1))
-    assert {"selected_val_mean_auroc", "record_test_mean_auroc"} <= set(done.data.metrics)
+    assert "selected_val_mean_auroc" in set(done.data.metrics)
+    assert not [m for c in children for m in c.data.metrics if "test" in m]  # test sealed until the record
     assert {"best.pt", "config.yaml", "predictions_val.csv", "predictions_test.csv"} <= {
         a.path for a in client.list_artifacts(done.info.run_id)}
     best = client.get_run(summary["best_mlflow_run_id"])
     assert parent.data.tags["best_trial_run_id"] == best.info.run_id and parent.info.status == "FINISHED"
-    assert parent.data.metrics["record_test_mean_auroc"] == best.data.metrics["record_test_mean_auroc"]
+    assert parent.data.metrics["selected_val_mean_auroc"] == best.data.metrics["selected_val_mean_auroc"]
     assert parent.data.metrics["best_val_mean_auroc"] == pytest.approx(summary["best"]["best_val_mean_auroc"])
 
     # the search ends with the ensemble chosen on val, registered; in a fresh process (no Ray) its pyfunc
@@ -115,7 +116,9 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     assert registered["uri"] == "models:/tiny/1"
     ensemble_run = client.get_run(registered["run_id"])
     assert ensemble_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert "val_mean_auroc.ensemble.ci_low" in ensemble_run.data.metrics
+    assert {"val_mean_auroc.ensemble.selection_ci_low", "record_test_mean_auroc.ensemble.ci_low"} <= set(
+        ensemble_run.data.metrics)
+    assert summary["ensemble"]["test_reads"] == 1 and json.loads((exp / "test_reads.json").read_text())[0]["by"]
     assert client.get_model_version("tiny", "1").run_id == registered["run_id"]
     member = client.get_run(summary["ensemble"]["members"][0]["mlflow_run_id"])
     assert float(member.data.tags["tune_xray.ensemble_weight"]) == pytest.approx(
@@ -158,10 +161,11 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     assert text.count("data:image/png;base64,") >= 8
     record = text.index("<h2>The record")  # test numbers only in the record, after every choice
     assert text.index(f"{summary['ensemble']['test']['ensemble']['value']:.4f}") > record
-    assert f"{summary['best']['record_test_mean_auroc']:.4f}" not in text[:record]
+    assert f"{summary['ensemble']['test']['best_single']['value']:.4f}" not in text[:record]
     assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert summary["best"]["ci"][0] <= summary["best"]["best_val_mean_auroc"] <= summary["best"]["ci"][1]
-    assert {"record_test_mean_auroc_ci_low", "selected_val_mean_auroc_ci_high"} <= set(done.data.metrics)
+    ci = summary["best"]["selection_ci"]
+    assert ci[0] <= summary["best"]["best_val_mean_auroc"] <= ci[1]
+    assert "selected_val_mean_auroc_selection_ci_high" in done.data.metrics
 
 
 class InterruptAfterFirstTrial(tune.Callback):
@@ -222,6 +226,10 @@ def test_set_that_contradicts_the_study_is_an_error_or_carries_through(tmp_path,
     space.write_text(yaml.safe_dump(SPACE))
     assert main([str(space), "--set", "supervised.selection_metric=val_loss", "--storage", str(tmp_path / "s")]) == 2
     assert "contradicts" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert main([str(space), "--set", "device=cuda:1", "--storage", str(tmp_path / "s")]) == 2
+    assert "--set device=cuda:1: a trial runs on the device its resources give it" in capsys.readouterr().err
+    assert main([str(space), "--ensemble-size", "0", "--storage", str(tmp_path / "s")]) == 2
+    assert "--ensemble-size 0: at least 1" in capsys.readouterr().err and not (tmp_path / "s").exists()
     from tune_xray.space import load_study
     study = load_study(str(space))
     overrides = {"supervised": {"epochs": 5}}
@@ -264,6 +272,8 @@ def test_a_trial_runs_as_two_ddp_ranks(tmp_path, ray_session):
     exp = tmp_path / "store" / "tiny"
     assert (exp / f"train-{trial['trial_id']}").is_dir()  # a Ray Train run, inside the experiment
     assert (exp / f"{trial['trial']}-{trial['trial_id']}" / "best.pt").is_file()  # its results with the trial
+    run = _mlflow(exp)[2][0]  # what one optimizer step sees: each rank's batch × the two ranks
+    assert run.data.params["supervised.global_batch_size"] == "64" and run.data.params["byol.global_batch_size"] == "64"
 
 
 @pytest.mark.parametrize("params, message", [
@@ -428,21 +438,25 @@ def test_repeats_rerun_the_best_configs_with_new_seeds(tmp_path, ray_session):
     run_search(args)
     exp = tmp_path / "store" / "tiny"
     assert repeat_main([str(exp), "--top", "2", "--seeds", "1"]) == 0
+    assert repeat_main([str(exp), "--top", "2", "--seeds", "1"]) == 0  # a second set adds to the first
     summary = json.loads((exp / "summary.json").read_text())
     repeats = summary["repeats"]
     complete = [r for r in summary["rows"] if r["status"] == "complete"]
-    assert len(complete) == 2 and len(repeats["trials"]) == 2  # one new seed per repeated configuration
-    assert all(t["status"] == "complete" and t["seed"] == 1000 for t in repeats["trials"])
-    for row in repeats["rows"]:  # the search's trial and its repeat: two seeds, aggregated
+    assert len(complete) == 2 and len(repeats["trials"]) == 4 and repeats["sets"] == 2
+    assert sorted(t["seed"] for t in repeats["trials"]) == [1000, 1000, 2000, 2000] == sorted(repeats["seeds"] * 2)
+    assert all(t["status"] == "complete" for t in repeats["trials"])
+    by_trial = {r["trial"]: r for r in complete}
+    for row in repeats["rows"]:  # two fresh seeds; the search's own run apart, not in the mean
         assert row["seeds"] == 2 and row["mean"] == pytest.approx(np.mean(row["values"]))
+        assert row["selection_run"] == by_trial[row["config"]]["best_val_mean_auroc"]
     client, parent, runs = _mlflow(exp)
     repeat_runs = [r for r in runs if "tune_xray.repeat_of" in r.data.tags]
     assert len(runs) - len(repeat_runs) == summary["trials"]
     assert sorted(r.data.tags["tune_xray.repeat_of"] for r in repeat_runs) == sorted(t["repeat_of"] for t in repeats["trials"])
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
-               and r.data.params["seed"] == "1000" for r in repeat_runs)
+               and r.data.params["seed"] in ("1000", "2000") for r in repeat_runs)
     assert len(repeats["rows"]) == 2
-    (comparison,) = repeats["comparisons"]  # the best against the other, paired over 2 seeds and patients
+    (comparison,) = repeats["comparisons"]  # the best against the other, resampling 2 seeds and patients
     assert comparison["seeds"] == 2 and comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
     from tune_xray.ensemble import load_pool
     assert len(load_pool(exp).trials) == len(complete) + len(repeats["trials"])  # the pool holds the repeats

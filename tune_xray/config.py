@@ -162,6 +162,10 @@ class SupervisedConfig(_Strict):
         "val_mean_auroc", description="model selection and early stopping; always a validation metric")
     threshold: Literal["youden", "f1"] = Field(
         "youden", description="multi-label and binary decision thresholds, chosen on val within [0.05, 0.95]")
+    record_test: bool = Field(
+        False, description="score the selected checkpoint on test in the run itself (record_test_* beside every "
+        "trial: numbers a reader can sort and select on). Off: test predictions are stored for the search's one "
+        "record at its end (ensemble, best single, top-K); the search's --record-test-per-trial turns it on")
 
 
 class _SslPhase(_Strict):
@@ -230,7 +234,8 @@ class TrialConfig(_Strict):
     def _amp_bool(cls, value):
         """`amp: true/false` (earlier configs) mean auto/off."""
         return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
-    deterministic: bool = False
+    deterministic: bool = Field(False, description="deterministic kernels only: an op without one is an error "
+                                "naming it (torch.use_deterministic_algorithms), not a warning")
     output_dir: str = "runs"
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -243,6 +248,9 @@ class TrialConfig(_Strict):
     def _one_ssl_phase(self):
         if self.byol.enabled and self.cass.enabled:
             raise ValueError("byol.enabled and cass.enabled: choose one self-supervised phase")
+        if self.cass.enabled and self.model.pretrained_path:
+            raise ValueError("model.pretrained_path loads weights into model.backbone; with cass.enabled the "
+                             "backbones trained are the CASS arms (cass.cnn, cass.transformer), which load none")
         return self
 
     @model_validator(mode="after")

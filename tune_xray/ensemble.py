@@ -4,10 +4,11 @@ Caruana et al. 2004 ("Ensemble selection from libraries of models"): greedy forw
 replacement** from a sorted initialisation (the best few), bagged over random halves of the pool — the
 paper's guards against over-fitting the selection set; a member's weight is how often it was chosen. The
 objective is the study's selection metric on validation. Averaging is over probabilities; thresholds (binary
-and F1 rules) are chosen on validation for the ensemble itself. The test split is read once, after the
-selection, for the record (S0 picked its ensemble exhaustively on test: SEEDS.md flaw 1).
+and F1 rules) are chosen on validation for the ensemble itself. The test split is read at a search's end, after
+every choice, for the record; a re-run reads it again only with `--record`, and every read is counted (S0 picked
+its ensemble exhaustively on test).
 
-    python -m tune_xray.ensemble tune_xray_runs/byol-smoke [--size 5] [--method caruana|topk|best] [--bags 20]
+    python -m tune_xray.ensemble tune_xray_runs/byol-smoke [--size 5] [--method caruana|topk|best] [--record]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .metrics import classification_metrics, interval, patient_bootstrap, weighted_mean_auroc
+from .metrics import classification_metrics, interval, patient_bootstrap, resampling_units, weighted_mean_auroc
 
 ENSEMBLE_DIR = "ensemble"
 
@@ -70,7 +71,7 @@ class Pool:
 def read_predictions(directory: Path, split: str, classes: list[str]) -> tuple:
     """A trial's stored predictions of a split: (paths, 0/1 targets, patient groups, probabilities)."""
     frame = pd.read_csv(directory / f"predictions_{split}.csv")
-    groups = frame["patient_id"].fillna(frame["path"]).astype(str).to_numpy()
+    groups = resampling_units(frame["patient_id"], frame["path"])
     return (frame["path"].astype(str).tolist(), frame[[f"y_{c}" for c in classes]].to_numpy(),
             groups, frame[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64))
 
@@ -120,7 +121,9 @@ def scorer(pool: Pool) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
     return split_scorer(pool.val.y, pool.task, pool.metric, pool.classes, pool.rule)
 
 
-def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str):
+def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str, thresholds=None):
+    """`score(prob, weights)` of the study's metric (higher is better) on targets `y`; a threshold metric
+    (accuracy, F1) at `thresholds` — validation's, when scoring test — or chosen on `y` itself when None."""
     name = metric[len("val_"):]
 
     def score(prob: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -137,7 +140,8 @@ def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str):
                 out.append(-value)  # higher is better
             else:
                 targets = y[rows] if task == "multilabel" else y[rows].argmax(1)
-                out.append(classification_metrics(task, targets, prob[rows], classes, rule=rule)["metrics"][name])
+                out.append(classification_metrics(task, targets, prob[rows], classes, thresholds,
+                                                  rule)["metrics"][name])
         return np.asarray(out, dtype=np.float64)
 
     return score
@@ -248,47 +252,90 @@ def _with_ci(values: np.ndarray, point: float) -> dict:
     return {"value": point, "ci_low": lo, "ci_high": hi}
 
 
-def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, seed: int = 0) -> dict:
-    """Val and test metrics of the ensemble, the best single trial and the top-K mean, each with a 95 %
-    patient-level bootstrap CI, and the paired difference ensemble − best single. Test is read here, after the
-    selection, once; its thresholds come from validation."""
-    names = [t["trial"] for t in pool.trials]
-    test = _stack([Path(t["dir"]) for t in pool.trials], names, "test", pool.classes)
+LABELS = ("ensemble", "best_single", "top_k")
+TEST_READS = "test_reads.json"  # how often the test split's labels were read for this experiment, and by what
+
+
+def note_test_read(experiment_dir: Path, by: str) -> int:
+    """Count one more read of the test labels (the record says how many there have been); returns the count."""
+    path = experiment_dir / TEST_READS
+    log = json.loads(path.read_text()) if path.is_file() else []
+    log.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": by})
+    path.write_text(json.dumps(log, indent=1))
+    return len(log)
+
+
+def _val_thresholds(pool: Pool, prob: np.ndarray):
+    targets = pool.val.y if pool.task == "multilabel" else pool.val.y.argmax(1)
+    chosen = classification_metrics(pool.task, targets, prob, pool.classes, rule=pool.rule)["thresholds"]
+    return None if chosen is None else np.asarray(chosen)
+
+
+def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, seed: int = 0,
+           read_test: bool = False) -> dict:
+    """The ensemble, the best single trial and the top-K mean, each with a 95 % bootstrap CI over patients
+    (images where there are none), and the paired difference ensemble − best single: on validation, the data
+    that chose them (selection-set intervals: optimistic) and, with `read_test`, on test — read here, after
+    every choice, with each one's thresholds from validation for every threshold metric, in every resample."""
     m = len(pool.trials)
     ranked = np.argsort(-pool.single, kind="stable")
     top = np.zeros(m)
     top[ranked[:min(topk, m)]] = 1.0 / min(topk, m)
-    best = np.zeros(m)
-    best[ranked[0]] = 1.0
-    out = {}
-    for split_name, split in (("val", pool.val), ("test", test)):
-        split_score = split_scorer(split.y, pool.task, pool.metric, pool.classes, pool.rule)
+    chosen = dict(zip(LABELS, (weights, np.eye(m)[ranked[0]], top)))
+    thresholds = {label: _val_thresholds(pool, np.tensordot(w, pool.val.probs, axes=1)) for label, w in chosen.items()}
+    splits = [("val", pool.val)]
+    if read_test:
+        splits.append(("test", _stack([Path(t["dir"]) for t in pool.trials], [t["trial"] for t in pool.trials],
+                                      "test", pool.classes)))
+    out = {"thresholds": None if thresholds["ensemble"] is None else thresholds["ensemble"].tolist(),
+           "val_intervals": "selection set: the validation data that chose the epochs, trials and weights"}
+    for name, split in splits:
         boot = patient_bootstrap(split.groups, resamples, seed)
         results = {}
-        for label, w in (("ensemble", weights), ("best_single", best), ("top_k", top)):
+        for label, w in chosen.items():
+            score = split_scorer(split.y, pool.task, pool.metric, pool.classes, pool.rule,
+                                 thresholds[label] if name == "test" else None)
             prob = np.tensordot(w, split.probs, axes=1)
-            results[label] = (float(split_score(prob)[0]), split_score(prob, boot))
-        out[split_name] = {label: _with_ci(values, point) for label, (point, values) in results.items()}
-        out[split_name]["ensemble_minus_best_single"] = _with_ci(
+            results[label] = (float(score(prob)[0]), score(prob, boot))
+        out[name] = {label: _with_ci(values, point) for label, (point, values) in results.items()}
+        out[name]["ensemble_minus_best_single"] = _with_ci(
             results["ensemble"][1] - results["best_single"][1], results["ensemble"][0] - results["best_single"][0])
-    ens_val = np.tensordot(weights, pool.val.probs, axes=1)
-    targets = pool.val.y if pool.task == "multilabel" else pool.val.y.argmax(1)
-    thresholds = classification_metrics(pool.task, targets, ens_val, pool.classes, rule=pool.rule)["thresholds"]
-    out["thresholds"] = thresholds  # chosen on validation for the ensemble itself
-    out["hashes"] = {"val": pool.val.ids_hash, "test": test.ids_hash}
-    out["test_probs"] = np.tensordot(weights, test.probs, axes=1)
-    out["test_paths"] = test.paths
+        out.setdefault("hashes", {})[name] = split.ids_hash
+    if read_test:
+        test = splits[1][1]
+        out["test_per_label"] = {label: {k: dict(zip(("value", "ci_low", "ci_high"), (point, *ci)))
+                                         for k, (point, ci) in _per_label(test, chosen[label], pool, resamples,
+                                                                          seed).items()}
+                                 for label in ("ensemble", "best_single")}
+        out["test_probs"], out["test_paths"] = np.tensordot(weights, test.probs, axes=1), test.paths
+        out["test_reads"] = note_test_read(pool.experiment_dir, "the ensemble's record")
     return out
 
 
+def _per_label(split: Split, weights: np.ndarray, pool: Pool, resamples: int, seed: int) -> dict:
+    """AUROC of each label (and their mean) with its bootstrap interval."""
+    from .metrics import auroc_intervals, auroc_per_label
+
+    prob = np.tensordot(weights, split.probs, axes=1)
+    values, _ = auroc_per_label(split.y, prob, pool.classes)
+    intervals = auroc_intervals(split.y, prob, split.groups, pool.classes, resamples, seed)
+    points = {"mean_auroc": float(np.mean(list(values.values()))) if values else float("nan"),
+              **{f"auroc/{k}": v for k, v in values.items()}}
+    return {k: (v, intervals.get(k, (float("nan"), float("nan")))) for k, v in points.items()}
+
+
 def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int = 5, bags: int = 20,
-                 seed: int = 0, resamples: int = 1000, tracking_uri: str | None = None) -> dict:
-    """Select, record and write `ENSEMBLE_DIR/` (ensemble.json, members.csv, test predictions, model card);
-    with a tracking URI, log it as an `ensemble` run and register its pyfunc model (tracking.log_ensemble)."""
+                 seed: int = 0, resamples: int = 1000, tracking_uri: str | None = None,
+                 read_test: bool = False) -> dict:
+    """Select on validation and write `ENSEMBLE_DIR/` (ensemble.json, members.csv, model card); with
+    `read_test`, the record on test too (its predictions, counted in test_reads.json); with a tracking URI, log
+    it as an `ensemble` run and register its pyfunc model (tracking.log_ensemble)."""
     start = time.perf_counter()
+    if size < 1 or bags < 0:
+        raise EnsembleError(f"--size {size} --bags {bags}: the ensemble size must be at least 1, bags at least 0")
     pool = load_pool(experiment_dir)
     weights, selection = select(pool, method, size, bags, seed=seed)
-    recorded = record(pool, weights, size, resamples, seed)
+    recorded = record(pool, weights, size, resamples, seed, read_test)
     out_dir = pool.experiment_dir / ENSEMBLE_DIR
     out_dir.mkdir(exist_ok=True)
     members = pd.DataFrame([{"trial": t["trial"], "trial_id": t["trial_id"], "name": t.get("name", t["trial"]),
@@ -297,13 +344,14 @@ def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int 
                             for t, w, s in zip(pool.trials, weights, pool.single)
                             if w > 0]).sort_values("weight", ascending=False)
     members.to_csv(out_dir / "members.csv", index=False)
-    test_frame = pd.DataFrame(recorded.pop("test_probs"), columns=[f"p_{c}" for c in pool.classes])
-    test_frame.insert(0, "path", recorded.pop("test_paths"))
-    test_frame.to_csv(out_dir / "predictions_test.csv", index=False)
+    if read_test:
+        test_frame = pd.DataFrame(recorded.pop("test_probs"), columns=[f"p_{c}" for c in pool.classes])
+        test_frame.insert(0, "path", recorded.pop("test_paths"))
+        test_frame.to_csv(out_dir / "predictions_test.csv", index=False)
     result = {"method": method, "size": size, "bags": bags if method == "caruana" else 0, "seed": seed,
               "resamples": resamples, "metric": pool.metric, "task": pool.task, "classes": pool.classes,
-              "pool": len(pool.trials), "selection": selection, **recorded,
-              "members": members.drop(columns="dir").to_dict("records")}
+              "pool": len(pool.trials), "selection": selection, "test": None, **recorded,
+              "example_path": pool.val.paths[0], "members": members.drop(columns="dir").to_dict("records")}
     result["wall_time_s"] = time.perf_counter() - start
     (out_dir / "ensemble.json").write_text(json.dumps(result, indent=1, default=float))
     (out_dir / "model_card.md").write_text(model_card(pool, result))
@@ -324,17 +372,23 @@ def model_card(pool: Pool, result: dict) -> str:
         pool.experiment_dir / "search.json").is_file() else {}
     rows = "\n".join(f"| {m['name']} | {m['weight']:.3f} |" for m in result["members"])
     metric = pool.metric[len("val_"):]
+    test = result.get("test")
+    hashes = f"val `{result['hashes']['val']}`" + (f", test `{result['hashes']['test']}`" if test else "")
+    read = (f"the test split was read after selection, for the record (reads of test for this experiment: "
+            f"{result['test_reads']})" if test else "the test split was not read (`python -m tune_xray.ensemble "
+            "DIR --record` records it)")
     lines = [f"# Ensemble of {pool.experiment_dir.name}", "",
              f"- Study: `{search.get('study', '?')}`; data: `{search.get('data') or 'synthetic (default)'}`; "
              f"smoke: {search.get('smoke', False)}",
              f"- Task: {pool.task}, classes: {', '.join(pool.classes)}",
-             f"- Split image-id hashes: val `{result['hashes']['val']}`, test `{result['hashes']['test']}`",
+             f"- Split image-id hashes: {hashes}",
              f"- Selection: {result['method']} (size {result['size']}, bags {result['bags']}) over {result['pool']} "
-             f"completed trials, on **validation {metric} only**; the test split was read once, after selection, "
-             "for the record.", "", "| member (trial and drawn configuration) | weight |", "|---|---|", rows, "",
-             f"| {metric} (95 % patient bootstrap CI, {result['resamples']} resamples) | val | test |", "|---|---|---|"]
-    for label in ("ensemble", "best_single", "top_k", "ensemble_minus_best_single"):
-        lines.append(f"| {label} | {_fmt(result['val'][label])} | {_fmt(result['test'][label])} |")
+             f"completed trials, on **validation {metric} only**; {read}.", "",
+             "| member (trial and drawn configuration) | weight |", "|---|---|", rows, "",
+             f"| {metric} (95 % bootstrap CI, {result['resamples']} resamples) | val (selection set) |"
+             + (" test (record) |" if test else ""), "|---|---|" + ("---|" if test else "")]
+    for label in (*LABELS, "ensemble_minus_best_single"):
+        lines.append(f"| {label} | {_fmt(result['val'][label])} |" + (f" {_fmt(test[label])} |" if test else ""))
     if result.get("thresholds"):
         chosen = ", ".join(f"{c} {t:.3f}" for c, t in zip(pool.classes if len(result["thresholds"]) > 1
                                                            else pool.classes[1:], result["thresholds"]))
@@ -343,11 +397,14 @@ def model_card(pool: Pool, result: dict) -> str:
 
 
 def print_result(result: dict) -> None:
-    metric = result["metric"][len("val_"):]
-    print(f"ensemble ({result['method']}, {len(result['members'])} members of {result['pool']}): {metric}, "
-          "95 % patient-bootstrap CI; selected on val only")
-    for label in ("ensemble", "best_single", "top_k", "ensemble_minus_best_single"):
-        print(f"  {label:28s} val {_fmt(result['val'][label])}   test (record) {_fmt(result['test'][label])}")
+    metric, test = result["metric"][len("val_"):], result.get("test")
+    print(f"ensemble ({result['method']}, {len(result['members'])} members of {result['pool']}): {metric}, 95 % "
+          "bootstrap CI; selected on val only (its intervals: on the selection set)")
+    for label in (*LABELS, "ensemble_minus_best_single"):
+        print(f"  {label:28s} val {_fmt(result['val'][label])}"
+              + (f"   test (record) {_fmt(test[label])}" if test else ""))
+    if test:
+        print(f"  test read {result['test_reads']} time(s) for this experiment ({TEST_READS})")
     for m in result["members"]:
         print(f"  {m['weight']:.3f}  {m['name']}")
     if result.get("registered"):
@@ -364,6 +421,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--tracking-uri", help="MLflow (default: the search's own store; 'none' to skip)")
+    parser.add_argument("--record", action="store_true", help="also read the test split for the record (the search "
+                        "did at its end; each read is counted in the experiment's test_reads.json)")
     args = parser.parse_args(argv)
     experiment_dir = Path(args.experiment_dir)
     uri = args.tracking_uri
@@ -373,7 +432,7 @@ def main(argv=None) -> int:
         uri = saved or f"sqlite:///{(experiment_dir / 'mlflow.db').resolve()}"
     try:
         result = run_ensemble(experiment_dir, args.method, args.size, args.bags, args.seed, args.resamples,
-                              None if uri == "none" else uri)
+                              None if uri == "none" else uri, read_test=args.record)
     except EnsembleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -171,6 +171,14 @@ def _nanmean_rows(values: np.ndarray) -> np.ndarray:
         return np.nanmean(values, axis=1)
 
 
+def resampling_units(patient_ids, images) -> np.ndarray:
+    """What a bootstrap resamples, one rule for trials, ensembles and repeats: the patient where the data name one
+    (all their images move together), else the image itself. Folder and MedMNIST data have no patient ids: taken
+    as one unit, every resample was the whole set and every interval zero-wide."""
+    return np.array([f"image:{image}" if patient is None or patient != patient or str(patient) == ""
+                     else f"patient:{patient}" for patient, image in zip(patient_ids, images)])
+
+
 def patient_bootstrap(groups: np.ndarray, resamples: int = 1000, seed: int = 0) -> np.ndarray:
     """(resamples, n) image weights of a bootstrap that resamples **patients** with replacement (each drawn
     patient brings all their images), so images of one patient never count as independent evidence."""

@@ -2,12 +2,14 @@
 run again with K new seeds, at full budget and without ASHA, as Tune trials beside the search (`repeats/`) and
 MLflow children of its parent run (tagged `tune_xray.repeat_of`).
 
-S0 published 0.853 vs 0.849 from single runs whose seed-to-seed noise is ≈0.004 (SEEDS.md). Each configuration
-gets its validation metric over seeds (the search's own trial is seed one): mean ± sd and a 95 % t-interval; and
-the best configuration is compared with each other one paired across seeds and patients (the same patient
-bootstrap resamples for both, seeds matched by index): a difference whose interval holds 0 is within noise.
-The ensemble's pool then includes the repeats. `python -m tune_xray.search … --repeats K --repeat-top N` runs
-this at the end of a search.
+S0 published 0.853 vs 0.849 from single runs whose seed-to-seed noise is ≈0.004. Each configuration gets its
+validation metric over the fresh seeds: mean ± sd and a 95 % t-interval. The search's own trial is reported apart:
+it was chosen for being best, so it counts a winner's luck (the winner's curse) and stays out of the mean. The
+best configuration is compared with each other one by a hierarchical bootstrap — resampling seeds (matched by
+index), then patients (images where there are none) with the same resamples for both — so that seed-to-seed
+variance is part of the verdict: a difference whose interval holds 0 is within noise. Sets of repeats
+accumulate: each run adds new seeds. The ensemble's pool then includes them. `python -m tune_xray.search …
+--repeats K --repeat-top N` runs this at the end of a search.
 
     python -m tune_xray.repeat tune_xray_runs/byol-smoke --top 3 --seeds 2
 """
@@ -69,28 +71,35 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 def compare(by_config: dict[str, list[Path]], best: str, task: str, metric: str, classes: list[str], rule: str,
             resamples: int = 1000, seed: int = 0) -> list[dict]:
-    """best − each other configuration on val, paired across seeds (matched by index) and patients (the same
-    bootstrap resamples): the point difference of the seed-mean metric and its 95 % interval."""
+    """best − each other configuration on val over their fresh seeds: the point difference of the seed means and
+    its 95 % interval from a hierarchical bootstrap — each resample draws seeds with replacement (pairs matched by
+    index), then patients, the same for both configurations — so seed-to-seed variance enters the verdict (with
+    patients alone, two seeds would look like certainty)."""
     from .ensemble import read_predictions, split_scorer
     from .metrics import interval, patient_bootstrap
 
     _, y, groups, _ = read_predictions(by_config[best][0], "val", classes)
     score = split_scorer(y, task, metric, classes, rule)
     boot = patient_bootstrap(groups, resamples, seed)
+    rng = np.random.default_rng(seed)
 
-    def seed_mean(dirs: list[Path], n: int):
-        probs = [read_predictions(d, "val", classes)[3] for d in dirs[:n]]
-        return np.mean([score(p)[0] for p in probs]), np.mean([score(p, boot) for p in probs], axis=0)
+    def per_seed(dirs: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        """(seeds,) values and (seeds, resamples) values under each patient resample."""
+        probs = [read_predictions(d, "val", classes)[3] for d in dirs]
+        return np.array([score(p)[0] for p in probs]), np.stack([score(p, boot) for p in probs])
 
     out = []
     for other, dirs in by_config.items():
         if other == best:
             continue
         n = min(len(dirs), len(by_config[best]))
-        (a, a_boot), (b, b_boot) = seed_mean(by_config[best], n), seed_mean(dirs, n)
-        low, high = interval(a_boot - b_boot)
-        out.append({"best": best, "other": other, "seeds": n, "difference": float(a - b), "ci_low": low,
-                    "ci_high": high, "within_noise": bool(low <= 0 <= high)})
+        (a, a_boot), (b, b_boot) = per_seed(by_config[best][:n]), per_seed(dirs[:n])
+        seeds = rng.integers(0, n, size=(resamples, n))  # a resample of the seed pairs for each patient resample
+        columns = np.arange(resamples)[:, None]
+        differences = (a_boot[seeds, columns] - b_boot[seeds, columns]).mean(1)
+        low, high = interval(differences)
+        out.append({"best": best, "other": other, "seeds": n, "difference": float(a.mean() - b.mean()),
+                    "ci_low": low, "ci_high": high, "within_noise": bool(low <= 0 <= high)})
     return out
 
 
@@ -101,7 +110,8 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
     from ray import tune
 
     from . import tracking
-    from .search import (INVOCATION_FILE, _init_ray, fetch_results, run_name, status_of, trial_overrides)
+    from .search import (INVOCATION_FILE, _init_ray, fetch_results, global_batch_sizes, run_name, status_of,
+                         trial_overrides)
     from .space import flatten, load_study
     from .trial import RESULT_FILES, TrialResources, resolve_trial, trial_driver, tune_metric
 
@@ -120,9 +130,11 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
     resources = TrialResources(res.get("workers_per_trial", 1), res.get("cpus_per_trial", 1.0),
                                res.get("gpus_per_trial", 0.0), res.get("one_worker_trials", "tune"))
     overrides = trial_overrides(study, invocation.get("overrides") or [], invocation.get("data"), resources.gpus,
-                                resources.workers)
+                                resources.workers, invocation.get("record_test_per_trial", False))
     base_seed = study.trial_config({}, overrides, invocation.get("smoke", False)).seed
-    new_seeds = [base_seed + 1000 * k for k in range(1, seeds + 1)]  # apart from the search's own seed
+    earlier = summary.get("repeats") or {}  # sets of repeats accumulate: new seeds after the earlier ones
+    done_seeds = len(earlier.get("seeds", []))
+    new_seeds = [base_seed + 1000 * k for k in range(done_seeds + 1, done_seeds + seeds + 1)]
     configs = repeat_configs(summary, top, new_seeds)
     FixedConfigs = _fixed_configs()
     storage = summary.get("storage") or str(experiment_dir)
@@ -134,7 +146,7 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
 
     def describe(config: dict) -> tracking.TrialRecord:
         cfg = resolve_trial(study, config, overrides, smoke)
-        params = flatten(cfg.model_dump(mode="json"))
+        params = {**flatten(cfg.model_dump(mode="json")), **global_batch_sizes(cfg, resources.workers)}
         name = run_name(study, config)
         name = f"{name[:4]} seed={config[REPEAT_SEED]}{name[4:]}"
         return tracking.TrialRecord(name, params, {tracking.REPEAT_TAG: config[REPEAT_OF],
@@ -174,31 +186,32 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
                        "seed": t.config[REPEAT_SEED], "trial_id": t.trial_id, "status": status, "reason": reason,
                        "name": describe(t.config).name, metric: m.get(metric) if status == "complete" else None,
                        "mlflow_run_id": runs.get(t.trial_id), "dir": str(repeats_dir / dirname(t))})
-    entry = aggregate(summary, trials, study, metric, experiment_dir)
-    entry.update(seeds=new_seeds, wall_time_s=time.perf_counter() - start)
+    entry = aggregate(summary, earlier.get("trials", []) + trials, study, metric, experiment_dir)
+    entry.update(seeds=earlier.get("seeds", []) + new_seeds, sets=earlier.get("sets", 0) + 1,
+                 wall_time_s=earlier.get("wall_time_s", 0) + time.perf_counter() - start)
     summary["repeats"] = entry
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
     return entry
 
 
 def aggregate(summary: dict, trials: list[dict], study, metric: str, experiment_dir: Path) -> dict:
-    """Per configuration: its seeds' values (the search's trial first), mean ± sd, t-interval; ranked by mean;
-    and the paired comparison of the best with each other."""
+    """Per configuration: the search's own trial (`selection_run`, apart) and its fresh seeds' values, their mean ±
+    sd and t-interval; ranked by that mean; and the best's paired comparison with each other."""
     import yaml
 
-    originals = {r["trial"]: r for r in summary["top"]}
     by_config: dict[str, list[Path]] = {}
     rows = []
-    for source, original in originals.items():
+    for source, original in {r["trial"]: r for r in summary["top"]}.items():
         done = [t for t in trials if t["repeat_of"] == source and t["status"] == "complete"]
-        if not any(t["repeat_of"] == source for t in trials):
+        if not done:
             continue
-        values = np.array([original[metric]] + [t[metric] for t in done], dtype=float)
+        values = np.array([t[metric] for t in done], dtype=float)
         low, high = t_interval(values)
-        rows.append({"config": source, "name": original["name"], "seeds": len(values), "mean": float(values.mean()),
+        rows.append({"config": source, "name": original["name"], "selection_run": original[metric],
+                     "seeds": len(values), "mean": float(values.mean()),
                      "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"), "ci_low": low,
                      "ci_high": high, "values": [float(v) for v in values]})
-        by_config[source] = [experiment_dir / f"{original['trial']}-{original['trial_id']}"] + [Path(t["dir"]) for t in done]
+        by_config[source] = [Path(t["dir"]) for t in done]
     rows.sort(key=lambda r: r["mean"], reverse=study.mode == "max")
     comparisons = []
     if len(rows) > 1:
@@ -233,14 +246,14 @@ def main(argv=None) -> int:
 
 
 def print_repeats(entry: dict) -> None:
-    print(f"\nrepeats: {len(entry['trials'])} trials, seeds {entry['seeds']}")
+    print(f"\nrepeats: {len(entry['trials'])} trials in {entry.get('sets', 1)} set(s), seeds {entry['seeds']}")
     for row in entry["rows"]:
         print(f"  {row['mean']:.4f} ± {row['sd']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] over "
-              f"{row['seeds']} seeds  {row['name']}")
+              f"{row['seeds']} fresh seeds  {row['name']}  (the search's own run, apart: {row['selection_run']:.4f})")
     for c in entry["comparisons"]:
         verdict = "within noise" if c["within_noise"] else "a real difference"
         print(f"  {c['best']} − {c['other']}: {c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
-              f"(paired over {c['seeds']} seeds and patients): {verdict}")
+              f"(resampling {c['seeds']} seeds and the patients): {verdict}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`python -m tune_xray.search STUDY`: a search-space file run as Ray Tune + Optuna (TPE) + ASHA, each trial
 trained in its Tune trial (a Ray Train run when it has several DDP ranks), every trial an MLflow child run.
-Optimises the study's validation metric (default val mean AUROC, max); test metrics are logged for the record and
-never read by the searcher or the scheduler.
+Optimises the study's validation metric (default val mean AUROC, max); trials store their test predictions, and
+test is read once, at the end, for the record of the ensemble, the best single trial and the top-K.
 
     python -m tune_xray.search byol --smoke                 # the BYOL ablation at tiny scale (CPU, minutes)
     python -m tune_xray.search byol --data nih:/data/nih --gpus-per-trial 1 --cpus-per-trial 8
@@ -74,12 +74,14 @@ def absolute_data(source: str) -> str:
 
 
 def trial_overrides(study: Study, overrides: list[str], data: str | None, gpus_per_trial: float,
-                    workers_per_trial: int = 1) -> dict:
+                    workers_per_trial: int = 1, record_test: bool = False) -> dict:
     """What every trial gets on top of the study file: `--set`, `--data`, the device its resources give and, on
-    a GPU it shares with other trials, its share (`data.device_share`, what `device_cache: auto` counts) —
-    resolved here, so every record shows them."""
+    a GPU it shares with other trials, its share (`data.device_share`, what `device_cache: auto` counts), and
+    `--record-test-per-trial` — resolved here, so every record shows them."""
     tree = parse_overrides(overrides)
     study.check_overrides(tree)
+    if record_test:
+        tree = merge(tree, {"supervised": {"record_test": True}})
     if data:
         tree = merge(tree, {"data": {"source": data}})
     if "device" not in tree:
@@ -88,6 +90,14 @@ def trial_overrides(study: Study, overrides: list[str], data: str | None, gpus_p
     if 0 < share < 1 and "device_share" not in tree.get("data", {}):
         tree = merge(tree, {"data": {"device_share": share}})
     return tree
+
+
+def global_batch_sizes(cfg, workers: int) -> dict:
+    """`<phase>.global_batch_size`: what one optimizer step sees across a trial's DDP ranks (each rank's
+    `batch_size` × the ranks; × `accum_steps` more per step)."""
+    phases = [("supervised", cfg.supervised)] + [(name, getattr(cfg, name)) for name in ("byol", "cass")
+                                                 if getattr(cfg, name).enabled]
+    return {f"{name}.global_batch_size": phase.batch_size * workers for name, phase in phases}
 
 
 def default_gpus_per_trial(cluster: dict) -> float:
@@ -343,9 +353,12 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment_dir:
             t.config else t.trial_id, "trial_id": t.trial_id, "status": status,
             "reason": reason, metric: m.get(metric) if status == "complete" else None, TIME_ATTR: m.get(TIME_ATTR),
             "selected_epoch": m.get("selected_epoch"),
-            "ci": [m.get(f"selected_{study.metric}_ci_low"), m.get(f"selected_{study.metric}_ci_high")],
-            "record_test_mean_auroc": m.get("record_test_mean_auroc"),
-            "record_test_mean_auroc_ci": [m.get("record_test_mean_auroc_ci_low"), m.get("record_test_mean_auroc_ci_high")],
+            "selection_ci": [m.get(f"selected_{study.metric}_selection_ci_low"),
+                             m.get(f"selected_{study.metric}_selection_ci_high")],
+            **({"record_test_mean_auroc": m["record_test_mean_auroc"],  # --record-test-per-trial only
+                "record_test_mean_auroc_ci": [m.get("record_test_mean_auroc_ci_low"),
+                                              m.get("record_test_mean_auroc_ci_high")]}
+               if "record_test_mean_auroc" in m else {}),
             "mlflow_run_id": runs.get(t.trial_id),
             "node_id": m.get("node_id"),
             "scan_backend": m.get("scan_backend"),
@@ -374,10 +387,12 @@ def print_summary(summary: dict, resume_command: str) -> None:
     counts = ", ".join(f"{summary[s]} {s}" for s in ("complete", "pruned", "diverged", "error", "interrupted")
                        if summary[s] or s == "complete")
     print(f"\n{summary['study']}: {summary['status']} — {summary['trials']} of {summary['requested']} trials: "
-          f"{counts}; objective {metric} ({summary['mode']}; [95 % patient bootstrap CI])")
+          f"{counts}; objective {metric} ({summary['mode']}; [95 % bootstrap CI on the validation set that selected "
+          "it: optimistic])")
     for rank, row in enumerate(summary["top"], 1):
         trained = ", ".join(f"{k}={row['resolved'][k]}" for k in row["sampled"])
-        ci = f" [{row['ci'][0]:.4f}, {row['ci'][1]:.4f}]" if None not in row.get("ci", [None]) else ""
+        ci = row.get("selection_ci", [None])
+        ci = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if None not in ci else ""
         print(f"{rank:2d}. {row[metric]:.4f}{ci}  {row['name']}  [epoch {row['selected_epoch']:.0f} of "
               f"{row[TIME_ATTR]} selected]" + (f"  trained as: {trained}" if trained else ""))
     if summary["status"] == "interrupted":
@@ -404,7 +419,8 @@ def exit_code(summary: dict) -> int:
 
 INVOCATION_FILE = "search.json"
 INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name", "tracking_uri",
-              "optuna_storage", "ensemble_size", "no_ensemble", "no_report", "repeats", "repeat_top")  # what a resume repeats
+              "optuna_storage", "ensemble_size", "no_ensemble", "no_report", "repeats", "repeat_top",
+              "record_test_per_trial")  # what a resume repeats
 
 
 def default_optuna_url(experiment_dir: Path) -> str:
@@ -477,11 +493,14 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
                           f"--gpus-per-trial {args.workers_per_trial} or more")
     if getattr(args, "repeats", 0) < 0 or (getattr(args, "repeats", 0) and args.repeat_top < 1):
         raise ConfigError(f"--repeats {args.repeats} --repeat-top {args.repeat_top}: both must be at least 1")
+    if getattr(args, "ensemble_size", 5) < 1:
+        raise ConfigError(f"--ensemble-size {args.ensemble_size}: at least 1 (or --no-ensemble)")
     study = load_study(args.study)  # every search-space error before Ray starts
     if args.data:
         args.data = absolute_data(args.data)
     # checked now; the device part is resolved again once Ray tells the cluster's GPUs (--gpus-per-trial default)
-    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial or 0, args.workers_per_trial)
+    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial or 0, args.workers_per_trial,
+                                getattr(args, "record_test_per_trial", False))
     base_cfg = study.trial_config({}, overrides, args.smoke)
     check_candidates(study, overrides, args.smoke)
     budget = study.budget(args.smoke, overrides)
@@ -506,7 +525,8 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         _init_ray(args.address, args.verbose)
     if args.gpus_per_trial is None:
         args.gpus_per_trial = default_gpus_per_trial(ray.cluster_resources())
-    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial, args.workers_per_trial)
+    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial, args.workers_per_trial,
+                                getattr(args, "record_test_per_trial", False))
     if len(alive_nodes()) > 1:  # every node must see the storage and the data; checked before anything is written
         kind, _, data_path = base_cfg.data.source.partition(":")
         check_cluster_paths(storage, data_path if kind != "synthetic" else None)
@@ -530,6 +550,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         cfg = resolve_trial(study, config, overrides, args.smoke)
         params = flatten(cfg.model_dump(mode="json"))
         params.update({k: v for k, v in config.items() if k.startswith("sampled.")})
+        params.update(global_batch_sizes(cfg, resources.workers))
         return tracking.TrialRecord(run_name(study, config), params,
                                     {"tune_xray.smoke": str(args.smoke).lower(),
                                      "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])})
@@ -587,10 +608,11 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
             if row["status"] == "complete" and not (experiment_dir / f"{row['trial']}-{row['trial_id']}").is_dir():
                 fetch_results(experiment_dir, storage, name, f"{row['trial']}-{row['trial_id']}")
         try:
-            result = run_ensemble(experiment_dir, size=getattr(args, "ensemble_size", None) or 5, seed=args.seed,
-                                  tracking_uri=tracking_uri)
-            summary["ensemble"] = {k: result[k] for k in ("method", "members", "val", "test", "registered",
-                                                          "wall_time_s")}
+            result = run_ensemble(experiment_dir, size=getattr(args, "ensemble_size", 5), seed=args.seed,
+                                  tracking_uri=tracking_uri, read_test=True)
+            summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "val", "test",
+                                                              "test_per_label", "test_reads", "registered",
+                                                              "wall_time_s")}
         except EnsembleError as err:
             summary["ensemble"] = {"error": str(err)}
         summary_file.write_text(json.dumps(summary, indent=1, default=str))
@@ -659,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat-top", type=int, default=3, metavar="N",
                         help="how many of the best configurations --repeats re-runs")
     parser.add_argument("--no-report", action="store_true", help="no report.html at the end (python -m tune_xray.report)")
+    parser.add_argument("--record-test-per-trial", action="store_true",
+                        help="also score each trial on test (record_test_* in its run); by default test is read "
+                        "once, at the end, for the record of the ensemble, the best single trial and the top-K")
     parser.add_argument("--verbose", action="store_true", help="show the trials' own output")
     return parser
 

@@ -217,7 +217,11 @@ class Study:
         return budget
 
     def check_overrides(self, overrides: dict) -> None:
-        """`--set` values that would contradict the study's objective are one error before anything runs."""
+        """`--set` values that would contradict the study's objective, or the device a trial's resources give
+        it, are one error before anything runs."""
+        if "device" in overrides:
+            raise ConfigError(f"--set device={overrides['device']}: a trial runs on the device its resources give it; "
+                              "use --gpus-per-trial (0: CPU)")
         chosen = (overrides.get("supervised") or {}).get("selection_metric")
         if chosen is not None and chosen != self.metric:
             raise ConfigError(f"--set supervised.selection_metric={chosen} contradicts {self.origin}'s metric "
@@ -334,7 +338,20 @@ class Study:
                     yield f"params.{key}" + (f".cases.{case}" if case is not None else ""), key, value
 
     def validate(self) -> None:
-        """Every candidate value of every parameter, set into the base config, must validate."""
+        """Every candidate value of every parameter, set into the base config, must validate; a key the search
+        sets itself (the budget's epochs, the objective, the device) is not the file's to set."""
+        base, params = flatten(self.space.base), self.space.params
+        owned = {"supervised.epochs": ("budget.epochs", self.space.budget.epochs),
+                 "supervised.selection_metric": ("metric", self.metric)}
+        for key, (instead, value) in owned.items():
+            if key in params or base.get(key, value) != value:
+                where = f"params.{key}" if key in params else f"base.{key}"
+                raise ConfigError(f"{self.origin}: {where}: the search sets it to the file's {instead} "
+                                  f"({value}) for every trial (ASHA's budget and the objective follow it); set "
+                                  f"{instead} instead")
+        if "device" in base or "device" in params:
+            raise ConfigError(f"{self.origin}: {'base' if 'device' in base else 'params'}.device: a trial runs on "
+                              "the device its resources give it (--gpus-per-trial), not one the file names")
         for key, spec in self.space.params.items():
             if key.split(".")[0] not in TrialConfig.model_fields:
                 raise ConfigError(f"{self.origin}: params.{key}: unknown section '{key.split('.')[0]}'; "

@@ -344,20 +344,20 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
     mlflow.set_tracking_uri(tracking_uri)
     name = experiment_dir.name
     metrics = {}
-    for split, prefix in (("val", "val"), ("test", "record_test")):
+    for split, prefix, ci in (("val", "val", "selection_ci"), ("test", "record_test", "ci")):
         metric = result["metric"][len("val_"):]
-        for label in ENSEMBLE_LABELS:
+        for label in ENSEMBLE_LABELS if result.get(split) else ():  # test: when the record read it
             entry = result[split][label]
             metrics[f"{prefix}_{metric}.{label}"] = entry["value"]
-            metrics[f"{prefix}_{metric}.{label}.ci_low"] = entry["ci_low"]
-            metrics[f"{prefix}_{metric}.{label}.ci_high"] = entry["ci_high"]
+            metrics[f"{prefix}_{metric}.{label}.{ci}_low"] = entry["ci_low"]
+            metrics[f"{prefix}_{metric}.{label}.{ci}_high"] = entry["ci_high"]
     run = client.create_run(experiment_id_of(tracking_uri, parent),
                             run_name=f"ensemble {result['method']} {len(members)} of {result['pool']}",
                             tags={"mlflow.parentRunId": parent, "tune_xray.role": "ensemble",
                                   STATUS_TAG: "complete"})
     params = {"method": result["method"], "size": result["size"], "bags": result["bags"], "seed": result["seed"],
               "resamples": result["resamples"], "pool": result["pool"], "selection_metric": result["metric"],
-              "val_hash": result["hashes"]["val"], "test_hash": result["hashes"]["test"],
+              **{f"{split}_hash": value for split, value in result["hashes"].items()},
               **{f"member.{m['trial']}": round(m["weight"], 4) for m in result["members"]}}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
                      metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
@@ -378,13 +378,13 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
     for file in ("members.csv", "model_card.md", "ensemble.json", "predictions_test.csv", "selection_curve.png"):
         if (out_dir / file).is_file():
             client.log_artifact(run.info.run_id, str(out_dir / file))
-    example = pd.DataFrame({"path": [pd.read_csv(out_dir / "predictions_test.csv")["path"].iloc[0]]})
+    example = pd.DataFrame({"path": [result["example_path"]]})  # a validation image: test stays unread
     checkpoints = [str(Path(d) / "best.pt") for d in members["dir"]]
     with mlflow.start_run(run_id=run.info.run_id):
         info = _log_pyfunc(checkpoints, members["weight"].tolist(), result.get("thresholds"), example, name)
     version = info.registered_model_version
     for key, value in metrics.items():
-        if ".ci_" not in key:
+        if "ci_" not in key:
             client.set_model_version_tag(name, version, key, f"{value:.4f}")
     client.update_model_version(name, version, description=(out_dir / "model_card.md").read_text())
     for member in members.itertuples():  # each member's own run: its model and its weight

@@ -43,9 +43,12 @@ def print_summary(summary: dict) -> None:
     sup = summary["supervised"]
     print(f"selected epoch {sup['best_epoch']} of {sup['epochs_run']} (on validation)")
     print(f"val : {fmt(summary['val'])}")
-    print(f"test: {fmt(summary['test'])}  (thresholds from val; test never used for selection)")
+    if summary["test"]:
+        print(f"test: {fmt(summary['test'])}  (thresholds from val; test never used for selection)")
+    else:
+        print("test: predictions stored, not scored (supervised.record_test: true scores them)")
     for split in ("val", "test"):
-        if sup[f"{split}_skipped_labels"]:
+        if sup.get(f"{split}_skipped_labels"):
             print(f"{split}: AUROC skipped for labels with one class only: {sup[f'{split}_skipped_labels']}")
 
 

@@ -156,3 +156,22 @@ def test_folder_datasets_accept_dicom(tmp_path):
     assert len(index.frame) == 20 and index.classes == ("normal", "pneumonia")
     cache = build_cache(index.frame["path"].tolist(), 16, 1, tmp_path / "cache")
     assert cache.open().shape == (20, 1, 16, 16)
+
+
+def test_split_keys_a_source_would_ignore_are_errors(tmp_path, synth_root):
+    """Each source reads some of data.split / val_fraction / test_fraction / split_seed; setting one it does not
+    read is an error naming it, not a value silently ignored."""
+    from tests.data.test_medmnist import write_npz
+    from tune_xray.config import ConfigError
+
+    npz = write_npz(tmp_path / "pneumoniamnist.npz", lambda rng, n: rng.integers(0, 2, (n, 1)))
+    _folder_dataset(tmp_path / "split", splits=["train", "val", "test"])
+    _folder_dataset(tmp_path / "flat")
+    cases = [({"source": f"medmnist:{npz}", "val_fraction": 0.3}, "data.val_fraction=0.3: medmnist:"),
+             ({"source": f"folder:{tmp_path / 'split'}", "test_fraction": 0.3}, "has train/, val/ and test/"),
+             ({"source": f"folder:{tmp_path / 'flat'}", "split": "random"}, "data.split=random: folder:"),
+             ({"source": f"nih:{synth_root}", "test_fraction": 0.3}, "split: official takes test from test_list")]
+    for settings, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            prepare(DataConfig(cache_dir=str(tmp_path / "cache"), **settings))
+    prepare(DataConfig(source=f"folder:{tmp_path / 'flat'}", val_fraction=0.3, cache_dir=str(tmp_path / "cache")))

@@ -50,6 +50,17 @@ def test_a_non_finite_loss_stops_the_epoch_at_the_next_read(read_every, named):
                      list(model.parameters()), read_every=3) == pytest.approx(1.5)  # the mean of 0, 1, 2, 3
 
 
+def test_deterministic_means_an_error_not_a_warning():
+    from tune_xray.phases.common import seed_everything
+
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_optimizers_build_through_timm():
     lars = build_optimizer(_model(), OptimizerConfig(name="lars", lr=0.2, weight_decay=1.5e-6, momentum=0.0))
     assert isinstance(lars, Lars)

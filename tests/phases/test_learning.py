@@ -12,7 +12,8 @@ from tune_xray.train import main as train_main
 def test_supervised_learns_the_synthetic_findings(make_config, tmp_path):
     # seeds 0–3 gave val 0.73–0.76, test 0.69–0.75 mean AUROC (8 s each); chance is 0.5
     cfg = make_config(data={"synthetic_images": 1500, "val_fraction": 0.25},
-                      supervised={"epochs": 6, "early_stopping_patience": None, "optimizer": {"lr": 3e-3}})
+                      supervised={"epochs": 6, "early_stopping_patience": None, "optimizer": {"lr": 3e-3},
+                                  "record_test": True})
     summary = run_phases(cfg, tmp_path / "run")
     assert summary["val"]["mean_auroc"] > 0.65 and summary["test"]["mean_auroc"] > 0.65
     assert 1 <= summary["supervised"]["best_epoch"] <= 6
@@ -39,7 +40,12 @@ def test_train_cli_writes_a_run_dir(make_config, tmp_path, capsys):
     assert train_main(["--config", str(cfg_path), "--set", "seed=1", "--run-dir", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
     assert "phase=supervised  epoch=1" in out and "selected epoch 1 of 1 (on validation)" in out
+    assert "test: predictions stored, not scored" in out  # sealed unless asked for
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["test"] == {} and (tmp_path / "cli" / "predictions_test.csv").is_file()
+    assert train_main(["--config", str(cfg_path), "--set", "supervised.record_test=true", "--run-dir",
+                       str(tmp_path / "recorded")]) == 0
+    summary = json.loads((tmp_path / "recorded" / "summary.json").read_text())
     assert set(summary["test"]) >= {"mean_auroc", "macro_f1", "mean_sensitivity", "mean_specificity"}
     assert train_main(["--set", "supervised.epoch=3"]) == 2
     assert "unknown key 'supervised.epoch'" in capsys.readouterr().err
@@ -131,11 +137,23 @@ def test_supervised_learns_a_multiclass_folder_dataset(make_config, tmp_path):
     _pattern_folders(tmp_path / "data")
     cfg = make_config(data={"source": f"folder:{tmp_path / 'data'}", "val_fraction": 0.2, "test_fraction": 0.2},
                       supervised={"epochs": 5, "early_stopping_patience": None, "optimizer": {"lr": 3e-3},
-                                  "selection_metric": "val_accuracy"})
+                                  "selection_metric": "val_accuracy", "record_test": True})
     summary = run_phases(cfg, tmp_path / "run")
     assert summary["task"] == "multiclass" and summary["classes"] == ["disc", "speckle", "stripes"]
     assert summary["val"]["accuracy"] > 0.6 and summary["test"]["accuracy"] > 0.6  # chance is 1/3
     assert np.array(summary["supervised"]["test_confusion_matrix"]).sum() == summary["split_sizes"]["test"]
+
+
+def test_a_folder_dataset_gets_intervals_that_are_not_zero_wide(make_config, tmp_path):
+    """No patient ids in a folder dataset: the intervals resample images, never one unit of everything (an
+    imperfect model: one short epoch)."""
+    _pattern_folders(tmp_path / "data")
+    cfg = make_config(data={"source": f"folder:{tmp_path / 'data'}", "val_fraction": 0.2, "test_fraction": 0.2},
+                      supervised={"epochs": 1, "optimizer": {"lr": 1e-4}, "record_test": True})
+    summary = run_phases(cfg, tmp_path / "run")
+    val, test = summary["val"], summary["test"]
+    assert val["mean_auroc_selection_ci_low"] < val["mean_auroc"] < val["mean_auroc_selection_ci_high"]
+    assert test["mean_auroc_ci_low"] < test["mean_auroc"] < test["mean_auroc_ci_high"]
 
 
 def test_a_diverging_run_stops_at_once_with_one_line(make_config, tmp_path, capsys):

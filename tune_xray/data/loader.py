@@ -12,7 +12,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from ..config import ConfigError, DataConfig
 from .cache import ImageCache, build_cache
-from .sources import DatasetIndex, default_cache_dir, read_source
+from .sources import DatasetIndex, default_cache_dir, ignored_split_keys, read_source
 from .splits import UNLABELLED, check_patient_disjoint, labelled_subset
 
 
@@ -69,6 +69,10 @@ class PreparedData:
 def prepare(cfg: DataConfig) -> PreparedData:
     """Read and check the source, then build (or reuse) its cache — all before any training starts."""
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    for key, why in ignored_split_keys(cfg.source, cfg.split).items():
+        value, default = getattr(cfg, key), DataConfig.model_fields[key].default
+        if value != default:
+            raise ConfigError(f"data.{key}={value}: {why}; it would be ignored (leave it at {default})")
     index = read_source(cfg.source, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
                         (cfg.synthetic_images, cfg.synthetic_size, cfg.synthetic_seed), cache_dir)
     if cfg.label_fraction < 1:

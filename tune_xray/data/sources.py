@@ -246,6 +246,29 @@ def synthetic_root(n_images: int, size: int, seed: int, cache_dir: str | Path | 
     return root
 
 
+def ignored_split_keys(spec: str, split: str = "official") -> dict[str, str]:
+    """The `data.*` split keys a source does not read, each with why: set to anything but its default, such a key
+    would be silently ignored, so it is an error instead (loader.prepare)."""
+    kind, _, path = spec.partition(":")
+    if kind == "medmnist":
+        why = f"{spec} comes with its official train/val/test splits"
+        return {key: why for key in ("split", "val_fraction", "test_fraction", "split_seed")}
+    if kind == "folder":
+        present = {name for name in ("train", "val", "test") if (Path(path) / name).is_dir()}
+        out = {"split": f"{spec} is split by its folders (or by stratified slices), not by 'official'/'random'"}
+        if present == {"train", "val", "test"}:
+            why = f"{spec} has train/, val/ and test/ folders: nothing is sliced"
+            out.update({key: why for key in ("val_fraction", "test_fraction", "split_seed")})
+        elif "train" in present:
+            for name, key in (("val", "val_fraction"), ("test", "test_fraction")):
+                if name in present:
+                    out[key] = f"{spec} has a {name}/ folder: it is not sliced from train"
+        return out
+    if split == "official":  # nih and synthetic
+        return {"test_fraction": "split: official takes test from test_list.txt (random uses test_fraction)"}
+    return {}
+
+
 def read_source(spec: str, split: str = "official", val_fraction: float = 0.1, test_fraction: float = 0.2,
                 seed: int = 42, synthetic: tuple[int, int, int] = (2000, 256, 0),
                 cache_dir: str | Path | None = None) -> DatasetIndex:

@@ -35,15 +35,16 @@ def no_report(metrics: dict, checkpoint_dir: Optional[str] = None) -> None:
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch (all devices); optionally force deterministic kernels."""
+    """Seed Python, NumPy and torch (all devices); `deterministic`: deterministic kernels only (an op that has
+    none raises, naming itself), cuDNN without benchmarking."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -1,5 +1,6 @@
 """Supervised fine-tuning: BCE (multi-label) or cross-entropy (multi-class), model selection and early
-stopping on a validation metric only; the selected checkpoint is evaluated once on test afterwards.
+stopping on a validation metric only; the selected checkpoint's test predictions are stored for the search's one
+record at its end (scored here only with `supervised.record_test`).
 
 S0's recipe: BCE-with-logits, AdamW, early stopping patience 10 on val mAUC, best-val checkpoint restored.
 """
@@ -21,7 +22,7 @@ from torch import nn
 from ..augment import EvalViews
 from ..config import ConfigError, TrialConfig, metric_mode
 from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
-from ..metrics import auroc_intervals, classification_metrics
+from ..metrics import auroc_intervals, classification_metrics, resampling_units
 from ..models.heads import Classifier, MemberEnsemble, freeze_backbone, mean_probability_logits
 from .common import (BEST_FILE, Precision, Report, build_optimizer, compiled, build_scheduler, build_views, current_lr,
                      distributed, epoch_loop, no_report, restore_training, run_epoch, save_best, step_scheduler,
@@ -284,11 +285,14 @@ def warm_up_head(model: Classifier | MemberEnsemble, train_loader, micro_step, s
 
 def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, precision: Precision, run_dir: Path,
                       best_epoch: int, history: list, val_predictions=None, rank: int = 0) -> dict:
-    """Score the selected checkpoint on val (choosing thresholds there) and once on test; every AUROC with its
-    95 % patient-level bootstrap interval (`mean_auroc_ci_low`, `auroc/<label>_ci_high`, ...).
+    """Score the selected checkpoint on val, choosing its thresholds there; every AUROC with its 95 % bootstrap
+    interval over patients (images where there are none), labelled as computed on the selection set
+    (`mean_auroc_selection_ci_low`, ...: the data that chose the epoch, so optimistic). Test is predicted and its
+    predictions stored for the search's one record at its end, not scored — unless `supervised.record_test`,
+    which scores it here with val's thresholds (`test`, with `..._ci_low/high`).
 
     `val_predictions`: the (logits, targets) the selected epoch already computed, so val is not re-run."""
-    index, out = data.index, {}
+    index, out = data.index, {"test": {}}
     thresholds = None
     for split in ("val", "test"):
         if split == "val" and val_predictions is not None:
@@ -298,6 +302,12 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, p
                                  device=precision.device, data=cfg.data)
             logits, targets = predict(model, loader, eval_views, precision, index.task == "multilabel")
         prob = to_probabilities(index.task, logits).numpy()
+        rows = index.rows(split)
+        if rank == 0:
+            write_predictions(run_dir / f"predictions_{split}.csv", index.frame.iloc[rows], index.classes,
+                              targets.numpy(), prob, index.task)
+        if split == "test" and not cfg.supervised.record_test:
+            continue
         scored = classification_metrics(index.task, targets.numpy(), prob, index.classes, thresholds,
                                         cfg.supervised.threshold)
         if split == "val":  # thresholds are chosen here and only applied to test
@@ -307,14 +317,12 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, p
             out[f"{split}_confusion_matrix"] = scored["confusion_matrix"]
         out[split] = scored["metrics"]
         truth = targets.numpy() if index.task == "multilabel" else np.eye(len(index.classes))[targets.numpy()]
-        groups = index.frame["patient_id"].to_numpy()[index.rows(split)]
-        for key, (low, high) in auroc_intervals(truth, prob, groups, index.classes, seed=cfg.seed).items():
-            out[split].update({f"{key}_ci_low": low, f"{key}_ci_high": high})  # patient bootstrap, 95 %
+        frame = index.frame.iloc[rows]
+        units = resampling_units(frame["patient_id"], frame["path"])
+        ci = "selection_ci" if split == "val" else "ci"
+        for key, (low, high) in auroc_intervals(truth, prob, units, index.classes, seed=cfg.seed).items():
+            out[split].update({f"{key}_{ci}_low": low, f"{key}_{ci}_high": high})
         out[f"{split}_skipped_labels"] = scored["skipped_labels"]
-        if rank == 0:
-            rows = index.rows(split)
-            write_predictions(run_dir / f"predictions_{split}.csv", index.frame.iloc[rows], index.classes,
-                              targets.numpy(), prob, index.task)
     out.update({"best_epoch": best_epoch, "epochs_run": len(history), "history": history})
     if rank == 0:
         (run_dir / "supervised_history.json").write_text(json.dumps(history, indent=1))
