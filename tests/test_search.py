@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -126,12 +127,21 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     import subprocess
     import sys
     stored = pd.read_csv(exp / "ensemble" / "predictions_test.csv")
-    code = ("import mlflow, pandas as pd, sys; m = mlflow.pyfunc.load_model('models:/tiny/latest'); "
+    # a process where tune_xray cannot be imported (its editable install's finder and the checkout off the path):
+    # the model brings its own code (code_paths) and needs only published packages
+    repo = str(Path(__file__).resolve().parents[1])
+    code = ("import sys, importlib.util; "
+            "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable')]; "
+            "sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, '__module__', '').startswith('__edit')]; "
+            f"sys.path[:] = [p for p in sys.path if p and p != {repo!r}]; sys.path_importer_cache.clear(); "
+            "assert importlib.util.find_spec('tune_xray') is None; "
+            "import mlflow, pandas as pd; m = mlflow.pyfunc.load_model('models:/tiny/latest'); "
             f"out = m.predict(pd.DataFrame({{'path': pd.read_csv({str(exp / 'ensemble' / 'predictions_test.csv')!r})"
             f"['path']}})); out.to_csv({str(tmp_path / 'fresh.csv')!r}, index=False); "
-            "assert 'ray' not in sys.modules or not __import__('ray').is_initialized()")
+            "assert 'ray' not in sys.modules and '/artifacts/code/' in sys.modules['tune_xray'].__file__")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{exp / 'mlflow.db'}"}
-    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+    env.pop("PYTHONPATH", None)
+    assert subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path).returncode == 0
     fresh = pd.read_csv(tmp_path / "fresh.csv")
     p_cols = [c for c in stored.columns if c.startswith("p_")]
     assert np.abs(fresh[p_cols].to_numpy() - stored[p_cols].to_numpy()).max() < 1e-5
@@ -166,6 +176,26 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     ci = summary["best"]["selection_ci"]
     assert ci[0] <= summary["best"]["best_val_mean_auroc"] <= ci[1]
     assert "selected_val_mean_auroc_selection_ci_high" in done.data.metrics
+
+
+def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, ray_session, monkeypatch, capsys):
+    """The ensemble fails: one line, summary.json and a tag say so; the report is still written, the parent run
+    still FINISHED; the exit code says something failed."""
+    import tune_xray.ensemble
+
+    def broken(*args, **kwargs):
+        raise OSError("the registry's disk is full")
+
+    monkeypatch.setattr(tune_xray.ensemble, "run_ensemble", broken)
+    args = _args(tmp_path)
+    args.trials, args.no_asha, args.overrides = 1, True, ["supervised.epochs=1"]
+    summary = run_search(args)
+    assert summary["status"] == "complete" and exit_code(summary) == 1
+    assert summary["failed"] == {"ensemble": "OSError: the registry's disk is full"}
+    assert "ensemble failed: OSError: the registry's disk is full" in capsys.readouterr().err
+    assert Path(summary["report"]).is_file()  # written without an ensemble
+    _, parent, _ = _mlflow(tmp_path / "store" / "tiny")
+    assert parent.info.status == "FINISHED" and parent.data.tags["tune_xray.failed"] == "ensemble"
 
 
 class InterruptAfterFirstTrial(tune.Callback):

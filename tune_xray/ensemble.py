@@ -357,7 +357,10 @@ def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int 
     (out_dir / "model_card.md").write_text(model_card(pool, result))
     if tracking_uri:
         from . import tracking
-        result["registered"] = tracking.log_ensemble(tracking_uri, pool.experiment_dir, result, members, out_dir)
+        try:
+            result["registered"] = tracking.log_ensemble(tracking_uri, pool.experiment_dir, result, members, out_dir)
+        except Exception as err:  # noqa: BLE001 — the selection and its files stand; the caller says what failed
+            result["registered"], result["registration_error"] = None, f"{type(err).__name__}: {err}"
         (out_dir / "ensemble.json").write_text(json.dumps(result, indent=1, default=float))
     return result
 
@@ -437,6 +440,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_result(result)
+    if result.get("registration_error"):
+        print(f"error: not registered: {result['registration_error']}", file=sys.stderr)
+        return 1
     return 0
 
 

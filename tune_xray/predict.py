@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
@@ -98,6 +99,36 @@ class EnsemblePredictor:
         return out
 
 
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """A selected ensemble as one MLflow pyfunc: each member's best.pt (its resolved config inside), the
+    weights and the validation thresholds. Input: a DataFrame with a `path` column (PNG, JPEG, DICOM) or a uint8
+    batch; output: one probability column per class (and the decisions where thresholds were chosen). The device
+    is the model config's `device` (`load_model(uri, model_config={"device": "cuda"})`)."""
+
+    def load_context(self, context) -> None:
+        spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
+        members = [context.artifacts[f"member_{i}"] for i in range(len(spec["weights"]))]
+        device = (context.model_config or {}).get("device", "cpu")
+        self.predictor = EnsemblePredictor(members, spec["weights"], spec.get("thresholds"), device)
+
+    def predict(self, context, model_input, params=None):
+        return self.predictor.frame(self.predictor.predict(images_from_input(model_input)))
+
+
+def load_predictor(uri: str, device: str = "cpu", tracking_uri: str | None = None) -> EnsemblePredictor:
+    """The EnsemblePredictor inside a logged or registered ensemble (`models:/…`, `runs:/…`) on `device`; a model
+    MLflow cannot find is a DataError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(uri, model_config={"device": device})
+    except (MlflowException, OSError) as err:
+        raise DataError(f"{uri}: no such model ({str(err).splitlines()[0][:200]})") from None
+    return model.unwrap_python_model().predictor
+
+
 def images_from_input(model_input) -> list[Image.Image]:
     """A DataFrame with a `path` column, or a uint8 array batch (n, H, W) / (n, C, H, W) / (n, H, W, C)."""
     if isinstance(model_input, pd.DataFrame):
@@ -143,11 +174,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
     args = parser.parse_args(argv)
-    from . import tracking
-
     try:
         uri, tracking_uri = resolve_model(args.model, args.tracking_uri)
-        predictor = tracking.load_predictor(uri, args.device, tracking_uri)
+        predictor = load_predictor(uri, args.device, tracking_uri)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -399,12 +399,16 @@ def print_summary(summary: dict, resume_command: str) -> None:
         print(f"interrupted: finished trials are kept; continue with\n    {resume_command}")
     elif summary["status"] != "complete":
         print("no trial completed: nothing to report as best (see each trial's status and reason)")
-    if summary.get("ensemble", {}).get("members"):
+    if (summary.get("ensemble") or {}).get("members"):
         ens, metric = summary["ensemble"], summary["metric"][len("best_val_"):]
+        registered = f"registered as {ens['registered']['uri']}" if ens.get("registered") else "not registered"
         print(f"ensemble ({ens['method']}, {len(ens['members'])} members, chosen on val): val {metric} "
               f"{ens['val']['ensemble']['value']:.4f} [{ens['val']['ensemble']['ci_low']:.4f}, "
-              f"{ens['val']['ensemble']['ci_high']:.4f}] vs best single {ens['val']['best_single']['value']:.4f}; "
-              f"registered as {ens['registered']['uri']}")
+              f"{ens['val']['ensemble']['ci_high']:.4f}] (on the selection set) vs best single "
+              f"{ens['val']['best_single']['value']:.4f}; {registered}; the test record is in summary.json and "
+              "the report")
+    for step, why in (summary.get("failed") or {}).items():
+        print(f"{step} failed after the trials: {why}")
     print(f"summary: {summary['experiment_dir']}/summary.json")
     if str(summary.get("report", "")).endswith(".html"):
         print(f"report:  {summary['report']}")
@@ -413,7 +417,10 @@ def print_summary(summary: dict, resume_command: str) -> None:
 
 
 def exit_code(summary: dict) -> int:
-    """0: the search did what was asked; 130: interrupted (resumable); 1: no trial completed."""
+    """0: the search did what was asked; 130: interrupted (resumable); 1: no trial completed, or a step after the
+    trials (repeats, ensemble, report) failed."""
+    if summary["status"] == "complete" and summary.get("failed"):
+        return 1
     return {"complete": 0, "interrupted": 130}.get(summary["status"], 1)
 
 
@@ -598,44 +605,60 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     summary_file = experiment_dir / "summary.json"
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
-    if summary["status"] == "complete" and getattr(args, "repeats", 0):
+    summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
+
+    def after_trials(step: str, run) -> None:
+        """Run one step after the trials; a failure is one line, recorded in summary.json (`failed`) and on the
+        parent run, and the steps after it still run."""
+        try:
+            run()
+        except Exception as err:  # noqa: BLE001 — the trials stand; what failed is said, not raised
+            summary["failed"][step] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            print(f"{step} failed: {summary['failed'][step]}", file=sys.stderr)
+        summary_file.write_text(json.dumps(summary, indent=1, default=str))
+
+    def repeats() -> None:
         from .repeat import print_repeats, run_repeats
         summary["repeats"] = run_repeats(experiment_dir, args.repeat_top, args.repeats, max_failures=args.max_failures)
         print_repeats(summary["repeats"])
-    if summary["status"] == "complete" and not getattr(args, "no_ensemble", False):
-        from .ensemble import EnsembleError, run_ensemble
+
+    def ensemble() -> None:
+        from .ensemble import run_ensemble
         for row in summary["rows"]:  # trials that ended before a resume on another machine
             if row["status"] == "complete" and not (experiment_dir / f"{row['trial']}-{row['trial_id']}").is_dir():
                 fetch_results(experiment_dir, storage, name, f"{row['trial']}-{row['trial_id']}")
-        try:
-            result = run_ensemble(experiment_dir, size=getattr(args, "ensemble_size", 5), seed=args.seed,
-                                  tracking_uri=tracking_uri, read_test=True)
-            summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "val", "test",
-                                                              "test_per_label", "test_reads", "registered",
-                                                              "wall_time_s")}
-        except EnsembleError as err:
-            summary["ensemble"] = {"error": str(err)}
-        summary_file.write_text(json.dumps(summary, indent=1, default=str))
-    report = None
-    if summary["status"] == "complete" and not getattr(args, "no_report", False):
-        from .report import build_report
-        try:
-            import torch  # the report runs here, in the driver: on its own device, whatever the trials had
+        result = run_ensemble(experiment_dir, size=getattr(args, "ensemble_size", 5), seed=args.seed,
+                              tracking_uri=tracking_uri, read_test=True)
+        summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "val", "test",
+                                                          "test_per_label", "test_reads", "registered",
+                                                          "wall_time_s")}
+        if result.get("registration_error"):
+            raise RuntimeError(f"the ensemble was chosen but not registered: {result['registration_error']}")
 
-            report = build_report(experiment_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-            summary["report"] = str(report)
-        except Exception as err:  # noqa: BLE001 — the trials, the record and the ensemble stand; say what failed
-            summary["report"] = f"not written: {type(err).__name__}: {err}"
-            print(f"report {summary['report']} (python -m tune_xray.report {experiment_dir} retries it)",
-                  file=sys.stderr)
-        summary_file.write_text(json.dumps(summary, indent=1, default=str))
-    sync_to_storage(experiment_dir, storage, name, (INVOCATION_FILE, "summary.json", "ensemble", "report.html"))
+    def report() -> None:
+        import torch  # the report runs here, in the driver: on its own device, whatever the trials had
+
+        from .report import build_report
+        summary["report"] = str(build_report(experiment_dir, device="cuda" if torch.cuda.is_available() else "cpu"))
+
+    if summary["status"] == "complete":
+        if getattr(args, "repeats", 0):
+            after_trials("repeats", repeats)
+        if not getattr(args, "no_ensemble", False):
+            after_trials("ensemble", ensemble)
+        if not getattr(args, "no_report", False):
+            after_trials("report", report)
+            if "report" in summary["failed"]:
+                print(f"(python -m tune_xray.report {experiment_dir} retries the report)", file=sys.stderr)
+    after_trials("storage", lambda: sync_to_storage(experiment_dir, storage, name, (INVOCATION_FILE, "summary.json",
+                                                                                   "ensemble", "report.html")))
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
+    report_file = Path(summary["report"]) if str(summary.get("report", "")).endswith(".html") else None
     tracking.finish_parent(
         tracking_uri, parent, summary["status"], summary["best_mlflow_run_id"],
         {m.key: m.value for m in tracking.epoch_metrics(best_trial.last_result, 0)
          if m.key.startswith(tracking.RECORD_PREFIXES) or m.key == metric} if best_trial else {}, summary_file,
-        (report,) if report else ())
+        (report_file,) if report_file else (), failed=sorted(summary["failed"]))
     return summary
 
 

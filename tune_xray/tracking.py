@@ -23,11 +23,11 @@ import mlflow
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.models import infer_signature
-from mlflow.pyfunc import PythonModel
 from mlflow.tracking import MlflowClient
 from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from .predict import EnsembleModel
 from .trial import FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
@@ -106,13 +106,20 @@ def ended_trials(tracking_uri: str, parent_run_id: str) -> set[str]:
 
 
 def finish_parent(tracking_uri: str, parent_run_id: str, status: str, best_run_id: Optional[str],
-                  best_metrics: dict, summary_file: Optional[Path] = None, artifacts: tuple[Path, ...] = ()) -> None:
+                  best_metrics: dict, summary_file: Optional[Path] = None, artifacts: tuple[Path, ...] = (),
+                  failed: list[str] = ()) -> None:
     """The parent's status (`complete`, `interrupted`, `no trial completed`, `error`), the best completed
     trial's record under the same metric names as its child run, a link to that run, and the search's files
-    (summary.json, the report)."""
+    (summary.json, the report). `failed`: the steps after the trials that failed (repeats, ensemble, report):
+    a tag; the search itself is still FINISHED. A metric whose value is already the run's latest is not logged
+    again (a resumed search finishes its parent a second time); a changed one is logged at the next step."""
     client = MlflowClient(tracking_uri)
-    client.log_batch(parent_run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
-                                             for k, v in best_metrics.items()])
+    logged = client.get_run(parent_run_id).data.metrics
+    changed = {k: float(v) for k, v in best_metrics.items() if logged.get(k) != float(v)}
+    now = int(time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[
+        Metric(k, v, now, len(client.get_metric_history(parent_run_id, k)) if k in logged else 0)
+        for k, v in changed.items()])
     if best_run_id:
         experiment_id = experiment_id_of(tracking_uri, parent_run_id)
         client.set_tag(parent_run_id, "best_trial_run_id", best_run_id)
@@ -121,6 +128,8 @@ def finish_parent(tracking_uri: str, parent_run_id: str, status: str, best_run_i
         if path is not None and path.is_file():
             client.log_artifact(parent_run_id, str(path))
     client.set_tag(parent_run_id, STATUS_TAG, status)
+    if failed:
+        client.set_tag(parent_run_id, "tune_xray.failed", ", ".join(failed))
     client.set_terminated(parent_run_id, status={"complete": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
 
 
@@ -285,25 +294,6 @@ class TrialRuns(LoggerCallback):
 ENSEMBLE_LABELS = ("ensemble", "best_single", "top_k", "ensemble_minus_best_single")
 
 
-class EnsembleModel(PythonModel):
-    """A selected ensemble as one MLflow pyfunc: each member's best.pt (its resolved config inside), the
-    weights and the validation thresholds. Input: a DataFrame with a `path` column (PNG, JPEG, DICOM) or a uint8
-    batch; output: one probability column per class (and the decisions where thresholds were chosen)."""
-
-    def load_context(self, context) -> None:
-        from .predict import EnsemblePredictor
-
-        spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
-        members = [context.artifacts[f"member_{i}"] for i in range(len(spec["weights"]))]
-        device = (context.model_config or {}).get("device", "cpu")
-        self.predictor = EnsemblePredictor(members, spec["weights"], spec.get("thresholds"), device)
-
-    def predict(self, context, model_input, params=None):
-        from .predict import images_from_input
-
-        return self.predictor.frame(self.predictor.predict(images_from_input(model_input)))
-
-
 def _log_pyfunc(checkpoints: list[str], weights: list[float], thresholds, example: pd.DataFrame,
                 registered_name: Optional[str] = None):
     """Log an EnsembleModel into the active run (and register it); returns the ModelInfo."""
@@ -312,20 +302,23 @@ def _log_pyfunc(checkpoints: list[str], weights: list[float], thresholds, exampl
         spec.write_text(json.dumps({"weights": weights, "thresholds": thresholds}))
         artifacts = {"ensemble": str(spec), **{f"member_{i}": c for i, c in enumerate(checkpoints)}}
         model = EnsembleModel()
-        model.load_context(type("Context", (), {"artifacts": artifacts, "model_config": {}})())
+        model.load_context(type("Context", (), {"artifacts": artifacts, "model_config": {"device": "cpu"}})())
         output = model.predict(None, example)
+        # the package's code travels with the model (code_paths) and every requirement is a published package:
+        # it loads where tune_xray is not installed; `device` is a model_config key, so loading can set it
         return mlflow.pyfunc.log_model(name="model", python_model=EnsembleModel(), artifacts=artifacts,
+                                       code_paths=[str(Path(__file__).parent)], model_config={"device": "cpu"},
                                        signature=infer_signature(example, output), input_example=example,
                                        registered_model_name=registered_name, pip_requirements=_requirements())
 
 
 def _requirements() -> list[str]:
-    """The packages the pyfunc imports, pinned to this environment (MLflow's own inference loads the model in
-    a subprocess: seconds per model)."""
+    """The published packages the pyfunc imports, pinned to this environment (tune_xray itself travels as code;
+    MLflow's own inference loads the model in a subprocess: seconds per model)."""
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("tune_xray", "torch", "torchvision", "timm", "kornia", "pydicom",
-                                           "pandas", "mlflow", "ray")]
+    return [f"{p}=={version(p)}" for p in ("torch", "torchvision", "timm", "kornia", "pydicom", "pandas", "numpy",
+                                           "pillow", "pydantic", "pyyaml", "scikit-learn", "safetensors", "mlflow")]
 
 
 def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members: pd.DataFrame,
@@ -396,10 +389,3 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
     client.set_terminated(run.info.run_id, status="FINISHED")
     return {"name": name, "version": str(version), "uri": f"models:/{name}/{version}", "run_id": run.info.run_id,
             "tracking_uri": tracking_uri}
-
-
-def load_predictor(uri: str, device: str = "cpu", tracking_uri: Optional[str] = None):
-    """The EnsemblePredictor inside a logged or registered ensemble (`models:/…`, `runs:/…`)."""
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(uri, model_config={"device": device}).unwrap_python_model().predictor
