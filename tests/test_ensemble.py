@@ -181,6 +181,23 @@ def test_images_without_patients_are_resampled_one_by_one(tmp_path):
         assert entry["ci_low"] < entry["value"] < entry["ci_high"]
 
 
+def test_a_corrupt_summary_or_a_missing_prediction_file_is_one_line(tmp_path, capsys):
+    from tune_xray.ensemble import main as ensemble_main
+    from tune_xray.repeat import main as repeat_main
+    from tune_xray.report import main as report_main
+
+    directory = _pool_dir(tmp_path)
+    (directory / "t001-id1" / "predictions_test.csv").unlink()
+    assert ensemble_main([str(directory), "--record", "--tracking-uri", "none", "--resamples", "20"]) == 2
+    assert "t001-id1/predictions_test.csv: cannot read the trial's test predictions" in capsys.readouterr().err
+    (directory / "summary.json").write_text('{"rows": [')  # a copy cut short
+    (directory / "search.json").write_text("{}")
+    for main in (ensemble_main, report_main, repeat_main):
+        assert main([str(directory)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "summary.json: not a search summary" in err and "Traceback" not in err
+
+
 def test_trials_that_predicted_other_images_are_not_ensembled(tmp_path):
     directory = _pool_dir(tmp_path)
     frame = pd.read_csv(directory / "t002-id2" / "predictions_val.csv")

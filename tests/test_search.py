@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -36,6 +37,20 @@ SPACE = {
 }
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """Every trial end — complete, pruned by ASHA, diverged, failed, interrupted, killed and resumed — leaves no
+    scratch directory in the system temp directory once its search has returned."""
+    import tempfile
+
+    def scratch():
+        return set(Path(tempfile.gettempdir()).glob("tune_xray-*"))
+
+    before = scratch()
+    yield
+    assert not scratch() - before
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     import ray
@@ -60,7 +75,7 @@ def _mlflow(exp):
                             and "tune_xray.trial_id" in r.data.tags]  # the trials' runs (not the ensemble's)
 
 
-def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ray_session):
+def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ray_session, capsys):
     summary = run_search(_args(tmp_path))
     exp = tmp_path / "store" / "tiny"
     assert summary["status"] == "complete" and exit_code(summary) == 0
@@ -154,9 +169,16 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
         shutil.copy(path, inputs)
     _dicom(inputs / "scan.dcm", np.tile(np.linspace(0, 4095, 64), (64, 1)))
     (inputs / "readme.txt").write_text("not an image")
-    assert predict_main([str(exp), str(inputs), "--out", str(tmp_path / "pred.csv")]) == 1  # one bad file
-    predicted = pd.read_csv(tmp_path / "pred.csv")
+    assert predict_main([str(exp), str(inputs), "--out", str(tmp_path / "pred.csv"), "--batch-size", "2"]) == 1
+    predicted = pd.read_csv(tmp_path / "pred.csv")  # one bad file named; the rest streamed two at a time
     assert len(predicted) == 3 and predicted[p_cols].notna().all().all()
+    (tmp_path / "empty").mkdir()
+    assert predict_main([str(exp), str(tmp_path / "empty")]) == 1  # nothing to predict is not success
+    assert predict_main(["models:/no-such-model/1", str(inputs)]) == 2
+    if not torch.cuda.is_available():
+        assert predict_main([str(exp), str(inputs), "--device", "cuda"]) == 2  # the device is not dropped
+    err = capsys.readouterr().err
+    assert "no files in" in err and "models:/no-such-model/1: no such model" in err and "Traceback" not in err
 
     # the search's last product: one self-contained HTML page, logged to the parent run
     report = exp / "report.html"
@@ -176,6 +198,9 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     ci = summary["best"]["selection_ci"]
     assert ci[0] <= summary["best"]["best_val_mean_auroc"] <= ci[1]
     assert "selected_val_mean_auroc_selection_ci_high" in done.data.metrics
+    from tune_xray.report import main as report_main
+    shutil.copytree(exp, tmp_path / "renamed")  # a copied or renamed experiment still finds its Optuna study
+    assert report_main([str(tmp_path / "renamed"), "--out", str(tmp_path / "renamed.html")]) == 0
 
 
 def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, ray_session, monkeypatch, capsys):
@@ -432,6 +457,51 @@ run_search(args, extra_callbacks=[KillDriverMidTrial()])
         if child.data.tags["tune_xray.status"] == "complete":
             steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
             assert steps == [1, 2]
+
+
+def test_one_search_owns_its_name(tmp_path, capsys):
+    """An exclusive lock taken before anything is written: a second start (or a --resume) while the first runs is
+    one error naming the holder; released on every exit; a crashed run's lock is said and taken over; a search
+    that fails before writing its invocation leaves nothing behind."""
+    from tune_xray.config import ConfigError
+    from tune_xray.search import INVOCATION_FILE, LOCK_FILE, search_lock
+
+    experiment = tmp_path / "runs" / "tiny"
+    with search_lock(experiment, "tiny"):
+        (experiment / INVOCATION_FILE).write_text("{}")
+        holder = (experiment / LOCK_FILE).read_text()
+        assert holder.startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(ConfigError, match=f"search 'tiny' is running \\(pid {os.getpid()} on "):
+            with search_lock(experiment, "tiny"):
+                pass
+        assert (experiment / LOCK_FILE).read_text() == holder  # the refused one changed nothing
+    assert (experiment / LOCK_FILE).read_text() == ""  # released
+    (experiment / LOCK_FILE).write_text("pid 4242 on elsewhere since 2026-11-26 10:00:00")  # as a crash leaves it
+    with search_lock(experiment, "tiny"):
+        pass
+    assert "earlier run of 'tiny' (pid 4242 on elsewhere since 2026-11-26 10:00:00) ended without releasing" in \
+        capsys.readouterr().err
+    fresh = tmp_path / "new" / "store" / "other"
+    with pytest.raises(RuntimeError), search_lock(fresh, "other"):
+        raise RuntimeError("Ray did not start")
+    assert not (tmp_path / "new").exists()  # nothing written, nothing left
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="--storage: cannot create"), search_lock(tmp_path / "a_file" / "x", "x"):
+        pass
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--trials", "0"], "--trials 0: at least 1"), (["--trials", "-1"], "--trials -1: at least 1"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial 0: more than 0"), (["--gpus-per-trial", "-1"], "0 or more"),
+    (["--workers-per-trial", "0"], "--workers-per-trial 0: at least 1"), (["--max-concurrent", "0"], "at least 1"),
+])
+def test_bad_counts_and_resources_are_one_line_before_anything(tmp_path, capsys, flags, message):
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    assert main([str(space), "--storage", str(tmp_path / "s"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {err.strip().removeprefix('error: ')}" and message in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
 
 
 def test_trials_get_the_device_and_gpu_share_their_resources_give():

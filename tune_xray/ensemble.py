@@ -68,9 +68,32 @@ class Pool:
         return np.array([float(score(p)[0]) for p in self.val.probs])
 
 
+def read_summary(experiment_dir: Path) -> dict:
+    """A search's summary.json; missing or unreadable (a copy cut short, a hand edit) is an EnsembleError naming
+    it. The one reader the ensemble, the repeats and the report share."""
+    path = Path(experiment_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        summary["rows"]  # noqa: B018 — the one key every reader needs
+        return summary
+    except FileNotFoundError:
+        raise EnsembleError(f"{experiment_dir}: no summary.json (not a finished tune_xray search)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise EnsembleError(f"{path}: not a search summary ({type(err).__name__}: {err})") from None
+
+
 def read_predictions(directory: Path, split: str, classes: list[str]) -> tuple:
-    """A trial's stored predictions of a split: (paths, 0/1 targets, patient groups, probabilities)."""
-    frame = pd.read_csv(directory / f"predictions_{split}.csv")
+    """A trial's stored predictions of a split: (paths, 0/1 targets, patient groups, probabilities); a file that
+    is missing or lacks a column is an EnsembleError naming it."""
+    path = Path(directory) / f"predictions_{split}.csv"
+    try:
+        frame = pd.read_csv(path)
+        columns = [f"y_{c}" for c in classes] + [f"p_{c}" for c in classes] + ["path", "patient_id"]
+        missing = [c for c in columns if c not in frame.columns]
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise EnsembleError(f"{path}: cannot read the trial's {split} predictions ({type(err).__name__})") from None
+    if missing:
+        raise EnsembleError(f"{path}: missing column(s) {missing}")
     groups = resampling_units(frame["patient_id"], frame["path"])
     return (frame["path"].astype(str).tolist(), frame[[f"y_{c}" for c in classes]].to_numpy(),
             groups, frame[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64))
@@ -94,10 +117,7 @@ def _stack(pool_dirs: list[Path], names: list[str], split: str, classes: list[st
 def load_pool(experiment_dir: str | Path) -> Pool:
     """The completed trials of a search (its summary.json) and their stored validation predictions."""
     experiment_dir = Path(experiment_dir)
-    summary_file = experiment_dir / "summary.json"
-    if not summary_file.is_file():
-        raise EnsembleError(f"{experiment_dir}: no summary.json (not a tune_xray search directory)")
-    summary = json.loads(summary_file.read_text())
+    summary = read_summary(experiment_dir)
     trials = []
     # the search's trials, then its repeats (tune_xray.repeat: the best configurations with new seeds)
     for row in summary["rows"] + (summary.get("repeats") or {}).get("trials", []):

@@ -12,6 +12,7 @@ others are still predicted, and the exit code (1) says that some failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -111,7 +112,8 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         device = (context.model_config or {}).get("device", "cpu")
         self.predictor = EnsemblePredictor(members, spec["weights"], spec.get("thresholds"), device)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # or a uint8 array (images_from_input):
+        # a DataFrame hint is one MLflow infers no schema from (the logged signature speaks), and asks no more for
         return self.predictor.frame(self.predictor.predict(images_from_input(model_input)))
 
 
@@ -120,6 +122,8 @@ def load_predictor(uri: str, device: str = "cpu", tracking_uri: str | None = Non
     MLflow cannot find is a DataError naming it."""
     from mlflow.exceptions import MlflowException
 
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: no CUDA device here")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
@@ -180,23 +184,36 @@ def main(argv=None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    readable, images, failed = [], [], 0
-    for path in find_inputs(args.inputs):
-        try:
-            images.append(read_image(path))
-            readable.append(str(path))
-        except DataError as err:
-            print(f"skipped: {err}", file=sys.stderr)
-            failed += 1
+    files = find_inputs(args.inputs)
+    if not files:
+        print(f"error: no files in {' '.join(args.inputs)}", file=sys.stderr)
+        return 1
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    predicted = failed = 0
     start = time.perf_counter()
-    frame = predictor.frame(predictor.predict(images, args.batch_size))
+    with contextlib.ExitStack() as stack:
+        if args.out:
+            stack.callback(out.close)
+        for first in range(0, len(files), args.batch_size):  # decoded a batch at a time: bounded memory
+            readable, images = [], []
+            for path in files[first:first + args.batch_size]:
+                try:
+                    images.append(read_image(path))
+                    readable.append(str(path))
+                except DataError as err:
+                    print(f"skipped: {err}", file=sys.stderr)
+                    failed += 1
+            if not images:
+                continue
+            frame = predictor.frame(predictor.predict(images, args.batch_size))
+            frame.insert(0, "path", readable)
+            frame.to_csv(out, index=False, header=predicted == 0)
+            predicted += len(readable)
     seconds = time.perf_counter() - start
-    frame.insert(0, "path", readable)
-    if args.out:
-        frame.to_csv(args.out, index=False)
-    else:
-        print(frame.to_csv(index=False), end="")
-    print(f"{len(readable)} images in {seconds:.1f} s ({len(readable) / max(seconds, 1e-9):.1f} img/s)"
+    if not predicted:
+        print(f"error: none of the {len(files)} files is a readable image", file=sys.stderr)
+        return 1
+    print(f"{predicted} images in {seconds:.1f} s ({predicted / max(seconds, 1e-9):.1f} img/s)"
           + (f"; {failed} not readable" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 

@@ -115,11 +115,16 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
     from .space import flatten, load_study
     from .trial import RESULT_FILES, TrialResources, resolve_trial, trial_driver, tune_metric
 
+    from .ensemble import EnsembleError, read_summary
+
     experiment_dir = Path(experiment_dir).resolve()
     summary_file = experiment_dir / "summary.json"
-    if not summary_file.is_file() or not (experiment_dir / INVOCATION_FILE).is_file():
-        raise ConfigError(f"{experiment_dir}: not a finished tune_xray search (no summary.json / search.json)")
-    summary = json.loads(summary_file.read_text())
+    if not (experiment_dir / INVOCATION_FILE).is_file():
+        raise ConfigError(f"{experiment_dir}: not a finished tune_xray search (no {INVOCATION_FILE})")
+    try:
+        summary = read_summary(experiment_dir)
+    except EnsembleError as err:
+        raise ConfigError(str(err)) from None
     if not summary["top"]:
         raise ConfigError(f"{experiment_dir}: no completed trial to repeat")
     if top < 1 or seeds < 1:

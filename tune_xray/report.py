@@ -29,7 +29,7 @@ STATUSES = ("complete", "pruned", "diverged", "error", "interrupted")
 
 
 class ReportError(RuntimeError):
-    """The directory is not a finished search (no summary.json)."""
+    """The directory is not a finished search (no summary.json, or one that cannot be read)."""
 
 
 def _pyplot():
@@ -392,17 +392,20 @@ def build_report(experiment_dir: str | Path, out: str | Path | None = None, devi
     """Write the report; returns its path (default EXPERIMENT_DIR/report.html)."""
     from .search import INVOCATION_FILE, default_optuna_url
 
+    from .ensemble import EnsembleError, read_summary
+
     experiment_dir = Path(experiment_dir).resolve()
-    if not (experiment_dir / "summary.json").is_file():
-        raise ReportError(f"{experiment_dir}: no summary.json (not a finished tune_xray search)")
     start = time.perf_counter()
-    summary = json.loads((experiment_dir / "summary.json").read_text())
+    try:
+        summary = read_summary(experiment_dir)
+    except EnsembleError as err:
+        raise ReportError(str(err)) from None
     invocation = json.loads((experiment_dir / INVOCATION_FILE).read_text()) if (
         experiment_dir / INVOCATION_FILE).is_file() else {}
     complete = summary["top"]
     optuna_url = invocation.get("optuna_storage") or default_optuna_url(experiment_dir)
     sections = [("The study", study_section(summary, invocation, experiment_dir, complete)),
-                ("The search", search_section(summary, optuna_url, experiment_dir.name))]
+                ("The search", search_section(summary, optuna_url, summary.get("optuna_study") or experiment_dir.name))]
     if complete:
         sections += [("The model", model_section(experiment_dir, summary, complete)),
                      ("Explainability", explain_section(experiment_dir, complete[0], device=device)),
@@ -426,10 +429,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="default: EXPERIMENT_DIR/report.html")
     parser.add_argument("--device", default="cpu", help="for Grad-CAM, t-SNE embeddings and the img/s column")
     args = parser.parse_args(argv)
+    from .ensemble import EnsembleError
+
     try:
         start = time.perf_counter()
         path = build_report(args.experiment_dir, args.out, args.device)
-    except ReportError as err:
+    except (ReportError, EnsembleError) as err:  # the latter: a trial's predictions missing or unreadable
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s)")

@@ -11,10 +11,14 @@ test is read once, at the end, for the record of the ensemble, the best single t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
+import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -23,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from . import tracking
 from .config import ConfigError, merge, parse_overrides
-from .cluster import alive_nodes, check_cluster_paths, download, upload
+from .cluster import alive_nodes, check_cluster_paths, download, storage_filesystem, upload
 from .data.splits import DataError
 from .models import WeightsError
 from .space import BACKBONE_KEYS, Study, case_key, flatten, load_study
@@ -98,6 +102,64 @@ def global_batch_sizes(cfg, workers: int) -> dict:
     phases = [("supervised", cfg.supervised)] + [(name, getattr(cfg, name)) for name in ("byol", "cass")
                                                  if getattr(cfg, name).enabled]
     return {f"{name}.global_batch_size": phase.batch_size * workers for name, phase in phases}
+
+
+class SearchError(RuntimeError):
+    """A failure while the search runs (Ray did not start, say): one line, exit 1."""
+
+
+def check_numbers(args) -> None:
+    """Counts and resources the command line gives, before anything starts: one error naming the flag."""
+    at_least = [("--trials", args.trials, 1), ("--workers-per-trial", args.workers_per_trial, 1),
+                ("--max-concurrent", getattr(args, "max_concurrent", None), 1), ("--max-failures", args.max_failures, 0)]
+    for flag, value, low in at_least:
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value}: at least {low}")
+    if not args.cpus_per_trial > 0:
+        raise ConfigError(f"--cpus-per-trial {args.cpus_per_trial:g}: more than 0 (a trial's process needs a CPU)")
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+        raise ConfigError(f"--gpus-per-trial {args.gpus_per_trial:g}: 0 or more")
+
+
+LOCK_FILE = ".search.lock"
+
+
+@contextlib.contextmanager
+def search_lock(experiment_dir: Path, name: str):
+    """One search owns its name: an exclusive lock (flock) on EXPERIMENT_DIR/.search.lock, taken before anything
+    else is written, so a second start of the same name, or a --resume of it while it runs, is one error. The OS
+    releases it on every exit, a crash included; the file then still names the crashed run, which is said and
+    taken over. If the search fails before writing its invocation, what the lock made is removed again."""
+    made = next((p for p in [experiment_dir, *experiment_dir.parents] if p.parent.exists()), experiment_dir)
+    made = None if made.exists() else made  # the topmost directory this search creates, to remove on a failure
+    try:
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(experiment_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ConfigError(f"--storage: cannot create {experiment_dir} ({err.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 1024).decode().strip()
+        os.close(fd)
+        raise ConfigError(f"search '{name}' is running ({holder}): wait for it to end, or give another --name") from None
+    try:
+        stale = os.read(fd, 1024).decode().strip()
+        if stale:
+            print(f"note: the earlier run of '{name}' ({stale}) ended without releasing it (killed?); taking over",
+                  file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
+                  0)
+        yield
+    except BaseException:
+        if made is not None and not (experiment_dir / INVOCATION_FILE).exists():
+            shutil.rmtree(made, ignore_errors=True)  # failed before writing anything: leave nothing
+        raise
+    finally:
+        if (experiment_dir / LOCK_FILE).exists():
+            os.ftruncate(fd, 0)  # released as it should be: nothing stale for the next run to report
+        os.close(fd)  # closing releases the flock
 
 
 def default_gpus_per_trial(cluster: dict) -> float:
@@ -502,6 +564,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         raise ConfigError(f"--repeats {args.repeats} --repeat-top {args.repeat_top}: both must be at least 1")
     if getattr(args, "ensemble_size", 5) < 1:
         raise ConfigError(f"--ensemble-size {args.ensemble_size}: at least 1 (or --no-ensemble)")
+    check_numbers(args)
     study = load_study(args.study)  # every search-space error before Ray starts
     if args.data:
         args.data = absolute_data(args.data)
@@ -511,12 +574,22 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     base_cfg = study.trial_config({}, overrides, args.smoke)
     check_candidates(study, overrides, args.smoke)
     budget = study.budget(args.smoke, overrides)
-    trials = args.trials or budget.trials
+    trials = args.trials if args.trials is not None else budget.trials
     name, storage, experiment_dir = _where(args)
-    from ray import tune
-
     if not args.resume and (experiment_dir / "tuner.pkl").exists():
         raise ConfigError(f"{experiment_dir} holds an earlier search '{name}': pass --resume, or --name for a new one")
+    if "://" in storage:
+        try:
+            storage_filesystem(storage)
+        except Exception as err:  # noqa: BLE001 — pyarrow's errors differ by scheme; all mean "not a storage"
+            raise ConfigError(f"--storage {storage}: not a storage pyarrow can open ({err})") from None
+    with search_lock(experiment_dir, name):
+        return _run(args, extra_callbacks, study, overrides, base_cfg, budget, trials, name, storage, experiment_dir)
+
+
+def _run(args, extra_callbacks, study, overrides, base_cfg, budget, trials, name, storage, experiment_dir) -> dict:
+    """The search itself, under its lock: data, Ray, the Tuner, the summary and what comes after the trials."""
+    from ray import tune
 
     from .data.loader import prepare
     prepare(base_cfg.data)  # check and cache the data once, before any trial starts
@@ -524,12 +597,16 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
     import ray
 
-    from .trial import TrialResources, resolve_trial, trial_driver, tune_metric
+    from .trial import TrialResources, remove_orphaned_workdirs, resolve_trial, trial_driver, tune_metric
 
     if not ray.is_initialized():
         # keep the dashboard (ray[default]'s State API): without it a Train run stopped by ASHA leaks its
         # placement group and the next trial waits for resources forever
-        _init_ray(args.address, args.verbose)
+        try:
+            _init_ray(args.address, args.verbose)
+        except Exception as err:  # noqa: BLE001 — a start-up timeout, a refused address, ...: one line, exit 1
+            raise SearchError(f"Ray did not start{' at ' + args.address if args.address else ''}: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     if args.gpus_per_trial is None:
         args.gpus_per_trial = default_gpus_per_trial(ray.cluster_resources())
     overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial, args.workers_per_trial,
@@ -585,6 +662,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
                                                         optuna_url, args.seed, metric),
                                          getattr(args, "max_concurrent", None))))
     results = tuner.fit()
+    remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
     all_trials = results._experiment_analysis.trials
     runs = tracking.child_runs(tracking_uri, parent)
     summary = summarize(all_trials, trials, study, metric, experiment_dir, tracking_uri, runs,
@@ -594,6 +672,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     summary["resources"] = {"workers_per_trial": resources.workers, "cpus_per_trial": resources.cpus,
                             "gpus_per_trial": resources.gpus, "one_worker_trials": resources.one_worker}
     summary["storage"] = experiment_path
+    summary["optuna_study"] = name  # a copied or renamed experiment directory still finds its study
     known = {t.trial_id for t in all_trials}
     tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
                                       if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",
@@ -718,6 +797,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SearchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # before the trials started (Tune handles Ctrl-C while they run)
         print("interrupted before any trial ran", file=sys.stderr)
         return 130

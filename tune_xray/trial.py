@@ -11,8 +11,10 @@ itself, and Tune's retry resumes it from there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -111,12 +113,61 @@ def train_worker(config: dict) -> None:
     run_trial(config, TrainSession())
 
 
+WORKDIR_PREFIX = "tune_xray-"  # a trial's scratch directories: tune_xray-<kind>-<pid>-… in the system temp dir
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_workdirs() -> int:
+    """Scratch directories on this machine whose process has ended — a trial stopped or killed before its own
+    cleanup ran — are removed; returns how many. Every trial runs it as it starts, and the search at its end."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*-*"):
+        pid = path.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_dirs():
+    """`make(kind)` → a new scratch directory named for this process; all are removed on every exit of the block
+    (a trial complete, diverged, failed or stopped), and orphans of ended processes as it starts."""
+    remove_orphaned_workdirs()
+    made: list[Path] = []
+
+    def make(kind: str) -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{kind}-{os.getpid()}-")))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
     """One rank of a trial: resume from the last checkpoint if any, run the phases, report every epoch.
 
     The fine-tune's last epoch (its budget or an early stop) is reported together with the final record, so
     that ASHA never stops a trial on the report that ends it. A diverged run reports `status: diverged` and
-    returns normally: neither Ray Train nor Tune retries a deterministic divergence."""
+    returns normally: neither Ray Train nor Tune retries a deterministic divergence. Its scratch directories are
+    gone whichever way it ends (scratch_dirs)."""
+    with scratch_dirs() as scratch:
+        _run_trial(config, session, scratch)
+
+
+def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> None:
     from .phases import resolve_scan_backend, run_phases  # here: only the process that trains needs timm, kornia
     from .phases.common import Diverged, load_state
 
@@ -124,7 +175,7 @@ def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
     rank, world_size = session.rank, session.world_size
     cfg.device = session.device
     scan_backend = resolve_scan_backend(cfg, cfg.device)
-    run_dir = Path(tempfile.mkdtemp(prefix="tune_xray-"))
+    run_dir = scratch("run")
     resume = None
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
@@ -163,7 +214,6 @@ def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
     except Diverged as err:  # every rank raises it (the non-finite check is agreed across ranks)
         session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, STATUS: "diverged",
                         REASON: str(err), "diverged_epoch": float(err.epoch)})
-        shutil.rmtree(run_dir, ignore_errors=True)
         return
     sup, metric = summary["supervised"], cfg.supervised.selection_metric
     final = {**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, FINISHED: 1.0, STATUS: "complete",
@@ -173,14 +223,13 @@ def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
     final["node_id"] = ray.get_runtime_context().get_node_id()  # where it trained (rank 0), for the record
     result_dir = None
     if rank == 0:  # the selected checkpoint, predictions and summary travel as the run's last checkpoint
-        result_dir = tempfile.mkdtemp(prefix="tune_xray-result-")
+        result_dir = scratch("result")
         (run_dir / FINAL_FILE).write_text(json.dumps(final))
         for name in RESULT_FILES:
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, result_dir)
         session.store(result_dir)  # before the report: the trial's end is processed once it is in
     session.report(final, checkpoint=Checkpoint.from_directory(result_dir) if result_dir else None)
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)
