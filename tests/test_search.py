@@ -258,6 +258,9 @@ def test_ctrl_c_is_an_interruption_and_resume_completes_the_record(tmp_path, ray
     client, parent, children = _mlflow(exp)
     assert len(children) == 3 and all(c.info.status != "RUNNING" for c in children)  # no duplicate child runs
     assert parent.info.status == "FINISHED"
+    for key in parent.data.metrics:  # finished twice, yet each value once at each step
+        steps = [m.step for m in client.get_metric_history(parent.info.run_id, key)]
+        assert len(steps) == len(set(steps)), key
     for child in children:
         if child.data.tags["tune_xray.status"] == "complete":  # one unbroken per-epoch history
             steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
