@@ -174,7 +174,7 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     assert len(predicted) == 3 and predicted[p_cols].notna().all().all()
     (tmp_path / "empty").mkdir()
     assert predict_main([str(exp), str(tmp_path / "empty")]) == 1  # nothing to predict is not success
-    assert predict_main(["models:/no-such-model/1", str(inputs)]) == 2
+    assert predict_main(["models:/no-such-model/1", str(inputs), "--tracking-uri", f"sqlite:///{exp / 'mlflow.db'}"]) == 2
     if not torch.cuda.is_available():
         assert predict_main([str(exp), str(inputs), "--device", "cuda"]) == 2  # the device is not dropped
     err = capsys.readouterr().err

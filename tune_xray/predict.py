@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -165,6 +166,9 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
         if not registered:
             raise DataError(f"{path}: no registered ensemble (run python -m tune_xray.ensemble {path})")
         return registered["uri"], tracking_uri or registered["tracking_uri"]
+    if model.startswith(("models:/", "runs:/")) and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise DataError(f"{model}: in which MLflow store? pass --tracking-uri (or set MLFLOW_TRACKING_URI); "
+                        "MLflow's default would create ./mlflow.db here")
     return model, tracking_uri
 
 

@@ -331,6 +331,7 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     parent = find_parent(experiment_dir)
     client = MlflowClient(tracking_uri)
@@ -362,6 +363,7 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
             label="registered")
     ax.set_xlabel({"selections": "ensemble size (selections, with replacement)",
                    "bags": "bags averaged"}.get(selection["axis"], selection["axis"]))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel(result["metric"])
     ax.set_title("the registered weights' selection, on validation")
     ax.legend(fontsize=8)
