@@ -368,6 +368,8 @@ def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int 
         test_frame = pd.DataFrame(recorded.pop("test_probs"), columns=[f"p_{c}" for c in pool.classes])
         test_frame.insert(0, "path", recorded.pop("test_paths"))
         test_frame.to_csv(out_dir / "predictions_test.csv", index=False)
+    else:  # an earlier selection's: not this one's
+        (out_dir / "predictions_test.csv").unlink(missing_ok=True)
     result = {"method": method, "size": size, "bags": bags if method == "caruana" else 0, "seed": seed,
               "resamples": resamples, "metric": pool.metric, "task": pool.task, "classes": pool.classes,
               "pool": len(pool.trials), "selection": selection, "test": None, **recorded,
