@@ -37,7 +37,7 @@ S0_AUG = AugmentConfig(image_size=224, crop="random", hflip=0.5, rotation=10, br
 
 
 class S0Dataset(Dataset):
-    """S0's torchvision pipeline, one PNG at a time (SEEDS.md, S0 'Train aug' and augmentation ablation)."""
+    """S0's torchvision pipeline, one PNG at a time (S0's 'Train aug' and its augmentation ablation)."""
 
     def __init__(self, paths):
         self.paths = paths
@@ -91,7 +91,8 @@ def main() -> None:
 
     t = time.perf_counter()
     cache = build_cache(paths, 256, 1, Path(tempfile.mkdtemp()))
-    print(f"one-off cache build (decode + resize 256, uint8 memmap): {len(paths) / (time.perf_counter() - t):.0f} img/s")
+    built = len(paths) / (time.perf_counter() - t)
+    print(f"one-off cache build (decode + resize 256, uint8 memmap): {built:.0f} img/s")
     dataset = CachedBatches(cache, torch.arange(len(paths)).numpy(), torch.zeros(len(paths)).numpy())
     batches = make_loader(dataset, args.batch, shuffle=True)
     augment = TrainAugment(S0_AUG, 256, 3, *normalization(S0_AUG, 3))

@@ -50,7 +50,8 @@ def make_inputs(batch, dim, length, n, groups, steep=False, seed=0):
     dt = torch.exp(torch.rand(dim, generator=g) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
     dt = torch.full_like(dt, 3.0) if steep else dt
     shape = (batch, n, length) if groups is None else (batch, groups, n, length)
-    return dict(u=torch.randn(batch, dim, length, generator=g), delta=0.1 * torch.randn(batch, dim, length, generator=g),
+    return dict(u=torch.randn(batch, dim, length, generator=g),
+                delta=0.1 * torch.randn(batch, dim, length, generator=g),
                 A=-(4 if steep else 1) * torch.arange(1, n + 1.0).repeat(dim, 1), B=torch.randn(shape, generator=g),
                 C=torch.randn(shape, generator=g), D=torch.ones(dim), delta_bias=dt + torch.log(-torch.expm1(-dt)))
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tune_xray.experiment import Experiment
+from tune_xray.pipeline import run_search
 from tune_xray.repeat import run_repeats
-from tune_xray.search import run_search
 
 AXES = {"supervised.optimizer.lr": [3.0e-4, 2.0e-3, 1.0e-2],
         "supervised.optimizer.weight_decay": [0.0, 1.0e-3, 5.0e-2],
@@ -73,7 +74,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_efficiency-"))
     n_grid = int(np.prod([len(v) for v in AXES.values()]))
     results = [search(work, "grid", space(args.epochs, n_grid, args.images, grid=True), no_asha=True)]
-    noise = run_repeats(results[0]["dir"], top=1, seeds=args.seeds)["rows"][0]
+    noise = run_repeats(Experiment.at(results[0]["dir"]), top=1, seeds=args.seeds)["rows"][0]
     for name, sampler in (("tpe-asha", None),
                           ("tpe-asha-multivariate-liar", {"multivariate": True, "constant_liar": True,
                                                           "n_startup_trials": 4})):
@@ -86,7 +87,8 @@ def main() -> None:
     print(f"{'search':28s} {'trials':>6s} {'trial-epochs':>12s} {'share of grid':>13s} {'best val mAUROC':>15s} "
           f"{'gap to grid':>11s} {'wall':>7s}")
     for r in results:
-        print(f"{r['search']:28s} {r['trials']:6d} {r['trial_epochs']:12d} {r['trial_epochs'] / grid['trial_epochs']:13.2f} "
+        share = r["trial_epochs"] / grid["trial_epochs"]
+        print(f"{r['search']:28s} {r['trials']:6d} {r['trial_epochs']:12d} {share:13.2f} "
               f"{r['best_val']:15.4f} {r['best_val'] - grid['best_val']:+11.4f} {r['wall_s']:6.0f}s   {r['best']}")
     for r in results[1:]:
         gap = (grid["best_val"] - r["best_val"]) / noise["sd"]

@@ -24,7 +24,7 @@ from ray import tune
 from tune_xray.config import build_config
 from tune_xray.data.loader import prepare
 from tune_xray.phases import run_phases
-from tune_xray.search import run_search
+from tune_xray.pipeline import run_search
 
 
 def cpu_seconds() -> dict[int, float]:

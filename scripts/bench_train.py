@@ -8,7 +8,7 @@ img/s (BYOL: image pairs/s), the share of step time spent waiting for data (fetc
 synchronised), the ratio device cache / loader, and on CUDA the peak GPU memory of the timed steps and which selective
 scan an SSM backbone ran (model.scan_backend).
 
-S0 on one H100 (SEEDS.md): DenseNet-121 fine-tune ≈400 img/s at 224 px; MambaVision-T2 BYOL ≈520 pairs/s. The
+S0 on one H100 (as published): DenseNet-121 fine-tune ≈400 img/s at 224 px; MambaVision-T2 BYOL ≈520 pairs/s. The
 goals: ≥ 6× those (DenseNet-121 ≥ 2,400 img/s; a 78.6k-image MambaVision-T2 BYOL epoch ≤ 25 s, ≥ 3,150 pairs/s)
 with data wait < 5 %.
 

@@ -1,14 +1,21 @@
+import math
+
 import kornia.augmentation as K
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-
-import math
-
 from torchvision.transforms import InterpolationMode
 
-from tune_xray.augment import (EvalViews, RandomBrightness, RandomContrast, RandomGeometry, TrainAugment, normalization,
-                               preprocess, random_erasing_)
+from tune_xray.augment import (
+    EvalViews,
+    RandomBrightness,
+    RandomContrast,
+    RandomGeometry,
+    TrainAugment,
+    normalization,
+    preprocess,
+    random_erasing_,
+)
 from tune_xray.config import AugmentConfig
 from tune_xray.models.heads import mean_probability_logits
 
@@ -46,7 +53,8 @@ def test_every_s0_augmentation_is_present():
                           sharpness_p=0.5, autocontrast_p=0.5)
     aug = _train(extra)
     assert aug.geometry.crop == "random_resized" and aug.geometry.vflip == 0.5
-    assert {K.RandomPerspective, K.RandomAffine, K.RandomSharpness, K.RandomAutoContrast} <= {type(op) for op in aug.ops}
+    expected = {K.RandomPerspective, K.RandomAffine, K.RandomSharpness, K.RandomAutoContrast}
+    assert expected <= {type(op) for op in aug.ops}
 
 
 @pytest.mark.parametrize("degrees,flip", [(7.0, 1.0), (-9.5, -1.0), (0.0, -1.0)])
@@ -56,8 +64,8 @@ def test_fused_geometry_equals_torchvision_crop_flip_rotate(degrees, flip):
               "y0": torch.tensor([5.0, 0.0]), "theta": torch.full((2,), math.radians(degrees)),
               "fx": torch.full((2,), flip), "fy": torch.ones(2)}
     out = RandomGeometry(48, "random", hflip=0.5, degrees=10).apply(x, params)
-    for i, (t, l) in enumerate([(5, 3), (0, 16)]):
-        crop = x[i:i + 1, :, t:t + 48, l:l + 48]
+    for i, (top, left) in enumerate([(5, 3), (0, 16)]):
+        crop = x[i:i + 1, :, top:top + 48, left:left + 48]
         crop = crop.flip(-1) if flip < 0 else crop
         assert torch.equal(out[i:i + 1], TF.rotate(crop, degrees, interpolation=InterpolationMode.NEAREST))
 
@@ -67,8 +75,8 @@ def test_a_plain_random_crop_is_the_exact_pixels_at_its_offsets():
     geometry = RandomGeometry(40, "random")
     params = geometry.sample(3, 64, x.device)
     out = geometry.apply(x, params)
-    for i, (t, l) in enumerate(zip(params["y0"].long(), params["x0"].long())):
-        assert torch.equal(out[i], x[i, :, t:t + 40, l:l + 40])
+    for i, (top, left) in enumerate(zip(params["y0"].long(), params["x0"].long())):
+        assert torch.equal(out[i], x[i, :, top:top + 40, left:left + 40])
 
 
 def test_random_resized_crop_scale():

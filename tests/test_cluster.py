@@ -3,7 +3,6 @@ on both nodes, and the storage check refuses a path one node cannot see. Each Ra
 so the cluster's auth token never mixes with the local Ray sessions of other tests."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -102,13 +101,15 @@ def test_trials_waiting_for_resources_run_together_once_a_node_brings_them(tmp_p
     """A cluster with no room for a trial when the search starts (the head's one CPU; a trial needs two) that gains
     a node of four CPUs afterwards runs both trials at once: no concurrency cap fixed from the start-up resources,
     which on an autoscaling cluster whose GPU workers start from zero meant one trial at a time."""
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(SPACE))
+    # three epochs: a trial outlasts the start of the next one's process, so running together shows as overlap
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**SPACE, "budget": {**SPACE["budget"], "epochs": 3}}))
     experiment = tmp_path / "store" / "tiny"
     with local_cluster(tmp_path / "cluster", nodes=1, cpus_per_node=1) as cluster:
         search = subprocess.Popen([sys.executable, "-m", "tune_xray.search", str(tmp_path / "tiny.yaml"), "--address",
                                    cluster.address, "--storage", str(tmp_path / "store"), "--cpus-per-trial", "2",
                                    "--no-asha", "--no-ensemble", "--no-report"],
-                                  env=cluster.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  env=cluster.env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
         deadline = time.monotonic() + 300
         while not any(experiment.glob("experiment_state-*.json")):  # Tune runs, its trials wait for room
             assert search.poll() is None and time.monotonic() < deadline, search.communicate()[1][-3000:]

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from tune_xray.ensemble import CaruanaSelector, EnsembleError, load_pool, run_ensemble, select, split_scorer
+from tune_xray.ensemble import CaruanaSelector, EnsembleError, load_pool, run_ensemble, select
+from tune_xray.experiment import Experiment
 from tune_xray.metrics import classification_metrics, patient_bootstrap, weighted_mean_auroc
 
 CLASSES = ["A", "B"]
@@ -44,7 +45,7 @@ def _pool_dir(tmp_path, n=120, seed=0):
 
 
 def test_caruana_finds_the_complementary_members_with_replacement(tmp_path):
-    pool = load_pool(_pool_dir(tmp_path))
+    pool = load_pool(Experiment.at(_pool_dir(tmp_path)))
     assert [t["trial"] for t in pool.trials] == ["t000", "t001", "t002", "t003"]  # the pruned trial is not in
     weights, how = select(pool, "caruana", size=4, bags=0)
     assert weights[0] > 0 and weights[1] > 0 and weights[2] == 0  # the two specialists, never the noise
@@ -110,25 +111,29 @@ def test_a_pool_too_small_to_bag_is_not_bagged():
     assert not CaruanaSelector(size=5, bags=20).fit(probs, y, _auroc).bagged_  # a bag would hold one model
 
 
+def _weights(result: dict) -> list:
+    return [(m["trial"], m["weight"]) for m in result["members"]]
+
+
 def test_the_selection_does_not_depend_on_the_order_of_the_summary(tmp_path):
     directory = _pool_dir(tmp_path)
-    first = run_ensemble(directory, size=4, bags=10, resamples=50)
+    first = run_ensemble(Experiment.at(directory), size=4, bags=10, resamples=50)
     summary = json.loads((directory / "summary.json").read_text())
     summary["rows"] = summary["rows"][::-1]  # as a resume may leave them
     (directory / "summary.json").write_text(json.dumps(summary))
-    second = run_ensemble(directory, size=4, bags=10, resamples=50)
-    assert [(m["trial"], m["weight"]) for m in first["members"]] == [(m["trial"], m["weight"]) for m in second["members"]]
+    second = run_ensemble(Experiment.at(directory), size=4, bags=10, resamples=50)
+    assert _weights(first) == _weights(second)
 
 
 def test_test_labels_never_choose_the_ensemble(tmp_path):
     directory = _pool_dir(tmp_path)
-    first = run_ensemble(directory, size=4, bags=5, resamples=200, read_test=True)
+    first = run_ensemble(Experiment.at(directory), size=4, bags=5, resamples=200, read_test=True)
     for trial_dir in directory.glob("t00*"):  # permute the test labels of every trial alike
         frame = pd.read_csv(trial_dir / "predictions_test.csv")
         frame[["y_A", "y_B"]] = frame[["y_A", "y_B"]].to_numpy()[np.random.default_rng(1).permutation(len(frame))]
         frame.to_csv(trial_dir / "predictions_test.csv", index=False)
-    second = run_ensemble(directory, size=4, bags=5, resamples=200, read_test=True)
-    assert [(m["trial"], m["weight"]) for m in first["members"]] == [(m["trial"], m["weight"]) for m in second["members"]]
+    second = run_ensemble(Experiment.at(directory), size=4, bags=5, resamples=200, read_test=True)
+    assert _weights(first) == _weights(second)
     assert first["val"] == second["val"] and first["test"] != second["test"]
     assert (first["test_reads"], second["test_reads"]) == (1, 2)  # every read of test is counted
     assert first["val"]["ensemble"]["value"] >= first["val"]["best_single"]["value"]
@@ -156,7 +161,7 @@ def test_the_record_scores_test_at_thresholds_chosen_on_validation(tmp_path):
     for trial_dir in directory.glob("t00*"):
         (trial_dir / "config.yaml").write_text(yaml.safe_dump(
             {"supervised": {"selection_metric": "val_macro_f1", "threshold": "f1"}}))
-    pool = load_pool(directory)
+    pool = load_pool(Experiment.at(directory))
     weights, _ = select(pool, "caruana", size=3, bags=0)
     recorded = record(pool, weights, 2, resamples=20, read_test=True)
     best = int(np.argmax(pool.single))
@@ -175,7 +180,7 @@ def test_images_without_patients_are_resampled_one_by_one(tmp_path):
         frame = pd.read_csv(path)
         frame["patient_id"] = None
         frame.to_csv(path, index=False)
-    result = run_ensemble(directory, size=3, bags=0, resamples=200, read_test=True)
+    result = run_ensemble(Experiment.at(directory), size=3, bags=0, resamples=200, read_test=True)
     for split in ("val", "test"):
         entry = result[split]["best_single"]
         assert entry["ci_low"] < entry["value"] < entry["ci_high"]
@@ -204,7 +209,7 @@ def test_trials_that_predicted_other_images_are_not_ensembled(tmp_path):
     frame.loc[0, "path"] = "another.png"
     frame.to_csv(directory / "t002-id2" / "predictions_val.csv", index=False)
     with pytest.raises(EnsembleError, match="t002 predicted other val images than t000"):
-        load_pool(directory)
+        load_pool(Experiment.at(directory))
 
 
 def test_weighted_auroc_and_the_patient_bootstrap_match_brute_force():
@@ -229,7 +234,8 @@ def _dicom(path, array, photometric="MONOCHROME2"):
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
-    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.file_meta, ds.SOPClassUID = meta, meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "DX", *array.shape, 1
     ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = photometric, 16, 12, 11
     ds.PixelRepresentation, ds.PixelData = 0, array.astype(np.uint16).tobytes()
@@ -239,7 +245,7 @@ def _dicom(path, array, photometric="MONOCHROME2"):
 
 def test_dicom_reads_any_bit_depth_and_inverts_monochrome1(tmp_path):
     from tune_xray.data.splits import DataError
-    from tune_xray.predict import read_image
+    from tune_xray.serving import read_image
 
     ramp = np.tile(np.linspace(0, 4095, 32), (32, 1))
     normal = np.asarray(read_image(_dicom(tmp_path / "a.dcm", ramp)), dtype=int)

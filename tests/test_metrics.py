@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score)
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
 from tune_xray.metrics import THRESHOLD_RANGE, classification_metrics, f1_thresholds, youden_thresholds
 

@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 from tune_xray.models import WeightsError, create_backbone, load_pretrained
 
-# Every timm backbone named by the seed studies S0–S4 (SEEDS.md).
+# Every timm backbone named by the seed studies S0–S4.
 SEED_BACKBONES = ["densenet121", "convnextv2_large", "swinv2_cr_small_ns_224", "coatnet_2_rw_224",
                   "maxxvitv2_rmlp_base_rw_224", "resnet18", "resnet34", "resnet50", "efficientnet_b1",
                   "efficientnetv2_s", "mobilenetv3_large_100", "vit_base_patch16_384"]

@@ -15,7 +15,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from tune_xray.search import exit_code, main, run_search
+from tune_xray.pipeline import run_search
+from tune_xray.search import main
+from tune_xray.summary import exit_code
 
 SPACE = {
     "metric": "val_mean_auroc",
@@ -146,7 +148,7 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     # the model brings its own code (code_paths) and needs only published packages
     repo = str(Path(__file__).resolve().parents[1])
     code = ("import sys, importlib.util; "
-            "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable')]; "
+            "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__edit')]; "
             "sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, '__module__', '').startswith('__edit')]; "
             f"sys.path[:] = [p for p in sys.path if p and p != {repo!r}]; sys.path_importer_cache.clear(); "
             "assert importlib.util.find_spec('tune_xray') is None; "
@@ -174,7 +176,8 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     assert len(predicted) == 3 and predicted[p_cols].notna().all().all()
     (tmp_path / "empty").mkdir()
     assert predict_main([str(exp), str(tmp_path / "empty")]) == 1  # nothing to predict is not success
-    assert predict_main(["models:/no-such-model/1", str(inputs), "--tracking-uri", f"sqlite:///{exp / 'mlflow.db'}"]) == 2
+    store = f"sqlite:///{exp / 'mlflow.db'}"
+    assert predict_main(["models:/no-such-model/1", str(inputs), "--tracking-uri", store]) == 2
     if not torch.cuda.is_available():
         assert predict_main([str(exp), str(inputs), "--device", "cuda"]) == 2  # the device is not dropped
     err = capsys.readouterr().err
@@ -198,7 +201,22 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     ci = summary["best"]["selection_ci"]
     assert ci[0] <= summary["best"]["best_val_mean_auroc"] <= ci[1]
     assert "selected_val_mean_auroc_selection_ci_high" in done.data.metrics
+    # the page is drawn from its numbers alone: report.json beside it renders to the same page
     from tune_xray.report import main as report_main
+    from tune_xray.report import render
+    data = json.loads((exp / "report.json").read_text())
+    assert render(data) == text
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert [t["number"] for t in data["search"]["trials"]] == [t.number for t in finished]
+    assert set(data["search"]["importance"]) <= set().union(*(t.params for t in finished))
+    assert [r["trial"] for r in data["search"]["asha"]] == [r["trial"] for r in summary["rows"]]
+    model = data["model"]
+    assert set(model["roc"]) == {f"best trial ({summary['best']['trial']})", "ensemble"}
+    assert all(len(fpr) == len(tpr) for curves in model["roc"].values() for fpr, tpr in curves.values())
+    cams = data["explain"]["gradcam"]
+    assert cams and all(np.asarray(c["image"]).shape == np.asarray(c["cam"]).shape == (56, 56) for c in cams)
+    assert len(data["explain"]["tsne"]["points"]) == len(data["explain"]["tsne"]["labels"]) > 0
+    assert [row["backbone"] for row in data["cost"]] == ["test_resnet"]
     shutil.copytree(exp, tmp_path / "renamed")  # a copied or renamed experiment still finds its Optuna study
     assert report_main([str(tmp_path / "renamed"), "--out", str(tmp_path / "renamed.html")]) == 0
 
@@ -206,12 +224,12 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
 def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, ray_session, monkeypatch, capsys):
     """The ensemble fails: one line, summary.json and a tag say so; the report is still written, the parent run
     still FINISHED; the exit code says something failed."""
-    import tune_xray.ensemble
+    import tune_xray.pipeline
 
     def broken(*args, **kwargs):
         raise OSError("the registry's disk is full")
 
-    monkeypatch.setattr(tune_xray.ensemble, "run_ensemble", broken)
+    monkeypatch.setattr(tune_xray.pipeline, "run_ensemble", broken)
     args = _args(tmp_path)
     args.trials, args.no_asha, args.overrides = 1, True, ["supervised.epochs=1"]
     summary = run_search(args)
@@ -247,7 +265,8 @@ def test_ctrl_c_is_an_interruption_and_resume_completes_the_record(tmp_path, ray
     assert parent.info.status == "KILLED" and parent.data.tags["tune_xray.status"] == "interrupted"
     assert all(c.info.status != "RUNNING" for c in children)
     storage = f"sqlite:///{exp / 'optuna.db'}"
-    before = {t.number: t for t in optuna.load_study(study_name="tiny", storage=storage).trials if t.state.is_finished()}
+    before = {t.number: t for t in optuna.load_study(study_name="tiny", storage=storage).trials
+              if t.state.is_finished()}
 
     summary = run_search(_args(tmp_path, "--resume"))
     assert summary["status"] == "complete" and summary["trials"] == 3 and summary["interrupted"] == 0
@@ -349,7 +368,7 @@ def test_backbones_and_weight_files_are_checked_before_ray(tmp_path, capsys, par
 
 
 def test_shipped_smoke_searches_pass_the_candidate_check():
-    from tune_xray.search import check_candidates
+    from tune_xray.pipeline import check_candidates
     from tune_xray.space import SEARCH_SPACES, load_study
     for path in sorted(SEARCH_SPACES.glob("*.yaml")):
         check_candidates(load_study(str(path)), {}, smoke=True)  # transfer's ImageNet files: smoke is scratch
@@ -360,8 +379,9 @@ def test_best_is_the_best_completed_trial_and_none_completed_is_not_success(tmp_
     summary says so and the exit code is not 0."""
     from types import SimpleNamespace
 
-    from tune_xray.search import summarize
+    from tune_xray.experiment import Experiment
     from tune_xray.space import load_study
+    from tune_xray.summary import summarize
 
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(SPACE))
@@ -371,7 +391,7 @@ def test_best_is_the_best_completed_trial_and_none_completed_is_not_success(tmp_
         return SimpleNamespace(trial_id=f"id{number}", status=tune_status, config={"optuna_trial": number},
                                last_result={"epochs_done": 1, **result}, error_file=None)
 
-    args = dict(requested=3, study=study, metric="best_val_mean_auroc", experiment_dir=tmp_path,
+    args = dict(requested=3, study=study, metric="best_val_mean_auroc", experiment=Experiment.at(tmp_path),
                 tracking_uri="sqlite:///x.db", runs={}, experiment_id="1")
     trials = [trial(0, "ERROR", best_val_mean_auroc=0.99), trial(1, "TERMINATED", best_val_mean_auroc=0.9),
               trial(2, "TERMINATED", best_val_mean_auroc=0.7, status="complete")]
@@ -429,7 +449,7 @@ import os, pathlib, signal, sys
 from ray import tune
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 from test_search import _args
-from tune_xray.search import run_search
+from tune_xray.pipeline import run_search
 
 class KillDriverMidTrial(tune.Callback):
     ended = 0
@@ -467,7 +487,10 @@ def test_one_search_owns_its_name(tmp_path, capsys):
     one error naming the holder; released on every exit; a crashed run's lock is said and taken over; a search
     that fails before writing its invocation leaves nothing behind."""
     from tune_xray.config import ConfigError
-    from tune_xray.search import INVOCATION_FILE, LOCK_FILE, search_lock
+    from tune_xray.experiment import INVOCATION_FILE, LOCK_FILE, Experiment
+
+    def search_lock(directory, name):
+        return Experiment(directory, str(directory.parent), name).lock()
 
     experiment = tmp_path / "runs" / "tiny"
     with search_lock(experiment, "tiny"):
@@ -508,8 +531,9 @@ def test_bad_counts_and_resources_are_one_line_before_anything(tmp_path, capsys,
 
 
 def test_trials_get_the_device_and_gpu_share_their_resources_give():
-    from tune_xray.search import default_gpus_per_trial, trial_overrides
+    from tune_xray.pipeline import default_gpus_per_trial
     from tune_xray.space import load_study
+    from tune_xray.trial import trial_overrides
 
     study = load_study("supervised")
     assert trial_overrides(study, [], None, 0.0) == {"device": "cpu"}
@@ -520,11 +544,12 @@ def test_trials_get_the_device_and_gpu_share_their_resources_give():
 
 
 def test_optuna_storage_urls(tmp_path):
-    from tune_xray.search import optuna_storage, shown_url
+    from tune_xray.searcher import optuna_storage, shown_url
 
     journal = tmp_path / "shared" / "optuna.log"
     for url in (f"journal:{journal}", f"sqlite:///{tmp_path / 'optuna.db'}"):
-        optuna.create_study(study_name="s", storage=optuna_storage(url)).optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+        study = optuna.create_study(study_name="s", storage=optuna_storage(url))
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), 2)
         assert len(optuna.load_study(study_name="s", storage=optuna_storage(url)).trials) == 2
     assert journal.is_file()
     assert shown_url("postgresql://optuna:secret@db:5432/optuna") == "postgresql://optuna:***@db:5432/optuna"
@@ -555,11 +580,14 @@ def test_repeats_rerun_the_best_configs_with_new_seeds(tmp_path, ray_session):
     client, parent, runs = _mlflow(exp)
     repeat_runs = [r for r in runs if "tune_xray.repeat_of" in r.data.tags]
     assert len(runs) - len(repeat_runs) == summary["trials"]
-    assert sorted(r.data.tags["tune_xray.repeat_of"] for r in repeat_runs) == sorted(t["repeat_of"] for t in repeats["trials"])
+    assert sorted(r.data.tags["tune_xray.repeat_of"] for r in repeat_runs) == sorted(
+        t["repeat_of"] for t in repeats["trials"])
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id and r.info.status == "FINISHED"
                and r.data.params["seed"] in ("1000", "2000") for r in repeat_runs)
     assert len(repeats["rows"]) == 2
     (comparison,) = repeats["comparisons"]  # the best against the other, resampling 2 seeds and patients
     assert comparison["seeds"] == 2 and comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
     from tune_xray.ensemble import load_pool
-    assert len(load_pool(exp).trials) == len(complete) + len(repeats["trials"])  # the pool holds the repeats
+    from tune_xray.experiment import Experiment
+    pool = load_pool(Experiment.at(exp))
+    assert len(pool.trials) == len(complete) + len(repeats["trials"])  # the pool holds the repeats

@@ -107,7 +107,7 @@ def test_warm_start_takes_a_labelled_choice_by_label_or_value(tmp_path):
 def test_smoke_keeps_every_axis_meaningful_and_records_what_ran():
     """--smoke: each backbone its family's test model, drawn sizes shrunk in proportion (two drawn values
     never train as one), and the trial's record shows the resolved values with the drawn ones beside."""
-    from tune_xray.search import DefineByRun
+    from tune_xray.searcher import DefineByRun
     from tune_xray.space import smoke_backbone
 
     assert [smoke_backbone(n) for n in ("mambavision_t2", "vmamba_s", "convnextv2_large", "swinv2_cr_small_ns_224",
@@ -138,11 +138,11 @@ def test_smoke_keeps_every_axis_meaningful_and_records_what_ran():
 
 def test_sampler_options_reach_optuna(tmp_path):
     tree = {**MINIMAL, "sampler": {"multivariate": True, "constant_liar": True, "n_startup_trials": 3}}
-    from tune_xray.search import DefineByRun, _optuna_search
+    from tune_xray.searcher import DefineByRun, tpe_searcher
 
     study = load_study(_write(tmp_path, tree))
-    searcher = _optuna_search(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+    searcher = tpe_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
                               "best_val_mean_auroc")
-    sampler = searcher._sampler
+    sampler = searcher.sampler
     assert sampler._multivariate and sampler._constant_liar and sampler._n_startup_trials == 3
     assert load_study(_write(tmp_path, MINIMAL)).space.sampler.multivariate is False  # Optuna's defaults

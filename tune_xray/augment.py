@@ -1,6 +1,6 @@
 """Augmentation on the batch's device: uint8 cache batches in, normalised float views out.
 
-Order (S0's, SEEDS.md): geometry (crop or resized crop, flips, rotation) → photometric (kornia: affine,
+Order (S0's): geometry (crop or resized crop, flips, rotation) → photometric (kornia: affine,
 perspective, brightness, contrast, sharpness, autocontrast, Gaussian blur) → normalisation and channel
 replication → random erasing ×N (after normalisation with fill 0, as torchvision's RandomErasing was used).
 
@@ -263,7 +263,7 @@ class EvalViews(_Views):
         x = self.to_unit(x)
         if self.tta == "tencrop":
             o = x.shape[-1] - self.size
-            views = [self._crop(x, t, l) for t, l in ((0, 0), (0, o), (o, 0), (o, o))] + [self.view(x)]
+            views = [self._crop(x, top, left) for top, left in ((0, 0), (0, o), (o, 0), (o, o))] + [self.view(x)]
             views += [v.flip(-1) for v in views]
         else:
             views = [self.view(x)]

@@ -1,7 +1,7 @@
 """A trial's configuration: pydantic models with extra="forbid", so a typo is an error naming the key.
 
-Defaults follow S0 (SEEDS.md) where S0 states a value; the embedded synthetic dataset is the default
-data so that `python -m tune_xray.train` runs on a fresh machine.
+Defaults follow S0 (the SSM-backbone + BYOL study on ChestX-ray14) where S0 states a value; the embedded synthetic
+dataset is the default data so that `python -m tune_xray.train` runs on a fresh machine.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class DataConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    """On-device kornia augmentations; S0's values (SEEDS.md, augmentation ablation) as defaults."""
+    """On-device kornia augmentations; S0's values (its augmentation ablation) as defaults."""
 
     image_size: int = Field(224, ge=16)
     crop: Literal["random", "random_resized", "none"] = "random"
@@ -146,7 +146,8 @@ class SupervisedConfig(_Strict):
         "inverse", description="single-label tasks: n/(K·n_c); none; or S1's n_c/n (reversed, to replicate S1)")
     undersample_majority: bool = Field(False, description="single-label: cut the largest class to the next one")
     freeze: Union[Literal["head_only"], float] = Field(
-        0.0, description="share of the backbone's parameter groups frozen in depth order (S3: 0, 0.5, 0.75), or head_only")
+        0.0,
+        description="share of the backbone's parameter groups frozen in depth order (S3: 0, 0.5, 0.75), or head_only")
     head_warmup_epochs: int = Field(0, ge=0, description="S0 stage 1: epochs training only the head first (S0: 3)")
     head_warmup_lr: float = Field(1e-3, gt=0, description="S0 stage 1 LR; stage 2 uses optimizer.lr (S0: 1e-4)")
 
@@ -200,7 +201,7 @@ class ByolConfig(_SslPhase):
 
 class CassConfig(_SslPhase):
     """CASS (Singh et al. 2022) with S1's recipe as defaults: ResNet-50 + ViT-B/16 on the same augmented batch,
-    Adam 1e-3 each, cosine T_max 16, batch 16 (SEEDS.md, S1)."""
+    Adam 1e-3 each, cosine T_max 16, batch 16 (S1, the CASS study)."""
 
     _phase: ClassVar[str] = "cass"
     enabled: bool = False
@@ -341,3 +342,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 def metric_mode(metric: str) -> str:
     """Losses are minimised, every other metric maximised."""
     return "min" if metric.endswith("loss") else "max"
+
+
+def objective(metric: str) -> str:
+    """`val_mean_auroc` → `best_val_mean_auroc`: a run's best value so far of its selection metric, what the
+    searcher and ASHA read."""
+    return f"best_{metric}"
+
+
+def bare(metric: str) -> str:
+    """`val_mean_auroc` / `best_val_mean_auroc` → `mean_auroc`: the metric's name on any split."""
+    return metric.removeprefix("best_").removeprefix("val_")

@@ -28,12 +28,20 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .metrics import classification_metrics, interval, patient_bootstrap, resampling_units, weighted_mean_auroc
+from .config import bare
+from .experiment import TEST_READS, Experiment, ExperimentError, read_predictions
+from .figures import selection_curve
+from .metrics import (
+    auroc_intervals,
+    auroc_per_label,
+    classification_metrics,
+    interval,
+    patient_bootstrap,
+    weighted_mean_auroc,
+)
 
-ENSEMBLE_DIR = "ensemble"
 
-
-class EnsembleError(ValueError):
+class EnsembleError(ExperimentError):
     """A pool that cannot be ensembled (no completed trial, trials that predicted different images)."""
 
 
@@ -53,7 +61,7 @@ class Split:
 
 @dataclass
 class Pool:
-    experiment_dir: Path
+    experiment: Experiment
     trials: list[dict]  # summary rows of the completed trials, each with its `dir`
     classes: list[str]
     task: str
@@ -66,37 +74,6 @@ class Pool:
         """Each member's own validation score (the study's metric, higher is better)."""
         score = scorer(self)
         return np.array([float(score(p)[0]) for p in self.val.probs])
-
-
-def read_summary(experiment_dir: Path) -> dict:
-    """A search's summary.json; missing or unreadable (a copy cut short, a hand edit) is an EnsembleError naming
-    it. The one reader the ensemble, the repeats and the report share."""
-    path = Path(experiment_dir) / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-        summary["rows"]  # noqa: B018 — the one key every reader needs
-        return summary
-    except FileNotFoundError:
-        raise EnsembleError(f"{experiment_dir}: no summary.json (not a finished tune_xray search)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise EnsembleError(f"{path}: not a search summary ({type(err).__name__}: {err})") from None
-
-
-def read_predictions(directory: Path, split: str, classes: list[str]) -> tuple:
-    """A trial's stored predictions of a split: (paths, 0/1 targets, patient groups, probabilities); a file that
-    is missing or lacks a column is an EnsembleError naming it."""
-    path = Path(directory) / f"predictions_{split}.csv"
-    try:
-        frame = pd.read_csv(path)
-        columns = [f"y_{c}" for c in classes] + [f"p_{c}" for c in classes] + ["path", "patient_id"]
-        missing = [c for c in columns if c not in frame.columns]
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise EnsembleError(f"{path}: cannot read the trial's {split} predictions ({type(err).__name__})") from None
-    if missing:
-        raise EnsembleError(f"{path}: missing column(s) {missing}")
-    groups = resampling_units(frame["patient_id"], frame["path"])
-    return (frame["path"].astype(str).tolist(), frame[[f"y_{c}" for c in classes]].to_numpy(),
-            groups, frame[[f"p_{c}" for c in classes]].to_numpy(dtype=np.float64))
 
 
 def _stack(pool_dirs: list[Path], names: list[str], split: str, classes: list[str]) -> Split:
@@ -114,24 +91,17 @@ def _stack(pool_dirs: list[Path], names: list[str], split: str, classes: list[st
     return Split(first[0], first[1], first[2], np.stack(probs))
 
 
-def load_pool(experiment_dir: str | Path) -> Pool:
-    """The completed trials of a search (its summary.json) and their stored validation predictions."""
-    experiment_dir = Path(experiment_dir)
-    summary = read_summary(experiment_dir)
-    trials = []
-    # the search's trials, then its repeats (tune_xray.repeat: the best configurations with new seeds)
-    for row in summary["rows"] + (summary.get("repeats") or {}).get("trials", []):
-        directory = Path(row.get("dir") or experiment_dir / f"{row['trial']}-{row['trial_id']}")
-        if row["status"] == "complete" and (directory / "predictions_val.csv").is_file():
-            trials.append({**row, "dir": str(directory)})
+def load_pool(experiment: Experiment) -> Pool:
+    """The completed trials of a search and its repeats (tune_xray.repeat: the best configurations with new seeds)
+    and their stored validation predictions, in one order whatever summary.json's."""
+    trials = experiment.completed()
     if not trials:
-        raise EnsembleError(f"{experiment_dir}: no completed trial with stored predictions to ensemble")
-    trials.sort(key=lambda t: Path(t["dir"]).name)  # one order whatever summary.json's (a resume reorders it)
+        raise EnsembleError(f"{experiment.directory}: no completed trial with stored predictions to ensemble")
     first = json.loads((Path(trials[0]["dir"]) / "summary.json").read_text())
     cfg = yaml.safe_load((Path(trials[0]["dir"]) / "config.yaml").read_text())
     classes = list(first["classes"])
     val = _stack([Path(t["dir"]) for t in trials], [t["trial"] for t in trials], "val", classes)
-    return Pool(experiment_dir, trials, classes, first["task"], cfg["supervised"]["selection_metric"],
+    return Pool(experiment, trials, classes, first["task"], cfg["supervised"]["selection_metric"],
                 cfg["supervised"]["threshold"], val)
 
 
@@ -144,7 +114,7 @@ def scorer(pool: Pool) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
 def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str, thresholds=None):
     """`score(prob, weights)` of the study's metric (higher is better) on targets `y`; a threshold metric
     (accuracy, F1) at `thresholds` — validation's, when scoring test — or chosen on `y` itself when None."""
-    name = metric[len("val_"):]
+    name = bare(metric)
 
     def score(prob: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         weights = np.ones((1, len(y))) if weights is None else weights
@@ -273,16 +243,6 @@ def _with_ci(values: np.ndarray, point: float) -> dict:
 
 
 LABELS = ("ensemble", "best_single", "top_k")
-TEST_READS = "test_reads.json"  # how often the test split's labels were read for this experiment, and by what
-
-
-def note_test_read(experiment_dir: Path, by: str) -> int:
-    """Count one more read of the test labels (the record says how many there have been); returns the count."""
-    path = experiment_dir / TEST_READS
-    log = json.loads(path.read_text()) if path.is_file() else []
-    log.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": by})
-    path.write_text(json.dumps(log, indent=1))
-    return len(log)
 
 
 def _val_thresholds(pool: Pool, prob: np.ndarray):
@@ -328,14 +288,12 @@ def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, se
                                                                           seed).items()}
                                  for label in ("ensemble", "best_single")}
         out["test_probs"], out["test_paths"] = np.tensordot(weights, test.probs, axes=1), test.paths
-        out["test_reads"] = note_test_read(pool.experiment_dir, "the ensemble's record")
+        out["test_reads"] = pool.experiment.note_test_read("the ensemble's record")
     return out
 
 
 def _per_label(split: Split, weights: np.ndarray, pool: Pool, resamples: int, seed: int) -> dict:
     """AUROC of each label (and their mean) with its bootstrap interval."""
-    from .metrics import auroc_intervals, auroc_per_label
-
     prob = np.tensordot(weights, split.probs, axes=1)
     values, _ = auroc_per_label(split.y, prob, pool.classes)
     intervals = auroc_intervals(split.y, prob, split.groups, pool.classes, resamples, seed)
@@ -344,7 +302,7 @@ def _per_label(split: Split, weights: np.ndarray, pool: Pool, resamples: int, se
     return {k: (v, intervals.get(k, (float("nan"), float("nan")))) for k, v in points.items()}
 
 
-def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int = 5, bags: int = 20,
+def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5, bags: int = 20,
                  seed: int = 0, resamples: int = 1000, tracking_uri: str | None = None,
                  read_test: bool = False) -> dict:
     """Select on validation and write `ENSEMBLE_DIR/` (ensemble.json, members.csv, model card); with
@@ -353,13 +311,13 @@ def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int 
     start = time.perf_counter()
     if size < 1 or bags < 0:
         raise EnsembleError(f"--size {size} --bags {bags}: the ensemble size must be at least 1, bags at least 0")
-    pool = load_pool(experiment_dir)
+    pool = load_pool(experiment)
     weights, selection = select(pool, method, size, bags, seed=seed)
     recorded = record(pool, weights, size, resamples, seed, read_test)
-    out_dir = pool.experiment_dir / ENSEMBLE_DIR
+    out_dir = experiment.ensemble_dir
     out_dir.mkdir(exist_ok=True)
     members = pd.DataFrame([{"trial": t["trial"], "trial_id": t["trial_id"], "name": t.get("name", t["trial"]),
-                             "weight": float(w), "val_" + pool.metric[len("val_"):]: float(s),
+                             "weight": float(w), pool.metric: float(s),
                              "mlflow_run_id": t.get("mlflow_run_id"), "dir": t["dir"]}
                             for t, w, s in zip(pool.trials, weights, pool.single)
                             if w > 0]).sort_values("weight", ascending=False)
@@ -377,10 +335,11 @@ def run_ensemble(experiment_dir: str | Path, method: str = "caruana", size: int 
     result["wall_time_s"] = time.perf_counter() - start
     (out_dir / "ensemble.json").write_text(json.dumps(result, indent=1, default=float))
     (out_dir / "model_card.md").write_text(model_card(pool, result))
+    selection_curve(selection, pool.metric, out_dir / "selection_curve.png")
     if tracking_uri:
         from . import tracking
         try:
-            result["registered"] = tracking.log_ensemble(tracking_uri, pool.experiment_dir, result, members, out_dir)
+            result["registered"] = tracking.log_ensemble(tracking_uri, experiment.directory, result, members, out_dir)
         except Exception as err:  # noqa: BLE001 — the selection and its files stand; the caller says what failed
             result["registered"], result["registration_error"] = None, f"{type(err).__name__}: {err}"
         (out_dir / "ensemble.json").write_text(json.dumps(result, indent=1, default=float))
@@ -393,16 +352,15 @@ def _fmt(entry: dict) -> str:
 
 def model_card(pool: Pool, result: dict) -> str:
     """A markdown model card: data, split hashes, members, metrics with CIs, and how the selection was made."""
-    search = json.loads((pool.experiment_dir / "search.json").read_text()) if (
-        pool.experiment_dir / "search.json").is_file() else {}
+    search = pool.experiment.invocation()
     rows = "\n".join(f"| {m['name']} | {m['weight']:.3f} |" for m in result["members"])
-    metric = pool.metric[len("val_"):]
+    metric = bare(pool.metric)
     test = result.get("test")
     hashes = f"val `{result['hashes']['val']}`" + (f", test `{result['hashes']['test']}`" if test else "")
     read = (f"the test split was read after selection, for the record (reads of test for this experiment: "
             f"{result['test_reads']})" if test else "the test split was not read (`python -m tune_xray.ensemble "
             "DIR --record` records it)")
-    lines = [f"# Ensemble of {pool.experiment_dir.name}", "",
+    lines = [f"# Ensemble of {pool.experiment.name}", "",
              f"- Study: `{search.get('study', '?')}`; data: `{search.get('data') or 'synthetic (default)'}`; "
              f"smoke: {search.get('smoke', False)}",
              f"- Task: {pool.task}, classes: {', '.join(pool.classes)}",
@@ -422,7 +380,7 @@ def model_card(pool: Pool, result: dict) -> str:
 
 
 def print_result(result: dict) -> None:
-    metric, test = result["metric"][len("val_"):], result.get("test")
+    metric, test = bare(result["metric"]), result.get("test")
     print(f"ensemble ({result['method']}, {len(result['members'])} members of {result['pool']}): {metric}, 95 % "
           "bootstrap CI; selected on val only (its intervals: on the selection set)")
     for label in (*LABELS, "ensemble_minus_best_single"):
@@ -449,16 +407,12 @@ def main(argv=None) -> int:
     parser.add_argument("--record", action="store_true", help="also read the test split for the record (the search "
                         "did at its end; each read is counted in the experiment's test_reads.json)")
     args = parser.parse_args(argv)
-    experiment_dir = Path(args.experiment_dir)
-    uri = args.tracking_uri
-    if uri is None:
-        search = experiment_dir / "search.json"
-        saved = json.loads(search.read_text()).get("tracking_uri") if search.is_file() else None
-        uri = saved or f"sqlite:///{(experiment_dir / 'mlflow.db').resolve()}"
     try:
-        result = run_ensemble(experiment_dir, args.method, args.size, args.bags, args.seed, args.resamples,
+        experiment = Experiment.at(args.experiment_dir)
+        uri = args.tracking_uri or experiment.tracking_uri
+        result = run_ensemble(experiment, args.method, args.size, args.bags, args.seed, args.resamples,
                               None if uri == "none" else uri, read_test=args.record)
-    except EnsembleError as err:
+    except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_result(result)

@@ -9,8 +9,15 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_recall_curve,
-                             roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 THRESHOLD_RANGE = (0.05, 0.95)  # thresholds are searched inside this range, never at the extremes
 
@@ -92,7 +99,7 @@ def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes, threshold:
 
     Two classes are a binary task: the positive class is the second, predicted when its probability reaches
     `threshold` (chosen on these data by `rule` when None — pass validation's when scoring test). More than
-    two: argmax. S2 reported recall as F1; S4 thresholded logits at 0.5 (SEEDS.md)."""
+    two: argmax. S2 reported recall as F1; S4 thresholded logits at 0.5."""
     k = len(classes)
     if k == 2:
         if threshold is None:
@@ -106,7 +113,8 @@ def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes, threshold:
     out = {
         "mean_auroc": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
         "accuracy": float(accuracy_score(y_true, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)) if len(np.unique(y_true)) > 1 else float("nan"),
+        "balanced_accuracy": (float(balanced_accuracy_score(y_true, pred)) if len(np.unique(y_true)) > 1
+                              else float("nan")),
         "macro_f1": float(f1_score(y_true, pred, average="macro", labels=range(k), zero_division=0)),
         "micro_f1": float(f1_score(y_true, pred, average="micro", labels=range(k), zero_division=0)),
         "mean_sensitivity": float(np.nanmean(sens)), "mean_specificity": float(np.nanmean(spec)),

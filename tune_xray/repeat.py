@@ -17,17 +17,33 @@ accumulate: each run adds new seeds. The ensemble's pool then includes them. `py
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
+from ray.tune.search import Searcher
 
-from .config import ConfigError
-from .trial import REPEAT_OF, REPEAT_SEED
-
-REPEATS_DIR = "repeats"
+from . import tracking
+from .cluster import connect
+from .config import ConfigError, objective
+from .ensemble import split_scorer
+from .experiment import REPEATS_DIR, Experiment, ExperimentError, read_json, read_predictions, repeat_name
+from .metrics import interval, patient_bootstrap
+from .space import flatten, load_study
+from .summary import run_name
+from .trial import (
+    REPEAT_OF,
+    REPEAT_SEED,
+    RESULT_FILES,
+    TrialResources,
+    global_batch_sizes,
+    resolve_trial,
+    status_of,
+    trial_driver,
+    trial_overrides,
+)
 
 
 def repeat_configs(summary: dict, top: int, seeds: list[int]) -> list[dict]:
@@ -40,23 +56,18 @@ def repeat_configs(summary: dict, top: int, seeds: list[int]) -> list[dict]:
     return configs
 
 
-def _fixed_configs():
-    from ray.tune.search import Searcher
+class FixedConfigs(Searcher):
+    """Proposes the given configs (flat, dotted keys as the search's), once each, in order."""
 
-    class FixedConfigs(Searcher):
-        """Proposes the given configs (flat, dotted keys as the search's), once each, in order."""
+    def __init__(self, configs: list[dict]):
+        super().__init__()
+        self.configs = list(configs)
 
-        def __init__(self, configs: list[dict]):
-            super().__init__()
-            self.configs = list(configs)
+    def suggest(self, trial_id: str):
+        return self.configs.pop(0) if self.configs else Searcher.FINISHED
 
-        def suggest(self, trial_id: str):
-            return self.configs.pop(0) if self.configs else Searcher.FINISHED
-
-        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-            pass
-
-    return FixedConfigs
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -75,9 +86,6 @@ def compare(by_config: dict[str, list[Path]], best: str, task: str, metric: str,
     its 95 % interval from a hierarchical bootstrap — each resample draws seeds with replacement (pairs matched by
     index), then patients, the same for both configurations — so seed-to-seed variance enters the verdict (with
     patients alone, two seeds would look like certainty)."""
-    from .ensemble import read_predictions, split_scorer
-    from .metrics import interval, patient_bootstrap
-
     _, y, groups, _ = read_predictions(by_config[best][0], "val", classes)
     score = split_scorer(y, task, metric, classes, rule)
     boot = patient_bootstrap(groups, resamples, seed)
@@ -103,33 +111,19 @@ def compare(by_config: dict[str, list[Path]], best: str, task: str, metric: str,
     return out
 
 
-def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, address: str | None = None,
+def run_repeats(experiment: Experiment, top: int = 3, seeds: int = 3, address: str | None = None,
                 max_failures: int = 1, verbose: bool = False) -> dict:
     """Run the repeats of a finished search and add them to its summary.json (`repeats`); returns that entry."""
     import ray
     from ray import tune
 
-    from . import tracking
-    from .search import (INVOCATION_FILE, _init_ray, fetch_results, global_batch_sizes, run_name, status_of,
-                         trial_overrides)
-    from .space import flatten, load_study
-    from .trial import RESULT_FILES, TrialResources, resolve_trial, trial_driver, tune_metric
-
-    from .ensemble import EnsembleError, read_summary
-
-    experiment_dir = Path(experiment_dir).resolve()
-    summary_file = experiment_dir / "summary.json"
-    if not (experiment_dir / INVOCATION_FILE).is_file():
-        raise ConfigError(f"{experiment_dir}: not a finished tune_xray search (no {INVOCATION_FILE})")
-    try:
-        summary = read_summary(experiment_dir)
-    except EnsembleError as err:
-        raise ConfigError(str(err)) from None
+    summary, invocation = experiment.summary(), experiment.invocation()
+    if not invocation:
+        raise ConfigError(f"{experiment.directory}: not a finished tune_xray search (no search.json)")
     if not summary["top"]:
-        raise ConfigError(f"{experiment_dir}: no completed trial to repeat")
+        raise ConfigError(f"{experiment.directory}: no completed trial to repeat")
     if top < 1 or seeds < 1:
         raise ConfigError(f"--top and --seeds must be at least 1 (got {top}, {seeds})")
-    invocation = json.loads((experiment_dir / INVOCATION_FILE).read_text())
     study = load_study(invocation["study"])
     res = summary.get("resources", {})
     resources = TrialResources(res.get("workers_per_trial", 1), res.get("cpus_per_trial", 1.0),
@@ -141,13 +135,12 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
     done_seeds = len(earlier.get("seeds", []))
     new_seeds = [base_seed + 1000 * k for k in range(done_seeds + 1, done_seeds + seeds + 1)]
     configs = repeat_configs(summary, top, new_seeds)
-    FixedConfigs = _fixed_configs()
-    storage = summary.get("storage") or str(experiment_dir)
-    tracking_uri = invocation.get("tracking_uri") or tracking.default_tracking_uri(experiment_dir)
-    parent = tracking.find_parent(experiment_dir)
-    smoke, metric = invocation.get("smoke", False), tune_metric(study.metric)
+    storage = experiment.path  # Tune's experiment path: the repeats run beside the search's trials, in repeats/
+    tracking_uri = experiment.tracking_uri
+    parent = tracking.find_parent(experiment.directory)
+    smoke, metric = invocation.get("smoke", False), objective(study.metric)
     if not ray.is_initialized():
-        _init_ray(address, verbose)
+        connect(address, verbose)
 
     def describe(config: dict) -> tracking.TrialRecord:
         cfg = resolve_trial(study, config, overrides, smoke)
@@ -158,29 +151,23 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
                                                    "tune_xray.repeat_seed": str(config[REPEAT_SEED]),
                                                    "tune_xray.smoke": str(smoke).lower()})
 
-    def dirname(trial) -> str:
-        return f"{trial.config[REPEAT_OF]}-s{trial.config[REPEAT_SEED]}-{trial.trial_id}"
-
-    name = experiment_dir.name
-    repeats_dir = experiment_dir / REPEATS_DIR
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, study=study, overrides=overrides, smoke=smoke, resources=resources,
                              storage_path=f"{storage}/{REPEATS_DIR}", max_failures=max_failures),
         resources.trial())
     callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, artifacts=RESULT_FILES,
-                                    results_dir=lambda trial: fetch_results(repeats_dir, storage.rsplit("/", 1)[0],
-                                                                            f"{name}/{REPEATS_DIR}", dirname(trial)),
+                                    results_dir=lambda trial: experiment.fetch(repeat_name(trial), REPEATS_DIR),
                                     repeats=True)]
     start = time.perf_counter()
-    results = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+    tune.Tuner(trainable, tune_config=tune.TuneConfig(
         num_samples=len(configs), search_alg=resources.limiter(FixedConfigs(configs)),
-        trial_name_creator=dirname, trial_dirname_creator=dirname),
+        trial_name_creator=repeat_name, trial_dirname_creator=repeat_name),
         run_config=tune.RunConfig(name=REPEATS_DIR, storage_path=storage, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()
     runs = tracking.child_runs(tracking_uri, parent, repeats=True)
     trials = []
-    for t in results._experiment_analysis.trials:
+    for t in tune.ExperimentAnalysis(f"{storage}/{REPEATS_DIR}").trials:
         status, reason = status_of(t, t.status == "ERROR")
         if status == "pruned":  # no scheduler stops a repeat: one that did not finish was cut short (Ctrl-C)
             status, reason = "interrupted", "the repeats were interrupted; run tune_xray.repeat again"
@@ -190,20 +177,18 @@ def run_repeats(experiment_dir: str | Path, top: int = 3, seeds: int = 3, addres
         trials.append({"trial": f"{t.config[REPEAT_OF]}/seed{t.config[REPEAT_SEED]}", "repeat_of": t.config[REPEAT_OF],
                        "seed": t.config[REPEAT_SEED], "trial_id": t.trial_id, "status": status, "reason": reason,
                        "name": describe(t.config).name, metric: m.get(metric) if status == "complete" else None,
-                       "mlflow_run_id": runs.get(t.trial_id), "dir": str(repeats_dir / dirname(t))})
-    entry = aggregate(summary, earlier.get("trials", []) + trials, study, metric, experiment_dir)
+                       "mlflow_run_id": runs.get(t.trial_id), "dir": str(experiment.repeats_dir / repeat_name(t))})
+    entry = aggregate(summary, earlier.get("trials", []) + trials, study, metric)
     entry.update(seeds=earlier.get("seeds", []) + new_seeds, sets=earlier.get("sets", 0) + 1,
                  wall_time_s=earlier.get("wall_time_s", 0) + time.perf_counter() - start)
     summary["repeats"] = entry
-    summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    experiment.write_summary(summary)
     return entry
 
 
-def aggregate(summary: dict, trials: list[dict], study, metric: str, experiment_dir: Path) -> dict:
+def aggregate(summary: dict, trials: list[dict], study, metric: str) -> dict:
     """Per configuration: the search's own trial (`selection_run`, apart) and its fresh seeds' values, their mean ±
     sd and t-interval; ranked by that mean; and the best's paired comparison with each other."""
-    import yaml
-
     by_config: dict[str, list[Path]] = {}
     rows = []
     for source, original in {r["trial"]: r for r in summary["top"]}.items():
@@ -222,7 +207,7 @@ def aggregate(summary: dict, trials: list[dict], study, metric: str, experiment_
     if len(rows) > 1:
         first = by_config[rows[0]["config"]][0]
         cfg = yaml.safe_load((first / "config.yaml").read_text())
-        trial_summary = json.loads((first / "summary.json").read_text())
+        trial_summary = read_json(first / "summary.json", "a trial's summary")
         comparisons = compare(by_config, rows[0]["config"], trial_summary["task"], study.metric,
                               list(trial_summary["classes"]), cfg["supervised"]["threshold"])
     return {"rows": rows, "comparisons": comparisons, "trials": trials}
@@ -238,8 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
-        entry = run_repeats(args.experiment_dir, args.top, args.seeds, args.address, verbose=args.verbose)
-    except ConfigError as err:
+        entry = run_repeats(Experiment.at(args.experiment_dir), args.top, args.seeds, args.address,
+                            verbose=args.verbose)
+    except (ConfigError, ExperimentError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -34,8 +34,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import (ConfigError, TrialConfig, build_config, format_validation_errors, merge, metric_mode,
-                     nest)
+from .config import ConfigError, TrialConfig, build_config, format_validation_errors, merge, metric_mode, nest
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 METRICS = ("val_mean_auroc", "val_loss", "val_accuracy", "val_macro_f1")
@@ -251,7 +250,7 @@ class Study:
 
     def sampled_from(self, config: dict[str, Any]) -> dict[str, Any]:
         """The drawn values in a Tune trial config, which shows the resolved values under the parameters'
-        names and the drawn ones under `sampled.<key>` where they differ (see search.DefineByRun)."""
+        names and the drawn ones under `sampled.<key>` where they differ (see searcher.DefineByRun)."""
         return {key: config.get(f"sampled.{key}", config[key]) for key in self.space.params if key in config}
 
     def ordered_params(self) -> list[tuple[str, ParamSpec]]:

@@ -27,7 +27,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from .predict import EnsembleModel
+from .config import bare
+from .serving import EnsembleModel
 from .trial import FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
@@ -41,11 +42,7 @@ RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED
 BOOKKEEPING = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", TIME_ATTR, FINISHED,
                REPLAY}
 RECORD_PREFIXES = ("selected_", "record_test_")
-SSL_PHASES = ("byol", "cass")  # their epoch metrics come as `byol/…` with their own `byol/epoch`  # a trial's final record: one value each, not a curve
-
-
-def default_tracking_uri(experiment_dir: Path) -> str:
-    return f"sqlite:///{(experiment_dir / 'mlflow.db').resolve()}"
+SSL_PHASES = ("byol", "cass")  # their epoch metrics come as `byol/…` with their own `byol/epoch`
 
 
 def runs_table_url(tracking_uri: str, experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
@@ -207,7 +204,8 @@ class TrialRuns(LoggerCallback):
     def __init__(self, tracking_uri: str, parent_run_id: str, describe: Callable[[dict], TrialRecord],
                  status_of: Callable[[object, bool], tuple[str, str]],
                  on_run: Callable[[dict, str], None] = lambda config, run_id: None,
-                 artifacts: tuple[str, ...] = (), results_dir: Callable[[object], Path] = lambda trial: Path(trial.path),
+                 artifacts: tuple[str, ...] = (),
+                 results_dir: Callable[[object], Path] = lambda trial: Path(trial.path),
                  repeats: bool = False):
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
         self.describe, self.status_of, self.on_run, self.artifacts = describe, status_of, on_run, artifacts
@@ -290,7 +288,6 @@ class TrialRuns(LoggerCallback):
         client.set_terminated(run_id, status=RUN_STATUS[status])
 
 
-
 ENSEMBLE_LABELS = ("ensemble", "best_single", "top_k", "ensemble_minus_best_single")
 
 
@@ -327,19 +324,13 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
     val and record-test metrics with CI bounds, the selection curve, the model card, and the ensemble as one
     pyfunc registered under the experiment's name (a new version per selection, its metrics as version tags).
     Each member's trial run gets its own model and a tag with its weight. Returns the registered model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     parent = find_parent(experiment_dir)
     client = MlflowClient(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     name = experiment_dir.name
     metrics = {}
     for split, prefix, ci in (("val", "val", "selection_ci"), ("test", "record_test", "ci")):
-        metric = result["metric"][len("val_"):]
+        metric = bare(result["metric"])
         for label in ENSEMBLE_LABELS if result.get(split) else ():  # test: when the record read it
             entry = result[split][label]
             metrics[f"{prefix}_{metric}.{label}"] = entry["value"]
@@ -355,21 +346,6 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
               **{f"member.{m['trial']}": round(m["weight"], 4) for m in result["members"]}}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
                      metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    selection = result["selection"]
-    x, score = zip(*selection["curve"])
-    ax.plot(x, score, marker="o")
-    ax.plot([selection["chosen"]], [score[x.index(selection["chosen"])]], marker="*", markersize=14, color="C3",
-            label="registered")
-    ax.set_xlabel({"selections": "ensemble size (selections, with replacement)",
-                   "bags": "bags averaged"}.get(selection["axis"], selection["axis"]))
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_ylabel(result["metric"])
-    ax.set_title("the registered weights' selection, on validation")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "selection_curve.png", dpi=110)
-    plt.close(fig)
     for file in ("members.csv", "model_card.md", "ensemble.json", "predictions_test.csv", "selection_curve.png"):
         if (out_dir / file).is_file():
             client.log_artifact(run.info.run_id, str(out_dir / file))

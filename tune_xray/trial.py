@@ -28,8 +28,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .cluster import upload
-from .config import build_config
+from .config import build_config, merge, objective, parse_overrides
 
+TRIAL_NUMBER = "optuna_trial"  # in every search trial's config: the Optuna trial it is
 REPEAT_OF, REPEAT_SEED = "repeat_of", "repeat_seed"  # in a repeat trial's config: its source trial, its seed
 TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
 FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
@@ -42,18 +43,55 @@ RESULT_FILES = (FINAL_FILE, "config.yaml", "summary.json", "best.pt", "predictio
                 "supervised_history.json")
 
 
-def tune_metric(metric: str) -> str:
-    """What the searcher and ASHA read: the best value of the study's validation metric so far."""
-    return f"best_{metric}"
+STATUSES = ("complete", "pruned", "diverged", "error", "interrupted")  # see trial_status
 
 
 def trial_status(result: dict | None, error: bool) -> str:
     """complete | diverged (the trial's own last report) | error (it raised, retries spent) | pruned (stopped
     by the scheduler before its end). A trial still pending or running when the search stops is `interrupted`
-    (see search.summarize)."""
+    (see summary.summarize)."""
     if error:
         return "error"
     return (result or {}).get(STATUS) or "pruned"
+
+
+def status_of(trial, failed: bool) -> tuple[str, str]:
+    """A finished Tune trial's status and, where there is one, its reason (one line)."""
+    status = trial_status(trial.last_result, failed or trial.status == "ERROR")
+    if status == "error":
+        text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
+        lines = [line for line in text.splitlines() if line.strip()]
+        return status, lines[-1] if lines else "error"
+    if status == "pruned":
+        return status, f"stopped by ASHA after epoch {int(trial.last_result.get(TIME_ATTR, 0))}"
+    return status, str(trial.last_result.get(REASON, ""))
+
+
+def trial_overrides(study, overrides: list[str], data: str | None, gpus_per_trial: float, workers_per_trial: int = 1,
+                    record_test: bool = False) -> dict:
+    """What every trial gets on top of the study file: `--set`, `--data`, the device its resources give and, on
+    a GPU it shares with other trials, its share (`data.device_share`, what `device_cache: auto` counts), and
+    `--record-test-per-trial` — resolved here, so every record shows them."""
+    tree = parse_overrides(overrides)
+    study.check_overrides(tree)
+    if record_test:
+        tree = merge(tree, {"supervised": {"record_test": True}})
+    if data:
+        tree = merge(tree, {"data": {"source": data}})
+    if "device" not in tree:
+        tree = merge(tree, {"device": "cuda" if gpus_per_trial else "cpu"})
+    share = gpus_per_trial / workers_per_trial
+    if 0 < share < 1 and "device_share" not in tree.get("data", {}):
+        tree = merge(tree, {"data": {"device_share": share}})
+    return tree
+
+
+def global_batch_sizes(cfg, workers: int) -> dict:
+    """`<phase>.global_batch_size`: what one optimizer step sees across a trial's DDP ranks (each rank's
+    `batch_size` × the ranks; × `accum_steps` more per step)."""
+    phases = [("supervised", cfg.supervised)] + [(name, getattr(cfg, name)) for name in ("byol", "cass")
+                                                 if getattr(cfg, name).enabled]
+    return {f"{name}.global_batch_size": phase.batch_size * workers for name, phase in phases}
 
 
 def _numbers(metrics: dict, prefix: str = "") -> dict:
@@ -219,7 +257,7 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
     final = {**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, FINISHED: 1.0, STATUS: "complete",
              "selected_epoch": float(sup["best_epoch"]), **_numbers(summary["val"], "selected_val_"),
              **_numbers(summary["test"], "record_test_")}
-    final[tune_metric(metric)] = sup["history"][sup["best_epoch"] - 1][metric] if sup["best_epoch"] else math.nan
+    final[objective(metric)] = sup["history"][sup["best_epoch"] - 1][metric] if sup["best_epoch"] else math.nan
     final["node_id"] = ray.get_runtime_context().get_node_id()  # where it trained (rank 0), for the record
     result_dir = None
     if rank == 0:  # the selected checkpoint, predictions and summary travel as the run's last checkpoint

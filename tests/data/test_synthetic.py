@@ -18,7 +18,8 @@ def test_nih_layout_and_columns(synth_root):
     table = pd.read_csv(synth_root / "Data_Entry_2017.csv")
     assert list(table.columns) == CSV_COLUMNS
     assert len(table) == 300 == len(list((synth_root / "images").glob("*.png")))
-    listed = (synth_root / "train_val_list.txt").read_text().split() + (synth_root / "test_list.txt").read_text().split()
+    listed = [name for file in ("train_val_list.txt", "test_list.txt")
+              for name in (synth_root / file).read_text().split()]
     assert sorted(listed) == sorted(table["Image Index"])
 
 

@@ -12,7 +12,8 @@ from .scan_reference import sequential_scan
 def make_inputs(batch, dim, length, n, groups=None, b_layout="batch", scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = {"batch": (batch, n, length), "groups": (batch, groups, n, length), "fixed": (dim, n)}[b_layout]
-    return dict(u=torch.randn(batch, dim, length, generator=g), delta=scale * torch.randn(batch, dim, length, generator=g),
+    return dict(u=torch.randn(batch, dim, length, generator=g),
+                delta=scale * torch.randn(batch, dim, length, generator=g),
                 A=-8 * scale * torch.rand(dim, n, generator=g), B=torch.randn(shape, generator=g),
                 C=torch.randn(shape, generator=g), D=torch.randn(dim, generator=g),
                 z=torch.randn(batch, dim, length, generator=g), delta_bias=torch.randn(dim, generator=g))

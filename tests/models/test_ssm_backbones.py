@@ -33,7 +33,8 @@ def test_tiny_variants_train_at_64px(name, in_chans):
     features = model(x)
     assert features.shape == (2, width) and torch.isfinite(features).all()
     features.square().mean().backward()
-    scan_params = [p for n, p in model.named_parameters() if n.endswith(("A_log", "A_logs", "dt_proj.bias", "dt_projs_bias"))]
+    scan_names = ("A_log", "A_logs", "dt_proj.bias", "dt_projs_bias")
+    scan_params = [p for n, p in model.named_parameters() if n.endswith(scan_names)]
     assert scan_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in scan_params)
     feature_map = model.forward_features(x)  # (B, C, H/32, W/32): what Grad-CAM hooks onto
     assert feature_map.shape == (2, width, 2, 2)
@@ -93,7 +94,8 @@ def test_fine_tune_phase_runs_with_a_tiny_mambavision(make_config, tmp_path):
     summary = run_phases(cfg, tmp_path / "run")
     assert 0 <= summary["val"]["mean_auroc"] <= 1
     # the backend that ran is in the summary and in the config written beside it (auto resolved on the CPU)
-    assert summary["scan_backend"] == "torch" and "scan_backend: torch" in (tmp_path / "run" / "config.yaml").read_text()
+    assert summary["scan_backend"] == "torch"
+    assert "scan_backend: torch" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def _kept_for_backward(model, loss_of) -> tuple[int, torch.Tensor]:

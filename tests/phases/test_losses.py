@@ -1,4 +1,4 @@
-"""Focal loss, class-weight schemes and majority undersampling (issue 5; S1's reversed weights, SEEDS.md)."""
+"""Focal loss, class-weight schemes and majority undersampling (issue 5; S1's reversed weights)."""
 
 import numpy as np
 import pytest

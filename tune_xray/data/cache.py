@@ -1,6 +1,6 @@
 """Decode every image once into a uint8 memmap at the cache size, shared by every later run and process.
 
-S0's GPUs were starved by a PIL pipeline decoding 1024² PNGs per sample (≈150 img/s per core, SEEDS.md);
+S0's GPUs were starved by a PIL pipeline decoding 1024² PNGs per sample (≈150 img/s per core);
 gathering a batch from this memmap runs at thousands of images/s. The cache is keyed by the image paths,
 their sizes and mtimes, the cache size and channel count, so a changed source or size builds a new one.
 It is written to a temporary file under a lock and renamed into place: a corrupt image stops the build
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.errors import InvalidDicomError
 from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
 from .splits import DataError

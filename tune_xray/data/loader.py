@@ -101,7 +101,8 @@ def make_loader(dataset: CachedBatches, batch_size: int, shuffle: bool, drop_las
     if len(batches) == 0:
         shard = f"each of the {world_size} ranks' {len(sampler)}" if world_size > 1 else f"the {len(sampler)}"
         raise ConfigError(f"{key}={batch_size} is larger than {shard} images: every epoch would have no "
-                          f"optimizer step; use {key} <= {len(sampler)}" + (" or fewer workers" if world_size > 1 else ""))
+                          f"optimizer step; use {key} <= {len(sampler)}"
+                          + (" or fewer workers" if world_size > 1 else ""))
     device, data = device or torch.device("cpu"), data or DataConfig()
     if use_device_cache(dataset.cache, device, data.device_cache, data.device_share):
         return DeviceBatches(device_images(dataset.cache, device), dataset.rows, dataset.targets, batches)

@@ -17,8 +17,17 @@ import pandas as pd
 
 from .cache import NPZ_MEMBER
 from .labels import NIH_LABELS, NO_FINDING
-from .splits import (SPLITS, DataError, check_learnable, check_patient_disjoint, check_splits_nonempty,
-                     patient_holdout, patient_split, stratified_holdout, stratified_split)
+from .splits import (
+    SPLITS,
+    DataError,
+    check_learnable,
+    check_patient_disjoint,
+    check_splits_nonempty,
+    patient_holdout,
+    patient_split,
+    stratified_holdout,
+    stratified_split,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}  # DICOM via pydicom
 NIH_REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
@@ -210,7 +219,8 @@ def read_medmnist(path: str | Path) -> DatasetIndex:
     multilabel = width.pop() > 1
     if multilabel:
         k = labels["train"].shape[1]
-        classes = list(NIH_LABELS) if k == len(NIH_LABELS) and "chest" in path.name.lower() else [f"label_{j}" for j in range(k)]
+        chest = k == len(NIH_LABELS) and "chest" in path.name.lower()
+        classes = list(NIH_LABELS) if chest else [f"label_{j}" for j in range(k)]
     else:
         k = int(labels["train"].max()) + 1 if labels["train"].size else 0  # the classes are train's
         classes = [f"class_{j}" for j in range(k)]

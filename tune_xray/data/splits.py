@@ -99,7 +99,7 @@ def labelled_subset(frame: pd.DataFrame, classes, task: str, fraction: float, se
     Patient-aware (a patient's images are kept or hidden together), seeded, and stratified: every class
     with a positive in `frame` keeps at least one labelled patient (rarest class first); then each class
     (multi-class) or the whole set (multi-label) is filled with randomly drawn patients up to `fraction`
-    of its images. S1 drew its subsets without stratification, so rare classes could vanish (SEEDS.md).
+    of its images. S1 drew its subsets without stratification, so rare classes could vanish.
     """
     rng = np.random.default_rng(seed)
     patients = frame["patient_id"].fillna(pd.Series(frame.index.astype(str), index=frame.index)).to_numpy()

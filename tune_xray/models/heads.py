@@ -93,7 +93,8 @@ def freeze_backbone(backbone: nn.Module, freeze: float | str) -> int:
         grouped = group_parameters(backbone, backbone.group_matcher(coarse=True))
         groups = [names for _, names in sorted(grouped.items())]
     else:
-        groups = [[f"{child}.{name}" for name, _ in module.named_parameters()] for child, module in backbone.named_children()]
+        groups = [[f"{child}.{name}" for name, _ in module.named_parameters()]
+                  for child, module in backbone.named_children()]
         groups = [g for g in groups if g]
     n = len(groups) if freeze == "head_only" else int(float(freeze) * len(groups))
     frozen = {name for group in groups[:n] for name in group}

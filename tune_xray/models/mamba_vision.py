@@ -143,8 +143,8 @@ class Level(nn.Module):
             self.blocks = nn.ModuleList(ConvBlock(dim, drop_path[i]) for i in range(depth))
         else:
             first_attention = depth // 2 + 1 if depth % 2 else depth // 2
-            self.blocks = nn.ModuleList(Block(dim, num_heads, i >= first_attention, mlp_ratio, drop_path[i], layer_scale)
-                                        for i in range(depth))
+            self.blocks = nn.ModuleList(
+                Block(dim, num_heads, i >= first_attention, mlp_ratio, drop_path[i], layer_scale) for i in range(depth))
         self.downsample = Downsample(dim) if downsample else None
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,8 @@ class MambaVision(nn.Module):
         self.feature_info = []
         for i, depth in enumerate(depths):
             self.levels.append(Level(dim * 2 ** i, depth, num_heads[i], window_size[i], conv=i < 2,
-                                     downsample=i < len(depths) - 1, drop_path=rates[sum(depths[:i]):sum(depths[:i + 1])],
+                                     downsample=i < len(depths) - 1,
+                                     drop_path=rates[sum(depths[:i]):sum(depths[:i + 1])],
                                      mlp_ratio=mlp_ratio, layer_scale=layer_scale))
             channels = dim * 2 ** min(i + 1, len(depths) - 1)  # a level ends with its downsample
             self.feature_info.append(dict(num_chs=channels, reduction=4 * 2 ** min(i + 1, len(depths) - 1),

@@ -251,5 +251,6 @@ class Core:
 
         return (grads["GRAD_U"], grads["GRAD_DELTA"], grads["GRAD_A"].sum(0), per_group(grads["GRAD_B"], B),
                 per_group(grads["GRAD_C"], C), grads["GRAD_D"].sum(0) if D is not None else None,
-                grads["GRAD_Z"] if z is not None else None, grads["GRAD_BIAS"].sum(0) if delta_bias is not None else None)
+                grads["GRAD_Z"] if z is not None else None,
+                grads["GRAD_BIAS"].sum(0) if delta_bias is not None else None)
 

@@ -4,8 +4,9 @@ The paper's final (v2) models: a two-conv stem (stride 4), four stages of VSS bl
 with 3×3 stride-2 conv downsampling. SS2D projects, runs a depthwise 3×3 conv and SiLU, then scans the token
 grid in four directions (rows, columns, and both reversed) with one selective scan each (d_state 1, no gate),
 merges the four back onto the grid, normalises and projects out. Sizes T/S/B are the released v2 checkpoints
-`vmamba_tiny_s1l8`, `vmamba_small_s2l15`, `vmamba_base_s2l15` (30 M / 50 M / 89 M in the release's table). Parameter names and shapes match the
-official checkpoints, so they load with `model.pretrained_path`. Computed channels-last.
+`vmamba_tiny_s1l8`, `vmamba_small_s2l15`, `vmamba_base_s2l15` (30 M / 50 M / 89 M in the release's table).
+Parameter names and shapes match the official checkpoints, so they load with `model.pretrained_path`. Computed
+channels-last.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ class SS2D(nn.Module):
         self.in_proj = nn.Linear(d_model, d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=False)
         bound = d_inner ** -0.5  # nn.Linear's default init, one projection per direction
-        self.x_proj_weight = nn.Parameter(torch.empty(DIRECTIONS, self.dt_rank + 2 * d_state, d_inner).uniform_(-bound, bound))
+        self.x_proj_weight = nn.Parameter(
+            torch.empty(DIRECTIONS, self.dt_rank + 2 * d_state, d_inner).uniform_(-bound, bound))
         rank_bound = self.dt_rank ** -0.5
-        self.dt_projs_weight = nn.Parameter(torch.empty(DIRECTIONS, d_inner, self.dt_rank).uniform_(-rank_bound, rank_bound))
+        self.dt_projs_weight = nn.Parameter(
+            torch.empty(DIRECTIONS, d_inner, self.dt_rank).uniform_(-rank_bound, rank_bound))
         dt = torch.exp(torch.rand(DIRECTIONS, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=1e-4)
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹: Δ starts in [dt_min, dt_max]
@@ -102,7 +105,8 @@ class VSSBlock(nn.Module):
 
 def _downsample(dim: int) -> nn.Sequential:
     """3×3 stride-2 conv + LayerNorm (the release's 'v3' downsample; indices match its checkpoints)."""
-    return nn.Sequential(Permute(0, 3, 1, 2), nn.Conv2d(dim, 2 * dim, 3, 2, 1), Permute(0, 2, 3, 1), nn.LayerNorm(2 * dim))
+    return nn.Sequential(Permute(0, 3, 1, 2), nn.Conv2d(dim, 2 * dim, 3, 2, 1), Permute(0, 2, 3, 1),
+                         nn.LayerNorm(2 * dim))
 
 
 class Classifier(nn.Module):
@@ -129,7 +133,8 @@ class VMamba(nn.Module):
         self.feature_info = []
         for i, depth in enumerate(depths):
             last = i == len(depths) - 1
-            blocks = [VSSBlock(dims[i], rates[sum(depths[:i]) + j], d_state, ssm_ratio, mlp_ratio) for j in range(depth)]
+            blocks = [VSSBlock(dims[i], rates[sum(depths[:i]) + j], d_state, ssm_ratio, mlp_ratio)
+                      for j in range(depth)]
             self.layers.append(nn.Sequential(OrderedDict(
                 blocks=nn.Sequential(*blocks), downsample=nn.Identity() if last else _downsample(dims[i]))))
             self.feature_info.append(dict(num_chs=dims[min(i + 1, len(dims) - 1)],

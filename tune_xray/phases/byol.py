@@ -2,7 +2,7 @@
 
 Online network = backbone + projector + predictor; target = EMA of backbone + projector (timm ModelEmaV3),
 tau on a cosine schedule from `ema_tau` to 1 over the run's *real* number of optimizer steps (S0 set it
-against a 500-epoch cap its runs never reached, so tau stayed ≈0.996: SEEDS.md flaw 4). Loss: S0's
+against a 500-epoch cap its runs never reached, so tau stayed ≈0.996). Loss: S0's
 symmetric negative cosine similarity, 0.5·(l(p0, z1) + l(p1, z0)), l = −cos. Collapse is watched
 through `z_std`, the per-dimension std of L2-normalised projections (solo-learn): ≈1/√out_dim when
 healthy, → 0 on collapse. Pre-trains on the training split only.
@@ -21,9 +21,24 @@ from torch import nn
 from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader, set_epoch
 from ..models.heads import mlp_head, nested_no_weight_decay
-from .common import (Precision, Report, build_optimizer, compiled, build_scheduler, build_views, current_lr, distributed,
-                     epoch_loop, eval_loss, no_report, optimizer_steps_per_epoch, restore_training, run_epoch,
-                     step_scheduler, training_state)
+from .common import (
+    Precision,
+    Report,
+    build_optimizer,
+    build_scheduler,
+    build_views,
+    compiled,
+    current_lr,
+    distributed,
+    epoch_loop,
+    eval_loss,
+    no_report,
+    optimizer_steps_per_epoch,
+    restore_training,
+    run_epoch,
+    step_scheduler,
+    training_state,
+)
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

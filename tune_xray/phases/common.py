@@ -202,7 +202,7 @@ def run_epoch(batches: Iterable, micro_step: Callable[[object], torch.Tensor],
 
     Every micro-batch calls backward on loss / k (k = the micro-batches in its group, so a short last
     group is weighted right); the optimizers step once per group. S0 called backward only on every k-th
-    micro-batch, so its effective batch was 1/k of the claimed one (SEEDS.md, flaw 3). With a DDP `model`,
+    micro-batch, so its effective batch was 1/k of the claimed one. With a DDP `model`,
     the micro-batches before a group's last skip the gradient all-reduce (`no_sync`). With an fp16 `scaler` the
     loss is scaled, gradients are unscaled before clipping, and a step whose gradients hold inf/NaN is skipped.
 

@@ -20,13 +20,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import EvalViews
-from ..config import ConfigError, TrialConfig, metric_mode
+from ..config import ConfigError, TrialConfig, metric_mode, objective
 from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
 from ..metrics import auroc_intervals, classification_metrics, resampling_units
 from ..models.heads import Classifier, MemberEnsemble, freeze_backbone, mean_probability_logits
-from .common import (BEST_FILE, Precision, Report, build_optimizer, compiled, build_scheduler, build_views, current_lr,
-                     distributed, epoch_loop, no_report, restore_training, run_epoch, save_best, step_scheduler,
-                     training_state, unwrap)
+from .common import (
+    BEST_FILE,
+    Precision,
+    Report,
+    build_optimizer,
+    build_scheduler,
+    build_views,
+    compiled,
+    current_lr,
+    distributed,
+    epoch_loop,
+    no_report,
+    restore_training,
+    run_epoch,
+    save_best,
+    step_scheduler,
+    training_state,
+    unwrap,
+)
 
 
 def resolve_loss(task: str, loss: str) -> str:
@@ -63,7 +79,7 @@ class FocalLoss(nn.Module):
 
 def class_weights(targets: np.ndarray, num_classes: int, scheme: str) -> Optional[torch.Tensor]:
     """Single-label class weights from the train split. 'inverse': n / (K·n_c) (scikit-learn's 'balanced');
-    's1_count': n_c / n, S1's scheme, which weighs the majority class most (SEEDS.md) — for replication only."""
+    's1_count': n_c / n, S1's scheme, which weighs the majority class most — for replication only."""
     if scheme == "none":
         return None
     counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
@@ -238,7 +254,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
                 save_best(run_dir, best_checkpoint(metrics["epoch"], score))
         else:
             best["stale"] += 1
-        metrics["best_" + sc.selection_metric] = best["score"] if best["score"] is not None else float("nan")
+        metrics[objective(sc.selection_metric)] = best["score"] if best["score"] is not None else float("nan")
         history.append(metrics)
         step_scheduler(scheduler, metrics["epoch"], metrics, sc.scheduler)
 

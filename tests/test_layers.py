@@ -1,0 +1,77 @@
+"""The package's shape, read from its imports (ast): no import cycle, and no module importing from a later layer."""
+
+import ast
+import graphlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tune_xray"
+
+# lowest first; a module may import from its own layer and those before it. A subpackage is one unit.
+LAYERS = [
+    ["config", "metrics", "explain", "figures"],  # no tune_xray import
+    ["cluster", "data", "augment", "models", "space"],  # Ray clusters, data, views, backbones, search-space files
+    ["phases"],  # SSL and supervised training
+    ["trial", "serving"],  # one Tune trial; a fine-tuned ensemble as a model
+    ["experiment", "asha", "searcher"],  # the experiment directory; ASHA's rules; the Optuna searcher
+    ["tracking"],  # MLflow
+    ["summary", "ensemble", "report"],  # what a search ended with; the steps after it
+    ["repeat", "predict", "train"],  # repeats; command lines that are steps of their own
+    ["pipeline"],  # search → repeats → ensemble → report
+    ["search"],  # the command line
+]
+
+
+def _modules() -> dict[str, Path]:
+    """`tune_xray.data.cache` → its file (a package: its __init__.py)."""
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the package's modules it imports (anywhere in it: a deferred import inside a function counts)."""
+    modules, graph = _modules(), {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.split(".")[0] == "tune_xray"}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                elif (node.module or "").split(".")[0] == "tune_xray":
+                    module = node.module
+                else:
+                    continue
+                # `from . import scan` names a module; `from .config import merge` a name in one
+                targets |= {f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def _unit(module: str) -> str:
+    return module.split(".")[1] if "." in module else module
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    try:
+        list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"import cycle: {' → '.join(err.args[1])}")
+
+
+def test_no_import_from_a_later_layer():
+    layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    graph = import_graph()
+    units = {_unit(m) for m in graph} - {"tune_xray"}
+    assert units == set(layer), f"without a layer: {sorted(units - set(layer))}; gone: {sorted(set(layer) - units)}"
+    upward = [f"{a} imports {b}" for a, targets in graph.items() for b in targets
+              if a != "tune_xray" and layer[_unit(b)] > layer[_unit(a)]]
+    assert not upward, "an import from a later layer: " + "; ".join(sorted(upward))

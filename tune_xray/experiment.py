@@ -1,0 +1,285 @@
+"""The experiment directory: one reader and writer of what a search leaves, for the search that writes it and for
+the ensemble, the repeats, the report and predict that read it. File names, trial directory names, status names
+and metric names live here, once (what a trial itself writes — its result files, its status, the objective it
+reports — is named in trial.py, which this reads).
+
+    EXPERIMENT_DIR/                  (local; with a remote --storage, Tune's part is there, result files fetched here)
+      search.json                    the invocation: what a --resume repeats
+      summary.json                   trials by status, the best, the ensemble, the repeats, what failed after them
+      .search.lock                   held while a search runs
+      optuna.db, mlflow.db           the default Optuna and MLflow stores
+      t007-<trial id>/               a trial's results: config.yaml, summary.json, best.pt, predictions_{val,test}.csv
+      repeats/t007-s1000-<id>/       the same for a repeat (tune_xray.repeat)
+      ensemble/                      ensemble.json, members.csv, model_card.md, predictions_test.csv, selection curve
+      test_reads.json                every read of the test split's labels
+      report.html, report.json       the study's page and the numbers it is drawn from
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .cluster import download, upload
+from .config import ConfigError
+from .metrics import resampling_units
+from .trial import REPEAT_OF, REPEAT_SEED, RESULT_FILES, STATUSES, TRIAL_NUMBER  # noqa: F401  (STATUSES: readers')
+
+INVOCATION_FILE = "search.json"
+SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".search.lock"
+ENSEMBLE_DIR = "ensemble"
+REPEATS_DIR = "repeats"
+TEST_READS = "test_reads.json"
+REPORT_FILE = "report.html"
+# the search's command-line values a --resume repeats (resources and cluster may differ)
+INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name", "tracking_uri",
+              "optuna_storage", "ensemble_size", "no_ensemble", "no_report", "repeats", "repeat_top",
+              "record_test_per_trial")
+
+
+class ExperimentError(ValueError):
+    """An experiment directory, or a file in it, that is missing or cannot be read; the message names it."""
+
+
+def trial_dir_name(trial: str, trial_id: str) -> str:
+    """`t007-<trial id>`: the Optuna trial number first (Tune's trial name and directory)."""
+    return f"{trial}-{trial_id}"
+
+
+def trial_label(config: dict) -> str:
+    """`t007`: a search trial by its Optuna trial number."""
+    return f"t{config.get(TRIAL_NUMBER, -1):03d}"
+
+
+def trial_name(trial) -> str:
+    """Tune's trial name and directory for a search trial: `t007-<trial id>`, the Optuna trial number first."""
+    return trial_dir_name(trial_label(trial.config), trial.trial_id)
+
+
+def repeat_name(trial) -> str:
+    """Tune's trial name and directory for a repeat (tune_xray.repeat): `t007-s1000-<trial id>`, a repeat of
+    trial t007 with seed 1000."""
+    return f"{trial.config[REPEAT_OF]}-s{trial.config[REPEAT_SEED]}-{trial.trial_id}"
+
+
+def read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExperimentError(f"{path.parent}: no {path.name} ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExperimentError(f"{path}: not {what} ({type(err).__name__}: {err})") from None
+
+
+def read_predictions(directory: Path, split: str, classes: list[str]) -> tuple:
+    """A trial's stored predictions of a split: (paths, 0/1 targets, resampling units, probabilities); a file that
+    is missing or lacks a column is an ExperimentError naming it."""
+    path = Path(directory) / f"predictions_{split}.csv"
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ExperimentError(f"{path}: cannot read the trial's {split} predictions ({type(err).__name__})") from None
+    missing = [c for c in [*(f"y_{c}" for c in classes), *(f"p_{c}" for c in classes), "path", "patient_id"]
+               if c not in frame.columns]
+    if missing:
+        raise ExperimentError(f"{path}: missing column(s) {missing}")
+    return (frame["path"].astype(str).tolist(), frame[[f"y_{c}" for c in classes]].to_numpy(),
+            resampling_units(frame["patient_id"], frame["path"]),
+            frame[[f"p_{c}" for c in classes]].to_numpy(dtype="float64"))
+
+
+def predicted_classes(directory: Path, split: str = "val") -> list[str]:
+    """The classes a trial's stored predictions have a probability column for."""
+    path = Path(directory) / f"predictions_{split}.csv"
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ExperimentError(f"{path}: cannot read the trial's {split} predictions ({type(err).__name__})") from None
+    return [c[2:] for c in header if c.startswith("p_")]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A search's experiment: `directory` here, and `storage`/`name` where Tune keeps it (`path`: the same
+    directory, or a URI for a remote --storage)."""
+
+    directory: Path
+    storage: str
+    name: str
+
+    @classmethod
+    def locate(cls, name: str, storage: str, local_dir: str | Path = "tune_xray_runs") -> Experiment:
+        """Where a search named `name` lives: under `storage` (a path or s3:// / gs://), its local files under
+        `local_dir` when the storage is remote."""
+        remote = "://" in storage
+        storage = storage.rstrip("/") if remote else str(Path(storage).resolve())
+        return cls((Path(local_dir).resolve() if remote else Path(storage)) / name, storage, name)
+
+    @classmethod
+    def at(cls, directory: str | Path) -> Experiment:
+        """An existing experiment directory (a copied or renamed one too); its storage from its summary."""
+        directory = Path(directory).resolve()
+        if not directory.is_dir():
+            raise ExperimentError(f"{directory}: no such experiment directory")
+        stored = None
+        if (directory / SUMMARY_FILE).is_file():
+            with contextlib.suppress(ExperimentError):
+                stored = read_json(directory / SUMMARY_FILE, "a search summary").get("storage")
+        storage = stored.rsplit("/", 1)[0] if stored and "://" in stored else str(directory.parent)
+        return cls(directory, storage, directory.name)
+
+    @property
+    def path(self) -> str:
+        """Tune's experiment path (`Tuner.restore`, `ExperimentAnalysis`)."""
+        return f"{self.storage}/{self.name}"
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.storage
+
+    # -- the search's own files ----------------------------------------------------------------------------------
+
+    def invocation(self) -> dict:
+        """search.json ({} when there is none)."""
+        path = self.directory / INVOCATION_FILE
+        return read_json(path, "a search's invocation") if path.is_file() else {}
+
+    def write_invocation(self, values: dict) -> None:
+        (self.directory / INVOCATION_FILE).write_text(json.dumps({k: values.get(k) for k in INVOCATION}))
+
+    def summary(self) -> dict:
+        """summary.json; missing or unreadable (a copy cut short, a hand edit) is an ExperimentError naming it."""
+        summary = read_json(self.directory / SUMMARY_FILE, "a search summary")
+        if not isinstance(summary, dict) or "rows" not in summary:
+            raise ExperimentError(f"{self.directory / SUMMARY_FILE}: not a search summary (no trial rows)")
+        return summary
+
+    def write_summary(self, summary: dict) -> None:
+        (self.directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
+
+    @property
+    def optuna_url(self) -> str:
+        return self.invocation().get("optuna_storage") or f"sqlite:///{self.directory / 'optuna.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.invocation().get("tracking_uri") or f"sqlite:///{self.directory / 'mlflow.db'}"
+
+    def optuna_study(self, summary: dict | None = None) -> str:
+        """The Optuna study's name: the search's name, kept in the summary (the directory may be renamed)."""
+        return (summary or {}).get("optuna_study") or self.name
+
+    # -- trials --------------------------------------------------------------------------------------------------
+
+    def trial_dir(self, row: dict) -> Path:
+        """A summary row's trial directory (a repeat's row names its own)."""
+        return Path(row["dir"]) if row.get("dir") else self.directory / trial_dir_name(row["trial"], row["trial_id"])
+
+    def completed(self, summary: dict | None = None) -> list[dict]:
+        """The completed trials with stored predictions — the search's, then its repeats' — each row with its
+        `dir`, in one order whatever summary.json's (a resume reorders its rows)."""
+        summary = summary or self.summary()
+        rows = summary["rows"] + (summary.get("repeats") or {}).get("trials", [])
+        done = [{**row, "dir": str(self.trial_dir(row))} for row in rows if row["status"] == "complete"
+                and (self.trial_dir(row) / "predictions_val.csv").is_file()]
+        return sorted(done, key=lambda row: Path(row["dir"]).name)
+
+    @property
+    def repeats_dir(self) -> Path:
+        return self.directory / REPEATS_DIR
+
+    # -- the ensemble and the record -----------------------------------------------------------------------------
+
+    @property
+    def ensemble_dir(self) -> Path:
+        return self.directory / ENSEMBLE_DIR
+
+    def ensemble(self) -> dict | None:
+        """The latest selection (ensemble/ensemble.json), or None."""
+        path = self.ensemble_dir / "ensemble.json"
+        return read_json(path, "an ensemble") if path.is_file() else None
+
+    def note_test_read(self, by: str) -> int:
+        """Count one more read of the test labels (the record says how many there have been); returns the count."""
+        path = self.directory / TEST_READS
+        log = read_json(path, "a test-read log") if path.is_file() else []
+        log.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": by})
+        path.write_text(json.dumps(log, indent=1))
+        return len(log)
+
+    # -- storage -------------------------------------------------------------------------------------------------
+
+    def fetch(self, trial_dir: str, under: str = "") -> Path:
+        """A trial's result files (RESULT_FILES) in the local experiment directory: with a local or mounted storage
+        they are there already; from a remote one those files alone are fetched, not the trial's directory with
+        its checkpoints and their optimizer state (a pruned trial, or one that errored, has none)."""
+        local = self.directory / under / trial_dir
+        if self.remote:
+            for file in RESULT_FILES:
+                download(f"{self.path}/{under + '/' if under else ''}{trial_dir}/{file}", local / file)
+        return local
+
+    def sync(self, names=(INVOCATION_FILE, SUMMARY_FILE, ENSEMBLE_DIR, REPORT_FILE)) -> None:
+        """With a remote storage the search's own files go there too, beside Tune's: the machine that drove the
+        search (a KubeRay head pod, say) may be gone when someone resumes or reads it."""
+        if self.remote:
+            for entry in names:
+                if (self.directory / entry).exists():
+                    upload(self.directory / entry, f"{self.path}/{entry}")
+
+    def fetch_invocation(self) -> None:
+        """search.json from a remote storage (a resume on another machine)."""
+        if self.remote and not (self.directory / INVOCATION_FILE).is_file():
+            download(f"{self.path}/{INVOCATION_FILE}", self.directory / INVOCATION_FILE)
+
+    # -- one search per name -------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self):
+        """One search owns its name: an exclusive lock (flock) on EXPERIMENT_DIR/.search.lock, taken before anything
+        else is written, so a second start of the same name, or a --resume of it while it runs, is one error. The OS
+        releases it on every exit, a crash included; the file then still names the crashed run, which is said and
+        taken over. If the search fails before writing its invocation, what the lock made is removed again."""
+        directory = self.directory
+        made = next((p for p in [directory, *directory.parents] if p.parent.exists()), directory)
+        made = None if made.exists() else made  # the topmost directory the search creates, to remove on a failure
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConfigError(f"--storage: cannot create {directory} ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1024).decode().strip()
+            os.close(fd)
+            raise ConfigError(f"search '{self.name}' is running ({holder}): wait for it to end, or give another "
+                              "--name") from None
+        try:
+            stale = os.read(fd, 1024).decode().strip()
+            if stale:
+                print(f"note: the earlier run of '{self.name}' ({stale}) ended without releasing it (killed?); "
+                      "taking over", file=sys.stderr)
+            os.ftruncate(fd, 0)
+            holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            os.pwrite(fd, holder.encode(), 0)
+            yield
+        except BaseException:
+            if made is not None and not (directory / INVOCATION_FILE).exists():
+                shutil.rmtree(made, ignore_errors=True)  # failed before writing anything: leave nothing
+            raise
+        finally:
+            if (directory / LOCK_FILE).exists():
+                os.ftruncate(fd, 0)  # released as it should be: nothing stale for the next run to report
+            os.close(fd)  # closing releases the flock

@@ -1,0 +1,309 @@
+"""A search from its command line to its end: everything checked before Ray starts, the Tuner (Optuna TPE + ASHA,
+each trial a Tune trial or a Ray Train run, each an MLflow child run), the summary, and what comes after the
+trials — repeats, the ensemble, the report — each a function of the `Experiment`, run in turn, a failure of one
+said without costing the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import tracking
+from .asha import FinishAwareASHA
+from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem
+from .config import ConfigError, objective
+from .ensemble import run_ensemble
+from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, trial_name
+from .repeat import print_repeats, run_repeats
+from .report import build_report
+from .searcher import DefineByRun, close_orphans, link_run, tpe_searcher
+from .space import Study, flatten, load_study, resolve_path
+from .summary import run_name, summarize
+from .trial import (
+    RESULT_FILES,
+    TRIAL_NUMBER,
+    TrialResources,
+    global_batch_sizes,
+    remove_orphaned_workdirs,
+    resolve_trial,
+    status_of,
+    trial_driver,
+    trial_overrides,
+)
+
+
+class SearchError(RuntimeError):
+    """A failure while the search runs (Ray did not start, say): one line, exit 1."""
+
+
+def check_numbers(args) -> None:
+    """Counts and resources the command line gives, before anything starts: one error naming the flag."""
+    at_least = [("--trials", args.trials, 1), ("--workers-per-trial", args.workers_per_trial, 1),
+                ("--max-concurrent", getattr(args, "max_concurrent", None), 1),
+                ("--max-failures", args.max_failures, 0)]
+    for flag, value, low in at_least:
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value}: at least {low}")
+    if not args.cpus_per_trial > 0:
+        raise ConfigError(f"--cpus-per-trial {args.cpus_per_trial:g}: more than 0 (a trial's process needs a CPU)")
+    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
+        raise ConfigError(f"--gpus-per-trial {args.gpus_per_trial:g}: 0 or more")
+    if args.workers_per_trial > 1 and 0 < (args.gpus_per_trial or 0) / args.workers_per_trial < 1:
+        raise ConfigError(f"--workers-per-trial {args.workers_per_trial} with --gpus-per-trial "
+                          f"{args.gpus_per_trial:g}: each DDP rank needs a GPU of its own (NCCL refuses two ranks "
+                          "on one GPU); use "
+                          f"--gpus-per-trial {args.workers_per_trial} or more")
+    if getattr(args, "repeats", 0) < 0 or (getattr(args, "repeats", 0) and args.repeat_top < 1):
+        raise ConfigError(f"--repeats {args.repeats} --repeat-top {args.repeat_top}: both must be at least 1")
+    if getattr(args, "ensemble_size", 5) < 1:
+        raise ConfigError(f"--ensemble-size {args.ensemble_size}: at least 1 (or --no-ensemble)")
+
+
+def absolute_data(source: str) -> str:
+    """`nih:data/nih` → `nih:/abs/data/nih`: Ray runs trials in directories of its own (and on other nodes)."""
+    kind, sep, path = source.partition(":")
+    return f"{kind}:{Path(path).expanduser().resolve()}" if sep and path and "://" not in source else source
+
+
+def default_gpus_per_trial(cluster: dict) -> float:
+    """--gpus-per-trial when not given: 1 when the cluster (ray.cluster_resources()) has a GPU, else 0 — the
+    cluster's, not the driver's (a CPU-only head drives GPU workers)."""
+    return 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+
+
+def check_candidates(study: Study, overrides: dict, smoke: bool) -> None:
+    """Before Ray starts: every backbone a trial could draw is a timm model (ours included) and every weights
+    file it could load exists here — a trial that would only fail on its worker is one error now."""
+    import timm
+
+    from . import models  # noqa: F401  (registers MambaVision and VMamba)
+
+    for where, key, value in study.candidates():
+        cfg = study.trial_config({key: value}, overrides, smoke)
+        names = {"model.backbone": cfg.model.backbone}
+        if cfg.cass.enabled:
+            names = {"cass.cnn": cfg.cass.cnn, "cass.transformer": cfg.cass.transformer}
+        for field, name in names.items():
+            if not timm.is_model(name.split(".")[0]):
+                raise ConfigError(f"{study.origin}: {where}={value!r}: {field} '{name}' is not a timm model")
+        path = cfg.model.pretrained_path
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{study.origin}: {where}={value!r}: model.pretrained_path {path}: no such "
+                              "file (weights load from local files only)")
+
+
+def locate(args) -> Experiment:
+    """The experiment a command line names: `--resume NAME`, `--name`, or the study's name (`-smoke` added)."""
+    if isinstance(args.resume, str):
+        args.name = args.resume
+    name = args.name or f"{resolve_path(args.study).stem}{'-smoke' if args.smoke else ''}"
+    return Experiment.locate(name, args.storage, args.local_dir)
+
+
+def restore_invocation(args) -> None:
+    """`--resume [NAME]`: the search must exist; it continues as it was started (study file, --set, --data,
+    --smoke, trials, seed), whatever else this command line says; resources and cluster may differ."""
+    from ray import tune
+
+    experiment = locate(args)
+    missing = f"--resume: no search named '{experiment.name}' to resume in {experiment.path}"
+    if not tune.Tuner.can_restore(experiment.path):
+        raise ConfigError(missing)
+    experiment.fetch_invocation()  # a resume on another machine
+    invocation = experiment.invocation()
+    if not invocation:
+        raise ConfigError(missing)
+    for key, value in invocation.items():
+        if value is not None:
+            setattr(args, key, value)
+
+
+def resume_command(args) -> str:
+    experiment = locate(args)
+    return f"python -m tune_xray.search {args.study} --resume {experiment.name} --storage {experiment.storage}"
+
+
+def run_search(args, extra_callbacks: list = ()) -> dict:
+    """Validate everything, then run (or resume) the search; returns the summary written to summary.json.
+
+    `extra_callbacks`: more Tune callbacks (tests use one to interrupt a search)."""
+    if args.resume:
+        restore_invocation(args)  # before anything else: nothing to resume is one error, leaving nothing behind
+    check_numbers(args)
+    study = load_study(args.study)  # every search-space error before Ray starts
+    if args.data:
+        args.data = absolute_data(args.data)
+    # checked now; the device part is resolved again once Ray tells the cluster's GPUs (--gpus-per-trial default)
+    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial or 0, args.workers_per_trial,
+                                getattr(args, "record_test_per_trial", False))
+    base_cfg = study.trial_config({}, overrides, args.smoke)
+    check_candidates(study, overrides, args.smoke)
+    budget = study.budget(args.smoke, overrides)
+    trials = args.trials if args.trials is not None else budget.trials
+    experiment = locate(args)
+    if not args.resume and (experiment.directory / "tuner.pkl").exists():
+        raise ConfigError(f"{experiment.directory} holds an earlier search '{experiment.name}': pass --resume, or "
+                          "--name for a new one")
+    if experiment.remote:
+        try:
+            storage_filesystem(experiment.storage)
+        except Exception as err:  # noqa: BLE001 — pyarrow's errors differ by scheme; all mean "not a storage"
+            raise ConfigError(f"--storage {experiment.storage}: not a storage pyarrow can open ({err})") from None
+    with experiment.lock():
+        return _run(args, extra_callbacks, study, base_cfg, budget, trials, experiment)
+
+
+def _start_ray(args) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # keep the dashboard (ray[default]'s State API): without it a Train run stopped by ASHA leaks its
+        # placement group and the next trial waits for resources forever
+        try:
+            connect(args.address, args.verbose)
+        except Exception as err:  # noqa: BLE001 — a start-up timeout, a refused address, ...: one line, exit 1
+            raise SearchError(f"Ray did not start{' at ' + args.address if args.address else ''}: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, experiment: Experiment) -> dict:
+    """The search itself, under its lock: data, Ray, the Tuner, the summary and what comes after the trials."""
+    import ray
+    from ray import tune
+
+    from .data.loader import prepare
+
+    prepare(base_cfg.data)  # check and cache the data once, before any trial starts
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
+    _start_ray(args)
+    if args.gpus_per_trial is None:
+        args.gpus_per_trial = default_gpus_per_trial(ray.cluster_resources())
+    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial, args.workers_per_trial,
+                                getattr(args, "record_test_per_trial", False))
+    if len(alive_nodes()) > 1:  # every node must see the storage and the data; checked before anything is written
+        kind, _, data_path = base_cfg.data.source.partition(":")
+        check_cluster_paths(experiment.storage, data_path if kind != "synthetic" else None)
+    experiment.directory.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        experiment.write_invocation(vars(args))
+        experiment.sync((INVOCATION_FILE,))
+    metric = objective(study.metric)
+    tracking_uri, optuna_url = experiment.tracking_uri, experiment.optuna_url
+    resources = TrialResources(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial,
+                               getattr(args, "one_worker_trials", None) or "tune")
+    parent = tracking.start_parent(
+        tracking_uri, experiment.name, experiment.directory,
+        {"study": study.origin, "trials": trials, "smoke": args.smoke, "metric": study.metric, "mode": study.mode,
+         "budget.epochs": budget.epochs, "overrides": json.dumps(overrides, sort_keys=True)},
+        {"tune_xray.smoke": str(args.smoke).lower()})
+
+    def describe(config: dict) -> tracking.TrialRecord:
+        cfg = resolve_trial(study, config, overrides, args.smoke)
+        params = flatten(cfg.model_dump(mode="json"))
+        params.update({k: v for k, v in config.items() if k.startswith("sampled.")})
+        params.update(global_batch_sizes(cfg, resources.workers))
+        return tracking.TrialRecord(run_name(study, config), params,
+                                    {"tune_xray.smoke": str(args.smoke).lower(),
+                                     "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])})
+
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, study=study, overrides=overrides, smoke=args.smoke, resources=resources,
+                             storage_path=experiment.path, max_failures=args.max_failures),
+        resources.trial())
+    callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, link_run(optuna_url, experiment.name),
+                                    RESULT_FILES, lambda trial: experiment.fetch(Path(trial.path).name)),
+                 *extra_callbacks]
+    start = time.perf_counter()
+    if args.resume:
+        tuner = tune.Tuner.restore(experiment.path, trainable=trainable, resume_errored=True)
+    else:
+        scheduler = FinishAwareASHA(budget, metric, study.mode) if not args.no_asha else None
+        searcher = tpe_searcher(study, DefineByRun(study, overrides, args.smoke), experiment.name, optuna_url,
+                                args.seed, metric)
+        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+            num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            search_alg=resources.limiter(searcher, getattr(args, "max_concurrent", None))),
+            run_config=tune.RunConfig(name=experiment.name, storage_path=experiment.storage, callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    tuner.fit()
+    remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
+    all_trials = tune.ExperimentAnalysis(experiment.path).trials
+    runs = tracking.child_runs(tracking_uri, parent)
+    summary = summarize(all_trials, trials, study, metric, experiment, tracking_uri, runs,
+                        tracking.experiment_id_of(tracking_uri, parent), tracking.ended_trials(tracking_uri, parent))
+    summary["wall_time_s"] = time.perf_counter() - start
+    summary["resources"] = {"workers_per_trial": resources.workers, "cpus_per_trial": resources.cpus,
+                            "gpus_per_trial": resources.gpus, "one_worker_trials": resources.one_worker}
+    summary["storage"] = experiment.path
+    summary["optuna_study"] = experiment.name  # a copied or renamed experiment directory still finds its study
+    known = {t.trial_id for t in all_trials}
+    tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
+                                      if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",
+                       "the search was interrupted; --resume continues it")
+    tracking.delete_runs(tracking_uri, [run_id for trial_id, run_id in runs.items() if trial_id not in known])
+    if summary["status"] != "interrupted":
+        summary["optuna_orphans_closed"] = close_orphans(optuna_url, experiment.name)
+    best = summary["best"]
+    summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
+    experiment.write_summary(summary)
+    summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
+    if summary["status"] == "complete":
+        after_trials(experiment, summary, args)
+    _step(experiment, summary, "storage", lambda: experiment.sync())
+    best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
+    report_file = Path(summary["report"]) if str(summary.get("report", "")).endswith(".html") else None
+    tracking.finish_parent(
+        tracking_uri, parent, summary["status"], summary["best_mlflow_run_id"],
+        {m.key: m.value for m in tracking.epoch_metrics(best_trial.last_result, 0)
+         if m.key.startswith(tracking.RECORD_PREFIXES) or m.key == metric} if best_trial else {},
+        experiment.directory / SUMMARY_FILE, (report_file,) if report_file else (), failed=sorted(summary["failed"]))
+    return summary
+
+
+def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
+    """Run one step after the trials; a failure is one line, recorded in summary.json (`failed`) and on the parent
+    run, and the steps after it still run."""
+    try:
+        run()
+    except Exception as err:  # noqa: BLE001 — the trials stand; what failed is said, not raised
+        summary["failed"][step] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        print(f"{step} failed: {summary['failed'][step]}", file=sys.stderr)
+    experiment.write_summary(summary)
+
+
+def after_trials(experiment: Experiment, summary: dict, args) -> None:
+    """Repeats (`--repeats`), the ensemble and the report, in turn, each recorded in `summary`."""
+    def repeats() -> None:
+        summary["repeats"] = run_repeats(experiment, args.repeat_top, args.repeats, max_failures=args.max_failures)
+        print_repeats(summary["repeats"])
+
+    def ensemble() -> None:
+        for row in summary["rows"]:  # trials that ended before a resume on another machine
+            if row["status"] == "complete" and not experiment.trial_dir(row).is_dir():
+                experiment.fetch(experiment.trial_dir(row).name)
+        result = run_ensemble(experiment, size=getattr(args, "ensemble_size", 5), seed=args.seed,
+                              tracking_uri=experiment.tracking_uri, read_test=True)
+        summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "val", "test",
+                                                          "test_per_label", "test_reads", "registered",
+                                                          "wall_time_s")}
+        if result.get("registration_error"):
+            raise RuntimeError(f"the ensemble was chosen but not registered: {result['registration_error']}")
+
+    def report() -> None:
+        import torch  # the report runs here, in the driver: on its own device, whatever the trials had
+
+        summary["report"] = str(build_report(experiment, device="cuda" if torch.cuda.is_available() else "cpu"))
+
+    if getattr(args, "repeats", 0):
+        _step(experiment, summary, "repeats", repeats)
+    if not getattr(args, "no_ensemble", False):
+        _step(experiment, summary, "ensemble", ensemble)
+    if not getattr(args, "no_report", False):
+        _step(experiment, summary, "report", report)
+        if "report" in summary["failed"]:
+            print(f"(python -m tune_xray.report {experiment.directory} retries the report)", file=sys.stderr)

@@ -1,0 +1,200 @@
+"""The Optuna side of a search: a Ray Tune `Searcher` over an Optuna study (TPE) through Optuna's ask/tell API,
+the define-by-run space it draws, and the study's storage.
+
+What a trial is told follows its status, not whether a value exists (Ray's OptunaSearch tells COMPLETE whenever
+the last result has one): complete → COMPLETE with its value; pruned by ASHA → PRUNED (a truncated value told as
+COMPLETE misleads TPE); diverged → PRUNED, so TPE counts the region among the bad ones (FAIL would be ignored by
+TPE, which would keep proposing it); error → FAIL. Results without the objective (the SSL phase) or with a
+non-finite value are not reported as intermediate values. The study lives in its storage (sqlite beside the
+experiment by default): a resumed search continues it, and `optuna-dashboard` reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import optuna
+from ray.tune.search import Searcher
+
+from .space import Study, flatten
+from .trial import TIME_ATTR, TRIAL_NUMBER, trial_status
+
+KEY_FIELDS = ("model.backbone", "model.pretrained_path", "augment.image_size", "device", "supervised.batch_size",
+              "supervised.epochs")
+SSL_KEY_FIELDS = {"byol": ("byol.batch_size", "byol.hidden_dim", "byol.epochs"),
+                  "cass": ("cass.cnn", "cass.transformer", "cass.batch_size", "cass.epochs")}
+State = optuna.trial.TrialState
+
+
+def key_fields(cfg) -> tuple[str, ...]:
+    """The resolved values a reader needs beside the drawn ones: what trained, at which size, where."""
+    ssl = "byol" if cfg.byol.enabled else "cass" if cfg.cass.enabled else None
+    return KEY_FIELDS + SSL_KEY_FIELDS.get(ssl, ())
+
+
+class DefineByRun:
+    """Optuna define-by-run: draws the study's parameters, then returns the values that will *train* (smoke
+    shrinkage and `--set` applied) under the parameters' names, the drawn value beside each that differs
+    (`sampled.<key>`), a few key resolved fields, and the Optuna trial number. Tune's trial table then shows what
+    ran; the Optuna trial keeps the same resolved values as user attributes.
+    (A class, not a closure: Tune pickles the searcher with the experiment.)"""
+
+    def __init__(self, study: Study, overrides: dict, smoke: bool):
+        self.study, self.overrides, self.smoke = study, overrides, smoke
+
+    def __call__(self, trial: optuna.Trial) -> dict:
+        sampled = self.study.sample(trial)
+        cfg = self.study.trial_config(sampled, self.overrides, self.smoke)
+        resolved = flatten(cfg.model_dump(mode="json"))
+        out = {TRIAL_NUMBER: trial.number}
+        for key, value in sampled.items():
+            out[key] = resolved[key]
+            if resolved[key] != value:
+                out[f"sampled.{key}"] = value
+        out.update({key: resolved[key] for key in key_fields(cfg)})
+        for key, value in out.items():
+            if key != TRIAL_NUMBER and not key.startswith("sampled."):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("smoke", self.smoke)
+        return out
+
+
+def optuna_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from `--optuna-storage`: a database URL (sqlite:///…, postgresql://…, mysql://…) or a
+    journal file (`journal:PATH`, or a path ending .log) — Optuna's option for a file on shared storage."""
+    from optuna.storages.journal import JournalFileBackend
+
+    if url.startswith("journal:") or (url.endswith(".log") and "://" not in url):
+        path = url.removeprefix("journal:")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
+    return optuna.storages.RDBStorage(url)
+
+
+def shown_url(url: str) -> str:
+    """A database URL as printed and written to summary.json: its password masked."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class OptunaSearcher(Searcher):
+    """Ray Tune's Searcher interface over an Optuna study, by ask/tell: `suggest` asks for a trial and runs the
+    define-by-run space on it; results are reported as intermediate values at their epoch; the end is told by
+    status (see the module). Warm-start points are enqueued once, in a study that has no trials yet.
+
+    The searcher keeps the Tune trial id → Optuna trial number map and its sampler (whose random state a resume
+    continues); the study is opened again from its storage after a restore. A trial is told once: a trial the
+    study already holds as finished (told by the run before a kill whose searcher state was saved earlier than the
+    study) is not told again."""
+
+    def __init__(self, space: DefineByRun, study_name: str, storage_url: str, sampler: optuna.samplers.BaseSampler,
+                 metric: str, mode: str, points_to_evaluate: list[dict] = ()):
+        super().__init__(metric=metric, mode=mode)
+        self.space, self.study_name, self.storage_url, self.sampler = space, study_name, storage_url, sampler
+        self.points_to_evaluate = list(points_to_evaluate)
+        self.numbers: dict[str, int] = {}  # Tune trial id → Optuna trial number
+        self.told: set[str] = set()
+        self._storage: optuna.storages.BaseStorage | None = None
+        self._study: optuna.Study | None = None
+
+    @property
+    def storage(self) -> optuna.storages.BaseStorage:
+        if self._storage is None:
+            self._storage = optuna_storage(self.storage_url)
+        return self._storage
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = optuna.create_study(storage=self.storage, sampler=self.sampler, study_name=self.study_name,
+                                              load_if_exists=True,
+                                              direction="maximize" if self.mode == "max" else "minimize")
+            if not self._study.get_trials(deepcopy=False):  # a new study; a resumed one holds them already
+                for point in self.points_to_evaluate:
+                    self._study.enqueue_trial(point)
+        return self._study
+
+    def suggest(self, trial_id: str) -> dict:
+        trial = self.study.ask()
+        self.numbers[trial_id] = trial.number
+        return self.space(trial)
+
+    def _trial_id(self, trial_id: str) -> int:
+        """The Optuna storage's id of a Tune trial's Optuna trial."""
+        return self.storage.get_trial_id_from_study_id_trial_number(
+            self.storage.get_study_id_from_name(self.study_name), self.numbers[trial_id])
+
+    def _told(self, trial_id: str) -> bool:
+        if trial_id not in self.told:
+            if not self.storage.get_trial(self._trial_id(trial_id)).state.is_finished():
+                return False
+            self.told.add(trial_id)
+        return True
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        value = result.get(self.metric)
+        if (trial_id in self.numbers and isinstance(value, (int, float)) and math.isfinite(value)
+                and not self._told(trial_id)):
+            self.storage.set_trial_intermediate_value(self._trial_id(trial_id), int(result.get(TIME_ATTR, 0)), value)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.numbers or self._told(trial_id):
+            return
+        status, value = trial_status(result, error), (result or {}).get(self.metric)
+        if status == "pruned":  # the result ASHA stopped it on never reached on_trial_result
+            self.on_trial_result(trial_id, result or {})
+        self.storage.set_trial_user_attr(self._trial_id(trial_id), "status", status)
+        number = self.numbers[trial_id]
+        if status == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
+            self.study.tell(number, value)
+        else:
+            self.study.tell(number, state=State.FAIL if status in ("error", "complete") else State.PRUNED)
+        self.told.add(trial_id)
+
+    def __getstate__(self) -> dict:  # Tune pickles the searcher; the study is opened again from its storage
+        return {**self.__dict__, "_storage": None, "_study": None}
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_bytes(pickle.dumps(self.__getstate__()))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))
+
+
+def tpe_searcher(study: Study, space: DefineByRun, name: str, storage_url: str, seed: int,
+                 metric: str) -> OptunaSearcher:
+    """The search's searcher: TPE (seeded, with the study file's sampler options) on the study's define-by-run
+    space, its warm-start points first, its Optuna study `name` in `storage_url`."""
+    sampler = optuna.samplers.TPESampler(seed=seed, **study.space.sampler.model_dump())
+    return OptunaSearcher(space, name, storage_url, sampler, metric, study.mode, study.warm_start_points() or [])
+
+
+def close_orphans(storage_url: str, name: str) -> int:
+    """After a search that ran to its end, an Optuna trial still RUNNING belongs to no Tune trial (asked just
+    before the driver was killed; the restored searcher drew a new one): told FAIL, so the study holds no trial
+    running forever. Returns how many were closed."""
+    storage = optuna_storage(storage_url)
+    study = optuna.load_study(study_name=name, storage=storage)
+    study_id = storage.get_study_id_from_name(name)
+    orphans = study.get_trials(deepcopy=False, states=(State.RUNNING,))
+    for trial in orphans:
+        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), "status",
+                                    "orphaned by an interruption")
+        study.tell(trial.number, state=State.FAIL)
+    return len(orphans)
+
+
+def link_run(storage_url: str, name: str):
+    """`on_run` for tracking.TrialRuns: the trial's Optuna record carries its MLflow run id."""
+    def link(config: dict, run_id: str) -> None:
+        storage = optuna_storage(storage_url)
+        study_id = storage.get_study_id_from_name(name)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, config[TRIAL_NUMBER])
+        storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
+
+    return link

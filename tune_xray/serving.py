@@ -1,0 +1,138 @@
+"""Serving a selected ensemble: its members rebuilt from their best.pt, the one MLflow pyfunc model that `predict`,
+`mlflow models serve` and the registry share, and its loading. What tracking registers and predict loads.
+
+Each member applies its own preprocessing: decoded like the training cache (grayscale, bilinear to its cache size),
+its eval view and TTA; probabilities are averaged with the members' weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from .augment import EvalViews
+from .config import build_config
+from .data.cache import IMAGE_ERRORS, open_image, to_cache_layout
+from .data.splits import DataError
+from .phases import fine_tuned_backbones
+from .phases.supervised import classifier, to_probabilities
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """PNG / JPEG / DICOM / ... as the cache reads them (`data.cache.open_image`); anything else is a
+    `DataError` naming the file."""
+    try:
+        return open_image(path)
+    except IMAGE_ERRORS as err:
+        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+class Member:
+    """One fine-tuned trial: its model (from best.pt), eval views and cache geometry, on `device`."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        self.cfg = build_config(state["config"], f"{checkpoint}: config")
+        self.cfg.model.scan_backend = "auto"  # the scan runs where the model is now, whatever trained it
+        self.classes, self.task = list(state["classes"]), state.get("task", "multilabel")
+        backbone, width, _, _ = fine_tuned_backbones(self.cfg, pretrained=False)
+        self.model = classifier(backbone, width, len(self.classes), 0.0, self.task)
+        self.model.load_state_dict(state["model"])
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        mean, std = state["normalization"]
+        self.views = EvalViews(self.cfg.augment, self.cfg.data.cache_size, self.cfg.model.in_chans, mean,
+                               std).to(self.device)
+
+    def layout(self, image: Image.Image) -> np.ndarray:
+        """As the training cache stored it: uint8 (channels, cache_size, cache_size)."""
+        return to_cache_layout(image, self.cfg.data.cache_size, self.cfg.data.channels)
+
+    @torch.no_grad()
+    def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        from .models.heads import mean_probability_logits
+
+        x = torch.from_numpy(np.stack([self.layout(img) for img in images])).to(self.device)
+        logits = mean_probability_logits([self.model(v) for v in self.views(x)], self.task == "multilabel")
+        return to_probabilities(self.task, logits.float()).cpu().numpy().astype(np.float64)
+
+
+class EnsemblePredictor:
+    """Members with weights; `predict(images)` → (n, classes) mean probability (weights sum to 1)."""
+
+    def __init__(self, checkpoints: list[str | Path], weights: list[float], thresholds=None, device: str = "cpu"):
+        self.members = [Member(c, device) for c in checkpoints]
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.classes, self.task = self.members[0].classes, self.members[0].task
+        self.thresholds = thresholds
+
+    def predict(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            out.append(sum(w * m.probabilities(chunk) for w, m in zip(self.weights, self.members)))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+
+    def frame(self, probs: np.ndarray) -> pd.DataFrame:
+        """One probability column per class, and the decision where validation chose thresholds."""
+        out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
+        if self.thresholds is not None:
+            if self.task == "multilabel":
+                for j, c in enumerate(self.classes):
+                    out[f"y_{c}"] = (probs[:, j] >= self.thresholds[j]).astype(int)
+            else:  # binary: the positive (second) class at the validation threshold
+                out["label"] = np.where(probs[:, 1] >= self.thresholds[0], self.classes[1], self.classes[0])
+        return out
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """A selected ensemble as one MLflow pyfunc: each member's best.pt (its resolved config inside), the
+    weights and the validation thresholds. Input: a DataFrame with a `path` column (PNG, JPEG, DICOM) or a uint8
+    batch; output: one probability column per class (and the decisions where thresholds were chosen). The device
+    is the model config's `device` (`load_model(uri, model_config={"device": "cuda"})`)."""
+
+    def load_context(self, context) -> None:
+        spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
+        members = [context.artifacts[f"member_{i}"] for i in range(len(spec["weights"]))]
+        device = (context.model_config or {}).get("device", "cpu")
+        self.predictor = EnsemblePredictor(members, spec["weights"], spec.get("thresholds"), device)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # or a uint8 array (images_from_input):
+        # a DataFrame hint is one MLflow infers no schema from (the logged signature speaks), and asks no more for
+        return self.predictor.frame(self.predictor.predict(images_from_input(model_input)))
+
+
+def load_predictor(uri: str, device: str = "cpu", tracking_uri: str | None = None) -> EnsemblePredictor:
+    """The EnsemblePredictor inside a logged or registered ensemble (`models:/…`, `runs:/…`) on `device`; a model
+    MLflow cannot find is a DataError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: no CUDA device here")
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(uri, model_config={"device": device})
+    except (MlflowException, OSError) as err:
+        raise DataError(f"{uri}: no such model ({str(err).splitlines()[0][:200]})") from None
+    return model.unwrap_python_model().predictor
+
+
+def images_from_input(model_input) -> list[Image.Image]:
+    """A DataFrame with a `path` column, or a uint8 array batch (n, H, W) / (n, C, H, W) / (n, H, W, C)."""
+    if isinstance(model_input, pd.DataFrame):
+        if "path" not in model_input:
+            raise DataError(f"expected a `path` column of image files; got columns {list(model_input.columns)}")
+        return [read_image(p) for p in model_input["path"]]
+    arr = np.asarray(model_input)
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+        raise DataError(f"expected a uint8 batch (n, H, W[, C]) or (n, C, H, W); got {arr.dtype} {arr.shape}")
+    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)
+    return [Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a) for a in arr]

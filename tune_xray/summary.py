@@ -1,0 +1,135 @@
+"""What a search ended with: its trials by status, the best completed ones by the validation objective, where to
+look next (summary.json, printed at the end), run names, and the exit code."""
+
+from __future__ import annotations
+
+import math
+
+from .config import bare
+from .experiment import Experiment, trial_label
+from .searcher import shown_url
+from .space import Study, case_key
+from .tracking import runs_table_url
+from .trial import STATUSES, TIME_ATTR, TRIAL_NUMBER, status_of
+
+
+def _name_rank(key: str, value) -> int:
+    """Which drawn values a run name shows first: backbones, optimizer, LR, batch size, other choices."""
+    order = ("backbone", "cnn", "transformer", "optimizer.name", "optimizer.lr", "batch_size")
+    return next((i for i, part in enumerate(order) if key.endswith(part)), len(order) + (not isinstance(value, str)))
+
+
+def run_name(study: Study, config: dict, width: int = 72) -> str:
+    """`t007 mambavision_t2 lars lr=0.2 batch_size=256 …`: the Optuna trial number, then the drawn values (as
+    drawn: a smoke run's resolved backbone is in its params), labelled choices by their label."""
+    words, sampled = [], study.sampled_from(config)
+    for key, value in sorted(sampled.items(), key=lambda kv: _name_rank(*kv)):
+        spec = study.space.params[key]
+        if spec.cases is not None:
+            spec = spec.cases.get(case_key(sampled.get(spec.by)), spec)
+        if spec.kind == "value":
+            continue
+        short = key.split(".")[-1]
+        if isinstance(spec.choice, dict):
+            label = next((k for k, v in spec.choice.items() if v == value), value)
+            words.append(f"{short}={label}")
+        elif isinstance(value, str) and _name_rank(key, value) < 5 or key.endswith("scheduler.name"):
+            words.append(str(value))
+        elif isinstance(value, float):
+            words.append(f"{short}={value:.3g}")
+        else:
+            words.append(f"{short}={value}")
+    name = trial_label(config)
+    for word in words:
+        if len(name) + 1 + len(word) <= width:
+            name += " " + word
+    return name
+
+
+def summarize(trials, requested: int, study: Study, metric: str, experiment: Experiment, tracking_uri: str,
+              runs: dict[str, str], experiment_id: str, ended: set[str] | None = None, top: int = 5) -> dict:
+    """Trials by status, the best *completed* trials by the validation objective, and where to look next.
+
+    A trial that had not ended when the search returned (Ctrl-C; `ended`: the trial ids Tune ended, default
+    all TERMINATED / ERROR) is `interrupted`, never pruned; fewer trials than requested also means the search
+    was interrupted."""
+    rows = []
+    for t in trials:
+        if t.status in ("TERMINATED", "ERROR") and (ended is None or t.trial_id in ended):
+            status, reason = status_of(t, t.status == "ERROR")
+        else:
+            status, reason = "interrupted", ""
+        m = t.last_result or {}
+        rows.append({
+            "trial": trial_label(t.config), "name": run_name(study, t.config) if TRIAL_NUMBER in t.config
+            else t.trial_id, "trial_id": t.trial_id, "status": status,
+            "reason": reason, metric: m.get(metric) if status == "complete" else None, TIME_ATTR: m.get(TIME_ATTR),
+            "selected_epoch": m.get("selected_epoch"),
+            "selection_ci": [m.get(f"selected_{study.metric}_selection_ci_low"),
+                             m.get(f"selected_{study.metric}_selection_ci_high")],
+            **({"record_test_mean_auroc": m["record_test_mean_auroc"],  # --record-test-per-trial only
+                "record_test_mean_auroc_ci": [m.get("record_test_mean_auroc_ci_low"),
+                                              m.get("record_test_mean_auroc_ci_high")]}
+               if "record_test_mean_auroc" in m else {}),
+            "mlflow_run_id": runs.get(t.trial_id),
+            "node_id": m.get("node_id"),
+            "scan_backend": m.get("scan_backend"),
+            "resolved": {k: v for k, v in t.config.items() if ":" not in k and not k.startswith("sampled.")},
+            "sampled": {k.removeprefix("sampled."): v for k, v in t.config.items() if k.startswith("sampled.")},
+        })
+    complete = [r for r in rows if r["status"] == "complete" and isinstance(r[metric], (int, float))
+                and math.isfinite(r[metric])]
+    complete.sort(key=lambda r: r[metric], reverse=study.mode == "max")
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    interrupted = counts["interrupted"] > 0 or len(rows) < requested
+    status = "interrupted" if interrupted else "complete" if complete else "no trial completed"
+    return {
+        "study": study.name, "file": study.origin, "status": status, "metric": metric, "mode": study.mode,
+        "requested": requested, "trials": len(rows), **counts, "best": complete[0] if complete else None,
+        "top": complete[:top], "rows": rows,
+        "mlflow": f"mlflow ui --backend-store-uri {tracking_uri}",
+        "mlflow_runs_table": runs_table_url(tracking_uri, experiment_id),
+        "optuna": f"optuna-dashboard {shown_url(experiment.optuna_url)}",
+        "experiment_dir": str(experiment.directory),
+    }
+
+
+def print_summary(summary: dict, resume_command: str) -> None:
+    metric = summary["metric"]
+    counts = ", ".join(f"{summary[s]} {s}" for s in STATUSES if summary[s] or s == "complete")
+    print(f"\n{summary['study']}: {summary['status']} — {summary['trials']} of {summary['requested']} trials: "
+          f"{counts}; objective {metric} ({summary['mode']}; [95 % bootstrap CI on the validation set that selected "
+          "it: optimistic])")
+    for rank, row in enumerate(summary["top"], 1):
+        trained = ", ".join(f"{k}={row['resolved'][k]}" for k in row["sampled"])
+        ci = row.get("selection_ci", [None])
+        ci = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if None not in ci else ""
+        print(f"{rank:2d}. {row[metric]:.4f}{ci}  {row['name']}  [epoch {row['selected_epoch']:.0f} of "
+              f"{row[TIME_ATTR]} selected]" + (f"  trained as: {trained}" if trained else ""))
+    if summary["status"] == "interrupted":
+        print(f"interrupted: finished trials are kept; continue with\n    {resume_command}")
+    elif summary["status"] != "complete":
+        print("no trial completed: nothing to report as best (see each trial's status and reason)")
+    if (summary.get("ensemble") or {}).get("members"):
+        ens, metric = summary["ensemble"], bare(summary["metric"])
+        registered = f"registered as {ens['registered']['uri']}" if ens.get("registered") else "not registered"
+        val = ens["val"]
+        print(f"ensemble ({ens['method']}, {len(ens['members'])} members, chosen on val): val {metric} "
+              f"{val['ensemble']['value']:.4f} [{val['ensemble']['ci_low']:.4f}, {val['ensemble']['ci_high']:.4f}] "
+              f"(on the selection set) vs best single {val['best_single']['value']:.4f}; {registered}; the test "
+              "record is in summary.json and the report")
+    for step, why in (summary.get("failed") or {}).items():
+        print(f"{step} failed after the trials: {why}")
+    print(f"summary: {summary['experiment_dir']}/summary.json")
+    if str(summary.get("report", "")).endswith(".html"):
+        print(f"report:  {summary['report']}")
+    print(f"runs:    {summary['mlflow']}\n         then open {summary['mlflow_runs_table']}")
+    print(f"study:   {summary['optuna']}")
+
+
+def exit_code(summary: dict) -> int:
+    """0: the search did what was asked; 130: interrupted (resumable); 1: no trial completed, or a step after the
+    trials (repeats, ensemble, report) failed."""
+    if summary["status"] == "complete" and summary.get("failed"):
+        return 1
+    return {"complete": 0, "interrupted": 130}.get(summary["status"], 1)
