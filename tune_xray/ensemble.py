@@ -26,10 +26,9 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from .config import bare
-from .experiment import TEST_READS, Experiment, ExperimentError, read_predictions
+from .experiment import TEST_READS, Experiment, ExperimentError, TrialTask, read_predictions
 from .figures import selection_curve
 from .metrics import (
     auroc_intervals,
@@ -97,12 +96,9 @@ def load_pool(experiment: Experiment) -> Pool:
     trials = experiment.completed()
     if not trials:
         raise EnsembleError(f"{experiment.directory}: no completed trial with stored predictions to ensemble")
-    first = json.loads((Path(trials[0]["dir"]) / "summary.json").read_text())
-    cfg = yaml.safe_load((Path(trials[0]["dir"]) / "config.yaml").read_text())
-    classes = list(first["classes"])
-    val = _stack([Path(t["dir"]) for t in trials], [t["trial"] for t in trials], "val", classes)
-    return Pool(experiment, trials, classes, first["task"], cfg["supervised"]["selection_metric"],
-                cfg["supervised"]["threshold"], val)
+    task = TrialTask.of(trials[0]["dir"])
+    val = _stack([Path(t["dir"]) for t in trials], [t["trial"] for t in trials], "val", task.classes)
+    return Pool(experiment, trials, task.classes, task.task, task.metric, task.rule, val)
 
 
 def scorer(pool: Pool) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:

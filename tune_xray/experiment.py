@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from .cluster import download, upload
 from .config import ConfigError
@@ -97,6 +98,27 @@ def read_predictions(directory: Path, split: str, classes: list[str]) -> tuple:
     return (frame["path"].astype(str).tolist(), frame[[f"y_{c}" for c in classes]].to_numpy(),
             resampling_units(frame["patient_id"], frame["path"]),
             frame[[f"p_{c}" for c in classes]].to_numpy(dtype="float64"))
+
+
+@dataclass(frozen=True)
+class TrialTask:
+    """What a trial's stored predictions are of and how it scored them: the task, its classes, its selection metric
+    and its threshold rule (from the trial's summary.json and config.yaml)."""
+
+    task: str
+    classes: list[str]
+    metric: str
+    rule: str
+
+    @classmethod
+    def of(cls, directory: str | Path) -> TrialTask:
+        directory = Path(directory)
+        summary = read_json(directory / "summary.json", "a trial's summary")
+        try:
+            supervised = yaml.safe_load((directory / "config.yaml").read_text())["supervised"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+            raise ExperimentError(f"{directory / 'config.yaml'}: not a trial's config ({type(err).__name__})") from None
+        return cls(summary["task"], list(summary["classes"]), supervised["selection_metric"], supervised["threshold"])
 
 
 def predicted_classes(directory: Path, split: str = "val") -> list[str]:

@@ -30,8 +30,9 @@ from .trial import (
     global_batch_sizes,
     remove_orphaned_workdirs,
     resolve_trial,
+    run_config,
     status_of,
-    trial_driver,
+    trainable,
     trial_overrides,
 )
 
@@ -187,8 +188,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     if len(alive_nodes()) > 1:  # every node must see the storage and the data; checked before anything is written
         kind, _, data_path = base_cfg.data.source.partition(":")
         check_cluster_paths(experiment.storage, data_path if kind != "synthetic" else None)
-    experiment.directory.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
+    if not args.resume:  # (the lock made the directory)
         experiment.write_invocation(vars(args))
         experiment.sync((INVOCATION_FILE,))
     metric = objective(study.metric)
@@ -210,26 +210,21 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
                                     {"tune_xray.smoke": str(args.smoke).lower(),
                                      "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])})
 
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, study=study, overrides=overrides, smoke=args.smoke, resources=resources,
-                             storage_path=experiment.path, max_failures=args.max_failures),
-        resources.trial())
+    driver = trainable(study, overrides, args.smoke, resources, experiment.path, args.max_failures)
     callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, link_run(optuna_url, experiment.name),
                                     RESULT_FILES, lambda trial: experiment.fetch(Path(trial.path).name)),
                  *extra_callbacks]
     start = time.perf_counter()
     if args.resume:
-        tuner = tune.Tuner.restore(experiment.path, trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment.path, trainable=driver, resume_errored=True)
     else:
         scheduler = FinishAwareASHA(budget, metric, study.mode) if not args.no_asha else None
         searcher = tpe_searcher(study, DefineByRun(study, overrides, args.smoke), experiment.name, optuna_url,
                                 args.seed, metric)
-        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        tuner = tune.Tuner(driver, tune_config=tune.TuneConfig(
             num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             search_alg=resources.limiter(searcher, getattr(args, "max_concurrent", None))),
-            run_config=tune.RunConfig(name=experiment.name, storage_path=experiment.storage, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+            run_config=run_config(experiment.name, experiment.storage, callbacks, args.max_failures))
     tuner.fit()
     remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
     all_trials = tune.ExperimentAnalysis(experiment.path).trials

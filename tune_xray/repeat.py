@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from ray.tune.search import Searcher
 
 from . import tracking
 from .cluster import connect
 from .config import ConfigError, objective
 from .ensemble import split_scorer
-from .experiment import REPEATS_DIR, Experiment, ExperimentError, read_json, read_predictions, repeat_name
+from .experiment import REPEATS_DIR, Experiment, ExperimentError, TrialTask, read_predictions, repeat_name
 from .metrics import interval, patient_bootstrap
 from .space import flatten, load_study
 from .summary import run_name
@@ -40,8 +39,9 @@ from .trial import (
     TrialResources,
     global_batch_sizes,
     resolve_trial,
+    run_config,
     status_of,
-    trial_driver,
+    trainable,
     trial_overrides,
 )
 
@@ -151,20 +151,15 @@ def run_repeats(experiment: Experiment, top: int = 3, seeds: int = 3, address: s
                                                    "tune_xray.repeat_seed": str(config[REPEAT_SEED]),
                                                    "tune_xray.smoke": str(smoke).lower()})
 
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, study=study, overrides=overrides, smoke=smoke, resources=resources,
-                             storage_path=f"{storage}/{REPEATS_DIR}", max_failures=max_failures),
-        resources.trial())
+    driver = trainable(study, overrides, smoke, resources, f"{storage}/{REPEATS_DIR}", max_failures)
     callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, artifacts=RESULT_FILES,
                                     results_dir=lambda trial: experiment.fetch(repeat_name(trial), REPEATS_DIR),
                                     repeats=True)]
     start = time.perf_counter()
-    tune.Tuner(trainable, tune_config=tune.TuneConfig(
+    tune.Tuner(driver, tune_config=tune.TuneConfig(
         num_samples=len(configs), search_alg=resources.limiter(FixedConfigs(configs)),
         trial_name_creator=repeat_name, trial_dirname_creator=repeat_name),
-        run_config=tune.RunConfig(name=REPEATS_DIR, storage_path=storage, callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()
+        run_config=run_config(REPEATS_DIR, storage, callbacks, max_failures)).fit()
     runs = tracking.child_runs(tracking_uri, parent, repeats=True)
     trials = []
     for t in tune.ExperimentAnalysis(f"{storage}/{REPEATS_DIR}").trials:
@@ -205,11 +200,8 @@ def aggregate(summary: dict, trials: list[dict], study, metric: str) -> dict:
     rows.sort(key=lambda r: r["mean"], reverse=study.mode == "max")
     comparisons = []
     if len(rows) > 1:
-        first = by_config[rows[0]["config"]][0]
-        cfg = yaml.safe_load((first / "config.yaml").read_text())
-        trial_summary = read_json(first / "summary.json", "a trial's summary")
-        comparisons = compare(by_config, rows[0]["config"], trial_summary["task"], study.metric,
-                              list(trial_summary["classes"]), cfg["supervised"]["threshold"])
+        task = TrialTask.of(by_config[rows[0]["config"]][0])
+        comparisons = compare(by_config, rows[0]["config"], task.task, study.metric, task.classes, task.rule)
     return {"rows": rows, "comparisons": comparisons, "trials": trials}
 
 

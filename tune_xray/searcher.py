@@ -82,6 +82,11 @@ def shown_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def storage_trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    """The storage's id of trial `number` of a study (what the storage's own setters take)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+
+
 class OptunaSearcher(Searcher):
     """Ray Tune's Searcher interface over an Optuna study, by ask/tell: `suggest` asks for a trial and runs the
     define-by-run space on it; results are reported as intermediate values at their epoch; the end is told by
@@ -99,6 +104,7 @@ class OptunaSearcher(Searcher):
         self.points_to_evaluate = list(points_to_evaluate)
         self.numbers: dict[str, int] = {}  # Tune trial id → Optuna trial number
         self.told: set[str] = set()
+        self._ids: dict[str, int] = {}  # Tune trial id → the storage's id of its Optuna trial (looked up once)
         self._storage: optuna.storages.BaseStorage | None = None
         self._study: optuna.Study | None = None
 
@@ -126,8 +132,9 @@ class OptunaSearcher(Searcher):
 
     def _trial_id(self, trial_id: str) -> int:
         """The Optuna storage's id of a Tune trial's Optuna trial."""
-        return self.storage.get_trial_id_from_study_id_trial_number(
-            self.storage.get_study_id_from_name(self.study_name), self.numbers[trial_id])
+        if trial_id not in self._ids:
+            self._ids[trial_id] = storage_trial_id(self.storage, self.study_name, self.numbers[trial_id])
+        return self._ids[trial_id]
 
     def _told(self, trial_id: str) -> bool:
         if trial_id not in self.told:
@@ -180,10 +187,9 @@ def close_orphans(storage_url: str, name: str) -> int:
     running forever. Returns how many were closed."""
     storage = optuna_storage(storage_url)
     study = optuna.load_study(study_name=name, storage=storage)
-    study_id = storage.get_study_id_from_name(name)
     orphans = study.get_trials(deepcopy=False, states=(State.RUNNING,))
     for trial in orphans:
-        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), "status",
+        storage.set_trial_user_attr(storage_trial_id(storage, name, trial.number), "status",
                                     "orphaned by an interruption")
         study.tell(trial.number, state=State.FAIL)
     return len(orphans)
@@ -193,8 +199,6 @@ def link_run(storage_url: str, name: str):
     """`on_run` for tracking.TrialRuns: the trial's Optuna record carries its MLflow run id."""
     def link(config: dict, run_id: str) -> None:
         storage = optuna_storage(storage_url)
-        study_id = storage.get_study_id_from_name(name)
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, config[TRIAL_NUMBER])
-        storage.set_trial_user_attr(trial_id, "mlflow_run_id", run_id)
+        storage.set_trial_user_attr(storage_trial_id(storage, name, config[TRIAL_NUMBER]), "mlflow_run_id", run_id)
 
     return link

@@ -369,3 +369,19 @@ def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources
     if result.checkpoint is not None:  # the trial's results: MLflow artifacts, the ensemble's pool
         with result.checkpoint.as_directory() as directory:
             upload(directory, results_to)
+
+
+def trainable(study, overrides: dict, smoke: bool, resources: TrialResources, storage_path: str, max_failures: int):
+    """`trial_driver` as Tune runs it, for the search and its repeats alike: its arguments bound, the resources
+    its trial holds reserved."""
+    return tune.with_resources(
+        tune.with_parameters(trial_driver, study=study, overrides=overrides, smoke=smoke, resources=resources,
+                             storage_path=storage_path, max_failures=max_failures),
+        resources.trial())
+
+
+def run_config(name: str, storage: str, callbacks: list, max_failures: int) -> tune.RunConfig:
+    """How a Tune run of trials keeps them: `max_failures` retries each, and one checkpoint, the last."""
+    return tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                          failure_config=tune.FailureConfig(max_failures=max_failures),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
