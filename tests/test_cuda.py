@@ -31,7 +31,7 @@ def test_explain_runs_on_cuda_tensors():
         x = torch.randn(4, 3, 64, 64, device=CUDA)
         features = embeddings(model, x, batch=2)
         assert isinstance(features, np.ndarray) and features.shape == (4, width)
-        assert gradcam(model, x, [0, 1, 0, 1]).shape == (4, 64, 64)
+        assert gradcam(model, x, [0, 1, 0, 1])[0].shape == (4, 64, 64)
         assert inference_cost(model, (3, 64, 64), device="cuda", batch=2, repeats=1)["img_per_s"] > 0
 
 

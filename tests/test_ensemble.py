@@ -254,3 +254,40 @@ def test_dicom_reads_any_bit_depth_and_inverts_monochrome1(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match="notes.txt: not a readable image"):
         read_image(tmp_path / "notes.txt")
+
+
+def test_dicom_objects_that_are_not_images_say_so(tmp_path):
+    import pydicom
+
+    from tune_xray.data.splits import DataError
+    from tune_xray.serving import read_image
+
+    seg = pydicom.dcmread(_dicom(tmp_path / "seg.dcm", np.zeros((8, 8))))
+    seg.Modality = "SEG"
+    seg.save_as(tmp_path / "seg.dcm")
+    with pytest.raises(DataError, match=r"seg.dcm: a DICOM SEG object \(a segmentation\), not an image"):
+        read_image(tmp_path / "seg.dcm")
+    report = pydicom.dcmread(_dicom(tmp_path / "sr.dcm", np.zeros((8, 8))))
+    del report.PixelData
+    report.Modality = "OT"
+    report.save_as(tmp_path / "sr.dcm")
+    with pytest.raises(DataError, match="sr.dcm: a DICOM file without pixel data"):
+        read_image(tmp_path / "sr.dcm")
+
+
+def test_single_label_records_accuracy_and_balanced_accuracy_with_intervals(tmp_path):
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    from tune_xray.metrics import decisions, weighted_decision_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    prob = rng.dirichlet(np.ones(3), 60)
+    decided = decisions("multiclass", prob)
+    point = weighted_decision_metrics(np.eye(3)[y], decided, np.ones(60), True)
+    assert point["accuracy"][0] == pytest.approx(accuracy_score(y, prob.argmax(1)))
+    assert point["balanced_accuracy"][0] == pytest.approx(balanced_accuracy_score(y, prob.argmax(1)))
+    boot = np.random.default_rng(1).integers(0, 3, (5, 60))  # any weighting: resample counts
+    rows = np.repeat(np.arange(60), boot[2])
+    assert weighted_decision_metrics(np.eye(3)[y], decided, boot, True)["accuracy"][2] == pytest.approx(
+        accuracy_score(y[rows], prob[rows].argmax(1)))

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from tune_xray.explain import FeatureMapClassifier, as_feature_map, embeddings, gradcam, inference_cost, tsne
+from tune_xray.explain import (
+    FeatureMapClassifier,
+    as_feature_map,
+    cam_layer,
+    embeddings,
+    gradcam,
+    inference_cost,
+    tsne,
+)
 from tune_xray.models import create_backbone
 from tune_xray.models.heads import Classifier
 
@@ -20,9 +28,26 @@ def test_gradcam_maps_for_cnns_and_token_models(name):
     x = torch.randn(1, 3, 64, 64).repeat(2, 1, 1, 1)
     with torch.no_grad():  # the hooked model computes exactly the classifier
         assert torch.allclose(FeatureMapClassifier(model)(x), model(x), atol=1e-5)
-    maps = gradcam(model, x, [0, 1])
+    maps, constant, layer = gradcam(model, x, [0, 1])
     assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
-    assert max(maps[0].std(), maps[1].std()) > 0.05  # a map, not a constant
+    assert max(maps[0].std(), maps[1].std()) > 0.05 and not constant.all()  # a map, not a constant
+    if name != "test_vit":  # at 64 px the last map of these is 2 × 2: an earlier stage, at least 7 × 7, is read
+        assert layer != "forward_features" and cam_layer(FeatureMapClassifier(model), x)[0] == layer
+        outputs = []
+        handle = backbone.get_submodule(layer).register_forward_hook(lambda m, i, out: outputs.append(out) and None)
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        assert sorted(outputs[0].shape[1:])[:2] == [8, 8]  # 64 px at reduction 8: (C, 8, 8) or (8, 8, C)
+
+
+def test_a_constant_map_is_reported_not_drawn():
+    backbone, width = create_backbone("test_resnet", image_size=64)
+    model = Classifier(backbone, width, 2).eval()
+    with torch.no_grad():
+        model.head[1].weight.zero_()  # no evidence for either class anywhere: Grad-CAM has nothing to show
+    _, constant, _ = gradcam(model, torch.randn(2, 3, 64, 64), [0, 1])
+    assert constant.all()
 
 
 def test_feature_maps_of_every_layout():

@@ -14,6 +14,7 @@ LAYERS = [
     ["cluster", "data", "augment", "models", "space"],  # Ray clusters, data, views, backbones, search-space files
     ["phases"],  # SSL and supervised training
     ["trial", "serving"],  # one Tune trial; a fine-tuned ensemble as a model
+    ["pyfunc_model"],  # that model as MLflow's models-from-code
     ["experiment", "asha", "searcher"],  # the experiment directory; ASHA's rules; the Optuna searcher
     ["tracking"],  # MLflow
     ["summary", "ensemble", "report"],  # what a search ended with; the steps after it

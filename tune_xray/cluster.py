@@ -53,7 +53,10 @@ def connect(address: Optional[str] = None, verbose: bool = False) -> None:
     import ray
 
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(_ForcedSnapshots())
-    joined = {"runtime_env": {"env_vars": RAY_ENV}, "log_to_driver": verbose}
+    if not verbose:  # Ray's start-up notices ("Started a local Ray instance", token auth on by default)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING}
+    joined = {"runtime_env": {"env_vars": RAY_ENV}, "log_to_driver": verbose, **quiet}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **joined)
         return
@@ -62,7 +65,7 @@ def connect(address: Optional[str] = None, verbose: bool = False) -> None:
     except ConnectionError:
         for key, value in {**RAY_ENV, **LOCAL_RAY_ENV}.items():
             os.environ.setdefault(key, value)  # the raylet and its workers inherit the driver's environment
-        ray.init(log_to_driver=verbose)
+        ray.init(log_to_driver=verbose, **quiet)
 
 
 def alive_nodes() -> list[dict]:

@@ -34,8 +34,10 @@ from .metrics import (
     auroc_intervals,
     auroc_per_label,
     classification_metrics,
+    decisions,
     interval,
     patient_bootstrap,
+    weighted_decision_metrics,
     weighted_mean_auroc,
 )
 
@@ -277,14 +279,42 @@ def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, se
         out[name]["ensemble_minus_best_single"] = _with_ci(
             results["ensemble"][1] - results["best_single"][1], results["ensemble"][0] - results["best_single"][0])
         out.setdefault("hashes", {})[name] = split.ids_hash
+        if pool.task != "multilabel":  # what a clinician reads first of a single-label classifier
+            out.setdefault("single_label", {})[name] = {
+                label: _decision_record(split, np.tensordot(w, split.probs, axes=1), pool.task, thresholds[label],
+                                        boot, ("accuracy", "balanced_accuracy"))
+                for label, w in chosen.items()}
     if read_test:
         test = splits[1][1]
         out["test_per_label"] = {label: {k: dict(zip(("value", "ci_low", "ci_high"), (point, *ci)))
                                          for k, (point, ci) in _per_label(test, chosen[label], pool, resamples,
                                                                           seed).items()}
                                  for label in ("ensemble", "best_single")}
+        boot = patient_bootstrap(test.groups, resamples, seed)
+        for label in ("ensemble", "best_single"):  # at validation's thresholds: what a user of the model gets
+            out["test_per_label"][label].update(_decision_record(
+                test, np.tensordot(chosen[label], test.probs, axes=1), pool.task, thresholds[label], boot,
+                ("sensitivity", "specificity"), pool.classes))
         out["test_probs"], out["test_paths"] = np.tensordot(weights, test.probs, axes=1), test.paths
         out["test_reads"] = pool.experiment.note_test_read("the ensemble's record")
+    return out
+
+
+def _decision_record(split: Split, prob: np.ndarray, task: str, thresholds, boot: np.ndarray, names: tuple,
+                     classes=None) -> dict:
+    """Decision metrics (`names`) at fixed thresholds, each with its bootstrap interval: per label
+    (`sensitivity/<label>`) where `classes` are given, else the task-level ones (accuracy, balanced accuracy)."""
+    decided = decisions(task, prob, thresholds)
+    point = weighted_decision_metrics(split.y, decided, np.ones(len(split.y)), task != "multilabel")
+    values = weighted_decision_metrics(split.y, decided, boot, task != "multilabel")
+    out = {}
+    for name in names:
+        if classes is None:
+            out[name] = _with_ci(values[name], float(point[name][0]))
+        else:
+            for c, label in enumerate(classes):
+                if np.isfinite(point[name][0, c]):
+                    out[f"{name}/{label}"] = _with_ci(values[name][:, c], float(point[name][0, c]))
     return out
 
 
@@ -325,8 +355,8 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
     else:  # an earlier selection's: not this one's
         (out_dir / "predictions_test.csv").unlink(missing_ok=True)
     result = {"method": method, "size": size, "bags": bags if method == "caruana" else 0, "seed": seed,
-              "resamples": resamples, "metric": pool.metric, "task": pool.task, "classes": pool.classes,
-              "pool": len(pool.trials), "selection": selection, "test": None, **recorded,
+              "resamples": resamples, "metric": pool.metric, "task": pool.task, "rule": pool.rule,
+              "classes": pool.classes, "pool": len(pool.trials), "selection": selection, "test": None, **recorded,
               "example_path": pool.val.paths[0], "members": members.drop(columns="dir").to_dict("records")}
     result["wall_time_s"] = time.perf_counter() - start
     (out_dir / "ensemble.json").write_text(json.dumps(result, indent=1, default=float))
@@ -368,6 +398,11 @@ def model_card(pool: Pool, result: dict) -> str:
              + (" test (record) |" if test else ""), "|---|---|" + ("---|" if test else "")]
     for label in (*LABELS, "ensemble_minus_best_single"):
         lines.append(f"| {label} | {_fmt(result['val'][label])} |" + (f" {_fmt(test[label])} |" if test else ""))
+    single = result.get("single_label") or {}
+    for label in LABELS if single else ():
+        for name, entry in single["val"][label].items():
+            lines.append(f"| {label} {name.replace('_', ' ')} | {_fmt(entry)} |"
+                         + (f" {_fmt(single['test'][label][name])} |" if test else ""))
     if result.get("thresholds"):
         chosen = ", ".join(f"{c} {t:.3f}" for c, t in zip(pool.classes if len(result["thresholds"]) > 1
                                                            else pool.classes[1:], result["thresholds"]))
@@ -382,6 +417,11 @@ def print_result(result: dict) -> None:
     for label in (*LABELS, "ensemble_minus_best_single"):
         print(f"  {label:28s} val {_fmt(result['val'][label])}"
               + (f"   test (record) {_fmt(test[label])}" if test else ""))
+    single = result.get("single_label") or {}
+    for label in LABELS if single else ():  # single-label tasks: at validation's decision thresholds
+        for name, entry in single["val"][label].items():
+            print(f"  {label + ' ' + name.replace('_', ' '):28s} val {_fmt(entry)}"
+                  + (f"   test (record) {_fmt(single['test'][label][name])}" if test else ""))
     if test:
         print(f"  test read {result['test_reads']} time(s) for this experiment ({TEST_READS})")
     for m in result["members"]:

@@ -36,6 +36,34 @@ from .config import ConfigError
 from .metrics import resampling_units
 from .trial import REPEAT_OF, REPEAT_SEED, RESULT_FILES, STATUSES, TRIAL_NUMBER  # noqa: F401  (STATUSES: readers')
 
+
+def provenance() -> dict:
+    """What ran: the package version, its git commit where it runs from a repository (`+dirty` with uncommitted
+    changes), Python and torch."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    def git(*args) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    try:
+        package = version("tune_xray")
+    except PackageNotFoundError:  # the registered model's code, travelling without its metadata
+        package = "unknown"
+    import torch
+
+    return {"tune_xray": package, "git_commit": commit or None, "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
 INVOCATION_FILE = "search.json"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".search.lock"

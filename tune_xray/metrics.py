@@ -179,6 +179,33 @@ def _nanmean_rows(values: np.ndarray) -> np.ndarray:
         return np.nanmean(values, axis=1)
 
 
+def decisions(task: str, prob: np.ndarray, thresholds=None) -> np.ndarray:
+    """(n, C) 0/1 decisions: multi-label, each label at its threshold; binary, the second class at its threshold
+    (one-hot); more classes, the argmax (one-hot). `thresholds` from validation; 0.5 where there are none."""
+    k = prob.shape[1]
+    if task == "multilabel":
+        return (prob >= (0.5 if thresholds is None else np.asarray(thresholds))).astype(np.int8)
+    if k == 2:
+        positive = prob[:, 1] >= (0.5 if thresholds is None else float(np.ravel(thresholds)[0]))
+        return np.eye(2, dtype=np.int8)[positive.astype(int)]
+    return np.eye(k, dtype=np.int8)[prob.argmax(1)]
+
+
+def weighted_decision_metrics(y_true: np.ndarray, decided: np.ndarray, weights: np.ndarray,
+                              single_label: bool) -> dict[str, np.ndarray]:
+    """Sensitivity and specificity of each label (B, C), and for single-label tasks accuracy and balanced accuracy
+    (B,), of fixed 0/1 `decided` against 0/1 `y_true` (n, C), under each row of `weights` (B, n): bootstrap
+    resample counts, or ones. NaN where a weighting has no positives (or negatives) of a label."""
+    w = np.atleast_2d(weights).astype(np.float64)
+    y, d = y_true.astype(np.float64), decided.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"sensitivity": (w @ (y * d)) / (w @ y), "specificity": (w @ ((1 - y) * (1 - d))) / (w @ (1 - y))}
+        if single_label:
+            out["accuracy"] = (w @ (y * d).sum(1)) / w.sum(1)
+            out["balanced_accuracy"] = _nanmean_rows(out["sensitivity"])
+    return out
+
+
 def resampling_units(patient_ids, images) -> np.ndarray:
     """What a bootstrap resamples, one rule for trials, ensembles and repeats: the patient where the data name one
     (all their images move together), else the image itself. Folder and MedMNIST data have no patient ids: taken

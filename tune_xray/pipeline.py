@@ -17,7 +17,7 @@ from .asha import FinishAwareASHA
 from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem
 from .config import ConfigError, objective
 from .ensemble import run_ensemble
-from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, trial_name
+from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
 from .repeat import print_repeats, run_repeats
 from .report import build_report
 from .searcher import DefineByRun, close_orphans, link_run, tpe_searcher
@@ -26,6 +26,7 @@ from .summary import run_name, summarize
 from .trial import (
     RESULT_FILES,
     TRIAL_NUMBER,
+    TrialLines,
     TrialResources,
     global_batch_sizes,
     remove_orphaned_workdirs,
@@ -123,6 +124,37 @@ def restore_invocation(args) -> None:
             setattr(args, key, value)
 
 
+def search_params(args, study: Study, budget, trials: int, overrides: dict, resources) -> dict:
+    """The parent run's params: everything that decides what the search does, so runs compare on them."""
+    return {"study": study.origin, "trials": trials, "smoke": args.smoke, "metric": study.metric, "mode": study.mode,
+            "budget.epochs": budget.epochs, "scheduler": "off" if args.no_asha else "ASHA",
+            "asha.grace_period": budget.grace_period, "asha.reduction_factor": budget.reduction_factor,
+            "sampler": "TPE (Optuna)", **{f"sampler.{k}": v for k, v in study.space.sampler.model_dump().items()},
+            "seed": args.seed, "ensemble_size": "off" if getattr(args, "no_ensemble", False)
+            else getattr(args, "ensemble_size", 5), "repeats": getattr(args, "repeats", 0),
+            "set": " ".join(args.overrides) or "none", "overrides": json.dumps(overrides, sort_keys=True),
+            "data": args.data or "synthetic", "workers_per_trial": resources.workers,
+            "cpus_per_trial": resources.cpus, "gpus_per_trial": resources.gpus, **provenance()}
+
+
+def search_description(args, study: Study, trials: int, metric: str) -> str:
+    return (f"**Search** `{locate(args).name}`: {trials} trials of `{study.origin}` "
+            f"({study.space.description or study.name}), Optuna TPE proposing, "
+            f"{'no early stopping' if args.no_asha else 'ASHA stopping'}; objective {metric} ({study.mode}) on "
+            "validation. Its trials are the nested runs below; the ensemble chosen on validation, the `ensemble` run.")
+
+
+def trial_description(study: Study, config: dict, cfg, name: str) -> str:
+    """What a trial run is and what it trained (the drawn values where the smoke scale changed them)."""
+    phases = [p for p in ("byol", "cass") if getattr(getattr(cfg, p, None), "enabled", False)]
+    sampled = {k.removeprefix("sampled."): v for k, v in config.items() if k.startswith("sampled.")}
+    trained = "; ".join(f"{k} {config.get(k)} (drawn {v})" for k, v in sampled.items())
+    return (f"Trial {config[TRIAL_NUMBER]} of search `{name}`: {' then '.join([*phases, 'fine-tuning'])} of "
+            f"`{cfg.model.backbone if not cfg.cass.enabled else cfg.cass.cnn + ' + ' + cfg.cass.transformer}` at "
+            f"{cfg.augment.image_size} px on {cfg.device}, at most {cfg.supervised.epochs} epochs."
+            + (f" Trained at smoke scale: {trained}." if trained else ""))
+
+
 def resume_command(args) -> str:
     experiment = locate(args)
     return f"python -m tune_xray.search {args.study} --resume {experiment.name} --storage {experiment.storage}"
@@ -195,11 +227,10 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     tracking_uri, optuna_url = experiment.tracking_uri, experiment.optuna_url
     resources = TrialResources(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial,
                                getattr(args, "one_worker_trials", None) or "tune")
-    parent = tracking.start_parent(
-        tracking_uri, experiment.name, experiment.directory,
-        {"study": study.origin, "trials": trials, "smoke": args.smoke, "metric": study.metric, "mode": study.mode,
-         "budget.epochs": budget.epochs, "overrides": json.dumps(overrides, sort_keys=True)},
-        {"tune_xray.smoke": str(args.smoke).lower()})
+    parent = tracking.start_parent(tracking_uri, experiment.name, experiment.directory,
+                                   search_params(args, study, budget, trials, overrides, resources),
+                                   {"tune_xray.smoke": str(args.smoke).lower(),
+                                    tracking.DESCRIPTION_TAG: search_description(args, study, trials, metric)})
 
     def describe(config: dict) -> tracking.TrialRecord:
         cfg = resolve_trial(study, config, overrides, args.smoke)
@@ -208,12 +239,13 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
         params.update(global_batch_sizes(cfg, resources.workers))
         return tracking.TrialRecord(run_name(study, config), params,
                                     {"tune_xray.smoke": str(args.smoke).lower(),
-                                     "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])})
+                                     "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])},
+                                    trial_description(study, config, cfg, experiment.name))
 
     driver = trainable(study, overrides, args.smoke, resources, experiment.path, args.max_failures)
     callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, link_run(optuna_url, experiment.name),
                                     RESULT_FILES, lambda trial: experiment.fetch(Path(trial.path).name)),
-                 *extra_callbacks]
+                 TrialLines(metric, lambda config: run_name(study, config)), *extra_callbacks]
     start = time.perf_counter()
     if args.resume:
         tuner = tune.Tuner.restore(experiment.path, trainable=driver, resume_errored=True)
@@ -224,7 +256,9 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
         tuner = tune.Tuner(driver, tune_config=tune.TuneConfig(
             num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             search_alg=resources.limiter(searcher, getattr(args, "max_concurrent", None))),
-            run_config=run_config(experiment.name, experiment.storage, callbacks, args.max_failures))
+            run_config=run_config(experiment.name, experiment.storage, callbacks, args.max_failures, args.verbose))
+    print(f"{experiment.name}: {trials} trials of {study.origin}, objective {metric} ({study.mode}); "
+          f"one line per trial as it ends", flush=True)
     tuner.fit()
     remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
     all_trials = tune.ExperimentAnalysis(experiment.path).trials
@@ -235,6 +269,8 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     summary["resources"] = {"workers_per_trial": resources.workers, "cpus_per_trial": resources.cpus,
                             "gpus_per_trial": resources.gpus, "one_worker_trials": resources.one_worker}
     summary["storage"] = experiment.path
+    summary["command"], summary["provenance"] = getattr(args, "command", None), provenance()
+    summary["overrides"] = overrides  # what every trial got on top of the file: --set, --data, the device
     summary["optuna_study"] = experiment.name  # a copied or renamed experiment directory still finds its study
     known = {t.trial_id for t in all_trials}
     tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
@@ -263,8 +299,11 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
 def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
     """Run one step after the trials; a failure is one line, recorded in summary.json (`failed`) and on the parent
     run, and the steps after it still run."""
+    start = time.perf_counter()
     try:
         run()
+        if step != "storage":
+            print(f"{step}: done in {time.perf_counter() - start:.0f} s", flush=True)
     except Exception as err:  # noqa: BLE001 — the trials stand; what failed is said, not raised
         summary["failed"][step] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         print(f"{step} failed: {summary['failed'][step]}", file=sys.stderr)
@@ -284,7 +323,8 @@ def after_trials(experiment: Experiment, summary: dict, args) -> None:
         result = run_ensemble(experiment, size=getattr(args, "ensemble_size", 5), seed=args.seed,
                               tracking_uri=experiment.tracking_uri, read_test=True)
         summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "val", "test",
-                                                          "test_per_label", "test_reads", "registered",
+                                                          "test_per_label", "single_label", "thresholds",
+                                                          "classes", "task", "rule", "test_reads", "registered",
                                                           "wall_time_s")}
         if result.get("registration_error"):
             raise RuntimeError(f"the ensemble was chosen but not registered: {result['registration_error']}")

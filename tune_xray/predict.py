@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -27,12 +28,13 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
     through."""
     path = Path(model)
     if "://" not in model and path.is_dir():
-        from .experiment import Experiment, ExperimentError  # here only: loading a model needs no Ray
-
+        # the search's latest selection (Experiment.ensemble()), read here without Ray: tune_xray.experiment
+        # imports the trial layer, and predicting needs none of it
+        spec = path / "ensemble" / "ensemble.json"
         try:
-            registered = (Experiment.at(path).ensemble() or {}).get("registered")
-        except ExperimentError as err:
-            raise DataError(str(err)) from None
+            registered = json.loads(spec.read_text()).get("registered") if spec.is_file() else None
+        except (OSError, ValueError) as err:
+            raise DataError(f"{spec}: not readable ({type(err).__name__})") from None
         if not registered:
             raise DataError(f"{path}: no registered ensemble (run python -m tune_xray.ensemble {path})")
         return registered["uri"], tracking_uri or registered["tracking_uri"]
@@ -40,6 +42,23 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
         raise DataError(f"{model}: in which MLflow store? pass --tracking-uri (or set MLFLOW_TRACKING_URI); "
                         "MLflow's default would create ./mlflow.db here")
     return model, tracking_uri
+
+
+def set_threads(threads: int | None = None) -> int:
+    """torch's intra-op threads: `threads`, or the cores this process may use that are not already busy (the
+    1-minute load average), at least one; one inter-op thread. torch's default counts every core whatever else
+    runs, and on a busy machine its spinning threads wait on each other (a 2-core machine busy with a search
+    predicted 20× slower)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(cores, round(cores - busy)))
+    torch.set_num_threads(max(1, threads))
+    with contextlib.suppress(RuntimeError):  # already set, or work already ran in this process
+        torch.set_num_interop_threads(1)
+    return torch.get_num_threads()
 
 
 def find_inputs(inputs: list[str]) -> list[Path]:
@@ -59,7 +78,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the cores this process may use, "
+                        "less those busy with other work; one per core at most, never more)")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     try:
         uri, tracking_uri = resolve_model(args.model, args.tracking_uri)
         predictor = load_predictor(uri, args.device, tracking_uri)

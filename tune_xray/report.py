@@ -36,7 +36,8 @@ from .experiment import (
     read_json,
     read_predictions,
 )
-from .figures import figure, optuna_figure
+from .figures import COLUMN, figure, integer_ticks, pyplot, wrap
+from .space import flatten
 
 THUMBNAIL = 128  # Grad-CAM images and maps are kept at this size (pixels) in the data: what the page shows
 
@@ -57,73 +58,189 @@ def _trial_seconds(directory: Path) -> float:
     return float(json.loads(lines[-1]).get("time_total_s", 0.0)) if lines else 0.0
 
 
-def _budget_and_space(summary: dict, invocation: dict) -> list[tuple[str, str]]:
-    """The budget the search ran with and its parameters as the file states them."""
-    from .config import parse_overrides
+def _study_file(summary: dict):
     from .space import load_study
 
     try:
-        study = load_study(summary["file"])
+        return load_study(summary["file"])
     except (OSError, ValueError):  # the file moved or changed since: the summary still stands
-        return []
-    budget = study.budget(bool(invocation.get("smoke")), parse_overrides(invocation.get("overrides") or []))
-    space = "; ".join(f"{key}: " + ", ".join(f"{k} {v}" for k, v in spec.model_dump(exclude_none=True,
-                                                                                     by_alias=True).items())
-                      for key, spec in study.space.params.items())
-    return [("budget", f"{budget.trials} trials, {budget.epochs} fine-tune epochs each at most; ASHA grace "
-                       f"{budget.grace_period}, reduction factor {budget.reduction_factor}"), ("space", space)]
+        return None
+
+
+def short_names(keys) -> dict[str, str]:
+    """`byol.optimizer.lr` → `optimizer.lr`: the last two parts of each parameter, the whole key where two would
+    read the same (the full names are in the space table)."""
+    short = {k: ".".join(k.split(".")[-2:]) for k in keys}
+    return {k: v if list(short.values()).count(v) == 1 else k for k, v in short.items()}
+
+
+def space_rows(study) -> list[dict]:
+    """The search space as the file states it, one row per parameter: what is drawn, from what, and when."""
+    def values(spec) -> str:
+        if spec.cases is not None:
+            return "; ".join(f"{case}: {values(sub)}" for case, sub in spec.cases.items())
+        if spec.choice is not None:
+            return ", ".join(map(str, spec.choice.keys() if isinstance(spec.choice, dict) else spec.choice))
+        for name, text in (("uniform", "uniform"), ("loguniform", "log-uniform"), ("integer", "integer")):
+            if getattr(spec, name) is not None:
+                low, high = getattr(spec, name)
+                return f"{text} [{low:g}, {high:g}]"
+        return f"fixed {spec.value}"
+
+    names = short_names(study.space.params)
+    return [{"parameter": key, "short name": names[key],
+             "drawn": "by " + spec.by if spec.cases is not None else spec.kind.replace("integer", "int"),
+             "values": values(spec),
+             "applies": "; ".join(f"{k} in {v}" for k, v in spec.when.items()) if spec.when else "always"}
+            for key, spec in study.space.params.items()]
 
 
 def study_facts(experiment: Experiment, summary: dict, invocation: dict) -> list[tuple[str, str]]:
+    from .config import parse_overrides
+
     resources = summary.get("resources", {})
     hours = sum(_trial_seconds(experiment.trial_dir(r)) for r in summary["rows"]) / 3600
+    study = _study_file(summary)
+    budget = study.budget(bool(invocation.get("smoke")), parse_overrides(invocation.get("overrides") or [])) \
+        if study else None
+    applied = summary.get("overrides") or {}
     facts = [("study file", summary["file"]),
              ("objective", f"{bare(summary['metric'])} ({summary['mode']}), on validation"),
              ("trials", f"{summary['trials']} of {summary['requested']} requested: "
                         + ", ".join(f"{summary[s]} {s}" for s in STATUSES if summary.get(s))),
-             ("status", summary["status"]), ("smoke", invocation.get("smoke")), *_budget_and_space(summary, invocation),
-             ("fixed overrides", " ".join(invocation.get("overrides") or []) or "none"),
+             ("status", summary["status"]), ("smoke", invocation.get("smoke")),
+             *([("budget", f"{budget.trials} trials, {budget.epochs} fine-tune epochs each at most; ASHA grace "
+                           f"{budget.grace_period}, reduction factor {budget.reduction_factor}")] if budget else []),
+             ("--set", " ".join(invocation.get("overrides") or []) or "none"),
+             ("every trial also got", ", ".join(f"{k}={v}" for k, v in flatten(applied).items()) or "nothing more"),
              ("search wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min"),
              ("trial time", f"{hours:.3g} h: {hours * resources.get('cpus_per_trial', 1):.3g} CPU-hours, "
                             f"{hours * resources.get('gpus_per_trial', 0):.3g} GPU-hours")]
     return [(k, str(v)) for k, v in facts]
 
 
-def search_data(experiment: Experiment, summary: dict) -> dict:
-    """The Optuna study's finished trials (what its plots need), fANOVA importances, ASHA's epochs per trial."""
-    import warnings
+def dataset_data(experiment: Experiment, best: dict) -> dict:
+    """Split sizes (images, patients) and each label's positives per split, of the data the best trial trained on
+    (its config, its cache): what every number in the report is an estimate on."""
+    from .data.loader import prepare
+    from .data.splits import SPLITS, UNLABELLED
+    from .serving import Member
 
+    cfg = Member(experiment.trial_dir(best) / "best.pt").cfg
+    try:
+        index = prepare(cfg.data).index
+    except Exception as err:  # noqa: BLE001 — data not reachable from here: the rest of the report stands
+        return {"source": cfg.data.source, "error": f"{type(err).__name__}: {err}"}
+    frame, classes = index.frame, list(index.classes)
+    splits = [s for s in (*SPLITS, UNLABELLED) if (frame["split"] == s).any()]
+    sizes = [{"split": s, "images": int((frame["split"] == s).sum()),
+              "patients": int(frame.loc[frame["split"] == s, "patient_id"].dropna().nunique())} for s in splits]
+    positives = {s: {c: int(frame.loc[frame["split"] == s, c].sum()) for c in classes} for s in splits}
+    return {"source": index.origin, "task": index.task, "classes": classes, "sizes": sizes, "positives": positives,
+            "absent": {s: [c for c in classes if positives[s][c] == 0] for s in ("val", "test") if s in positives}}
+
+
+def _logical(key: str) -> str:
+    """An Optuna parameter's logical name: `byol.optimizer.lr:sgd` (one per optimizer) → `byol.optimizer.lr`."""
+    return key.split(":")[0]
+
+
+def _plain_value(value):
+    return value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else str(value)
+
+
+def search_data(experiment: Experiment, summary: dict) -> dict:
+    """The finished trials with one value per logical parameter — the value each trained with (the LR whatever
+    the optimizer; a conditional parameter only where it applied) — their objective and status; fANOVA
+    importance over the parameters every completed trial has, when enough completed; ASHA's epochs per trial."""
     import optuna
-    from optuna.distributions import distribution_to_json
-    from optuna.importance import FanovaImportanceEvaluator
 
     from .searcher import optuna_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=experiment.optuna_study(summary),
                               storage=optuna_storage(experiment.optuna_url))
-    trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-               "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
-               "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()}}
-              for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            importance = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
-        importance, why = {k: float(v) for k, v in importance.items()}, None
-    except (ValueError, RuntimeError, ZeroDivisionError) as err:
-        importance, why = {}, str(err)
+    rows = {int(r["trial"][1:]): r for r in summary["rows"] if r["trial"][1:].isdigit()}
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    log = {_logical(k) for t in finished for k, d in t.distributions.items() if getattr(d, "log", False)}
+    keys = list(dict.fromkeys(_logical(k) for t in finished for k in t.params))
+    trials = []
+    for t in finished:
+        row = rows.get(t.number) or {}
+        trained = row.get("resolved") or {}
+        params = {k: _plain_value(trained.get(k, t.params.get(k))) for k in keys
+                  if k in trained or any(_logical(p) == k for p in t.params)}
+        trials.append({"number": t.number, "state": t.state.name, "status": row.get("status", t.state.name.lower()),
+                       "value": t.value if t.state.name == "COMPLETE" else None, "params": params,
+                       "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()}})
+    importance, why = _importance(trials, keys, log, study.direction.name)
     asha = [{"trial": r["trial"], "epochs_done": r["epochs_done"], "status": r["status"]} for r in summary["rows"]
             if r.get("epochs_done") is not None]
-    return {"direction": study.direction.name, "trials": trials, "importance": importance,
-            "importance_error": why, "asha": asha}
+    return {"direction": study.direction.name, "trials": trials, "parameters": keys, "log": sorted(log),
+            "short": short_names(keys), "importance": importance, "importance_note": why, "asha": asha}
+
+
+MIN_IMPORTANCE_TRIALS = 10  # fANOVA's forest on fewer completed trials ranks noise (optuna-dashboard disagreed)
+
+
+def _importance(trials: list[dict], keys: list[str], log: set, direction: str) -> tuple[dict, str]:
+    """fANOVA importances (Optuna's evaluator, seeded) over the logical parameters every completed trial has, or
+    why there are none; the note says what they rest on and what they leave out."""
+    import warnings
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.importance import FanovaImportanceEvaluator
+
+    complete = [t for t in trials if t["value"] is not None]
+    if len(complete) < MIN_IMPORTANCE_TRIALS:
+        return {}, (f"not computed: {len(complete)} completed trial(s); fANOVA needs at least "
+                    f"{MIN_IMPORTANCE_TRIALS} to rank anything but noise")
+    shared = [k for k in keys if all(k in t["params"] for t in complete)]
+    partial = [k for k in keys if k not in shared]
+    distributions = {}
+    for k in shared:
+        values = [t["params"][k] for t in complete]
+        if all(isinstance(v, (int, float)) for v in values):
+            if min(values) < max(values):
+                distributions[k] = FloatDistribution(min(values), max(values), log=k in log and min(values) > 0)
+        elif len(set(map(str, values))) > 1:
+            distributions[k] = CategoricalDistribution(sorted(set(map(str, values))))
+    if not distributions:
+        return {}, "not computed: no parameter varied across the completed trials"
+    study = optuna.create_study(direction=direction.lower())
+    study.add_trials([optuna.trial.create_trial(
+        value=t["value"], distributions=distributions,
+        params={k: t["params"][k] if isinstance(d, FloatDistribution) else str(t["params"][k])
+                for k, d in distributions.items()}) for t in complete])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        importance = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
+    note = f"on {len(complete)} completed trials"
+    if partial:
+        note += "; left out (they apply to some trials only): " + ", ".join(partial)
+    return {k: float(v) for k, v in importance.items()}, note
+
+
+def trial_rows(summary: dict) -> list[dict]:
+    """Every trial of the search: status, epochs, the objective with its interval, why it ended, its MLflow run
+    (in the UI the search printed)."""
+    table = summary.get("mlflow_runs_table", "")
+    base, _, route = table.partition("/#/")
+    experiment = route.split("/")[1] if route.startswith("experiments/") else None
+    metric = summary["metric"]
+    return [{"trial": r["trial"], "name": r["name"], "status": r["status"], "epochs": r.get("epochs_done"),
+             "value": r.get(metric), "ci": r.get("selection_ci") if r["status"] == "complete" else None,
+             "reason": r.get("reason") or "",
+             "url": f"{base}/#/experiments/{experiment}/runs/{r['mlflow_run_id']}?workflowType=machine_learning"
+             if r.get("mlflow_run_id") and experiment else None} for r in summary["rows"]]
 
 
 def model_data(experiment: Experiment, summary: dict, complete: list[dict]) -> dict:
     """Learning curves of the best three, per-label ROC and calibration (best trial, ensemble) on validation, the
     best trial's confusion matrix and thresholds."""
     from sklearn.calibration import calibration_curve
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     metric = bare(summary["metric"])
     histories = {}
@@ -140,17 +257,26 @@ def model_data(experiment: Experiment, summary: dict, complete: list[dict]) -> d
     if members.is_file():
         table = pd.read_csv(members)
         probs["ensemble"] = sum(w * _predictions(Path(d), "val")[2] for w, d in zip(table["weight"], table["dir"]))
-    roc, calibration = {}, {}
+    roc, auc, calibration = {}, {}, {}
     for label, p in probs.items():
         roc[label] = {name: [list(a) for a in roc_curve(y[:, c], p[:, c])[:2]]
                       for c, name in enumerate(classes) if 0 < y[:, c].sum() < len(y)}
+        auc[label] = {name: float(roc_auc_score(y[:, c], p[:, c])) for name in roc[label]
+                      for c in [classes.index(name)]}
         mask = y.sum(0) > 0
         truth, predicted = calibration_curve(y[:, mask].ravel(), p[:, mask].ravel(), n_bins=10, strategy="quantile")
         calibration[label] = {"predicted": predicted.tolist(), "observed": truth.tolist()}
     supervised = read_json(best_dir / "summary.json", "a trial's summary").get("supervised", {})
-    return {"metric": "val_" + metric, "histories": histories, "classes": classes, "roc": roc,
+    ensemble = summary.get("ensemble") or {}
+    registered = bool(ensemble.get("members")) and "thresholds" in ensemble
+    thresholds = ensemble.get("thresholds") if registered else supervised.get("thresholds")
+    decided = classes if len(thresholds or []) == len(classes) else classes[1:]  # binary: the positive class
+    return {"metric": "val_" + metric, "histories": histories, "classes": classes, "roc": roc, "auc": auc,
             "calibration": calibration, "confusion_matrix": supervised.get("val_confusion_matrix"),
-            "thresholds": supervised.get("thresholds")}
+            "thresholds": thresholds, "threshold_labels": decided[:len(thresholds or [])],
+            "thresholds_of": "the registered ensemble" if registered else f"the best trial ({complete[0]['trial']})",
+            "rule": ensemble.get("rule") or "youden",
+            "no_val_positives": [c for j, c in enumerate(classes) if y[:, j].sum() == 0]}
 
 
 def _thumbnail(a: np.ndarray) -> list:
@@ -181,23 +307,24 @@ def explain_data(experiment: Experiment, best: dict, per_class: int = 2, max_poi
     # a member ensemble (both CASS arms fine-tuned) is explained through its first member
     classifier = member.model.members[0] if hasattr(member.model, "members") else member.model
     which = " (its first member)" if classifier is not member.model else ""
-    cams = []
+    cams, layer = [], None
     if picks:
         raw = torch.from_numpy(np.stack([member.layout(read_image(paths[i])) for i, _ in picks])).to(device)
         images = member.views(raw)[0]
-        maps = gradcam(classifier, images, [c for _, c in picks])
+        maps, constant, layer = gradcam(classifier, images, [c for _, c in picks])
         for k, ((i, c), cam) in enumerate(zip(picks, maps)):
             gray = images[k].mean(0).float().cpu().numpy()
             gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-8)
             cams.append({"image": _thumbnail(gray), "cam": _thumbnail(cam), "label": classes[c],
-                         "probability": float(prob[i, c])})
+                         "probability": float(prob[i, c]), "constant": bool(constant[k])})
     keep = np.linspace(0, len(paths) - 1, min(max_points, len(paths))).astype(int)
     x = torch.from_numpy(np.stack([member.layout(read_image(paths[i])) for i in keep])).to(device)
     points = tsne(embeddings(classifier, member.views(x)[0]))
     # colour: the label of each image (multi-label: its least frequent finding, "No finding" when none)
     order = np.argsort(y.sum(0))
     colour = [next((classes[c] for c in order if row[c]), "No finding") for row in y[keep]]
-    return {"which": which, "gradcam": cams, "tsne": {"points": points.tolist(), "labels": colour}}
+    return {"which": which, "gradcam": cams, "layer": layer, "backbone": member.cfg.model.backbone,
+            "image_size": member.cfg.augment.image_size, "tsne": {"points": points.tolist(), "labels": colour}}
 
 
 def cost_data(experiment: Experiment, complete: list[dict], device: str = "cpu") -> list[dict]:
@@ -220,25 +347,71 @@ def cost_data(experiment: Experiment, complete: list[dict], device: str = "cpu")
     return rows
 
 
+def warnings_of(data: dict) -> list[str]:
+    """What a reader must not miss, said at the top: an ensemble no better than its best member, repeats that
+    rank otherwise than the single runs, metrics at or below chance, intervals wider than the metric's range."""
+    summary, out = data["summary"], []
+    metric = bare(summary["metric"])
+    ensemble = summary.get("ensemble") or {}
+    for split, where in (("val", "on validation (the selection set)"), ("test", "on test (the record)")):
+        entry = (ensemble.get(split) or {}).get("ensemble_minus_best_single")
+        if entry and entry["value"] <= 0:
+            out.append(f"The ensemble is not better than its best member {where}: {metric} difference "
+                       f"{entry['value']:+.4f} [{entry['ci_low']:+.4f}, {entry['ci_high']:+.4f}].")
+    repeats = (summary.get("repeats") or {}).get("rows") or []
+    if repeats and summary.get("best") and repeats[0]["name"].split()[0] != summary["best"]["trial"]:
+        out.append(f"Over fresh seeds, {repeats[0]['name'].split()[0]} ranks first (mean {repeats[0]['mean']:.4f}), "
+                   f"not the single-run winner {summary['best']['trial']}; the best-trial sections below show "
+                   f"{summary['best']['trial']}, the search's own pick.")
+    chance = 0.5 if metric == "mean_auroc" else None  # AUROC's chance level whatever the prevalence
+    if chance is not None:
+        below = [r["trial"] for r in summary["rows"] if r["status"] == "complete"
+                 and isinstance(r.get(summary["metric"]), (int, float)) and r[summary["metric"]] <= chance]
+        if below:
+            out.append(f"{len(below)} completed trial(s) score at or below chance ({metric} ≤ {chance}) on "
+                       f"validation: {', '.join(below)}.")
+        test = (ensemble.get("test") or {}).get("ensemble")
+        if test and test["value"] <= chance:
+            out.append(f"The ensemble's test {metric} ({test['value']:.4f}) is at or below chance.")
+    bounded = metric in ("mean_auroc", "accuracy", "balanced_accuracy", "macro_f1")
+    for r in repeats if bounded else ():
+        if r["ci_low"] < 0 or r["ci_high"] > 1:
+            out.append(f"The repeats' t-interval for {r['name'].split()[0]} is [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                       f", wider than {metric}'s range [0, 1]: {r['seeds']} seeds are too few to say more than that "
+                       "the values vary.")
+    absent = ((data.get("dataset") or {}).get("absent") or {})
+    if absent.get("val"):
+        out.append(f"{len(absent['val'])} label(s) have no positive in validation ({', '.join(absent['val'])}): "
+                   "nothing was chosen on them (thresholds stay at 0.5) and the validation means leave them out.")
+    return out
+
+
 def report_data(experiment: Experiment, device: str = "cpu") -> dict:
     """Every number and array the report shows, JSON-ready."""
+    from .experiment import provenance
+
     start = time.perf_counter()
     summary, invocation = experiment.summary(), experiment.invocation()
     complete = summary["top"]
+    study = _study_file(summary)
     data = {"name": experiment.name, "study": summary["study"], "summary": summary,
-            "facts": study_facts(experiment, summary, invocation), "search": search_data(experiment, summary)}
+            "generated": time.strftime("%Y-%m-%d %H:%M %Z"), "command": summary.get("command"),
+            "provenance": summary.get("provenance") or provenance(),
+            "facts": study_facts(experiment, summary, invocation), "space": space_rows(study) if study else [],
+            "search": search_data(experiment, summary), "trials": trial_rows(summary)}
     if complete:
-        data.update(model=model_data(experiment, summary, complete),
+        data.update(dataset=dataset_data(experiment, complete[0]), model=model_data(experiment, summary, complete),
                     explain=explain_data(experiment, complete[0], device=device),
                     cost=cost_data(experiment, complete, device), device=device)
+    data["warnings"] = warnings_of(data)
     data["seconds"] = time.perf_counter() - start
     return data
 
 
 # -- the page ---------------------------------------------------------------------------------------------------
 
-def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, border=0, float_format=lambda v: f"{v:.4f}", na_rep="", escape=True)
+def _table(frame: pd.DataFrame, escape: bool = True) -> str:
+    return frame.to_html(index=False, border=0, float_format=lambda v: f"{v:.4f}", na_rep="", escape=escape)
 
 
 def _ci(value, low, high) -> str:
@@ -251,13 +424,20 @@ def _entry(entry: dict) -> str:
     return _ci(entry["value"], entry["ci_low"], entry["ci_high"])
 
 
+def _list(items) -> str:
+    return ", ".join(map(str, items))
+
+
 def render_study(data: dict) -> str:
     summary = data["summary"]
     out = "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                               for k, v in data["facts"]) + "</table>"
+    if data.get("space"):
+        out += "<h3>The search space</h3>" + _table(pd.DataFrame(data["space"]))
     metric = summary["metric"]
     rows = [{"rank": i + 1, "trial": r["name"],
              f"{bare(metric)} [95 % CI, selection set]": _ci(r[metric], *(r.get("selection_ci") or [None, None])),
+             **{f"{k.replace('_', ' ')} [95 % CI]": _ci(*r[k]) for k in ("accuracy", "balanced_accuracy") if r.get(k)},
              "epoch selected": int(r["selected_epoch"]), "epochs run": int(r["epochs_done"]),
              **{f"trained {k}": v for k, v in r["resolved"].items() if k in r["sampled"]}}
             for i, r in enumerate(summary["top"])]
@@ -266,11 +446,14 @@ def render_study(data: dict) -> str:
     ensemble = summary.get("ensemble") or {}
     if ensemble.get("members"):
         val = ensemble["val"]
+        single = ((ensemble.get("single_label") or {}).get("val") or {}).get("ensemble") or {}
         out += ("<h3>The ensemble (chosen on validation)</h3>"
-                f"<p>{html.escape(ensemble['method'])}, {len(ensemble['members'])} members; val (CIs on the "
-                f"selection set) {_entry(val['ensemble'])} vs best single {_entry(val['best_single'])}; paired "
-                f"difference {_entry(val['ensemble_minus_best_single'])}; registered as "
-                f"{html.escape(str((ensemble.get('registered') or {}).get('uri')))}</p>")
+                f"<p>{html.escape(ensemble['method'])}, {len(ensemble['members'])} members, registered as "
+                f"{html.escape(str((ensemble.get('registered') or {}).get('uri')))}. On <b>validation, the data that "
+                f"chose it</b> (optimistic): {bare(metric)} {_entry(val['ensemble'])}"
+                + "".join(f", {k.replace('_', ' ')} {_entry(v)}" for k, v in single.items())
+                + f" vs best single {_entry(val['best_single'])}; paired difference "
+                f"{_entry(val['ensemble_minus_best_single'])}. Its test numbers are in the record, at the end.</p>")
         out += _table(pd.DataFrame([{"member": m["name"], "weight": m["weight"]} for m in ensemble["members"]]))
     repeats = summary.get("repeats")
     if repeats and repeats.get("rows"):
@@ -293,102 +476,245 @@ def render_study(data: dict) -> str:
     return out
 
 
-def _study_in_memory(search: dict):
-    """The finished trials as an in-memory Optuna study: what Optuna's own plots draw."""
-    import optuna
-    from optuna.distributions import json_to_distribution
+def render_data(dataset: dict) -> str:
+    if dataset.get("error"):
+        return f"<p class=note>{html.escape(dataset['source'])}: not readable here ({html.escape(dataset['error'])})"
+    out = (f"<p>{html.escape(dataset['source'])}: a {dataset['task']} task, {len(dataset['classes'])} labels. Splits "
+           "are patient-disjoint; every interval in this report resamples patients.</p>"
+           + _table(pd.DataFrame(dataset["sizes"])))
+    splits = list(dataset["positives"])
+    sizes = {r["split"]: r["images"] for r in dataset["sizes"]}
+    rows = [{"label": c, **{f"{s}: positives (%)": f"{dataset['positives'][s][c]} "
+                                                  f"({100 * dataset['positives'][s][c] / max(sizes[s], 1):.1f} %)"
+                            for s in splits}} for c in dataset["classes"]]
+    out += "<h3>Label prevalence per split</h3>" + _table(pd.DataFrame(rows))
+    for split, labels in dataset.get("absent", {}).items():
+        if labels:
+            out += (f"<p class=warn>No positive in {split}: {html.escape(_list(labels))}. Their {split} AUROC is "
+                    "undefined and left out of the means; " + ("thresholds for them stay at 0.5."
+                                                               if split == "val" else "the record cannot test them.")
+                    + "</p>")
+    return out
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=search["direction"].lower())
-    study.add_trials([optuna.trial.create_trial(
-        state=optuna.trial.TrialState[t["state"]], value=t["value"] if t["state"] == "COMPLETE" else None,
-        params=t["params"], distributions={k: json_to_distribution(d) for k, d in t["distributions"].items()},
-        intermediate_values={int(k): v for k, v in t["intermediate_values"].items()}) for t in search["trials"]])
-    return study
+
+def _objective(search: dict) -> tuple[list[dict], bool]:
+    """The completed trials, and whether the study maximises."""
+    return [t for t in search["trials"] if t["value"] is not None], search["direction"] == "MAXIMIZE"
 
 
-def render_search(search: dict) -> str:
-    from optuna.visualization import matplotlib as ovm
+def render_search(search: dict, metric: str) -> str:
+    complete, maximize = _objective(search)
+    short, log = search["short"], set(search["log"])
+    n, total = len(complete), len(search["trials"])
 
-    study = _study_in_memory(search)
-    out = "<h3>Optimisation history</h3>" + optuna_figure(lambda: ovm.plot_optimization_history(study))
+    def history(fig):
+        ax = fig.add_subplot()
+        pruned = [(t["number"], list(t["intermediate_values"].values())[-1]) for t in search["trials"]
+                  if t["value"] is None and t["intermediate_values"]]
+        if pruned:
+            ax.scatter(*zip(*pruned), marker="x", color="0.6", label="stopped early: its last value")
+        if complete:
+            x, y = [t["number"] for t in complete], [t["value"] for t in complete]
+            ax.scatter(x, y, color="C0", zorder=3, label="completed")
+            best = np.maximum.accumulate(y) if maximize else np.minimum.accumulate(y)
+            ax.step(x, best, where="post", color="C3", label="best so far")
+        ax.set_xlabel("trial (Optuna number)")
+        ax.set_ylabel(metric)
+        integer_ticks(ax)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+
+    out = (f"<h3>Optimisation history</h3><p class=note>{n} completed trials of {total} finished.</p>"
+           + figure(history, 9, 3.4, f"{metric} of each trial by trial number, with the best so far"))
     importance = search["importance"]
 
     def bars(fig):
         ax = fig.add_subplot()
         names = list(importance)[::-1]
-        ax.barh(names, [importance[n] for n in names])
-        ax.set_xlabel("fANOVA importance (objective variance explained)")
-        ax.tick_params(axis="y", labelsize=7)
+        ax.barh([short.get(k, k) for k in names], [importance[k] for k in names])
+        ax.set_xlabel("fANOVA importance (share of the objective's variance)")
 
     out += "<h3>Parameter importance (fANOVA)</h3>" + (
-        figure(bars, 7.5, 0.35 * len(importance) + 1) if importance
-        else f"<p class=note>not drawn: {html.escape(str(search['importance_error']))}</p>")
-    # parallel coordinates and slices of the parameters that mattered most: a dozen axes are unreadable
-    top = list(importance)[:5] or None
-    shown = f" of the {len(top)} most important parameters" if top else ""
-    out += f"<h3>Parallel coordinates{shown}</h3>" + optuna_figure(
-        lambda: ovm.plot_parallel_coordinate(study, params=top), 9, 4)
-    out += f"<h3>Slices{shown}</h3>" + optuna_figure(lambda: ovm.plot_slice(study, params=top), 12, 3.2)
+        f"<p class=note>{html.escape(search['importance_note'])}.</p>"
+        + (figure(bars, 8, 0.4 * len(importance) + 1.2, "fANOVA importance of each parameter") if importance
+           else ""))
+    varying = [k for k in search["parameters"]
+               if len({str(t["params"].get(k)) for t in complete if k in t["params"]}) > 1]
+    order = [k for k in importance if k in varying] + [k for k in varying if k not in importance]
+    if len(complete) < 2 or not order:
+        return out + f"<p class=note>Parallel coordinates and slices: not drawn ({n} completed trial(s)).</p>" \
+            + _asha(search)
+    values = np.array([t["value"] for t in complete])
+    cmap, norm = _colours(values)
+
+    def axis_values(k):
+        """Positions in [0, 1] of each complete trial's value (NaN where it does not apply) and tick labels."""
+        column = [t["params"].get(k) for t in complete]
+        present = [v for v in column if v is not None]
+        if all(isinstance(v, (int, float)) for v in present):
+            transform = np.log10 if k in log and min(present) > 0 else (lambda v: np.asarray(v, dtype=float))
+            low, high = transform(min(present)), transform(max(present))
+            pos = [np.nan if v is None else (transform(v) - low) / (high - low or 1) for v in column]
+            ticks = sorted(set(present))
+            ticks = ticks if len(ticks) <= 5 else [min(present), max(present)]
+            return pos, [((transform(v) - low) / (high - low or 1), f"{v:.3g}") for v in ticks]
+        categories = sorted({str(v) for v in present})
+        step = 1 / max(len(categories) - 1, 1)
+        return ([np.nan if v is None else categories.index(str(v)) * step for v in column],
+                [(i * step, wrap(c, 12)) for i, c in enumerate(categories)])
+
+    def parallel(fig):
+        ax = fig.add_subplot()
+        axes = [axis_values(k) for k in order]
+        for j, t in enumerate(complete):
+            ys = [a[0][j] for a in axes]
+            ax.plot(range(len(order)), ys, color=cmap(norm(t["value"])), lw=2, alpha=0.85, marker="o", ms=3)
+        for i, (_, ticks) in enumerate(axes):
+            ax.axvline(i, color="0.3", lw=0.8)
+            for y, label in ticks:
+                ax.text(i + 0.04, y, label, fontsize=9, va="center", ha="left",
+                        bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1})
+        ax.set_xticks(range(len(order)), [short.get(k, k) for k in order], rotation=30, ha="right")
+        ax.set_yticks([])
+        ax.set_xlim(-0.2, len(order) - 0.3)
+        ax.set_ylim(-0.08, 1.08)
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+        fig.colorbar(_mappable(cmap, norm), ax=ax, label=metric, pad=0.01)
+
+    out += (f"<h3>Parallel coordinates</h3><p class=note>{n} completed trials, one line each, coloured by {metric}; "
+            "one axis per parameter as it trained (most important first where importance was computed); a gap is a "
+            "parameter that did not apply to that trial.</p>"
+            + figure(parallel, COLUMN, 4.2, f"parallel coordinates of {len(order)} parameters over {n} trials"))
+    columns = min(4, len(order))
+    rows = int(np.ceil(len(order) / columns))
+
+    def slices(fig):
+        for i, k in enumerate(order):
+            ax = fig.add_subplot(rows, columns, i + 1)
+            column = [(t["params"].get(k), t["value"]) for t in complete if t["params"].get(k) is not None]
+            xs, ys = zip(*column)
+            if all(isinstance(v, (int, float)) for v in xs):
+                ax.scatter(xs, ys, c=[cmap(norm(v)) for v in ys], edgecolor="k", lw=0.5)
+                if k in log and min(xs) > 0:
+                    import matplotlib.ticker
+
+                    ax.set_xscale("log")  # decade labels only: minor ones ran together
+                    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                    if max(xs) / min(xs) < 10:  # within a decade: its two ends
+                        ax.set_xticks([min(xs), max(xs)], [f"{min(xs):.2g}", f"{max(xs):.2g}"])
+            else:
+                categories = sorted({str(v) for v in xs})
+                ax.scatter([categories.index(str(v)) for v in xs], ys, c=[cmap(norm(v)) for v in ys],
+                           edgecolor="k", lw=0.5)
+                ax.set_xticks(range(len(categories)), [wrap(c, 12) for c in categories], rotation=30, ha="right")
+                ax.set_xlim(-0.5, len(categories) - 0.5)
+            ax.set_xlabel(short.get(k, k))
+            if i % columns == 0:
+                ax.set_ylabel(metric)
+            ax.set_title(f"n = {len(xs)}", fontsize=9, loc="right")
+
+    out += (f"<h3>Slices</h3><p class=note>{metric} against each parameter, completed trials only.</p>"
+            + figure(slices, COLUMN, 3.0 * rows, f"{metric} against each of {len(order)} parameters"))
+    return out + _asha(search)
+
+
+def _colours(values: np.ndarray):
+    import matplotlib
+
+    pyplot()
+    return matplotlib.colormaps["viridis"], matplotlib.colors.Normalize(float(values.min()), float(values.max()))
+
+
+def _mappable(cmap, norm):
+    import matplotlib.cm
+
+    return matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+
+
+STATUS_COLOURS = {"complete": "tab:green", "pruned": "tab:orange", "diverged": "tab:red", "error": "tab:gray",
+                  "interrupted": "tab:purple"}
+
+
+def _asha(search: dict) -> str:
     rows = search["asha"]
 
     def rungs(fig):
         from matplotlib.patches import Patch
 
         ax = fig.add_subplot()
-        colours = {"complete": "tab:green", "pruned": "tab:orange", "diverged": "tab:red", "error": "tab:gray",
-                   "interrupted": "tab:purple"}
         ax.barh([r["trial"] for r in rows], [r["epochs_done"] for r in rows],
-                color=[colours.get(r["status"], "k") for r in rows])
+                color=[STATUS_COLOURS.get(r["status"], "k") for r in rows])
         ax.set_xlabel("fine-tune epochs run")
+        integer_ticks(ax)
         ax.invert_yaxis()
-        ax.legend(handles=[Patch(color=c, label=s) for s, c in colours.items() if any(r["status"] == s for r in rows)],
-                  fontsize=7, loc="lower right")
+        ax.legend(handles=[Patch(color=c, label=s) for s, c in STATUS_COLOURS.items()
+                           if any(r["status"] == s for r in rows)], loc="upper left", bbox_to_anchor=(1.01, 1))
 
     total = sum(r["epochs_done"] or 0 for r in rows)
-    out += (f"<h3>ASHA: epochs spent per trial</h3><p>{total} trial-epochs in all; a full budget for every trial "
-            f"would have been {max((r['epochs_done'] or 0) for r in rows) * len(rows) if rows else 0}.</p>")
-    return out + (figure(rungs, height=0.3 * len(rows) + 1) if rows else "")
+    full = max((r["epochs_done"] or 0) for r in rows) * len(rows) if rows else 0
+    out = (f"<h3>ASHA: epochs spent per trial</h3><p>{total} trial-epochs in all over {len(rows)} trials; a full "
+           f"budget for every trial would have been {full}.</p>")
+    return out + (figure(rungs, 8, 0.32 * len(rows) + 1.2, "fine-tune epochs each trial ran, by status")
+                  if rows else "")
+
+
+def render_trials(trials: list[dict], metric: str) -> str:
+    """Every trial, one row: what it was, how it ended, its number, its MLflow run."""
+    rows = [{"trial": html.escape(t["name"]), "status": t["status"], "epochs": t["epochs"] if t["epochs"] is not None
+             else "", f"{bare(metric)} [95 % CI, selection set]": _ci(t["value"], *(t["ci"] or [None, None])),
+             "why it ended": html.escape(t["reason"]),
+             "MLflow": f'<a href="{html.escape(t["url"])}">run</a>' if t["url"] else ""} for t in trials]
+    return ("<p class=note>The links open the run in the MLflow UI the search printed (<code>mlflow ui</code> "
+            "running).</p>" + _table(pd.DataFrame(rows), escape=False))
 
 
 def render_model(model: dict) -> str:
     histories, classes = model["histories"], model["classes"]
+    keys = ("val_loss", model["metric"] if model["metric"] != "val_loss" else "train_loss")
 
     def curves(fig):
-        keys = ("val_loss", model["metric"] if model["metric"] != "val_loss" else "train_loss")
         for i, key in enumerate(keys):
             ax = fig.add_subplot(1, 2, i + 1)
             for name, history in histories.items():
                 ax.plot([h["epoch"] for h in history], [np.nan if h.get(key) is None else h[key] for h in history],
-                        marker="o", label=name[:40])
-            ax.set_xlabel("epoch")
-            ax.set_title(key)
-        ax.legend(fontsize=6)
+                        marker="o", label=name)
+            ax.set_xlabel("fine-tune epoch")
+            ax.set_ylabel(key)
+            integer_ticks(ax)
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=1)
 
-    out = "<h3>Learning curves (validation)</h3>" + (figure(curves, 9, 3.4) if histories else "<p>no history</p>")
+    out = "<h3>Learning curves (validation, the three best trials)</h3>" + (
+        figure(curves, COLUMN, 4.2 + 0.3 * len(histories), f"{keys[0]} and {keys[1]} per epoch of the best trials")
+        if histories else "<p>no history</p>")
+    panels = list(model["roc"])
 
     def rocs(fig):
-        for i, (label, per_class) in enumerate(model["roc"].items()):
-            ax = fig.add_subplot(1, len(model["roc"]), i + 1)
-            for name, (fpr, tpr) in per_class.items():
-                ax.plot(fpr, tpr, lw=1, label=name)
+        for i, label in enumerate(panels):
+            ax = fig.add_subplot(1, len(panels), i + 1)
+            for name, (fpr, tpr) in model["roc"][label].items():
+                ax.plot(fpr, tpr, lw=1.2, label=f"{name} {model['auc'][label][name]:.3f}")
             ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-            ax.set_title(f"{label}: per-label ROC (val)", fontsize=9)
+            ax.set_title(label)
             ax.set_xlabel("1 − specificity")
-        ax.legend(fontsize=5, ncol=2)
+            ax.set_ylabel("sensitivity")
+            ax.set_aspect("equal")
+            ax.legend(title="label, AUROC", loc="upper left", bbox_to_anchor=(0, -0.18), ncols=2, fontsize=9)
 
-    out += "<h3>ROC per label (validation)</h3>" + figure(rocs, 9, 3.8)
+    most = max((len(v) for v in model["roc"].values()), default=0)
+    out += ("<h3>ROC per label (validation)</h3>"
+            + figure(rocs, COLUMN, 5.2 + 0.17 * most, "per-label ROC curves on validation with each label's AUROC"))
 
     def reliability(fig):
         ax = fig.add_subplot()
         for label, points in model["calibration"].items():
             ax.plot(points["predicted"], points["observed"], marker="o", label=label)
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfectly calibrated")
         ax.set_xlabel("predicted probability")
         ax.set_ylabel("observed frequency")
-        ax.legend(fontsize=7)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
 
-    out += "<h3>Calibration (validation, all labels pooled)</h3>" + figure(reliability, 4.5, 3.6)
+    out += ("<h3>Calibration (validation, all labels pooled, deciles of predicted probability)</h3>"
+            + figure(reliability, 8, 4, "observed frequency against predicted probability"))
     if model.get("confusion_matrix"):
         matrix = np.asarray(model["confusion_matrix"])
 
@@ -396,46 +722,61 @@ def render_model(model: dict) -> str:
             ax = fig.add_subplot()
             ax.imshow(matrix, cmap="Blues")
             for (i, j), v in np.ndenumerate(matrix):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
-            ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-            ax.set_yticks(range(len(classes)), classes, fontsize=7)
+                ax.text(j, i, str(v), ha="center", va="center",
+                        color="white" if v > matrix.max() / 2 else "black")
+            ax.set_xticks(range(len(classes)), [wrap(c, 12) for c in classes], rotation=45, ha="right")
+            ax.set_yticks(range(len(classes)), classes)
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
 
-        out += "<h3>Confusion matrix (validation)</h3>" + figure(confusion, 4.5, 4.5)
+        out += "<h3>Confusion matrix (validation, best trial)</h3>" + figure(
+            confusion, 6, 6, "confusion matrix of the best trial on validation")
     if model.get("thresholds") is not None:
-        out += ("<h3>Decision thresholds (chosen on validation)</h3>"
-                + _table(pd.DataFrame({"label": classes[:len(model["thresholds"])],
-                                       "threshold": model["thresholds"]})))
+        absent = set(model.get("no_val_positives") or [])
+        out += (f"<h3>Decision thresholds of {html.escape(model.get('thresholds_of', 'the best trial'))} (chosen on "
+                f"validation, rule {model.get('rule', 'youden')})</h3>"
+                + _table(pd.DataFrame({"label": model.get("threshold_labels") or classes[:len(model["thresholds"])],
+                                       "threshold": model["thresholds"],
+                                       "chosen how": ["not chosen: no positive in validation, left at 0.5"
+                                                      if c in absent else "on validation"
+                                                      for c in (model.get("threshold_labels") or classes)]})))
     return out
 
 
 def render_explain(explain: dict) -> str:
     cams, which = explain["gradcam"], explain["which"]
-    out = f"<h3>Grad-CAM (best trial{which}, validation images with the finding)</h3>"
-    if cams:
-        columns = min(6, len(cams))
+    shown = [c for c in cams if not c.get("constant")]
+    constant = len(cams) - len(shown)
+    out = (f"<h3>Grad-CAM (best trial{which}, validation images with the finding)</h3><p class=note>Layer "
+           f"<code>{html.escape(str(explain.get('layer')))}</code> of {html.escape(str(explain.get('backbone')))} at "
+           f"{explain.get('image_size')} px: the deepest stage whose map is at least 7 × 7."
+           + (f" {constant} of {len(cams)} maps came out constant (no weighted activation above zero): they explain "
+              "nothing and are not drawn." if constant else "") + "</p>")
+    if shown:
+        columns = min(4, len(shown))
+        rows = int(np.ceil(len(shown) / columns))
 
         def overlays(fig):
-            for k, cam in enumerate(cams):
-                ax = fig.add_subplot(int(np.ceil(len(cams) / columns)), columns, k + 1)
+            for k, cam in enumerate(shown):
+                ax = fig.add_subplot(rows, columns, k + 1)
                 ax.imshow(np.asarray(cam["image"], dtype=np.uint8), cmap="gray", vmin=0, vmax=255)
                 ax.imshow(np.asarray(cam["cam"], dtype=np.uint8), cmap="jet", alpha=0.4, vmin=0, vmax=255)
-                ax.set_title(f"{cam['label']} p={cam['probability']:.2f}", fontsize=6)
+                ax.set_title(f"{cam['label']}, p = {cam['probability']:.2f}")
                 ax.axis("off")
 
-        out += figure(overlays, 9, 1.6 * np.ceil(len(cams) / columns))
+        out += figure(overlays, COLUMN, 2.9 * rows, f"Grad-CAM overlays of {len(shown)} validation images")
     points, labels = np.asarray(explain["tsne"]["points"]), np.asarray(explain["tsne"]["labels"])
 
     def scatter(fig):
         ax = fig.add_subplot()
         for label in sorted(set(labels)):
-            ax.scatter(*points[labels == label].T, s=8, label=label)
-        ax.legend(fontsize=6, markerscale=2, ncol=2)
+            ax.scatter(*points[labels == label].T, s=12, label=label)
+        ax.legend(markerscale=1.5, loc="upper left", bbox_to_anchor=(1.01, 1), title="label (rarest finding)")
         ax.set_xticks([])
         ax.set_yticks([])
 
-    return out + f"<h3>t-SNE of validation embeddings (best trial's backbone{which})</h3>" + figure(scatter, 6, 4.5)
+    return out + (f"<h3>t-SNE of validation embeddings (best trial's backbone{which}, {len(points)} images)</h3>"
+                  + figure(scatter, 9, 5.5, "t-SNE map of validation embeddings coloured by label"))
 
 
 def render_record(summary: dict) -> str:
@@ -445,38 +786,62 @@ def render_record(summary: dict) -> str:
     if not test:
         return ("<p>The test split has not been read for this experiment: the record is made at a search's end, "
                 "with its ensemble (<code>python -m tune_xray.ensemble DIR --record</code>).</p>")
-    per_label = ensemble.get("test_per_label") or {}
-    rows = [{"label": k.removeprefix("auroc/"),
-             **{f"{who.replace('_', ' ')} AUROC [95 % CI]": _entry(per_label[who][k]) for who in ("ensemble",
-                                                                                               "best_single")}}
-            for k in (per_label.get("ensemble") or {})]
+    metric = bare(summary["metric"])
     out = ("<p>The test split, read for the record after every choice (reads of test for this experiment: "
-           f"{ensemble.get('test_reads')}); thresholds from validation. Nothing here chose anything.</p>")
-    out += "<p>" + "; ".join(f"{k.replace('_', ' ')}: {_entry(v)}" for k, v in test.items()) + "</p>"
-    return out + (_table(pd.DataFrame(rows)) if rows else "")
+           f"{ensemble.get('test_reads')}), at thresholds chosen on validation. Nothing here chose anything.</p>")
+    single = (ensemble.get("single_label") or {}).get("test") or {}
+    rows = [{"": label.replace("_", " "), f"{metric} [95 % CI]": _entry(test[label]),
+             **{f"{k.replace('_', ' ')} [95 % CI]": _entry(v) for k, v in (single.get(label) or {}).items()}}
+            for label in ("ensemble", "best_single", "top_k", "ensemble_minus_best_single") if label in test]
+    out += _table(pd.DataFrame(rows))
+    per_label = ensemble.get("test_per_label") or {}
+    labels = [k.removeprefix("auroc/") for k in (per_label.get("ensemble") or {}) if k.startswith("auroc/")]
+    if labels:
+        who = {"ensemble": "ensemble", "best_single": "best single"}
+        table = [{"label": c, **{f"{who[w]} {m} [95 % CI]": _entry(per_label[w][f"{m}/{c}"])
+                                 for w in who for m in ("auroc", "sensitivity", "specificity")
+                                 if f"{m}/{c}" in per_label.get(w, {})}} for c in labels]
+        out += "<h3>Per label (test)</h3>" + _table(pd.DataFrame(table))
+    return out
 
 
-STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}
 h1{font-size:1.6em}h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:2em}h3{font-size:1.05em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{padding:.2em .6em;border-bottom:1px solid #eee;
-text-align:left}img{max-width:100%}.note{color:#888}.record{background:#fff8e6;padding:.5em 1em}"""
+text-align:left;vertical-align:top}img{max-width:100%;display:block;margin:.5em 0}.note{color:#666}
+.record{background:#fff8e6;padding:.5em 1em}.warnings{background:#fdecea;border-left:4px solid #c62828;
+padding:.5em 1em}.warn{color:#b71c1c}"""
 
 
 def render(data: dict) -> str:
     """The page, from `report_data`'s output (or its JSON) alone."""
-    sections = [("The study", render_study(data)), ("The search", render_search(data["search"]))]
+    metric = bare(data["summary"]["metric"])
+    sections = [("The study", render_study(data))]
+    if data.get("dataset"):
+        sections.append(("The data", render_data(data["dataset"])))
+    sections += [("The search", render_search(data["search"], metric)),
+                 ("Every trial", render_trials(data.get("trials") or [], data["summary"]["metric"]))]
     if data.get("model"):
         sections += [("The model", render_model(data["model"])),
                      ("Explainability", render_explain(data["explain"])),
                      ("Cost", _table(pd.DataFrame(data["cost"]))),
                      ("The record: test split", '<div class="record">' + render_record(data["summary"]) + "</div>")]
     body = "".join(f"<h2>{title}</h2>{content}" for title, content in sections)
+    warned = data.get("warnings") or []
+    box = ('<div class="warnings"><b>Read this first</b><ul>' + "".join(f"<li>{html.escape(w)}</li>" for w in warned)
+           + "</ul></div>") if warned else ""
+    made = data.get("provenance") or {}
     title = html.escape(data["study"])
+    header = (f"<p class=note>tune_xray {html.escape(str(made.get('tune_xray')))}"
+              + (f", git {html.escape(made['git_commit'])}" if made.get("git_commit") else "")
+              + f"; report made {html.escape(data.get('generated', ''))}, its numbers computed in "
+              f"{data['seconds']:.0f} s."
+              + (f"<br>Command: <code>{html.escape(data['command'])}</code>" if data.get("command") else "")
+              + "<br>Intervals are 95 % bootstrap CIs over patients (images where the data name none); on validation "
+              "they are computed on the data that made the choices (the selection set), so optimistic. Test numbers "
+              "appear only in the record, at the end.</p>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head>"
-            f"<body><h1>{title}: {html.escape(data['name'])}</h1><p class=note>tune_xray report; its numbers computed "
-            f"in {data['seconds']:.0f} s. Intervals are 95 % bootstrap CIs over patients (images where the data name "
-            "none); on validation they are computed on the data that made the choices (the selection set), so "
-            f"optimistic.</p>{body}</body></html>")
+            f"<body><h1>{title}: {html.escape(data['name'])}</h1>{header}{box}{body}</body></html>")
 
 
 def _plain(value):

@@ -11,6 +11,7 @@ test is read once, at the end, for the record of the ensemble, the best single t
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .config import ConfigError
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.command = shlex.join(["python", "-m", "tune_xray.search", *(sys.argv[1:] if argv is None else argv)])
     try:
         summary = run_search(args)
     except (ConfigError, DataError, WeightsError) as err:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from pathlib import Path
 
 import optuna
@@ -121,6 +122,9 @@ class OptunaSearcher(Searcher):
                                               load_if_exists=True,
                                               direction="maximize" if self.mode == "max" else "minimize")
             if not self._study.get_trials(deepcopy=False):  # a new study; a resumed one holds them already
+                with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and still there
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self._study.set_metric_names([self.metric])  # optuna-dashboard shows it, not "Objective 0"
                 for point in self.points_to_evaluate:
                     self._study.enqueue_trial(point)
         return self._study
@@ -177,6 +181,7 @@ def tpe_searcher(study: Study, space: DefineByRun, name: str, storage_url: str, 
                  metric: str) -> OptunaSearcher:
     """The search's searcher: TPE (seeded, with the study file's sampler options) on the study's define-by-run
     space, its warm-start points first, its Optuna study `name` in `storage_url`."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB": the summary says where
     sampler = optuna.samplers.TPESampler(seed=seed, **study.space.sampler.model_dump())
     return OptunaSearcher(space, name, storage_url, sampler, metric, study.mode, study.warm_start_points() or [])
 

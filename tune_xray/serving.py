@@ -18,7 +18,7 @@ from PIL import Image
 
 from .augment import EvalViews
 from .config import build_config
-from .data.cache import IMAGE_ERRORS, open_image, to_cache_layout
+from .data.cache import IMAGE_ERRORS, NotAnImage, open_image, to_cache_layout
 from .data.splits import DataError
 from .phases import fine_tuned_backbones
 from .phases.supervised import classifier, to_probabilities
@@ -29,6 +29,8 @@ def read_image(path: str | Path) -> Image.Image:
     `DataError` naming the file."""
     try:
         return open_image(path)
+    except NotAnImage as err:
+        raise DataError(f"{path}: {err}") from None
     except IMAGE_ERRORS as err:
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
@@ -80,14 +82,18 @@ class EnsemblePredictor:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
     def frame(self, probs: np.ndarray) -> pd.DataFrame:
-        """One probability column per class, and the decision where validation chose thresholds."""
+        """One probability column per class and the decision: each label at its validation threshold (`y_<label>`,
+        multi-label), or the predicted class (`label`: binary at its validation threshold, else the argmax)."""
         out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
-        if self.thresholds is not None:
-            if self.task == "multilabel":
+        if self.task == "multilabel":
+            if self.thresholds is not None:
                 for j, c in enumerate(self.classes):
                     out[f"y_{c}"] = (probs[:, j] >= self.thresholds[j]).astype(int)
-            else:  # binary: the positive (second) class at the validation threshold
-                out["label"] = np.where(probs[:, 1] >= self.thresholds[0], self.classes[1], self.classes[0])
+        else:
+            from .metrics import decisions  # here: predicting needs no scikit-learn
+
+            decided = decisions(self.task, probs, self.thresholds).argmax(1)
+            out["label"] = np.asarray(self.classes, dtype=object)[decided] if len(probs) else []
         return out
 
 
@@ -104,8 +110,23 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         self.predictor = EnsemblePredictor(members, spec["weights"], spec.get("thresholds"), device)
 
     def predict(self, context, model_input: pd.DataFrame, params=None):  # or a uint8 array (images_from_input):
-        # a DataFrame hint is one MLflow infers no schema from (the logged signature speaks), and asks no more for
-        return self.predictor.frame(self.predictor.predict(images_from_input(model_input)))
+        # a DataFrame hint is one MLflow infers no schema from (the logged signature speaks), and asks no more for.
+        # Each row answers for itself: a file that is no image is `status` error with why, the others are predicted
+        images, errors = images_from_input(model_input)
+        readable = [i for i, image in enumerate(images) if image is not None]
+        probs = np.full((len(images), len(self.predictor.classes)), np.nan)
+        probs[readable] = self.predictor.predict([images[i] for i in readable])
+        out = self.predictor.frame(probs)
+        failed = [i for i, image in enumerate(images) if image is None]
+        if failed:  # no decision for what was not read: empty, not a negative
+            decided = [c for c in out.columns if c.startswith("y_")]
+            out[decided] = out[decided].astype(float)
+            out.loc[failed, decided] = np.nan
+            if "label" in out:
+                out.loc[failed, "label"] = ""
+        out.insert(0, "error", errors)
+        out.insert(0, "status", ["ok" if image is not None else "error" for image in images])
+        return out
 
 
 def load_predictor(uri: str, device: str = "cpu", tracking_uri: str | None = None) -> EnsemblePredictor:
@@ -124,15 +145,24 @@ def load_predictor(uri: str, device: str = "cpu", tracking_uri: str | None = Non
     return model.unwrap_python_model().predictor
 
 
-def images_from_input(model_input) -> list[Image.Image]:
-    """A DataFrame with a `path` column, or a uint8 array batch (n, H, W) / (n, C, H, W) / (n, H, W, C)."""
+def images_from_input(model_input) -> tuple[list[Image.Image | None], list[str]]:
+    """(images, errors) of a DataFrame with a `path` column — None and why for a file that is not an image — or of
+    a uint8 array batch (n, H, W) / (n, C, H, W) / (n, H, W, C). Input of neither form is a DataError."""
     if isinstance(model_input, pd.DataFrame):
         if "path" not in model_input:
             raise DataError(f"expected a `path` column of image files; got columns {list(model_input.columns)}")
-        return [read_image(p) for p in model_input["path"]]
+        images, errors = [], []
+        for path in model_input["path"]:
+            try:
+                images.append(read_image(path))
+                errors.append("")
+            except DataError as err:
+                images.append(None)
+                errors.append(str(err))
+        return images, errors
     arr = np.asarray(model_input)
     if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
         raise DataError(f"expected a uint8 batch (n, H, W[, C]) or (n, C, H, W); got {arr.dtype} {arr.shape}")
     if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)
-    return [Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a) for a in arr]
+    return [Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a) for a in arr], [""] * len(arr)

@@ -12,6 +12,14 @@ from .space import Study, case_key
 from .tracking import runs_table_url
 from .trial import STATUSES, TIME_ATTR, TRIAL_NUMBER, status_of
 
+SINGLE_LABEL = ("accuracy", "balanced_accuracy")  # a single-label task's decision metrics, beside its AUROC
+
+
+def _ci_text(entry) -> str:
+    """`0.6750 [0.6250, 0.7250]` from a [value, low, high] list or a {value, ci_low, ci_high} entry."""
+    value, low, high = (entry["value"], entry["ci_low"], entry["ci_high"]) if isinstance(entry, dict) else entry
+    return f"{value:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else "")
+
 
 def _name_rank(key: str, value) -> int:
     """Which drawn values a run name shows first: backbones, optimizer, LR, batch size, other choices."""
@@ -67,6 +75,9 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
             "selected_epoch": m.get("selected_epoch"),
             "selection_ci": [m.get(f"selected_{study.metric}_selection_ci_low"),
                              m.get(f"selected_{study.metric}_selection_ci_high")],
+            **({name: [m[f"selected_val_{name}"], m.get(f"selected_val_{name}_selection_ci_low"),
+                       m.get(f"selected_val_{name}_selection_ci_high")] for name in SINGLE_LABEL}
+               if "selected_val_balanced_accuracy" in m and status == "complete" else {}),
             **({"record_test_mean_auroc": m["record_test_mean_auroc"],  # --record-test-per-trial only
                 "record_test_mean_auroc_ci": [m.get("record_test_mean_auroc_ci_low"),
                                               m.get("record_test_mean_auroc_ci_high")]}
@@ -88,7 +99,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
         "requested": requested, "trials": len(rows), **counts, "best": complete[0] if complete else None,
         "top": complete[:top], "rows": rows,
         "mlflow": f"mlflow ui --backend-store-uri {tracking_uri}",
-        "mlflow_runs_table": runs_table_url(tracking_uri, experiment_id),
+        "mlflow_runs_table": runs_table_url(tracking_uri, experiment_id, f"selected_{study.metric}", study.mode),
         "optuna": f"optuna-dashboard {shown_url(experiment.optuna_url)}",
         "experiment_dir": str(experiment.directory),
     }
@@ -104,8 +115,10 @@ def print_summary(summary: dict, resume_command: str) -> None:
         trained = ", ".join(f"{k}={row['resolved'][k]}" for k in row["sampled"])
         ci = row.get("selection_ci", [None])
         ci = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if None not in ci else ""
+        decided = "".join(f"; val {name.replace('_', ' ')} {_ci_text(row[name])}" for name in SINGLE_LABEL
+                          if row.get(name))
         print(f"{rank:2d}. {row[metric]:.4f}{ci}  {row['name']}  [epoch {row['selected_epoch']:.0f} of "
-              f"{row[TIME_ATTR]} selected]" + (f"  trained as: {trained}" if trained else ""))
+              f"{row[TIME_ATTR]} selected{decided}]" + (f"  trained as: {trained}" if trained else ""))
     if summary["status"] == "interrupted":
         print(f"interrupted: finished trials are kept; continue with\n    {resume_command}")
     elif summary["status"] != "complete":
@@ -114,9 +127,11 @@ def print_summary(summary: dict, resume_command: str) -> None:
         ens, metric = summary["ensemble"], bare(summary["metric"])
         registered = f"registered as {ens['registered']['uri']}" if ens.get("registered") else "not registered"
         val = ens["val"]
+        decided = ((ens.get("single_label") or {}).get("val") or {}).get("ensemble") or {}
         print(f"ensemble ({ens['method']}, {len(ens['members'])} members, chosen on val): val {metric} "
-              f"{val['ensemble']['value']:.4f} [{val['ensemble']['ci_low']:.4f}, {val['ensemble']['ci_high']:.4f}] "
-              f"(on the selection set) vs best single {val['best_single']['value']:.4f}; {registered}; the test "
+              f"{_ci_text(val['ensemble'])}" + "".join(f", {k.replace('_', ' ')} {_ci_text(v)}" for k, v in
+                                                       decided.items())
+              + f" (on the selection set) vs best single {val['best_single']['value']:.4f}; {registered}; the test "
               "record is in summary.json and the report")
     for step, why in (summary.get("failed") or {}).items():
         print(f"{step} failed after the trials: {why}")

@@ -12,9 +12,14 @@ search got a second run per trial and left the first RUNNING).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,13 +36,19 @@ from .config import bare
 from .serving import EnsembleModel
 from .trial import FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact copied: 16 at the end
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables...", ...
+
 PARENT_ID_FILE = "mlflow_parent_run_id"
 TRIAL_TAG = "tune_xray.trial_id"
 REPEAT_TAG = "tune_xray.repeat_of"  # a repeat's run: the search trial whose configuration it repeats
 STATUS_TAG = "tune_xray.status"
-# a trial's status → the MLflow run status: a pruned run is visibly not "finished"
-RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "interrupted": "KILLED", "diverged": "FAILED",
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description (markdown) in the MLflow UI
+# a trial's status → the MLflow run status: a pruned trial ended as ASHA meant it to (FINISHED; its status tag says
+# `pruned`); KILLED is kept for what --resume continues, FAILED for what broke
+RUN_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED", "diverged": "FAILED",
               "error": "FAILED"}
+RECORD_TABLE = "selected_record.json"  # a trial's final record, every label and interval, as one MLflow table
 # Tune's own bookkeeping in every result, and ASHA's clock: not metrics of the trial
 BOOKKEEPING = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", TIME_ATTR, FINISHED,
                REPLAY}
@@ -45,10 +56,33 @@ RECORD_PREFIXES = ("selected_", "record_test_")
 SSL_PHASES = ("byol", "cass")  # their epoch metrics come as `byol/…` with their own `byol/epoch`
 
 
-def runs_table_url(tracking_uri: str, experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
-    """The experiment's runs table (MLflow 3's UI otherwise opens a GenAI overview)."""
-    base = tracking_uri if tracking_uri.startswith("http") else ui
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+def ui_base(tracking_uri: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """Where the MLflow UI of this store is: the tracking server itself, or `mlflow ui`'s default address."""
+    return (tracking_uri if tracking_uri.startswith("http") else ui).rstrip("/")
+
+
+def runs_table_url(tracking_uri: str, experiment_id: str, order_by: str | None = None, mode: str = "max") -> str:
+    """The experiment's runs table (MLflow 3's UI otherwise opens a GenAI overview), best first by the metric
+    `order_by` (the trials' and the ensemble's `selected_val_…`)."""
+    url = f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return url + (f"&orderByKey=metrics.%60{order_by}%60&orderByAsc={str(mode == 'min').lower()}" if order_by else "")
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def run_link(experiment_id: str, run_id: str, text: str) -> str:
+    """A markdown link to a run that works in the UI whatever its address (descriptions render markdown)."""
+    return f"[{text}](#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)"
+
+
+def model_name(run_name: str) -> str:
+    """A logged model's name after its run (`t005 vmamba_s sgd …` → `t005-vmamba_s-sgd…`): MLflow 3 lists logged
+    models by name, and "model" for each told nothing."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", run_name).strip("-")[:100] or "model"
 
 
 def find_parent(experiment_dir: Path) -> Optional[str]:
@@ -117,10 +151,17 @@ def finish_parent(tracking_uri: str, parent_run_id: str, status: str, best_run_i
     client.log_batch(parent_run_id, metrics=[
         Metric(k, v, now, len(client.get_metric_history(parent_run_id, k)) if k in logged else 0)
         for k, v in changed.items()])
+    ending = f"\n\n**Status: {status}**"
     if best_run_id:
         experiment_id = experiment_id_of(tracking_uri, parent_run_id)
         client.set_tag(parent_run_id, "best_trial_run_id", best_run_id)
-        client.set_tag(parent_run_id, "best_trial_link", f"#/experiments/{experiment_id}/runs/{best_run_id}")
+        client.set_tag(parent_run_id, "best_trial_link", run_url(tracking_uri, experiment_id, best_run_id))
+        best_name = client.get_run(best_run_id).info.run_name
+        ending += f"; best trial by validation: {run_link(experiment_id, best_run_id, best_name)}"
+    if failed:
+        ending += f"; failed after the trials: {', '.join(failed)}"
+    described = client.get_run(parent_run_id).data.tags.get(DESCRIPTION_TAG, "").split("\n\n**Status")[0]
+    client.set_tag(parent_run_id, DESCRIPTION_TAG, described + ending)
     for path in (summary_file, *artifacts):
         if path is not None and path.is_file():
             client.log_artifact(parent_run_id, str(path))
@@ -156,6 +197,7 @@ class TrialRecord:
     name: str
     params: dict
     tags: dict
+    description: str = ""  # markdown: what the run is and what it trained (its status is added when it ends)
 
 
 def report_epochs(report: dict):
@@ -168,14 +210,44 @@ def report_epochs(report: dict):
             yield key.split("/")[0] if "/" in key else "", int(report[key])
 
 
+def _in_table(key: str) -> bool:
+    """A final-record value that lives in the record table only: per label (`selected_val_auroc/Mass…`), with its
+    interval bounds — dozens of single-value bar charts ahead of the curves otherwise."""
+    return key.startswith(RECORD_PREFIXES) and "/" in key
+
+
+def record_table(result: dict) -> Optional[pd.DataFrame]:
+    """A result's final record as one table: metric, value, ci_low, ci_high (each interval beside its value)."""
+    keys = [k for k in result if k.startswith(RECORD_PREFIXES) and isinstance(result[k], (int, float))
+            and not k.endswith(("_ci_low", "_ci_high"))]
+    if not keys:
+        return None
+
+    def bound(key: str, side: str):  # val's are named for the set they are computed on
+        found = [result[k] for k in (f"{key}_selection_ci_{side}", f"{key}_ci_{side}") if k in result]
+        return float(found[0]) if found else None
+
+    return pd.DataFrame([{"metric": k, "value": float(result[k]), "ci_low": bound(k, "low"),
+                          "ci_high": bound(k, "high")} for k in keys])
+
+
+def log_table(client: MlflowClient, run_id: str, frame: pd.DataFrame, artifact_file: str) -> None:
+    """MLflow's table artifact (the UI shows it as a table); MLflow's own pandas-4 notice about string columns
+    silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes")
+        client.log_table(run_id, data=frame, artifact_file=artifact_file)
+
+
 def epoch_metrics(result: dict, timestamp: int, skip: dict[str, set[int]] | None = None) -> list[Metric]:
     """A Tune result as MLflow metrics: each phase's epoch metrics at that phase's epoch (fine-tune epoch k is
     step k; BYOL/CASS under `byol/…`, `cass/…` at their own epochs), the final record (`selected_…`,
-    `record_test_…`) as single values. Tune's bookkeeping is left out; NaN and inf are kept. `skip`: epochs
-    (per phase) already logged."""
+    `record_test_…`) as single values, its per-label values left to the record table (`record_table`). Tune's
+    bookkeeping is left out; NaN and inf are kept. `skip`: epochs (per phase) already logged."""
     out, skip = [], skip or {}
     for key, value in result.items():
-        if key in BOOKKEEPING or not isinstance(value, (int, float)) or isinstance(value, bool):
+        if (key in BOOKKEEPING or not isinstance(value, (int, float)) or isinstance(value, bool)
+                or _in_table(key)):
             continue
         phase = key.split("/")[0] if key.split("/")[0] in SSL_PHASES and f"{key.split('/')[0]}/epoch" in result else ""
         if key.startswith(RECORD_PREFIXES):
@@ -234,7 +306,7 @@ class TrialRuns(LoggerCallback):
         experiment_id = experiment_id_of(self.tracking_uri, self.parent_run_id)
         run = client.create_run(experiment_id, run_name=record.name, tags={
             "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id, STATUS_TAG: "running",
-            **record.tags})
+            DESCRIPTION_TAG: record.description, **record.tags})
         params = [Param(k, str(v)) for k, v in record.params.items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             client.log_batch(run.info.run_id, params=params[start:start + 100])
@@ -251,9 +323,12 @@ class TrialRuns(LoggerCallback):
         run_id, timestamp = self.run_id(trial), int(time.time() * 1000)
         logged, metrics = self._logged_epochs(run_id), []
         for report in [*result.get(REPLAY, ()), result]:
+            table = record_table(report) if "record" not in logged else None
             metrics += epoch_metrics(report, timestamp, skip=logged)
             for phase, epoch in report_epochs(report):
                 logged.setdefault(phase, set()).add(epoch)
+            if table is not None:
+                log_table(self._client(), run_id, table, RECORD_TABLE)
         if metrics:
             self._client().log_batch(run_id, metrics=metrics)
 
@@ -275,10 +350,14 @@ class TrialRuns(LoggerCallback):
         client, run_id = self._client(), self.run_id(trial)
         status, reason = self.status_of(trial, failed)
         tags = [RunTag(STATUS_TAG, status)] + ([RunTag("tune_xray.reason", reason[:5000])] if reason else [])
+        run = client.get_run(run_id)
+        described = run.data.tags.get(DESCRIPTION_TAG, "").split("\n\n**Status")[0]
+        ending = f"\n\n**Status: {status}**" + (f" — {reason}" if reason else "")
+        tags.append(RunTag(DESCRIPTION_TAG, described + ending))
         node = (trial.last_result or {}).get("node_id")
         tags += [RunTag("tune_xray.node_id", node)] if isinstance(node, str) else []
         # known once the trial ran on its device: a param beside the config it resolves (model.scan_backend: auto)
-        backend, logged = (trial.last_result or {}).get(SCAN_BACKEND), client.get_run(run_id).data.params
+        backend, logged = (trial.last_result or {}).get(SCAN_BACKEND), run.data.params
         params = [Param(SCAN_BACKEND, backend)] if isinstance(backend, str) and SCAN_BACKEND not in logged else []
         client.log_batch(run_id, tags=tags, params=params)
         directory = self.results_dir(trial)
@@ -289,10 +368,55 @@ class TrialRuns(LoggerCallback):
 
 
 ENSEMBLE_LABELS = ("ensemble", "best_single", "top_k", "ensemble_minus_best_single")
+SPLIT_PREFIX = {"val": ("selected_val", "selection_ci"), "test": ("record_test", "ci")}
+
+
+def ensemble_record(result: dict) -> pd.DataFrame:
+    """Every number of the ensemble's record — the ensemble, the best single trial, the top-K mean and the paired
+    difference, on val (the selection set) and test (the record) — as one table with its intervals."""
+    rows = []
+    for split in ("val", "test"):
+        for label, entry in (result.get(split) or {}).items():
+            rows.append({"split": split, "who": label, "metric": bare(result["metric"]), **entry})
+        for label, extra in ((result.get("single_label") or {}).get(split) or {}).items():
+            rows += [{"split": split, "who": label, "metric": name, **entry} for name, entry in extra.items()]
+    return pd.DataFrame(rows)
+
+
+def ensemble_metrics(result: dict) -> dict[str, float]:
+    """The ensemble's own numbers under the names trials use (`selected_val_mean_auroc` and its interval,
+    `record_test_…`), so that it sorts beside them in the runs table."""
+    out = {}
+    for split, (prefix, ci) in SPLIT_PREFIX.items():
+        entries = {bare(result["metric"]): (result.get(split) or {}).get("ensemble")}
+        entries.update(((result.get("single_label") or {}).get(split) or {}).get("ensemble") or {})
+        for name, entry in entries.items():
+            if entry:
+                out.update({f"{prefix}_{name}": entry["value"], f"{prefix}_{name}_{ci}_low": entry["ci_low"],
+                            f"{prefix}_{name}_{ci}_high": entry["ci_high"]})
+    return out
+
+
+def ensemble_description(result: dict, members: pd.DataFrame, experiment_id: str) -> str:
+    metric, val, test = bare(result["metric"]), result["val"], result.get("test")
+
+    def fmt(entry):
+        return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+
+    links = ", ".join(run_link(experiment_id, m.mlflow_run_id, f"{m.name.split()[0]} ×{m.weight:.2f}")
+                      if m.mlflow_run_id else m.name for m in members.itertuples())
+    lines = [f"**Ensemble** of {len(members)} trials of {result['pool']} ({result['method']}), chosen on validation "
+             f"{metric} only: {links}.",
+             f"Validation (the selection set, optimistic): ensemble {fmt(val['ensemble'])}, best single "
+             f"{fmt(val['best_single'])}."]
+    if test:
+        lines.append(f"Test (the record, read after every choice): ensemble {fmt(test['ensemble'])}, best single "
+                     f"{fmt(test['best_single'])}.")
+    return "\n\n".join(lines)
 
 
 def _log_pyfunc(checkpoints: list[str], weights: list[float], thresholds, example: pd.DataFrame,
-                registered_name: Optional[str] = None):
+                name: str, registered_name: Optional[str] = None):
     """Log an EnsembleModel into the active run (and register it); returns the ModelInfo."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "ensemble_spec.json"
@@ -303,10 +427,14 @@ def _log_pyfunc(checkpoints: list[str], weights: list[float], thresholds, exampl
         output = model.predict(None, example)
         # the package's code travels with the model (code_paths) and every requirement is a published package:
         # it loads where tune_xray is not installed; `device` is a model_config key, so loading can set it
-        return mlflow.pyfunc.log_model(name="model", python_model=EnsembleModel(), artifacts=artifacts,
-                                       code_paths=[str(Path(__file__).parent)], model_config={"device": "cpu"},
-                                       signature=infer_signature(example, output), input_example=example,
-                                       registered_model_name=registered_name, pip_requirements=_requirements())
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # MLflow's own chatter: the
+            warnings.simplefilter("ignore")  # 0/1 decisions as int (none is ever missing), "registered", progress
+            return mlflow.pyfunc.log_model(name=name, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                                           artifacts=artifacts,
+                                           code_paths=[str(Path(__file__).parent)], model_config={"device": "cpu"},
+                                           signature=infer_signature(example, output), input_example=example,
+                                           registered_model_name=registered_name,
+                                           pip_requirements=_requirements())
 
 
 def _requirements() -> list[str]:
@@ -327,32 +455,28 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
     parent = find_parent(experiment_dir)
     client = MlflowClient(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    name = experiment_dir.name
-    metrics = {}
-    for split, prefix, ci in (("val", "val", "selection_ci"), ("test", "record_test", "ci")):
-        metric = bare(result["metric"])
-        for label in ENSEMBLE_LABELS if result.get(split) else ():  # test: when the record read it
-            entry = result[split][label]
-            metrics[f"{prefix}_{metric}.{label}"] = entry["value"]
-            metrics[f"{prefix}_{metric}.{label}.{ci}_low"] = entry["ci_low"]
-            metrics[f"{prefix}_{metric}.{label}.{ci}_high"] = entry["ci_high"]
-    run = client.create_run(experiment_id_of(tracking_uri, parent),
-                            run_name=f"ensemble {result['method']} {len(members)} of {result['pool']}",
+    name, experiment_id = experiment_dir.name, experiment_id_of(tracking_uri, parent)
+    metrics = ensemble_metrics(result)
+    run_name = f"ensemble {result['method']} {len(members)} of {result['pool']}"
+    run = client.create_run(experiment_id, run_name=run_name,
                             tags={"mlflow.parentRunId": parent, "tune_xray.role": "ensemble",
-                                  STATUS_TAG: "complete"})
+                                  STATUS_TAG: "complete",
+                                  DESCRIPTION_TAG: ensemble_description(result, members, experiment_id)})
     params = {"method": result["method"], "size": result["size"], "bags": result["bags"], "seed": result["seed"],
               "resamples": result["resamples"], "pool": result["pool"], "selection_metric": result["metric"],
               **{f"{split}_hash": value for split, value in result["hashes"].items()},
               **{f"member.{m['trial']}": round(m["weight"], 4) for m in result["members"]}}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
                      metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
+    log_table(client, run.info.run_id, ensemble_record(result), "ensemble_record.json")
     for file in ("members.csv", "model_card.md", "ensemble.json", "predictions_test.csv", "selection_curve.png"):
         if (out_dir / file).is_file():
             client.log_artifact(run.info.run_id, str(out_dir / file))
     example = pd.DataFrame({"path": [result["example_path"]]})  # a validation image: test stays unread
     checkpoints = [str(Path(d) / "best.pt") for d in members["dir"]]
     with mlflow.start_run(run_id=run.info.run_id):
-        info = _log_pyfunc(checkpoints, members["weight"].tolist(), result.get("thresholds"), example, name)
+        info = _log_pyfunc(checkpoints, members["weight"].tolist(), result.get("thresholds"), example,
+                           model_name(run_name), name)
     version = info.registered_model_version
     for key, value in metrics.items():
         if "ci_" not in key:
@@ -361,9 +485,10 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
     for member in members.itertuples():  # each member's own run: its model and its weight
         if member.mlflow_run_id:
             client.set_tag(member.mlflow_run_id, "tune_xray.ensemble_weight", f"{member.weight:.4f}")
+            ended = client.get_run(member.mlflow_run_id).info  # reopened to log into: its own end stays its end
             with mlflow.start_run(run_id=member.mlflow_run_id):
-                _log_pyfunc([str(Path(member.dir) / "best.pt")], [1.0], None, example)
-            client.set_terminated(member.mlflow_run_id, status="FINISHED")
+                _log_pyfunc([str(Path(member.dir) / "best.pt")], [1.0], None, example, model_name(member.name))
+            client.set_terminated(member.mlflow_run_id, status=ended.status, end_time=ended.end_time)
     client.set_terminated(run.info.run_id, status="FINISHED")
     return {"name": name, "version": str(version), "uri": f"models:/{name}/{version}", "run_id": run.info.run_id,
             "tracking_uri": tracking_uri}

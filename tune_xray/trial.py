@@ -67,6 +67,29 @@ def status_of(trial, failed: bool) -> tuple[str, str]:
     return status, str(trial.last_result.get(REASON, ""))
 
 
+class TrialLines(tune.Callback):
+    """One console line per trial as it ends — status, epochs, the objective — instead of Tune's tables: `name`
+    (a trial config → its run name)."""
+
+    def __init__(self, metric: str, name=lambda config: str(config.get(TRIAL_NUMBER, "?"))):
+        self.metric, self.name = metric, name
+
+    def _say(self, trial, failed: bool) -> None:
+        status, reason = status_of(trial, failed)
+        result = trial.last_result or {}
+        value = result.get(self.metric) if status == "complete" else None
+        epochs = int(result.get(TIME_ATTR) or 0)
+        print(f"{self.name(trial.config)}: {status}, {epochs} fine-tune epoch{'' if epochs == 1 else 's'}"
+              + (f", {self.metric} {value:.4f}" if isinstance(value, (int, float)) else "")
+              + (f" ({reason[:160]})" if reason and status != "complete" else ""), flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, False)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, True)
+
+
 def trial_overrides(study, overrides: list[str], data: str | None, gpus_per_trial: float, workers_per_trial: int = 1,
                     record_test: bool = False) -> dict:
     """What every trial gets on top of the study file: `--set`, `--data`, the device its resources give and, on
@@ -380,8 +403,16 @@ def trainable(study, overrides: dict, smoke: bool, resources: TrialResources, st
         resources.trial())
 
 
-def run_config(name: str, storage: str, callbacks: list, max_failures: int) -> tune.RunConfig:
-    """How a Tune run of trials keeps them: `max_failures` retries each, and one checkpoint, the last."""
-    return tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+def run_config(name: str, storage: str, callbacks: list, max_failures: int, verbose: bool = False) -> tune.RunConfig:
+    """How a Tune run of trials keeps them: `max_failures` retries each, and one checkpoint, the last; result.json
+    and progress.csv per trial (no TensorBoard files: MLflow has the curves); Tune's own tables only `verbose`
+    (the callbacks say one line per trial)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the two loggers below, not TensorBoard's as a third
+    if not verbose:  # Tune's newer console prints its configuration box whatever the verbosity; the older is silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    return tune.RunConfig(name=name, storage_path=storage,
+                          callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
                           failure_config=tune.FailureConfig(max_failures=max_failures),
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1 if verbose else 0)

@@ -39,6 +39,16 @@ class ImageCache:
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
+class NotAnImage(ValueError):
+    """A readable file that holds no image to classify (a DICOM segmentation, report, or no pixel data)."""
+
+
+# DICOM objects that are not images, though they come in .dcm files beside them (PS3.3 C.7.3.1.1.1)
+NON_IMAGE_MODALITIES = {"SEG": "a segmentation", "SR": "a structured report", "PR": "a presentation state",
+                        "KO": "a key-object selection", "RTSTRUCT": "an RT structure set", "RTPLAN": "an RT plan",
+                        "REG": "a registration", "DOC": "an encapsulated document"}
+
+
 def read_dicom(path: str | Path) -> Image.Image:
     """A DICOM image as 8-bit grayscale: rescale slope/intercept and the VOI LUT or window (pydicom), any bit
     depth stretched to 0–255, MONOCHROME1 inverted so that bone is bright as in every other X-ray here."""
@@ -46,6 +56,12 @@ def read_dicom(path: str | Path) -> Image.Image:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     ds = pydicom.dcmread(str(path))
+    modality = str(getattr(ds, "Modality", ""))
+    if modality in NON_IMAGE_MODALITIES:
+        raise NotAnImage(f"a DICOM {modality} object ({NON_IMAGE_MODALITIES[modality]}), not an image to classify")
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise NotAnImage(f"a DICOM file without pixel data (Modality {modality or 'unset'}, SOP class "
+                         f"{getattr(ds, 'SOPClassUID', 'unset')})")
     arr = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (rare for X-rays)
         arr = arr[..., :3].mean(-1)

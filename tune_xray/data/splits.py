@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 SPLITS = ("train", "val", "test")
 UNLABELLED = "train_unlabelled"  # training images whose labels a label-fraction run hides (SSL still sees them)
@@ -16,6 +15,8 @@ class DataError(ValueError):
 
 def patient_holdout(patient_ids: pd.Series, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of a held-out `fraction` of patients (all of a patient's images together)."""
+    from sklearn.model_selection import GroupShuffleSplit  # here: predict needs DataError, not sklearn
+
     splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     _, held = next(splitter.split(np.zeros(len(patient_ids)), groups=patient_ids.to_numpy()))
     mask = np.zeros(len(patient_ids), dtype=bool)
@@ -38,6 +39,8 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int, origin: s
     """Boolean mask of a held-out `fraction`, stratified by class (data without patient ids)."""
     idx = np.arange(len(labels))
     try:
+        from sklearn.model_selection import train_test_split
+
         _, held = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
     except ValueError as err:
         raise DataError(f"{origin}: cannot split stratified by class: {err}") from None

@@ -137,8 +137,9 @@ class VMamba(nn.Module):
                       for j in range(depth)]
             self.layers.append(nn.Sequential(OrderedDict(
                 blocks=nn.Sequential(*blocks), downsample=nn.Identity() if last else _downsample(dims[i]))))
-            self.feature_info.append(dict(num_chs=dims[min(i + 1, len(dims) - 1)],
-                                          reduction=4 * 2 ** min(i + 1, len(dims) - 1), module=f"layers.{i}"))
+            self.feature_info.append(dict(num_chs=dims[min(i + 1, len(dims) - 1)],  # the stage's output, as called
+                                          reduction=4 * 2 ** min(i + 1, len(dims) - 1),
+                                          module=f"layers.{i}.downsample"))
         self.classifier = Classifier(self.num_features, num_classes)
         self.apply(self._init_weights)
 

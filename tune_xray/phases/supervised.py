@@ -22,7 +22,15 @@ from torch import nn
 from ..augment import EvalViews
 from ..config import ConfigError, TrialConfig, metric_mode, objective
 from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
-from ..metrics import auroc_intervals, classification_metrics, resampling_units
+from ..metrics import (
+    auroc_intervals,
+    classification_metrics,
+    decisions,
+    interval,
+    patient_bootstrap,
+    resampling_units,
+    weighted_decision_metrics,
+)
 from ..models.heads import Classifier, MemberEnsemble, freeze_backbone, mean_probability_logits
 from .common import (
     BEST_FILE,
@@ -338,6 +346,12 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, p
         ci = "selection_ci" if split == "val" else "ci"
         for key, (low, high) in auroc_intervals(truth, prob, units, index.classes, seed=cfg.seed).items():
             out[split].update({f"{key}_{ci}_low": low, f"{key}_{ci}_high": high})
+        if index.task != "multilabel":  # accuracy and balanced accuracy at the chosen decision, with intervals
+            scored_at = decisions(index.task, prob, scored["thresholds"])
+            resampled = weighted_decision_metrics(truth, scored_at, patient_bootstrap(units, seed=cfg.seed), True)
+            for key in ("accuracy", "balanced_accuracy"):
+                low, high = interval(resampled[key])
+                out[split].update({f"{key}_{ci}_low": low, f"{key}_{ci}_high": high})
         out[f"{split}_skipped_labels"] = scored["skipped_labels"]
     out.update({"best_epoch": best_epoch, "epochs_run": len(history), "history": history})
     if rank == 0:
