@@ -267,8 +267,9 @@ def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, se
                                       "test", pool.classes)))
     out = {"thresholds": None if thresholds["ensemble"] is None else thresholds["ensemble"].tolist(),
            "val_intervals": "selection set: the validation data that chose the epochs, trials and weights"}
+    boots = {}  # each split's patient resamples: every interval of that split is on the same ones
     for name, split in splits:
-        boot = patient_bootstrap(split.groups, resamples, seed)
+        boot = boots[name] = patient_bootstrap(split.groups, resamples, seed)
         results = {}
         for label, w in chosen.items():
             score = split_scorer(split.y, pool.task, pool.metric, pool.classes, pool.rule,
@@ -286,15 +287,13 @@ def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, se
                 for label, w in chosen.items()}
     if read_test:
         test = splits[1][1]
-        out["test_per_label"] = {label: {k: dict(zip(("value", "ci_low", "ci_high"), (point, *ci)))
-                                         for k, (point, ci) in _per_label(test, chosen[label], pool, resamples,
-                                                                          seed).items()}
-                                 for label in ("ensemble", "best_single")}
-        boot = patient_bootstrap(test.groups, resamples, seed)
-        for label in ("ensemble", "best_single"):  # at validation's thresholds: what a user of the model gets
-            out["test_per_label"][label].update(_decision_record(
-                test, np.tensordot(chosen[label], test.probs, axes=1), pool.task, thresholds[label], boot,
-                ("sensitivity", "specificity"), pool.classes))
+        out["test_per_label"] = {}
+        for label in ("ensemble", "best_single"):  # AUROC, and at validation's thresholds what a user gets
+            prob = np.tensordot(chosen[label], test.probs, axes=1)
+            out["test_per_label"][label] = {
+                **_per_label(test, prob, pool.classes, boots["test"]),
+                **_decision_record(test, prob, pool.task, thresholds[label], boots["test"],
+                                   ("sensitivity", "specificity"), pool.classes)}
         out["test_probs"], out["test_paths"] = np.tensordot(weights, test.probs, axes=1), test.paths
         out["test_reads"] = pool.experiment.note_test_read("the ensemble's record")
     return out
@@ -318,14 +317,14 @@ def _decision_record(split: Split, prob: np.ndarray, task: str, thresholds, boot
     return out
 
 
-def _per_label(split: Split, weights: np.ndarray, pool: Pool, resamples: int, seed: int) -> dict:
-    """AUROC of each label (and their mean) with its bootstrap interval."""
-    prob = np.tensordot(weights, split.probs, axes=1)
-    values, _ = auroc_per_label(split.y, prob, pool.classes)
-    intervals = auroc_intervals(split.y, prob, split.groups, pool.classes, resamples, seed)
+def _per_label(split: Split, prob: np.ndarray, classes: list[str], boot: np.ndarray) -> dict:
+    """AUROC of each label (and their mean) with its bootstrap interval on the split's resamples `boot`."""
+    values, _ = auroc_per_label(split.y, prob, classes)
+    intervals = auroc_intervals(split.y, prob, split.groups, classes, weights=boot)
     points = {"mean_auroc": float(np.mean(list(values.values()))) if values else float("nan"),
               **{f"auroc/{k}": v for k, v in values.items()}}
-    return {k: (v, intervals.get(k, (float("nan"), float("nan")))) for k, v in points.items()}
+    return {k: dict(zip(("value", "ci_low", "ci_high"), (v, *intervals.get(k, (float("nan"), float("nan"))))))
+            for k, v in points.items()}
 
 
 def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5, bags: int = 20,

@@ -225,16 +225,32 @@ def patient_bootstrap(groups: np.ndarray, resamples: int = 1000, seed: int = 0) 
 
 
 def auroc_intervals(y_true: np.ndarray, prob: np.ndarray, groups: np.ndarray, classes, resamples: int = 1000,
-                    seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+                    seed: int = 0, level: float = 0.95,
+                    weights: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
     """95 % patient-level bootstrap intervals of the mean AUROC and of each label's AUROC (`auroc/<label>`), all
     from the same resamples. `y_true` (n, C) 0/1 (one-hot for single-label tasks); a label without both classes
-    in the split has no interval."""
-    per_label = weighted_auroc(y_true, prob, patient_bootstrap(groups, resamples, seed))
+    in the split has no interval. `weights`: the resamples `patient_bootstrap(groups, resamples, seed)` gives,
+    where the caller has drawn them already (its other intervals then share them)."""
+    weights = patient_bootstrap(groups, resamples, seed) if weights is None else weights
+    per_label = weighted_auroc(y_true, prob, weights)
     out = {"mean_auroc": interval(_nanmean_rows(per_label), level)}
     for c, name in enumerate(classes):
         if 0 < y_true[:, c].sum() < len(y_true):
             out[f"auroc/{name}"] = interval(per_label[:, c], level)
     return out
+
+
+def ci_text(value, low=None, high=None) -> str:
+    """`0.7390 [0.5251, 0.9167]`: a value and its interval as every printout and page shows them; the value alone
+    where there is no interval, nothing where there is no value. `value` may be a {value, ci_low, ci_high} entry
+    or a [value, low, high] list."""
+    if isinstance(value, dict):
+        value, low, high = value["value"], value["ci_low"], value["ci_high"]
+    elif isinstance(value, (list, tuple)):
+        value, low, high = value
+    if value is None or not np.isfinite(value):
+        return ""
+    return f"{value:.4f} [{low:.4f}, {high:.4f}]" if low is not None and np.isfinite(low) else f"{value:.4f}"
 
 
 def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:

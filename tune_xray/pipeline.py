@@ -146,7 +146,7 @@ def search_description(args, study: Study, trials: int, metric: str) -> str:
 
 def trial_description(study: Study, config: dict, cfg, name: str) -> str:
     """What a trial run is and what it trained (the drawn values where the smoke scale changed them)."""
-    phases = [p for p in ("byol", "cass") if getattr(getattr(cfg, p, None), "enabled", False)]
+    phases = [p for p in ("byol", "cass") if getattr(cfg, p).enabled]
     sampled = {k.removeprefix("sampled."): v for k, v in config.items() if k.startswith("sampled.")}
     trained = "; ".join(f"{k} {config.get(k)} (drawn {v})" for k, v in sampled.items())
     return (f"Trial {config[TRIAL_NUMBER]} of search `{name}`: {' then '.join([*phases, 'fine-tuning'])} of "

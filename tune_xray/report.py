@@ -37,6 +37,7 @@ from .experiment import (
     read_predictions,
 )
 from .figures import COLUMN, figure, integer_ticks, pyplot, wrap
+from .metrics import ci_text
 from .space import flatten
 
 THUMBNAIL = 128  # Grad-CAM images and maps are kept at this size (pixels) in the data: what the page shows
@@ -414,16 +415,6 @@ def _table(frame: pd.DataFrame, escape: bool = True) -> str:
     return frame.to_html(index=False, border=0, float_format=lambda v: f"{v:.4f}", na_rep="", escape=escape)
 
 
-def _ci(value, low, high) -> str:
-    if value is None or not np.isfinite(value):
-        return ""
-    return f"{value:.4f} [{low:.4f}, {high:.4f}]" if low is not None and np.isfinite(low) else f"{value:.4f}"
-
-
-def _entry(entry: dict) -> str:
-    return _ci(entry["value"], entry["ci_low"], entry["ci_high"])
-
-
 def _list(items) -> str:
     return ", ".join(map(str, items))
 
@@ -436,8 +427,9 @@ def render_study(data: dict) -> str:
         out += "<h3>The search space</h3>" + _table(pd.DataFrame(data["space"]))
     metric = summary["metric"]
     rows = [{"rank": i + 1, "trial": r["name"],
-             f"{bare(metric)} [95 % CI, selection set]": _ci(r[metric], *(r.get("selection_ci") or [None, None])),
-             **{f"{k.replace('_', ' ')} [95 % CI]": _ci(*r[k]) for k in ("accuracy", "balanced_accuracy") if r.get(k)},
+             f"{bare(metric)} [95 % CI, selection set]": ci_text(r[metric], *(r.get("selection_ci") or [None, None])),
+             **{f"{k.replace('_', ' ')} [95 % CI]": ci_text(r[k]) for k in ("accuracy", "balanced_accuracy")
+                if r.get(k)},
              "epoch selected": int(r["selected_epoch"]), "epochs run": int(r["epochs_done"]),
              **{f"trained {k}": v for k, v in r["resolved"].items() if k in r["sampled"]}}
             for i, r in enumerate(summary["top"])]
@@ -450,10 +442,10 @@ def render_study(data: dict) -> str:
         out += ("<h3>The ensemble (chosen on validation)</h3>"
                 f"<p>{html.escape(ensemble['method'])}, {len(ensemble['members'])} members, registered as "
                 f"{html.escape(str((ensemble.get('registered') or {}).get('uri')))}. On <b>validation, the data that "
-                f"chose it</b> (optimistic): {bare(metric)} {_entry(val['ensemble'])}"
-                + "".join(f", {k.replace('_', ' ')} {_entry(v)}" for k, v in single.items())
-                + f" vs best single {_entry(val['best_single'])}; paired difference "
-                f"{_entry(val['ensemble_minus_best_single'])}. Its test numbers are in the record, at the end.</p>")
+                f"chose it</b> (optimistic): {bare(metric)} {ci_text(val['ensemble'])}"
+                + "".join(f", {k.replace('_', ' ')} {ci_text(v)}" for k, v in single.items())
+                + f" vs best single {ci_text(val['best_single'])}; paired difference "
+                f"{ci_text(val['ensemble_minus_best_single'])}. Its test numbers are in the record, at the end.</p>")
         out += _table(pd.DataFrame([{"member": m["name"], "weight": m["weight"]} for m in ensemble["members"]]))
     repeats = summary.get("repeats")
     if repeats and repeats.get("rows"):
@@ -470,7 +462,7 @@ def render_study(data: dict) -> str:
             out += ("<p>The best against each other (validation), resampling seeds and then patients (a hierarchical "
                     "bootstrap):</p>"
                     + _table(pd.DataFrame([{"best − other": f"{c['best']} − {c['other']}",
-                                            "difference [95 % CI]": _ci(c["difference"], c["ci_low"], c["ci_high"]),
+                                            "difference [95 % CI]": ci_text(c["difference"], c["ci_low"], c["ci_high"]),
                                             "verdict": "within noise" if c["within_noise"] else "a real difference"}
                                            for c in repeats["comparisons"]])))
     return out
@@ -661,7 +653,7 @@ def _asha(search: dict) -> str:
 def render_trials(trials: list[dict], metric: str) -> str:
     """Every trial, one row: what it was, how it ended, its number, its MLflow run."""
     rows = [{"trial": html.escape(t["name"]), "status": t["status"], "epochs": t["epochs"] if t["epochs"] is not None
-             else "", f"{bare(metric)} [95 % CI, selection set]": _ci(t["value"], *(t["ci"] or [None, None])),
+             else "", f"{bare(metric)} [95 % CI, selection set]": ci_text(t["value"], *(t["ci"] or [None, None])),
              "why it ended": html.escape(t["reason"]),
              "MLflow": f'<a href="{html.escape(t["url"])}">run</a>' if t["url"] else ""} for t in trials]
     return ("<p class=note>The links open the run in the MLflow UI the search printed (<code>mlflow ui</code> "
@@ -790,15 +782,15 @@ def render_record(summary: dict) -> str:
     out = ("<p>The test split, read for the record after every choice (reads of test for this experiment: "
            f"{ensemble.get('test_reads')}), at thresholds chosen on validation. Nothing here chose anything.</p>")
     single = (ensemble.get("single_label") or {}).get("test") or {}
-    rows = [{"": label.replace("_", " "), f"{metric} [95 % CI]": _entry(test[label]),
-             **{f"{k.replace('_', ' ')} [95 % CI]": _entry(v) for k, v in (single.get(label) or {}).items()}}
+    rows = [{"": label.replace("_", " "), f"{metric} [95 % CI]": ci_text(test[label]),
+             **{f"{k.replace('_', ' ')} [95 % CI]": ci_text(v) for k, v in (single.get(label) or {}).items()}}
             for label in ("ensemble", "best_single", "top_k", "ensemble_minus_best_single") if label in test]
     out += _table(pd.DataFrame(rows))
     per_label = ensemble.get("test_per_label") or {}
     labels = [k.removeprefix("auroc/") for k in (per_label.get("ensemble") or {}) if k.startswith("auroc/")]
     if labels:
         who = {"ensemble": "ensemble", "best_single": "best single"}
-        table = [{"label": c, **{f"{who[w]} {m} [95 % CI]": _entry(per_label[w][f"{m}/{c}"])
+        table = [{"label": c, **{f"{who[w]} {m} [95 % CI]": ci_text(per_label[w][f"{m}/{c}"])
                                  for w in who for m in ("auroc", "sensitivity", "specificity")
                                  if f"{m}/{c}" in per_label.get(w, {})}} for c in labels]
         out += "<h3>Per label (test)</h3>" + _table(pd.DataFrame(table))

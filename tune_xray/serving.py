@@ -84,16 +84,15 @@ class EnsemblePredictor:
     def frame(self, probs: np.ndarray) -> pd.DataFrame:
         """One probability column per class and the decision: each label at its validation threshold (`y_<label>`,
         multi-label), or the predicted class (`label`: binary at its validation threshold, else the argmax)."""
-        out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
-        if self.task == "multilabel":
-            if self.thresholds is not None:
-                for j, c in enumerate(self.classes):
-                    out[f"y_{c}"] = (probs[:, j] >= self.thresholds[j]).astype(int)
-        else:
-            from .metrics import decisions  # here: predicting needs no scikit-learn
+        from .metrics import decisions  # here: predicting needs no scikit-learn
 
-            decided = decisions(self.task, probs, self.thresholds).argmax(1)
-            out["label"] = np.asarray(self.classes, dtype=object)[decided] if len(probs) else []
+        out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
+        decided = decisions(self.task, probs, self.thresholds)
+        if self.task != "multilabel":
+            out["label"] = np.asarray(self.classes, dtype=object)[decided.argmax(1)] if len(probs) else []
+        elif self.thresholds is not None:
+            for j, c in enumerate(self.classes):
+                out[f"y_{c}"] = decided[:, j].astype(int)
         return out
 
 

@@ -7,18 +7,13 @@ import math
 
 from .config import bare
 from .experiment import Experiment, trial_label
+from .metrics import ci_text
 from .searcher import shown_url
 from .space import Study, case_key
 from .tracking import runs_table_url
 from .trial import STATUSES, TIME_ATTR, TRIAL_NUMBER, status_of
 
 SINGLE_LABEL = ("accuracy", "balanced_accuracy")  # a single-label task's decision metrics, beside its AUROC
-
-
-def _ci_text(entry) -> str:
-    """`0.6750 [0.6250, 0.7250]` from a [value, low, high] list or a {value, ci_low, ci_high} entry."""
-    value, low, high = (entry["value"], entry["ci_low"], entry["ci_high"]) if isinstance(entry, dict) else entry
-    return f"{value:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else "")
 
 
 def _name_rank(key: str, value) -> int:
@@ -115,7 +110,7 @@ def print_summary(summary: dict, resume_command: str) -> None:
         trained = ", ".join(f"{k}={row['resolved'][k]}" for k in row["sampled"])
         ci = row.get("selection_ci", [None])
         ci = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if None not in ci else ""
-        decided = "".join(f"; val {name.replace('_', ' ')} {_ci_text(row[name])}" for name in SINGLE_LABEL
+        decided = "".join(f"; val {name.replace('_', ' ')} {ci_text(row[name])}" for name in SINGLE_LABEL
                           if row.get(name))
         print(f"{rank:2d}. {row[metric]:.4f}{ci}  {row['name']}  [epoch {row['selected_epoch']:.0f} of "
               f"{row[TIME_ATTR]} selected{decided}]" + (f"  trained as: {trained}" if trained else ""))
@@ -129,7 +124,7 @@ def print_summary(summary: dict, resume_command: str) -> None:
         val = ens["val"]
         decided = ((ens.get("single_label") or {}).get("val") or {}).get("ensemble") or {}
         print(f"ensemble ({ens['method']}, {len(ens['members'])} members, chosen on val): val {metric} "
-              f"{_ci_text(val['ensemble'])}" + "".join(f", {k.replace('_', ' ')} {_ci_text(v)}" for k, v in
+              f"{ci_text(val['ensemble'])}" + "".join(f", {k.replace('_', ' ')} {ci_text(v)}" for k, v in
                                                        decided.items())
               + f" (on the selection set) vs best single {val['best_single']['value']:.4f}; {registered}; the test "
               "record is in summary.json and the report")

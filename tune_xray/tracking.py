@@ -33,6 +33,7 @@ from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from .config import bare
+from .metrics import ci_text
 from .serving import EnsembleModel
 from .trial import FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
 
@@ -113,6 +114,13 @@ def start_parent(tracking_uri: str, experiment: str, experiment_dir: Path, param
     return run.info.run_id
 
 
+def ended_description(run, ending: str) -> str:
+    """A run's description with how it ended as its last paragraph (`**Status: …**`), in place of the one an
+    earlier end wrote (a resumed search ends its runs again)."""
+    described = run.data.tags.get(DESCRIPTION_TAG, "").split("\n\n**Status")[0]
+    return f"{described}\n\n{ending}"
+
+
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:
     return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
 
@@ -151,7 +159,7 @@ def finish_parent(tracking_uri: str, parent_run_id: str, status: str, best_run_i
     client.log_batch(parent_run_id, metrics=[
         Metric(k, v, now, len(client.get_metric_history(parent_run_id, k)) if k in logged else 0)
         for k, v in changed.items()])
-    ending = f"\n\n**Status: {status}**"
+    ending = f"**Status: {status}**"
     if best_run_id:
         experiment_id = experiment_id_of(tracking_uri, parent_run_id)
         client.set_tag(parent_run_id, "best_trial_run_id", best_run_id)
@@ -160,8 +168,7 @@ def finish_parent(tracking_uri: str, parent_run_id: str, status: str, best_run_i
         ending += f"; best trial by validation: {run_link(experiment_id, best_run_id, best_name)}"
     if failed:
         ending += f"; failed after the trials: {', '.join(failed)}"
-    described = client.get_run(parent_run_id).data.tags.get(DESCRIPTION_TAG, "").split("\n\n**Status")[0]
-    client.set_tag(parent_run_id, DESCRIPTION_TAG, described + ending)
+    client.set_tag(parent_run_id, DESCRIPTION_TAG, ended_description(client.get_run(parent_run_id), ending))
     for path in (summary_file, *artifacts):
         if path is not None and path.is_file():
             client.log_artifact(parent_run_id, str(path))
@@ -351,9 +358,8 @@ class TrialRuns(LoggerCallback):
         status, reason = self.status_of(trial, failed)
         tags = [RunTag(STATUS_TAG, status)] + ([RunTag("tune_xray.reason", reason[:5000])] if reason else [])
         run = client.get_run(run_id)
-        described = run.data.tags.get(DESCRIPTION_TAG, "").split("\n\n**Status")[0]
-        ending = f"\n\n**Status: {status}**" + (f" — {reason}" if reason else "")
-        tags.append(RunTag(DESCRIPTION_TAG, described + ending))
+        ending = f"**Status: {status}**" + (f" — {reason}" if reason else "")
+        tags.append(RunTag(DESCRIPTION_TAG, ended_description(run, ending)))
         node = (trial.last_result or {}).get("node_id")
         tags += [RunTag("tune_xray.node_id", node)] if isinstance(node, str) else []
         # known once the trial ran on its device: a param beside the config it resolves (model.scan_backend: auto)
@@ -399,19 +405,15 @@ def ensemble_metrics(result: dict) -> dict[str, float]:
 
 def ensemble_description(result: dict, members: pd.DataFrame, experiment_id: str) -> str:
     metric, val, test = bare(result["metric"]), result["val"], result.get("test")
-
-    def fmt(entry):
-        return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
-
     links = ", ".join(run_link(experiment_id, m.mlflow_run_id, f"{m.name.split()[0]} ×{m.weight:.2f}")
                       if m.mlflow_run_id else m.name for m in members.itertuples())
     lines = [f"**Ensemble** of {len(members)} trials of {result['pool']} ({result['method']}), chosen on validation "
              f"{metric} only: {links}.",
-             f"Validation (the selection set, optimistic): ensemble {fmt(val['ensemble'])}, best single "
-             f"{fmt(val['best_single'])}."]
+             f"Validation (the selection set, optimistic): ensemble {ci_text(val['ensemble'])}, best single "
+             f"{ci_text(val['best_single'])}."]
     if test:
-        lines.append(f"Test (the record, read after every choice): ensemble {fmt(test['ensemble'])}, best single "
-                     f"{fmt(test['best_single'])}.")
+        lines.append(f"Test (the record, read after every choice): ensemble {ci_text(test['ensemble'])}, best "
+                     f"single {ci_text(test['best_single'])}.")
     return "\n\n".join(lines)
 
 

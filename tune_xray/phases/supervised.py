@@ -344,11 +344,12 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, p
         frame = index.frame.iloc[rows]
         units = resampling_units(frame["patient_id"], frame["path"])
         ci = "selection_ci" if split == "val" else "ci"
-        for key, (low, high) in auroc_intervals(truth, prob, units, index.classes, seed=cfg.seed).items():
+        boot = patient_bootstrap(units, seed=cfg.seed)  # one set of patient resamples for every interval below
+        for key, (low, high) in auroc_intervals(truth, prob, units, index.classes, weights=boot).items():
             out[split].update({f"{key}_{ci}_low": low, f"{key}_{ci}_high": high})
         if index.task != "multilabel":  # accuracy and balanced accuracy at the chosen decision, with intervals
             scored_at = decisions(index.task, prob, scored["thresholds"])
-            resampled = weighted_decision_metrics(truth, scored_at, patient_bootstrap(units, seed=cfg.seed), True)
+            resampled = weighted_decision_metrics(truth, scored_at, boot, True)
             for key in ("accuracy", "balanced_accuracy"):
                 low, high = interval(resampled[key])
                 out[split].update({f"{key}_{ci}_low": low, f"{key}_{ci}_high": high})
