@@ -21,7 +21,7 @@ CUDA = torch.device("cuda")
 
 
 def test_explain_runs_on_cuda_tensors():
-    from tune_xray.explain import embeddings, gradcam, inference_cost
+    from tune_xray.explain import embeddings, eval_cost, gradcam
     from tune_xray.models import create_backbone
     from tune_xray.models.heads import Classifier
 
@@ -32,7 +32,9 @@ def test_explain_runs_on_cuda_tensors():
         features = embeddings(model, x, batch=2)
         assert isinstance(features, np.ndarray) and features.shape == (4, width)
         assert gradcam(model, x, [0, 1, 0, 1])[0].shape == (4, 64, 64)
-        assert inference_cost(model, (3, 64, 64), device="cuda", batch=2, repeats=1)["img_per_s"] > 0
+        cost = eval_cost(model, model, torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8).float(), "cuda",
+                         batch=4, seconds=0.1)
+        assert cost["latency_ms"] > 0 and cost["latency_ms_b32"] > 0 and cost["gflops"] > 0
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

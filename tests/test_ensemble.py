@@ -291,3 +291,41 @@ def test_single_label_records_accuracy_and_balanced_accuracy_with_intervals(tmp_
     rows = np.repeat(np.arange(60), boot[2])
     assert weighted_decision_metrics(np.eye(3)[y], decided, boot, True)["accuracy"][2] == pytest.approx(
         accuracy_score(y[rows], prob[rows].argmax(1)))
+
+
+def test_a_budget_bounds_the_distinct_members_costs_summed():
+    """Under a budget (latency, parameters) the chosen members' costs sum within it on every random pool, the
+    result still scores at least the best affordable single model, a model chosen twice costs once, and a
+    budget that holds every model chooses as no budget does."""
+    rng = np.random.default_rng(3)
+    for i in range(30):
+        probs, y = _random_pool(("dominant", "diverse", "ties", "noise")[i % 4], rng)
+        costs = rng.uniform(1, 10, size=(len(probs), 2))
+        budget = np.array([rng.uniform(costs[:, 0].min(), costs[:, 0].sum()), costs[:, 1].sum()])
+        selector = CaruanaSelector(size=6, bags=10, seed=i).fit(probs, y, _auroc, costs, budget)
+        chosen = selector.weights_ > 0
+        assert (costs[chosen].sum(0) <= budget + 1e-9).all(), f"pool {i}"
+        affordable = [j for j in range(len(probs)) if (costs[j] <= budget).all()]
+        assert selector.score_ >= max(_auroc(y, probs[j]) for j in affordable)
+        free = CaruanaSelector(size=6, bags=10, seed=i).fit(probs, y, _auroc, costs, costs.sum(0))
+        assert np.allclose(free.weights_, CaruanaSelector(size=6, bags=0, seed=i).fit(probs, y, _auroc).weights_)
+    with pytest.raises(ValueError, match="no model fits the budget"):
+        CaruanaSelector().fit(probs, y, _auroc, costs, np.zeros(2))
+
+
+def test_best_and_topk_keep_to_the_budget_and_a_trial_without_its_cost_is_named(tmp_path):
+    directory = _pool_dir(tmp_path)
+    summary = json.loads((directory / "summary.json").read_text())
+    for i, row in enumerate(summary["rows"]):
+        row["cost"] = {"latency_ms": [5.0, 1.0, 1.0, 1.0, 1.0][i], "params_m": 2.0}
+    (directory / "summary.json").write_text(json.dumps(summary))
+    pool = load_pool(Experiment.at(directory))
+    weights, _ = select(pool, "topk", size=3, budget={"latency_ms": 2.5})
+    kept = [t["trial"] for t, w in zip(pool.trials, weights) if w > 0]
+    assert "t000" not in kept and len(kept) == 2  # t000 alone takes 5 ms; two of the 1-ms trials fit 2.5 ms
+    weights, _ = select(pool, "best", budget={"params_m": 2.0, "latency_ms": None})
+    assert weights.max() == 1
+    del summary["rows"][1]["cost"]
+    (directory / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(EnsembleError, match="--latency-budget: t001 has no measured latency_ms"):
+        run_ensemble(Experiment.at(directory), budget={"latency_ms": 3.0})

@@ -1,4 +1,4 @@
-"""Grad-CAM on CNNs and token models alike; embeddings, t-SNE and inference cost of a classifier."""
+"""Grad-CAM on CNNs and token models alike; embeddings, t-SNE and what a classifier costs to run."""
 
 import numpy as np
 import pytest
@@ -9,8 +9,8 @@ from tune_xray.explain import (
     as_feature_map,
     cam_layer,
     embeddings,
+    eval_cost,
     gradcam,
-    inference_cost,
     tsne,
 )
 from tune_xray.models import create_backbone
@@ -59,7 +59,7 @@ def test_feature_maps_of_every_layout():
     assert grid.shape == (2, 8, 4, 4) and torch.equal(grid[:, :, 0, 1], tokens[:, 2])
 
 
-def test_embeddings_tsne_and_cost():
+def test_embeddings_and_tsne():
     backbone, width = create_backbone("test_resnet")
     model = Classifier(backbone, width, 2)
     x = torch.randn(20, 3, 32, 32)
@@ -67,6 +67,17 @@ def test_embeddings_tsne_and_cost():
     assert features.shape == (20, width)
     points = tsne(features)
     assert points.shape == (20, 2) and np.isfinite(points).all()
-    cost = inference_cost(model, (3, 32, 32), batch=4, repeats=1)
-    assert cost["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
-    assert cost["gflops"] > 0 and cost["img_per_s"] > 0
+
+
+def test_eval_cost_counts_every_view_and_each_image():
+    """Parameters; FLOPs per image of the whole evaluation (two TTA views: twice one view's); latency at batch 1
+    and per image at batch 32, on uint8 images fewer than the batch (repeated up to it)."""
+    backbone, width = create_backbone("test_resnet")
+    model = Classifier(backbone, width, 2).eval()
+    images = torch.randint(0, 255, (5, 3, 32, 32), dtype=torch.uint8)
+    one = eval_cost(model, lambda x: model(x.float() / 255), images, "cpu", seconds=0.05)
+    two = eval_cost(model, lambda x: model(x.float() / 255) + model(x.float().flip(-1) / 255), images, "cpu",
+                    seconds=0.05)
+    assert one["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert two["gflops"] == pytest.approx(2 * one["gflops"]) and one["gflops"] > 0
+    assert one["latency_ms"] > 0 and one["latency_ms_b32"] > 0

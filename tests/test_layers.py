@@ -18,7 +18,7 @@ LAYERS = [
     ["experiment", "asha", "searcher"],  # the experiment directory; ASHA's rules; the Optuna searcher
     ["tracking"],  # MLflow
     ["summary", "ensemble", "report"],  # what a search ended with; the steps after it
-    ["repeat", "predict", "train"],  # repeats; command lines that are steps of their own
+    ["repeat", "cv", "predict", "train"],  # repeats, cross-validation; command lines that are steps of their own
     ["pipeline"],  # search → repeats → ensemble → report
     ["search"],  # the command line
 ]

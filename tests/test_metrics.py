@@ -89,3 +89,20 @@ def test_per_label_bootstrap_intervals_match_brute_force_and_keep_patients_toget
                 brute.append(roc_auc_score(y[idx, c], prob[idx, c]))
         assert got[f"auroc/{name}"] == pytest.approx(interval(np.array(brute)))
     assert set(got) == {"mean_auroc", "auroc/a", "auroc/b"}
+
+
+def test_the_pareto_front_is_every_point_no_other_dominates():
+    from itertools import product
+
+    from tune_xray.metrics import pareto_front
+
+    rng = np.random.default_rng(0)
+    points = np.round(rng.random((40, 3)), 1)  # ties included
+    modes = ["max", "min", "min"]
+    signed = points * [-1, 1, 1]
+    brute = [not any((signed[j] <= signed[i]).all() and (signed[j] < signed[i]).any() for j in range(40))
+             for i in range(40)]
+    assert pareto_front(points, modes).tolist() == brute
+    assert pareto_front([[0.9, 10.0], [0.9, 10.0]], ["max", "min"]).tolist() == [True, True]  # equals both stay
+    for a, b in product([0.8, 0.9], [5.0, 10.0]):
+        assert pareto_front([[0.9, 5.0], [a, b]], ["max", "min"])[0]

@@ -120,6 +120,8 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     epochs = int(summary["best"]["epochs_done"]) if summary["best"]["trial"] == "t000" else 2
     assert [m.step for m in client.get_metric_history(done.info.run_id, "val_loss")] == list(range(1, epochs + 1))
     assert "selected_val_mean_auroc" in set(done.data.metrics)
+    for key in ("latency_ms", "latency_ms_b32", "params_m", "gflops"):  # its cost, measured once, logged once
+        assert [m.step for m in client.get_metric_history(done.info.run_id, key)] == [0]
     assert not [m for c in children for m in c.data.metrics if "test" in m]  # test sealed until the record
     assert {"best.pt", "config.yaml", "predictions_val.csv", "predictions_test.csv"} <= {
         a.path for a in client.list_artifacts(done.info.run_id)}
@@ -204,7 +206,8 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     report = exp / "report.html"
     assert summary["report"] == str(report)
     text = report.read_text()
-    titles = ["The study", "The data", "The search", "Every trial", "The model", "Explainability", "Cost",
+    titles = ["The study", "The data", "The search", "Every trial", "The model", "Explainability",
+              "Accuracy against cost",
               "The record: test split"]
     assert [text.index(f"<h2>{t}</h2>") for t in titles] == sorted(text.index(f"<h2>{t}</h2>") for t in titles)
     for heading in ("Parameter importance (fANOVA)", "Grad-CAM", "t-SNE", "Calibration", "ROC per label",
@@ -238,7 +241,10 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     cams = data["explain"]["gradcam"]
     assert cams and all(np.asarray(c["image"]).shape == np.asarray(c["cam"]).shape == (56, 56) for c in cams)
     assert len(data["explain"]["tsne"]["points"]) == len(data["explain"]["tsne"]["labels"]) > 0
-    assert [row["backbone"] for row in data["cost"]] == ["test_resnet"]
+    costs = {r["trial"]: r for r in data["cost"]["rows"]}  # as each trial measured its model
+    assert set(costs) == {r["trial"] for r in summary["rows"] if r["status"] == "complete"}
+    assert all(r["latency_ms"] > 0 and r["params_m"] > 0 and r["gflops"] > 0 for r in costs.values())
+    assert any(r["front"] for r in costs.values()) and not data["cost"]["searched"]
     shutil.copytree(exp, tmp_path / "renamed")  # a copied or renamed experiment still finds its Optuna study
     assert report_main([str(tmp_path / "renamed"), "--out", str(tmp_path / "renamed.html")]) == 0
 
@@ -613,3 +619,79 @@ def test_repeats_rerun_the_best_configs_with_new_seeds(tmp_path, ray_session):
     from tune_xray.experiment import Experiment
     pool = load_pool(Experiment.at(exp))
     assert len(pool.trials) == len(complete) + len(repeats["trials"])  # the pool holds the repeats
+
+
+def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_path, ray_session, capsys):
+    """Objectives val AUROC (max) and latency (min): each trial measures its cost, the Optuna study has both
+    directions, the summary its front (non-dominated complete trials, tagged in MLflow); the ensemble keeps its
+    members' summed latency within the budget; the two best configurations are trained on 2 patient-grouped
+    folds of train + val (test untouched), their out-of-fold predictions cover train + val once, and the best's
+    fold models, averaged, are registered and compared once on test with the search's ensemble."""
+    from tune_xray.ensemble import EnsembleError, run_ensemble
+    from tune_xray.experiment import Experiment
+    from tune_xray.searcher import optuna_storage
+
+    space = {k: v for k, v in SPACE.items() if k != "warm_start"}
+    space["objectives"] = {"val_mean_auroc": "max", "latency_ms": "min"}
+    space["params"] = {"model.backbone": {"choice": ["test_resnet", "test_efficientnet"]},
+                       "augment.tta": {"choice": ["none", "hflip"]}}
+    space["sampler"] = {"n_startup_trials": 2}
+    args = _args(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    args.trials, args.no_asha, args.no_report, args.overrides = 3, True, True, ["supervised.epochs=1"]
+    args.latency_budget, args.cv_folds, args.cv_top = 1e6, 2, 2
+    summary = run_search(args)
+    assert summary["status"] == "complete" and not summary["failed"], summary["failed"]
+    exp = tmp_path / "store" / "tiny"
+    complete = [r for r in summary["rows"] if r["status"] == "complete"]
+    assert all(r["cost"]["latency_ms"] > 0 and r["cost"]["params_m"] > 0 for r in complete)
+    front = {r["trial"] for r in summary["pareto_front"]}
+    point = {r["trial"]: (r[summary["metric"]], r["cost"]["latency_ms"]) for r in complete}
+    for trial, (auroc, ms) in point.items():  # on the front exactly when no other complete trial dominates it
+        dominated = any(a >= auroc and m <= ms and (a, m) != (auroc, ms) for a, m in point.values())
+        assert (trial in front) == (not dominated)
+    study = optuna.load_study(study_name="tiny", storage=optuna_storage(f"sqlite:///{exp / 'optuna.db'}"))
+    assert len(study.directions) == 2 and {t.number for t in study.best_trials} == {int(t[1:]) for t in front}
+    client, parent, runs = _mlflow(exp)
+    tagged = {r.info.run_name.split()[0] for r in runs if r.data.tags.get("tune_xray.pareto_front") == "true"}
+    assert tagged == front
+    cost = summary["ensemble"]["cost"]
+    assert cost["budget"] == {"latency_ms": 1e6} and cost["served_latency_ms"] > 0
+    # a budget that holds the fastest trial alone: that trial is the whole ensemble
+    fastest = min(complete, key=lambda r: r["cost"]["latency_ms"])
+    result = run_ensemble(Experiment.at(exp), budget={"latency_ms": fastest["cost"]["latency_ms"] * 1.0001})
+    assert [m["trial"] for m in result["members"]] == [fastest["trial"]]
+    assert result["cost"]["latency_ms_sum"] <= fastest["cost"]["latency_ms"] * 1.0001
+    assert "Budget: latency ≤" in (exp / "ensemble" / "model_card.md").read_text()
+    with pytest.raises(EnsembleError, match="--latency-budget 1e-06: the least is"):
+        run_ensemble(Experiment.at(exp), budget={"latency_ms": 1e-6})
+
+    cv = summary["cv"]
+    top = [r["trial"] for r in summary["top"][:2]]
+    assert sorted(r["config"] for r in cv["rows"]) == sorted(top) and cv["folds"] == 2
+    assert all(t["status"] == "complete" for t in cv["trials"]) and len(cv["trials"]) == 4
+    base = pd.read_csv(next(exp.glob(f"{top[0]}-*")) / "predictions_val.csv")
+    test = pd.read_csv(next(exp.glob(f"{top[0]}-*")) / "predictions_test.csv")
+    for row in cv["rows"]:
+        assert row["mean"] == pytest.approx(np.mean(row["values"])) and row["ci_low"] <= row["mean"] <= row["ci_high"]
+        oof = pd.read_csv(row["oof_file"])
+        assert not oof["path"].duplicated().any() and set(oof["fold"]) == {0, 1}
+        assert set(oof["path"]).isdisjoint(test["path"])  # test is never part of a fold
+        folds_of = oof.groupby("patient_id")["fold"].nunique()
+        assert (folds_of == 1).all()  # patient-grouped
+        assert len(oof) > len(base)  # train + val, not val alone
+    fold_runs = [r for r in runs if "tune_xray.cv_of" in r.data.tags]
+    assert sorted((r.data.tags["tune_xray.cv_of"], r.data.tags["tune_xray.cv_fold"]) for r in fold_runs) == sorted(
+        (t, str(k)) for t in top for k in range(2))
+    assert all(r.data.params["data.folds"] == "2" for r in fold_runs)
+    folded = cv["fold_ensemble"]
+    assert folded["config"] == cv["rows"][0]["config"] and folded["members"] == 2
+    assert folded["registered"]["uri"] == "models:/tiny-cv/1"
+    assert folded["minus_search_ensemble"]["value"] == pytest.approx(
+        folded["test"]["value"] - summary["ensemble"]["test"]["ensemble"]["value"])
+    assert json.loads((exp / "test_reads.json").read_text())[-1]["by"].startswith("the cross-validation")
+    from tune_xray.summary import print_summary
+    print_summary(summary, "")
+    out = capsys.readouterr().out
+    assert "Pareto front on best_val_mean_auroc (max), latency_ms (min)" in out and "cross-validation:" in out
+    assert "budget 1e+06 ms" in out

@@ -17,7 +17,7 @@ MINIMAL = {"budget": {"trials": 2, "epochs": 1},
 
 def _write(tmp_path, tree):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))  # objectives keep their order
     return str(path)
 
 
@@ -138,11 +138,70 @@ def test_smoke_keeps_every_axis_meaningful_and_records_what_ran():
 
 def test_sampler_options_reach_optuna(tmp_path):
     tree = {**MINIMAL, "sampler": {"multivariate": True, "constant_liar": True, "n_startup_trials": 3}}
-    from tune_xray.searcher import DefineByRun, tpe_searcher
+    from tune_xray.searcher import DefineByRun, optuna_searcher
 
     study = load_study(_write(tmp_path, tree))
-    searcher = tpe_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
                               "best_val_mean_auroc")
     sampler = searcher.sampler
     assert sampler._multivariate and sampler._constant_liar and sampler._n_startup_trials == 3
     assert load_study(_write(tmp_path, MINIMAL)).space.sampler.multivariate is False  # Optuna's defaults
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"objectives": {"latency_ms": "min", "val_mean_auroc": "max"}}, "the first objective is the validation metric"),
+    ({"objectives": {"val_mean_auroc": "max", "latency": "min"}}, "['latency'] unknown"),
+    ({"objectives": {"val_mean_auroc": "max", "val_loss": "min"}}, "the first objective is the validation metric"),
+    ({"objectives": {"val_mean_auroc": "max", "gflops": "smallest"}}, "objectives.gflops"),
+    ({"metric": "val_loss", "objectives": {"val_mean_auroc": "max"}}, "metric: val_loss contradicts"),
+    ({"sampler": {"name": "nsga2", "multivariate": True}}, "['multivariate'] are not options of the nsga2"),
+    ({"sampler": {"population_size": 10}}, "['population_size'] are not options of the tpe"),
+    ({"ensemble": {"latency_ms": 0}}, "ensemble.latency_ms"),
+])
+def test_objectives_sampler_and_budget_errors_name_the_key(tmp_path, edit, message):
+    path = _write(tmp_path, {**MINIMAL, **edit})
+    with pytest.raises(ConfigError) as err:
+        load_study(path)
+    assert path in str(err.value) and message in str(err.value)
+
+
+def test_a_pareto_study_and_its_multi_objective_sampler(tmp_path):
+    from tune_xray.searcher import DefineByRun, optuna_searcher
+
+    tree = {**MINIMAL, "objectives": {"val_mean_auroc": "max", "latency_ms": "min", "params_m": "min"},
+            "sampler": {"name": "nsga2", "population_size": 4}, "ensemble": {"latency_ms": 20},
+            "smoke": {"ensemble": {"latency_ms": 3}}}
+    study = load_study(_write(tmp_path, tree))
+    assert (study.metric, study.mode, study.costs) == ("val_mean_auroc", "max", [("latency_ms", "min"),
+                                                                                 ("params_m", "min")])
+    assert study.ensemble_budget() == {"latency_ms": 20, "params_m": None}
+    assert study.ensemble_budget(smoke=True) == {"latency_ms": 3, "params_m": None}
+    assert study.ensemble_budget(smoke=True, latency_ms=7, params_m=2) == {"latency_ms": 7, "params_m": 2}
+    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+                               "best_val_mean_auroc")
+    assert isinstance(searcher.sampler, optuna.samplers.NSGAIISampler)
+    assert [d.name for d in searcher.study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    assert searcher.study.metric_names == ["best_val_mean_auroc", "latency_ms", "params_m"]
+    single = load_study(_write(tmp_path, MINIMAL))
+    assert single.costs == [] and single.ensemble_budget() == {"latency_ms": None, "params_m": None}
+
+
+def test_a_multi_objective_study_is_told_every_objective_and_tpe_samples_past_pruned_trials(tmp_path):
+    """A complete trial is told its metric and its costs; a pruned one is PRUNED with no intermediate value (TPE
+    ranks those against a single direction, which a multi-objective study has not); TPE then keeps proposing."""
+    from tune_xray.searcher import DefineByRun, optuna_searcher
+
+    tree = {**MINIMAL, "objectives": {"val_mean_auroc": "max", "latency_ms": "min"},
+            "sampler": {"n_startup_trials": 2}}
+    study = load_study(_write(tmp_path, tree))
+    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+                               "best_val_mean_auroc")
+    for i in range(6):
+        searcher.suggest(f"t{i}")
+        result = {"best_val_mean_auroc": 0.5 + i / 20, "latency_ms": 5.0 - i / 2, "epochs_done": 1}
+        searcher.on_trial_result(f"t{i}", result)
+        searcher.on_trial_complete(f"t{i}", {**result, "status": "complete"} if i % 2 else result)
+    trials = searcher.study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["PRUNED", "COMPLETE"] * 3
+    assert trials[1].values == [0.55, 4.5] and all(not t.intermediate_values for t in trials)
+    assert {t.number for t in searcher.study.best_trials} == {5}

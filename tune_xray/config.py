@@ -31,6 +31,9 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="random and folder splits")
     split_seed: int = 42
+    folds: int = Field(0, ge=0, description="K-fold cross-validation over train + val (patient-grouped, label-"
+                       "stratified; test untouched): fold `fold` is validation, the others train. 0: no folds")
+    fold: int = Field(0, ge=0)
     label_fraction: float = Field(1.0, gt=0, le=1, description="training labels kept (stratified, by patient)")
     label_seed: int = Field(0, description="which subset a label fraction keeps")
     cache_size: int = Field(256, ge=16, description="images are decoded once and stored at this size")
@@ -48,6 +51,13 @@ class DataConfig(_Strict):
     device_share: float = Field(
         1.0, gt=0, le=1, description="the share of its GPU a trial holds, for device_cache: auto (the search sets "
         "it from a fractional --gpus-per-trial: packed trials each count their own share, not what is free)")
+
+    @model_validator(mode="after")
+    def _fold(self):
+        if self.folds == 1 or (self.folds and self.fold >= self.folds) or (not self.folds and self.fold):
+            raise ValueError(f"folds={self.folds}, fold={self.fold}: K-fold needs folds >= 2 and 0 <= fold < folds "
+                             "(folds 0: the split as it is, fold 0)")
+        return self
 
 
 class AugmentConfig(_Strict):

@@ -150,8 +150,14 @@ class CaruanaSelector:
        two is that model or pair, so the average over bags is the random draw of which models the bags kept
        (with two trials, each bag held one: weights 0.7/0.3 from the draw, not from the data).
 
-    Since the initialisation with N = 1 is the best single model and every later choice is kept only if it
-    scores at least as well, the fitted weights score at least the best single model's on the hill-climb set.
+    Under a budget (`fit(..., costs, budget)`: each model's costs, e.g. latency and parameters, and the most the
+    ensemble may sum over its distinct members) a model is added — in the initialisation, the greedy steps and
+    every bag — only while the members' summed costs stay within it; a model chosen again costs nothing more.
+    Bagging is off under a budget: the average over bags holds the union of their members, which need not fit.
+
+    Since the initialisation with N = 1 is the best single model (the best affordable one, under a budget) and
+    every later choice is kept only if it scores at least as well, the fitted weights score at least the best
+    single model's on the hill-climb set.
     Ties go to the model with the better own score, then the lower index: give the models in a canonical order.
 
     `scorer(y, prob) → float`, higher is better. Fitted: `weights_` (M,) summing to 1, `score_` (theirs),
@@ -169,17 +175,28 @@ class CaruanaSelector:
                              "bags >= 0 and 0 < bag_fraction <= 1")
         self.size, self.max_init, self.bags, self.bag_fraction, self.seed = size, max_init, bags, bag_fraction, seed
 
+    def _fits(self, chosen, j: int) -> bool:
+        """Whether the distinct models `chosen` and `j` together stay within the budget (always, without one)."""
+        if self.costs_ is None:
+            return True
+        return bool((self.costs_[sorted(set(chosen) | {j})].sum(0) <= self.budget_).all())
+
     def _select(self, probs: np.ndarray, members, y, scorer) -> tuple[np.ndarray, list[tuple[int, float]], int]:
-        """One selection over `members`: (counts of the best prefix, the curve, the initial size)."""
+        """One selection over `members` (each affordable alone): (counts of the best prefix, the curve, the
+        initial size)."""
         ranked = sorted(members, key=lambda j: (-self.single_scores_[j], j))
         longest = min(self.size, self.max_init or self.size, len(ranked))
+        longest = next((n for n in range(1, longest) if not self._fits(ranked[:n], ranked[n])), longest)
         inits = [scorer(y, probs[ranked[:n]].mean(0)) for n in range(1, longest + 1)]
         n0 = int(np.argmax(inits)) + 1  # the first of the best: the smallest N
         order, total = list(ranked[:n0]), probs[ranked[:n0]].sum(0)
         curve = [(n0, inits[n0 - 1])]
         while len(order) < self.size:
             k = len(order) + 1
-            gains = [(scorer(y, (total + probs[j]) / k), self.single_scores_[j], -j) for j in ranked]
+            gains = [(scorer(y, (total + probs[j]) / k), self.single_scores_[j], -j) for j in ranked
+                     if self._fits(order, j)]
+            if not gains:  # nothing more fits the budget
+                break
             j = -max(gains)[2]
             order.append(j)
             total = total + probs[j]
@@ -188,24 +205,32 @@ class CaruanaSelector:
         counts = np.bincount(order[:curve[best][0]], minlength=len(probs)).astype(float)
         return counts, curve, n0
 
-    def fit(self, probs: np.ndarray, y: np.ndarray, scorer: Callable[[np.ndarray, np.ndarray], float]):
-        """`probs` (M, n, C): each model's probabilities on the hill-climb set; `y` its targets."""
+    def fit(self, probs: np.ndarray, y: np.ndarray, scorer: Callable[[np.ndarray, np.ndarray], float],
+            costs: np.ndarray | None = None, budget: np.ndarray | None = None):
+        """`probs` (M, n, C): each model's probabilities on the hill-climb set; `y` its targets; `costs` (M, K)
+        and `budget` (K,): what each model costs and the most the ensemble's distinct members may sum to."""
         probs = np.asarray(probs, dtype=np.float64)
         m = len(probs)
+        self.costs_ = None if budget is None else np.asarray(costs, dtype=np.float64).reshape(m, -1)
+        self.budget_ = None if budget is None else np.asarray(budget, dtype=np.float64)
+        affordable = [j for j in range(m) if self._fits([], j)]
+        if not affordable:
+            raise ValueError("no model fits the budget alone")
         self.single_scores_ = np.array([scorer(y, p) for p in probs])
-        counts, curve, self.init_size_ = self._select(probs, range(m), y, scorer)
+        counts, curve, self.init_size_ = self._select(probs, affordable, y, scorer)
         self.weights_, self.curve_, self.curve_axis_ = counts / counts.sum(), curve, "selections"
         self.score_ = scorer(y, np.tensordot(self.weights_, probs, axes=1))
         self.chosen_, self.bagged_ = int(counts.sum()), False
-        best = int(np.argmax(self.single_scores_))
+        best = max(affordable, key=lambda j: (self.single_scores_[j], -j))
         if self.score_ < self.single_scores_[best]:  # the weighted sum rounded apart from the running mean and
             self.weights_ = np.eye(m)[best]  # reordered near-equal probabilities: the best single model, exactly
             self.score_, self.curve_, self.chosen_ = self.single_scores_[best], [(1, self.single_scores_[best])], 1
-        bag = math.ceil(self.bag_fraction * m)
-        if self.bags > 1 and bag >= self.MIN_BAG:
+        bag = math.ceil(self.bag_fraction * len(affordable))
+        if self.bags > 1 and bag >= self.MIN_BAG and self.costs_ is None:
             rng, running, bag_curve = np.random.default_rng(self.seed), np.zeros(m), []
             for b in range(1, self.bags + 1):
-                bag_counts, _, _ = self._select(probs, sorted(rng.choice(m, size=bag, replace=False)), y, scorer)
+                bag_counts, _, _ = self._select(probs, sorted(rng.choice(affordable, size=bag, replace=False)), y,
+                                                scorer)
                 running += bag_counts / bag_counts.sum()
                 bag_curve.append((b, scorer(y, np.tensordot(running / b, probs, axes=1))))
             if bag_curve[-1][1] >= self.score_:
@@ -214,25 +239,57 @@ class CaruanaSelector:
         return self
 
 
+BUDGET_FLAGS = {"latency_ms": "--latency-budget", "params_m": "--params-budget"}  # the costs a budget bounds
+
+
+def budget_costs(pool: Pool, budget: dict | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Each pool member's measured costs (M, K) for the budget's K bounds (`{"latency_ms": 20}`), and the bounds;
+    (None, None) without a budget. A member without the measurement, or a budget no member fits alone, is one
+    error naming the flag."""
+    budget = {k: v for k, v in (budget or {}).items() if v is not None}
+    if not budget:
+        return None, None
+    costs = np.full((len(pool.trials), len(budget)), np.nan)
+    for i, trial in enumerate(pool.trials):
+        for k, name in enumerate(budget):
+            value = (trial.get("cost") or {}).get(name)
+            if not isinstance(value, (int, float)):
+                raise EnsembleError(f"{BUDGET_FLAGS[name]}: {trial['trial']} has no measured {name} (a trial "
+                                    "measures its cost at its first epoch's end; this one did not)")
+            costs[i, k] = value
+    bounds = np.array(list(budget.values()), dtype=np.float64)
+    if not (costs <= bounds).all(1).any():
+        cheapest = ", ".join(f"{BUDGET_FLAGS[name]} {bound:g}: the least is {costs[:, k].min():.3g}"
+                             for k, (name, bound) in enumerate(budget.items()))
+        raise EnsembleError(f"no completed trial fits the budget alone ({cheapest})")
+    return costs, bounds
+
+
 def select(pool: Pool, method: str = "caruana", size: int = 5, bags: int = 20, bag_fraction: float = 0.5,
-           seed: int = 0) -> tuple[np.ndarray, dict]:
+           seed: int = 0, budget: dict | None = None) -> tuple[np.ndarray, dict]:
     """Member weights (summing to 1) over the pool, from validation predictions only, and how they were chosen:
     the curve of the returned weights' making (`curve`: [x, val score] pairs along `axis`), the x returned
-    (`chosen`), `bagged`, `init` (Caruana) — for `best` and `topk` the score of the top-1 … top-k means."""
+    (`chosen`), `bagged`, `init` (Caruana) — for `best` and `topk` the score of the top-1 … top-k means. With a
+    `budget` (cost name → most the distinct members may sum to), only members that fit it together."""
     probs, score = pool.val.probs, scorer(pool)
+    costs, bounds = budget_costs(pool, budget)
     if method == "caruana":
-        selector = CaruanaSelector(size, None, bags, bag_fraction, seed).fit(probs, pool.val.y,
-                                                                             lambda y, p: float(score(p)[0]))
+        selector = CaruanaSelector(size, None, bags, bag_fraction, seed).fit(
+            probs, pool.val.y, lambda y, p: float(score(p)[0]), costs, bounds)
         return selector.weights_, {"curve": selector.curve_, "axis": selector.curve_axis_,
                                    "chosen": selector.chosen_, "bagged": selector.bagged_,
                                    "init": selector.init_size_}
     m = len(probs)
-    k = 1 if method == "best" else min(size, m)
-    ranked = np.argsort(-pool.single, kind="stable")
+    kept: list[int] = []
+    for j in np.argsort(-pool.single, kind="stable"):  # best first, each while the budget holds
+        if len(kept) < (1 if method == "best" else size) and (
+                costs is None or (costs[kept + [j]].sum(0) <= bounds).all()):
+            kept.append(int(j))
     weights = np.zeros(m)
-    weights[ranked[:k]] = 1.0 / k
-    curve = [(i, float(score(probs[ranked[:i]].mean(0))[0])) for i in range(1, k + 1)]
-    return weights, {"curve": curve, "axis": "top-k members", "chosen": k, "bagged": False, "init": k}
+    weights[kept] = 1.0 / len(kept)
+    curve = [(i, float(score(probs[kept[:i]].mean(0))[0])) for i in range(1, len(kept) + 1)]
+    return weights, {"curve": curve, "axis": "top-k members", "chosen": len(kept), "bagged": False,
+                     "init": len(kept)}
 
 
 def _with_ci(values: np.ndarray, point: float) -> dict:
@@ -327,17 +384,47 @@ def _per_label(split: Split, prob: np.ndarray, classes: list[str], boot: np.ndar
             for k, v in points.items()}
 
 
+def measured_latency(checkpoints: list[str], weights: list[float], example: str, device: str) -> float:
+    """ms per image of the ensemble as served (serving.EnsemblePredictor: each member's cache layout, eval views
+    and forward, the weighted mean), one decoded image at a time on `device`: the median of repeats."""
+    from .explain import median_seconds
+    from .serving import EnsemblePredictor, read_image
+
+    predictor, image = EnsemblePredictor(checkpoints, weights, device=device), read_image(example)
+    return 1000 * median_seconds(lambda: predictor.predict([image], batch_size=1), device, 10, 5.0)
+
+
+def selection_cost(pool: Pool, weights: np.ndarray, budget: dict | None, device: str | None) -> dict:
+    """What the chosen ensemble costs: its members' measured costs summed (each measured in its trial, on the
+    trial's device), the budget they were held to, and (with a `device`) the ensemble's own latency as served,
+    measured there."""
+    chosen = [t for t, w in zip(pool.trials, weights) if w > 0]
+    sums = {f"{name}_sum": float(sum(t["cost"][name] for t in chosen)) for name in ("latency_ms", "params_m", "gflops")
+            if all(isinstance((t.get("cost") or {}).get(name), (int, float)) for t in chosen)}
+    out = {"budget": {k: v for k, v in (budget or {}).items() if v is not None}, **sums, "device": device}
+    if device:
+        out["served_latency_ms"] = measured_latency([str(Path(t["dir"]) / "best.pt") for t in chosen],
+                                                    [float(w) for w in weights if w > 0], pool.val.paths[0], device)
+    return out
+
+
 def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5, bags: int = 20,
                  seed: int = 0, resamples: int = 1000, tracking_uri: str | None = None,
-                 read_test: bool = False) -> dict:
+                 read_test: bool = False, budget: dict | None = None, device: str | None = None) -> dict:
     """Select on validation and write `ENSEMBLE_DIR/` (ensemble.json, members.csv, model card); with
     `read_test`, the record on test too (its predictions, counted in test_reads.json); with a tracking URI, log
-    it as an `ensemble` run and register its pyfunc model (tracking.log_ensemble)."""
+    it as an `ensemble` run and register its pyfunc model (tracking.log_ensemble). `budget`: the most its members'
+    measured costs may sum to (`{"latency_ms": 20, "params_m": 50}`); `device`: where its latency as served is
+    measured (None: not measured)."""
     start = time.perf_counter()
     if size < 1 or bags < 0:
         raise EnsembleError(f"--size {size} --bags {bags}: the ensemble size must be at least 1, bags at least 0")
+    for name, value in (budget or {}).items():
+        if value is not None and not value > 0:
+            raise EnsembleError(f"{BUDGET_FLAGS[name]} {value:g}: more than 0")
     pool = load_pool(experiment)
-    weights, selection = select(pool, method, size, bags, seed=seed)
+    weights, selection = select(pool, method, size, bags, seed=seed, budget=budget)
+    cost = selection_cost(pool, weights, budget, device)
     recorded = record(pool, weights, size, resamples, seed, read_test)
     out_dir = experiment.ensemble_dir
     out_dir.mkdir(exist_ok=True)
@@ -355,7 +442,8 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
         (out_dir / "predictions_test.csv").unlink(missing_ok=True)
     result = {"method": method, "size": size, "bags": bags if method == "caruana" else 0, "seed": seed,
               "resamples": resamples, "metric": pool.metric, "task": pool.task, "rule": pool.rule,
-              "classes": pool.classes, "pool": len(pool.trials), "selection": selection, "test": None, **recorded,
+              "classes": pool.classes, "pool": len(pool.trials), "selection": selection, "cost": cost,
+              "test": None, **recorded,
               "example_path": pool.val.paths[0], "members": members.drop(columns="dir").to_dict("records")}
     result["wall_time_s"] = time.perf_counter() - start
     (out_dir / "ensemble.json").write_text(json.dumps(result, indent=1, default=float))
@@ -391,7 +479,8 @@ def model_card(pool: Pool, result: dict) -> str:
              f"- Task: {pool.task}, classes: {', '.join(pool.classes)}",
              f"- Split image-id hashes: {hashes}",
              f"- Selection: {result['method']} (size {result['size']}, bags {result['bags']}) over {result['pool']} "
-             f"completed trials, on **validation {metric} only**; {read}.", "",
+             f"completed trials, on **validation {metric} only**; {read}.",
+             *cost_lines(result["cost"]), "",
              "| member (trial and drawn configuration) | weight |", "|---|---|", rows, "",
              f"| {metric} (95 % bootstrap CI, {result['resamples']} resamples) | val (selection set) |"
              + (" test (record) |" if test else ""), "|---|---|" + ("---|" if test else "")]
@@ -409,6 +498,19 @@ def model_card(pool: Pool, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cost_lines(cost: dict) -> list[str]:
+    """The model card's and the printout's lines on what the ensemble costs, and the budget it was held to."""
+    units = {"latency_ms": "ms per image (batch 1)", "params_m": "M parameters"}
+    held = "; ".join(f"{name.split('_')[0]} ≤ {value:g} {units[name]} (its members' measured sum: "
+                     f"{cost.get(name + '_sum', float('nan')):.3g})" for name, value in cost["budget"].items())
+    sums = ", ".join(f"{cost[k]:.3g} {unit}" for k, unit in (("latency_ms_sum", "ms"), ("params_m_sum", "M params"),
+                                                            ("gflops_sum", "GFLOPs")) if k in cost)
+    served = (f"; the ensemble as served measured {cost['served_latency_ms']:.3g} ms per image, one decoded image "
+              f"at a time on {cost['device']}" if "served_latency_ms" in cost else "")
+    return [f"- Budget: {held}" if held else "- Budget: none (`--latency-budget MS`, `--params-budget M`)",
+            f"- Cost: members' sum {sums or 'not measured'}, each measured in its trial on its device{served}"]
+
+
 def print_result(result: dict) -> None:
     metric, test = bare(result["metric"]), result.get("test")
     print(f"ensemble ({result['method']}, {len(result['members'])} members of {result['pool']}): {metric}, 95 % "
@@ -423,6 +525,8 @@ def print_result(result: dict) -> None:
                   + (f"   test (record) {_fmt(single['test'][label][name])}" if test else ""))
     if test:
         print(f"  test read {result['test_reads']} time(s) for this experiment ({TEST_READS})")
+    for line in cost_lines(result["cost"]):
+        print(f"  {line[2:]}")
     for m in result["members"]:
         print(f"  {m['weight']:.3f}  {m['name']}")
     if result.get("registered"):
@@ -438,6 +542,12 @@ def main(argv=None) -> int:
     parser.add_argument("--bags", type=int, default=20, help="Caruana bagging: random halves of the pool")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--latency-budget", type=float, metavar="MS", help="members only while their measured "
+                        "latencies (ms per image, batch 1) sum to at most MS")
+    parser.add_argument("--params-budget", type=float, metavar="M", help="members only while their parameters "
+                        "sum to at most M million")
+    parser.add_argument("--device", help="measure the ensemble's latency as served on this device (cpu, cuda; "
+                        "the search measures it on its own)")
     parser.add_argument("--tracking-uri", help="MLflow (default: the search's own store; 'none' to skip)")
     parser.add_argument("--record", action="store_true", help="also read the test split for the record (the search "
                         "did at its end; each read is counted in the experiment's test_reads.json)")
@@ -446,7 +556,8 @@ def main(argv=None) -> int:
         experiment = Experiment.at(args.experiment_dir)
         uri = args.tracking_uri or experiment.tracking_uri
         result = run_ensemble(experiment, args.method, args.size, args.bags, args.seed, args.resamples,
-                              None if uri == "none" else uri, read_test=args.record)
+                              None if uri == "none" else uri, read_test=args.record, device=args.device,
+                              budget={"latency_ms": args.latency_budget, "params_m": args.params_budget})
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

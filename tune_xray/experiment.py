@@ -34,7 +34,7 @@ import yaml
 from .cluster import download, upload
 from .config import ConfigError
 from .metrics import resampling_units
-from .trial import REPEAT_OF, REPEAT_SEED, RESULT_FILES, STATUSES, TRIAL_NUMBER  # noqa: F401  (STATUSES: readers')
+from .trial import CV_FOLD, CV_OF, REPEAT_OF, REPEAT_SEED, RESULT_FILES, STATUSES, TRIAL_NUMBER  # noqa: F401  (STATUSES: readers')
 
 
 def provenance() -> dict:
@@ -69,12 +69,13 @@ SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".search.lock"
 ENSEMBLE_DIR = "ensemble"
 REPEATS_DIR = "repeats"
+CV_DIR = "cv"  # tune_xray.cv: the finalists' fold trials, out-of-fold predictions and the fold ensemble
 TEST_READS = "test_reads.json"
 REPORT_FILE = "report.html"
 # the search's command-line values a --resume repeats (resources and cluster may differ)
 INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name", "tracking_uri",
               "optuna_storage", "ensemble_size", "no_ensemble", "no_report", "repeats", "repeat_top",
-              "record_test_per_trial")
+              "record_test_per_trial", "latency_budget", "params_budget", "cv_folds", "cv_top")
 
 
 class ExperimentError(ValueError):
@@ -94,6 +95,12 @@ def trial_label(config: dict) -> str:
 def trial_name(trial) -> str:
     """Tune's trial name and directory for a search trial: `t007-<trial id>`, the Optuna trial number first."""
     return trial_dir_name(trial_label(trial.config), trial.trial_id)
+
+
+def cv_name(trial) -> str:
+    """Tune's trial name and directory for a fold trial (tune_xray.cv): `t007-f2-<trial id>`, fold 2 of trial
+    t007's configuration."""
+    return f"{trial.config[CV_OF]}-f{trial.config[CV_FOLD]}-{trial.trial_id}"
 
 
 def repeat_name(trial) -> str:
@@ -248,6 +255,10 @@ class Experiment:
     @property
     def repeats_dir(self) -> Path:
         return self.directory / REPEATS_DIR
+
+    @property
+    def cv_dir(self) -> Path:
+        return self.directory / CV_DIR
 
     # -- the ensemble and the record -----------------------------------------------------------------------------
 

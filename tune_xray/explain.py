@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+COST_METRICS = ("latency_ms", "latency_ms_b32", "params_m", "gflops")  # what eval_cost measures, per image
 MIN_CAM_SIDE = 7  # a Grad-CAM map coarser than this (in either direction) says little about where
 
 
@@ -125,23 +127,38 @@ def tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 @torch.no_grad()
-def inference_cost(model: nn.Module, shape: tuple[int, int, int], device: str = "cpu", batch: int = 16,
-                   repeats: int = 3) -> dict:
-    """Parameters, forward FLOPs per image (torch's FlopCounterMode; a multiply-add counts 2) and measured
-    inference img/s (eval mode, batch `batch`, after one warm-up) on `device`."""
+def median_seconds(run: Callable[[], object], device: str, repeats: int, seconds: float) -> float:
+    """Median wall time of `run()` after one warm-up: `repeats` times, or fewer once `seconds` have passed."""
+    def timed() -> float:
+        start = time.perf_counter()
+        run()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed()
+    times, spent = [], 0.0
+    while len(times) < repeats and (not times or spent < seconds):
+        times.append(timed())
+        spent += times[-1]
+    return float(np.median(times))
+
+
+@torch.no_grad()
+def eval_cost(model: nn.Module, predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+              device: str, batch: int = 32, seconds: float = 5.0) -> dict:
+    """What a fine-tuned model costs to run as it is evaluated, on its own device: `predict(uint8 images)` → its
+    probabilities (the eval view, every TTA view, their mean), on `images` (uint8, repeated up to `batch`).
+
+    `params_m` (millions); `gflops` per image, every view (torch's FlopCounterMode: a multiply-add counts 2);
+    `latency_ms`: one image alone (batch 1), what a reader waits for; `latency_ms_b32`: per image at batch `batch`
+    (32), what a worklist costs. Each the median of repeats after a warm-up (S0 published such a table by hand)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = model.to(device).eval()
-    x = torch.randn(batch, *shape, device=device)
+    x = images[torch.arange(batch) % len(images)].to(device)
     with FlopCounterMode(display=False) as counter:
-        model(x[:1])
-    model(x)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        model(x)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        predict(x[:1])
+    one = median_seconds(lambda: predict(x[:1]), device, 10, seconds)
+    many = median_seconds(lambda: predict(x), device, 3, seconds)
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "gflops": counter.get_total_flops() / 1e9,
-            "img_per_s": repeats * batch / (time.perf_counter() - start)}
+            "latency_ms": 1000 * one, "latency_ms_b32": 1000 * many / batch}

@@ -259,3 +259,12 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     if not len(values):
         return float("nan"), float("nan")
     return float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))
+
+
+def pareto_front(points: np.ndarray, modes: list[str]) -> np.ndarray:
+    """Boolean mask of the non-dominated rows of `points` (n, objectives), each column maximised or minimised as
+    `modes` says: a row is dominated when another is at least as good on every objective and better on one."""
+    signed = np.asarray(points, dtype=np.float64) * np.array([1.0 if m == "min" else -1.0 for m in modes])
+    no_worse = (signed[:, None, :] <= signed[None, :, :]).all(-1)  # [i, j]: i at least as good as j everywhere
+    better = (signed[:, None, :] < signed[None, :, :]).any(-1)
+    return ~(no_worse & better).any(0)

@@ -1,7 +1,7 @@
 """A search from its command line to its end: everything checked before Ray starts, the Tuner (Optuna TPE + ASHA,
 each trial a Tune trial or a Ray Train run, each an MLflow child run), the summary, and what comes after the
-trials — repeats, the ensemble, the report — each a function of the `Experiment`, run in turn, a failure of one
-said without costing the others.
+trials — repeats, the ensemble, cross-validation, the report — each a function of the `Experiment`, run in turn,
+a failure of one said without costing the others.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from . import tracking
 from .asha import FinishAwareASHA
 from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem
 from .config import ConfigError, objective
+from .cv import print_cv, run_cv
 from .ensemble import run_ensemble
 from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
 from .repeat import print_repeats, run_repeats
 from .report import build_report
-from .searcher import DefineByRun, close_orphans, link_run, tpe_searcher
+from .searcher import DefineByRun, close_orphans, link_run, optuna_searcher
 from .space import Study, flatten, load_study, resolve_path
 from .summary import run_name, summarize
 from .trial import (
@@ -61,8 +62,15 @@ def check_numbers(args) -> None:
                           f"--gpus-per-trial {args.workers_per_trial} or more")
     if getattr(args, "repeats", 0) < 0 or (getattr(args, "repeats", 0) and args.repeat_top < 1):
         raise ConfigError(f"--repeats {args.repeats} --repeat-top {args.repeat_top}: both must be at least 1")
+    if getattr(args, "cv_folds", 0) < 0 or getattr(args, "cv_folds", 0) == 1 or getattr(args, "cv_top", 3) < 1:
+        raise ConfigError(f"--cv-folds {args.cv_folds} --cv-top {args.cv_top}: at least 2 folds (0: none) and 1 "
+                          "configuration")
     if getattr(args, "ensemble_size", 5) < 1:
         raise ConfigError(f"--ensemble-size {args.ensemble_size}: at least 1 (or --no-ensemble)")
+    for flag, value in (("--latency-budget", getattr(args, "latency_budget", None)),
+                        ("--params-budget", getattr(args, "params_budget", None))):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} {value:g}: more than 0")
 
 
 def absolute_data(source: str) -> str:
@@ -124,23 +132,41 @@ def restore_invocation(args) -> None:
             setattr(args, key, value)
 
 
+def ensemble_budget(args) -> dict:
+    """The final ensemble's budget: --latency-budget / --params-budget, else the study file's `ensemble:`."""
+    return load_study(args.study).ensemble_budget(args.smoke, getattr(args, "latency_budget", None),
+                                                  getattr(args, "params_budget", None))
+
+
 def search_params(args, study: Study, budget, trials: int, overrides: dict, resources) -> dict:
     """The parent run's params: everything that decides what the search does, so runs compare on them."""
     return {"study": study.origin, "trials": trials, "smoke": args.smoke, "metric": study.metric, "mode": study.mode,
             "budget.epochs": budget.epochs, "scheduler": "off" if args.no_asha else "ASHA",
             "asha.grace_period": budget.grace_period, "asha.reduction_factor": budget.reduction_factor,
-            "sampler": "TPE (Optuna)", **{f"sampler.{k}": v for k, v in study.space.sampler.model_dump().items()},
+            "sampler": f"{study.space.sampler.name} (Optuna)",
+            **{f"sampler.{k}": v for k, v in study.space.sampler.options().items()},
+            "objectives": objectives_text(study),
             "seed": args.seed, "ensemble_size": "off" if getattr(args, "no_ensemble", False)
-            else getattr(args, "ensemble_size", 5), "repeats": getattr(args, "repeats", 0),
+            else getattr(args, "ensemble_size", 5),
+            **{f"ensemble.budget.{k}": "none" if v is None else v for k, v in ensemble_budget(args).items()},
+            "repeats": getattr(args, "repeats", 0),
             "set": " ".join(args.overrides) or "none", "overrides": json.dumps(overrides, sort_keys=True),
             "data": args.data or "synthetic", "workers_per_trial": resources.workers,
             "cpus_per_trial": resources.cpus, "gpus_per_trial": resources.gpus, **provenance()}
 
 
+def objectives_text(study: Study) -> str:
+    """`val_mean_auroc (max), latency_ms (min)`: what the search optimises, in the file's order."""
+    return ", ".join(f"{k} ({m})" for k, m in [(study.metric, study.mode), *study.costs])
+
+
 def search_description(args, study: Study, trials: int, metric: str) -> str:
+    sampler = {"tpe": "TPE", "nsga2": "NSGA-II"}[study.space.sampler.name]
+    objectives = (f"objectives {objectives_text(study)}, a Pareto search (ASHA on {metric} alone)" if study.costs
+                  else f"objective {metric} ({study.mode})")
     return (f"**Search** `{locate(args).name}`: {trials} trials of `{study.origin}` "
-            f"({study.space.description or study.name}), Optuna TPE proposing, "
-            f"{'no early stopping' if args.no_asha else 'ASHA stopping'}; objective {metric} ({study.mode}) on "
+            f"({study.space.description or study.name}), Optuna {sampler} proposing, "
+            f"{'no early stopping' if args.no_asha else 'ASHA stopping'}; {objectives} on "
             "validation. Its trials are the nested runs below; the ensemble chosen on validation, the `ensemble` run.")
 
 
@@ -251,13 +277,14 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
         tuner = tune.Tuner.restore(experiment.path, trainable=driver, resume_errored=True)
     else:
         scheduler = FinishAwareASHA(budget, metric, study.mode) if not args.no_asha else None
-        searcher = tpe_searcher(study, DefineByRun(study, overrides, args.smoke), experiment.name, optuna_url,
+        searcher = optuna_searcher(study, DefineByRun(study, overrides, args.smoke), experiment.name, optuna_url,
                                 args.seed, metric)
         tuner = tune.Tuner(driver, tune_config=tune.TuneConfig(
             num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             search_alg=resources.limiter(searcher, getattr(args, "max_concurrent", None))),
             run_config=run_config(experiment.name, experiment.storage, callbacks, args.max_failures, args.verbose))
-    print(f"{experiment.name}: {trials} trials of {study.origin}, objective {metric} ({study.mode}); "
+    print(f"{experiment.name}: {trials} trials of {study.origin}, objective{'s' if study.costs else ''} "
+          f"{objectives_text(study)}; "
           f"one line per trial as it ends", flush=True)
     tuner.fit()
     remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
@@ -279,6 +306,8 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     tracking.delete_runs(tracking_uri, [run_id for trial_id, run_id in runs.items() if trial_id not in known])
     if summary["status"] != "interrupted":
         summary["optuna_orphans_closed"] = close_orphans(optuna_url, experiment.name)
+    if summary.get("pareto_front"):
+        tracking.tag_front(tracking_uri, [r["mlflow_run_id"] for r in summary["pareto_front"] if r["mlflow_run_id"]])
     best = summary["best"]
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     experiment.write_summary(summary)
@@ -311,7 +340,8 @@ def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
 
 
 def after_trials(experiment: Experiment, summary: dict, args) -> None:
-    """Repeats (`--repeats`), the ensemble and the report, in turn, each recorded in `summary`."""
+    """Repeats (`--repeats`), the ensemble, the cross-validation of the finalists (`--cv-folds`) and the report, in
+    turn, each recorded in `summary`."""
     def repeats() -> None:
         summary["repeats"] = run_repeats(experiment, args.repeat_top, args.repeats, max_failures=args.max_failures)
         print_repeats(summary["repeats"])
@@ -320,14 +350,21 @@ def after_trials(experiment: Experiment, summary: dict, args) -> None:
         for row in summary["rows"]:  # trials that ended before a resume on another machine
             if row["status"] == "complete" and not experiment.trial_dir(row).is_dir():
                 experiment.fetch(experiment.trial_dir(row).name)
+        import torch  # the latency as served is measured here, in the driver: on its own device
+
         result = run_ensemble(experiment, size=getattr(args, "ensemble_size", 5), seed=args.seed,
-                              tracking_uri=experiment.tracking_uri, read_test=True)
-        summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "val", "test",
+                              tracking_uri=experiment.tracking_uri, read_test=True, budget=ensemble_budget(args),
+                              device="cuda" if torch.cuda.is_available() else "cpu")
+        summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "cost", "val", "test",
                                                           "test_per_label", "single_label", "thresholds",
                                                           "classes", "task", "rule", "test_reads", "registered",
                                                           "wall_time_s")}
         if result.get("registration_error"):
             raise RuntimeError(f"the ensemble was chosen but not registered: {result['registration_error']}")
+
+    def cross_validation() -> None:
+        summary["cv"] = run_cv(experiment, args.cv_top, args.cv_folds, max_failures=args.max_failures)
+        print_cv(summary["cv"])
 
     def report() -> None:
         import torch  # the report runs here, in the driver: on its own device, whatever the trials had
@@ -338,6 +375,8 @@ def after_trials(experiment: Experiment, summary: dict, args) -> None:
         _step(experiment, summary, "repeats", repeats)
     if not getattr(args, "no_ensemble", False):
         _step(experiment, summary, "ensemble", ensemble)
+    if getattr(args, "cv_folds", 0):
+        _step(experiment, summary, "cv", cross_validation)
     if not getattr(args, "no_report", False):
         _step(experiment, summary, "report", report)
         if "report" in summary["failed"]:

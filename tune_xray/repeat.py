@@ -17,6 +17,7 @@ accumulate: each run adds new seeds. The ensemble's pool then includes them. `py
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from .cluster import connect
 from .config import ConfigError, objective
 from .ensemble import split_scorer
 from .experiment import REPEATS_DIR, Experiment, ExperimentError, TrialTask, read_predictions, repeat_name
+from .explain import COST_METRICS
 from .metrics import interval, patient_bootstrap
 from .space import flatten, load_study
 from .summary import run_name
@@ -68,6 +70,12 @@ class FixedConfigs(Searcher):
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         pass
+
+    def save(self, checkpoint_path: str) -> None:  # Tune checkpoints its searcher: the configs still to propose
+        Path(checkpoint_path).write_text(json.dumps(self.configs))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.configs = json.loads(Path(checkpoint_path).read_text())
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -111,69 +119,95 @@ def compare(by_config: dict[str, list[Path]], best: str, task: str, metric: str,
     return out
 
 
+class Rerun:
+    """A finished search's configurations trained again beside it — as Tune trials in a directory of their own
+    (`under`: repeats/, cv/), through the search's own trial path, with no scheduler (full budget), each an MLflow
+    child of the search's parent tagged with its stage — under the search's study, overrides, resources and smoke
+    scale, read from the experiment. `what`: what is re-run, for the errors (`repeat`, `cross-validate`)."""
+
+    def __init__(self, experiment: Experiment, what: str):
+        self.experiment, self.summary, invocation = experiment, experiment.summary(), experiment.invocation()
+        if not invocation:
+            raise ConfigError(f"{experiment.directory}: not a finished tune_xray search (no search.json)")
+        if not self.summary["top"]:
+            raise ConfigError(f"{experiment.directory}: no completed trial to {what}")
+        self.study = load_study(invocation["study"])
+        res = self.summary.get("resources", {})
+        self.resources = TrialResources(res.get("workers_per_trial", 1), res.get("cpus_per_trial", 1.0),
+                                        res.get("gpus_per_trial", 0.0), res.get("one_worker_trials", "tune"))
+        self.overrides = trial_overrides(self.study, invocation.get("overrides") or [], invocation.get("data"),
+                                         self.resources.gpus, self.resources.workers,
+                                         invocation.get("record_test_per_trial", False))
+        self.smoke, self.metric = invocation.get("smoke", False), objective(self.study.metric)
+
+    def record(self, config: dict, label: str, tags: dict, description: str = "") -> tracking.TrialRecord:
+        """A trial's MLflow run: `t007 <label> <drawn values>`, its resolved config as params, `tags`."""
+        cfg = resolve_trial(self.study, config, self.overrides, self.smoke)
+        params = {**flatten(cfg.model_dump(mode="json")), **global_batch_sizes(cfg, self.resources.workers)}
+        name = run_name(self.study, config)
+        return tracking.TrialRecord(f"{name[:4]} {label}{name[4:]}", params,
+                                    {**tags, "tune_xray.smoke": str(self.smoke).lower()}, description)
+
+    def run(self, configs: list[dict], under: str, trial_name, describe, stage: str, interrupted: str,
+            max_failures: int = 1, address: str | None = None, verbose: bool = False) -> list[dict]:
+        """Train `configs` (Tune trials named by `trial_name`, MLflow runs by `describe(config)`); one row per
+        trial: its config, status and reason (a trial cut short is `interrupted`, with that reason), the objective
+        where it completed, its MLflow run, its directory and measured cost."""
+        import ray
+        from ray import tune
+
+        experiment, storage = self.experiment, self.experiment.path  # beside the search's trials, in `under`/
+        tracking_uri, parent = experiment.tracking_uri, tracking.find_parent(experiment.directory)
+        if not ray.is_initialized():
+            connect(address, verbose)
+        driver = trainable(self.study, self.overrides, self.smoke, self.resources, f"{storage}/{under}", max_failures)
+        callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, artifacts=RESULT_FILES,
+                                        results_dir=lambda trial: experiment.fetch(trial_name(trial), under),
+                                        stage=stage)]
+        tune.Tuner(driver, tune_config=tune.TuneConfig(
+            num_samples=len(configs), search_alg=self.resources.limiter(FixedConfigs(configs)),
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=run_config(under, storage, callbacks, max_failures)).fit()
+        runs = tracking.child_runs(tracking_uri, parent, stage)
+        rows = []
+        for t in tune.ExperimentAnalysis(f"{storage}/{under}").trials:
+            status, reason = status_of(t, t.status == "ERROR")
+            if status == "pruned":  # no scheduler stops these: one that did not finish was cut short (Ctrl-C)
+                status, reason = "interrupted", interrupted
+                if runs.get(t.trial_id):
+                    tracking.mark_runs(tracking_uri, {t.trial_id: runs[t.trial_id]}, status, reason)
+            m = t.last_result or {}
+            rows.append({"config": t.config, "trial_id": t.trial_id, "status": status, "reason": reason,
+                         self.metric: m.get(self.metric) if status == "complete" else None,
+                         "mlflow_run_id": runs.get(t.trial_id),
+                         "dir": str(experiment.directory / under / trial_name(t)),
+                         "cost": {k: m[k] for k in COST_METRICS if k in m}})
+        return rows
+
+
 def run_repeats(experiment: Experiment, top: int = 3, seeds: int = 3, address: str | None = None,
                 max_failures: int = 1, verbose: bool = False) -> dict:
     """Run the repeats of a finished search and add them to its summary.json (`repeats`); returns that entry."""
-    import ray
-    from ray import tune
-
-    summary, invocation = experiment.summary(), experiment.invocation()
-    if not invocation:
-        raise ConfigError(f"{experiment.directory}: not a finished tune_xray search (no search.json)")
-    if not summary["top"]:
-        raise ConfigError(f"{experiment.directory}: no completed trial to repeat")
+    rerun = Rerun(experiment, "repeat")
     if top < 1 or seeds < 1:
         raise ConfigError(f"--top and --seeds must be at least 1 (got {top}, {seeds})")
-    study = load_study(invocation["study"])
-    res = summary.get("resources", {})
-    resources = TrialResources(res.get("workers_per_trial", 1), res.get("cpus_per_trial", 1.0),
-                               res.get("gpus_per_trial", 0.0), res.get("one_worker_trials", "tune"))
-    overrides = trial_overrides(study, invocation.get("overrides") or [], invocation.get("data"), resources.gpus,
-                                resources.workers, invocation.get("record_test_per_trial", False))
-    base_seed = study.trial_config({}, overrides, invocation.get("smoke", False)).seed
+    summary = rerun.summary
+    base_seed = rerun.study.trial_config({}, rerun.overrides, rerun.smoke).seed
     earlier = summary.get("repeats") or {}  # sets of repeats accumulate: new seeds after the earlier ones
     done_seeds = len(earlier.get("seeds", []))
     new_seeds = [base_seed + 1000 * k for k in range(done_seeds + 1, done_seeds + seeds + 1)]
-    configs = repeat_configs(summary, top, new_seeds)
-    storage = experiment.path  # Tune's experiment path: the repeats run beside the search's trials, in repeats/
-    tracking_uri = experiment.tracking_uri
-    parent = tracking.find_parent(experiment.directory)
-    smoke, metric = invocation.get("smoke", False), objective(study.metric)
-    if not ray.is_initialized():
-        connect(address, verbose)
 
     def describe(config: dict) -> tracking.TrialRecord:
-        cfg = resolve_trial(study, config, overrides, smoke)
-        params = {**flatten(cfg.model_dump(mode="json")), **global_batch_sizes(cfg, resources.workers)}
-        name = run_name(study, config)
-        name = f"{name[:4]} seed={config[REPEAT_SEED]}{name[4:]}"
-        return tracking.TrialRecord(name, params, {tracking.REPEAT_TAG: config[REPEAT_OF],
-                                                   "tune_xray.repeat_seed": str(config[REPEAT_SEED]),
-                                                   "tune_xray.smoke": str(smoke).lower()})
+        return rerun.record(config, f"seed={config[REPEAT_SEED]}", {
+            tracking.REPEAT_TAG: config[REPEAT_OF], "tune_xray.repeat_seed": str(config[REPEAT_SEED])})
 
-    driver = trainable(study, overrides, smoke, resources, f"{storage}/{REPEATS_DIR}", max_failures)
-    callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, artifacts=RESULT_FILES,
-                                    results_dir=lambda trial: experiment.fetch(repeat_name(trial), REPEATS_DIR),
-                                    repeats=True)]
     start = time.perf_counter()
-    tune.Tuner(driver, tune_config=tune.TuneConfig(
-        num_samples=len(configs), search_alg=resources.limiter(FixedConfigs(configs)),
-        trial_name_creator=repeat_name, trial_dirname_creator=repeat_name),
-        run_config=run_config(REPEATS_DIR, storage, callbacks, max_failures)).fit()
-    runs = tracking.child_runs(tracking_uri, parent, repeats=True)
-    trials = []
-    for t in tune.ExperimentAnalysis(f"{storage}/{REPEATS_DIR}").trials:
-        status, reason = status_of(t, t.status == "ERROR")
-        if status == "pruned":  # no scheduler stops a repeat: one that did not finish was cut short (Ctrl-C)
-            status, reason = "interrupted", "the repeats were interrupted; run tune_xray.repeat again"
-            if runs.get(t.trial_id):
-                tracking.mark_runs(tracking_uri, {t.trial_id: runs[t.trial_id]}, status, reason)
-        m = t.last_result or {}
-        trials.append({"trial": f"{t.config[REPEAT_OF]}/seed{t.config[REPEAT_SEED]}", "repeat_of": t.config[REPEAT_OF],
-                       "seed": t.config[REPEAT_SEED], "trial_id": t.trial_id, "status": status, "reason": reason,
-                       "name": describe(t.config).name, metric: m.get(metric) if status == "complete" else None,
-                       "mlflow_run_id": runs.get(t.trial_id), "dir": str(experiment.repeats_dir / repeat_name(t))})
-    entry = aggregate(summary, earlier.get("trials", []) + trials, study, metric)
+    rows = rerun.run(repeat_configs(summary, top, new_seeds), REPEATS_DIR, repeat_name, describe, "repeats",
+                     "the repeats were interrupted; run tune_xray.repeat again", max_failures, address, verbose)
+    trials = [{"trial": f"{r['config'][REPEAT_OF]}/seed{r['config'][REPEAT_SEED]}", "repeat_of": r["config"][REPEAT_OF],
+               "seed": r["config"][REPEAT_SEED], "name": describe(r["config"]).name,
+               **{k: v for k, v in r.items() if k != "config"}} for r in rows]
+    entry = aggregate(summary, earlier.get("trials", []) + trials, rerun.study, rerun.metric)
     entry.update(seeds=earlier.get("seeds", []) + new_seeds, sets=earlier.get("sets", 0) + 1,
                  wall_time_s=earlier.get("wall_time_s", 0) + time.perf_counter() - start)
     summary["repeats"] = entry
@@ -205,27 +239,37 @@ def aggregate(summary: dict, trials: list[dict], study, metric: str) -> dict:
     return {"rows": rows, "comparisons": comparisons, "trials": trials}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_xray.repeat", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def rerun_main(argv, prog: str, doc: str, count: tuple[str, int, str], run, show, what: str) -> int:
+    """The command line of a step that re-runs a search's best configurations (repeat, cv): EXPERIMENT_DIR --top N
+    and its `count` flag (name, default, help); `run(experiment, top, count, address, verbose=…)` → its entry,
+    `show(entry)` prints it and says whether something after the trials failed. Exit 0 when every trial completed,
+    2 for a bad directory or count, 130 when interrupted, 1 otherwise."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment_dir")
     parser.add_argument("--top", type=int, default=3, help="the best N completed configurations")
-    parser.add_argument("--seeds", type=int, default=3, help="new seeds per configuration")
+    parser.add_argument(count[0], type=int, default=count[1], help=count[2])
     parser.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
-        entry = run_repeats(Experiment.at(args.experiment_dir), args.top, args.seeds, args.address,
-                            verbose=args.verbose)
+        entry = run(Experiment.at(args.experiment_dir), args.top, getattr(args, count[0].lstrip("-")), args.address,
+                    verbose=args.verbose)
     except (ConfigError, ExperimentError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted before any repeat ran", file=sys.stderr)
+        print(f"interrupted before any {what} ran", file=sys.stderr)
         return 130
-    print_repeats(entry)
+    failed = show(entry)
     statuses = {t["status"] for t in entry["trials"]}
-    return 0 if statuses == {"complete"} else 130 if "interrupted" in statuses else 1
+    if "interrupted" in statuses:
+        return 130
+    return 0 if statuses == {"complete"} and not failed else 1
+
+
+def main(argv=None) -> int:
+    return rerun_main(argv, "python -m tune_xray.repeat", __doc__, ("--seeds", 3, "new seeds per configuration"),
+                      run_repeats, print_repeats, "repeat")
 
 
 def print_repeats(entry: dict) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .config import bare
+from .ensemble import cost_lines
 from .experiment import (
     REPORT_FILE,
     STATUSES,
@@ -37,7 +39,7 @@ from .experiment import (
     read_predictions,
 )
 from .figures import COLUMN, figure, integer_ticks, pyplot, wrap
-from .metrics import ci_text
+from .metrics import ci_text, pareto_front
 from .space import flatten
 
 THUMBNAIL = 128  # Grad-CAM images and maps are kept at this size (pixels) in the data: what the page shows
@@ -106,7 +108,11 @@ def study_facts(experiment: Experiment, summary: dict, invocation: dict) -> list
         if study else None
     applied = summary.get("overrides") or {}
     facts = [("study file", summary["file"]),
-             ("objective", f"{bare(summary['metric'])} ({summary['mode']}), on validation"),
+             ("objective", f"{bare(summary['metric'])} ({summary['mode']}), on validation"
+              if summary.get("pareto_front") is None else
+              "; ".join(f"{o['name']} ({o['mode']})" for o in summary["objectives"])
+              + f": a Pareto search, ASHA on {bare(summary['metric'])} alone; its front holds "
+                f"{len(summary['pareto_front'])} trial(s)"),
              ("trials", f"{summary['trials']} of {summary['requested']} requested: "
                         + ", ".join(f"{summary[s]} {s}" for s in STATUSES if summary.get(s))),
              ("status", summary["status"]), ("smoke", invocation.get("smoke")),
@@ -172,12 +178,13 @@ def search_data(experiment: Experiment, summary: dict) -> dict:
         params = {k: _plain_value(trained.get(k, t.params.get(k))) for k in keys
                   if k in trained or any(_logical(p) == k for p in t.params)}
         trials.append({"number": t.number, "state": t.state.name, "status": row.get("status", t.state.name.lower()),
-                       "value": t.value if t.state.name == "COMPLETE" else None, "params": params,
+                       "value": t.values[0] if t.state.name == "COMPLETE" else None, "params": params,
                        "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()}})
-    importance, why = _importance(trials, keys, log, study.direction.name)
+    direction = study.directions[0].name  # the validation metric's (a Pareto search's costs follow it)
+    importance, why = _importance(trials, keys, log, direction)
     asha = [{"trial": r["trial"], "epochs_done": r["epochs_done"], "status": r["status"]} for r in summary["rows"]
             if r.get("epochs_done") is not None]
-    return {"direction": study.direction.name, "trials": trials, "parameters": keys, "log": sorted(log),
+    return {"direction": direction, "trials": trials, "parameters": keys, "log": sorted(log),
             "short": short_names(keys), "importance": importance, "importance_note": why, "asha": asha}
 
 
@@ -328,24 +335,27 @@ def explain_data(experiment: Experiment, best: dict, per_class: int = 2, max_poi
             "image_size": member.cfg.augment.image_size, "tsne": {"points": points.tolist(), "labels": colour}}
 
 
-def cost_data(experiment: Experiment, complete: list[dict], device: str = "cpu") -> list[dict]:
-    """Params, GFLOPs and img/s of each distinct fine-tuned backbone at its image size."""
-    from .explain import inference_cost
-    from .serving import Member
-
-    rows, seen = [], set()
-    for row in complete:
-        fine_tuned = read_json(experiment.trial_dir(row) / "summary.json", "a trial's summary")["backbone"]
-        member = Member(experiment.trial_dir(row) / "best.pt", device)
-        key = (fine_tuned, member.cfg.augment.image_size)
-        if key in seen:  # what was fine-tuned (a CASS arm, or both), at its size
-            continue
-        seen.add(key)
-        shape = (member.cfg.model.in_chans, member.cfg.augment.image_size, member.cfg.augment.image_size)
-        cost = inference_cost(member.model, shape, device)
-        rows.append({"backbone": key[0], "image size": key[1], "params (M)": cost["params_m"],
-                     "GFLOPs / image": cost["gflops"], f"img/s ({device}, batch 16)": cost["img_per_s"]})
-    return rows
+def cost_data(summary: dict) -> dict:
+    """What each completed trial's model costs, as its trial measured it on its own device at its first epoch's
+    end (latency per image at batch 1 and at 32, parameters, GFLOPs), and the Pareto front: the search's on its
+    objectives, or for a search of one objective the trials non-dominated on its metric and latency."""
+    metric, mode = summary["metric"], summary["mode"]
+    front = summary.get("pareto_front")
+    rows = [{"trial": r["trial"], "name": r["name"], "value": r[metric], **r.get("cost", {}),
+             "device": r["resolved"].get("device"), "tta": r["resolved"].get("augment.tta")}
+            for r in summary["rows"] if r["status"] == "complete" and isinstance(r.get(metric), (int, float))]
+    measured = [r for r in rows if isinstance(r.get("latency_ms"), (int, float))]
+    if front is None and measured:
+        objectives = [{"name": metric, "mode": mode}, {"name": "latency_ms", "mode": "min"}]
+        kept = pareto_front([[r["value"], r["latency_ms"]] for r in measured], [mode, "min"])
+        front, on = [r for r, k in zip(measured, kept) if k], objectives
+    else:
+        on = summary.get("objectives") or [{"name": metric, "mode": mode}]
+    members = {r["trial"] for r in front or []}
+    for r in rows:
+        r["front"] = r["trial"] in members
+    return {"rows": rows, "objectives": on, "searched": summary.get("pareto_front") is not None,
+            "ensemble": (summary.get("ensemble") or {}).get("cost")}
 
 
 def warnings_of(data: dict) -> list[str]:
@@ -380,6 +390,16 @@ def warnings_of(data: dict) -> list[str]:
             out.append(f"The repeats' t-interval for {r['name'].split()[0]} is [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
                        f", wider than {metric}'s range [0, 1]: {r['seeds']} seeds are too few to say more than that "
                        "the values vary.")
+    cv = (summary.get("cv") or {}).get("rows") or []
+    if cv and summary.get("best") and cv[0]["config"] != summary["best"]["trial"]:
+        out.append(f"Cross-validated over {summary['cv']['folds']} folds, {cv[0]['config']} ranks first (mean "
+                   f"{cv[0]['mean']:.4f}), not the single-split winner {summary['best']['trial']}.")
+    cost = ensemble.get("cost") or {}
+    bound = (cost.get("budget") or {}).get("latency_ms")
+    if bound and cost.get("served_latency_ms", 0) > bound:
+        out.append(f"The registered ensemble as served took {cost['served_latency_ms']:.3g} ms per image on "
+                   f"{cost['device']}, over its latency budget of {bound:g} ms (the budget holds its members' "
+                   f"latencies as their trials measured them: {cost.get('latency_ms_sum', float('nan')):.3g} ms).")
     absent = ((data.get("dataset") or {}).get("absent") or {})
     if absent.get("val"):
         out.append(f"{len(absent['val'])} label(s) have no positive in validation ({', '.join(absent['val'])}): "
@@ -403,7 +423,7 @@ def report_data(experiment: Experiment, device: str = "cpu") -> dict:
     if complete:
         data.update(dataset=dataset_data(experiment, complete[0]), model=model_data(experiment, summary, complete),
                     explain=explain_data(experiment, complete[0], device=device),
-                    cost=cost_data(experiment, complete, device), device=device)
+                    cost=cost_data(summary), device=device)
     data["warnings"] = warnings_of(data)
     data["seconds"] = time.perf_counter() - start
     return data
@@ -588,12 +608,7 @@ def render_search(search: dict, metric: str) -> str:
             if all(isinstance(v, (int, float)) for v in xs):
                 ax.scatter(xs, ys, c=[cmap(norm(v)) for v in ys], edgecolor="k", lw=0.5)
                 if k in log and min(xs) > 0:
-                    import matplotlib.ticker
-
-                    ax.set_xscale("log")  # decade labels only: minor ones ran together
-                    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-                    if max(xs) / min(xs) < 10:  # within a decade: its two ends
-                        ax.set_xticks([min(xs), max(xs)], [f"{min(xs):.2g}", f"{max(xs):.2g}"])
+                    log_axis(ax, xs)
             else:
                 categories = sorted({str(v) for v in xs})
                 ax.scatter([categories.index(str(v)) for v in xs], ys, c=[cmap(norm(v)) for v in ys],
@@ -608,6 +623,17 @@ def render_search(search: dict, metric: str) -> str:
     out += (f"<h3>Slices</h3><p class=note>{metric} against each parameter, completed trials only.</p>"
             + figure(slices, COLUMN, 3.0 * rows, f"{metric} against each of {len(order)} parameters"))
     return out + _asha(search)
+
+
+def log_axis(ax, values) -> None:
+    """A log x axis labelled at its decades only (minor labels ran together); within one decade, at its two ends."""
+    import matplotlib.ticker
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if max(values) / min(values) < 10:
+        ends = sorted({min(values), max(values)})
+        ax.set_xticks(ends, [f"{v:.2g}" for v in ends])
 
 
 def _colours(values: np.ndarray):
@@ -771,6 +797,91 @@ def render_explain(explain: dict) -> str:
                   + figure(scatter, 9, 5.5, "t-SNE map of validation embeddings coloured by label"))
 
 
+def render_cost(cost: dict, metric: str) -> str:
+    """Accuracy against cost: the front plotted over every completed trial (dominated ones faint), and the table."""
+    rows, name = cost["rows"], bare(metric)
+    measured = [r for r in rows if isinstance(r.get("latency_ms"), (int, float))]
+    if not measured:
+        return "<p>No trial of this search measured its cost (trials measure it from tune_xray 0.4 on).</p>"
+    on = ", ".join(f"{o['name']} ({o['mode']})" for o in cost["objectives"])
+    devices = sorted({str(r["device"]) for r in measured})
+    out = (f"<p>Each trial measured its model as it is evaluated (its eval view and every TTA view) on its own "
+           f"device ({', '.join(devices)}) at its first epoch's end: ms per image alone (batch 1) and per image at "
+           f"batch 32, parameters and GFLOPs per image. The Pareto front — the trials no other matches or beats on "
+           f"every objective at once — on {on}"
+           + ("" if cost["searched"] else " (this search optimised its metric alone; the front is drawn for reading)")
+           + f": {sum(r['front'] for r in measured)} of {len(measured)} completed trials. Trials that share a CPU "
+           "measure slower than alone.</p>")
+
+    objectives = [o["name"] for o in cost["objectives"]]
+
+    def panels(fig):
+        axes = [("latency_ms", "ms per image (batch 1)"), ("params_m", "parameters (M)")]
+        for i, (key, label) in enumerate(axes):
+            ax = fig.add_subplot(1, 2, i + 1)
+            dominated = [r for r in measured if not r["front"]]
+            ax.scatter([r[key] for r in dominated], [r["value"] for r in dominated], color="0.6", alpha=0.35,
+                       label="dominated")
+            front = sorted((r for r in measured if r["front"]), key=lambda r: r[key])
+            # the staircase of what each cost attains, where the front is on this cost alone
+            line = "-" if objectives[1:] == [key] else ""
+            ax.plot([r[key] for r in front], [r["value"] for r in front], f"o{line}", color="C3",
+                    drawstyle="steps-post", label="Pareto front")
+            for r in front:
+                ax.annotate(r["trial"], (r[key], r["value"]), textcoords="offset points", xytext=(4, 4), fontsize=9)
+            log_axis(ax, [r[key] for r in measured])
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"val {name}")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2)
+
+    out += figure(panels, COLUMN, 4.4, f"val {name} against latency and against parameters, the Pareto front marked")
+    table = [{"trial": html.escape(r["name"]), f"val {name}": r["value"], "ms (b1)": r.get("latency_ms"),
+              "ms/image (b32)": r.get("latency_ms_b32"), "params (M)": r.get("params_m"),
+              "GFLOPs / image": r.get("gflops"), "TTA": r.get("tta"), "front": "✓" if r["front"] else ""}
+             for r in sorted(rows, key=lambda r: (not r["front"], -r["value"] if cost["objectives"][0]["mode"] == "max"
+                                                  else r["value"]))]
+    out += _table(pd.DataFrame(table), escape=False)
+    if cost.get("ensemble"):
+        said = "; ".join(html.escape(line[2:]) for line in cost_lines(cost["ensemble"]))
+        out += "<p>The ensemble chosen at the end: " + re.sub(r"`([^`]*)`", r"<code>\1</code>", said) + ".</p>"
+    return out
+
+
+def render_cv(cv: dict, metric: str) -> str:
+    """The finalists cross-validated: each fold's value, the mean and its t-interval, the pooled out-of-fold
+    metric, beside the single split's value and rank."""
+    rows, name = cv["rows"], bare(metric)
+    out = (f"<p>The {len(rows)} best configurations, each trained on {cv['folds']} patient-grouped, "
+           "label-stratified folds of train + val (each fold validation once; test untouched), at full budget. "
+           "Ranked by the mean over folds; the single split's value is the search's own trial, chosen for being "
+           "best (the winner's curse).</p>")
+    if cv.get("kendall_tau") is not None:
+        out += (f"<p>Single-split against cross-validated ranking: Kendall's tau {cv['kendall_tau']:+.2f} "
+                "(1: the same order).</p>")
+
+    def folds(fig):
+        ax = fig.add_subplot()
+        for i, r in enumerate(rows):
+            ax.scatter(r["values"], [i] * len(r["values"]), color="C0", alpha=0.6, label="a fold" if i == 0 else None)
+            ax.errorbar(r["mean"], i, xerr=[[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]]
+                        if np.isfinite(r["ci_low"]) else None, fmt="D", color="C3", capsize=4,
+                        label="mean, 95 % t-interval" if i == 0 else None)
+            ax.scatter(r["single_split"], i, marker="x", color="k", s=60,
+                       label="the search's split" if i == 0 else None)
+        ax.set_yticks(range(len(rows)), [wrap(r["name"], 40) for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"val {name}")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+
+    out += figure(folds, COLUMN, 1.0 + 0.7 * len(rows), f"val {name} of each fold, per configuration")
+    table = [{"CV rank": r["cv_rank"], "configuration": html.escape(r["name"]),
+              f"folds' val {name}": ", ".join(f"{v:.4f}" for v in r["values"]),
+              "mean ± sd [95 % t-interval]": f"{r['mean']:.4f} ± {r['sd']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
+              "out of fold, pooled [95 % CI]": ci_text(r["oof"]), "search rank": r["search_rank"],
+              "single split": r["single_split"]} for r in rows]
+    return out + _table(pd.DataFrame(table), escape=False)
+
+
 def render_record(summary: dict) -> str:
     """Test metrics: read once, at the search's end, after every choice, never ranked (the ensemble's record)."""
     ensemble = summary.get("ensemble") or {}
@@ -794,6 +905,17 @@ def render_record(summary: dict) -> str:
                                  for w in who for m in ("auroc", "sensitivity", "specificity")
                                  if f"{m}/{c}" in per_label.get(w, {})}} for c in labels]
         out += "<h3>Per label (test)</h3>" + _table(pd.DataFrame(table))
+    folded = (summary.get("cv") or {}).get("fold_ensemble")
+    if folded:
+        rows = [{"": f"fold ensemble ({folded['members']} fold models of {folded['config']}, averaged)",
+                 f"{metric} [95 % CI]": ci_text(folded["test"])}]
+        if folded.get("minus_search_ensemble"):
+            rows += [{"": "the search's ensemble", f"{metric} [95 % CI]": ci_text(folded["search_ensemble_test"])},
+                     {"": "fold ensemble − the search's", f"{metric} [95 % CI]":
+                      ci_text(folded["minus_search_ensemble"])}]
+        out += ("<h3>The cross-validation's fold ensemble (test)</h3><p>Test read once more, for this comparison "
+                f"(reads of test for this experiment: {folded['test_reads']}); its thresholds chosen out of fold."
+                "</p>" + _table(pd.DataFrame(rows)))
     return out
 
 
@@ -816,8 +938,11 @@ def render(data: dict) -> str:
     if data.get("model"):
         sections += [("The model", render_model(data["model"])),
                      ("Explainability", render_explain(data["explain"])),
-                     ("Cost", _table(pd.DataFrame(data["cost"]))),
-                     ("The record: test split", '<div class="record">' + render_record(data["summary"]) + "</div>")]
+                     ("Accuracy against cost", render_cost(data["cost"], data["summary"]["metric"]))]
+        if data["summary"].get("cv"):
+            sections.append(("Cross-validation of the finalists", render_cv(data["summary"]["cv"],
+                                                                             data["summary"]["metric"])))
+        sections.append(("The record: test split", f'<div class="record">{render_record(data["summary"])}</div>'))
     body = "".join(f"<h2>{title}</h2>{content}" for title, content in sections)
     warned = data.get("warnings") or []
     box = ('<div class="warnings"><b>Read this first</b><ul>' + "".join(f"<li>{html.escape(w)}</li>" for w in warned)

@@ -58,10 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-asha", action="store_true", help="run every trial to its own end")
     parser.add_argument("--ensemble-size", type=int, default=5, help="Caruana ensemble size chosen on val at the end")
     parser.add_argument("--no-ensemble", action="store_true", help="end with the leaderboard, no ensemble")
+    parser.add_argument("--latency-budget", type=float, metavar="MS", help="the ensemble adds members only while "
+                        "their measured latencies (ms per image, batch 1) sum to at most MS (default: the study "
+                        "file's `ensemble:`)")
+    parser.add_argument("--params-budget", type=float, metavar="M", help="... and their parameters to at most M "
+                        "million")
     parser.add_argument("--repeats", type=int, default=0, metavar="K", help="then run the best --repeat-top "
                         "configurations again with K new seeds each (full budget, no ASHA): mean ± sd over seeds")
     parser.add_argument("--repeat-top", type=int, default=3, metavar="N",
                         help="how many of the best configurations --repeats re-runs")
+    parser.add_argument("--cv-folds", type=int, default=0, metavar="K", help="then train the best --cv-top "
+                        "configurations on K patient-grouped folds of train + val each (full budget, no ASHA; test "
+                        "untouched): mean ± sd over folds, out-of-fold predictions, the best's fold models as an "
+                        "ensemble")
+    parser.add_argument("--cv-top", type=int, default=3, metavar="N",
+                        help="how many of the best configurations --cv-folds cross-validates")
     parser.add_argument("--no-report", action="store_true",
                         help="no report.html at the end (python -m tune_xray.report)")
     parser.add_argument("--record-test-per-trial", action="store_true",

@@ -7,6 +7,11 @@ COMPLETE misleads TPE); diverged → PRUNED, so TPE counts the region among the 
 TPE, which would keep proposing it); error → FAIL. Results without the objective (the SSL phase) or with a
 non-finite value are not reported as intermediate values. The study lives in its storage (sqlite beside the
 experiment by default): a resumed search continues it, and `optuna-dashboard` reads it.
+
+With cost objectives (`objectives:` in the study file) the study is multi-objective: a complete trial is told its
+validation metric and its measured costs, in the file's order. Such a study keeps no intermediate values: Optuna's
+TPE ranks pruned trials by their last intermediate value against the study's one direction, which a study of
+several directions has not (it raises); a pruned trial then counts among the worse ones, as it should.
 """
 
 from __future__ import annotations
@@ -99,9 +104,10 @@ class OptunaSearcher(Searcher):
     study) is not told again."""
 
     def __init__(self, space: DefineByRun, study_name: str, storage_url: str, sampler: optuna.samplers.BaseSampler,
-                 metric: str, mode: str, points_to_evaluate: list[dict] = ()):
+                 metric: str, mode: str, points_to_evaluate: list[dict] = (), costs: list[tuple[str, str]] = ()):
         super().__init__(metric=metric, mode=mode)
         self.space, self.study_name, self.storage_url, self.sampler = space, study_name, storage_url, sampler
+        self.costs = list(costs)  # (result key, mode) objectives after the metric: a multi-objective study
         self.points_to_evaluate = list(points_to_evaluate)
         self.numbers: dict[str, int] = {}  # Tune trial id → Optuna trial number
         self.told: set[str] = set()
@@ -118,13 +124,15 @@ class OptunaSearcher(Searcher):
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
+            modes = [self.mode] + [mode for _, mode in self.costs]
             self._study = optuna.create_study(storage=self.storage, sampler=self.sampler, study_name=self.study_name,
                                               load_if_exists=True,
-                                              direction="maximize" if self.mode == "max" else "minimize")
+                                              directions=["maximize" if m == "max" else "minimize" for m in modes])
             if not self._study.get_trials(deepcopy=False):  # a new study; a resumed one holds them already
                 with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and still there
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    self._study.set_metric_names([self.metric])  # optuna-dashboard shows it, not "Objective 0"
+                    # optuna-dashboard shows them, not "Objective 0"
+                    self._study.set_metric_names([self.metric] + [name for name, _ in self.costs])
                 for point in self.points_to_evaluate:
                     self._study.enqueue_trial(point)
         return self._study
@@ -149,8 +157,7 @@ class OptunaSearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         value = result.get(self.metric)
-        if (trial_id in self.numbers and isinstance(value, (int, float)) and math.isfinite(value)
-                and not self._told(trial_id)):
+        if (trial_id in self.numbers and not self.costs and _finite(value) and not self._told(trial_id)):
             self.storage.set_trial_intermediate_value(self._trial_id(trial_id), int(result.get(TIME_ATTR, 0)), value)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -161,8 +168,9 @@ class OptunaSearcher(Searcher):
             self.on_trial_result(trial_id, result or {})
         self.storage.set_trial_user_attr(self._trial_id(trial_id), "status", status)
         number = self.numbers[trial_id]
-        if status == "complete" and isinstance(value, (int, float)) and math.isfinite(value):
-            self.study.tell(number, value)
+        values = [value] + [(result or {}).get(name) for name, _ in self.costs]
+        if status == "complete" and all(_finite(v) for v in values):
+            self.study.tell(number, values if self.costs else value)
         else:
             self.study.tell(number, state=State.FAIL if status in ("error", "complete") else State.PRUNED)
         self.told.add(trial_id)
@@ -177,13 +185,20 @@ class OptunaSearcher(Searcher):
         self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))
 
 
-def tpe_searcher(study: Study, space: DefineByRun, name: str, storage_url: str, seed: int,
-                 metric: str) -> OptunaSearcher:
-    """The search's searcher: TPE (seeded, with the study file's sampler options) on the study's define-by-run
-    space, its warm-start points first, its Optuna study `name` in `storage_url`."""
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def optuna_searcher(study: Study, space: DefineByRun, name: str, storage_url: str, seed: int,
+                    metric: str) -> OptunaSearcher:
+    """The search's searcher: the study file's sampler (TPE or NSGA-II, seeded, with its options) on the study's
+    define-by-run space, its objectives (the validation metric, then its costs), its warm-start points first, its
+    Optuna study `name` in `storage_url`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB": the summary says where
-    sampler = optuna.samplers.TPESampler(seed=seed, **study.space.sampler.model_dump())
-    return OptunaSearcher(space, name, storage_url, sampler, metric, study.mode, study.warm_start_points() or [])
+    chosen = study.space.sampler
+    kind = optuna.samplers.NSGAIISampler if chosen.name == "nsga2" else optuna.samplers.TPESampler
+    return OptunaSearcher(space, name, storage_url, kind(seed=seed, **chosen.options()), metric, study.mode,
+                          study.warm_start_points() or [], study.costs)
 
 
 def close_orphans(storage_url: str, name: str) -> int:

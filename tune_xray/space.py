@@ -15,7 +15,14 @@ A file states the objective, the budget, fixed settings, the parameters and opti
       augment.brightness: {choice: {"off": null, "0.8-1.2": [0.8, 1.2]}}   # labelled choices
     warm_start: [{byol.optimizer.name: lars, ...}]
     smoke: {budget: {trials: 6, epochs: 3}, set: {data.cache_size: 64}, scale: {byol.batch_size: 0.125}}
+    ensemble: {latency_ms: 20}      # the final ensemble's budget: members' measured latencies summed (optional)
     sampler: {multivariate: true, constant_liar: true, n_startup_trials: 10}   # Optuna TPE options (default off)
+    objectives: {val_mean_auroc: max, latency_ms: min}   # accuracy against cost: a Pareto search (see below)
+
+`objectives:` names the validation metric first, then any of what a trial measures of its model (`COSTS`:
+latency per image at batch 1, parameters, GFLOPs), each max or min. With more than one, Optuna searches
+multi-objective (TPE, or `sampler: {name: nsga2}`), ASHA still stops on the validation metric alone, and the
+search ends with its Pareto front. One objective (or none: `metric`/`mode`) is the single-objective search.
 
 `--smoke` shrinks the run, not the space: every drawn backbone becomes its family's tiny test model
 (`smoke_backbone`), `scale` multiplies sizes so that distinct drawn values stay distinct, `set` fixes the rest.
@@ -38,6 +45,9 @@ from .config import ConfigError, TrialConfig, build_config, format_validation_er
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 METRICS = ("val_mean_auroc", "val_loss", "val_accuracy", "val_macro_f1")
+# what a trial measures of its model once it is built (explain.eval_cost), in every fine-tune report: inference ms
+# per image at batch 1 at the eval view (TTA views included) on the trial's device, parameters (M), GFLOPs per image
+COSTS = ("latency_ms", "params_m", "gflops")
 Scalar = Union[None, bool, int, float, str]
 
 
@@ -109,12 +119,40 @@ class Budget(_Strict):
 
 
 class Sampler(_Strict):
-    """Optuna's TPE options (`sampler:` in the file). multivariate models the parameters jointly; constant_liar
-    lets parallel trials not all propose the same region while others run (both Optuna's, off by default)."""
+    """Optuna's sampler (`sampler:` in the file): TPE (default; multi-objective TPE with several objectives) or
+    NSGA-II (Deb et al. 2002), Optuna's genetic multi-objective sampler. TPE's options: multivariate models the
+    parameters jointly; constant_liar lets parallel trials not all propose the same region while others run (both
+    Optuna's, off by default). NSGA-II's: its generation's size."""
 
+    name: Literal["tpe", "nsga2"] = "tpe"
     multivariate: bool = False
     constant_liar: bool = False
     n_startup_trials: int = Field(10, ge=1, description="random trials before TPE models the results")
+    population_size: int = Field(50, ge=2, description="NSGA-II: trials per generation")
+
+    @model_validator(mode="after")
+    def _options_of(self):
+        own = {"tpe": {"multivariate", "constant_liar", "n_startup_trials"}, "nsga2": {"population_size"}}
+        foreign = sorted((self.model_fields_set - {"name"}) - own[self.name])
+        if foreign:
+            raise ValueError(f"{foreign} are not options of the {self.name} sampler (its options: "
+                             f"{sorted(own[self.name])})")
+        return self
+
+    def options(self) -> dict:
+        """The keyword arguments of the chosen Optuna sampler."""
+        if self.name == "nsga2":
+            return {"population_size": self.population_size}
+        return self.model_dump(include={"multivariate", "constant_liar", "n_startup_trials"})
+
+
+class EnsembleBudget(_Strict):
+    """What the ensemble chosen at the search's end may cost (`ensemble:` in the file; --latency-budget and
+    --params-budget override it): its distinct members' measured latencies (ms per image, batch 1) and
+    parameters (M) summed."""
+
+    latency_ms: Optional[float] = Field(None, gt=0)
+    params_m: Optional[float] = Field(None, gt=0)
 
 
 class Smoke(_Strict):
@@ -122,6 +160,7 @@ class Smoke(_Strict):
     (`scale`, so two drawn batch sizes or widths stay two), and each backbone its family's test model."""
 
     budget: Budget = Budget(trials=4, epochs=2, grace_period=1)
+    ensemble: Optional[EnsembleBudget] = None  # test models on a CPU cost other milliseconds than the study's
     set: dict[str, Any] = {}
     scale: dict[str, float] = {}
 
@@ -175,9 +214,27 @@ class SearchSpace(_Strict):
     warm_start: list[dict[str, Any]] = []
     smoke: Smoke = Smoke()
     sampler: Sampler = Sampler()
+    objectives: dict[str, Literal["max", "min"]] = {}
+    ensemble: EnsembleBudget = EnsembleBudget()
 
     @model_validator(mode="after")
     def _mode(self):
+        if self.objectives:
+            names = list(self.objectives)
+            metrics = [n for n in names if n in METRICS]
+            unknown = [n for n in names if n not in METRICS and n not in COSTS]
+            if unknown:
+                raise ValueError(f"objectives: {unknown} unknown; expected a validation metric {list(METRICS)} "
+                                 f"first, then any of {list(COSTS)}")
+            if metrics != names[:1]:
+                raise ValueError(f"objectives: the first objective is the validation metric (one of "
+                                 f"{list(METRICS)}), the others costs {list(COSTS)}; got {names}")
+            for key, given in (("metric", self.metric), ("mode", self.mode)):
+                wanted = names[0] if key == "metric" else self.objectives[names[0]]
+                if key in self.model_fields_set and given != wanted:
+                    raise ValueError(f"{key}: {given} contradicts objectives' first ({names[0]}: "
+                                     f"{self.objectives[names[0]]}); give one of them")
+            self.metric, self.mode = names[0], self.objectives[names[0]]
         self.mode = self.mode or metric_mode(self.metric)
         return self
 
@@ -206,6 +263,11 @@ class Study:
     def mode(self) -> str:
         return self.space.mode
 
+    @property
+    def costs(self) -> list[tuple[str, str]]:
+        """(cost, mode) objectives after the validation metric (none: a single-objective search)."""
+        return [(k, m) for k, m in self.space.objectives.items() if k in COSTS]
+
     def budget(self, smoke: bool = False, overrides: dict | None = None) -> Budget:
         """The file's budget (or its smoke budget). `--set supervised.epochs=N` carries through: it becomes the
         budget ASHA's max_t is built from, so no trial is cut at the file's epoch count."""
@@ -214,6 +276,13 @@ class Study:
         if epochs is not None:
             budget = budget.model_copy(update={"epochs": epochs, "grace_period": min(budget.grace_period, epochs)})
         return budget
+
+    def ensemble_budget(self, smoke: bool = False, latency_ms: float | None = None,
+                        params_m: float | None = None) -> dict:
+        """The ensemble's budget: the flags', else the file's (its smoke one at smoke scale)."""
+        budget = (self.space.smoke.ensemble or EnsembleBudget()) if smoke else self.space.ensemble
+        return {"latency_ms": latency_ms if latency_ms is not None else budget.latency_ms,
+                "params_m": params_m if params_m is not None else budget.params_m}
 
     def check_overrides(self, overrides: dict) -> None:
         """`--set` values that would contradict the study's objective, or the device a trial's resources give
@@ -400,7 +469,7 @@ def _suggest(trial, name: str, spec: ParamSpec):
 def resolve_path(study: str) -> Path:
     """A file stem in search_spaces/ (`byol`) or a path to a YAML file."""
     path = Path(study)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a study (deploy/) is not one
         return path
     return SEARCH_SPACES / f"{study}.yaml"
 

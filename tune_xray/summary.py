@@ -7,7 +7,8 @@ import math
 
 from .config import bare
 from .experiment import Experiment, trial_label
-from .metrics import ci_text
+from .explain import COST_METRICS
+from .metrics import ci_text, pareto_front
 from .searcher import shown_url
 from .space import Study, case_key
 from .tracking import runs_table_url
@@ -78,6 +79,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
                                               m.get("record_test_mean_auroc_ci_high")]}
                if "record_test_mean_auroc" in m else {}),
             "mlflow_run_id": runs.get(t.trial_id),
+            "cost": {k: m[k] for k in COST_METRICS if k in m},  # measured on its device at its first epoch's end
             "node_id": m.get("node_id"),
             "scan_backend": m.get("scan_backend"),
             "resolved": {k: v for k, v in t.config.items() if ":" not in k and not k.startswith("sampled.")},
@@ -89,10 +91,12 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     interrupted = counts["interrupted"] > 0 or len(rows) < requested
     status = "interrupted" if interrupted else "complete" if complete else "no trial completed"
+    objectives = [{"name": metric, "mode": study.mode}] + [{"name": k, "mode": m} for k, m in study.costs]
     return {
         "study": study.name, "file": study.origin, "status": status, "metric": metric, "mode": study.mode,
         "requested": requested, "trials": len(rows), **counts, "best": complete[0] if complete else None,
-        "top": complete[:top], "rows": rows,
+        "top": complete[:top], "rows": rows, "objectives": objectives,
+        "pareto_front": front(complete, objectives) if study.costs else None,
         "mlflow": f"mlflow ui --backend-store-uri {tracking_uri}",
         "mlflow_runs_table": runs_table_url(tracking_uri, experiment_id, f"selected_{study.metric}", study.mode),
         "optuna": f"optuna-dashboard {shown_url(experiment.optuna_url)}",
@@ -100,12 +104,39 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
     }
 
 
+def front(complete: list[dict], objectives: list[dict]) -> list[dict]:
+    """The Pareto front of the completed trials (`complete`, best first by the metric) on the study's objectives:
+    those no other trial matches or beats on every objective at once — one entry each, best metric first."""
+    def value(row: dict, name: str):
+        return row.get(name) if name == objectives[0]["name"] else row["cost"].get(name)
+
+    scored = [r for r in complete if all(isinstance(value(r, o["name"]), (int, float)) for o in objectives)]
+    if not scored:
+        return []
+    mask = pareto_front([[value(r, o["name"]) for o in objectives] for r in scored], [o["mode"] for o in objectives])
+    return [{"trial": r["trial"], "name": r["name"], "trial_id": r["trial_id"], "mlflow_run_id": r["mlflow_run_id"],
+             objectives[0]["name"]: r[objectives[0]["name"]], **r["cost"]} for r, kept in zip(scored, mask) if kept]
+
+
+def print_front(summary: dict) -> None:
+    """The Pareto front as a table: metric, latency (batch 1 and per image at 32), parameters, GFLOPs."""
+    rows, metric = summary["pareto_front"], summary["metric"]
+    objectives = ", ".join("{name} ({mode})".format(**o) for o in summary["objectives"])
+    print(f"Pareto front on {objectives}: {len(rows)} of {summary['complete']} completed trials (latency per "
+          "image on each trial's device)")
+    print(f"    {bare(metric):>10s} {'ms (b1)':>9s} {'ms (b32)':>9s} {'params M':>9s} {'GFLOPs':>8s}  trial")
+    for row in rows:
+        cost = [row.get(k, math.nan) for k in ("latency_ms", "latency_ms_b32", "params_m", "gflops")]
+        print(f"    {row[metric]:10.4f} {cost[0]:9.2f} {cost[1]:9.3f} {cost[2]:9.2f} {cost[3]:8.3f}  {row['name']}")
+
+
 def print_summary(summary: dict, resume_command: str) -> None:
     metric = summary["metric"]
     counts = ", ".join(f"{summary[s]} {s}" for s in STATUSES if summary[s] or s == "complete")
     print(f"\n{summary['study']}: {summary['status']} — {summary['trials']} of {summary['requested']} trials: "
-          f"{counts}; objective {metric} ({summary['mode']}; [95 % bootstrap CI on the validation set that selected "
-          "it: optimistic])")
+          f"{counts}; {'ranked by' if summary.get('pareto_front') is not None else 'objective'} {metric} "
+          f"({summary['mode']}; [95 % bootstrap CI on the validation set that selected it: optimistic])"
+          + ("; the Pareto front on every objective below" if summary.get("pareto_front") is not None else ""))
     for rank, row in enumerate(summary["top"], 1):
         trained = ", ".join(f"{k}={row['resolved'][k]}" for k in row["sampled"])
         ci = row.get("selection_ci", [None])
@@ -114,6 +145,8 @@ def print_summary(summary: dict, resume_command: str) -> None:
                           if row.get(name))
         print(f"{rank:2d}. {row[metric]:.4f}{ci}  {row['name']}  [epoch {row['selected_epoch']:.0f} of "
               f"{row[TIME_ATTR]} selected{decided}]" + (f"  trained as: {trained}" if trained else ""))
+    if summary.get("pareto_front"):
+        print_front(summary)
     if summary["status"] == "interrupted":
         print(f"interrupted: finished trials are kept; continue with\n    {resume_command}")
     elif summary["status"] != "complete":
@@ -128,6 +161,13 @@ def print_summary(summary: dict, resume_command: str) -> None:
                                                        decided.items())
               + f" (on the selection set) vs best single {val['best_single']['value']:.4f}; {registered}; the test "
               "record is in summary.json and the report")
+        cost = ens.get("cost") or {}
+        if cost:
+            bound = (cost.get("budget") or {}).get("latency_ms")
+            print(f"  its latency: {cost.get('latency_ms_sum', math.nan):.3g} ms per image, its members' as their "
+                  f"trials measured them, summed" + (f" (budget {bound:g} ms)" if bound else "")
+                  + (f"; {cost['served_latency_ms']:.3g} ms as served, measured on {cost['device']}"
+                     if "served_latency_ms" in cost else ""))
     for step, why in (summary.get("failed") or {}).items():
         print(f"{step} failed after the trials: {why}")
     print(f"summary: {summary['experiment_dir']}/summary.json")

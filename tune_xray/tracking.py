@@ -33,6 +33,7 @@ from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from .config import bare
+from .explain import COST_METRICS
 from .metrics import ci_text
 from .serving import EnsembleModel
 from .trial import FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
@@ -43,6 +44,8 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflo
 PARENT_ID_FILE = "mlflow_parent_run_id"
 TRIAL_TAG = "tune_xray.trial_id"
 REPEAT_TAG = "tune_xray.repeat_of"  # a repeat's run: the search trial whose configuration it repeats
+CV_TAG = "tune_xray.cv_of"  # a cross-validation fold's run: the search trial whose configuration it trains
+STAGE_TAGS = {"repeats": REPEAT_TAG, "cv": CV_TAG}  # the trial runs after a search's own, by the tag they carry
 STATUS_TAG = "tune_xray.status"
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description (markdown) in the MLflow UI
 # a trial's status → the MLflow run status: a pruned trial ended as ASHA meant it to (FINISHED; its status tag says
@@ -125,16 +128,20 @@ def experiment_id_of(tracking_uri: str, run_id: str) -> str:
     return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
 
 
-def _children(tracking_uri: str, parent_run_id: str, repeats: bool = False) -> list:
-    """The parent's trial runs: the search's, or (`repeats`) those of its repeats (tune_xray.repeat)."""
+def _children(tracking_uri: str, parent_run_id: str, stage: str = "search") -> list:
+    """The parent's trial runs of one stage: the search's own, its repeats' (tune_xray.repeat) or its
+    cross-validation folds' (tune_xray.cv)."""
+    def of_stage(tags: dict) -> bool:
+        return all((tag in tags) == (stage == name) for name, tag in STAGE_TAGS.items())
+
     return [r for r in MlflowClient(tracking_uri).search_runs(
         [experiment_id_of(tracking_uri, parent_run_id)], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        max_results=50000) if TRIAL_TAG in r.data.tags and (REPEAT_TAG in r.data.tags) == repeats]
+        max_results=50000) if TRIAL_TAG in r.data.tags and of_stage(r.data.tags)]
 
 
-def child_runs(tracking_uri: str, parent_run_id: str, repeats: bool = False) -> dict[str, str]:
-    """Tune trial id → child run id (runs of this parent that are not deleted)."""
-    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in _children(tracking_uri, parent_run_id, repeats)}
+def child_runs(tracking_uri: str, parent_run_id: str, stage: str = "search") -> dict[str, str]:
+    """Tune trial id → child run id (runs of this parent and stage that are not deleted)."""
+    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in _children(tracking_uri, parent_run_id, stage)}
 
 
 def ended_trials(tracking_uri: str, parent_run_id: str) -> set[str]:
@@ -188,6 +195,16 @@ def mark_runs(tracking_uri: str, runs: dict[str, str], status: str, reason: str 
         client.set_terminated(run_id, status=RUN_STATUS[status])
 
 
+PARETO_TAG = "tune_xray.pareto_front"  # on the runs of a multi-objective search's non-dominated trials
+
+
+def tag_front(tracking_uri: str, run_ids) -> None:
+    """Tag the Pareto front's trial runs (`tune_xray.pareto_front = true`: the runs table filters on it)."""
+    client = MlflowClient(tracking_uri)
+    for run_id in run_ids:
+        client.set_tag(run_id, PARETO_TAG, "true")
+
+
 def delete_runs(tracking_uri: str, run_ids) -> None:
     """Soft-delete runs that hold no trial of the search (a trial started just before the driver was killed
     and never saved in Tune's state: Tune runs it again under a new id). `mlflow gc` or the UI can restore."""
@@ -209,9 +226,11 @@ class TrialRecord:
 
 def report_epochs(report: dict):
     """(phase, epoch) of each phase epoch in a report: `""` for the fine-tune (`epoch`), `byol` for `byol/epoch`;
-    ("record", 0) for a final record."""
+    ("record", 0) for a final record, ("cost", 0) for a measured cost."""
     if any(key.startswith(RECORD_PREFIXES) for key in report):
         yield "record", 0
+    if any(key in COST_METRICS for key in report):
+        yield "cost", 0
     for key in report:
         if key == "epoch" or (key.endswith("/epoch") and key.split("/")[0] in SSL_PHASES):
             yield key.split("/")[0] if "/" in key else "", int(report[key])
@@ -249,17 +268,18 @@ def log_table(client: MlflowClient, run_id: str, frame: pd.DataFrame, artifact_f
 def epoch_metrics(result: dict, timestamp: int, skip: dict[str, set[int]] | None = None) -> list[Metric]:
     """A Tune result as MLflow metrics: each phase's epoch metrics at that phase's epoch (fine-tune epoch k is
     step k; BYOL/CASS under `byol/…`, `cass/…` at their own epochs), the final record (`selected_…`,
-    `record_test_…`) as single values, its per-label values left to the record table (`record_table`). Tune's
-    bookkeeping is left out; NaN and inf are kept. `skip`: epochs (per phase) already logged."""
+    `record_test_…`) and the model's measured cost (in every fine-tune report, the same each time) as single
+    values, its per-label values left to the record table (`record_table`). Tune's bookkeeping is left out; NaN
+    and inf are kept. `skip`: epochs (per phase) already logged."""
     out, skip = [], skip or {}
     for key, value in result.items():
         if (key in BOOKKEEPING or not isinstance(value, (int, float)) or isinstance(value, bool)
                 or _in_table(key)):
             continue
         phase = key.split("/")[0] if key.split("/")[0] in SSL_PHASES and f"{key.split('/')[0]}/epoch" in result else ""
-        if key.startswith(RECORD_PREFIXES):
+        if key.startswith(RECORD_PREFIXES) or key in COST_METRICS:
             step = 0
-            if 0 in skip.get("record", ()):  # the final record is logged once
+            if 0 in skip.get("record" if key.startswith(RECORD_PREFIXES) else "cost", ()):  # each logged once
                 continue
         elif key == "epoch" or key == f"{phase}/epoch":
             continue
@@ -285,10 +305,10 @@ class TrialRuns(LoggerCallback):
                  on_run: Callable[[dict, str], None] = lambda config, run_id: None,
                  artifacts: tuple[str, ...] = (),
                  results_dir: Callable[[object], Path] = lambda trial: Path(trial.path),
-                 repeats: bool = False):
+                 stage: str = "search"):
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
         self.describe, self.status_of, self.on_run, self.artifacts = describe, status_of, on_run, artifacts
-        self.results_dir, self.repeats = results_dir, repeats
+        self.results_dir, self.stage = results_dir, stage
         self._runs: dict[str, str] = {}
         self._logged: dict[str, dict[str, set[int]]] = {}
 
@@ -300,7 +320,7 @@ class TrialRuns(LoggerCallback):
 
     def run_id(self, trial) -> str:
         if trial.trial_id not in self._runs:
-            self._runs.update(child_runs(self.tracking_uri, self.parent_run_id, repeats=self.repeats))
+            self._runs.update(child_runs(self.tracking_uri, self.parent_run_id, self.stage))
         return self._runs.get(trial.trial_id)
 
     def log_trial_start(self, trial) -> None:
@@ -348,6 +368,8 @@ class TrialRuns(LoggerCallback):
                 phase = key.split("/")[0] if key.split("/")[0] in SSL_PHASES else ""
                 if key.startswith(RECORD_PREFIXES):
                     logged["record"] = {0}
+                elif key in COST_METRICS:
+                    logged["cost"] = {0}
                 elif phase not in logged:
                     logged[phase] = {m.step for m in client.get_metric_history(run_id, key)}
             self._logged[run_id] = logged
@@ -467,7 +489,9 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
     params = {"method": result["method"], "size": result["size"], "bags": result["bags"], "seed": result["seed"],
               "resamples": result["resamples"], "pool": result["pool"], "selection_metric": result["metric"],
               **{f"{split}_hash": value for split, value in result["hashes"].items()},
-              **{f"member.{m['trial']}": round(m["weight"], 4) for m in result["members"]}}
+              **{f"member.{m['trial']}": round(m["weight"], 4) for m in result["members"]},
+              **{f"budget.{k}": v for k, v in result["cost"]["budget"].items()}}
+    metrics.update({k: v for k, v in result["cost"].items() if isinstance(v, float)})  # served latency, sums
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
                      metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()])
     log_table(client, run.info.run_id, ensemble_record(result), "ensemble_record.json")
@@ -493,4 +517,40 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
             client.set_terminated(member.mlflow_run_id, status=ended.status, end_time=ended.end_time)
     client.set_terminated(run.info.run_id, status="FINISHED")
     return {"name": name, "version": str(version), "uri": f"models:/{name}/{version}", "run_id": run.info.run_id,
+            "tracking_uri": tracking_uri}
+
+
+def log_fold_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, best: dict, example_path: str) -> dict:
+    """The cross-validation's fold ensemble (tune_xray.cv) as a `cv-ensemble` child run of the search's parent:
+    its folds' values, its test record beside the search's ensemble, and its K fold models averaged as one pyfunc
+    registered as `<experiment>-cv`. Returns the registered model."""
+    parent = find_parent(experiment_dir)
+    client = MlflowClient(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    name, experiment_id = f"{experiment_dir.name}-cv", experiment_id_of(tracking_uri, parent)
+    run_name = f"cv fold ensemble {result['config']} ×{result['members']}"
+    lines = [f"**Fold ensemble**: the {result['members']} fold models of {best['name']}, the configuration the "
+             f"cross-validation ranked first (fold mean {ci_text(best['mean'], best['ci_low'], best['ci_high'])}), "
+             "their probabilities averaged; thresholds chosen out of fold.",
+             f"Test (the record): {ci_text(result['test'])}"
+             + (f"; the search's ensemble {ci_text(result['search_ensemble_test'])}, difference "
+                f"{ci_text(result['minus_search_ensemble'])}." if result.get("minus_search_ensemble") else ".")]
+    run = client.create_run(experiment_id, run_name=run_name, tags={
+        "mlflow.parentRunId": parent, "tune_xray.role": "cv-ensemble", STATUS_TAG: "complete",
+        CV_TAG: result["config"], DESCRIPTION_TAG: "\n\n".join(lines)})
+    metric, now = bare(result["metric"]), int(time.time() * 1000)
+    metrics = {f"cv_val_{metric}": best["mean"], f"cv_val_{metric}_ci_low": best["ci_low"],
+               f"cv_val_{metric}_ci_high": best["ci_high"], f"record_test_{metric}": result["test"]["value"],
+               f"record_test_{metric}_ci_low": result["test"]["ci_low"],
+               f"record_test_{metric}_ci_high": result["test"]["ci_high"]}
+    params = [Param("config", result["config"]), Param("folds", str(result["members"]))]
+    client.log_batch(run.info.run_id, params=params, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    with mlflow.start_run(run_id=run.info.run_id):
+        info = _log_pyfunc([str(Path(d) / "best.pt") for d in best["dirs"]], [1.0] * len(best["dirs"]),
+                           result.get("thresholds"), pd.DataFrame({"path": [example_path]}), model_name(run_name),
+                           name)
+    client.update_model_version(name, info.registered_model_version, description="\n\n".join(lines))
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return {"name": name, "version": str(info.registered_model_version),
+            "uri": f"models:/{name}/{info.registered_model_version}", "run_id": run.info.run_id,
             "tracking_uri": tracking_uri}

@@ -32,6 +32,7 @@ from .config import build_config, merge, objective, parse_overrides
 
 TRIAL_NUMBER = "optuna_trial"  # in every search trial's config: the Optuna trial it is
 REPEAT_OF, REPEAT_SEED = "repeat_of", "repeat_seed"  # in a repeat trial's config: its source trial, its seed
+CV_OF, CV_FOLD, CV_FOLDS = "cv_of", "cv_fold", "cv_folds"  # in a fold trial's config (tune_xray.cv)
 TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
 FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
 STATUS = "status"  # in a trial's last report: "complete" or "diverged" (pruned / error / interrupted: Tune's)
@@ -79,8 +80,10 @@ class TrialLines(tune.Callback):
         result = trial.last_result or {}
         value = result.get(self.metric) if status == "complete" else None
         epochs = int(result.get(TIME_ATTR) or 0)
+        latency = result.get("latency_ms")
         print(f"{self.name(trial.config)}: {status}, {epochs} fine-tune epoch{'' if epochs == 1 else 's'}"
               + (f", {self.metric} {value:.4f}" if isinstance(value, (int, float)) else "")
+              + (f", {latency:.1f} ms/image" if isinstance(latency, (int, float)) else "")
               + (f" ({reason[:160]})" if reason and status != "complete" else ""), flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -355,9 +358,12 @@ class ClusterConcurrency(ConcurrencyLimiter):
 
 def resolve_trial(study, config: dict, overrides: dict, smoke: bool):
     """The TrialConfig a Tune trial's config trains: its drawn values on the study with the search's overrides,
-    and a repeat's seed (tune_xray.repeat: the same configuration with a new seed)."""
+    and a repeat's seed (tune_xray.repeat: the same configuration with a new seed) or a fold's split
+    (tune_xray.cv: fold k of K over train + val is validation)."""
     if REPEAT_SEED in config:
         overrides = {**overrides, "seed": config[REPEAT_SEED]}
+    if CV_FOLD in config:
+        overrides = merge(overrides, {"data": {"folds": config[CV_FOLDS], "fold": config[CV_FOLD]}})
     return study.trial_config(study.sampled_from(config), overrides, smoke)
 
 

@@ -13,7 +13,14 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from ..config import ConfigError, DataConfig
 from .cache import ImageCache, build_cache
 from .sources import DatasetIndex, default_cache_dir, ignored_split_keys, read_source
-from .splits import UNLABELLED, check_patient_disjoint, labelled_subset
+from .splits import (
+    UNLABELLED,
+    check_learnable,
+    check_patient_disjoint,
+    check_splits_nonempty,
+    kfold_split,
+    labelled_subset,
+)
 
 
 class CachedBatches(Dataset):
@@ -75,6 +82,14 @@ def prepare(cfg: DataConfig) -> PreparedData:
             raise ConfigError(f"data.{key}={value}: {why}; it would be ignored (leave it at {default})")
     index = read_source(cfg.source, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
                         (cfg.synthetic_images, cfg.synthetic_size, cfg.synthetic_seed), cache_dir)
+    if cfg.folds:  # K-fold cross-validation: train + val re-split, fold `fold` the validation set
+        frame = index.frame.copy()
+        frame["split"] = kfold_split(frame, index.classes, index.task, cfg.folds, cfg.fold, cfg.split_seed,
+                                     index.origin)
+        check_patient_disjoint(frame, index.origin)
+        check_splits_nonempty(frame, index.origin)
+        check_learnable(frame, index.classes, index.task, index.origin)
+        index = replace(index, frame=frame)
     if cfg.label_fraction < 1:
         frame = index.frame.copy()
         train = (frame["split"] == "train").to_numpy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -57,6 +59,35 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     split[test] = "test"
     rest = np.flatnonzero(~test)
     split[rest[stratified_holdout(labels[rest], val_fraction / (1 - test_fraction), seed, origin)]] = "val"
+    return split
+
+
+def kfold_split(frame: pd.DataFrame, classes, task: str, folds: int, fold: int, seed: int, origin: str) -> np.ndarray:
+    """Train + val re-split for K-fold cross-validation: fold `fold` of `folds` becomes 'val', the others 'train';
+    'test' (and anything else) stays as it was. Folds are patient-grouped (a patient's images in one fold) and
+    label-stratified (scikit-learn's StratifiedGroupKFold, seeded), on each image's class, or for multi-label
+    data its rarest positive label ('no finding' a stratum of its own)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    split = frame["split"].to_numpy(dtype=object).copy()
+    pooled = np.flatnonzero(np.isin(split, ("train", "val")))
+    labels = frame[list(classes)].to_numpy()[pooled] > 0
+    if task == "multiclass":
+        strata = labels.argmax(1)
+    else:
+        rarest = np.argsort(labels.sum(0))  # each image's rarest positive label
+        strata = np.where(labels.any(1), rarest[np.argmax(labels[:, rarest], axis=1)], len(classes))
+    patients = frame["patient_id"] if "patient_id" in frame else pd.Series(np.nan, index=frame.index)
+    groups = patients.iloc[pooled].fillna(pd.Series(frame.index[pooled].astype(str), index=frame.index[pooled]))
+    if groups.nunique() < folds:
+        raise DataError(f"{origin}: {folds} folds need at least {folds} patients in train + val; there are "
+                        f"{groups.nunique()}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the least populated class has only n members"
+        held = list(splitter.split(np.zeros(len(pooled)), strata, groups.astype(str).to_numpy()))[fold][1]
+    split[pooled] = "train"
+    split[pooled[held]] = "val"
     return split
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from ..augment import EvalViews
 from ..config import ConfigError, TrialConfig, metric_mode, objective
 from ..data.loader import CachedBatches, PreparedData, make_loader, set_epoch
+from ..explain import eval_cost
 from ..metrics import (
     auroc_intervals,
     classification_metrics,
@@ -134,18 +135,34 @@ def to_probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def predict_batch(model: nn.Module, x: torch.Tensor, views: EvalViews, precision: Precision,
+                  multilabel: bool) -> torch.Tensor:
+    """One uint8 batch as evaluated: its views (TTA), the logits of their mean probability."""
+    vs = [precision.images(v) for v in views(x.to(precision.device, non_blocking=True))]
+    with precision.autocast():
+        return mean_probability_logits([model(v) for v in vs], multilabel).float()
+
+
+@torch.no_grad()
 def predict(model: nn.Module, loader, views: EvalViews, precision: Precision, multilabel: bool):
     """Logits and targets (on the CPU) for a whole split; with TTA, the logits of the views' mean probability.
     Gathered on the device and copied once: a copy per batch would wait for the device at every batch."""
     model.eval()
     logits, targets = [], []
     for x, y in loader:
-        vs = [precision.images(v) for v in views(x.to(precision.device, non_blocking=True))]
-        with precision.autocast():
-            out = mean_probability_logits([model(v) for v in vs], multilabel)
-        logits.append(out.float())
+        logits.append(predict_batch(model, x, views, precision, multilabel))
         targets.append(y.to(precision.device, non_blocking=True))
     return torch.cat(logits).cpu(), torch.cat(targets).cpu()
+
+
+def measured_cost(model: nn.Module, data: PreparedData, views: EvalViews, precision: Precision) -> dict:
+    """The model's cost as it is evaluated, on its device (explain.eval_cost) — on up to 32 validation images."""
+    rows = np.sort(data.index.rows("val")[:32])
+    images = torch.from_numpy(np.array(data.cache.open()[rows]))
+    model.eval()
+    multilabel = data.index.task == "multilabel"
+    return eval_cost(model, lambda x: predict_batch(model, x, views, precision, multilabel), images,
+                     str(precision.device))
 
 
 def write_predictions(path: Path, frame: pd.DataFrame, classes, targets: np.ndarray, prob: np.ndarray,
@@ -237,14 +254,18 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
         set_epoch(train_loader, epoch)
         return run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps, model=trained, scaler=scaler)
 
+    cost: dict = {}  # measured once, at the end of the first epoch evaluated (rank 0's, as every metric)
+
     def evaluate(epoch: int, train_loss: float) -> dict:
+        if not cost and rank == 0:
+            cost.update(measured_cost(model, data, eval_views, precision))
         logits, targets = predict(model, val_loader, eval_views, precision, index.task == "multilabel")
         best["latest"] = (logits, targets)
         val_loss = float(loss_fn(logits.to(device), targets.to(device)))
         prob = to_probabilities(index.task, logits).numpy()
         val = classification_metrics(index.task, targets.numpy(), prob, index.classes, rule=sc.threshold)["metrics"]
         return {"train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(optimizer),
-                **{f"val_{k}": v for k, v in val.items()}}
+                **{f"val_{k}": v for k, v in val.items()}, **cost}
 
     def best_checkpoint(epoch: int, score: float) -> dict:
         """best.pt: the weights with what predict needs to rebuild and feed them (config, classes, task,
