@@ -500,9 +500,10 @@ def model_card(pool: Pool, result: dict) -> str:
 
 def cost_lines(cost: dict) -> list[str]:
     """The model card's and the printout's lines on what the ensemble costs, and the budget it was held to."""
-    units = {"latency_ms": "ms per image (batch 1)", "params_m": "M parameters"}
-    held = "; ".join(f"{name.split('_')[0]} ≤ {value:g} {units[name]} (its members' measured sum: "
-                     f"{cost.get(name + '_sum', float('nan')):.3g})" for name, value in cost["budget"].items())
+    units = {"latency_ms": ("ms per image (batch 1)", "ms"), "params_m": ("M parameters", "M")}
+    held = "; ".join(f"{name.split('_')[0]} ≤ {value:g} {units[name][0]} (its members' measured sum: "
+                     f"{cost.get(name + '_sum', float('nan')):.3g} {units[name][1]})"
+                     for name, value in cost["budget"].items())
     sums = ", ".join(f"{cost[k]:.3g} {unit}" for k, unit in (("latency_ms_sum", "ms"), ("params_m_sum", "M params"),
                                                             ("gflops_sum", "GFLOPs")) if k in cost)
     served = (f"; the ensemble as served measured {cost['served_latency_ms']:.3g} ms per image, one decoded image "
