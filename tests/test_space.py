@@ -186,13 +186,14 @@ def test_a_pareto_study_and_its_multi_objective_sampler(tmp_path):
     assert single.costs == [] and single.ensemble_budget() == {"latency_ms": None, "params_m": None}
 
 
-def test_a_multi_objective_study_is_told_every_objective_and_tpe_samples_past_pruned_trials(tmp_path):
+@pytest.mark.parametrize("sampler", [{"n_startup_trials": 2}, {"name": "nsga2", "population_size": 2}])
+def test_a_multi_objective_study_is_told_every_objective_and_samples_past_pruned_trials(tmp_path, sampler):
     """A complete trial is told its metric and its costs; a pruned one is PRUNED with no intermediate value (TPE
-    ranks those against a single direction, which a multi-objective study has not); TPE then keeps proposing."""
+    ranks those against a single direction, which a multi-objective study has not); TPE or NSGA-II then keeps
+    proposing."""
     from tune_xray.searcher import DefineByRun, optuna_searcher
 
-    tree = {**MINIMAL, "objectives": {"val_mean_auroc": "max", "latency_ms": "min"},
-            "sampler": {"n_startup_trials": 2}}
+    tree = {**MINIMAL, "objectives": {"val_mean_auroc": "max", "latency_ms": "min"}, "sampler": sampler}
     study = load_study(_write(tmp_path, tree))
     searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
                                "best_val_mean_auroc")
