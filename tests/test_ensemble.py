@@ -329,3 +329,19 @@ def test_best_and_topk_keep_to_the_budget_and_a_trial_without_its_cost_is_named(
     (directory / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(EnsembleError, match="--latency-budget: t001 has no measured latency_ms"):
         run_ensemble(Experiment.at(directory), budget={"latency_ms": 3.0})
+
+
+def test_under_a_budget_the_record_compares_with_the_best_single_trial_that_fits(tmp_path):
+    directory = _pool_dir(tmp_path)
+    summary = json.loads((directory / "summary.json").read_text())
+    for i, row in enumerate(summary["rows"]):
+        row["cost"] = {"latency_ms": [1.0, 1.0, 1.0, 9.0, 1.0][i]}  # t003, mediocre at both labels, is slow
+    (directory / "summary.json").write_text(json.dumps(summary))
+    pool = load_pool(Experiment.at(directory))
+    free = run_ensemble(Experiment.at(directory), size=2, bags=0, resamples=20)
+    held = run_ensemble(Experiment.at(directory), size=2, bags=0, resamples=20, budget={"latency_ms": 2.5})
+    best_fitting = max((s, t["trial"]) for s, t in zip(pool.single, pool.trials) if t["trial"] != "t003")
+    assert held["val"]["best_single"]["value"] == pytest.approx(best_fitting[0])
+    assert free["val"]["best_single"]["value"] == pytest.approx(pool.single.max())
+    assert all(m["trial"] != "t003" for m in held["members"]) and held["cost"]["latency_ms_sum"] <= 2.5
+    assert "fit it too" in (directory / "ensemble" / "model_card.md").read_text()

@@ -151,8 +151,8 @@ class CaruanaSelector:
        (with two trials, each bag held one: weights 0.7/0.3 from the draw, not from the data).
 
     Under a budget (`fit(..., costs, budget)`: each model's costs, e.g. latency and parameters, and the most the
-    ensemble may sum over its distinct members) a model is added — in the initialisation, the greedy steps and
-    every bag — only while the members' summed costs stay within it; a model chosen again costs nothing more.
+    ensemble may sum over its distinct members) a model is added — in the initialisation and the greedy steps —
+    only while the members' summed costs stay within it; a model chosen again costs nothing more.
     Bagging is off under a budget: the average over bags holds the union of their members, which need not fit.
 
     Since the initialisation with N = 1 is the best single model (the best affordable one, under a budget) and
@@ -307,16 +307,14 @@ def _val_thresholds(pool: Pool, prob: np.ndarray):
 
 
 def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, seed: int = 0,
-           read_test: bool = False) -> dict:
-    """The ensemble, the best single trial and the top-K mean, each with a 95 % bootstrap CI over patients
-    (images where there are none), and the paired difference ensemble − best single: on validation, the data
-    that chose them (selection-set intervals: optimistic) and, with `read_test`, on test — read here, after
-    every choice, with each one's thresholds from validation for every threshold metric, in every resample."""
-    m = len(pool.trials)
-    ranked = np.argsort(-pool.single, kind="stable")
-    top = np.zeros(m)
-    top[ranked[:min(topk, m)]] = 1.0 / min(topk, m)
-    chosen = dict(zip(LABELS, (weights, np.eye(m)[ranked[0]], top)))
+           read_test: bool = False, budget: dict | None = None) -> dict:
+    """The ensemble, the best single trial and the top-K mean (under a `budget`, those that fit it: the choices the
+    ensemble had), each with a 95 % bootstrap CI over patients (images where there are none), and the paired
+    difference ensemble − best single: on validation, the data that chose them (selection-set intervals:
+    optimistic) and, with `read_test`, on test — read here, after every choice, with each one's thresholds from
+    validation for every threshold metric, in every resample."""
+    chosen = dict(zip(LABELS, (weights, select(pool, "best", budget=budget)[0],
+                               select(pool, "topk", size=topk, budget=budget)[0])))
     thresholds = {label: _val_thresholds(pool, np.tensordot(w, pool.val.probs, axes=1)) for label, w in chosen.items()}
     splits = [("val", pool.val)]
     if read_test:
@@ -425,7 +423,7 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
     pool = load_pool(experiment)
     weights, selection = select(pool, method, size, bags, seed=seed, budget=budget)
     cost = selection_cost(pool, weights, budget, device)
-    recorded = record(pool, weights, size, resamples, seed, read_test)
+    recorded = record(pool, weights, size, resamples, seed, read_test, budget)
     out_dir = experiment.ensemble_dir
     out_dir.mkdir(exist_ok=True)
     members = pd.DataFrame([{"trial": t["trial"], "trial_id": t["trial_id"], "name": t.get("name", t["trial"]),
@@ -508,6 +506,7 @@ def cost_lines(cost: dict) -> list[str]:
                                                             ("gflops_sum", "GFLOPs")) if k in cost)
     served = (f"; the ensemble as served measured {cost['served_latency_ms']:.3g} ms per image, one decoded image "
               f"at a time on {cost['device']}" if "served_latency_ms" in cost else "")
+    held += "; the best single trial and the top-K it is compared with fit it too" if held else ""
     return [f"- Budget: {held}" if held else "- Budget: none (`--latency-budget MS`, `--params-budget M`)",
             f"- Cost: members' sum {sums or 'not measured'}, each measured in its trial on its device{served}"]
 
