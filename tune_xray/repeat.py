@@ -246,7 +246,8 @@ def rerun_main(argv, prog: str, doc: str, count: tuple[str, int, str], run, show
     2 for a bad directory or count, 130 when interrupted, 1 otherwise."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment_dir")
-    parser.add_argument("--top", type=int, default=3, help="the best N completed configurations")
+    parser.add_argument("--top", type=int, default=3, help="the best N completed configurations (of the 5 that "
+                        "summary.json ranks)")
     parser.add_argument(count[0], type=int, default=count[1], help=count[2])
     parser.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     parser.add_argument("--verbose", action="store_true")
