@@ -29,18 +29,13 @@ from .config import ConfigError, bare, merge, metric_mode, objective
 from .ensemble import split_scorer
 from .experiment import CV_DIR, SUMMARY_FILE, Experiment, ExperimentError, TrialTask, cv_name, read_predictions
 from .metrics import ci_text, classification_metrics, interval, patient_bootstrap, resampling_units
-from .repeat import Rerun, rerun_main, t_interval
+from .repeat import Rerun, finalist_configs, rerun_main, t_interval
 from .trial import CV_FOLD, CV_FOLDS, CV_OF
 
 
 def cv_configs(summary: dict, top: int, folds: int) -> list[dict]:
-    """The Tune configs of the fold trials: each of the `top` best completed trials' config (resolved values, and
-    the drawn ones where they differ) once per fold."""
-    configs = []
-    for row in summary["top"][:top]:
-        config = {**row["resolved"], **{f"sampled.{k}": v for k, v in row["sampled"].items()}}
-        configs += [{**config, CV_OF: row["trial"], CV_FOLD: k, CV_FOLDS: folds} for k in range(folds)]
-    return configs
+    """The Tune configs of the fold trials: each of the `top` best completed trials' config once per fold."""
+    return finalist_configs(summary, top, CV_OF, [{CV_FOLD: k, CV_FOLDS: folds} for k in range(folds)])
 
 
 def run_cv(experiment: Experiment, top: int = 3, folds: int = 5, address: str | None = None,

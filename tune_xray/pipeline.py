@@ -132,10 +132,10 @@ def restore_invocation(args) -> None:
             setattr(args, key, value)
 
 
-def ensemble_budget(args) -> dict:
+def ensemble_budget(study: Study, args) -> dict:
     """The final ensemble's budget: --latency-budget / --params-budget, else the study file's `ensemble:`."""
-    return load_study(args.study).ensemble_budget(args.smoke, getattr(args, "latency_budget", None),
-                                                  getattr(args, "params_budget", None))
+    return study.ensemble_budget(args.smoke, getattr(args, "latency_budget", None),
+                                 getattr(args, "params_budget", None))
 
 
 def search_params(args, study: Study, budget, trials: int, overrides: dict, resources) -> dict:
@@ -148,7 +148,7 @@ def search_params(args, study: Study, budget, trials: int, overrides: dict, reso
             "objectives": objectives_text(study),
             "seed": args.seed, "ensemble_size": "off" if getattr(args, "no_ensemble", False)
             else getattr(args, "ensemble_size", 5),
-            **{f"ensemble.budget.{k}": "none" if v is None else v for k, v in ensemble_budget(args).items()},
+            **{f"ensemble.budget.{k}": "none" if v is None else v for k, v in ensemble_budget(study, args).items()},
             "repeats": getattr(args, "repeats", 0),
             "set": " ".join(args.overrides) or "none", "overrides": json.dumps(overrides, sort_keys=True),
             "data": args.data or "synthetic", "workers_per_trial": resources.workers,
@@ -313,7 +313,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     experiment.write_summary(summary)
     summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
     if summary["status"] == "complete":
-        after_trials(experiment, summary, args)
+        after_trials(experiment, summary, args, study)
     _step(experiment, summary, "storage", lambda: experiment.sync())
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
     report_file = Path(summary["report"]) if str(summary.get("report", "")).endswith(".html") else None
@@ -339,7 +339,7 @@ def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
     experiment.write_summary(summary)
 
 
-def after_trials(experiment: Experiment, summary: dict, args) -> None:
+def after_trials(experiment: Experiment, summary: dict, args, study: Study) -> None:
     """Repeats (`--repeats`), the ensemble, the cross-validation of the finalists (`--cv-folds`) and the report, in
     turn, each recorded in `summary`."""
     def repeats() -> None:
@@ -353,7 +353,7 @@ def after_trials(experiment: Experiment, summary: dict, args) -> None:
         import torch  # the latency as served is measured here, in the driver: on its own device
 
         result = run_ensemble(experiment, size=getattr(args, "ensemble_size", 5), seed=args.seed,
-                              tracking_uri=experiment.tracking_uri, read_test=True, budget=ensemble_budget(args),
+                              tracking_uri=experiment.tracking_uri, read_test=True, budget=ensemble_budget(study, args),
                               device="cuda" if torch.cuda.is_available() else "cpu")
         summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "cost", "val", "test",
                                                           "test_per_label", "single_label", "thresholds",

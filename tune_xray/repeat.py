@@ -48,14 +48,20 @@ from .trial import (
 )
 
 
-def repeat_configs(summary: dict, top: int, seeds: list[int]) -> list[dict]:
-    """The Tune configs of the repeats: each of the `top` best completed trials' config (resolved values, and the
-    drawn ones where they differ) once per seed."""
+def finalist_configs(summary: dict, top: int, source: str, variants: list[dict]) -> list[dict]:
+    """Tune configs of the `top` best completed trials, each once per variant (a seed, a fold): the trial's config
+    (resolved values, and the drawn ones where they differ), the trial it comes from under `source`, the
+    variant's keys."""
     configs = []
     for row in summary["top"][:top]:
-        config = {**row["resolved"], **{f"sampled.{k}": v for k, v in row["sampled"].items()}}
-        configs += [{**config, REPEAT_OF: row["trial"], REPEAT_SEED: seed} for seed in seeds]
+        config = {**row["resolved"], **{f"sampled.{k}": v for k, v in row["sampled"].items()}, source: row["trial"]}
+        configs += [{**config, **variant} for variant in variants]
     return configs
+
+
+def repeat_configs(summary: dict, top: int, seeds: list[int]) -> list[dict]:
+    """The Tune configs of the repeats: each of the `top` best completed trials' config once per seed."""
+    return finalist_configs(summary, top, REPEAT_OF, [{REPEAT_SEED: seed} for seed in seeds])
 
 
 class FixedConfigs(Searcher):

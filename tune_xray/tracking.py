@@ -470,6 +470,12 @@ def _requirements() -> list[str]:
                                            "pillow", "pydantic", "pyyaml", "scikit-learn", "safetensors", "mlflow")]
 
 
+def _registered(name: str, version, run_id: str, tracking_uri: str) -> dict:
+    """What a registration returns (and ensemble.json keeps, and predict resolves): the model's URI and store."""
+    return {"name": name, "version": str(version), "uri": f"models:/{name}/{version}", "run_id": run_id,
+            "tracking_uri": tracking_uri}
+
+
 def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members: pd.DataFrame,
                  out_dir: Path) -> dict:
     """The selection as an `ensemble` child run of the search's parent: params, members (table and params),
@@ -516,8 +522,7 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
                 _log_pyfunc([str(Path(member.dir) / "best.pt")], [1.0], None, example, model_name(member.name))
             client.set_terminated(member.mlflow_run_id, status=ended.status, end_time=ended.end_time)
     client.set_terminated(run.info.run_id, status="FINISHED")
-    return {"name": name, "version": str(version), "uri": f"models:/{name}/{version}", "run_id": run.info.run_id,
-            "tracking_uri": tracking_uri}
+    return _registered(name, version, run.info.run_id, tracking_uri)
 
 
 def log_fold_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, best: dict, example_path: str) -> dict:
@@ -551,6 +556,4 @@ def log_fold_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, bes
                            name)
     client.update_model_version(name, info.registered_model_version, description="\n\n".join(lines))
     client.set_terminated(run.info.run_id, status="FINISHED")
-    return {"name": name, "version": str(info.registered_model_version),
-            "uri": f"models:/{name}/{info.registered_model_version}", "run_id": run.info.run_id,
-            "tracking_uri": tracking_uri}
+    return _registered(name, info.registered_model_version, run.info.run_id, tracking_uri)
