@@ -14,7 +14,7 @@ from torch import nn
 from tune_xray.models.scan import available_backends, selective_scan
 
 from .models.scan_reference import sequential_scan
-from .models.test_scan import SHAPES, make_inputs, values_and_grads
+from .models.test_scan import SHAPES, assert_bf16_is_rounded_fp32, assert_matches, make_inputs, values_and_grads
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -111,19 +111,15 @@ def test_scan_backends_equal_the_definition_on_cuda(shape, backend):
     ours = values_and_grads(lambda **kw: selective_scan(**kw, backend=backend), inputs)
     reference = values_and_grads(sequential_scan, inputs)
     rtol = 1e-3 if backend == "kernel" else 1e-4  # mamba-ssm's kernel uses its own exp and fp32 sums
-    for name, a, b in zip(["y", *inputs], ours, reference):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()), msg=lambda m: f"{name}: {m}")
+    assert_matches(ours, reference, ["y", *inputs], rtol)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_scan_backends_take_bf16(backend):
     if backend not in available_backends("cuda"):
         pytest.skip(f"{backend} is not available here")
-    inputs = {k: v.to(CUDA, torch.bfloat16) for k, v in make_inputs(batch=2, dim=8, length=300, n=4).items()}
-    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
-    y = selective_scan(**leaves, delta_softplus=True, backend=backend)
-    y.float().sum().backward()
-    assert y.dtype == torch.bfloat16 and all(torch.isfinite(v.grad).all() for v in leaves.values())
+    assert_bf16_is_rounded_fp32(backend, {k: v.to(CUDA, torch.bfloat16)
+                                          for k, v in make_inputs(batch=2, dim=8, length=300, n=4).items()})
 
 
 def _ddp_step(rank: int, world: int, port: int, out: str) -> None:

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 
-def sequential_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def sequential_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                    return_last_state=False):
     batch, dim, length = u.shape
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
@@ -32,4 +33,4 @@ def sequential_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
         y = y + D[:, None] * u
     if z is not None:
         y = y * F.silu(z)
-    return y
+    return (y, h) if return_last_state else y

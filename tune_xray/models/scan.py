@@ -122,6 +122,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     (batch, R, L) or (batch, groups, R, L), as in mamba-ssm's `mamba_inner_fn`: Δ is recomputed in backward, not
     kept. Returns y (batch, dim, L) in u's dtype, and the last state (batch, dim, N) if `return_last_state`.
     """
+    check_groups(u, B, C)
     if backend == "auto":
         backend = available_backends(u.device)[0]
     if backend == "kernel":
@@ -131,6 +132,18 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     core = _triton() if backend == "triton" and B.dim() > 2 and C.dim() > 2 else TorchCore  # fixed B/C: torch
     y, last = _SelectiveScan.apply(core, u, delta, delta_proj_weight, A, B, C, D, z, delta_bias, delta_softplus)
     return (y, last) if return_last_state else y
+
+
+def check_groups(u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> None:
+    """Time-varying B and C serve the same groups of channels (mamba-ssm's rule), and the groups split dim evenly:
+    a ValueError naming the shapes otherwise (the Triton kernel would read B or C past its end)."""
+    groups = {_groups(x) for x in (B, C) if x.dim() > 2}
+    if len(groups) > 1:
+        raise ValueError(f"selective_scan: B {tuple(B.shape)} and C {tuple(C.shape)} have different group counts; "
+                         "time-varying B and C must serve the same groups of channels")
+    if groups and u.shape[1] % (g := groups.pop()):
+        raise ValueError(f"selective_scan: {g} groups of B/C do not split dim {u.shape[1]} of u {tuple(u.shape)} "
+                         "evenly")
 
 
 def full_delta(delta: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
@@ -325,7 +338,8 @@ class TorchCore:
         if z is not None:
             y = y * F.silu(disc.chunk_major(z.float()))
         end = disc.length - 1
-        return disc.time_major(y), h[end % disc.chunk, ..., end // disc.chunk], entering
+        # the last state as its own tensor: a view would keep all of h alive for as long as the caller keeps it
+        return disc.time_major(y), h[end % disc.chunk, ..., end // disc.chunk].clone(), entering
 
     @staticmethod
     def backward(grad_y, u, delta, A, B, C, D, z, delta_bias, softplus, entering):
