@@ -19,7 +19,12 @@ Inputs follow the models' initialisation (Δ = softplus(·) in [0.001, 0.1], A =
 ≥ 4× and ≥ 100× the loop; ≤ 20 MiB kept per image by one VMamba-S stage-1 call, ≤ 300 by vmamba_s, ≤ 80 with
 gradient checkpointing.
 
+On a GPU (`--device cuda`, batch 64) the rows are the backends instead: our Triton kernel against the torch
+backend as it is and under `torch.compile` (fullgraph, inductor), and mamba-ssm's kernel where it is installed;
+ms per fwd+bwd and each one's time over Triton's.
+
     python scripts/bench_scan.py [--repeats 10] [--networks vmamba_s,mambavision_t2]
+    python scripts/bench_scan.py --device cuda [--batch 64]
 """
 
 from __future__ import annotations
@@ -108,16 +113,36 @@ def network_mib_per_image(name: str, checkpointing: bool, size: int = 224) -> fl
 
 def fwd_bwd_seconds(fn, inputs: dict, repeats: int, budget: float = 10.0) -> float:
     """Best of `repeats` timed runs after a warm-up run; stops early once `budget` seconds are spent (the
-    slow loops at VMamba's L), and a single run that long counts as timed."""
+    slow loops at VMamba's L), and a single run that long counts as timed. On CUDA each run ends synchronised."""
     times = []
+    sync = torch.cuda.synchronize if next(iter(inputs.values())).is_cuda else (lambda: None)
     while len(times) <= repeats and (len(times) < 2 or sum(times) < budget):
         leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        sync()
         start = time.perf_counter()
         fn(**leaves, delta_softplus=True).square().mean().backward()
+        sync()
         times.append(time.perf_counter() - start)
         if len(times) == 1 and times[0] > budget:
             break
     return min(times[1:] or times)
+
+
+def gpu_backends(args) -> None:
+    """Each backend that runs on this GPU, at each shape (batch `args.batch`): ms per fwd+bwd, and over Triton's."""
+    from tune_xray.models.scan import available_backends
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; fwd+bwd, fp32, best of {args.repeats}")
+    backends = {name: functools.partial(selective_scan, backend=name) for name in available_backends("cuda")}
+    backends["torch, compiled"] = torch.compile(functools.partial(selective_scan, backend="torch"), fullgraph=True,
+                                                dynamic=False)
+    for name, shape in SHAPES.items():
+        inputs = {k: v.cuda() for k, v in make_inputs(**{**shape, "batch": args.batch}).items()}
+        times = {backend: fwd_bwd_seconds(fn, inputs, args.repeats) for backend, fn in backends.items()}
+        print(f"{name} (batch {args.batch}):")
+        for backend, seconds in times.items():
+            ratio = f"  {seconds / times['triton']:5.1f}× Triton's time" if "triton" in times else ""
+            print(f"    {backend:16s} {1e3 * seconds:8.2f} ms{ratio}")
 
 
 def main() -> None:
@@ -125,7 +150,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--networks", default="vmamba_s", help="comma-separated backbones for the per-image "
                         "memory rows ('' for none)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, default=64, help="batch of the --device cuda rows")
     args = parser.parse_args()
+    if args.device == "cuda":
+        return gpu_backends(args)
     reuse_freed_memory()  # as in training (run_phases), for both
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fwd+bwd, best of {args.repeats}")
     ours_fn = functools.partial(selective_scan, backend="torch")

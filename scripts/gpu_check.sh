@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # gpu_check.sh — what a GPU machine must show, in one command from the project root (within 8 minutes on one H100):
 #   1. the tests marked `cuda` (tests/test_cuda.py: explain on CUDA, AMP bf16/fp16, channels_last, the device cache,
-#      fused optimizers, no host sync per step, every scan backend against the definition, DDP on two GPUs);
+#      fused optimizers, no host sync per step, every scan backend against the definition, DDP on two GPUs), and
+#      scripts/scan_kernels.py --device cuda: every Triton scan kernel variant loaded on this GPU (its registers and
+#      spills as the driver reports them) and run against the step-by-step definition;
 #   2. scripts/bench_train.py at S0's sizes (224 px, bf16, the uint8 cache on the GPU): densenet121 supervised at
 #      batch 128, mambavision_t2 BYOL at batch 256, vmamba_s supervised at batch 128 (img/s, peak GPU memory);
 #   3. `python -m tune_xray.search byol --smoke --gpus-per-trial 0.5` through its ensemble and report;
@@ -43,6 +45,7 @@ run() {  # run NAME COMMAND...: its output in OUT/NAME.log, its exit code and se
 
 bench=(scripts/bench_train.py --device cuda --cache device --images 2000 --steps 20 --cache-dir "$out/cache")
 run cuda_tests $py -m pytest -m cuda tests/test_cuda.py -p no:cacheprovider
+run scan_kernels $py scripts/scan_kernels.py --device cuda
 run densenet121 $py "${bench[@]}" --backbones densenet121 --phases supervised --batch 128 --json "$out/densenet121.json"
 run mambavision_t2 $py "${bench[@]}" --backbones mambavision_t2 --phases byol --byol-batch 256 --json "$out/mambavision_t2.json"
 run vmamba_s $py "${bench[@]}" --backbones vmamba_s --phases supervised --batch 128 --json "$out/vmamba_s.json"
@@ -72,6 +75,10 @@ def failed(name):
 tests = steps["cuda_tests"]
 counts = ", ".join(re.findall(r"\d+ (?:passed|failed|skipped|error)", log("cuda_tests"))) or "no summary"
 rows.append(("cuda tests", "pass" if tests["rc"] == 0 else "FAILED", counts, "all pass"))
+kernels = re.search(r"spills: (\d+); worst fp32 relative error (\S+)", log("scan_kernels"))
+rows.append(("Triton scan kernels", "pass" if steps["scan_kernels"]["rc"] == 0 else failed("scan_kernels"),
+             f"spills {kernels[1]}, worst fp32 error {kernels[2]}" if kernels else "",
+             "no spills, error <= 1e-4"))
 goals = {"densenet121": ("supervised b128", 2400, None), "mambavision_t2": ("BYOL b256", 1200, None),
          "vmamba_s": ("supervised b128", 600, 40.0)}
 for name, (what, rate, peak_goal) in goals.items():
