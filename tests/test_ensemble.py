@@ -92,7 +92,8 @@ def _macro_f1(y, p):
 @pytest.mark.parametrize("scorer, pools", [(_auroc, 100), (_macro_f1, 25)], ids=["mean_auroc", "macro_f1"])
 def test_the_ensemble_never_scores_below_its_best_member_on_validation(scorer, pools):
     """Caruana as published (initial size chosen on the hill-climb set, best prefix, bag average kept only if
-    not worse): on every random pool the fitted weights score at least the best single model's."""
+    not worse): on every random pool the selection itself — before the guard that would return the best single
+    model, which must never be needed here — scores at least the best single model's, and so do the weights."""
     rng = np.random.default_rng(0)
     for i in range(pools):
         kind = ("dominant", "diverse", "tiny", "ties", "noise")[i % 5]
@@ -100,8 +101,10 @@ def test_the_ensemble_never_scores_below_its_best_member_on_validation(scorer, p
         selector = CaruanaSelector(size=int(rng.integers(1, 8)), bags=int(rng.choice([0, 5, 10])),
                                    seed=i).fit(probs, y, scorer)
         assert selector.weights_.min() >= 0 and selector.weights_.sum() == pytest.approx(1)
+        best = max(scorer(y, p) for p in probs)
+        assert selector.selection_score_ >= best and not selector.fallback_, f"pool {i} ({kind})"
         score = scorer(y, np.tensordot(selector.weights_, probs, axes=1))
-        assert score >= max(scorer(y, p) for p in probs), f"pool {i} ({kind})"
+        assert score >= best, f"pool {i} ({kind})"
         assert score == selector.score_
 
 

@@ -76,3 +76,16 @@ def test_no_import_from_a_later_layer():
     upward = [f"{a} imports {b}" for a, targets in graph.items() for b in targets
               if a != "tune_xray" and layer[_unit(b)] > layer[_unit(a)]]
     assert not upward, "an import from a later layer: " + "; ".join(sorted(upward))
+
+
+def test_no_private_module_of_a_dependency_is_imported():
+    """A dependency's private modules (`timm.models._manipulate`) move between releases without notice: the package
+    imports what its dependencies export."""
+    private = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
+            private += [f"{name} imports {m}" for m in modules
+                        if m.split(".")[0] != "tune_xray" and any(p[:1] == "_" != p[1:2] for p in m.split("."))]
+    assert not private, "; ".join(private)

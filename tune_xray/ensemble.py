@@ -163,7 +163,9 @@ class CaruanaSelector:
     `scorer(y, prob) → float`, higher is better. Fitted: `weights_` (M,) summing to 1, `score_` (theirs),
     `single_scores_` (M,), `curve_` (x, score) pairs of the returned weights' making — ensemble size in
     selections for an unbagged result, bags averaged for a bagged one (`curve_axis_`) — `chosen_` (the x
-    returned), `init_size_`, `bagged_`.
+    returned), `init_size_`, `bagged_`; `selection_score_`, the unbagged selection's own score, and `fallback_`,
+    whether rounding put it below the best single model so that model was returned instead (a guard, not the rule:
+    the selection itself holds the property, and the tests require it to).
     """
 
     MIN_BAG = 3
@@ -221,10 +223,12 @@ class CaruanaSelector:
         self.weights_, self.curve_, self.curve_axis_ = counts / counts.sum(), curve, "selections"
         self.score_ = scorer(y, np.tensordot(self.weights_, probs, axes=1))
         self.chosen_, self.bagged_ = int(counts.sum()), False
+        self.selection_score_, self.fallback_ = self.score_, False
         best = max(affordable, key=lambda j: (self.single_scores_[j], -j))
         if self.score_ < self.single_scores_[best]:  # the weighted sum rounded apart from the running mean and
             self.weights_ = np.eye(m)[best]  # reordered near-equal probabilities: the best single model, exactly
             self.score_, self.curve_, self.chosen_ = self.single_scores_[best], [(1, self.single_scores_[best])], 1
+            self.fallback_ = True
         bag = math.ceil(self.bag_fraction * len(affordable))
         if self.bags > 1 and bag >= self.MIN_BAG and self.costs_ is None:
             rng, running, bag_curve = np.random.default_rng(self.seed), np.zeros(m), []

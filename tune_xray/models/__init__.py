@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
-from timm.models import clean_state_dict, load_state_dict
-from timm.models._manipulate import adapt_input_conv
+from timm.models import adapt_input_conv, clean_state_dict, load_state_dict
 from torch import nn
 
 from ..config import ConfigError
