@@ -50,3 +50,27 @@ def test_crop_larger_than_cache_fails_at_load():
 def test_selection_metric_typo_fails_at_load():
     with pytest.raises(ConfigError, match="supervised.selection_metric"):
         load_config(None, ["supervised.selection_metric=val_mean_aucroc"])
+
+
+def test_an_unknown_set_key_says_it_came_from_set_and_what_is_near():
+    with pytest.raises(ConfigError, match=r"--set supervised.batchsize: unknown key; did you mean "
+                                          r"supervised.batch_size\?"):
+        load_config(None, ["supervised.batchsize=64"])
+    with pytest.raises(ConfigError, match=r"--set byol.optimizer.learning_rate: unknown key; byol.optimizer has "
+                                          r"name, lr, weight_decay"):
+        load_config(None, ["byol.optimizer.learning_rate=0.1"])
+
+
+def test_the_search_s_help_gives_every_default_and_a_study_s_space(capsys):
+    from tune_xray.search import main
+
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--seed SEED TPE sampler seed (default: 0)", "(default: tune_xray_runs)",
+                  "--ensemble-size ENSEMBLE_SIZE Caruana ensemble size chosen on val at the end (default: 5)",
+                  "--cpus-per-trial CPUS_PER_TRIAL CPUs each trial reserves"):
+        assert shown in text, shown
+    assert "space:" not in text
+    assert main(["byol", "--smoke", "--data", "folder:x", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "objective: val_mean_auroc (max)" in text and "byol.optimizer.name" in text and "model.backbone" in text

@@ -106,3 +106,29 @@ def test_the_pareto_front_is_every_point_no_other_dominates():
     assert pareto_front([[0.9, 10.0], [0.9, 10.0]], ["max", "min"]).tolist() == [True, True]  # equals both stay
     for a, b in product([0.8, 0.9], [5.0, 10.0]):
         assert pareto_front([[0.9, 5.0], [a, b]], ["max", "min"])[0]
+
+
+def test_labels_never_trained_are_neither_thresholded_decided_nor_averaged():
+    from tune_xray.metrics import decisions
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, (200, 3)).astype(float)
+    p = np.clip(y * 0.3 + rng.random((200, 3)) * 0.7, 0, 1)
+    out = classification_metrics("multilabel", y, p, ["a", "b", "c"], untrained=["b"])
+    assert out["metrics"]["mean_auroc"] == pytest.approx(np.mean([roc_auc_score(y[:, j], p[:, j]) for j in (0, 2)]))
+    assert out["metrics"]["mean_auroc_labels"] == 2 and "auroc/b" not in out["metrics"]
+    assert out["thresholds"][1] is None and out["skipped_labels"] == ["b"]
+    decided = decisions("multilabel", p, out["thresholds"])
+    assert np.isnan(decided[:, 1]).all() and set(np.unique(decided[:, [0, 2]])) <= {0.0, 1.0}
+    y[:, 2] = 0  # one class in this split: no threshold chosen either (not 0.5)
+    assert classification_metrics("multilabel", y, p, ["a", "b", "c"])["thresholds"][2] is None
+
+
+def test_a_binary_task_has_one_auroc_and_the_positive_class_s_sensitivity():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 300)
+    s = np.clip(0.3 * y + 0.7 * rng.random(300), 0, 1)
+    m = classification_metrics("multiclass", y, np.stack([1 - s, s], 1), ["normal", "pneumonia"])["metrics"]
+    assert m["mean_auroc"] == pytest.approx(roc_auc_score(y, s)) and m["mean_auroc_labels"] == 1
+    assert "auroc/normal" not in m and "sensitivity/normal" not in m  # the mirror images are not repeated
+    assert m["mean_sensitivity"] == m["sensitivity/pneumonia"] and m["mean_specificity"] == m["specificity/pneumonia"]

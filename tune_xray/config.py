@@ -6,6 +6,9 @@ dataset is the default data so that `python -m tune_xray.train` runs on a fresh 
 
 from __future__ import annotations
 
+import difflib
+import functools
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 
@@ -31,6 +34,9 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="random and folder splits")
     split_seed: int = 42
+    positive_class: Optional[str] = Field(
+        None, description="two-class data: the positive class (one AUROC, one threshold). Default: the class not "
+        "named normal / no finding / negative / healthy where exactly one is, else the second in name order")
     folds: int = Field(0, ge=0, description="K-fold cross-validation over train + val (patient-grouped, label-"
                        "stratified; test untouched): fold `fold` is validation, the others train. 0: no folds")
     fold: int = Field(0, ge=0)
@@ -305,14 +311,37 @@ def nest(dotted: dict[str, Any], origin: str = "--set") -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["supervised.optimizer.lr=1e-4", "byol.enabled=true"]` → nested dict (values parsed as YAML)."""
+    """`["supervised.optimizer.lr=1e-4", "byol.enabled=true"]` → nested dict (values parsed as YAML). A key the
+    trial config does not have is one error saying it came from --set, with the nearest keys it does have."""
     dotted = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
         dotted[key.strip()] = yaml.safe_load(raw)
+    known = config_keys()
+    for key in dotted:
+        if key not in known and not any(key.startswith(k + ".") for k, section in known.items() if not section):
+            near = difflib.get_close_matches(key, list(known), n=3, cutoff=0.8)
+            section = key.rpartition(".")[0]
+            siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section]
+            hint = (f"; did you mean {' or '.join(near)}?" if near else
+                    f"; {section or 'the config'} has {', '.join(siblings)}" if siblings else "")
+            raise ConfigError(f"--set {key}: unknown key{hint} (every key: python -m tune_xray.train --print-config)")
     return nest(dotted)
+
+
+@functools.cache
+def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, bool]:
+    """Every dotted key of the trial config → whether it is a section (a sub-model) rather than a value."""
+    out = {}
+    for name, field in (model or TrialConfig).model_fields.items():
+        inner = [t for t in (field.annotation, *typing.get_args(field.annotation)) if isinstance(t, type)
+                 and issubclass(t, BaseModel)]
+        out[prefix + name] = bool(inner)
+        if inner:
+            out.update(config_keys(inner[0], f"{prefix}{name}."))
+    return out
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -363,3 +392,8 @@ def objective(metric: str) -> str:
 def bare(metric: str) -> str:
     """`val_mean_auroc` / `best_val_mean_auroc` → `mean_auroc`: the metric's name on any split."""
     return metric.removeprefix("best_").removeprefix("val_")
+
+
+def plural(count: int, word: str) -> str:
+    """`1 member`, `3 members`: a count and its noun as every printout says them."""
+    return f"{count} {word}{'' if count == 1 else 's'}"

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import tracking
-from .config import ConfigError, bare, merge, metric_mode, objective
+from .config import ConfigError, bare, merge, metric_mode, objective, plural
 from .ensemble import split_scorer
 from .experiment import CV_DIR, SUMMARY_FILE, Experiment, ExperimentError, TrialTask, cv_name, read_predictions
 from .metrics import ci_text, classification_metrics, interval, patient_bootstrap, resampling_units
@@ -88,7 +88,7 @@ def _scorer(y: np.ndarray, task: TrialTask, thresholds=None):
     """`score(prob, weights)` of the study's metric in its own sense (split_scorer's is "higher is better", a loss
     negated: undone here), threshold metrics at `thresholds`."""
     score = split_scorer(y, task.task, task.metric, task.classes, task.rule,
-                         None if thresholds is None else np.asarray(thresholds))
+                         None if thresholds is None else np.asarray(thresholds, dtype=np.float64), task.untrained)
     sign = 1.0 if metric_mode(task.metric) == "max" else -1.0
     return lambda prob, weights=None: sign * score(prob, weights)
 
@@ -156,7 +156,7 @@ def fold_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_u
     targets = oof[[f"y_{c}" for c in classes]].to_numpy()
     chosen = classification_metrics(task.task, targets if task.task == "multilabel" else targets.argmax(1),
                                     oof[[f"p_{c}" for c in classes]].to_numpy(float), classes,
-                                    rule=task.rule)["thresholds"]
+                                    rule=task.rule, untrained=task.untrained)["thresholds"]
     boot = patient_bootstrap(groups, 1000, 0)
     out = {"config": best["config"], "name": best["name"], "members": len(tests), "thresholds": chosen,
            "metric": task.metric}
@@ -187,7 +187,7 @@ def fold_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_u
 
 def print_cv(entry: dict) -> None:
     name = bare(entry["metric"])
-    print(f"\ncross-validation: {len(entry['rows'])} configuration(s) × {entry['folds']} folds of train + val "
+    print(f"\ncross-validation: {plural(len(entry['rows']), 'configuration')} × {entry['folds']} folds of train + val "
           "(patient-grouped, label-stratified; test untouched): val "
           f"{name} per fold, mean ± sd [95 % t-interval]; pooled out of fold [95 % bootstrap CI]")
     for row in entry["rows"]:

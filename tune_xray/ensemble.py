@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .config import bare
+from .config import bare, plural
+from .data.sources import describe_data, describe_untrained
 from .experiment import TEST_READS, Experiment, ExperimentError, TrialTask, read_predictions
 from .figures import selection_curve
 from .metrics import (
@@ -37,6 +38,8 @@ from .metrics import (
     decisions,
     interval,
     patient_bootstrap,
+    scored_labels,
+    thresholds_list,
     weighted_decision_metrics,
     weighted_mean_auroc,
 )
@@ -69,6 +72,7 @@ class Pool:
     metric: str  # the study's selection metric, e.g. val_mean_auroc
     rule: str  # threshold rule of the trials (youden | f1)
     val: Split
+    untrained: tuple[str, ...] = ()  # no positive in train: never decided or averaged
 
     @cached_property
     def single(self) -> np.ndarray:
@@ -100,24 +104,26 @@ def load_pool(experiment: Experiment) -> Pool:
         raise EnsembleError(f"{experiment.directory}: no completed trial with stored predictions to ensemble")
     task = TrialTask.of(trials[0]["dir"])
     val = _stack([Path(t["dir"]) for t in trials], [t["trial"] for t in trials], "val", task.classes)
-    return Pool(experiment, trials, task.classes, task.task, task.metric, task.rule, val)
+    return Pool(experiment, trials, task.classes, task.task, task.metric, task.rule, val, task.untrained)
 
 
 def scorer(pool: Pool) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
     """`score(prob, weights)` → the study's metric (higher is better) of `prob` on validation targets, under
     each row of `weights` (bootstrap resamples; None: the split as it is)."""
-    return split_scorer(pool.val.y, pool.task, pool.metric, pool.classes, pool.rule)
+    return split_scorer(pool.val.y, pool.task, pool.metric, pool.classes, pool.rule, untrained=pool.untrained)
 
 
-def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str, thresholds=None):
+def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str, thresholds=None, untrained=()):
     """`score(prob, weights)` of the study's metric (higher is better) on targets `y`; a threshold metric
-    (accuracy, F1) at `thresholds` — validation's, when scoring test — or chosen on `y` itself when None."""
+    (accuracy, F1) at `thresholds` — validation's, when scoring test — or chosen on `y` itself when None. Means
+    over labels leave `untrained` ones out (binary: the positive class's AUROC)."""
     name = bare(metric)
+    columns = scored_labels(task, classes, untrained)
 
     def score(prob: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         weights = np.ones((1, len(y))) if weights is None else weights
         if name == "mean_auroc":
-            return weighted_mean_auroc(y, prob, weights)
+            return weighted_mean_auroc(y[:, columns], prob[:, columns], weights)
         out = []
         for w in weights:  # other metrics: one resample at a time
             rows = np.repeat(np.arange(len(y)), w.astype(int))
@@ -129,7 +135,7 @@ def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str, thre
             else:
                 targets = y[rows] if task == "multilabel" else y[rows].argmax(1)
                 out.append(classification_metrics(task, targets, prob[rows], classes, thresholds,
-                                                  rule)["metrics"][name])
+                                                  rule, untrained)["metrics"][name])
         return np.asarray(out, dtype=np.float64)
 
     return score
@@ -297,8 +303,10 @@ def select(pool: Pool, method: str = "caruana", size: int = 5, bags: int = 20, b
 
 
 def _with_ci(values: np.ndarray, point: float) -> dict:
+    """A value, its bootstrap interval, and the share of resamples dropped for an undefined value (one held no
+    positive or no negative)."""
     lo, hi = interval(values)
-    return {"value": point, "ci_low": lo, "ci_high": hi}
+    return {"value": point, "ci_low": lo, "ci_high": hi, "dropped": float(np.mean(~np.isfinite(values)))}
 
 
 LABELS = ("ensemble", "best_single", "top_k")
@@ -306,8 +314,9 @@ LABELS = ("ensemble", "best_single", "top_k")
 
 def _val_thresholds(pool: Pool, prob: np.ndarray):
     targets = pool.val.y if pool.task == "multilabel" else pool.val.y.argmax(1)
-    chosen = classification_metrics(pool.task, targets, prob, pool.classes, rule=pool.rule)["thresholds"]
-    return None if chosen is None else np.asarray(chosen)
+    chosen = classification_metrics(pool.task, targets, prob, pool.classes, rule=pool.rule,
+                                    untrained=pool.untrained)["thresholds"]
+    return None if chosen is None else np.asarray(chosen, dtype=np.float64)
 
 
 def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, seed: int = 0,
@@ -324,7 +333,7 @@ def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, se
     if read_test:
         splits.append(("test", _stack([Path(t["dir"]) for t in pool.trials], [t["trial"] for t in pool.trials],
                                       "test", pool.classes)))
-    out = {"thresholds": None if thresholds["ensemble"] is None else thresholds["ensemble"].tolist(),
+    out = {"thresholds": None if thresholds["ensemble"] is None else thresholds_list(thresholds["ensemble"]),
            "val_intervals": "selection set: the validation data that chose the epochs, trials and weights"}
     boots = {}  # each split's patient resamples: every interval of that split is on the same ones
     for name, split in splits:
@@ -332,13 +341,15 @@ def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, se
         results = {}
         for label, w in chosen.items():
             score = split_scorer(split.y, pool.task, pool.metric, pool.classes, pool.rule,
-                                 thresholds[label] if name == "test" else None)
+                                 thresholds[label] if name == "test" else None, pool.untrained)
             prob = np.tensordot(w, split.probs, axes=1)
             results[label] = (float(score(prob)[0]), score(prob, boot))
         out[name] = {label: _with_ci(values, point) for label, (point, values) in results.items()}
         out[name]["ensemble_minus_best_single"] = _with_ci(
             results["ensemble"][1] - results["best_single"][1], results["ensemble"][0] - results["best_single"][0])
         out.setdefault("hashes", {})[name] = split.ids_hash
+        columns = scored_labels(pool.task, pool.classes, pool.untrained)
+        out.setdefault("labels_averaged", {})[name] = int(sum(0 < split.y[:, j].sum() < len(split.y) for j in columns))
         if pool.task != "multilabel":  # what a clinician reads first of a single-label classifier
             out.setdefault("single_label", {})[name] = {
                 label: _decision_record(split, np.tensordot(w, split.probs, axes=1), pool.task, thresholds[label],
@@ -350,7 +361,7 @@ def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, se
         for label in ("ensemble", "best_single"):  # AUROC, and at validation's thresholds what a user gets
             prob = np.tensordot(chosen[label], test.probs, axes=1)
             out["test_per_label"][label] = {
-                **_per_label(test, prob, pool.classes, boots["test"]),
+                **_per_label(test, prob, pool, boots["test"]),
                 **_decision_record(test, prob, pool.task, thresholds[label], boots["test"],
                                    ("sensitivity", "specificity"), pool.classes)}
         out["test_probs"], out["test_paths"] = np.tensordot(weights, test.probs, axes=1), test.paths
@@ -376,10 +387,12 @@ def _decision_record(split: Split, prob: np.ndarray, task: str, thresholds, boot
     return out
 
 
-def _per_label(split: Split, prob: np.ndarray, classes: list[str], boot: np.ndarray) -> dict:
-    """AUROC of each label (and their mean) with its bootstrap interval on the split's resamples `boot`."""
-    values, _ = auroc_per_label(split.y, prob, classes)
-    intervals = auroc_intervals(split.y, prob, split.groups, classes, weights=boot)
+def _per_label(split: Split, prob: np.ndarray, pool: Pool, boot: np.ndarray) -> dict:
+    """AUROC of each scored label (and their mean) with its bootstrap interval on the split's resamples `boot`."""
+    columns = scored_labels(pool.task, pool.classes, pool.untrained)
+    classes = [pool.classes[j] for j in columns]
+    values, _ = auroc_per_label(split.y[:, columns], prob[:, columns], classes)
+    intervals = auroc_intervals(split.y[:, columns], prob[:, columns], split.groups, classes, weights=boot)
     points = {"mean_auroc": float(np.mean(list(values.values()))) if values else float("nan"),
               **{f"auroc/{k}": v for k, v in values.items()}}
     return {k: dict(zip(("value", "ci_low", "ci_high"), (v, *intervals.get(k, (float("nan"), float("nan"))))))
@@ -475,10 +488,16 @@ def model_card(pool: Pool, result: dict) -> str:
     read = (f"the test split was read after selection, for the record (reads of test for this experiment: "
             f"{result['test_reads']})" if test else "the test split was not read (`python -m tune_xray.ensemble "
             "DIR --record` records it)")
+    data = pool.experiment.summary().get("data")
     lines = [f"# Ensemble of {pool.experiment.name}", "",
              f"- Study: `{search.get('study', '?')}`; data: `{search.get('data') or 'synthetic (default)'}`; "
              f"smoke: {search.get('smoke', False)}",
+             *([f"- Data: {describe_data(data)}"] if data else []),
+             *([f"- {describe_untrained(data)}"] if data and data.get("untrained") else []),
              f"- Task: {pool.task}, classes: {', '.join(pool.classes)}",
+             *([f"- {metric}: {averaged_text(result, len(pool.classes))}"
+                + ("" if pool.task == "multiclass" and len(pool.classes) == 2 else " (labels without both classes in "
+                   "a split, or with no positive in train, are left out)")] if metric == "mean_auroc" else []),
              f"- Split image-id hashes: {hashes}",
              f"- Selection: {result['method']} (size {result['size']}, bags {result['bags']}) over {result['pool']} "
              f"completed trials, on **validation {metric} only**; {read}.",
@@ -494,10 +513,23 @@ def model_card(pool: Pool, result: dict) -> str:
             lines.append(f"| {label} {name.replace('_', ' ')} | {_fmt(entry)} |"
                          + (f" {_fmt(single['test'][label][name])} |" if test else ""))
     if result.get("thresholds"):
-        chosen = ", ".join(f"{c} {t:.3f}" for c, t in zip(pool.classes if len(result["thresholds"]) > 1
-                                                           else pool.classes[1:], result["thresholds"]))
-        lines += ["", f"Decision thresholds (chosen on validation, rule `{pool.rule}`): {chosen}"]
+        decided = pool.classes if pool.task == "multilabel" else pool.classes[1:]
+        chosen = ", ".join(f"{c} {t:.3f}" for c, t in zip(decided, result["thresholds"]) if t is not None)
+        lines += ["", f"Decision thresholds (chosen on validation, rule `{pool.rule}`): {chosen or 'none'}"]
+        undecided = [c for c, t in zip(decided, result["thresholds"]) if t is None and c not in pool.untrained]
+        if undecided:  # (the labels no training image has are named once, above)
+            lines.append(f"No threshold, so no decision, for {plural(len(undecided), 'label')} with one class in "
+                         f"validation: {', '.join(undecided)}")
     return "\n".join(lines) + "\n"
+
+
+def averaged_text(result: dict, classes: int) -> str:
+    """`val over 1 of 14 labels, test over 1 of 14 labels`: how many labels each split's mean averages (binary:
+    the positive class's AUROC)."""
+    if result.get("task") == "multiclass" and classes == 2:
+        return f"the AUROC of the positive class, {result['classes'][1]}"
+    return ", ".join(f"{split} over {k} of {classes} labels"
+                     for split, k in (result.get("labels_averaged") or {}).items())
 
 
 def cost_lines(cost: dict) -> list[str]:
@@ -517,8 +549,9 @@ def cost_lines(cost: dict) -> list[str]:
 
 def print_result(result: dict) -> None:
     metric, test = bare(result["metric"]), result.get("test")
-    print(f"ensemble ({result['method']}, {len(result['members'])} members of {result['pool']}): {metric}, 95 % "
-          "bootstrap CI; selected on val only (its intervals: on the selection set)")
+    averaged = f" ({averaged_text(result, len(result['classes']))})" if metric == "mean_auroc" else ""
+    print(f"ensemble ({result['method']}, {plural(len(result['members']), 'member')} of {result['pool']}): {metric}"
+          f"{averaged}, 95 % bootstrap CI; selected on val only (its intervals: on the selection set)")
     for label in (*LABELS, "ensemble_minus_best_single"):
         print(f"  {label:28s} val {_fmt(result['val'][label])}"
               + (f"   test (record) {_fmt(test[label])}" if test else ""))
@@ -528,7 +561,7 @@ def print_result(result: dict) -> None:
             print(f"  {label + ' ' + name.replace('_', ' '):28s} val {_fmt(entry)}"
                   + (f"   test (record) {_fmt(single['test'][label][name])}" if test else ""))
     if test:
-        print(f"  test read {result['test_reads']} time(s) for this experiment ({TEST_READS})")
+        print(f"  test read {plural(result['test_reads'], 'time')} for this experiment ({TEST_READS})")
     for line in cost_lines(result["cost"]):
         print(f"  {line[2:]}")
     for m in result["members"]:

@@ -144,6 +144,7 @@ class TrialTask:
     classes: list[str]
     metric: str
     rule: str
+    untrained: tuple[str, ...] = ()  # multi-label labels with no positive in train: never decided or averaged
 
     @classmethod
     def of(cls, directory: str | Path) -> TrialTask:
@@ -153,7 +154,8 @@ class TrialTask:
             supervised = yaml.safe_load((directory / "config.yaml").read_text())["supervised"]
         except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
             raise ExperimentError(f"{directory / 'config.yaml'}: not a trial's config ({type(err).__name__})") from None
-        return cls(summary["task"], list(summary["classes"]), supervised["selection_metric"], supervised["threshold"])
+        return cls(summary["task"], list(summary["classes"]), supervised["selection_metric"], supervised["threshold"],
+                   tuple(summary.get("untrained_labels") or ()))
 
 
 def predicted_classes(directory: Path, split: str = "val") -> list[str]:

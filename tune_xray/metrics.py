@@ -22,11 +22,13 @@ from sklearn.metrics import (
 THRESHOLD_RANGE = (0.05, 0.95)  # thresholds are searched inside this range, never at the extremes
 
 
-def auroc_per_label(y_true: np.ndarray, prob: np.ndarray, classes) -> tuple[dict[str, float], list[str]]:
-    """AUROC of each label with both classes present in `y_true`; the others are returned as skipped."""
+def auroc_per_label(y_true: np.ndarray, prob: np.ndarray, classes,
+                    untrained=()) -> tuple[dict[str, float], list[str]]:
+    """AUROC of each label with both classes present in `y_true`; the others, and `untrained` labels (no positive
+    in train: the model never learnt them), are returned as skipped."""
     scores, skipped = {}, []
     for j, name in enumerate(classes):
-        if np.unique(y_true[:, j]).size < 2:
+        if name in untrained or np.unique(y_true[:, j]).size < 2:
             skipped.append(name)
         else:
             scores[name] = float(roc_auc_score(y_true[:, j], prob[:, j]))
@@ -34,8 +36,9 @@ def auroc_per_label(y_true: np.ndarray, prob: np.ndarray, classes) -> tuple[dict
 
 
 def youden_thresholds(y_true: np.ndarray, prob: np.ndarray, limits=(0.0, 1.0)) -> np.ndarray:
-    """Per-label threshold maximising sensitivity + specificity − 1 (0.5 for labels with one class)."""
-    out = np.full(y_true.shape[1], 0.5)
+    """Per-label threshold maximising sensitivity + specificity − 1; NaN — none, so no decision — for a label with
+    one class in `y_true`."""
+    out = np.full(y_true.shape[1], np.nan)
     for j in range(y_true.shape[1]):
         if np.unique(y_true[:, j]).size == 2:
             fpr, tpr, thr = roc_curve(y_true[:, j], prob[:, j])
@@ -44,8 +47,8 @@ def youden_thresholds(y_true: np.ndarray, prob: np.ndarray, limits=(0.0, 1.0)) -
 
 
 def f1_thresholds(y_true: np.ndarray, prob: np.ndarray, limits=THRESHOLD_RANGE) -> np.ndarray:
-    """Per-label probability threshold in `limits` maximising F1 (0.5 for labels with one class)."""
-    out = np.full(y_true.shape[1], 0.5)
+    """Per-label probability threshold in `limits` maximising F1; NaN for a label with one class in `y_true`."""
+    out = np.full(y_true.shape[1], np.nan)
     for j in range(y_true.shape[1]):
         if np.unique(y_true[:, j]).size == 2:
             precision, recall, thr = precision_recall_curve(y_true[:, j], prob[:, j])
@@ -71,25 +74,34 @@ def _sens_spec(y_true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 
 def multilabel_metrics(y_true: np.ndarray, prob: np.ndarray, classes,
-                       thresholds: np.ndarray | None = None, rule: str = "youden") -> dict:
-    """mean_auroc (+ per label), and at `thresholds` (chosen on these data by `rule` when None — pass the
-    validation thresholds when scoring test): macro F1, accuracy, mean sensitivity and specificity."""
-    per_label, skipped = auroc_per_label(y_true, prob, classes)
-    if thresholds is None:
-        thresholds = choose_thresholds(y_true, prob, rule)
-    pred = (prob >= thresholds).astype(int)
-    present = [j for j, c in enumerate(classes) if c not in skipped]
+                       thresholds: np.ndarray | None = None, rule: str = "youden", untrained=()) -> dict:
+    """mean_auroc (+ per label, and `mean_auroc_labels`: over how many), and at `thresholds` (chosen on these data
+    by `rule` when None — pass the validation thresholds when scoring test): macro F1, accuracy, mean sensitivity
+    and specificity, over the labels with a threshold and both classes here. `untrained` labels (no positive in
+    train) get no threshold and count in no mean."""
+    per_label, skipped = auroc_per_label(y_true, prob, classes, untrained)
+    thresholds = (choose_thresholds(y_true, prob, rule) if thresholds is None
+                  else np.asarray(thresholds, dtype=np.float64).copy())
+    thresholds[[j for j, c in enumerate(classes) if c in untrained]] = np.nan
+    pred = decisions("multilabel", prob, thresholds)
+    present = [j for j, c in enumerate(classes) if c not in skipped and np.isfinite(thresholds[j])]
     sens, spec = zip(*[_sens_spec(y_true[:, j], pred[:, j]) for j in present]) if present else ((), ())
     out = {
         "mean_auroc": float(np.mean(list(per_label.values()))) if per_label else float("nan"),
-        "macro_f1": float(f1_score(y_true[:, present], pred[:, present], average="macro", zero_division=0))
-        if present else float("nan"),
-        "accuracy": float((pred == y_true).mean()),
+        "mean_auroc_labels": len(per_label),
+        "macro_f1": float(f1_score(y_true[:, present], pred[:, present].astype(int), average="macro",
+                                   zero_division=0)) if present else float("nan"),
+        "accuracy": float((pred[:, present] == y_true[:, present]).mean()) if present else float("nan"),
         "mean_sensitivity": float(np.nanmean(sens)) if present else float("nan"),
         "mean_specificity": float(np.nanmean(spec)) if present else float("nan"),
     }
     out.update({f"auroc/{name}": v for name, v in per_label.items()})
-    return {"metrics": out, "skipped_labels": skipped, "thresholds": thresholds.tolist()}
+    return {"metrics": out, "skipped_labels": skipped, "thresholds": thresholds_list(thresholds)}
+
+
+def thresholds_list(thresholds) -> list:
+    """Thresholds as JSON has them: None where a label has none."""
+    return [float(t) if np.isfinite(t) else None for t in np.asarray(thresholds, dtype=np.float64)]
 
 
 def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes, threshold: float | None = None,
@@ -98,8 +110,9 @@ def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes, threshold:
     the confusion matrix (rows true, columns predicted) and one-vs-rest AUROC.
 
     Two classes are a binary task: the positive class is the second, predicted when its probability reaches
-    `threshold` (chosen on these data by `rule` when None — pass validation's when scoring test). More than
-    two: argmax. S2 reported recall as F1; S4 thresholded logits at 0.5."""
+    `threshold` (chosen on these data by `rule` when None — pass validation's when scoring test); its AUROC,
+    sensitivity and specificity are the task's (the negative class's are their mirror images). More than two:
+    argmax. S2 reported recall as F1; S4 thresholded logits at 0.5."""
     k = len(classes)
     if k == 2:
         if threshold is None:
@@ -108,10 +121,15 @@ def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes, threshold:
     else:
         pred = prob.argmax(1)
     onehot = np.eye(k)[y_true]
-    per_class, skipped = auroc_per_label(onehot, prob, classes)
+    columns = scored_labels("multiclass", classes)  # binary: the positive class alone
+    scored = [classes[j] for j in columns]
+    per_class, skipped = auroc_per_label(onehot[:, columns], prob[:, columns], scored)
     sens, spec = zip(*[_sens_spec(onehot[:, j], (pred == j).astype(int)) for j in range(k)])
+    if k == 2:
+        sens, spec = sens[1:], spec[1:]
     out = {
         "mean_auroc": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+        "mean_auroc_labels": len(per_class),
         "accuracy": float(accuracy_score(y_true, pred)),
         "balanced_accuracy": (float(balanced_accuracy_score(y_true, pred)) if len(np.unique(y_true)) > 1
                               else float("nan")),
@@ -122,18 +140,27 @@ def multiclass_metrics(y_true: np.ndarray, prob: np.ndarray, classes, threshold:
     if k == 2:
         out["f1"] = float(f1_score(y_true, pred, pos_label=1, zero_division=0))
     out.update({f"auroc/{name}": v for name, v in per_class.items()})
-    out.update({f"sensitivity/{name}": float(v) for name, v in zip(classes, sens)})
-    out.update({f"specificity/{name}": float(v) for name, v in zip(classes, spec)})
+    out.update({f"sensitivity/{name}": float(v) for name, v in zip(scored, sens)})
+    out.update({f"specificity/{name}": float(v) for name, v in zip(scored, spec)})
     return {"metrics": out, "skipped_labels": skipped, "thresholds": None if k != 2 else [threshold],
             "confusion_matrix": confusion_matrix(y_true, pred, labels=range(k)).tolist()}
 
 
 def classification_metrics(task: str, y_true: np.ndarray, prob: np.ndarray, classes,
-                           thresholds: np.ndarray | None = None, rule: str = "youden") -> dict:
-    """Metrics of probabilities (never logits); `thresholds` from validation when scoring test."""
+                           thresholds: np.ndarray | None = None, rule: str = "youden", untrained=()) -> dict:
+    """Metrics of probabilities (never logits); `thresholds` from validation when scoring test; `untrained`: the
+    multi-label labels no training image has (never thresholded, decided or averaged)."""
     if task == "multilabel":
-        return multilabel_metrics(y_true, prob, classes, thresholds, rule)
+        return multilabel_metrics(y_true, prob, classes, thresholds, rule, untrained)
     return multiclass_metrics(y_true, prob, classes, None if thresholds is None else float(thresholds[0]), rule)
+
+
+def scored_labels(task: str, classes, untrained=()) -> list[int]:
+    """The columns a mean over labels averages: every trained label (multi-label), the positive class (binary),
+    every class (more than two)."""
+    if task == "multiclass" and len(classes) == 2:
+        return [1]
+    return [j for j, c in enumerate(classes) if c not in untrained]
 
 
 def weighted_auroc(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -180,11 +207,15 @@ def _nanmean_rows(values: np.ndarray) -> np.ndarray:
 
 
 def decisions(task: str, prob: np.ndarray, thresholds=None) -> np.ndarray:
-    """(n, C) 0/1 decisions: multi-label, each label at its threshold; binary, the second class at its threshold
-    (one-hot); more classes, the argmax (one-hot). `thresholds` from validation; 0.5 where there are none."""
+    """(n, C) 0/1 decisions: multi-label, each label at its threshold (NaN — no decision — where a label has none:
+    no positive in train or in validation); binary, the second class at its threshold (one-hot); more classes, the
+    argmax (one-hot). `thresholds` from validation (None where none were chosen: 0.5)."""
     k = prob.shape[1]
     if task == "multilabel":
-        return (prob >= (0.5 if thresholds is None else np.asarray(thresholds))).astype(np.int8)
+        if thresholds is None:
+            return (prob >= 0.5).astype(np.float64)
+        cut = np.array([np.nan if t is None else t for t in np.ravel(thresholds)], dtype=np.float64)
+        return np.where(np.isfinite(cut), (prob >= cut).astype(np.float64), np.nan)
     if k == 2:
         positive = prob[:, 1] >= (0.5 if thresholds is None else float(np.ravel(thresholds)[0]))
         return np.eye(2, dtype=np.int8)[positive.astype(int)]

@@ -15,8 +15,10 @@ from pathlib import Path
 from . import tracking
 from .asha import FinishAwareASHA
 from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem
-from .config import ConfigError, objective
+from .config import ConfigError, objective, parse_overrides
 from .cv import print_cv, run_cv
+from .data.loader import check_split_keys
+from .data.sources import describe_data, describe_untrained
 from .ensemble import run_ensemble
 from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
 from .repeat import print_repeats, run_repeats
@@ -30,6 +32,7 @@ from .trial import (
     TrialLines,
     TrialResources,
     global_batch_sizes,
+    quiet_console,
     remove_orphaned_workdirs,
     resolve_trial,
     run_config,
@@ -160,14 +163,15 @@ def objectives_text(study: Study) -> str:
     return ", ".join(f"{k} ({m})" for k, m in [(study.metric, study.mode), *study.costs])
 
 
-def search_description(args, study: Study, trials: int, metric: str) -> str:
+def search_description(args, study: Study, trials: int, metric: str, data: dict) -> str:
     sampler = {"tpe": "TPE", "nsga2": "NSGA-II"}[study.space.sampler.name]
     objectives = (f"objectives {objectives_text(study)}, a Pareto search (ASHA on {metric} alone)" if study.costs
                   else f"objective {metric} ({study.mode})")
     return (f"**Search** `{locate(args).name}`: {trials} trials of `{study.origin}` "
             f"({study.space.description or study.name}), Optuna {sampler} proposing, "
             f"{'no early stopping' if args.no_asha else 'ASHA stopping'}; {objectives} on "
-            "validation. Its trials are the nested runs below; the ensemble chosen on validation, the `ensemble` run.")
+            f"validation. Data {describe_data(data)}. {describe_untrained(data) + '. ' if data['untrained'] else ''}"
+            "Its trials are the nested runs below; the ensemble chosen on validation, the `ensemble` run.")
 
 
 def trial_description(study: Study, config: dict, cfg, name: str) -> str:
@@ -200,6 +204,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial or 0, args.workers_per_trial,
                                 getattr(args, "record_test_per_trial", False))
     base_cfg = study.trial_config({}, overrides, args.smoke)
+    check_split_keys(base_cfg.data, lambda key: study.origin_of(f"data.{key}", parse_overrides(args.overrides)))
     check_candidates(study, overrides, args.smoke)
     budget = study.budget(args.smoke, overrides)
     trials = args.trials if args.trials is not None else budget.trials
@@ -236,7 +241,8 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
 
     from .data.loader import prepare
 
-    prepare(base_cfg.data)  # check and cache the data once, before any trial starts
+    began = time.perf_counter()
+    data = prepare(base_cfg.data).index.facts()  # check and cache the data once, before any trial starts
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
     _start_ray(args)
     if args.gpus_per_trial is None:
@@ -256,7 +262,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     parent = tracking.start_parent(tracking_uri, experiment.name, experiment.directory,
                                    search_params(args, study, budget, trials, overrides, resources),
                                    {"tune_xray.smoke": str(args.smoke).lower(),
-                                    tracking.DESCRIPTION_TAG: search_description(args, study, trials, metric)})
+                                    tracking.DESCRIPTION_TAG: search_description(args, study, trials, metric, data)})
 
     def describe(config: dict) -> tracking.TrialRecord:
         cfg = resolve_trial(study, config, overrides, args.smoke)
@@ -272,8 +278,8 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, link_run(optuna_url, experiment.name),
                                     RESULT_FILES, lambda trial: experiment.fetch(Path(trial.path).name)),
                  TrialLines(metric, lambda config: run_name(study, config)), *extra_callbacks]
-    start = time.perf_counter()
     if args.resume:
+        quiet_console(args.verbose)
         tuner = tune.Tuner.restore(experiment.path, trainable=driver, resume_errored=True)
     else:
         scheduler = FinishAwareASHA(budget, metric, study.mode) if not args.no_asha else None
@@ -284,21 +290,28 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
             search_alg=resources.limiter(searcher, getattr(args, "max_concurrent", None))),
             run_config=run_config(experiment.name, experiment.storage, callbacks, args.max_failures, args.verbose))
     print(f"{experiment.name}: {trials} trials of {study.origin}, objective{'s' if study.costs else ''} "
-          f"{objectives_text(study)}; "
-          f"one line per trial as it ends", flush=True)
+          f"{objectives_text(study)}; data {describe_data(data)}", flush=True)
+    if describe_untrained(data):
+        print(describe_untrained(data), flush=True)
+    print("one line per trial as it ends", flush=True)
     tuner.fit()
     remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
     all_trials = tune.ExperimentAnalysis(experiment.path).trials
     runs = tracking.child_runs(tracking_uri, parent)
     summary = summarize(all_trials, trials, study, metric, experiment, tracking_uri, runs,
                         tracking.experiment_id_of(tracking_uri, parent), tracking.ended_trials(tracking_uri, parent))
-    summary["wall_time_s"] = time.perf_counter() - start
+    # a resumed search's wall time is its runs' summed (each run that ended wrote its own into summary.json)
+    before = experiment.summary() if args.resume and (experiment.directory / SUMMARY_FILE).is_file() else {}
+    earlier = before.get("search_runs_s") or ([before["wall_time_s"]] if "wall_time_s" in before else [])
+    summary["search_runs_s"] = [*earlier, time.perf_counter() - began]
+    summary["wall_time_s"] = sum(summary["search_runs_s"])
     summary["resources"] = {"workers_per_trial": resources.workers, "cpus_per_trial": resources.cpus,
                             "gpus_per_trial": resources.gpus, "one_worker_trials": resources.one_worker}
     summary["storage"] = experiment.path
     summary["command"], summary["provenance"] = getattr(args, "command", None), provenance()
     summary["overrides"] = overrides  # what every trial got on top of the file: --set, --data, the device
     summary["optuna_study"] = experiment.name  # a copied or renamed experiment directory still finds its study
+    summary["data"] = data  # what every number is an estimate on, and how its splits were made
     known = {t.trial_id for t in all_trials}
     tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
                                       if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",
@@ -358,7 +371,7 @@ def after_trials(experiment: Experiment, summary: dict, args, study: Study) -> N
         summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "cost", "val", "test",
                                                           "test_per_label", "single_label", "thresholds",
                                                           "classes", "task", "rule", "test_reads", "registered",
-                                                          "wall_time_s")}
+                                                          "labels_averaged", "wall_time_s")}
         if result.get("registration_error"):
             raise RuntimeError(f"the ensemble was chosen but not registered: {result['registration_error']}")
 

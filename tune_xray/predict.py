@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import plural
 from .data.splits import DataError
 from .serving import EnsembleModel, load_predictor, read_image  # noqa: F401  (models registered before serving.py)
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     if not predicted:
         print(f"error: none of the {len(files)} files is a readable image", file=sys.stderr)
         return 1
-    print(f"{predicted} images in {seconds:.1f} s ({predicted / max(seconds, 1e-9):.1f} img/s)"
+    print(f"{plural(predicted, 'image')} in {seconds:.1f} s ({predicted / max(seconds, 1e-9):.1f} img/s)"
           + (f"; {failed} not readable" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 

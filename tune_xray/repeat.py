@@ -27,7 +27,7 @@ from ray.tune.search import Searcher
 
 from . import tracking
 from .cluster import connect
-from .config import ConfigError, objective
+from .config import ConfigError, objective, plural
 from .ensemble import split_scorer
 from .experiment import REPEATS_DIR, Experiment, ExperimentError, TrialTask, read_predictions, repeat_name
 from .explain import COST_METRICS
@@ -95,13 +95,13 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 
 def compare(by_config: dict[str, list[Path]], best: str, task: str, metric: str, classes: list[str], rule: str,
-            resamples: int = 1000, seed: int = 0) -> list[dict]:
+            resamples: int = 1000, seed: int = 0, untrained=()) -> list[dict]:
     """best − each other configuration on val over their fresh seeds: the point difference of the seed means and
     its 95 % interval from a hierarchical bootstrap — each resample draws seeds with replacement (pairs matched by
     index), then patients, the same for both configurations — so seed-to-seed variance enters the verdict (with
     patients alone, two seeds would look like certainty)."""
     _, y, groups, _ = read_predictions(by_config[best][0], "val", classes)
-    score = split_scorer(y, task, metric, classes, rule)
+    score = split_scorer(y, task, metric, classes, rule, untrained=untrained)
     boot = patient_bootstrap(groups, resamples, seed)
     rng = np.random.default_rng(seed)
 
@@ -241,7 +241,8 @@ def aggregate(summary: dict, trials: list[dict], study, metric: str) -> dict:
     comparisons = []
     if len(rows) > 1:
         task = TrialTask.of(by_config[rows[0]["config"]][0])
-        comparisons = compare(by_config, rows[0]["config"], task.task, study.metric, task.classes, task.rule)
+        comparisons = compare(by_config, rows[0]["config"], task.task, study.metric, task.classes, task.rule,
+                              untrained=task.untrained)
     return {"rows": rows, "comparisons": comparisons, "trials": trials}
 
 
@@ -280,7 +281,8 @@ def main(argv=None) -> int:
 
 
 def print_repeats(entry: dict) -> None:
-    print(f"\nrepeats: {len(entry['trials'])} trials in {entry.get('sets', 1)} set(s), seeds {entry['seeds']}")
+    print(f"\nrepeats: {plural(len(entry['trials']), 'trial')} in {plural(entry.get('sets', 1), 'set')}, "
+          f"seeds {entry['seeds']}")
     for row in entry["rows"]:
         print(f"  {row['mean']:.4f} ± {row['sd']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}] over "
               f"{row['seeds']} fresh seeds  {row['name']}  (the search's own run, apart: {row['selection_run']:.4f})")

@@ -27,22 +27,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import bare
-from .ensemble import cost_lines
+from .config import bare, plural
+from .data.sources import describe_data, describe_untrained
+from .ensemble import averaged_text, cost_lines
 from .experiment import (
     REPORT_FILE,
     STATUSES,
     Experiment,
     ExperimentError,
+    TrialTask,
     predicted_classes,
     read_json,
     read_predictions,
 )
 from .figures import COLUMN, figure, integer_ticks, pyplot, wrap
-from .metrics import ci_text, pareto_front
-from .space import flatten
+from .metrics import ci_text, pareto_front, scored_labels
+from .space import flatten, short_names, space_rows
+from .summary import labels_averaged
 
 THUMBNAIL = 128  # Grad-CAM images and maps are kept at this size (pixels) in the data: what the page shows
+FEW = 10  # a label with fewer positives or negatives in a split: its selection and intervals there are noise
 
 
 # -- the numbers ------------------------------------------------------------------------------------------------
@@ -70,34 +74,6 @@ def _study_file(summary: dict):
         return None
 
 
-def short_names(keys) -> dict[str, str]:
-    """`byol.optimizer.lr` → `optimizer.lr`: the last two parts of each parameter, the whole key where two would
-    read the same (the full names are in the space table)."""
-    short = {k: ".".join(k.split(".")[-2:]) for k in keys}
-    return {k: v if list(short.values()).count(v) == 1 else k for k, v in short.items()}
-
-
-def space_rows(study) -> list[dict]:
-    """The search space as the file states it, one row per parameter: what is drawn, from what, and when."""
-    def values(spec) -> str:
-        if spec.cases is not None:
-            return "; ".join(f"{case}: {values(sub)}" for case, sub in spec.cases.items())
-        if spec.choice is not None:
-            return ", ".join(map(str, spec.choice.keys() if isinstance(spec.choice, dict) else spec.choice))
-        for name, text in (("uniform", "uniform"), ("loguniform", "log-uniform"), ("integer", "integer")):
-            if getattr(spec, name) is not None:
-                low, high = getattr(spec, name)
-                return f"{text} [{low:g}, {high:g}]"
-        return f"fixed {spec.value}"
-
-    names = short_names(study.space.params)
-    return [{"parameter": key, "short name": names[key],
-             "drawn": "by " + spec.by if spec.cases is not None else spec.kind.replace("integer", "int"),
-             "values": values(spec),
-             "applies": "; ".join(f"{k} in {v}" for k, v in spec.when.items()) if spec.when else "always"}
-            for key, spec in study.space.params.items()]
-
-
 def study_facts(experiment: Experiment, summary: dict, invocation: dict) -> list[tuple[str, str]]:
     from .config import parse_overrides
 
@@ -112,15 +88,19 @@ def study_facts(experiment: Experiment, summary: dict, invocation: dict) -> list
               if summary.get("pareto_front") is None else
               "; ".join(f"{o['name']} ({o['mode']})" for o in summary["objectives"])
               + f": a Pareto search, ASHA on {bare(summary['metric'])} alone; its front holds "
-                f"{len(summary['pareto_front'])} trial(s)"),
+                f"{plural(len(summary['pareto_front']), 'trial')}"),
              ("trials", f"{summary['trials']} of {summary['requested']} requested: "
                         + ", ".join(f"{summary[s]} {s}" for s in STATUSES if summary.get(s))),
              ("status", summary["status"]), ("smoke", invocation.get("smoke")),
-             *([("budget", f"{budget.trials} trials, {budget.epochs} fine-tune epochs each at most; ASHA grace "
+             *([("budget", f"{summary['requested']} trials requested"
+                           + (f" (the file's budget: {budget.trials})" if budget.trials != summary["requested"] else "")
+                           + f", {budget.epochs} fine-tune epochs each at most; ASHA grace "
                            f"{budget.grace_period}, reduction factor {budget.reduction_factor}")] if budget else []),
              ("--set", " ".join(invocation.get("overrides") or []) or "none"),
              ("every trial also got", ", ".join(f"{k}={v}" for k, v in flatten(applied).items()) or "nothing more"),
-             ("search wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min"),
+             ("search wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min"
+              + (f", summed over its {len(summary['search_runs_s'])} runs (a run killed before its end counts nothing)"
+                 if len(summary.get("search_runs_s") or []) > 1 else "")),
              ("trial time", f"{hours:.3g} h: {hours * resources.get('cpus_per_trial', 1):.3g} CPU-hours, "
                             f"{hours * resources.get('gpus_per_trial', 0):.3g} GPU-hours")]
     return [(k, str(v)) for k, v in facts]
@@ -141,10 +121,17 @@ def dataset_data(experiment: Experiment, best: dict) -> dict:
     frame, classes = index.frame, list(index.classes)
     splits = [s for s in (*SPLITS, UNLABELLED) if (frame["split"] == s).any()]
     sizes = [{"split": s, "images": int((frame["split"] == s).sum()),
-              "patients": int(frame.loc[frame["split"] == s, "patient_id"].dropna().nunique())} for s in splits]
+              **({"patients": int(frame.loc[frame["split"] == s, "patient_id"].dropna().nunique())}
+                 if index.has_patients else {})} for s in splits]
     positives = {s: {c: int(frame.loc[frame["split"] == s, c].sum()) for c in classes} for s in splits}
-    return {"source": index.origin, "task": index.task, "classes": classes, "sizes": sizes, "positives": positives,
-            "absent": {s: [c for c in classes if positives[s][c] == 0] for s in ("val", "test") if s in positives}}
+    negatives = {s: {c: int((frame["split"] == s).sum()) - positives[s][c] for c in classes} for s in splits}
+    untrained = set(index.untrained())
+    return {**index.facts(), "sizes": sizes, "positives": positives,
+            "absent": {s: [c for c in classes if positives[s][c] == 0 and c not in untrained]
+                       for s in ("val", "test") if s in positives},
+            "few": {s: [c for c in (classes[1:] if index.binary else classes)
+                        if c not in untrained and 0 < min(positives[s][c], negatives[s][c]) < FEW]
+                    for s in ("val", "test") if s in positives}}
 
 
 def _logical(key: str) -> str:
@@ -202,7 +189,7 @@ def _importance(trials: list[dict], keys: list[str], log: set, direction: str) -
 
     complete = [t for t in trials if t["value"] is not None]
     if len(complete) < MIN_IMPORTANCE_TRIALS:
-        return {}, (f"not computed: {len(complete)} completed trial(s); fANOVA needs at least "
+        return {}, (f"not computed: {plural(len(complete), 'completed trial')}; fANOVA needs at least "
                     f"{MIN_IMPORTANCE_TRIALS} to rank anything but noise")
     shared = [k for k in keys if all(k in t["params"] for t in complete)]
     partial = [k for k in keys if k not in shared]
@@ -265,26 +252,33 @@ def model_data(experiment: Experiment, summary: dict, complete: list[dict]) -> d
     if members.is_file():
         table = pd.read_csv(members)
         probs["ensemble"] = sum(w * _predictions(Path(d), "val")[2] for w, d in zip(table["weight"], table["dir"]))
+    task = TrialTask.of(best_dir)
+    # the curves a reader can use: binary, the positive class's; otherwise each trained label (one-vs-rest for a
+    # class) with both classes in validation — never complementary columns pooled
+    shown = [c for c in scored_labels(task.task, classes, task.untrained) if 0 < y[:, c].sum() < len(y)]
     roc, auc, calibration = {}, {}, {}
     for label, p in probs.items():
-        roc[label] = {name: [list(a) for a in roc_curve(y[:, c], p[:, c])[:2]]
-                      for c, name in enumerate(classes) if 0 < y[:, c].sum() < len(y)}
-        auc[label] = {name: float(roc_auc_score(y[:, c], p[:, c])) for name in roc[label]
-                      for c in [classes.index(name)]}
-        mask = y.sum(0) > 0
-        truth, predicted = calibration_curve(y[:, mask].ravel(), p[:, mask].ravel(), n_bins=10, strategy="quantile")
-        calibration[label] = {"predicted": predicted.tolist(), "observed": truth.tolist()}
+        roc[label] = {classes[c]: [list(a) for a in roc_curve(y[:, c], p[:, c])[:2]] for c in shown}
+        auc[label] = {classes[c]: float(roc_auc_score(y[:, c], p[:, c])) for c in shown}
+        for c in shown:
+            bins = int(min(10, y[:, c].sum(), len(y) - y[:, c].sum()))  # quantile bins: none emptier than a class
+            if bins >= 2:
+                observed, predicted = calibration_curve(y[:, c], p[:, c], n_bins=bins, strategy="quantile")
+                calibration.setdefault(classes[c], {})[label] = {"predicted": predicted.tolist(),
+                                                                "observed": observed.tolist()}
     supervised = read_json(best_dir / "summary.json", "a trial's summary").get("supervised", {})
     ensemble = summary.get("ensemble") or {}
     registered = bool(ensemble.get("members")) and "thresholds" in ensemble
     thresholds = ensemble.get("thresholds") if registered else supervised.get("thresholds")
-    decided = classes if len(thresholds or []) == len(classes) else classes[1:]  # binary: the positive class
-    return {"metric": "val_" + metric, "histories": histories, "classes": classes, "roc": roc, "auc": auc,
-            "calibration": calibration, "confusion_matrix": supervised.get("val_confusion_matrix"),
+    decided = classes if task.task == "multilabel" else classes[1:]  # binary: the positive class
+    return {"metric": "val_" + metric, "histories": histories, "classes": classes, "task": task.task,
+            "roc": roc, "auc": auc, "calibration": calibration,
+            "confusion_matrix": supervised.get("val_confusion_matrix"),
             "thresholds": thresholds, "threshold_labels": decided[:len(thresholds or [])],
+            "untrained": list(task.untrained),
             "thresholds_of": "the registered ensemble" if registered else f"the best trial ({complete[0]['trial']})",
             "rule": ensemble.get("rule") or "youden",
-            "no_val_positives": [c for j, c in enumerate(classes) if y[:, j].sum() == 0]}
+            "no_val_positives": [c for j, c in enumerate(classes) if y[:, j].sum() == 0 and c not in task.untrained]}
 
 
 def _thumbnail(a: np.ndarray) -> list:
@@ -308,8 +302,9 @@ def explain_data(experiment: Experiment, best: dict, per_class: int = 2, max_poi
 
     member = Member(experiment.trial_dir(best) / "best.pt", device)
     paths, y, prob, classes = _predictions(experiment.trial_dir(best), "val")
-    picks = []  # per class: the val images with that finding the model is most sure of
-    for c in range(len(classes)):
+    task = TrialTask.of(experiment.trial_dir(best))
+    picks = []  # per class it decides (binary: the positive one): the val images with it the model is surest of
+    for c in scored_labels(task.task, classes, task.untrained):
         rows = np.flatnonzero(y[:, c] > 0)
         picks += [(i, c) for i in rows[np.argsort(-prob[rows, c])][:per_class]]
     # a member ensemble (both CASS arms fine-tuned) is explained through its first member
@@ -359,16 +354,31 @@ def cost_data(summary: dict) -> dict:
 
 
 def warnings_of(data: dict) -> list[str]:
-    """What a reader must not miss, said at the top: an ensemble no better than its best member, repeats that
-    rank otherwise than the single runs, metrics at or below chance, intervals wider than the metric's range."""
+    """What a reader must not miss, said at the top, and nothing that is true by construction: the registered model
+    at or below chance or below always answering the majority class on test, labels too rare in validation or test
+    for their selection and intervals to mean much, bootstrap resamples dropped, an ensemble of several members no
+    better than its best, repeats or folds that rank otherwise than the single runs, trials at or below chance,
+    intervals wider than the metric's range."""
     summary, out = data["summary"], []
     metric = bare(summary["metric"])
     ensemble = summary.get("ensemble") or {}
+    dataset = data.get("dataset") or {}
+    out += _record_warnings(ensemble, dataset, metric)
+    for split, labels in (dataset.get("few") or {}).items():
+        if labels:
+            counts = ", ".join(f"{c} {dataset['positives'][split][c]} positive / "
+                               f"{dataset['images'][split] - dataset['positives'][split][c]} negative"
+                               for c in labels)
+            out.append(f"{'Validation' if split == 'val' else 'Test'} holds fewer than {FEW} positives or negatives "
+                       f"of {plural(len(labels), 'label')} ({counts}): "
+                       + ("the epoch, trial, ensemble and threshold chosen on it are close to chance picks, and its "
+                          "intervals wide." if split == "val" else "its test numbers rest on a handful of images."))
     for split, where in (("val", "on validation (the selection set)"), ("test", "on test (the record)")):
         entry = (ensemble.get(split) or {}).get("ensemble_minus_best_single")
-        if entry and entry["value"] <= 0:
-            out.append(f"The ensemble is not better than its best member {where}: {metric} difference "
-                       f"{entry['value']:+.4f} [{entry['ci_low']:+.4f}, {entry['ci_high']:+.4f}].")
+        if entry and entry["value"] <= 0 and len(ensemble.get("members") or []) > 1:  # one member: the best itself
+            out.append(f"The ensemble of {len(ensemble['members'])} members is not better than its best member "
+                       f"{where}: {metric} difference {entry['value']:+.4f} [{entry['ci_low']:+.4f}, "
+                       f"{entry['ci_high']:+.4f}].")
     repeats = (summary.get("repeats") or {}).get("rows") or []
     if repeats and summary.get("best") and repeats[0]["name"].split()[0] != summary["best"]["trial"]:
         out.append(f"Over fresh seeds, {repeats[0]['name'].split()[0]} ranks first (mean {repeats[0]['mean']:.4f}), "
@@ -379,11 +389,9 @@ def warnings_of(data: dict) -> list[str]:
         below = [r["trial"] for r in summary["rows"] if r["status"] == "complete"
                  and isinstance(r.get(summary["metric"]), (int, float)) and r[summary["metric"]] <= chance]
         if below:
-            out.append(f"{len(below)} completed trial(s) score at or below chance ({metric} ≤ {chance}) on "
+            verb = "scores" if len(below) == 1 else "score"
+            out.append(f"{plural(len(below), 'completed trial')} {verb} at or below chance ({metric} ≤ {chance}) on "
                        f"validation: {', '.join(below)}.")
-        test = (ensemble.get("test") or {}).get("ensemble")
-        if test and test["value"] <= chance:
-            out.append(f"The ensemble's test {metric} ({test['value']:.4f}) is at or below chance.")
     bounded = metric in ("mean_auroc", "accuracy", "balanced_accuracy", "macro_f1")
     for r in repeats if bounded else ():
         if r["ci_low"] < 0 or r["ci_high"] > 1:
@@ -400,10 +408,36 @@ def warnings_of(data: dict) -> list[str]:
         out.append(f"The registered ensemble as served took {cost['served_latency_ms']:.3g} ms per image on "
                    f"{cost['device']}, over its latency budget of {bound:g} ms (the budget holds its members' "
                    f"latencies as their trials measured them: {cost.get('latency_ms_sum', float('nan')):.3g} ms).")
-    absent = ((data.get("dataset") or {}).get("absent") or {})
+    if dataset.get("untrained"):
+        out.append(describe_untrained(dataset) + ".")
+    absent = dataset.get("absent") or {}
     if absent.get("val"):
-        out.append(f"{len(absent['val'])} label(s) have no positive in validation ({', '.join(absent['val'])}): "
-                   "nothing was chosen on them (thresholds stay at 0.5) and the validation means leave them out.")
+        out.append(f"{plural(len(absent['val']), 'label')} {'has' if len(absent['val']) == 1 else 'have'} no positive "
+                   f"in validation ({', '.join(absent['val'])}): no threshold is chosen and nothing is decided for "
+                   "them, and the validation means leave them out.")
+    return out
+
+
+def _record_warnings(ensemble: dict, dataset: dict, metric: str) -> list[str]:
+    """The registered model on test at or below chance (AUROC 0.5; accuracy at or below always answering the most
+    frequent class), and the share of bootstrap resamples its intervals dropped."""
+    out = []
+    test = (ensemble.get("test") or {}).get("ensemble")
+    if test and metric == "mean_auroc" and test["value"] <= 0.5:
+        out.append(f"The registered model's test {metric} ({test['value']:.4f}) is at or below chance (0.5).")
+    accuracy = (((ensemble.get("single_label") or {}).get("test") or {}).get("ensemble") or {}).get("accuracy")
+    positives, images = (dataset.get("positives") or {}).get("test"), (dataset.get("images") or {}).get("test")
+    if accuracy and positives and images:
+        majority, share = max(positives.items(), key=lambda kv: kv[1])
+        if accuracy["value"] <= share / images:
+            out.append(f"The registered model's test accuracy ({accuracy['value']:.4f}) is at or below answering "
+                       f"'{majority}' for every image ({share / images:.4f}): it does not beat the majority class.")
+    for split in ("val", "test"):
+        record = (ensemble.get(split) or {}).get("ensemble") or {}
+        if record.get("dropped"):
+            out.append(f"{100 * record['dropped']:.1f} % of the bootstrap resamples of the ensemble's {split} {metric} "
+                       "held no positive or no negative of any label, so no value, and were dropped: its interval "
+                       "is computed from the others alone.")
     return out
 
 
@@ -455,12 +489,14 @@ def render_study(data: dict) -> str:
             for i, r in enumerate(summary["top"])]
     out += "<h3>Best configurations (validation)</h3>" + (_table(pd.DataFrame(rows)) if rows
                                                          else "<p>none completed</p>")
+    if rows and labels_averaged(summary):
+        out += f"<p class=note>{bare(metric)}: {labels_averaged(summary)[2:]}.</p>"
     ensemble = summary.get("ensemble") or {}
     if ensemble.get("members"):
         val = ensemble["val"]
         single = ((ensemble.get("single_label") or {}).get("val") or {}).get("ensemble") or {}
         out += ("<h3>The ensemble (chosen on validation)</h3>"
-                f"<p>{html.escape(ensemble['method'])}, {len(ensemble['members'])} members, registered as "
+                f"<p>{html.escape(ensemble['method'])}, {plural(len(ensemble['members']), 'member')}, registered as "
                 f"{html.escape(str((ensemble.get('registered') or {}).get('uri')))}. On <b>validation, the data that "
                 f"chose it</b> (optimistic): {bare(metric)} {ci_text(val['ensemble'])}"
                 + "".join(f", {k.replace('_', ' ')} {ci_text(v)}" for k, v in single.items())
@@ -491,19 +527,22 @@ def render_study(data: dict) -> str:
 def render_data(dataset: dict) -> str:
     if dataset.get("error"):
         return f"<p class=note>{html.escape(dataset['source'])}: not readable here ({html.escape(dataset['error'])})"
-    out = (f"<p>{html.escape(dataset['source'])}: a {dataset['task']} task, {len(dataset['classes'])} labels. Splits "
-           "are patient-disjoint; every interval in this report resamples patients.</p>"
-           + _table(pd.DataFrame(dataset["sizes"])))
+    out = f"<p>{html.escape(describe_data(dataset))}.</p>"
+    if dataset.get("untrained"):
+        out += f"<p class=warn>{html.escape(describe_untrained(dataset))}.</p>"
+    out += _table(pd.DataFrame(dataset["sizes"]))
     splits = list(dataset["positives"])
     sizes = {r["split"]: r["images"] for r in dataset["sizes"]}
-    rows = [{"label": c, **{f"{s}: positives (%)": f"{dataset['positives'][s][c]} "
-                                                  f"({100 * dataset['positives'][s][c] / max(sizes[s], 1):.1f} %)"
-                            for s in splits}} for c in dataset["classes"]]
+    untrained = set(dataset.get("untrained") or [])
+    rows = [{"label": c + (" (never decided: no positive in train)" if c in untrained else ""),
+             **{f"{s}: positives (%)": f"{dataset['positives'][s][c]} "
+                                       f"({100 * dataset['positives'][s][c] / max(sizes[s], 1):.1f} %)"
+                for s in splits}} for c in dataset["classes"]]
     out += "<h3>Label prevalence per split</h3>" + _table(pd.DataFrame(rows))
     for split, labels in dataset.get("absent", {}).items():
         if labels:
             out += (f"<p class=warn>No positive in {split}: {html.escape(_list(labels))}. Their {split} AUROC is "
-                    "undefined and left out of the means; " + ("thresholds for them stay at 0.5."
+                    "undefined and left out of the means; " + ("no threshold is chosen for them."
                                                                if split == "val" else "the record cannot test them.")
                     + "</p>")
     return out
@@ -553,7 +592,7 @@ def render_search(search: dict, metric: str) -> str:
                if len({str(t["params"].get(k)) for t in complete if k in t["params"]}) > 1]
     order = [k for k in importance if k in varying] + [k for k in varying if k not in importance]
     if len(complete) < 2 or not order:
-        return out + f"<p class=note>Parallel coordinates and slices: not drawn ({n} completed trial(s)).</p>" \
+        return out + f"<p class=note>Parallel coordinates and slices: not drawn ({plural(n, 'completed trial')}).</p>" \
             + _asha(search)
     values = np.array([t["value"] for t in complete])
     cmap, norm = _colours(values)
@@ -719,20 +758,33 @@ def render_model(model: dict) -> str:
             ax.legend(title="label, AUROC", loc="upper left", bbox_to_anchor=(0, -0.18), ncols=2, fontsize=9)
 
     most = max((len(v) for v in model["roc"].values()), default=0)
-    out += ("<h3>ROC per label (validation)</h3>"
+    binary = model.get("task") == "multiclass" and len(classes) == 2
+    out += (f"<h3>ROC {f'of the positive class, {classes[1]}' if binary else 'per label'} (validation)</h3>"
             + figure(rocs, COLUMN, 5.2 + 0.17 * most, "per-label ROC curves on validation with each label's AUROC"))
 
-    def reliability(fig):
-        ax = fig.add_subplot()
-        for label, points in model["calibration"].items():
-            ax.plot(points["predicted"], points["observed"], marker="o", label=label)
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfectly calibrated")
-        ax.set_xlabel("predicted probability")
-        ax.set_ylabel("observed frequency")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    calibration = model["calibration"]
+    columns = min(4, len(calibration))
+    rows = int(np.ceil(len(calibration) / max(columns, 1)))
 
-    out += ("<h3>Calibration (validation, all labels pooled, deciles of predicted probability)</h3>"
-            + figure(reliability, 8, 4, "observed frequency against predicted probability"))
+    def reliability(fig):
+        for i, (name, curves) in enumerate(calibration.items()):
+            ax = fig.add_subplot(rows, columns, i + 1)
+            for label, points in curves.items():
+                ax.plot(points["predicted"], points["observed"], marker="o", label=label)
+            ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+            ax.set_title(name)
+            ax.set_xlabel("predicted probability")
+            if i % columns == 0:
+                ax.set_ylabel("observed frequency")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2)
+
+    which = ("the positive class" if binary else "each class against the rest" if model.get("task") == "multiclass"
+             else "each label")
+    out += (f"<h3>Calibration (validation, {which}; quantile bins of predicted probability)</h3>"
+            + (figure(reliability, min(COLUMN, 4.2 * columns + 1.0), 3.2 * rows + 0.8,
+                      "observed frequency against predicted probability for "
+                      f"{plural(len(calibration), 'label')}") if calibration
+               else "<p class=note>Not drawn: no label has two positive and two negative validation images.</p>"))
     if model.get("confusion_matrix"):
         matrix = np.asarray(model["confusion_matrix"])
 
@@ -750,14 +802,15 @@ def render_model(model: dict) -> str:
         out += "<h3>Confusion matrix (validation, best trial)</h3>" + figure(
             confusion, 6, 6, "confusion matrix of the best trial on validation")
     if model.get("thresholds") is not None:
-        absent = set(model.get("no_val_positives") or [])
+        untrained = set(model.get("untrained") or [])
+        labels = model.get("threshold_labels") or classes[:len(model["thresholds"])]
+        table = [{"label": c, "threshold": t, "chosen how": "on validation" if t is not None else
+                  "none: one class in validation, so no decision"}
+                 for c, t in zip(labels, model["thresholds"]) if c not in untrained]
         out += (f"<h3>Decision thresholds of {html.escape(model.get('thresholds_of', 'the best trial'))} (chosen on "
-                f"validation, rule {model.get('rule', 'youden')})</h3>"
-                + _table(pd.DataFrame({"label": model.get("threshold_labels") or classes[:len(model["thresholds"])],
-                                       "threshold": model["thresholds"],
-                                       "chosen how": ["not chosen: no positive in validation, left at 0.5"
-                                                      if c in absent else "on validation"
-                                                      for c in (model.get("threshold_labels") or classes)]})))
+                f"validation, rule {model.get('rule', 'youden')})</h3>" + _table(pd.DataFrame(table))
+                + (f"<p class=note>None for the {plural(len(untrained), 'label')} no training image has: the model "
+                   "never decides them.</p>" if untrained else ""))
     return out
 
 
@@ -890,8 +943,11 @@ def render_record(summary: dict) -> str:
         return ("<p>The test split has not been read for this experiment: the record is made at a search's end, "
                 "with its ensemble (<code>python -m tune_xray.ensemble DIR --record</code>).</p>")
     metric = bare(summary["metric"])
+    averaged = ensemble.get("labels_averaged") or {}
     out = ("<p>The test split, read for the record after every choice (reads of test for this experiment: "
-           f"{ensemble.get('test_reads')}), at thresholds chosen on validation. Nothing here chose anything.</p>")
+           f"{ensemble.get('test_reads')}), at thresholds chosen on validation. Nothing here chose anything."
+           + (f" {metric}: {averaged_text(ensemble, len(ensemble.get('classes') or []))}."
+              if metric == "mean_auroc" and "test" in averaged else "") + "</p>")
     single = (ensemble.get("single_label") or {}).get("test") or {}
     rows = [{"": label.replace("_", " "), f"{metric} [95 % CI]": ci_text(test[label]),
              **{f"{k.replace('_', ' ')} [95 % CI]": ci_text(v) for k, v in (single.get(label) or {}).items()}}

@@ -21,9 +21,22 @@ from .pipeline import SearchError, resume_command, run_search
 from .summary import exit_code, print_summary
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every option's default where its help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != [] \
+            and action.default is not argparse.SUPPRESS
+        if action.option_strings and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tune_xray.search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter,
+                                     epilog="python -m tune_xray.search STUDY --help also lists that study's space.")
     parser.add_argument("study", help="a file stem in search_spaces/ (byol, supervised, ...) or a YAML path")
     parser.add_argument("--data", help="synthetic (default) | nih:PATH | folder:PATH")
     parser.add_argument("--trials", type=int, help="number of trials (default: the file's budget)")
@@ -36,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue the interrupted search NAME (default: --name, or the study's name) as it "
                         "was started")
     parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0)
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0,
+                        help="CPUs each trial reserves: its process and, on a GPU, its data loader's workers")
     parser.add_argument("--one-worker-trials", choices=["tune", "trainer"], default="tune",
                         help="a one-worker trial trains in the Tune trial's own process (tune: no Ray Train worker "
                         "group to start) or as a Ray Train run (trainer); two or more workers are always a Train run")
@@ -82,9 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def named_study(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The study a command line names (its first positional argument), whatever else it holds."""
+    takes_value = {s for a in parser._actions if a.option_strings and a.nargs != 0 for s in a.option_strings}
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token.startswith("-"):
+            skip = token in takes_value and token not in ("--resume",)
+        else:
+            return token
+    return None
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    args.command = shlex.join(["python", "-m", "tune_xray.search", *(sys.argv[1:] if argv is None else argv)])
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(argv):  # after a study's name, its space too
+        parser.print_help()
+        study = named_study(parser, argv)
+        if study:
+            from .space import describe_study, load_study
+
+            try:
+                print("\n" + describe_study(load_study(study)))
+            except ConfigError as err:
+                print(f"\nerror: {err}", file=sys.stderr)
+                return 2
+        return 0
+    args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "-m", "tune_xray.search", *argv])
     try:
         summary = run_search(args)
     except (ConfigError, DataError, WeightsError) as err:

@@ -82,17 +82,32 @@ class EnsemblePredictor:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
     def frame(self, probs: np.ndarray) -> pd.DataFrame:
-        """One probability column per class and the decision: each label at its validation threshold (`y_<label>`,
-        multi-label), or the predicted class (`label`: binary at its validation threshold, else the argmax)."""
+        """The probabilities and the decisions, with the thresholds that made them (chosen on validation):
+        - multi-label: per label `p_<label>`, `threshold_<label>` and `y_<label>` (1 when p ≥ threshold); a label
+          with no threshold (no positive in train, or one class in validation) has both left empty;
+        - binary: `p_<positive>`, `threshold_<positive>`, and `label` — the positive class when p ≥ threshold, else
+          the other (the negative class's probability, 1 − p, is not repeated);
+        - more classes: `p_<class>` for each and `label`, the most probable."""
         from .metrics import decisions  # here: predicting needs no scikit-learn
 
-        out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
         decided = decisions(self.task, probs, self.thresholds)
-        if self.task != "multilabel":
-            out["label"] = np.asarray(self.classes, dtype=object)[decided.argmax(1)] if len(probs) else []
-        elif self.thresholds is not None:
+        thresholds = [np.nan if t is None else float(t) for t in np.ravel(self.thresholds)] \
+            if self.thresholds is not None else None
+        if self.task == "multilabel":
+            out = pd.DataFrame(index=range(len(probs)))
             for j, c in enumerate(self.classes):
-                out[f"y_{c}"] = decided[:, j].astype(int)
+                out[f"p_{c}"] = probs[:, j]
+                if thresholds is not None:
+                    out[f"threshold_{c}"] = thresholds[j]
+                    out[f"y_{c}"] = pd.array(np.where(np.isnan(decided[:, j]), None, decided[:, j]), dtype="Int64")
+            return out
+        if len(self.classes) == 2:
+            positive = self.classes[1]
+            out = pd.DataFrame({f"p_{positive}": probs[:, 1]})
+            out[f"threshold_{positive}"] = 0.5 if thresholds is None else thresholds[0]
+        else:
+            out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
+        out["label"] = np.asarray(self.classes, dtype=object)[decided.argmax(1)] if len(probs) else []
         return out
 
 
@@ -118,9 +133,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         out = self.predictor.frame(probs)
         failed = [i for i, image in enumerate(images) if image is None]
         if failed:  # no decision for what was not read: empty, not a negative
-            decided = [c for c in out.columns if c.startswith("y_")]
-            out[decided] = out[decided].astype(float)
-            out.loc[failed, decided] = np.nan
+            out.loc[failed, [c for c in out.columns if c.startswith("y_")]] = pd.NA
             if "label" in out:
                 out.loc[failed, "label"] = ""
         out.insert(0, "error", errors)

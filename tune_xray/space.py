@@ -296,6 +296,17 @@ class Study:
                               f"{self.metric}: the search optimises the file's metric and each trial selects its "
                               "epoch on it; change `metric:` in the file instead")
 
+    def origin_of(self, key: str, overrides: dict | None = None) -> str | None:
+        """Where a trial's value of the dotted `key` comes from: `--set` (the search's overrides), the file's
+        `base`, its `smoke.set` or its `params`; None for a default."""
+        if key in flatten(overrides or {}):
+            return "--set"
+        for part, values in (("base", flatten(self.space.base)), ("smoke.set", self.space.smoke.set),
+                             ("params", self.space.params)):
+            if key in values:
+                return f"{self.origin}: {part}"
+        return None
+
     def trial_config(self, sampled: dict[str, Any], overrides: dict | None = None, smoke: bool = False) -> TrialConfig:
         """base ⊕ sampled values (⊕ smoke shrinkage) ⊕ --set overrides → a validated TrialConfig.
 
@@ -493,3 +504,48 @@ def load_study(study: str) -> Study:
     study_obj = Study(space, str(path), path.stem)
     study_obj.validate()
     return study_obj
+
+
+def short_names(keys) -> dict[str, str]:
+    """`byol.optimizer.lr` → `optimizer.lr`: the last two parts of each parameter, the whole key where two would
+    read the same (the full names are in the space table)."""
+    short = {k: ".".join(k.split(".")[-2:]) for k in keys}
+    return {k: v if list(short.values()).count(v) == 1 else k for k, v in short.items()}
+
+
+def space_rows(study) -> list[dict]:
+    """The search space as the file states it, one row per parameter: what is drawn, from what, and when."""
+    def values(spec) -> str:
+        if spec.cases is not None:
+            return "; ".join(f"{case}: {values(sub)}" for case, sub in spec.cases.items())
+        if spec.choice is not None:
+            return ", ".join(map(str, spec.choice.keys() if isinstance(spec.choice, dict) else spec.choice))
+        for name, text in (("uniform", "uniform"), ("loguniform", "log-uniform"), ("integer", "integer")):
+            if getattr(spec, name) is not None:
+                low, high = getattr(spec, name)
+                return f"{text} [{low:g}, {high:g}]"
+        return f"fixed {spec.value}"
+
+    names = short_names(study.space.params)
+    return [{"parameter": key, "short name": names[key],
+             "drawn": "by " + spec.by if spec.cases is not None else spec.kind.replace("integer", "int"),
+             "values": values(spec),
+             "applies": "; ".join(f"{k} in {v}" for k, v in spec.when.items()) if spec.when else "always"}
+            for key, spec in study.space.params.items()]
+
+
+def describe_study(study: Study, smoke: bool = False) -> str:
+    """A study file as `search STUDY --help` shows it: what it optimises, its budget and its space."""
+    budget = study.budget(smoke)
+    rows = space_rows(study)
+    width = max((len(r["parameter"]) for r in rows), default=0)
+    lines = [f"{study.name} ({study.origin}): {study.space.description or ''}".rstrip(": "),
+             f"objective: {', '.join(f'{k} ({m})' for k, m in [(study.metric, study.mode), *study.costs])} on "
+             "validation",
+             f"budget: {budget.trials} trials, {budget.epochs} fine-tune epochs each at most (ASHA grace "
+             f"{budget.grace_period}, reduction factor {budget.reduction_factor}); --smoke: "
+             f"{study.space.smoke.budget.trials} trials, {study.space.smoke.budget.epochs} epochs",
+             "space:"]
+    lines += [f"  {r['parameter']:<{width}}  {r['drawn']}: {r['values']}"
+              + (f"  (when {r['applies']})" if r["applies"] != "always" else "") for r in rows]
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .config import bare
+from .config import bare, plural
 from .experiment import Experiment, trial_label
 from .explain import COST_METRICS
 from .metrics import ci_text, pareto_front
@@ -69,6 +69,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
             else t.trial_id, "trial_id": t.trial_id, "status": status,
             "reason": reason, metric: m.get(metric) if status == "complete" else None, TIME_ATTR: m.get(TIME_ATTR),
             "selected_epoch": m.get("selected_epoch"),
+            "labels_averaged": m.get("selected_val_mean_auroc_labels"),  # what its mean AUROC is over
             "selection_ci": [m.get(f"selected_{study.metric}_selection_ci_low"),
                              m.get(f"selected_{study.metric}_selection_ci_high")],
             **({name: [m[f"selected_val_{name}"], m.get(f"selected_val_{name}_selection_ci_low"),
@@ -135,7 +136,8 @@ def print_summary(summary: dict, resume_command: str) -> None:
     counts = ", ".join(f"{summary[s]} {s}" for s in STATUSES if summary[s] or s == "complete")
     print(f"\n{summary['study']}: {summary['status']} — {summary['trials']} of {summary['requested']} trials: "
           f"{counts}; {'ranked by' if summary.get('pareto_front') is not None else 'objective'} {metric} "
-          f"({summary['mode']}; [95 % bootstrap CI on the validation set that selected it: optimistic])"
+          f"({summary['mode']}{labels_averaged(summary)}; [95 % bootstrap CI on the validation set that selected it: "
+          "optimistic])"
           + ("; the Pareto front on every objective below" if summary.get("pareto_front") is not None else ""))
     for rank, row in enumerate(summary["top"], 1):
         trained = ", ".join(f"{k}={row['resolved'][k]}" for k in row["sampled"])
@@ -156,7 +158,7 @@ def print_summary(summary: dict, resume_command: str) -> None:
         registered = f"registered as {ens['registered']['uri']}" if ens.get("registered") else "not registered"
         val = ens["val"]
         decided = ((ens.get("single_label") or {}).get("val") or {}).get("ensemble") or {}
-        print(f"ensemble ({ens['method']}, {len(ens['members'])} members, chosen on val): val {metric} "
+        print(f"ensemble ({ens['method']}, {plural(len(ens['members']), 'member')}, chosen on val): val {metric} "
               f"{ci_text(val['ensemble'])}" + "".join(f", {k.replace('_', ' ')} {ci_text(v)}" for k, v in
                                                        decided.items())
               + f" (on the selection set) vs best single {val['best_single']['value']:.4f}; {registered}; the test "
@@ -175,6 +177,18 @@ def print_summary(summary: dict, resume_command: str) -> None:
         print(f"report:  {summary['report']}")
     print(f"runs:    {summary['mlflow']}\n         then open {summary['mlflow_runs_table']}")
     print(f"study:   {summary['optuna']}")
+
+
+def labels_averaged(summary: dict) -> str:
+    """`, a mean over 1 of 14 labels`: what the best trial's validation mean AUROC averages ('' for other
+    metrics)."""
+    k = (summary.get("best") or {}).get("labels_averaged")
+    data = summary.get("data") or {}
+    if bare(summary["metric"]) != "mean_auroc" or k is None or not data.get("classes"):
+        return ""
+    if data.get("task") == "binary":
+        return f", the AUROC of the positive class, {data['classes'][1]}"
+    return f", a mean over {int(k)} of {len(data['classes'])} labels"
 
 
 def exit_code(summary: dict) -> int:

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from .config import bare
+from .config import bare, plural
 from .explain import COST_METRICS
 from .metrics import ci_text
 from .serving import EnsembleModel
@@ -155,12 +155,14 @@ def finish_parent(tracking_uri: str, parent_run_id: str, status: str, best_run_i
                   best_metrics: dict, summary_file: Optional[Path] = None, artifacts: tuple[Path, ...] = (),
                   failed: list[str] = ()) -> None:
     """The parent's status (`complete`, `interrupted`, `no trial completed`, `error`), the best completed
-    trial's record under the same metric names as its child run, a link to that run, and the search's files
+    trial's record as the search's own (`search_best_…`: names of the parent's, so that sorting the runs table by a
+    trial metric ranks trials, not the search among them), a link to that run, and the search's files
     (summary.json, the report). `failed`: the steps after the trials that failed (repeats, ensemble, report):
     a tag; the search itself is still FINISHED. A metric whose value is already the run's latest is not logged
     again (a resumed search finishes its parent a second time); a changed one is logged at the next step."""
     client = MlflowClient(tracking_uri)
     logged = client.get_run(parent_run_id).data.metrics
+    best_metrics = {search_metric(k): v for k, v in best_metrics.items()}
     changed = {k: float(v) for k, v in best_metrics.items() if logged.get(k) != float(v)}
     now = int(time.time() * 1000)
     client.log_batch(parent_run_id, metrics=[
@@ -183,6 +185,12 @@ def finish_parent(tracking_uri: str, parent_run_id: str, status: str, best_run_i
     if failed:
         client.set_tag(parent_run_id, "tune_xray.failed", ", ".join(failed))
     client.set_terminated(parent_run_id, status={"complete": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+
+
+def search_metric(key: str) -> str:
+    """A trial metric as the search's parent run logs its best: `best_val_mean_auroc` → `search_best_val_mean_auroc`,
+    `selected_val_mean_auroc` → `search_best_selected_val_mean_auroc`."""
+    return "search_best_" + key.removeprefix("best_")
 
 
 def mark_runs(tracking_uri: str, runs: dict[str, str], status: str, reason: str = "") -> None:
@@ -429,8 +437,8 @@ def ensemble_description(result: dict, members: pd.DataFrame, experiment_id: str
     metric, val, test = bare(result["metric"]), result["val"], result.get("test")
     links = ", ".join(run_link(experiment_id, m.mlflow_run_id, f"{m.name.split()[0]} ×{m.weight:.2f}")
                       if m.mlflow_run_id else m.name for m in members.itertuples())
-    lines = [f"**Ensemble** of {len(members)} trials of {result['pool']} ({result['method']}), chosen on validation "
-             f"{metric} only: {links}.",
+    lines = [f"**Ensemble** of {plural(len(members), 'trial')} of {result['pool']} ({result['method']}), chosen on "
+             f"validation {metric} only: {links}.",
              f"Validation (the selection set, optimistic): ensemble {ci_text(val['ensemble'])}, best single "
              f"{ci_text(val['best_single'])}."]
     if test:

@@ -409,15 +409,21 @@ def trainable(study, overrides: dict, smoke: bool, resources: TrialResources, st
         resources.trial())
 
 
+def quiet_console(verbose: bool = False) -> None:
+    """Tune's console as a search shows it, a new run or a resumed one (whose RunConfig comes from its pickle): no
+    TensorBoard logger or hint, and Tune's tables and configuration box only `verbose`."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # JSON and CSV loggers only, not TensorBoard's as a third
+    if not verbose:  # Tune's newer console prints its configuration box whatever the verbosity; the older is silent
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+
+
 def run_config(name: str, storage: str, callbacks: list, max_failures: int, verbose: bool = False) -> tune.RunConfig:
     """How a Tune run of trials keeps them: `max_failures` retries each, and one checkpoint, the last; result.json
     and progress.csv per trial (no TensorBoard files: MLflow has the curves); Tune's own tables only `verbose`
     (the callbacks say one line per trial)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the two loggers below, not TensorBoard's as a third
-    if not verbose:  # Tune's newer console prints its configuration box whatever the verbosity; the older is silent
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    quiet_console(verbose)
     return tune.RunConfig(name=name, storage_path=storage,
                           callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
                           failure_config=tune.FailureConfig(max_failures=max_failures),

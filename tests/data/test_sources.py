@@ -175,3 +175,78 @@ def test_split_keys_a_source_would_ignore_are_errors(tmp_path, synth_root):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             prepare(DataConfig(cache_dir=str(tmp_path / "cache"), **settings))
     prepare(DataConfig(source=f"folder:{tmp_path / 'flat'}", val_fraction=0.3, cache_dir=str(tmp_path / "cache")))
+
+
+def test_each_source_names_the_split_it_made(tmp_path, synth_root):
+    """What a reader of any number needs first: the official list or S0's random split (saying the list is not
+    used), a folder's own folders or stratified slices, and whether patients exist."""
+    official, random = read_nih(synth_root), read_nih(synth_root, split="random")
+    n_test = len((synth_root / "test_list.txt").read_text().split())
+    assert official.split == f"NIH official test list ({n_test:,} images); val: 10 % of train_val patients, seed 42"
+    assert random.split == "random patient split 70 % / 10 % / 20 %, seed 42 (S0's; the official test list is not used)"
+    assert official.patients == "patient-disjoint (checked); intervals resample patients"
+    _folder_dataset(tmp_path / "flat")
+    flat = read_folder(tmp_path / "flat")
+    assert flat.split == "stratified by class, not by patient: val 10 %, test 20 %, seed 42"
+    assert flat.patients.startswith("no patient ids: intervals resample images; images of one patient may fall")
+    _folder_dataset(tmp_path / "split", splits=["train", "test"])
+    told = read_folder(tmp_path / "split").split
+    assert told == "its train/, test/ folders; val a stratified 10 % of train/ (seed 42)"
+    facts = flat.facts()
+    assert facts["task"] == "multiclass" and facts["images"] == {"train": 24, "val": 4, "test": 8}
+
+
+def test_two_classes_are_one_binary_task_with_its_positive_class_second(tmp_path):
+    _folder_dataset(tmp_path / "a", classes=("infiltration", "normal"))
+    index = read_source(f"folder:{tmp_path / 'a'}")
+    assert index.binary and index.classes == ("normal", "infiltration")  # the class not named normal
+    assert index.positive == "infiltration (the class not named 'normal')"
+    assert (index.targets() == index.frame["infiltration"].to_numpy()).all()
+    _folder_dataset(tmp_path / "b", classes=("covid", "pneumonia"))
+    assert read_source(f"folder:{tmp_path / 'b'}").classes == ("covid", "pneumonia")  # no normal: name order
+    chosen = read_source(f"folder:{tmp_path / 'b'}", positive_class="covid")
+    assert chosen.classes == ("pneumonia", "covid") and chosen.positive == "covid (data.positive_class)"
+    with pytest.raises(DataError, match=r"data.positive_class=flu: not a class of folder:.*\['covid', 'pneumonia'\]"):
+        read_source(f"folder:{tmp_path / 'b'}", positive_class="flu")
+    _folder_dataset(tmp_path / "c")
+    with pytest.raises(DataError, match="not a two-class task"):
+        read_source(f"folder:{tmp_path / 'c'}", positive_class="covid")
+
+
+def test_labels_no_training_image_has_are_named(nih_copy):
+    table = pd.read_csv(nih_copy / "Data_Entry_2017.csv")
+    table["Finding Labels"] = np.where(table["Finding Labels"].str.contains("Effusion"), "Effusion", "No Finding")
+    table.to_csv(nih_copy / "Data_Entry_2017.csv", index=False)
+    index = read_nih(nih_copy)
+    assert index.untrained() == [c for c in NIH_LABELS if c != "Effusion"]
+    assert index.facts()["untrained"] == index.untrained()
+
+
+def test_the_shipped_studies_run_on_any_source_and_a_chosen_split_key_says_where_it_came_from(tmp_path, synth_root):
+    """Folder and MedMNIST data use their own splits: no shipped study sets a split key they would refuse. A value
+    the user chose that the source cannot honour is refused, naming --set or their own file."""
+    from tests.data.test_medmnist import write_npz
+    from tune_xray.config import ConfigError, parse_overrides
+    from tune_xray.data.loader import check_split_keys
+    from tune_xray.space import SEARCH_SPACES, load_study
+
+    _folder_dataset(tmp_path / "flat")
+    npz = write_npz(tmp_path / "pneumoniamnist.npz", lambda rng, n: rng.integers(0, 2, (n, 1)))
+    for path in sorted(SEARCH_SPACES.glob("*.yaml")):
+        study = load_study(path.stem)
+        for source in (f"folder:{tmp_path / 'flat'}", f"medmnist:{npz}"):
+            for smoke in (False, True):
+                cfg = study.trial_config({}, {"data": {"source": source}}, smoke)
+                check_split_keys(cfg.data, lambda key: study.origin_of(f"data.{key}"))
+    study = load_study("supervised")
+    chosen = parse_overrides(["data.split=random"])
+    cfg = study.trial_config({}, {**chosen, "data": {"source": f"folder:{tmp_path / 'flat'}", "split": "random"}})
+    with pytest.raises(ConfigError, match=r"data.split=random \(from --set\): folder:"):
+        check_split_keys(cfg.data, lambda key: study.origin_of(f"data.{key}", chosen))
+    own = tmp_path / "own.yaml"
+    own.write_text((SEARCH_SPACES / "supervised.yaml").read_text().replace("data: {cache_size: 288}",
+                                                                            "data: {cache_size: 288, split: random}"))
+    mine = load_study(str(own))
+    cfg = mine.trial_config({}, {"data": {"source": f"medmnist:{npz}"}})
+    with pytest.raises(ConfigError, match=r"data.split=random \(from .*own.yaml: base\): medmnist:"):
+        check_split_keys(cfg.data, lambda key: mine.origin_of(f"data.{key}"))

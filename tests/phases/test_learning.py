@@ -48,7 +48,7 @@ def test_train_cli_writes_a_run_dir(make_config, tmp_path, capsys):
     summary = json.loads((tmp_path / "recorded" / "summary.json").read_text())
     assert set(summary["test"]) >= {"mean_auroc", "macro_f1", "mean_sensitivity", "mean_specificity"}
     assert train_main(["--set", "supervised.epoch=3"]) == 2
-    assert "unknown key 'supervised.epoch'" in capsys.readouterr().err
+    assert "--set supervised.epoch: unknown key; did you mean supervised.epochs?" in capsys.readouterr().err
 
 
 def test_bad_input_stops_before_compute_and_writes_nothing(make_config, tmp_path):

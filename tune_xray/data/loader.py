@@ -73,15 +73,25 @@ class PreparedData:
         return pixels.mean(axis=(0, 2, 3)).tolist(), pixels.std(axis=(0, 2, 3)).tolist()
 
 
-def prepare(cfg: DataConfig) -> PreparedData:
-    """Read and check the source, then build (or reuse) its cache — all before any training starts."""
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+def check_split_keys(cfg: DataConfig, where=lambda key: None) -> None:
+    """A split key the source does not read, set to anything but its default, would be silently ignored: a
+    ConfigError instead, naming where the value came from where that is known (`where(key)`: the search says
+    --set or the study file)."""
     for key, why in ignored_split_keys(cfg.source, cfg.split).items():
         value, default = getattr(cfg, key), DataConfig.model_fields[key].default
         if value != default:
-            raise ConfigError(f"data.{key}={value}: {why}; it would be ignored (leave it at {default})")
+            origin = where(key)
+            raise ConfigError(f"data.{key}={value}{f' (from {origin})' if origin else ''}: {why}; it would be "
+                              f"ignored (leave it at {default})")
+
+
+def prepare(cfg: DataConfig) -> PreparedData:
+    """Read and check the source, then build (or reuse) its cache — all before any training starts."""
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    check_split_keys(cfg)
     index = read_source(cfg.source, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
-                        (cfg.synthetic_images, cfg.synthetic_size, cfg.synthetic_seed), cache_dir)
+                        (cfg.synthetic_images, cfg.synthetic_size, cfg.synthetic_seed), cache_dir,
+                        cfg.positive_class)
     if cfg.folds:  # K-fold cross-validation: train + val re-split, fold `fold` the validation set
         frame = index.frame.copy()
         frame["split"] = kfold_split(frame, index.classes, index.task, cfg.folds, cfg.fold, cfg.split_seed,
@@ -89,14 +99,16 @@ def prepare(cfg: DataConfig) -> PreparedData:
         check_patient_disjoint(frame, index.origin)
         check_splits_nonempty(frame, index.origin)
         check_learnable(frame, index.classes, index.task, index.origin)
-        index = replace(index, frame=frame)
+        index = replace(index, frame=frame, split=f"fold {cfg.fold} of {cfg.folds} of train + val as validation "
+                        f"(grouped by patient, seed {cfg.split_seed}); test as in {index.split}")
     if cfg.label_fraction < 1:
         frame = index.frame.copy()
         train = (frame["split"] == "train").to_numpy()
         keep = labelled_subset(frame[train], index.classes, index.task, cfg.label_fraction, cfg.label_seed)
         frame.loc[np.flatnonzero(train)[~keep], "split"] = UNLABELLED
         check_patient_disjoint(frame, index.origin)
-        index = replace(index, frame=frame)
+        index = replace(index, frame=frame, split=f"{index.split}; {cfg.label_fraction:g} of train's labels kept "
+                        f"(seed {cfg.label_seed})")
     cache = build_cache(index.frame["path"].tolist(), cfg.cache_size, cfg.channels, cache_dir)
     return PreparedData(index, cache)
 

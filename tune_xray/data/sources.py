@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,12 +35,48 @@ NIH_REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
 
 @dataclass(frozen=True)
 class DatasetIndex:
-    """One table for every source: `frame` has path, patient_id, split and a 0/1 column per class."""
+    """One table for every source: `frame` has path, patient_id, split and a 0/1 column per class. `split` says
+    how its splits were made (what a reader of any number needs to know first); a two-class task has its positive
+    class second, and `positive` says how that class was chosen."""
 
     frame: pd.DataFrame
     classes: tuple[str, ...]
     task: Literal["multilabel", "multiclass"]
     origin: str
+    split: str = ""
+    positive: str = ""
+
+    @property
+    def binary(self) -> bool:
+        """Two classes: one positive class (the second), one AUROC, one threshold."""
+        return self.task == "multiclass" and len(self.classes) == 2
+
+    @property
+    def has_patients(self) -> bool:
+        return "patient_id" in self.frame and bool(self.frame["patient_id"].notna().any())
+
+    @property
+    def patients(self) -> str:
+        """What the data say of patients, and so what the intervals resample."""
+        if self.has_patients:
+            return "patient-disjoint (checked); intervals resample patients"
+        return "no patient ids: intervals resample images; images of one patient may fall in two splits"
+
+    def facts(self) -> dict:
+        """What a reader of any number needs to know of the data first: source, task, classes, how the splits were
+        made, what they say of patients, each split's size, and the labels no training image has."""
+        sizes = self.frame["split"].value_counts()
+        return {"source": self.origin, "task": "binary" if self.binary else self.task, "classes": list(self.classes),
+                "positive": self.positive or None, "split": self.split, "patients": self.patients,
+                "images": {s: int(sizes.get(s, 0)) for s in SPLITS}, "untrained": self.untrained()}
+
+    def untrained(self) -> list[str]:
+        """Multi-label: the labels with no positive image in train. The model never saw one: nothing is decided,
+        thresholded or averaged for them."""
+        if self.task != "multilabel":
+            return []
+        train = self.frame.loc[self.frame["split"] == "train", list(self.classes)].to_numpy()
+        return [c for c, n in zip(self.classes, train.sum(0)) if n == 0]
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.frame["split"].to_numpy() == split)
@@ -55,15 +91,65 @@ class DatasetIndex:
         return onehot.astype(np.float32)
 
 
+def describe_data(facts: dict) -> str:
+    """`DatasetIndex.facts()` in one sentence, as the console, the report, the model card and the search's MLflow
+    run say it."""
+    classes = facts["classes"]
+    task = (f"binary, positive class {facts['positive']}" if facts["task"] == "binary"
+            else f"{facts['task']}, {len(classes)} {'labels' if facts['task'] == 'multilabel' else 'classes'}")
+    images = ", ".join(f"{split} {n:,}" for split, n in facts["images"].items())
+    return f"{facts['source']} ({task}; {images} images): {facts['split']}; {facts['patients']}"
+
+
+def describe_untrained(facts: dict) -> str:
+    """The labels no training image has, in one line ('' where there are none)."""
+    untrained = facts.get("untrained") or []
+    return (f"{len(untrained)} of {len(facts['classes'])} labels have no positive in train: never decided, "
+            f"thresholded or averaged: {', '.join(untrained)}" if untrained else "")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TUNE_XRAY_CACHE", Path.home() / ".cache" / "tune_xray"))
 
 
-def _finish(frame: pd.DataFrame, classes, task, origin) -> DatasetIndex:
+def _finish(frame: pd.DataFrame, classes, task, origin, split: str) -> DatasetIndex:
     check_splits_nonempty(frame, origin)
     check_patient_disjoint(frame, origin)
     check_learnable(frame, classes, task, origin)
-    return DatasetIndex(frame.reset_index(drop=True), tuple(classes), task, origin)
+    return DatasetIndex(frame.reset_index(drop=True), tuple(classes), task, origin, split)
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g} %"
+
+
+# class names that say "no finding": in two-class data the other class is the positive one
+NEGATIVE_NAMES = {"normal", "no finding", "no_finding", "nofinding", "negative", "healthy", "none", "benign"}
+
+
+def with_positive_class(index: DatasetIndex, positive: str | None) -> DatasetIndex:
+    """Two-class data as one binary task: the positive class second, chosen by `data.positive_class` or, by
+    default, the class not named like "normal" / "no finding" / "negative" / "healthy" where exactly one is, else
+    the second in name order. A `positive` that is not a class, or on data that are not two classes, is a
+    DataError naming the classes."""
+    if not index.binary:
+        if positive is not None:
+            raise DataError(f"data.positive_class={positive}: {index.origin} is not a two-class task "
+                            f"({index.task}, {len(index.classes)} labels); the setting applies to two classes")
+        return index
+    classes = list(index.classes)
+    if positive is not None:
+        if positive not in classes:
+            raise DataError(f"data.positive_class={positive}: not a class of {index.origin}; expected one of "
+                            f"{classes}")
+        how = "data.positive_class"
+    else:
+        negative = [c for c in classes if c.lower().replace("-", " ") in NEGATIVE_NAMES]
+        positive = next(c for c in classes if c not in negative) if len(negative) == 1 else classes[1]
+        how = (f"the class not named '{negative[0]}'" if len(negative) == 1 else "the second class in name order; "
+               "set data.positive_class to choose")
+    order = (next(c for c in classes if c != positive), positive)
+    return replace(index, classes=order, positive=f"{positive} ({how})")
 
 
 def _find_nih_images(root: Path) -> dict[str, Path]:
@@ -138,8 +224,12 @@ def read_nih(root: str | Path, split: str = "official", val_fraction: float = 0.
         tv = np.flatnonzero(frame["split"].to_numpy() == "train")
         val = patient_holdout(frame["patient_id"].iloc[tv], val_fraction, seed)
         frame.loc[tv[val], "split"] = "val"
+        told = (f"NIH official test list ({len(members['test']):,} images); val: {_percent(val_fraction)} of "
+                f"train_val patients, seed {seed}")
     elif split == "random":
         frame["split"] = patient_split(frame["patient_id"], val_fraction, test_fraction, seed)
+        told = (f"random patient split {_percent(1 - val_fraction - test_fraction)} / {_percent(val_fraction)} / "
+                f"{_percent(test_fraction)}, seed {seed} (S0's; the official test list is not used)")
     else:
         raise DataError(f"nih:{root}: unknown split '{split}'; expected 'official' or 'random'")
 
@@ -148,7 +238,7 @@ def read_nih(root: str | Path, split: str = "official", val_fraction: float = 0.
         raise DataError(f"{root}: {len(absent)} listed image(s) not found under images/ "
                         f"(e.g. '{absent[0]}')")
     frame.insert(0, "path", [str(images[n]) for n in frame["image"]])
-    return _finish(frame.drop(columns="image"), NIH_LABELS, "multilabel", f"nih:{root}")
+    return _finish(frame.drop(columns="image"), NIH_LABELS, "multilabel", f"nih:{root}", told)
 
 
 def _class_folders(root: Path) -> list[str]:
@@ -187,13 +277,20 @@ def read_folder(root: str | Path, val_fraction: float = 0.1, test_fraction: floa
     labels = frame["label"].to_numpy()
     if not has_splits:
         frame["split"] = stratified_split(labels, val_fraction, test_fraction, seed, origin)
+        told = (f"stratified by class, not by patient: val {_percent(val_fraction)}, test {_percent(test_fraction)}, "
+                f"seed {seed}")
     else:
+        sliced = []
         for missing, fraction in (("test", test_fraction), ("val", val_fraction)):
             if not (frame["split"] == missing).any():
                 train = np.flatnonzero(frame["split"].to_numpy() == "train")
                 frame.loc[train[stratified_holdout(labels[train], fraction, seed, origin)], "split"] = missing
+                sliced.append(f"{missing} a stratified {_percent(fraction)} of train/ (seed {seed})")
+        folders = [name for name in ("train", "val", "test") if (root / name).is_dir()]
+        told = f"its {', '.join(f + '/' for f in folders)} folder{'s' if len(folders) > 1 else ''}" + (
+            f"; {', '.join(sliced)}" if sliced else "")
     frame[classes] = np.eye(len(classes), dtype=np.uint8)[labels]
-    return _finish(frame.drop(columns="label"), classes, "multiclass", origin)
+    return _finish(frame.drop(columns="label"), classes, "multiclass", origin, told)
 
 
 def read_medmnist(path: str | Path) -> DatasetIndex:
@@ -236,7 +333,8 @@ def read_medmnist(path: str | Path) -> DatasetIndex:
         frame.insert(1, "patient_id", pd.Series([None] * len(y), dtype=object))
         frame.insert(2, "split", split)
         frames.append(frame)
-    return _finish(pd.concat(frames, ignore_index=True), classes, "multilabel" if multilabel else "multiclass", origin)
+    return _finish(pd.concat(frames, ignore_index=True), classes, "multilabel" if multilabel else "multiclass", origin,
+                   "MedMNIST's official train / val / test splits (its authors split by patient)")
 
 
 def synthetic_root(n_images: int, size: int, seed: int, cache_dir: str | Path | None = None) -> Path:
@@ -281,18 +379,21 @@ def ignored_split_keys(spec: str, split: str = "official") -> dict[str, str]:
 
 def read_source(spec: str, split: str = "official", val_fraction: float = 0.1, test_fraction: float = 0.2,
                 seed: int = 42, synthetic: tuple[int, int, int] = (2000, 256, 0),
-                cache_dir: str | Path | None = None) -> DatasetIndex:
-    """Resolve a data spec (`synthetic`, `nih:PATH`, `folder:PATH`, `medmnist:PATH.npz`) to a checked index."""
+                cache_dir: str | Path | None = None, positive_class: str | None = None) -> DatasetIndex:
+    """Resolve a data spec (`synthetic`, `nih:PATH`, `folder:PATH`, `medmnist:PATH.npz`) to a checked index
+    (two classes: the positive one second, `with_positive_class`)."""
     kind, _, path = spec.partition(":")
     if kind == "synthetic":
         root = synthetic_root(*synthetic, cache_dir=cache_dir)
-        return read_nih(root, split, val_fraction, test_fraction, seed)
-    if not path:
+        index = read_nih(root, split, val_fraction, test_fraction, seed)
+    elif not path:
         raise DataError(f"data source '{spec}': expected synthetic, nih:PATH, folder:PATH or medmnist:PATH.npz")
-    if kind == "nih":
-        return read_nih(path, split, val_fraction, test_fraction, seed)
-    if kind == "folder":
-        return read_folder(path, val_fraction, test_fraction, seed)
-    if kind == "medmnist":
-        return read_medmnist(path)
-    raise DataError(f"data source '{spec}': unknown kind '{kind}'; expected synthetic, nih, folder or medmnist")
+    elif kind == "nih":
+        index = read_nih(path, split, val_fraction, test_fraction, seed)
+    elif kind == "folder":
+        index = read_folder(path, val_fraction, test_fraction, seed)
+    elif kind == "medmnist":
+        index = read_medmnist(path)
+    else:
+        raise DataError(f"data source '{spec}': unknown kind '{kind}'; expected synthetic, nih, folder or medmnist")
+    return with_positive_class(index, positive_class)

@@ -76,6 +76,7 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     summary: dict = {"backbone": fine_tuned, "task": data.index.task, "classes": list(data.index.classes),
+                     "untrained_labels": data.index.untrained(),
                      "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device),
                      "scan_backend": scan_backend}
     resume_phase = resume["phase"] if resume else None

@@ -30,6 +30,7 @@ from ..metrics import (
     interval,
     patient_bootstrap,
     resampling_units,
+    scored_labels,
     weighted_decision_metrics,
 )
 from ..models.heads import Classifier, MemberEnsemble, freeze_backbone, mean_probability_logits
@@ -203,6 +204,7 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
     `checkpoints`: hand a full-state checkpoint to `report` every epoch (with `carry`, e.g. the BYOL
     summary, inside); `resume`: such a state to continue from."""
     sc, index = cfg.supervised, data.index
+    untrained = index.untrained()  # no positive in train: never thresholded, decided or averaged
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = Precision(cfg, device)
     model = precision.module(classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate, index.task))
@@ -263,7 +265,8 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
         best["latest"] = (logits, targets)
         val_loss = float(loss_fn(logits.to(device), targets.to(device)))
         prob = to_probabilities(index.task, logits).numpy()
-        val = classification_metrics(index.task, targets.numpy(), prob, index.classes, rule=sc.threshold)["metrics"]
+        val = classification_metrics(index.task, targets.numpy(), prob, index.classes, rule=sc.threshold,
+                                     untrained=untrained)["metrics"]
         return {"train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(optimizer),
                 **{f"val_{k}": v for k, v in val.items()}, **cost}
 
@@ -338,7 +341,8 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, p
 
     `val_predictions`: the (logits, targets) the selected epoch already computed, so val is not re-run."""
     index, out = data.index, {"test": {}}
-    thresholds = None
+    untrained, thresholds = index.untrained(), None
+    scored_columns = scored_labels(index.task, index.classes, untrained)  # what the means average
     for split in ("val", "test"):
         if split == "val" and val_predictions is not None:
             logits, targets = val_predictions
@@ -354,9 +358,9 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, p
         if split == "test" and not cfg.supervised.record_test:
             continue
         scored = classification_metrics(index.task, targets.numpy(), prob, index.classes, thresholds,
-                                        cfg.supervised.threshold)
+                                        cfg.supervised.threshold, untrained)
         if split == "val":  # thresholds are chosen here and only applied to test
-            thresholds = None if scored["thresholds"] is None else np.asarray(scored["thresholds"])
+            thresholds = None if scored["thresholds"] is None else np.asarray(scored["thresholds"], dtype=float)
             out["thresholds"] = scored["thresholds"]
         if "confusion_matrix" in scored:
             out[f"{split}_confusion_matrix"] = scored["confusion_matrix"]
@@ -366,7 +370,8 @@ def evaluate_selected(cfg: TrialConfig, data: PreparedData, model, eval_views, p
         units = resampling_units(frame["patient_id"], frame["path"])
         ci = "selection_ci" if split == "val" else "ci"
         boot = patient_bootstrap(units, seed=cfg.seed)  # one set of patient resamples for every interval below
-        for key, (low, high) in auroc_intervals(truth, prob, units, index.classes, weights=boot).items():
+        for key, (low, high) in auroc_intervals(truth[:, scored_columns], prob[:, scored_columns], units,
+                                                [index.classes[j] for j in scored_columns], weights=boot).items():
             out[split].update({f"{key}_{ci}_low": low, f"{key}_{ci}_high": high})
         if index.task != "multilabel":  # accuracy and balanced accuracy at the chosen decision, with intervals
             scored_at = decisions(index.task, prob, scored["thresholds"])
