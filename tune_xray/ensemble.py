@@ -489,14 +489,16 @@ def model_card(pool: Pool, result: dict) -> str:
             f"{result['test_reads']})" if test else "the test split was not read (`python -m tune_xray.ensemble "
             "DIR --record` records it)")
     data = pool.experiment.summary().get("data")
+    binary = pool.task == "multiclass" and len(pool.classes) == 2
     lines = [f"# Ensemble of {pool.experiment.name}", "",
              f"- Study: `{search.get('study', '?')}`; data: `{search.get('data') or 'synthetic (default)'}`; "
              f"smoke: {search.get('smoke', False)}",
              *([f"- Data: {describe_data(data)}"] if data else []),
              *([f"- {describe_untrained(data)}"] if data and data.get("untrained") else []),
-             f"- Task: {pool.task}, classes: {', '.join(pool.classes)}",
+             f"- Task: {'binary' if binary else pool.task}, classes: {', '.join(pool.classes)}"
+             + (f" (positive: {pool.classes[1]})" if binary else ""),
              *([f"- {metric}: {averaged_text(result, len(pool.classes))}"
-                + ("" if pool.task == "multiclass" and len(pool.classes) == 2 else " (labels without both classes in "
+                + ("" if binary else " (labels without both classes in "
                    "a split, or with no positive in train, are left out)")] if metric == "mean_auroc" else []),
              f"- Split image-id hashes: {hashes}",
              f"- Selection: {result['method']} (size {result['size']}, bags {result['bags']}) over {result['pool']} "
