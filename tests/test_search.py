@@ -92,7 +92,8 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     assert [t.state for t in study.trials][:2] == [State.COMPLETE, State.PRUNED]
     assert study.trials[1].user_attrs["status"] == "diverged"
     for t in study.trials:
-        assert t.user_attrs["model.backbone"] == "test_resnet" and t.user_attrs["device"] == "cpu"  # resolved
+        trained = t.user_attrs["trained"]  # resolved
+        assert trained["model.backbone"] == "test_resnet" and trained["device"] == "cpu" and not trained["smoke"]
         assert t.user_attrs["mlflow_run_id"] in {r["mlflow_run_id"] for r in summary["rows"]}
         if t.user_attrs["status"] == "pruned":
             assert t.intermediate_values  # kept in Optuna
@@ -630,8 +631,9 @@ def test_repeats_rerun_the_best_configs_with_new_seeds(tmp_path, ray_session):
 
 
 def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_path, ray_session, capsys):
-    """Objectives val AUROC (max) and latency (min): each trial measures its cost, the Optuna study has both
-    directions, the summary its front (non-dominated complete trials, tagged in MLflow); the ensemble keeps its
+    """Objectives val AUROC (max) and latency (min), multi-objective ASHA stopping trials: each trial measures its
+    cost, the Optuna study has both directions, the summary its front (non-dominated complete trials, tagged in
+    MLflow); the ensemble keeps its
     members' summed latency within the budget; the two best configurations are trained on 2 patient-grouped
     folds of train + val (test untouched), their out-of-fold predictions cover train + val once, and the best's
     fold models, averaged, are registered and compared once on test with the search's ensemble."""
@@ -646,10 +648,11 @@ def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_p
     space["sampler"] = {"n_startup_trials": 2}
     args = _args(tmp_path)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-    args.trials, args.no_asha, args.no_report, args.overrides = 3, True, True, ["supervised.epochs=1"]
+    args.trials, args.no_asha, args.no_report, args.overrides = 4, False, True, ["supervised.epochs=2"]
     args.latency_budget, args.cv_folds, args.cv_top = 1e6, 2, 2
     summary = run_search(args)
     assert summary["status"] == "complete" and not summary["failed"], summary["failed"]
+    assert summary["asha"].startswith("multi-objective ASHA")  # with ASHA: promotion on both objectives
     exp = tmp_path / "store" / "tiny"
     complete = [r for r in summary["rows"] if r["status"] == "complete"]
     assert all(r["cost"]["latency_ms"] > 0 and r["cost"]["params_m"] > 0 for r in complete)

@@ -125,7 +125,8 @@ def test_smoke_keeps_every_axis_meaningful_and_records_what_ran():
         config = space(trial)
         trained[batch] = config
         assert config["sampled.model.backbone"] == backbone and config["model.backbone"] == smoke_backbone(backbone)
-        assert trial.user_attrs["model.backbone"] == smoke_backbone(backbone) and trial.user_attrs["smoke"] is True
+        recorded = trial.user_attrs["trained"]
+        assert recorded["model.backbone"] == smoke_backbone(backbone) and recorded["smoke"] is True
         assert study.sampled_from(config)["byol.batch_size"] == batch  # the drawn value is kept beside
         cfg = study.trial_config(study.sampled_from(config), {"device": "cpu"}, smoke=True)
         assert (cfg.byol.batch_size, cfg.byol.hidden_dim) == (config["byol.batch_size"], config["byol.hidden_dim"])
@@ -206,3 +207,24 @@ def test_a_multi_objective_study_is_told_every_objective_and_samples_past_pruned
     assert [t.state.name for t in trials] == ["PRUNED", "COMPLETE"] * 3
     assert trials[1].values == [0.55, 4.5] and all(not t.intermediate_values for t in trials)
     assert {t.number for t in searcher.study.best_trials} == {5}
+
+
+def test_an_errored_trial_run_again_by_a_resume_reaches_optuna_with_its_real_end(tmp_path):
+    """Tune's resume_errored runs a trial that erred again; Optuna holds it as FAIL and a finished trial cannot
+    change: its real end is added as a trial of its own (same parameters, `rerun_of`), once."""
+    import pickle
+
+    from tune_xray.searcher import DefineByRun, optuna_searcher
+
+    study = load_study(_write(tmp_path, MINIMAL))
+    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+                               "best_val_mean_auroc")
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", error=True)
+    resumed = pickle.loads(pickle.dumps(searcher))  # the driver killed, the search resumed
+    result = {"best_val_mean_auroc": 0.7, "epochs_done": 2, "status": "complete"}
+    resumed.on_trial_complete("t0", result)
+    resumed.on_trial_complete("t0", result)  # told once
+    trials = resumed.study.get_trials(deepcopy=False)
+    assert [(t.state.name, t.value) for t in trials] == [("FAIL", None), ("COMPLETE", 0.7)]
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["rerun_of"] == 0

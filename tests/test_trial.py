@@ -26,7 +26,8 @@ def test_the_concurrency_limit_follows_the_cluster(monkeypatch):
     every suggestion: a cluster that starts with no room and grows runs more at once."""
     cluster = {"CPU": 1}
     monkeypatch.setattr(ray, "cluster_resources", lambda: cluster)
-    limiter = TrialResources(cpus=2).limiter(Configs())
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": cluster}])
+    limiter = TrialResources(cpus=2).limiter(Configs(), pending=1)
     assert isinstance(limiter, ClusterConcurrency)
     assert limiter.suggest("a") == {"trial": "a"}  # none fits: one waits
     assert limiter.suggest("b") is None
@@ -40,3 +41,21 @@ def test_the_concurrency_limit_follows_the_cluster(monkeypatch):
 def test_max_concurrent_is_a_fixed_cap():
     limiter = TrialResources().limiter(Configs(), cap=3)
     assert type(limiter) is ConcurrencyLimiter and limiter.max_concurrent == 3
+
+
+def test_as_many_wait_as_one_new_node_can_start_and_a_resume_runs_on_its_own_resources(monkeypatch):
+    """Waiting trials: by default as many as one node like the cluster's largest starts (an autoscaler then adds
+    that many nodes' worth at once, not one per start cycle), or --max-pending; a resumed search's limit follows the
+    resources it is given, not those its limiter was pickled with."""
+    import pickle
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 1}}, {"Alive": True, "Resources": {"CPU": 8}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 9})
+    limiter = TrialResources(cpus=2).limiter(Configs())
+    assert limiter._limit() == 4 + 4  # four run, four wait: what one more 8-CPU node would start
+    assert TrialResources(cpus=2).limiter(Configs(), pending=1)._limit() == 5
+    restored = pickle.loads(pickle.dumps(limiter))
+    with ClusterConcurrency.follow(TrialResources(cpus=4), pending=0):
+        assert restored._limit() == 2  # the resume's 4 CPUs per trial
+    assert restored._limit() == 8

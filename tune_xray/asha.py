@@ -1,9 +1,13 @@
 """ASHA (Li et al. 2020, "A system for massively parallel hyperparameter tuning") as the search runs it: Ray
 Tune's ASHAScheduler on the fine-tune epochs (`epochs_done`), with the study budget's grace period and reduction
-factor, and one rule of our own about a trial's last report."""
+factor, and one rule of our own about a trial's last report; for a Pareto search (cost objectives), its
+multi-objective form, which promotes by non-dominated sorting."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from .trial import STATUS, TIME_ATTR
@@ -21,3 +25,62 @@ class FinishAwareASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         return TrialScheduler.CONTINUE if result.get(STATUS) else decision
+
+
+def pareto_order(points: np.ndarray) -> np.ndarray:
+    """Row indices of `points` (n, objectives; every column minimised) best first: by non-dominated front (Deb et
+    al. 2002, NSGA-II's fast non-dominated sort), within a front by crowding distance, the widest first."""
+    n = len(points)
+    dominates = (points[:, None, :] <= points[None, :, :]).all(-1) & (points[:, None, :] < points[None, :, :]).any(-1)
+    remaining, order = np.ones(n, dtype=bool), []
+    while remaining.any():
+        front = np.flatnonzero(remaining & ~(dominates & remaining[:, None]).any(0))
+        crowding = np.zeros(len(front))
+        for column in points[front].T:
+            ranked = np.argsort(column, kind="stable")
+            spread = column[ranked[-1]] - column[ranked[0]]
+            crowding[ranked[[0, -1]]] = np.inf
+            if len(front) > 2 and spread > 0:
+                crowding[ranked[1:-1]] += (column[ranked[2:]] - column[ranked[:-2]]) / spread
+        order += front[np.argsort(-crowding, kind="stable")].tolist()
+        remaining[front] = False
+    return np.asarray(order)
+
+
+class ParetoASHA(FinishAwareASHA):
+    """Multi-objective ASHA (Schmucker et al. 2021, "Multi-objective Asynchronous Successive Halving"; Syne Tune's
+    MOASHA): ASHA's rungs and promotion fraction, but a trial at a rung goes on when it ranks in the top 1/η of the
+    trials recorded there by non-dominated sorting on every objective (crowding distance within a front) — its
+    validation metric and its measured costs, known from epoch 1 — so a cheap model is not stopped for its
+    accuracy alone, as accuracy-only ASHA stops the front's cheap end of a Pareto search."""
+
+    def __init__(self, budget, metric: str, mode: str, costs: list[tuple[str, str]]):
+        super().__init__(budget, metric, mode)
+        self.objectives = [(metric, mode), *costs]
+        grace, eta = min(budget.grace_period, budget.epochs), budget.reduction_factor
+        self.rungs = [grace * eta ** k for k in range(64) if grace * eta ** k < budget.epochs][::-1]  # top first
+        self.eta = eta
+        self.recorded: dict[int, dict[str, np.ndarray]] = {rung: {} for rung in self.rungs}
+
+    def _point(self, result: dict) -> np.ndarray:
+        """The objectives, each as a value to minimise; a missing or non-finite one counts as the worst."""
+        values = [result.get(name) for name, _ in self.objectives]
+        return np.array([(-1.0 if mode == "max" else 1.0) * float(v) if isinstance(v, (int, float)) and np.isfinite(v)
+                         else np.inf for v, (_, mode) in zip(values, self.objectives)])
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(STATUS):  # its last report: it trained its whole budget
+            return TrialScheduler.CONTINUE
+        epoch = result.get(TIME_ATTR, 0)
+        for rung in self.rungs:  # the highest rung the trial has reached, once
+            if epoch >= rung:
+                if trial.trial_id in self.recorded[rung]:
+                    break
+                self.recorded[rung][trial.trial_id] = self._point(result)
+                ids = list(self.recorded[rung])
+                position = int(np.flatnonzero(pareto_order(np.stack(list(self.recorded[rung].values())))
+                                              == ids.index(trial.trial_id))[0])
+                if position >= max(1, math.ceil(len(ids) / self.eta)):
+                    return TrialScheduler.STOP
+                break
+        return TrialScheduler.CONTINUE

@@ -44,9 +44,54 @@ class _ForcedSnapshots(logging.Filter):
         return "snapshotting has been triggered" not in record.getMessage()
 
 
-def connect(address: Optional[str] = None, verbose: bool = False) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS, or the one `ray start` left running here: Ray's
-    `address="auto"`), else start a local one.
+def started_cluster() -> Optional[str]:
+    """The address `ray start` recorded on this machine (Ray's bootstrap file: $RAY_TMPDIR, else $TMPDIR, else /tmp,
+    then ray/ray_current_cluster), or None."""
+    temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    path = Path(temp) / "ray" / "ray_current_cluster"
+    address = path.read_text().strip() if path.is_file() else ""
+    return address or None
+
+
+def which_ray(address: Optional[str] = None) -> tuple[Optional[str], str]:
+    """(address, where it came from) of the Ray a search joins: `--address`, else RAY_ADDRESS, else the cluster
+    `ray start` recorded on this machine; (None, "") for a Ray of its own. Never Ray's legacy `address="auto"`, which
+    joins any Ray process it finds here — another search's private one included, which then dies with that search.
+    `--address auto` means the `ray start` cluster here."""
+    for given, origin in ((address, "--address"), (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")):
+        if given == "auto":
+            recorded = started_cluster()
+            if recorded is None:
+                raise ConfigError(f"{origin} auto: no cluster was started here with `ray start` (a search with no "
+                                  "address starts a Ray of its own)")
+            return recorded, f"{origin} auto: the `ray start` cluster here"
+        if given:
+            return given, origin
+    recorded = started_cluster()
+    return (recorded, "the `ray start` cluster here") if recorded else (None, "")
+
+
+def answers(address: str, timeout: float = 10.0) -> bool:
+    """Whether something listens at a Ray address (`host:port`, or `ray://host:port`) within `timeout` seconds:
+    a GCS that is gone would make ray.init retry every 5 s without end."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+class RayUnreachable(RuntimeError):
+    """The Ray a search was told to join does not answer."""
+
+
+def connect(address: Optional[str] = None, verbose: bool = False) -> str:
+    """Join the Ray `which_ray` names, else start one of its own; returns which, in words. A named Ray that does not
+    answer is a RayUnreachable within seconds; a `ray start` record whose cluster is gone (it crashed) is passed
+    over for a Ray of the search's own.
 
     A local start passes RAY_ENV by inheritance: a job-level runtime_env would keep Ray's prestarted worker
     processes from being used, and each actor of a trial would start its own (bench_search_overhead.py)."""
@@ -56,16 +101,45 @@ def connect(address: Optional[str] = None, verbose: bool = False) -> None:
     if not verbose:  # Ray's start-up notices ("Started a local Ray instance", token auth on by default)
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     quiet = {"logging_level": logging.INFO if verbose else logging.WARNING}
-    joined = {"runtime_env": {"env_vars": RAY_ENV}, "log_to_driver": verbose, **quiet}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, **joined)
-        return
+    target, origin = which_ray(address)
+    if target is not None and answers(target):
+        ray.init(address=target, runtime_env={"env_vars": RAY_ENV}, log_to_driver=verbose, **quiet)
+        return f"the cluster at {target} ({origin})"
+    if target is not None and origin != "the `ray start` cluster here":
+        raise RayUnreachable(f"{origin} {target}: no Ray answers there (is the cluster up? without an address the "
+                             "search starts a Ray of its own)")
+    for key, value in {**RAY_ENV, **LOCAL_RAY_ENV}.items():
+        os.environ.setdefault(key, value)  # the raylet and its workers inherit the driver's environment
+    ray.init(address="local", log_to_driver=verbose, **quiet)  # never another one: a Ray of its own
+    return "a Ray of its own" + (f" (the `ray start` record names {target}, which does not answer)" if target else "")
+
+
+@contextmanager
+def watch_ray(on_lost: Callable[[str], None], every: float = 2.0, misses: int = 3) -> Iterator[None]:
+    """While the block runs, probe the GCS of the connected Ray every `every` seconds; after `misses` probes in a
+    row find nothing listening there (the head node crashed, its processes were killed), call `on_lost(address)` from
+    the watching thread. Without it Ray's core ends the process 60 s later from C++ (no Python cleanup: the search's
+    MLflow runs stay RUNNING), or a driver waits on a cluster that is gone."""
+    import threading
+
+    import ray
+
+    address, stop = ray.get_runtime_context().gcs_address, threading.Event()
+
+    def watch() -> None:
+        missed = 0
+        while not stop.wait(every):
+            missed = 0 if answers(address, timeout=every) else missed + 1
+            if missed >= misses:
+                on_lost(address)
+                return
+
+    thread = threading.Thread(target=watch, name="tune_xray-ray-watch", daemon=True)
+    thread.start()
     try:
-        ray.init(address="auto", **joined)  # ConnectionError when no cluster runs here
-    except ConnectionError:
-        for key, value in {**RAY_ENV, **LOCAL_RAY_ENV}.items():
-            os.environ.setdefault(key, value)  # the raylet and its workers inherit the driver's environment
-        ray.init(log_to_driver=verbose, **quiet)
+        yield
+    finally:
+        stop.set()
 
 
 def alive_nodes() -> list[dict]:
@@ -278,3 +352,111 @@ def local_cluster(directory: str | Path, nodes: int = 2, cpus_per_node: int = 1,
         yield cluster
     finally:
         cluster.stop()
+
+
+# -- the services a cluster's search uses, on this machine -------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServices:
+    """What the deploy files give a cluster's search, as real processes on this machine: PostgreSQL (the server
+    binaries of the `pgserver` wheel) for Optuna and as MLflow's backend store, an `mlflow server` that serves
+    artifacts (kept in S3 when `s3`, else in its directory), and S3-compatible object storage (moto's server) for
+    `--storage s3://…`. For tests, benchmarks and `scripts/local_cluster.py --services`; `stop()` ends exactly what
+    it started. Needs the `cluster` extra (and moto, a `dev` dependency, for S3).
+
+    `postgres_url(database, user, password)`: a URL on its socket (a password in it is what a deployment's has: the
+    local socket accepts any); `mlflow_url`; `s3_env`: the variables boto3, pyarrow and MLflow read (AWS_ENDPOINT_URL
+    and test credentials); `bucket`."""
+
+    def __init__(self, directory: str | Path, s3: bool = True, bucket: str = "tune-xray"):
+        self.directory, self.s3, self.bucket = Path(directory).resolve(), s3, bucket
+        self.processes: list[subprocess.Popen] = []
+        self.postgres = None
+        self.mlflow_url = ""
+        self.s3_env: dict[str, str] = {}
+
+    def __enter__(self) -> LocalServices:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def postgres_url(self, database: str = "postgres", user: str = "tune", password: str = "tune") -> str:
+        socket_dir = self.postgres.get_uri().split("host=", 1)[1]
+        return f"postgresql://{user}:{password}@/{database}?host={socket_dir}"
+
+    def start(self, timeout: float = 120.0) -> LocalServices:
+        import pgserver
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.postgres = pgserver.get_server(self.directory / "postgres", cleanup_mode="stop")
+        self.postgres.psql("CREATE ROLE tune LOGIN SUPERUSER PASSWORD 'tune';")  # a deployment's kind of user
+        for database in ("optuna", "mlflow"):
+            self.postgres.psql(f"CREATE DATABASE {database} OWNER tune;")
+        env = dict(os.environ)
+        if self.s3:
+            port = _free_port()
+            self._spawn("s3", [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                        env)
+            self.s3_env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "MLFLOW_S3_ENDPOINT_URL":
+                           f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+            self._wait(f"http://127.0.0.1:{port}/", timeout, "S3 (moto)")
+            import boto3
+
+            boto3.client("s3", endpoint_url=self.s3_env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                         aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=self.bucket)
+            env.update(self.s3_env)
+        port = _free_port()
+        artifacts = f"s3://{self.bucket}/mlartifacts" if self.s3 else (self.directory / "mlartifacts").as_uri()
+        self._spawn("mlflow", [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+                               self.postgres_url("mlflow"), "--artifacts-destination", artifacts, "--serve-artifacts",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env)
+        self.mlflow_url = f"http://127.0.0.1:{port}"
+        self._wait(f"{self.mlflow_url}/health", timeout, "the MLflow server")
+        return self
+
+    def _spawn(self, name: str, command: list[str], env: dict) -> None:
+        log = open(self.directory / f"{name}.log", "w")
+        self.processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+
+    def _wait(self, url: str, timeout: float, what: str) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
+                self.stop()
+                raise RuntimeError(f"{what} did not start (logs in {self.directory})")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for p in self.processes:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.processes:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.processes.clear()
+        if self.postgres is not None:
+            self.postgres.cleanup()
+            self.postgres = None

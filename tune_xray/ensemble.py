@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .config import bare, plural
+from .credentials import mask
 from .data.sources import describe_data, describe_untrained
 from .experiment import TEST_READS, Experiment, ExperimentError, TrialTask, read_predictions
 from .figures import selection_curve
@@ -461,7 +462,7 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
               "test": None, **recorded,
               "example_path": pool.val.paths[0], "members": members.drop(columns="dir").to_dict("records")}
     result["wall_time_s"] = time.perf_counter() - start
-    (out_dir / "ensemble.json").write_text(json.dumps(result, indent=1, default=float))
+    (out_dir / "ensemble.json").write_text(json.dumps(mask(result), indent=1, default=float))
     (out_dir / "model_card.md").write_text(model_card(pool, result))
     selection_curve(selection, pool.metric, out_dir / "selection_curve.png")
     if tracking_uri:
@@ -470,7 +471,7 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
             result["registered"] = tracking.log_ensemble(tracking_uri, experiment.directory, result, members, out_dir)
         except Exception as err:  # noqa: BLE001 — the selection and its files stand; the caller says what failed
             result["registered"], result["registration_error"] = None, f"{type(err).__name__}: {err}"
-        (out_dir / "ensemble.json").write_text(json.dumps(result, indent=1, default=float))
+        (out_dir / "ensemble.json").write_text(json.dumps(mask(result), indent=1, default=float))
     return result
 
 

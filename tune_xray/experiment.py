@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import yaml
 
 from .cluster import download, upload
 from .config import ConfigError
+from .credentials import mask, reveal
 from .metrics import resampling_units
 from .trial import CV_FOLD, CV_OF, REPEAT_OF, REPEAT_SEED, RESULT_FILES, STATUSES, TRIAL_NUMBER  # noqa: F401  (STATUSES: readers')
 
@@ -66,6 +68,8 @@ def provenance() -> dict:
 
 INVOCATION_FILE = "search.json"
 SUMMARY_FILE = "summary.json"
+PARENT_ID_FILE = "mlflow_parent_run_id"  # the search's MLflow parent run, which a --resume reopens
+SQLITE_STORES = ("optuna.db", "mlflow.db")  # the default stores, beside the experiment
 LOCK_FILE = ".search.lock"
 ENSEMBLE_DIR = "ensemble"
 REPEATS_DIR = "repeats"
@@ -73,7 +77,7 @@ CV_DIR = "cv"  # tune_xray.cv: the finalists' fold trials, out-of-fold predictio
 TEST_READS = "test_reads.json"
 REPORT_FILE = "report.html"
 # the search's command-line values a --resume repeats (resources and cluster may differ)
-INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "name", "tracking_uri",
+INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "asha_on", "name", "tracking_uri",
               "optuna_storage", "ensemble_size", "no_ensemble", "no_report", "repeats", "repeat_top",
               "record_test_per_trial", "latency_budget", "params_budget", "cv_folds", "cv_top")
 
@@ -215,7 +219,7 @@ class Experiment:
         return read_json(path, "a search's invocation") if path.is_file() else {}
 
     def write_invocation(self, values: dict) -> None:
-        (self.directory / INVOCATION_FILE).write_text(json.dumps({k: values.get(k) for k in INVOCATION}))
+        (self.directory / INVOCATION_FILE).write_text(json.dumps(mask({k: values.get(k) for k in INVOCATION})))
 
     def summary(self) -> dict:
         """summary.json; missing or unreadable (a copy cut short, a hand edit) is an ExperimentError naming it."""
@@ -225,15 +229,15 @@ class Experiment:
         return summary
 
     def write_summary(self, summary: dict) -> None:
-        (self.directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, default=str))
+        (self.directory / SUMMARY_FILE).write_text(json.dumps(mask(summary), indent=1, default=str))
 
     @property
     def optuna_url(self) -> str:
-        return self.invocation().get("optuna_storage") or f"sqlite:///{self.directory / 'optuna.db'}"
+        return reveal(self.invocation().get("optuna_storage")) or f"sqlite:///{self.directory / 'optuna.db'}"
 
     @property
     def tracking_uri(self) -> str:
-        return self.invocation().get("tracking_uri") or f"sqlite:///{self.directory / 'mlflow.db'}"
+        return reveal(self.invocation().get("tracking_uri")) or f"sqlite:///{self.directory / 'mlflow.db'}"
 
     def optuna_study(self, summary: dict | None = None) -> str:
         """The Optuna study's name: the search's name, kept in the summary (the directory may be renamed)."""
@@ -301,10 +305,31 @@ class Experiment:
                 if (self.directory / entry).exists():
                     upload(self.directory / entry, f"{self.path}/{entry}")
 
-    def fetch_invocation(self) -> None:
-        """search.json from a remote storage (a resume on another machine)."""
-        if self.remote and not (self.directory / INVOCATION_FILE).is_file():
-            download(f"{self.path}/{INVOCATION_FILE}", self.directory / INVOCATION_FILE)
+    def sync_resume(self) -> None:
+        """What a `--resume` on another machine needs, to a remote storage: search.json, the MLflow parent's id and
+        the default sqlite stores — each a consistent snapshot (sqlite's backup API), taken while they are written.
+        Stores on a server (PostgreSQL, an MLflow server) need nothing. (MLflow artifacts in a local store stay on
+        the machine that wrote them: an MLflow server keeps them in one place.)"""
+        import sqlite3
+
+        if not self.remote:
+            return
+        self.sync((INVOCATION_FILE, PARENT_ID_FILE))
+        for name in SQLITE_STORES:
+            if (self.directory / name).is_file():
+                with tempfile.TemporaryDirectory() as tmp:
+                    snapshot = Path(tmp) / name
+                    with contextlib.closing(sqlite3.connect(self.directory / name)) as source, \
+                            contextlib.closing(sqlite3.connect(snapshot)) as copy:
+                        source.backup(copy)
+                    upload(snapshot, f"{self.path}/{name}")
+
+    def fetch_resume(self) -> None:
+        """From a remote storage, what a resume needs and this machine lacks (a resume on another machine)."""
+        if self.remote:
+            for name in (INVOCATION_FILE, PARENT_ID_FILE, *SQLITE_STORES):
+                if not (self.directory / name).is_file():
+                    download(f"{self.path}/{name}", self.directory / name)
 
     # -- one search per name -------------------------------------------------------------------------------------
 

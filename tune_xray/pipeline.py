@@ -12,10 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from ray import tune
+
 from . import tracking
-from .asha import FinishAwareASHA
-from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem
+from .asha import FinishAwareASHA, ParetoASHA
+from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem, watch_ray, which_ray
 from .config import ConfigError, objective, parse_overrides
+from .credentials import remember, same_place
 from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
@@ -29,6 +32,7 @@ from .summary import run_name, summarize
 from .trial import (
     RESULT_FILES,
     TRIAL_NUMBER,
+    ClusterConcurrency,
     TrialLines,
     TrialResources,
     global_batch_sizes,
@@ -41,6 +45,8 @@ from .trial import (
     trial_overrides,
 )
 
+SECRET_KEYS = ("optuna_storage", "tracking_uri")  # URLs that may carry a password
+
 
 class SearchError(RuntimeError):
     """A failure while the search runs (Ray did not start, say): one line, exit 1."""
@@ -50,6 +56,7 @@ def check_numbers(args) -> None:
     """Counts and resources the command line gives, before anything starts: one error naming the flag."""
     at_least = [("--trials", args.trials, 1), ("--workers-per-trial", args.workers_per_trial, 1),
                 ("--max-concurrent", getattr(args, "max_concurrent", None), 1),
+                ("--max-pending", getattr(args, "max_pending", None), 0),
                 ("--max-failures", args.max_failures, 0)]
     for flag, value, low in at_least:
         if value is not None and value < low:
@@ -126,12 +133,13 @@ def restore_invocation(args) -> None:
     missing = f"--resume: no search named '{experiment.name}' to resume in {experiment.path}"
     if not tune.Tuner.can_restore(experiment.path):
         raise ConfigError(missing)
-    experiment.fetch_invocation()  # a resume on another machine
+    experiment.fetch_resume()  # a resume on another machine: search.json, the parent run's id, sqlite stores
     invocation = experiment.invocation()
     if not invocation:
         raise ConfigError(missing)
     for key, value in invocation.items():
-        if value is not None:
+        # a store's credentials are never stored: this command line's URL for the same store keeps its own
+        if value is not None and not (key in SECRET_KEYS and same_place(value, getattr(args, key, None))):
             setattr(args, key, value)
 
 
@@ -144,7 +152,7 @@ def ensemble_budget(study: Study, args) -> dict:
 def search_params(args, study: Study, budget, trials: int, overrides: dict, resources) -> dict:
     """The parent run's params: everything that decides what the search does, so runs compare on them."""
     return {"study": study.origin, "trials": trials, "smoke": args.smoke, "metric": study.metric, "mode": study.mode,
-            "budget.epochs": budget.epochs, "scheduler": "off" if args.no_asha else "ASHA",
+            "budget.epochs": budget.epochs, "scheduler": asha_text(args, study, objective(study.metric)),
             "asha.grace_period": budget.grace_period, "asha.reduction_factor": budget.reduction_factor,
             "sampler": f"{study.space.sampler.name} (Optuna)",
             **{f"sampler.{k}": v for k, v in study.space.sampler.options().items()},
@@ -163,10 +171,19 @@ def objectives_text(study: Study) -> str:
     return ", ".join(f"{k} ({m})" for k, m in [(study.metric, study.mode), *study.costs])
 
 
+def asha_text(args, study: Study, metric: str) -> str:
+    """How ASHA stops the trials of a search: off, on its metric, or (a Pareto search) on every objective."""
+    if args.no_asha:
+        return "no early stopping"
+    if study.costs and getattr(args, "asha_on", "objectives") == "objectives":
+        return "multi-objective ASHA: promotion by non-dominated sorting on every objective"
+    return f"ASHA on {metric} alone"
+
+
 def search_description(args, study: Study, trials: int, metric: str, data: dict) -> str:
     sampler = {"tpe": "TPE", "nsga2": "NSGA-II"}[study.space.sampler.name]
-    objectives = (f"objectives {objectives_text(study)}, a Pareto search (ASHA on {metric} alone)" if study.costs
-                  else f"objective {metric} ({study.mode})")
+    objectives = (f"objectives {objectives_text(study)}, a Pareto search ({asha_text(args, study, metric)})"
+                  if study.costs else f"objective {metric} ({study.mode})")
     return (f"**Search** `{locate(args).name}`: {trials} trials of `{study.origin}` "
             f"({study.space.description or study.name}), Optuna {sampler} proposing, "
             f"{'no early stopping' if args.no_asha else 'ASHA stopping'}; {objectives} on "
@@ -196,7 +213,10 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     `extra_callbacks`: more Tune callbacks (tests use one to interrupt a search)."""
     if args.resume:
         restore_invocation(args)  # before anything else: nothing to resume is one error, leaving nothing behind
+    for key in SECRET_KEYS:  # the real URLs stay in this process; what is stored and logged has them masked
+        remember(getattr(args, key, None))
     check_numbers(args)
+    which_ray(args.address)  # `--address auto` with no `ray start` cluster here: one error before anything
     study = load_study(args.study)  # every search-space error before Ray starts
     if args.data:
         args.data = absolute_data(args.data)
@@ -221,17 +241,21 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         return _run(args, extra_callbacks, study, base_cfg, budget, trials, experiment)
 
 
-def _start_ray(args) -> None:
+def _start_ray(args) -> str:
+    """Join or start the search's Ray (cluster.connect); returns which, in words."""
     import ray
 
-    if not ray.is_initialized():
-        # keep the dashboard (ray[default]'s State API): without it a Train run stopped by ASHA leaks its
-        # placement group and the next trial waits for resources forever
-        try:
-            connect(args.address, args.verbose)
-        except Exception as err:  # noqa: BLE001 — a start-up timeout, a refused address, ...: one line, exit 1
-            raise SearchError(f"Ray did not start{' at ' + args.address if args.address else ''}: "
-                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    if ray.is_initialized():
+        return "the Ray this process already holds"
+    # keep the dashboard (ray[default]'s State API): without it a Train run stopped by ASHA leaks its placement
+    # group and the next trial waits for resources forever
+    try:
+        return connect(args.address, args.verbose)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 — a start-up timeout, a refused address, ...: one line, exit 1
+        raise SearchError(f"Ray did not start{' at ' + args.address if args.address else ''}: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, experiment: Experiment) -> dict:
@@ -244,7 +268,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     began = time.perf_counter()
     data = prepare(base_cfg.data).index.facts()  # check and cache the data once, before any trial starts
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
-    _start_ray(args)
+    ray_text = _start_ray(args)
     if args.gpus_per_trial is None:
         args.gpus_per_trial = default_gpus_per_trial(ray.cluster_resources())
     overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial, args.workers_per_trial,
@@ -263,38 +287,58 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
                                    search_params(args, study, budget, trials, overrides, resources),
                                    {"tune_xray.smoke": str(args.smoke).lower(),
                                     tracking.DESCRIPTION_TAG: search_description(args, study, trials, metric, data)})
+    experiment.sync_resume()  # a driver killed from here on can be resumed from another machine
+
+    smoke = args.smoke  # (describe is pickled with Tune's state: it holds no command line, whose URLs may hold a
+    # password)
 
     def describe(config: dict) -> tracking.TrialRecord:
-        cfg = resolve_trial(study, config, overrides, args.smoke)
+        cfg = resolve_trial(study, config, overrides, smoke)
         params = flatten(cfg.model_dump(mode="json"))
         params.update({k: v for k, v in config.items() if k.startswith("sampled.")})
         params.update(global_batch_sizes(cfg, resources.workers))
         return tracking.TrialRecord(run_name(study, config), params,
-                                    {"tune_xray.smoke": str(args.smoke).lower(),
+                                    {"tune_xray.smoke": str(smoke).lower(),
                                      "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])},
                                     trial_description(study, config, cfg, experiment.name))
 
     driver = trainable(study, overrides, args.smoke, resources, experiment.path, args.max_failures)
     callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, link_run(optuna_url, experiment.name),
                                     RESULT_FILES, lambda trial: experiment.fetch(Path(trial.path).name)),
-                 TrialLines(metric, lambda config: run_name(study, config)), *extra_callbacks]
+                 TrialLines(metric, lambda config: run_name(study, config)), ResumeSync(experiment),
+                 *extra_callbacks]
     if args.resume:
         quiet_console(args.verbose)
         tuner = tune.Tuner.restore(experiment.path, trainable=driver, resume_errored=True)
     else:
-        scheduler = FinishAwareASHA(budget, metric, study.mode) if not args.no_asha else None
+        scheduler = (None if args.no_asha else ParetoASHA(budget, metric, study.mode, study.costs)
+                     if study.costs and getattr(args, "asha_on", "objectives") == "objectives"
+                     else FinishAwareASHA(budget, metric, study.mode))
         searcher = optuna_searcher(study, DefineByRun(study, overrides, args.smoke), experiment.name, optuna_url,
                                 args.seed, metric)
         tuner = tune.Tuner(driver, tune_config=tune.TuneConfig(
             num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
-            search_alg=resources.limiter(searcher, getattr(args, "max_concurrent", None))),
+            search_alg=resources.limiter(searcher, getattr(args, "max_concurrent", None),
+                                         getattr(args, "max_pending", None)), reuse_actors=True),
             run_config=run_config(experiment.name, experiment.storage, callbacks, args.max_failures, args.verbose))
     print(f"{experiment.name}: {trials} trials of {study.origin}, objective{'s' if study.costs else ''} "
           f"{objectives_text(study)}; data {describe_data(data)}", flush=True)
     if describe_untrained(data):
         print(describe_untrained(data), flush=True)
-    print("one line per trial as it ends", flush=True)
-    tuner.fit()
+    print(f"on {ray_text}; one line per trial as it ends", flush=True)
+
+    def lost(address: str) -> None:  # from the watching thread: say it, leave it resumable, end the process
+        why = (f"the Ray under the search is gone (its GCS at {address} stopped answering: a node crashed or its "
+               "processes were killed)")
+        print(f"error: {why}; finished trials are kept. Continue with\n    {resume_command(args)}", file=sys.stderr,
+              flush=True)
+        try:
+            tracking.interrupt_search(tracking_uri, parent, f"{why}; --resume continues it")
+        finally:
+            os._exit(1)  # Ray's threads would hold the process for a minute more; the lock goes with the process
+
+    with watch_ray(lost), ClusterConcurrency.follow(resources, getattr(args, "max_pending", None)):
+        tuner.fit()  # (a resumed search's limiter follows this driver's resources, not those it was pickled with)
     remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
     all_trials = tune.ExperimentAnalysis(experiment.path).trials
     runs = tracking.child_runs(tracking_uri, parent)
@@ -312,6 +356,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     summary["overrides"] = overrides  # what every trial got on top of the file: --set, --data, the device
     summary["optuna_study"] = experiment.name  # a copied or renamed experiment directory still finds its study
     summary["data"] = data  # what every number is an estimate on, and how its splits were made
+    summary["asha"] = asha_text(args, study, metric)
     known = {t.trial_id for t in all_trials}
     tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
                                       if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",
@@ -327,7 +372,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
     if summary["status"] == "complete":
         after_trials(experiment, summary, args, study)
-    _step(experiment, summary, "storage", lambda: experiment.sync())
+    _step(experiment, summary, "storage", lambda: (experiment.sync(), experiment.sync_resume()))
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
     report_file = Path(summary["report"]) if str(summary.get("report", "")).endswith(".html") else None
     tracking.finish_parent(
@@ -336,6 +381,22 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
          if m.key.startswith(tracking.RECORD_PREFIXES) or m.key == metric} if best_trial else {},
         experiment.directory / SUMMARY_FILE, (report_file,) if report_file else (), failed=sorted(summary["failed"]))
     return summary
+
+
+class ResumeSync(tune.Callback):
+    """With a remote --storage, what a resume on another machine needs (Experiment.sync_resume) sent there as
+    trials end, at most every `every` seconds: a driver that dies loses at most that much of the sqlite stores."""
+
+    def __init__(self, experiment: Experiment, every: float = 60.0):
+        self.experiment, self.every, self.sent = experiment, every, 0.0
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if self.experiment.remote and time.monotonic() - self.sent >= self.every:
+            self.experiment.sync_resume()
+            self.sent = time.monotonic()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.on_trial_complete(iteration, trials, trial)
 
 
 def _step(experiment: Experiment, summary: dict, step: str, run) -> None:

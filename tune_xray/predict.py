@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .config import plural
+from .credentials import reveal
 from .data.splits import DataError
 from .serving import EnsembleModel, load_predictor, read_image  # noqa: F401  (models registered before serving.py)
 
@@ -38,7 +39,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
             raise DataError(f"{spec}: not readable ({type(err).__name__})") from None
         if not registered:
             raise DataError(f"{path}: no registered ensemble (run python -m tune_xray.ensemble {path})")
-        return registered["uri"], tracking_uri or registered["tracking_uri"]
+        return registered["uri"], tracking_uri or reveal(registered["tracking_uri"])
     if model.startswith(("models:/", "runs:/")) and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise DataError(f"{model}: in which MLflow store? pass --tracking-uri (or set MLFLOW_TRACKING_URI); "
                         "MLflow's default would create ./mlflow.db here")

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .config import bare, plural
+from .credentials import mask
 from .data.sources import describe_data, describe_untrained
 from .ensemble import averaged_text, cost_lines
 from .experiment import (
@@ -87,7 +88,8 @@ def study_facts(experiment: Experiment, summary: dict, invocation: dict) -> list
              ("objective", f"{bare(summary['metric'])} ({summary['mode']}), on validation"
               if summary.get("pareto_front") is None else
               "; ".join(f"{o['name']} ({o['mode']})" for o in summary["objectives"])
-              + f": a Pareto search, ASHA on {bare(summary['metric'])} alone; its front holds "
+              + f": a Pareto search ({summary.get('asha') or 'ASHA on ' + bare(summary['metric']) + ' alone'}); its "
+                f"front holds "
                 f"{plural(len(summary['pareto_front']), 'trial')}"),
              ("trials", f"{summary['trials']} of {summary['requested']} requested: "
                         + ", ".join(f"{summary[s]} {s}" for s in STATUSES if summary.get(s))),
@@ -1027,8 +1029,8 @@ def build_report(experiment: Experiment, out: str | Path | None = None, device: 
     path."""
     data = report_data(experiment, device)
     path = Path(out) if out else experiment.directory / REPORT_FILE
-    path.with_suffix(".json").write_text(json.dumps(data, default=_plain))
-    path.write_text(render(data))
+    path.with_suffix(".json").write_text(json.dumps(mask(data), default=_plain))
+    path.write_text(mask(render(data)))
     return path
 
 

@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, default=None, metavar="N",
                         help="at most N trials at once, N waiting for resources (an autoscaler sees them all); "
                         "default: as many as the cluster holds, read again as it grows, and one waiting")
-    parser.add_argument("--address", help="Ray cluster address (default: start Ray locally, or RAY_ADDRESS)")
+    parser.add_argument("--max-pending", type=int, default=None, metavar="N",
+                        help="at most N trials waiting for resources beyond those running (an autoscaler adds nodes "
+                        "for them); default: as many as one new node like the cluster's largest can start")
+    parser.add_argument("--address", help="a Ray cluster to join (host:port, or auto: the one `ray start` recorded "
+                        "here); default: RAY_ADDRESS, else a `ray start` cluster on this machine, else a Ray of the "
+                        "search's own — never another search's")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the experiment dir; on a "
                         "cluster, an MLflow server http://…)")
     parser.add_argument("--optuna-storage", help="Optuna storage: a database URL (postgresql://…) or journal:PATH "
@@ -70,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     parser.add_argument("--max-failures", type=int, default=1, help="retries per trial (Tune and Train)")
     parser.add_argument("--no-asha", action="store_true", help="run every trial to its own end")
+    parser.add_argument("--asha-on", choices=["objectives", "metric"], default="objectives",
+                        help="a Pareto search's ASHA: promote by non-dominated sorting on every objective "
+                        "(multi-objective ASHA), or on the validation metric alone")
     parser.add_argument("--ensemble-size", type=int, default=5, help="Caruana ensemble size chosen on val at the end")
     parser.add_argument("--no-ensemble", action="store_true", help="end with the leaderboard, no ensemble")
     parser.add_argument("--latency-budget", type=float, metavar="MS", help="the ensemble adds members only while "

@@ -24,6 +24,7 @@ from pathlib import Path
 import optuna
 from ray.tune.search import Searcher
 
+from .credentials import mask, remember, reveal
 from .space import Study, flatten
 from .trial import TIME_ATTR, TRIAL_NUMBER, trial_status
 
@@ -40,11 +41,14 @@ def key_fields(cfg) -> tuple[str, ...]:
     return KEY_FIELDS + SSL_KEY_FIELDS.get(ssl, ())
 
 
+TRAINED = "trained"  # the Optuna user attribute holding what a trial trained (its resolved values)
+
+
 class DefineByRun:
     """Optuna define-by-run: draws the study's parameters, then returns the values that will *train* (smoke
     shrinkage and `--set` applied) under the parameters' names, the drawn value beside each that differs
     (`sampled.<key>`), a few key resolved fields, and the Optuna trial number. Tune's trial table then shows what
-    ran; the Optuna trial keeps the same resolved values as user attributes.
+    ran; the Optuna trial keeps the same resolved values as its user attribute `trained`.
     (A class, not a closure: Tune pickles the searcher with the experiment.)"""
 
     def __init__(self, study: Study, overrides: dict, smoke: bool):
@@ -60,10 +64,8 @@ class DefineByRun:
             if resolved[key] != value:
                 out[f"sampled.{key}"] = value
         out.update({key: resolved[key] for key in key_fields(cfg)})
-        for key, value in out.items():
-            if key != TRIAL_NUMBER and not key.startswith("sampled."):
-                trial.set_user_attr(key, value)
-        trial.set_user_attr("smoke", self.smoke)
+        trained = {k: v for k, v in out.items() if k != TRIAL_NUMBER and not k.startswith("sampled.")}
+        trial.set_user_attr(TRAINED, {**trained, "smoke": self.smoke})  # one write: one database transaction
         return out
 
 
@@ -76,16 +78,14 @@ def optuna_storage(url: str) -> optuna.storages.BaseStorage:
         path = url.removeprefix("journal:")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(path))
-    return optuna.storages.RDBStorage(url)
+    # Optuna's cache in front of the database (what optuna.create_study(storage=URL) uses): finished trials are read
+    # once, so TPE's read of every trial at each ask does not grow into a full read per trial
+    return optuna.storages.get_storage(optuna.storages.RDBStorage(url))
 
 
 def shown_url(url: str) -> str:
     """A database URL as printed and written to summary.json: its password masked."""
-    if "://" not in url:
-        return url
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
+    return mask(url)
 
 
 def storage_trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
@@ -106,19 +106,22 @@ class OptunaSearcher(Searcher):
     def __init__(self, space: DefineByRun, study_name: str, storage_url: str, sampler: optuna.samplers.BaseSampler,
                  metric: str, mode: str, points_to_evaluate: list[dict] = (), costs: list[tuple[str, str]] = ()):
         super().__init__(metric=metric, mode=mode)
-        self.space, self.study_name, self.storage_url, self.sampler = space, study_name, storage_url, sampler
+        self.space, self.study_name, self.sampler = space, study_name, sampler
+        self.storage_url = remember(storage_url)  # pickled with the experiment: masked
         self.costs = list(costs)  # (result key, mode) objectives after the metric: a multi-objective study
         self.points_to_evaluate = list(points_to_evaluate)
         self.numbers: dict[str, int] = {}  # Tune trial id → Optuna trial number
         self.told: set[str] = set()
+        self.rerun: set[str] = set()  # trials told FAIL whose later run's end was added (see _rerun_ended)
         self._ids: dict[str, int] = {}  # Tune trial id → the storage's id of its Optuna trial (looked up once)
+        self._open: set[str] = set()  # trials this driver found unfinished in the study (only it tells them)
         self._storage: optuna.storages.BaseStorage | None = None
         self._study: optuna.Study | None = None
 
     @property
     def storage(self) -> optuna.storages.BaseStorage:
         if self._storage is None:
-            self._storage = optuna_storage(self.storage_url)
+            self._storage = optuna_storage(reveal(self.storage_url))
         return self._storage
 
     @property
@@ -149,11 +152,16 @@ class OptunaSearcher(Searcher):
         return self._ids[trial_id]
 
     def _told(self, trial_id: str) -> bool:
-        if trial_id not in self.told:
-            if not self.storage.get_trial(self._trial_id(trial_id)).state.is_finished():
-                return False
-            self.told.add(trial_id)
-        return True
+        """Whether the study holds the trial as finished: read from the storage once per trial and driver (told by
+        the run before a kill, say), then known here — no database read per result."""
+        if trial_id in self.told:
+            return True
+        if trial_id not in self._open:
+            if self.storage.get_trial(self._trial_id(trial_id)).state.is_finished():
+                self.told.add(trial_id)
+                return True
+            self._open.add(trial_id)
+        return False
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         value = result.get(self.metric)
@@ -161,9 +169,13 @@ class OptunaSearcher(Searcher):
             self.storage.set_trial_intermediate_value(self._trial_id(trial_id), int(result.get(TIME_ATTR, 0)), value)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self.numbers or self._told(trial_id):
+        if trial_id not in self.numbers:
             return
         status, value = trial_status(result, error), (result or {}).get(self.metric)
+        if self._told(trial_id):
+            if status != "error":  # an errored trial that a resume ran again (resume_errored): its real end
+                self._rerun_ended(trial_id, status, result or {})
+            return
         if status == "pruned":  # the result ASHA stopped it on never reached on_trial_result
             self.on_trial_result(trial_id, result or {})
         self.storage.set_trial_user_attr(self._trial_id(trial_id), "status", status)
@@ -175,14 +187,33 @@ class OptunaSearcher(Searcher):
             self.study.tell(number, state=State.FAIL if status in ("error", "complete") else State.PRUNED)
         self.told.add(trial_id)
 
+    def _rerun_ended(self, trial_id: str, status: str, result: dict) -> None:
+        """The study holds the trial as FAIL (its error, before a resume ran it again): a finished Optuna trial
+        cannot change, so its real end is added as a trial of its own, with the same parameters and attributes
+        (`rerun_of` its number), so TPE learns from it."""
+        first = self.storage.get_trial(self._trial_id(trial_id))
+        if first.state != State.FAIL or trial_id in self.rerun:
+            return
+        values = [result.get(self.metric)] + [result.get(name) for name, _ in self.costs]
+        complete = status == "complete" and all(_finite(v) for v in values)
+        told = {"values": values} if self.costs else {"value": values[0]}
+        self.study.add_trial(optuna.trial.create_trial(
+            params=first.params, distributions=first.distributions, **(told if complete else {}),
+            state=State.COMPLETE if complete else State.PRUNED if status in ("pruned", "diverged") else State.FAIL,
+            user_attrs={**first.user_attrs, "status": status, "rerun_of": first.number}))
+        self.rerun.add(trial_id)
+
     def __getstate__(self) -> dict:  # Tune pickles the searcher; the study is opened again from its storage
-        return {**self.__dict__, "_storage": None, "_study": None}
+        return {**self.__dict__, "_storage": None, "_study": None, "_open": set()}
+
+    def __setstate__(self, state: dict) -> None:  # a searcher pickled before `rerun` and `_open` existed
+        self.__dict__.update({"rerun": set(), "_open": set(), **state})
 
     def save(self, checkpoint_path: str) -> None:
         Path(checkpoint_path).write_bytes(pickle.dumps(self.__getstate__()))
 
     def restore(self, checkpoint_path: str) -> None:
-        self.__dict__.update(pickle.loads(Path(checkpoint_path).read_bytes()))
+        self.__setstate__(pickle.loads(Path(checkpoint_path).read_bytes()))
 
 
 def _finite(value) -> bool:
@@ -215,10 +246,18 @@ def close_orphans(storage_url: str, name: str) -> int:
     return len(orphans)
 
 
-def link_run(storage_url: str, name: str):
-    """`on_run` for tracking.TrialRuns: the trial's Optuna record carries its MLflow run id."""
-    def link(config: dict, run_id: str) -> None:
-        storage = optuna_storage(storage_url)
-        storage.set_trial_user_attr(storage_trial_id(storage, name, config[TRIAL_NUMBER]), "mlflow_run_id", run_id)
+class link_run:
+    """`on_run` for tracking.TrialRuns: the trial's Optuna record carries its MLflow run id (one storage for the
+    driver's life; pickled with the experiment without it, and with the URL masked)."""
 
-    return link
+    def __init__(self, storage_url: str, name: str):
+        self.storage_url, self.name, self._storage = remember(storage_url), name, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_storage": None}
+
+    def __call__(self, config: dict, run_id: str) -> None:
+        if self._storage is None:
+            self._storage = optuna_storage(reveal(self.storage_url))
+        self._storage.set_trial_user_attr(storage_trial_id(self._storage, self.name, config[TRIAL_NUMBER]),
+                                          "mlflow_run_id", run_id)

@@ -98,7 +98,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
         "requested": requested, "trials": len(rows), **counts, "best": complete[0] if complete else None,
         "top": complete[:top], "rows": rows, "objectives": objectives,
         "pareto_front": front(complete, objectives) if study.costs else None,
-        "mlflow": f"mlflow ui --backend-store-uri {tracking_uri}",
+        "mlflow": f"mlflow ui --backend-store-uri {shown_url(tracking_uri)}",
         "mlflow_runs_table": runs_table_url(tracking_uri, experiment_id, f"selected_{study.metric}", study.mode),
         "optuna": f"optuna-dashboard {shown_url(experiment.optuna_url)}",
         "experiment_dir": str(experiment.directory),

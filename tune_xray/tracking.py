@@ -33,6 +33,8 @@ from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from .config import bare, plural
+from .credentials import mask, remember, reveal
+from .experiment import PARENT_ID_FILE
 from .explain import COST_METRICS
 from .metrics import ci_text
 from .serving import EnsembleModel
@@ -41,7 +43,6 @@ from .trial import FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact copied: 16 at the end
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables...", ...
 
-PARENT_ID_FILE = "mlflow_parent_run_id"
 TRIAL_TAG = "tune_xray.trial_id"
 REPEAT_TAG = "tune_xray.repeat_of"  # a repeat's run: the search trial whose configuration it repeats
 CV_TAG = "tune_xray.cv_of"  # a cross-validation fold's run: the search trial whose configuration it trains
@@ -62,7 +63,7 @@ SSL_PHASES = ("byol", "cass")  # their epoch metrics come as `byol/…` with the
 
 def ui_base(tracking_uri: str, ui: str = "http://127.0.0.1:5000") -> str:
     """Where the MLflow UI of this store is: the tracking server itself, or `mlflow ui`'s default address."""
-    return (tracking_uri if tracking_uri.startswith("http") else ui).rstrip("/")
+    return mask(tracking_uri if tracking_uri.startswith("http") else ui).rstrip("/")
 
 
 def runs_table_url(tracking_uri: str, experiment_id: str, order_by: str | None = None, mode: str = "max") -> str:
@@ -111,17 +112,17 @@ def start_parent(tracking_uri: str, experiment: str, experiment_dir: Path, param
     experiment_id = found.experiment_id if found else client.create_experiment(
         experiment, artifacts, tags={"mlflow.experimentKind": "custom_model_development"})
     run = client.create_run(experiment_id, run_name=f"search:{experiment}",
-                            tags={"tune_xray.role": "search", STATUS_TAG: "running", **tags})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+                            tags={"tune_xray.role": "search", STATUS_TAG: "running", **mask(tags)})
+    client.log_batch(run.info.run_id, params=[Param(k, mask(str(v))) for k, v in params.items()])
     (experiment_dir / PARENT_ID_FILE).write_text(run.info.run_id)
     return run.info.run_id
 
 
 def ended_description(run, ending: str) -> str:
-    """A run's description with how it ended as its last paragraph (`**Status: …**`), in place of the one an
-    earlier end wrote (a resumed search ends its runs again)."""
-    described = run.data.tags.get(DESCRIPTION_TAG, "").split("\n\n**Status")[0]
-    return f"{described}\n\n{ending}"
+    """A run's description (a run, or its description) with how it ended as its last paragraph (`**Status: …**`),
+    in place of the one an earlier end wrote (a resumed search ends its runs again)."""
+    described = run if isinstance(run, str) else run.data.tags.get(DESCRIPTION_TAG, "")
+    return f"{described.split(chr(10) * 2 + '**Status')[0]}\n\n{ending}"
 
 
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:
@@ -191,6 +192,19 @@ def search_metric(key: str) -> str:
     """A trial metric as the search's parent run logs its best: `best_val_mean_auroc` → `search_best_val_mean_auroc`,
     `selected_val_mean_auroc` → `search_best_selected_val_mean_auroc`."""
     return "search_best_" + key.removeprefix("best_")
+
+
+def interrupt_search(tracking_uri: str, parent_run_id: str, reason: str) -> None:
+    """A search that cannot go on (the Ray under it is gone): its running trial runs and the parent `interrupted`
+    (KILLED: `--resume` continues them), the parent's description saying why."""
+    running = {r.data.tags[TRIAL_TAG]: r.info.run_id for r in _children(tracking_uri, parent_run_id)
+               if r.info.status == "RUNNING"}
+    mark_runs(tracking_uri, running, "interrupted", reason)
+    client = MlflowClient(tracking_uri)
+    client.set_tag(parent_run_id, STATUS_TAG, "interrupted")
+    client.set_tag(parent_run_id, DESCRIPTION_TAG,
+                   ended_description(client.get_run(parent_run_id), f"**Status: interrupted** — {reason}"))
+    client.set_terminated(parent_run_id, status=RUN_STATUS["interrupted"])
 
 
 def mark_runs(tracking_uri: str, runs: dict[str, str], status: str, reason: str = "") -> None:
@@ -299,6 +313,9 @@ def epoch_metrics(result: dict, timestamp: int, skip: dict[str, set[int]] | None
     return out
 
 
+FLUSH_S = 2.0  # a trial's results that arrive faster than this are sent to MLflow together (one batch)
+
+
 class TrialRuns(LoggerCallback):
     """Every Tune trial as a child run of the search's parent: named, its resolved config as params, per-epoch
     metrics at their epoch, its result files as artifacts, and a status tag with the MLflow status to match.
@@ -314,21 +331,33 @@ class TrialRuns(LoggerCallback):
                  artifacts: tuple[str, ...] = (),
                  results_dir: Callable[[object], Path] = lambda trial: Path(trial.path),
                  stage: str = "search"):
-        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+        self.tracking_uri, self.parent_run_id = remember(tracking_uri), parent_run_id  # pickled masked
         self.describe, self.status_of, self.on_run, self.artifacts = describe, status_of, on_run, artifacts
         self.results_dir, self.stage = results_dir, stage
         self._runs: dict[str, str] = {}
+        self._known: bool | None = None  # whether runs of an earlier driver were looked up
         self._logged: dict[str, dict[str, set[int]]] = {}
+        self._experiment_id: str | None = None
+        self._pending: dict[str, list[Metric]] = {}  # per run: metrics not sent yet (at most FLUSH_S old)
+        self._flushed: dict[str, float] = {}  # per run: when its metrics were last sent
+        self._made: dict[str, str] = {}  # runs created by this driver → their description (no read back at the end)
+        self._mlflow: MlflowClient | None = None
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment; the maps are rebuilt from MLflow
-        return {**self.__dict__, "_runs": {}, "_logged": {}}
+        return {**self.__dict__, "_runs": {}, "_known": None, "_logged": {}, "_experiment_id": None, "_pending": {},
+                "_flushed": {}, "_made": {}, "_mlflow": None}
 
     def _client(self) -> MlflowClient:
-        return MlflowClient(self.tracking_uri)
+        if self._mlflow is None:
+            self._mlflow = MlflowClient(reveal(self.tracking_uri))
+        return self._mlflow
 
     def run_id(self, trial) -> str:
-        if trial.trial_id not in self._runs:
-            self._runs.update(child_runs(self.tracking_uri, self.parent_run_id, self.stage))
+        """The trial's run: created here (kept in memory), or — after a restore — found by one look at the
+        parent's children, the first time any trial is asked about; never a scan per trial."""
+        if self._known is None:
+            self._known = True
+            self._runs.update(child_runs(reveal(self.tracking_uri), self.parent_run_id, self.stage))
         return self._runs.get(trial.trial_id)
 
     def log_trial_start(self, trial) -> None:
@@ -338,25 +367,29 @@ class TrialRuns(LoggerCallback):
             client.set_tag(run_id, STATUS_TAG, "running")
             return
         record = self.describe(trial.config)
-        experiment_id = experiment_id_of(self.tracking_uri, self.parent_run_id)
-        run = client.create_run(experiment_id, run_name=record.name, tags={
+        if self._experiment_id is None:
+            self._experiment_id = experiment_id_of(reveal(self.tracking_uri), self.parent_run_id)
+        run = client.create_run(self._experiment_id, run_name=record.name, tags={
             "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id, STATUS_TAG: "running",
             DESCRIPTION_TAG: record.description, **record.tags})
         params = [Param(k, str(v)) for k, v in record.params.items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             client.log_batch(run.info.run_id, params=params[start:start + 100])
         self._runs[trial.trial_id] = run.info.run_id
+        self._made[run.info.run_id], self._logged[run.info.run_id] = record.description, {}  # nothing logged yet
         self.on_run(trial.config, run.info.run_id)
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
-        """One MLflow batch per result (one sqlite transaction; Ray's logger wrote each metric in its own).
+        """Metrics in MLflow batches (one transaction each; Ray's logger wrote each metric in its own): a result
+        is sent with those of its run that came within FLUSH_S of it (epochs minutes apart: one batch each; a burst
+        of results: one for all), the rest when its trial ends.
 
         Idempotent per epoch: an epoch the run already has is not logged again (a finished trial's result
         re-sent when a killed search resumes). A resumed trial's first result carries the epochs its
         checkpoint holds (`replay`): those the run lacks — reported after the driver last saved its state,
         before it was killed — are added at their steps."""
         run_id, timestamp = self.run_id(trial), int(time.time() * 1000)
-        logged, metrics = self._logged_epochs(run_id), []
+        logged, metrics = self._logged_epochs(run_id), self._pending.setdefault(run_id, [])
         for report in [*result.get(REPLAY, ()), result]:
             table = record_table(report) if "record" not in logged else None
             metrics += epoch_metrics(report, timestamp, skip=logged)
@@ -364,8 +397,19 @@ class TrialRuns(LoggerCallback):
                 logged.setdefault(phase, set()).add(epoch)
             if table is not None:
                 log_table(self._client(), run_id, table, RECORD_TABLE)
-        if metrics:
-            self._client().log_batch(run_id, metrics=metrics)
+        if time.monotonic() - self._flushed.get(run_id, -FLUSH_S) >= FLUSH_S:
+            self._flush(run_id)
+
+    def _flush(self, run_id: str) -> None:
+        """A run's pending metrics to MLflow, in batches of MLflow's most (1,000)."""
+        metrics = self._pending.pop(run_id, [])
+        for start in range(0, len(metrics), 1000):
+            self._client().log_batch(run_id, metrics=metrics[start:start + 1000])
+        self._flushed[run_id] = time.monotonic()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        for run_id in list(self._pending):
+            self._flush(run_id)
 
     def _logged_epochs(self, run_id: str) -> dict[str, set[int]]:
         """Phase (`""` for the fine-tune, `byol`, `cass`) → epochs the run has logged, read from MLflow once per
@@ -385,15 +429,18 @@ class TrialRuns(LoggerCallback):
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         client, run_id = self._client(), self.run_id(trial)
+        self._flush(run_id)
         status, reason = self.status_of(trial, failed)
         tags = [RunTag(STATUS_TAG, status)] + ([RunTag("tune_xray.reason", reason[:5000])] if reason else [])
-        run = client.get_run(run_id)
+        # a run of this driver is known here; one an earlier driver made is read back once
+        run = None if run_id in self._made else client.get_run(run_id)
+        described = self._made.pop(run_id, None) or run.data.tags.get(DESCRIPTION_TAG, "")
         ending = f"**Status: {status}**" + (f" — {reason}" if reason else "")
-        tags.append(RunTag(DESCRIPTION_TAG, ended_description(run, ending)))
+        tags.append(RunTag(DESCRIPTION_TAG, ended_description(described, ending)))
         node = (trial.last_result or {}).get("node_id")
         tags += [RunTag("tune_xray.node_id", node)] if isinstance(node, str) else []
         # known once the trial ran on its device: a param beside the config it resolves (model.scan_backend: auto)
-        backend, logged = (trial.last_result or {}).get(SCAN_BACKEND), run.data.params
+        backend, logged = (trial.last_result or {}).get(SCAN_BACKEND), run.data.params if run else {}
         params = [Param(SCAN_BACKEND, backend)] if isinstance(backend, str) and SCAN_BACKEND not in logged else []
         client.log_batch(run_id, tags=tags, params=params)
         directory = self.results_dir(trial)

@@ -329,27 +329,47 @@ class TrialResources:
             fits.append(cluster.get("GPU", 0) // self.gpus)
         return int(min(fits, default=1))
 
-    def limiter(self, searcher: Searcher, cap: int | None = None) -> Searcher:
+    def limiter(self, searcher: Searcher, cap: int | None = None, pending: int | None = None) -> Searcher:
         """`searcher` behind the limit on live trials the search runs with: `cap` (--max-concurrent), else
-        `ClusterConcurrency` — as many as the cluster holds now, and one more."""
-        return ConcurrencyLimiter(searcher, cap) if cap else ClusterConcurrency(searcher, self)
+        `ClusterConcurrency` — as many as the cluster holds now, and `pending` more waiting (--max-pending)."""
+        return ConcurrencyLimiter(searcher, cap) if cap else ClusterConcurrency(searcher, self, pending)
 
 
 class ClusterConcurrency(ConcurrencyLimiter):
-    """Tune's ConcurrencyLimiter with a limit that follows the cluster: the trials its resources hold now, plus one
-    waiting, whose request an autoscaler sees and adds a node for. Read again at each suggestion, so a cluster that
+    """Tune's ConcurrencyLimiter with a limit that follows the cluster: the trials its resources hold now, plus the
+    waiting ones whose requests an autoscaler sees and adds nodes for — `pending` (--max-pending), by default as
+    many as one new node like the cluster's largest can start. Read again at each suggestion, so a cluster that
     grows (GPU workers autoscaled from 0, a resume on a bigger one) runs more trials at once.
 
     Tune sees the resources of a trial that trains in its own process and queues such trials itself; it does not
     see a Ray Train run's workers (the trial itself holds nothing), and without a limit it would start every such
-    trial at once, each waiting on its worker group, the searcher told nothing in between."""
+    trial at once, each waiting on its worker group, the searcher told nothing in between.
 
-    def __init__(self, searcher: Searcher, resources: TrialResources):
-        self.resources = resources
+    The limiter is pickled with the search; a resume runs trials with the resources (and `pending`) it is given:
+    `follow` sets them for this driver, and every limiter of it reads them from there."""
+
+    driver: tuple[TrialResources, int | None] | None = None  # this driver's (resources, pending), see follow
+
+    def __init__(self, searcher: Searcher, resources: TrialResources, pending: int | None = None):
+        self.resources, self.pending = resources, pending
         super().__init__(searcher, max_concurrent=self._limit())
 
+    @classmethod
+    @contextlib.contextmanager
+    def follow(cls, resources: TrialResources, pending: int | None = None):
+        """While the block runs: the resources and pending count this driver's trials run with (a new search's, or
+        a resume's own)."""
+        cls.driver = (resources, pending)
+        try:
+            yield
+        finally:
+            cls.driver = None
+
     def _limit(self) -> int:
-        return self.resources.placeable(ray.cluster_resources()) + 1
+        resources, pending = ClusterConcurrency.driver or (self.resources, self.pending)
+        if pending is None:  # one new node like the largest here: what an autoscaler adds for the waiting requests
+            pending = max([resources.placeable(n["Resources"]) for n in ray.nodes() if n["Alive"]] + [1])
+        return resources.placeable(ray.cluster_resources()) + pending
 
     def suggest(self, trial_id: str):
         self.max_concurrent = self._limit()
