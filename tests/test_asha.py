@@ -6,6 +6,7 @@ import numpy as np
 from ray.tune.schedulers import TrialScheduler
 
 from tune_xray.asha import FinishAwareASHA, ParetoASHA, pareto_order
+from tune_xray.metrics import pareto_ranks
 from tune_xray.space import Budget
 
 BUDGET = Budget(trials=8, epochs=4, grace_period=1, reduction_factor=2)
@@ -22,6 +23,8 @@ def test_pareto_order_sorts_fronts_then_crowding():
     order = pareto_order(points)
     assert set(order[:3]) == {0, 1, 2} and list(order[3:]) == [3, 4]  # front, then the next fronts
     assert list(order[:2]) in ([0, 2], [2, 0])  # the front's ends first: they widen it most
+    assert pareto_ranks(points, ["min", "min"]).tolist() == [0, 0, 0, 1, 2]
+    assert pareto_ranks(-points, ["max", "max"]).tolist() == [0, 0, 0, 1, 2]
 
 
 def test_multi_objective_asha_keeps_the_cheap_end_of_the_front_that_accuracy_alone_stops():

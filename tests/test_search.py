@@ -272,6 +272,35 @@ def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, r
     assert parent.info.status == "FINISHED" and parent.data.tags["tune_xray.failed"] == "ensemble"
 
 
+def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray_session, capsys):
+    """`limits: {params_m: 0.2}`: test_resnet (0.37 M) is over it, test_efficientnet (0.10 M) is not. The first
+    stops after its first epoch as `infeasible` — not complete, pruned or failed; its MLflow run FINISHED with that
+    status — and reaches Optuna COMPLETE with its constraint; the search succeeds."""
+    space = {**SPACE, "limits": {"params_m": 0.2}, "params": {"model.backbone": {"choice": ["test_resnet",
+                                                                                           "test_efficientnet"]}},
+             "warm_start": [{"model.backbone": "test_resnet"}, {"model.backbone": "test_efficientnet"}]}
+    args = _args(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space))
+    args.trials, args.no_asha, args.no_ensemble, args.no_report = 2, True, True, True
+    args.overrides = ["supervised.epochs=2"]
+    summary = run_search(args)
+    assert summary["status"] == "complete" and exit_code(summary) == 0
+    assert (summary["complete"], summary["infeasible"]) == (1, 1)
+    over = next(r for r in summary["rows"] if r["status"] == "infeasible")
+    assert over["resolved"]["model.backbone"] == "test_resnet" and over["epochs_done"] == 1
+    assert over["reason"].startswith("params_m 0.37") and "over its limit 0.2" in over["reason"]
+    assert summary["best"]["resolved"]["model.backbone"] == "test_efficientnet"
+    said = capsys.readouterr().out
+    assert "t000 test_resnet: infeasible, 1 fine-tune epoch, " in said and "(params_m 0.374 over its limit 0.2)" in said
+    exp = tmp_path / "store" / "tiny"
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{exp / 'optuna.db'}").trials
+    assert [(t.state.name, t.user_attrs["status"], t.constraints["params_m"] > 0) for t in trials] == [
+        ("COMPLETE", "infeasible", True), ("COMPLETE", "complete", False)]
+    _, _, children = _mlflow(exp)
+    run = next(c for c in children if c.data.tags["tune_xray.status"] == "infeasible")
+    assert run.info.status == "FINISHED"
+
+
 class InterruptAfterFirstTrial(tune.Callback):
     """SIGINT to the driver once a trial has finished: Tune saves the experiment and returns. Once only:
     Tuner.restore brings the experiment's callbacks back, this one included."""
@@ -656,6 +685,9 @@ def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_p
     exp = tmp_path / "store" / "tiny"
     complete = [r for r in summary["rows"] if r["status"] == "complete"]
     assert all(r["cost"]["latency_ms"] > 0 and r["cost"]["params_m"] > 0 for r in complete)
+    # under a budget every completed trial is a candidate: each measured again, alone, on the driver's device
+    assert set(summary["cost_remeasured"]["trials"]) == {r["trial"] for r in complete}
+    assert all(r["cost_in_trial"]["latency_ms"] > 0 for r in complete)
     front = {r["trial"] for r in summary["pareto_front"]}
     point = {r["trial"]: (r[summary["metric"]], r["cost"]["latency_ms"]) for r in complete}
     for trial, (auroc, ms) in point.items():  # on the front exactly when no other complete trial dominates it
@@ -678,9 +710,9 @@ def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_p
         run_ensemble(Experiment.at(exp), budget={"latency_ms": 1e-6})
 
     cv = summary["cv"]
-    top = [r["trial"] for r in summary["top"][:2]]
+    top = [r["trial"] for r in summary["top"][:2]]  # one or two: MO-ASHA may stop all but one (noisy latencies)
     assert sorted(r["config"] for r in cv["rows"]) == sorted(top) and cv["folds"] == 2
-    assert all(t["status"] == "complete" for t in cv["trials"]) and len(cv["trials"]) == 4
+    assert all(t["status"] == "complete" for t in cv["trials"]) and len(cv["trials"]) == 2 * len(top)
     base = pd.read_csv(next(exp.glob(f"{top[0]}-*")) / "predictions_val.csv")
     test = pd.read_csv(next(exp.glob(f"{top[0]}-*")) / "predictions_test.csv")
     for row in cv["rows"]:
@@ -695,14 +727,21 @@ def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_p
     assert sorted((r.data.tags["tune_xray.cv_of"], r.data.tags["tune_xray.cv_fold"]) for r in fold_runs) == sorted(
         (t, str(k)) for t in top for k in range(2))
     assert all(r.data.params["data.folds"] == "2" for r in fold_runs)
-    folded = cv["fold_ensemble"]
-    assert folded["config"] == cv["rows"][0]["config"] and folded["members"] == 2
+    folded = cv["oof_ensemble"]  # chosen on the cross-validated configurations' out-of-fold predictions
+    assert {c["config"] for c in folded["configs"]} <= set(top) and folded["members"] == 2 * len(folded["configs"])
+    assert sum(c["weight"] for c in folded["configs"]) == pytest.approx(1.0)
+    assert folded["oof_images"] == len(pd.read_csv(cv["rows"][0]["oof_file"])) and not folded["selected"]
+    assert len(folded["member_thresholds"]) == folded["members"]  # each fold model at its own fold's threshold
+    assert set(folded["decisions_test"]) == {"vote", "averaged_oof_thresholds"}
     assert folded["registered"]["uri"] == "models:/tiny-cv/1"
     assert folded["minus_search_ensemble"]["value"] == pytest.approx(
         folded["test"]["value"] - summary["ensemble"]["test"]["ensemble"]["value"])
     assert json.loads((exp / "test_reads.json").read_text())[-1]["by"].startswith("the cross-validation")
+    version = client.get_model_version("tiny-cv", "1")
+    assert "each fold model decides at the threshold chosen on its own validation fold" in version.description
     from tune_xray.summary import print_summary
     print_summary(summary, "")
     out = capsys.readouterr().out
     assert "Pareto front on best_val_mean_auroc (max), latency_ms (min)" in out and "cross-validation:" in out
+    assert "out-of-fold ensemble" in out and "early-stopped on the same fold" in out
     assert "budget 1e+06 ms" in out

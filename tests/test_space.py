@@ -158,6 +158,10 @@ def test_sampler_options_reach_optuna(tmp_path):
     ({"sampler": {"name": "nsga2", "multivariate": True}}, "['multivariate'] are not options of the nsga2"),
     ({"sampler": {"population_size": 10}}, "['population_size'] are not options of the tpe"),
     ({"ensemble": {"latency_ms": 0}}, "ensemble.latency_ms"),
+    ({"ensemble": {"select_on": "test"}}, "ensemble.select_on"),
+    ({"limits": {"latency": 25}}, "limits.latency"),
+    ({"limits": {"latency_ms": 0}}, "each limit is a positive cost"),
+    ({"smoke": {"limits": {"params_m": -1}}}, "each limit is a positive cost"),
 ])
 def test_objectives_sampler_and_budget_errors_name_the_key(tmp_path, edit, message):
     path = _write(tmp_path, {**MINIMAL, **edit})
@@ -228,3 +232,31 @@ def test_an_errored_trial_run_again_by_a_resume_reaches_optuna_with_its_real_end
     trials = resumed.study.get_trials(deepcopy=False)
     assert [(t.state.name, t.value) for t in trials] == [("FAIL", None), ("COMPLETE", 0.7)]
     assert trials[1].params == trials[0].params and trials[1].user_attrs["rerun_of"] == 0
+
+
+def test_hard_limits_reach_every_trial_and_optunas_constraints(tmp_path):
+    """`limits:` (and its smoke form) lands in each trial's config, which names what is over; each Optuna trial
+    gets its constraints (cost − limit): a trial over a limit is told COMPLETE (it is a result: infeasible), and
+    the study's best trials leave it out."""
+    import pickle
+
+    from tune_xray.searcher import DefineByRun, optuna_searcher
+
+    tree = {**MINIMAL, "limits": {"latency_ms": 25}, "smoke": {"limits": {"latency_ms": 3}}}
+    study = load_study(_write(tmp_path, tree))
+    assert study.limits() == {"latency_ms": 25} and study.limits(smoke=True) == {"latency_ms": 3}
+    supervised = study.trial_config({}, {}, smoke=False).supervised
+    assert supervised.limits == {"latency_ms": 25}
+    assert supervised.over_limits({"latency_ms": 31.25}) == "latency_ms 31.2 over its limit 25"
+    assert supervised.over_limits({"latency_ms": 20}) == "" and load_study(_write(tmp_path, MINIMAL)).limits() == {}
+    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+                               "best_val_mean_auroc", study.limits())
+    searcher = pickle.loads(pickle.dumps(searcher))  # Tune pickles the searcher, its sampler with it
+    for i, (auroc, ms, status) in enumerate([(0.9, 40.0, "infeasible"), (0.7, 10.0, "complete")]):
+        searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"best_val_mean_auroc": auroc, "latency_ms": ms, "epochs_done": 1,
+                                             "status": status})
+    trials = searcher.study.get_trials(deepcopy=False)
+    assert [(t.state.name, t.constraints) for t in trials] == [("COMPLETE", {"latency_ms": 15.0}),
+                                                               ("COMPLETE", {"latency_ms": -15.0})]
+    assert searcher.study.best_trial.number == 1  # the infeasible trial's higher AUROC does not make it best

@@ -171,7 +171,15 @@ class SupervisedConfig(_Strict):
     def _freeze_share(self):
         if not isinstance(self.freeze, str) and not 0 <= self.freeze < 1:
             raise ValueError(f"freeze must be a share in [0, 1) or head_only, got {self.freeze}")
+        bad = {k: v for k, v in self.limits.items() if not v > 0}
+        if bad:
+            raise ValueError(f"limits: {bad}: each limit a positive cost (ms, M parameters, GFLOPs)")
         return self
+
+    def over_limits(self, measured: dict) -> str:
+        """What in `measured` (a trial's cost) exceeds its limits, in words; "" when none does."""
+        return "; ".join(f"{k} {measured[k]:.3g} over its limit {limit:g}" for k, limit in self.limits.items()
+                         if isinstance(measured.get(k), (int, float)) and measured[k] > limit)
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping_patience: Optional[int] = Field(10, ge=1, description="S0: 10 epochs on val mAUC")
@@ -179,6 +187,9 @@ class SupervisedConfig(_Strict):
         "val_mean_auroc", description="model selection and early stopping; always a validation metric")
     threshold: Literal["youden", "f1"] = Field(
         "youden", description="multi-label and binary decision thresholds, chosen on val within [0.05, 0.95]")
+    limits: dict[Literal["latency_ms", "params_m", "gflops"], float] = Field(
+        {}, description="hard limits on the model's measured cost (a study's `limits:`): a trial over one stops at "
+        "its first epoch's end as infeasible, told to Optuna's constraints, never a failure")
     record_test: bool = Field(
         False, description="score the selected checkpoint on test in the run itself (record_test_* beside every "
         "trial: numbers a reader can sort and select on). Off: test predictions are stored for the search's one "

@@ -7,12 +7,26 @@ Repeats (tune_xray.repeat) re-run seeds on one split; with a few thousand images
 source of variance (MONAI's recipes cross-validate for it; the seed studies never did). Per configuration: the
 validation metric of each fold, their mean ± sd and 95 % t-interval, ranked, beside the search's single-split
 ranking (Kendall's tau between the two); the out-of-fold predictions (every train + val image predicted once, by
-the model that did not train on it) stored, and their pooled metric with a patient-bootstrap interval. The K fold
-models of the best configuration are an ensemble (their probabilities averaged, thresholds chosen out of fold),
-compared once on test with the search's own ensemble and registered in MLflow as `<experiment>-cv`.
-`python -m tune_xray.search … --cv-top N --cv-folds K` runs this at the end of a search.
+the model that did not train on it) stored, and their pooled metric with a patient-bootstrap interval.
 
-    python -m tune_xray.cv tune_xray_runs/supervised-smoke --top 3 --folds 3
+Then an ensemble chosen on those out-of-fold predictions, as AutoGluon chooses its weighted ensemble on bagged
+models' out-of-fold predictions and nnU-Net its configurations on pooled 5-fold predictions: Caruana over the
+configurations on every train + val image (K× what one validation split holds), each chosen configuration served
+as its K fold models (weights from the selection, split evenly over the folds), each fold model deciding at the
+threshold chosen on its own validation fold and the ensemble deciding by their weighted vote — a threshold fits
+the probabilities it was chosen on, and an average of K models is narrower than any one of them. Compared once on
+test with the search's own ensemble (paired, patient resamples; the read counted), beside the same models at
+thresholds chosen on the averaged out-of-fold probabilities (the mismatch a vote avoids), and registered in MLflow
+as `<experiment>-cv`; with `--select` (or the study's `ensemble: {select_on: oof}`) also as `<experiment>`, the
+search's model.
+
+Honest about itself: each fold's value comes from a checkpoint early-stopped on that same fold (optimistic, as a
+single split's is); the finalists were picked on the search's validation split, which lies inside the folds, so the
+cross-validated ranking leans toward the search's own; the out-of-fold predictions are checked to cover every
+train + val image exactly once. `python -m tune_xray.search … --cv-top N --cv-folds K` runs this at the end of a
+search.
+
+    python -m tune_xray.cv tune_xray_runs/supervised-smoke --top 3 --folds 3 [--select]
 """
 
 from __future__ import annotations
@@ -26,11 +40,35 @@ import pandas as pd
 
 from . import tracking
 from .config import ConfigError, bare, merge, metric_mode, objective, plural
-from .ensemble import split_scorer
-from .experiment import CV_DIR, SUMMARY_FILE, Experiment, ExperimentError, TrialTask, cv_name, read_predictions
-from .metrics import ci_text, classification_metrics, interval, patient_bootstrap, resampling_units
+from .ensemble import CaruanaSelector, split_scorer
+from .experiment import (
+    CV_DIR,
+    SUMMARY_FILE,
+    Experiment,
+    ExperimentError,
+    TrialTask,
+    cv_name,
+    read_json,
+    read_predictions,
+)
+from .metrics import (
+    ci_text,
+    classification_metrics,
+    decisions,
+    interval,
+    nanmean_rows,
+    patient_bootstrap,
+    resampling_units,
+    vote,
+    weighted_decision_metrics,
+)
 from .repeat import Rerun, finalist_configs, rerun_main, t_interval
 from .trial import CV_FOLD, CV_FOLDS, CV_OF
+
+EARLY_STOPPING = ("each fold's value is that fold model's checkpoint early-stopped on the same fold (optimistic, "
+                  "as a single split's is)")
+LEANING = ("the finalists were picked on the search's validation split, which lies inside the folds: the "
+           "cross-validated ranking leans toward the search's own")
 
 
 def cv_configs(summary: dict, top: int, folds: int) -> list[dict]:
@@ -39,8 +77,10 @@ def cv_configs(summary: dict, top: int, folds: int) -> list[dict]:
 
 
 def run_cv(experiment: Experiment, top: int = 3, folds: int = 5, address: str | None = None,
-           max_failures: int = 1, verbose: bool = False) -> dict:
-    """Cross-validate a finished search's finalists and add the result to its summary.json (`cv`); returns it."""
+           max_failures: int = 1, verbose: bool = False, select: bool | None = None, size: int = 5) -> dict:
+    """Cross-validate a finished search's finalists, choose an ensemble on their out-of-fold predictions (of at
+    most `size` selections) and add the result to its summary.json (`cv`); returns it. `select`: that ensemble is
+    the search's model, registered under the experiment's name too (None: as the study's `ensemble.select_on`)."""
     rerun = Rerun(experiment, "cross-validate")
     if top < 1 or folds < 2:
         raise ConfigError(f"--top {top} --folds {folds}: at least 1 configuration and 2 folds")
@@ -64,9 +104,11 @@ def run_cv(experiment: Experiment, top: int = 3, folds: int = 5, address: str | 
     trials = [{"trial": f"{r['config'][CV_OF]}/fold{r['config'][CV_FOLD]}", "cv_of": r["config"][CV_OF],
                "fold": r["config"][CV_FOLD], **{k: v for k, v in r.items() if k != "config"}} for r in rows]
     entry = aggregate(experiment, summary, trials, rerun.study.metric, rerun.study.mode, folds)
-    entry["fold_ensemble"] = fold_ensemble(experiment, summary, entry, experiment.tracking_uri) if entry["rows"] \
-        else None
-    entry.update(metric=rerun.metric, folds=folds, top=top, trials=trials, wall_time_s=time.perf_counter() - start)
+    if select is None:
+        select = rerun.study.space.ensemble.select_on == "oof"
+    entry["oof_ensemble"] = oof_ensemble(experiment, summary, entry, experiment.tracking_uri, size, select)
+    entry.update(metric=rerun.metric, folds=folds, top=top, trials=trials, notes=[EARLY_STOPPING, LEANING],
+                 wall_time_s=time.perf_counter() - start)
     summary["cv"] = entry
     experiment.write_summary(summary)
     experiment.sync([str(Path(p).relative_to(experiment.directory)) for p in experiment.cv_dir.glob("oof_*.csv")]
@@ -74,13 +116,19 @@ def run_cv(experiment: Experiment, top: int = 3, folds: int = 5, address: str | 
     return entry
 
 
-def out_of_fold(dirs: list[Path], folds: list[int], classes: list[str]) -> pd.DataFrame:
+def out_of_fold(dirs: list[Path], folds: list[int], classes: list[str], every_fold: bool = False) -> pd.DataFrame:
     """The fold trials' validation predictions together: each train + val image once, predicted by the model
-    that did not train on it, with its fold."""
+    that did not train on it, with its fold. Checked: no image twice, and with `every_fold` (all K ran) as many
+    images as a fold trial had in train + val."""
     frames = [pd.read_csv(Path(d) / "predictions_val.csv").assign(fold=k) for d, k in zip(dirs, folds)]
     frame = pd.concat(frames, ignore_index=True)
     if frame["path"].duplicated().any():
         raise ExperimentError(f"{dirs[0]}: the folds' validation sets overlap: not a K-fold partition")
+    sizes = read_json(Path(dirs[0]) / "summary.json", "a fold trial's summary").get("split_sizes") or {}
+    expected = sizes.get("train", 0) + sizes.get("val", 0)
+    if every_fold and expected and len(frame) != expected:
+        raise ExperimentError(f"{Path(dirs[0]).parent}: the out-of-fold predictions cover {len(frame)} images, not "
+                              f"the {expected} of train + val once each")
     return frame
 
 
@@ -115,7 +163,8 @@ def aggregate(experiment: Experiment, summary: dict, trials: list[dict], metric:
         values = np.array([t[key] for t in done], dtype=float)
         low, high = t_interval(values)
         task = TrialTask.of(done[0]["dir"])
-        oof = out_of_fold([Path(t["dir"]) for t in done], [t["fold"] for t in done], task.classes)
+        oof = out_of_fold([Path(t["dir"]) for t in done], [t["fold"] for t in done], task.classes,
+                          len(done) == folds)
         path = experiment.cv_dir / f"oof_{source}.csv"
         oof.to_csv(path, index=False)
         original = next(r for r in summary["top"] if r["trial"] == source)
@@ -138,79 +187,193 @@ def aggregate(experiment: Experiment, summary: dict, trials: list[dict], metric:
     return {"rows": rows, "kendall_tau": tau}
 
 
-def fold_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_uri: str | None) -> dict | None:
-    """The K fold models of the CV's best configuration, averaged: thresholds chosen on its out-of-fold
-    predictions (validation data), scored once on test beside the search's own ensemble (the paired difference on
-    the same patient resamples), and registered in MLflow as `<experiment>-cv`."""
-    best = entry["rows"][0]
-    if not best["complete"]:
+def fold_thresholds(directory: str | Path):
+    """The thresholds a fold trial chose on its own validation fold (None: none chosen)."""
+    summary = read_json(Path(directory) / "summary.json", "a fold trial's summary")
+    return (summary.get("supervised") or {}).get("thresholds")
+
+
+def decision_record(y: np.ndarray, decided: np.ndarray, single_label: bool, boot: np.ndarray) -> dict:
+    """Of fixed 0/1 decisions, each with its patient-bootstrap interval: accuracy and balanced accuracy
+    (single-label); sensitivity and specificity — of the positive class (binary), else their mean over the decided
+    labels or classes."""
+    columns = np.flatnonzero(np.isfinite(decided).all(0))
+    if single_label and y.shape[1] == 2:
+        columns = np.array([1])
+    every = np.vstack([np.ones(len(y)), boot])
+    resampled = weighted_decision_metrics(y, np.nan_to_num(decided), every, single_label)
+    out = {}
+    for key, values in resampled.items():
+        if values.ndim == 2:
+            values = nanmean_rows(values[:, columns])
+        low, high = interval(values[1:])
+        out[key] = {"value": float(values[0]), "ci_low": low, "ci_high": high}
+    return out
+
+
+def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_uri: str | None, size: int = 5,
+                 select: bool = False) -> dict | None:
+    """Caruana over the configurations every fold of which completed, on their pooled out-of-fold predictions
+    (validation data only: each train + val image predicted by the model that did not train on it); served as the
+    chosen configurations' fold models, a configuration's weight split evenly over its K folds, deciding by their
+    weighted vote, each fold model at the threshold chosen on its own validation fold (`metrics.vote`). Scored
+    once on test beside the search's ensemble (the paired difference on the same patient resamples) and beside
+    the same models at thresholds chosen on the averaged out-of-fold probabilities (applied to an average of K
+    models, which is narrower: the mismatch the vote avoids); registered in MLflow as `<experiment>-cv`, and with
+    `select` as `<experiment>` too."""
+    rows = [r for r in entry["rows"] if r["complete"]]
+    if not rows:
         return None
-    task = TrialTask.of(best["dirs"][0])
+    task = TrialTask.of(rows[0]["dirs"][0])
     classes = task.classes
-    tests = [read_predictions(Path(d), "test", classes) for d in best["dirs"]]
+    p_cols, y_cols = [f"p_{c}" for c in classes], [f"y_{c}" for c in classes]
+    frames = [pd.read_csv(r["oof_file"]).set_index("path") for r in rows]
+    if any(set(f.index) != set(frames[0].index) for f in frames[1:]):
+        raise ExperimentError(f"{experiment.cv_dir}: the configurations' out-of-fold predictions are of different "
+                              "images (not one K-fold partition)")
+    oof_paths = frames[0].index
+    probs = np.stack([f.loc[oof_paths, p_cols].to_numpy(float) for f in frames])
+    y_oof = frames[0].loc[oof_paths, y_cols].to_numpy()
+    hill = split_scorer(y_oof, task.task, task.metric, classes, task.rule, untrained=task.untrained)
+    selector = CaruanaSelector(size, seed=0).fit(probs, y_oof, lambda y, p: float(hill(p)[0]))
+    weights = selector.weights_
+    oof_prob = np.tensordot(weights, probs, axes=1)
+    oof_boot = patient_bootstrap(resampling_units(frames[0].loc[oof_paths, "patient_id"], oof_paths))
+    chosen = [(r, float(w)) for r, w in zip(rows, weights) if w > 0]
+    dirs = [d for r, _ in chosen for d in r["dirs"]]
+    member_weights = [w / len(r["dirs"]) for r, w in chosen for _ in r["dirs"]]
+    member_thresholds = [fold_thresholds(d) for d in dirs]
+    out = {"configs": [{"config": r["config"], "name": r["name"], "weight": w, "folds": len(r["dirs"])}
+                       for r, w in chosen],
+           "members": len(dirs), "metric": task.metric, "selected": bool(select),
+           "oof": _with_interval(_scorer(y_oof, task), oof_prob, oof_boot)[0], "oof_images": len(oof_paths),
+           "member_thresholds": member_thresholds}
+    tests = [read_predictions(Path(d), "test", classes) for d in dirs]
     paths, y, groups, _ = tests[0]
     if any(t[0] != paths for t in tests):
-        raise ExperimentError(f"{best['dirs'][0]}: the fold models predicted different test images")
-    prob = np.mean([t[3] for t in tests], axis=0)
-    oof = pd.read_csv(best["oof_file"])
-    targets = oof[[f"y_{c}" for c in classes]].to_numpy()
-    chosen = classification_metrics(task.task, targets if task.task == "multilabel" else targets.argmax(1),
-                                    oof[[f"p_{c}" for c in classes]].to_numpy(float), classes,
-                                    rule=task.rule, untrained=task.untrained)["thresholds"]
+        raise ExperimentError(f"{dirs[0]}: the fold models predicted different test images")
+    members = np.stack([t[3] for t in tests])
+    prob = np.tensordot(np.asarray(member_weights) / np.sum(member_weights), members, axes=1)
     boot = patient_bootstrap(groups, 1000, 0)
-    out = {"config": best["config"], "name": best["name"], "members": len(tests), "thresholds": chosen,
-           "metric": task.metric}
-    out["test"], mine = _with_interval(_scorer(y, task, chosen), prob, boot)
+    single_label = task.task != "multilabel"
+    if single_label and len(classes) > 2:  # no thresholds: the argmax of the weighted mean, as every ensemble
+        voted = averaged = decisions(task.task, prob)
+    else:
+        _, voted = vote(task.task, members, [np.ravel([np.nan] if t is None else t).tolist()
+                                              for t in member_thresholds], member_weights)
+        targets = y_oof if task.task == "multilabel" else y_oof.argmax(1)
+        out["oof_thresholds"] = classification_metrics(task.task, targets, oof_prob, classes, rule=task.rule,
+                                                       untrained=task.untrained)["thresholds"]
+        averaged = decisions(task.task, prob, out["oof_thresholds"])
+    out["decisions_test"] = {"vote": decision_record(y, voted.astype(float), single_label, boot),
+                             "averaged_oof_thresholds": decision_record(y, averaged.astype(float), single_label,
+                                                                        boot)}
+    name = bare(task.metric)
+    if name in ("accuracy", "macro_f1"):  # a threshold metric: the vote's decisions, as served
+        score = _decided_scorer(y, voted.astype(float), name, single_label)
+        out["test"], mine = _with_interval(score, prob, boot)
+    else:
+        out["test"], mine = _with_interval(_scorer(y, task), prob, boot)
     searched = experiment.ensemble_dir / "predictions_test.csv"
     ensemble = summary.get("ensemble") or {}
     if searched.is_file() and ensemble.get("test"):  # the search's ensemble at its own validation thresholds
         frame = pd.read_csv(searched).set_index("path").loc[paths]
+        out["search_ensemble_val"] = (ensemble.get("val") or {}).get("ensemble")
         out["search_ensemble_test"], theirs = _with_interval(
-            _scorer(y, task, ensemble.get("thresholds")), frame[[f"p_{c}" for c in classes]].to_numpy(float), boot)
+            _scorer(y, task, ensemble.get("thresholds")), frame[p_cols].to_numpy(float), boot)
         low, high = interval(mine - theirs)
         out["minus_search_ensemble"] = {"value": out["test"]["value"] - out["search_ensemble_test"]["value"],
                                         "ci_low": low, "ci_high": high}
-    out["test_reads"] = experiment.note_test_read("the cross-validation's fold ensemble, beside the search's")
+    out["test_reads"] = experiment.note_test_read("the cross-validation's out-of-fold ensemble, beside the search's")
     fold_dir = experiment.cv_dir / "ensemble"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    test_frame = pd.DataFrame(prob, columns=[f"p_{c}" for c in classes])
+    test_frame = pd.DataFrame(prob, columns=p_cols)
     test_frame.insert(0, "path", paths)
     test_frame.to_csv(fold_dir / "predictions_test.csv", index=False)
+    out["card"] = model_card(out, classes)
+    (fold_dir / "model_card.md").write_text(out["card"])
     if tracking_uri and tracking.find_parent(experiment.directory):
         try:
-            out["registered"] = tracking.log_fold_ensemble(tracking_uri, experiment.directory, out, best,
-                                                           str(oof["path"].iloc[0]))
+            out["registered"] = tracking.log_oof_ensemble(tracking_uri, experiment.directory, out,
+                                                          [str(Path(d) / "best.pt") for d in dirs], member_weights,
+                                                          str(oof_paths[0]), select)
         except Exception as err:  # noqa: BLE001 — the cross-validation stands; what failed is said
             out["registered"], out["registration_error"] = None, f"{type(err).__name__}: {err}"
     return out
+
+
+def _decided_scorer(y: np.ndarray, decided: np.ndarray, name: str, single_label: bool):
+    """`score(prob, weights)` of accuracy or macro F1 of fixed decisions (the probabilities unused)."""
+    def score(prob, weights=None):
+        weights = np.ones((1, len(y))) if weights is None else np.atleast_2d(weights)
+        if name == "accuracy" and single_label:
+            return weighted_decision_metrics(y, decided, weights, True)["accuracy"]
+        w = weights.astype(np.float64)
+        tp, fp, fn = w @ (y * decided), w @ ((1 - y) * decided), w @ (y * (1 - decided))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+        if name == "accuracy":  # multi-label: the share of labels decided right
+            return np.nanmean(w @ (y == decided) / w.sum(1, keepdims=True), axis=1)
+        return np.nanmean(f1, axis=1)
+    return score
+
+
+def model_card(out: dict, classes: list[str]) -> str:
+    """What the out-of-fold ensemble is and how it decides, for the MLflow version and cv/ensemble/."""
+    members = "; ".join(f"{c['name']} (weight {c['weight']:.3g}, {c['folds']} fold models)" for c in out["configs"])
+    lines = [f"# Out-of-fold ensemble ({plural(out['members'], 'fold model')})", "",
+             f"**Chosen on out-of-fold predictions**: Caruana over the cross-validated configurations on "
+             f"{out['oof_images']} train + val images, each predicted by the fold model that did not train on it "
+             f"(val {bare(out['metric'])} out of fold {ci_text(out['oof'])}: the data that chose it, optimistic).",
+             f"**Members**: {members}; a configuration's weight split evenly over its fold models; the probability "
+             "is their weighted mean.",
+             "**Decisions**: each fold model decides at the threshold chosen on its own validation fold (a threshold "
+             "fits the probabilities it was chosen on; the average of K models is narrower than any one), and a "
+             "label is decided when members holding at least half the weight decide it (predict's `vote_<label>` "
+             "column is that share)." if len(classes) <= 2 or "oof_thresholds" in out else
+             "**Decisions**: the most probable class of the weighted mean.",
+             f"**Test (the record)**: {bare(out['metric'])} {ci_text(out['test'])}"
+             + (f"; the search's validation-chosen ensemble {ci_text(out['search_ensemble_test'])}, difference "
+                f"{ci_text(out['minus_search_ensemble'])} (paired, patient resamples)."
+                if out.get("minus_search_ensemble") else ".")]
+    return "\n\n".join(lines[:2]) + "\n" + "\n\n".join(lines[2:]) + "\n"
 
 
 def print_cv(entry: dict) -> None:
     name = bare(entry["metric"])
     print(f"\ncross-validation: {plural(len(entry['rows']), 'configuration')} × {entry['folds']} folds of train + val "
           "(patient-grouped, label-stratified; test untouched): val "
-          f"{name} per fold, mean ± sd [95 % t-interval]; pooled out of fold [95 % bootstrap CI]")
+          f"{name} per fold, mean ± sd [95 % t-interval]; pooled out of fold [95 % bootstrap CI]; {EARLY_STOPPING}")
     for row in entry["rows"]:
         print(f"  {row['cv_rank']}. {row['mean']:.4f} ± {row['sd']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
               f" over {row['folds']} folds; out of fold {ci_text(row['oof'])}; search rank {row['search_rank']} "
               f"({row['single_split']:.4f} on one split)  {row['name']}"
               + ("" if row["complete"] else "  (not every fold completed)"))
     if entry.get("kendall_tau") is not None:
-        print(f"  single-split vs cross-validated ranking: Kendall's tau {entry['kendall_tau']:+.2f}")
-    ens = entry.get("fold_ensemble")
+        print(f"  single-split vs cross-validated ranking: Kendall's tau {entry['kendall_tau']:+.2f} ({LEANING})")
+    ens = entry.get("oof_ensemble")
     if ens:
-        line = (f"  fold ensemble ({ens['members']} fold models of {ens['config']}, averaged): test {name} "
-                f"{ci_text(ens['test'])}")
-        if ens.get("minus_search_ensemble"):
-            line += (f"; the search's ensemble {ci_text(ens['search_ensemble_test'])}; difference "
-                     f"{ci_text(ens['minus_search_ensemble'])}")
-        print(line + (f"; registered as {ens['registered']['uri']}" if ens.get("registered") else ""))
+        chosen = " + ".join(f"{c['weight']:.2g}×{c['config']}" for c in ens["configs"])
+        print(f"  out-of-fold ensemble ({chosen}: {plural(ens['members'], 'fold model')}, chosen on "
+              f"{ens['oof_images']} out-of-fold images, {name} {ci_text(ens['oof'])}): test {name} "
+              f"{ci_text(ens['test'])}"
+              + (f"; the search's ensemble {ci_text(ens['search_ensemble_test'])}, difference "
+                 f"{ci_text(ens['minus_search_ensemble'])}" if ens.get("minus_search_ensemble") else ""))
+        if "oof_thresholds" in ens:
+            matched, mismatched = (ens["decisions_test"][k] for k in ("vote", "averaged_oof_thresholds"))
+            print("    test decisions, each fold model at its own threshold (served) vs the average at out-of-fold "
+                  "thresholds: " + "; ".join(f"{k.replace('_', ' ')} {matched[k]['value']:.4f} vs "
+                                             f"{mismatched[k]['value']:.4f}" for k in matched))
+        if ens.get("registered"):
+            print(f"    registered as {ens['registered']['uri']}"
+                  + (f" (the search's model; also {ens['registered']['also']})" if ens["registered"].get("also")
+                     else ""))
 
 
 def show(entry: dict) -> bool:
-    """Print the cross-validation; whether registering its fold ensemble failed."""
+    """Print the cross-validation; whether registering its out-of-fold ensemble failed."""
     print_cv(entry)
-    error = (entry.get("fold_ensemble") or {}).get("registration_error")
+    error = (entry.get("oof_ensemble") or {}).get("registration_error")
     if error:
         print(f"error: not registered: {error}", file=sys.stderr)
     return bool(error)
@@ -218,7 +381,11 @@ def show(entry: dict) -> bool:
 
 def main(argv=None) -> int:
     return rerun_main(argv, "python -m tune_xray.cv", __doc__, ("--folds", 5, "K folds of train + val"), run_cv, show,
-                      "fold trial")
+                      "fold trial", {"--select": dict(action="store_true", default=None, help=(
+                          "the out-of-fold ensemble becomes the search's model: registered under the experiment's "
+                          "name too (default: the study's ensemble.select_on)")),
+                                     "--size": dict(type=int, default=5, help="Caruana's selections over the "
+                                                    "configurations (default: 5)")})
 
 
 if __name__ == "__main__":

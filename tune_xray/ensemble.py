@@ -400,24 +400,72 @@ def _per_label(split: Split, prob: np.ndarray, pool: Pool, boot: np.ndarray) -> 
             for k, v in points.items()}
 
 
+def _ms_per_image(predictor, image, batch: int, device: str) -> float:
+    """ms per image of `predictor` on `batch` copies of one decoded image: the median of up to 10 runs after a
+    warm-up (explain.median_seconds)."""
+    from .explain import median_seconds
+
+    return 1000 * median_seconds(lambda: predictor.predict([image] * batch, batch_size=batch), device, 10, 5.0) / batch
+
+
 def measured_latency(checkpoints: list[str], weights: list[float], example: str, device: str) -> float:
     """ms per image of the ensemble as served (serving.EnsemblePredictor: each member's cache layout, eval views
     and forward, the weighted mean), one decoded image at a time on `device`: the median of repeats."""
-    from .explain import median_seconds
     from .serving import EnsemblePredictor, read_image
 
-    predictor, image = EnsemblePredictor(checkpoints, weights, device=device), read_image(example)
-    return 1000 * median_seconds(lambda: predictor.predict([image], batch_size=1), device, 10, 5.0)
+    return _ms_per_image(EnsemblePredictor(checkpoints, weights, device=device), read_image(example), 1, device)
+
+
+def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: dict, device: str) -> dict | None:
+    """Latency measured where it is fair: a trial measures its own at its first epoch's end, on a device it may
+    share with packed trials, or on another node's hardware. After the trials, with none running, each completed
+    trial whose cost decides something is measured again here, alone, on the driver's `device`, as served
+    (serving.EnsemblePredictor: decoding to its cache layout, its eval views and TTA): `latency_ms` at batch 1 and
+    `latency_ms_b32` per image at batch 32, each the median of up to 10 runs after a warm-up. Measured: in a
+    Pareto search (`costs`), the trials on the front and on the next front (the candidates it could move); under an
+    ensemble `budget`, every completed trial (each a candidate member). Those numbers replace the row's `cost`
+    entries — the budgeted ensemble sums them, the front and the report use them — and the trial's own are kept as
+    `cost_in_trial` ("measured while training"). Returns what was done (None: nothing to measure)."""
+    from .metrics import pareto_ranks
+    from .serving import EnsemblePredictor, read_image
+    from .summary import front
+
+    complete = [r for r in summary["rows"] if r["status"] == "complete" and r.get("cost")]
+    metric, mode = summary["metric"], summary["mode"]
+    if any(v is not None for v in (budget or {}).values()):
+        chosen = complete
+    elif costs:
+        names = [metric, *(name for name, _ in costs)]
+        points = [[r[metric] if n == metric else r["cost"].get(n, math.nan) for n in names] for r in complete]
+        ranks = pareto_ranks(np.array(points, dtype=float), [mode, *(m for _, m in costs)]) if points else []
+        chosen = [r for r, rank in zip(complete, ranks) if rank <= 1]
+    else:
+        return None
+    for row in chosen:
+        directory = experiment.trial_dir(row)
+        predictor = EnsemblePredictor([str(directory / "best.pt")], [1.0], device=device)
+        image = read_image(pd.read_csv(directory / "predictions_val.csv", usecols=["path"], nrows=1)["path"][0])
+        row["cost_in_trial"] = {k: row["cost"][k] for k in ("latency_ms", "latency_ms_b32") if k in row["cost"]}
+        row["cost"].update(latency_ms=_ms_per_image(predictor, image, 1, device),
+                           latency_ms_b32=_ms_per_image(predictor, image, 32, device))
+    if summary.get("pareto_front") is not None:
+        ranked = sorted((r for r in complete), key=lambda r: r[metric], reverse=mode == "max")
+        summary["pareto_front"] = front(ranked, summary["objectives"])
+    return {"device": device, "trials": [r["trial"] for r in chosen], "batch_sizes": [1, 32], "repeats": 10,
+            "why": "every completed trial, each a candidate under the ensemble's budget" if chosen is complete
+            else "the trials on the Pareto front and on the next front"}
 
 
 def selection_cost(pool: Pool, weights: np.ndarray, budget: dict | None, device: str | None) -> dict:
-    """What the chosen ensemble costs: its members' measured costs summed (each measured in its trial, on the
-    trial's device), the budget they were held to, and (with a `device`) the ensemble's own latency as served,
-    measured there."""
+    """What the chosen ensemble costs: its members' measured costs summed (latency as `remeasure_costs` measured it
+    after the trials, alone, else as each trial measured it on its device), the budget they were held to, and (with a
+    `device`) the ensemble's own latency as served, measured there."""
     chosen = [t for t, w in zip(pool.trials, weights) if w > 0]
     sums = {f"{name}_sum": float(sum(t["cost"][name] for t in chosen)) for name in ("latency_ms", "params_m", "gflops")
             if all(isinstance((t.get("cost") or {}).get(name), (int, float)) for t in chosen)}
-    out = {"budget": {k: v for k, v in (budget or {}).items() if v is not None}, **sums, "device": device}
+    out = {"budget": {k: v for k, v in (budget or {}).items() if v is not None}, **sums, "device": device,
+           "latency_where": "each latency measured again after the trials, alone, on the driver's device"
+           if chosen and all("cost_in_trial" in t for t in chosen) else "each measured in its trial on its device"}
     if device:
         out["served_latency_ms"] = measured_latency([str(Path(t["dir"]) / "best.pt") for t in chosen],
                                                     [float(w) for w in weights if w > 0], pool.val.paths[0], device)
@@ -547,7 +595,8 @@ def cost_lines(cost: dict) -> list[str]:
               f"at a time on {cost['device']}" if "served_latency_ms" in cost else "")
     held += "; the best single trial and the top-K it is compared with fit it too" if held else ""
     return [f"- Budget: {held}" if held else "- Budget: none (`--latency-budget MS`, `--params-budget M`)",
-            f"- Cost: members' sum {sums or 'not measured'}, each measured in its trial on its device{served}"]
+            f"- Cost: members' sum {sums or 'not measured'}, "
+            f"{cost.get('latency_where', 'each measured in its trial on its device')}{served}"]
 
 
 def print_result(result: dict) -> None:

@@ -197,10 +197,10 @@ def weighted_auroc(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray) ->
 def weighted_mean_auroc(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(B,) mean over labels of `weighted_auroc`; a label without both classes under a weighting is left out of
     that mean. 1,000 patient resamples of a 25k-image, 14-label split take seconds (scripts/bench_bootstrap.py)."""
-    return _nanmean_rows(weighted_auroc(y_true, prob, weights))
+    return nanmean_rows(weighted_auroc(y_true, prob, weights))
 
 
-def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+def nanmean_rows(values: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a weighting with no label defined: NaN
         return np.nanmean(values, axis=1)
@@ -222,6 +222,33 @@ def decisions(task: str, prob: np.ndarray, thresholds=None) -> np.ndarray:
     return np.eye(k, dtype=np.int8)[prob.argmax(1)]
 
 
+def vote(task: str, members: np.ndarray, thresholds, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shares, decisions) of an ensemble whose members decide at thresholds of their own — fold models, each at
+    the threshold chosen on its own validation fold, applied to the probabilities it was chosen for rather than to
+    their average, which is narrower (an average of K models is less spread out than any one of them, so a
+    single model's threshold sits at another quantile of it). A label (multi-label) or the positive class (binary)
+    is decided when members holding at least half the weight decide it.
+
+    `members` (M, n, C) probabilities; `thresholds` (M, C) multi-label or (M, 1) binary, None where a member has
+    none (that label is then undecided: NaN); `weights` (M,). `shares` (n, C) multi-label or (n, 1) binary: the
+    weight deciding positive; `decisions` (n, C) as `decisions` gives them (one-hot for binary; a binary member
+    without a threshold decides at 0.5). More than two
+    classes have no thresholds: the argmax of the weighted mean, and no shares."""
+    weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    k = members.shape[2]
+    if task != "multilabel" and k > 2:
+        return np.zeros((members.shape[1], 0)), decisions(task, np.tensordot(weights, members, axes=1))
+    cut = np.array([[np.nan if t is None else t for t in np.ravel(row)] for row in thresholds], dtype=np.float64)
+    if task != "multilabel":
+        cut = np.where(np.isfinite(cut), cut, 0.5)  # binary without a chosen threshold: 0.5, as `decisions`
+    columns = members if task == "multilabel" else members[:, :, 1:]
+    shares = np.tensordot(weights, (columns >= cut[:, None, :]).astype(np.float64), axes=1)
+    shares = np.where(np.isfinite(cut).all(0), shares, np.nan)
+    if task == "multilabel":
+        return shares, np.where(np.isfinite(shares), (shares >= 0.5).astype(np.float64), np.nan)
+    return shares, np.eye(2, dtype=np.int8)[(shares[:, 0] >= 0.5).astype(int)]
+
+
 def weighted_decision_metrics(y_true: np.ndarray, decided: np.ndarray, weights: np.ndarray,
                               single_label: bool) -> dict[str, np.ndarray]:
     """Sensitivity and specificity of each label (B, C), and for single-label tasks accuracy and balanced accuracy
@@ -233,7 +260,7 @@ def weighted_decision_metrics(y_true: np.ndarray, decided: np.ndarray, weights: 
         out = {"sensitivity": (w @ (y * d)) / (w @ y), "specificity": (w @ ((1 - y) * (1 - d))) / (w @ (1 - y))}
         if single_label:
             out["accuracy"] = (w @ (y * d).sum(1)) / w.sum(1)
-            out["balanced_accuracy"] = _nanmean_rows(out["sensitivity"])
+            out["balanced_accuracy"] = nanmean_rows(out["sensitivity"])
     return out
 
 
@@ -264,7 +291,7 @@ def auroc_intervals(y_true: np.ndarray, prob: np.ndarray, groups: np.ndarray, cl
     where the caller has drawn them already (its other intervals then share them)."""
     weights = patient_bootstrap(groups, resamples, seed) if weights is None else weights
     per_label = weighted_auroc(y_true, prob, weights)
-    out = {"mean_auroc": interval(_nanmean_rows(per_label), level)}
+    out = {"mean_auroc": interval(nanmean_rows(per_label), level)}
     for c, name in enumerate(classes):
         if 0 < y_true[:, c].sum() < len(y_true):
             out[f"auroc/{name}"] = interval(per_label[:, c], level)
@@ -299,3 +326,14 @@ def pareto_front(points: np.ndarray, modes: list[str]) -> np.ndarray:
     no_worse = (signed[:, None, :] <= signed[None, :, :]).all(-1)  # [i, j]: i at least as good as j everywhere
     better = (signed[:, None, :] < signed[None, :, :]).any(-1)
     return ~(no_worse & better).any(0)
+
+
+def pareto_ranks(points: np.ndarray, modes: list[str]) -> np.ndarray:
+    """Each row's non-dominated front (0: the Pareto front, 1: the front once that one is removed, ...)."""
+    points = np.asarray(points, dtype=np.float64)
+    ranks, remaining, rank = np.full(len(points), -1), np.arange(len(points)), 0
+    while remaining.size:
+        kept = pareto_front(points[remaining], modes)
+        ranks[remaining[kept]] = rank
+        remaining, rank = remaining[~kept], rank + 1
+    return ranks

@@ -17,12 +17,12 @@ from ray import tune
 from . import tracking
 from .asha import FinishAwareASHA, ParetoASHA
 from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem, watch_ray, which_ray
-from .config import ConfigError, objective, parse_overrides
+from .config import ConfigError, objective, parse_overrides, plural
 from .credentials import remember, same_place
 from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
-from .ensemble import run_ensemble
+from .ensemble import remeasure_costs, run_ensemble
 from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
 from .repeat import print_repeats, run_repeats
 from .report import build_report
@@ -218,6 +218,9 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     check_numbers(args)
     which_ray(args.address)  # `--address auto` with no `ray start` cluster here: one error before anything
     study = load_study(args.study)  # every search-space error before Ray starts
+    if study.space.ensemble.select_on == "oof" and not getattr(args, "cv_folds", 0):
+        raise ConfigError(f"{study.origin}: ensemble.select_on: oof chooses the ensemble on the cross-validation's "
+                          "out-of-fold predictions; pass --cv-folds K (and --cv-top N), or select_on: val")
     if args.data:
         args.data = absolute_data(args.data)
     # checked now; the device part is resolved again once Ray tells the cluster's GPUs (--gpus-per-trial default)
@@ -315,7 +318,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
                      if study.costs and getattr(args, "asha_on", "objectives") == "objectives"
                      else FinishAwareASHA(budget, metric, study.mode))
         searcher = optuna_searcher(study, DefineByRun(study, overrides, args.smoke), experiment.name, optuna_url,
-                                args.seed, metric)
+                                   args.seed, metric, study.limits(args.smoke))
         tuner = tune.Tuner(driver, tune_config=tune.TuneConfig(
             num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             search_alg=resources.limiter(searcher, getattr(args, "max_concurrent", None),
@@ -364,12 +367,15 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     tracking.delete_runs(tracking_uri, [run_id for trial_id, run_id in runs.items() if trial_id not in known])
     if summary["status"] != "interrupted":
         summary["optuna_orphans_closed"] = close_orphans(optuna_url, experiment.name)
+    summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
+    budget = {} if getattr(args, "no_ensemble", False) else ensemble_budget(study, args)
+    if summary["status"] == "complete" and (study.costs or any(v is not None for v in budget.values())):
+        _step(experiment, summary, "latency", lambda: remeasure(experiment, summary, study, budget))
     if summary.get("pareto_front"):
         tracking.tag_front(tracking_uri, [r["mlflow_run_id"] for r in summary["pareto_front"] if r["mlflow_run_id"]])
     best = summary["best"]
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     experiment.write_summary(summary)
-    summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
     if summary["status"] == "complete":
         after_trials(experiment, summary, args, study)
     _step(experiment, summary, "storage", lambda: (experiment.sync(), experiment.sync_resume()))
@@ -381,6 +387,20 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
          if m.key.startswith(tracking.RECORD_PREFIXES) or m.key == metric} if best_trial else {},
         experiment.directory / SUMMARY_FILE, (report_file,) if report_file else (), failed=sorted(summary["failed"]))
     return summary
+
+
+def remeasure(experiment: Experiment, summary: dict, study: Study, budget: dict) -> None:
+    """The latency of the trials whose cost decides something (the front and the next, or every candidate under
+    the ensemble's budget), measured again here, alone (ensemble.remeasure_costs); said in one line."""
+    import torch  # on the driver's own device, with no trial running
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    done = remeasure_costs(experiment, summary, study.costs, budget, device)
+    if done:
+        summary["cost_remeasured"] = done
+        print(f"latency: {plural(len(done['trials']), 'trial')} measured again on the driver's {device}, alone "
+              f"({done['why']}; batch 1 and 32, median of up to 10 runs); their in-trial figures kept as "
+              "cost_in_trial")
 
 
 class ResumeSync(tune.Callback):
@@ -405,7 +425,7 @@ def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
     start = time.perf_counter()
     try:
         run()
-        if step != "storage":
+        if step not in ("storage", "latency"):  # (latency says what it did in a line of its own)
             print(f"{step}: done in {time.perf_counter() - start:.0f} s", flush=True)
     except Exception as err:  # noqa: BLE001 — the trials stand; what failed is said, not raised
         summary["failed"][step] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -437,8 +457,12 @@ def after_trials(experiment: Experiment, summary: dict, args, study: Study) -> N
             raise RuntimeError(f"the ensemble was chosen but not registered: {result['registration_error']}")
 
     def cross_validation() -> None:
-        summary["cv"] = run_cv(experiment, args.cv_top, args.cv_folds, max_failures=args.max_failures)
+        summary["cv"] = run_cv(experiment, args.cv_top, args.cv_folds, max_failures=args.max_failures,
+                               select=study.space.ensemble.select_on == "oof", size=getattr(args, "ensemble_size", 5))
         print_cv(summary["cv"])
+        error = (summary["cv"].get("oof_ensemble") or {}).get("registration_error")
+        if error:
+            raise RuntimeError(f"the out-of-fold ensemble was chosen but not registered: {error}")
 
     def report() -> None:
         import torch  # the report runs here, in the driver: on its own device, whatever the trials had

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                     failed += 1
             if not images:
                 continue
-            frame = predictor.frame(predictor.predict(images, args.batch_size))
+            frame = predictor.decide(images, args.batch_size)
             frame.insert(0, "path", readable)
             frame.to_csv(out, index=False, header=predicted == 0)
             predicted += len(readable)

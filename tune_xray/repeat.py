@@ -246,9 +246,11 @@ def aggregate(summary: dict, trials: list[dict], study, metric: str) -> dict:
     return {"rows": rows, "comparisons": comparisons, "trials": trials}
 
 
-def rerun_main(argv, prog: str, doc: str, count: tuple[str, int, str], run, show, what: str) -> int:
+def rerun_main(argv, prog: str, doc: str, count: tuple[str, int, str], run, show, what: str,
+               flags: dict | None = None) -> int:
     """The command line of a step that re-runs a search's best configurations (repeat, cv): EXPERIMENT_DIR --top N
-    and its `count` flag (name, default, help); `run(experiment, top, count, address, verbose=…)` → its entry,
+    and its `count` flag (name, default, help), and its own `flags` (name → add_argument's keywords, passed to
+    `run` by name); `run(experiment, top, count, address, verbose=…, **flags)` → its entry,
     `show(entry)` prints it and says whether something after the trials failed. Exit 0 when every trial completed,
     2 for a bad directory or count, 130 when interrupted, 1 otherwise."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,10 +260,12 @@ def rerun_main(argv, prog: str, doc: str, count: tuple[str, int, str], run, show
     parser.add_argument(count[0], type=int, default=count[1], help=count[2])
     parser.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     parser.add_argument("--verbose", action="store_true")
+    for flag, options in (flags or {}).items():
+        parser.add_argument(flag, **options)
     args = parser.parse_args(argv)
     try:
         entry = run(Experiment.at(args.experiment_dir), args.top, getattr(args, count[0].lstrip("-")), args.address,
-                    verbose=args.verbose)
+                    verbose=args.verbose, **{f.lstrip("-"): getattr(args, f.lstrip("-")) for f in flags or {}})
     except (ConfigError, ExperimentError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

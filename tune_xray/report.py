@@ -339,7 +339,8 @@ def cost_data(summary: dict) -> dict:
     metric, mode = summary["metric"], summary["mode"]
     front = summary.get("pareto_front")
     rows = [{"trial": r["trial"], "name": r["name"], "value": r[metric], **r.get("cost", {}),
-             "device": r["resolved"].get("device"), "tta": r["resolved"].get("augment.tta")}
+             "device": r["resolved"].get("device"), "tta": r["resolved"].get("augment.tta"),
+             "in_trial_ms": (r.get("cost_in_trial") or {}).get("latency_ms")}
             for r in summary["rows"] if r["status"] == "complete" and isinstance(r.get(metric), (int, float))]
     measured = [r for r in rows if isinstance(r.get("latency_ms"), (int, float))]
     if front is None and measured:
@@ -352,7 +353,7 @@ def cost_data(summary: dict) -> dict:
     for r in rows:
         r["front"] = r["trial"] in members
     return {"rows": rows, "objectives": on, "searched": summary.get("pareto_front") is not None,
-            "ensemble": (summary.get("ensemble") or {}).get("cost")}
+            "ensemble": (summary.get("ensemble") or {}).get("cost"), "remeasured": summary.get("cost_remeasured")}
 
 
 def warnings_of(data: dict) -> list[str]:
@@ -409,7 +410,7 @@ def warnings_of(data: dict) -> list[str]:
     if bound and cost.get("served_latency_ms", 0) > bound:
         out.append(f"The registered ensemble as served took {cost['served_latency_ms']:.3g} ms per image on "
                    f"{cost['device']}, over its latency budget of {bound:g} ms (the budget holds its members' "
-                   f"latencies as their trials measured them: {cost.get('latency_ms_sum', float('nan')):.3g} ms).")
+                   f"latencies as measured: {cost.get('latency_ms_sum', float('nan')):.3g} ms).")
     if dataset.get("untrained"):
         out.append(describe_untrained(dataset) + ".")
     absent = dataset.get("absent") or {}
@@ -690,8 +691,8 @@ def _mappable(cmap, norm):
     return matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
 
 
-STATUS_COLOURS = {"complete": "tab:green", "pruned": "tab:orange", "diverged": "tab:red", "error": "tab:gray",
-                  "interrupted": "tab:purple"}
+STATUS_COLOURS = {"complete": "tab:green", "pruned": "tab:orange", "infeasible": "tab:brown", "diverged": "tab:red",
+                  "error": "tab:gray", "interrupted": "tab:purple"}
 
 
 def _asha(search: dict) -> str:
@@ -867,6 +868,13 @@ def render_cost(cost: dict, metric: str) -> str:
            + ("" if cost["searched"] else " (this search optimised its metric alone; the front is drawn for reading)")
            + f": {sum(r['front'] for r in measured)} of {len(measured)} completed trials. Trials that share a CPU "
            "measure slower than alone.</p>")
+    again = cost.get("remeasured")
+    if again:
+        out += (f"<p>Latency measured again after the trials, alone, on the driver's {again['device']} ("
+                f"{html.escape(again['why'])}: {plural(len(again['trials']), 'trial')}; batch 1 and 32, the median "
+                f"of up to {again['repeats']} runs after a warm-up): those figures are the ones plotted, on the front "
+                "and summed against the ensemble's budget; each trial's own is in the table as measured while "
+                "training.</p>")
 
     objectives = [o["name"] for o in cost["objectives"]]
 
@@ -891,7 +899,8 @@ def render_cost(cost: dict, metric: str) -> str:
 
     out += figure(panels, COLUMN, 4.4, f"val {name} against latency and against parameters, the Pareto front marked")
     table = [{"trial": html.escape(r["name"]), f"val {name}": r["value"], "ms (b1)": r.get("latency_ms"),
-              "ms/image (b32)": r.get("latency_ms_b32"), "params (M)": r.get("params_m"),
+              "ms/image (b32)": r.get("latency_ms_b32"), "ms (b1) while training": r.get("in_trial_ms"),
+              "params (M)": r.get("params_m"),
               "GFLOPs / image": r.get("gflops"), "TTA": r.get("tta"), "front": "✓" if r["front"] else ""}
              for r in sorted(rows, key=lambda r: (not r["front"], -r["value"] if cost["objectives"][0]["mode"] == "max"
                                                   else r["value"]))]
@@ -910,9 +919,11 @@ def render_cv(cv: dict, metric: str) -> str:
            "label-stratified folds of train + val (each fold validation once; test untouched), at full budget. "
            "Ranked by the mean over folds; the single split's value is the search's own trial, chosen for being "
            "best (the winner's curse).</p>")
+    early, leaning = cv.get("notes") or ("", "")
+    out += f"<p class=\"note\">{html.escape(early[:1].upper() + early[1:])}.</p>" if early else ""
     if cv.get("kendall_tau") is not None:
         out += (f"<p>Single-split against cross-validated ranking: Kendall's tau {cv['kendall_tau']:+.2f} "
-                "(1: the same order).</p>")
+                f"(1: the same order){'; ' + html.escape(leaning) if leaning else ''}.</p>")
 
     def folds(fig):
         ax = fig.add_subplot()
@@ -963,17 +974,33 @@ def render_record(summary: dict) -> str:
                                  for w in who for m in ("auroc", "sensitivity", "specificity")
                                  if f"{m}/{c}" in per_label.get(w, {})}} for c in labels]
         out += "<h3>Per label (test)</h3>" + _table(pd.DataFrame(table))
-    folded = (summary.get("cv") or {}).get("fold_ensemble")
+    folded = (summary.get("cv") or {}).get("oof_ensemble")
     if folded:
-        rows = [{"": f"fold ensemble ({folded['members']} fold models of {folded['config']}, averaged)",
-                 f"{metric} [95 % CI]": ci_text(folded["test"])}]
+        chosen = " + ".join(f"{c['weight']:.2g} × {c['config']}" for c in folded["configs"])
+        rows = [{"": f"out-of-fold ensemble ({chosen}; {plural(folded['members'], 'fold model')})",
+                 "chosen on": f"{folded['oof_images']} out-of-fold images",
+                 f"{metric} there [95 % CI]": ci_text(folded["oof"]),
+                 f"test {metric} [95 % CI]": ci_text(folded["test"])}]
         if folded.get("minus_search_ensemble"):
-            rows += [{"": "the search's ensemble", f"{metric} [95 % CI]": ci_text(folded["search_ensemble_test"])},
-                     {"": "fold ensemble − the search's", f"{metric} [95 % CI]":
-                      ci_text(folded["minus_search_ensemble"])}]
-        out += ("<h3>The cross-validation's fold ensemble (test)</h3><p>Test read once more, for this comparison "
-                f"(reads of test for this experiment: {folded['test_reads']}); its thresholds chosen out of fold."
-                "</p>" + _table(pd.DataFrame(rows)))
+            rows += [{"": "the search's ensemble", "chosen on": "the validation split",
+                      f"{metric} there [95 % CI]": ci_text(folded.get("search_ensemble_val") or {}),
+                      f"test {metric} [95 % CI]": ci_text(folded["search_ensemble_test"])},
+                     {"": "out of fold − the search's (paired)", "chosen on": "", f"{metric} there [95 % CI]": "",
+                      f"test {metric} [95 % CI]": ci_text(folded["minus_search_ensemble"])}]
+        out += ("<h3>The ensemble chosen out of fold, beside the one chosen on validation (test)</h3><p>Test read "
+                f"once more, for this comparison (reads of test for this experiment: {folded['test_reads']}). Each "
+                "value where it was chosen is on the data that chose it (optimistic)."
+                + (" <b>This is the search's model</b> (the study's <code>ensemble: {select_on: oof}</code>)."
+                   if folded.get("selected") else "") + "</p>" + _table(pd.DataFrame(rows)))
+        if "oof_thresholds" in folded:
+            voted, averaged = (folded["decisions_test"][k] for k in ("vote", "averaged_oof_thresholds"))
+            table = [{"decisions": "each fold model at its own fold's threshold, then their weighted vote (served)",
+                      **{f"{k.replace('_', ' ')} [95 % CI]": ci_text(v) for k, v in voted.items()}},
+                     {"decisions": "their average at thresholds chosen on the averaged out-of-fold probabilities",
+                      **{f"{k.replace('_', ' ')} [95 % CI]": ci_text(v) for k, v in averaged.items()}}]
+            out += ("<p>Thresholds: an average of K fold models is narrower than any one of them, so a threshold "
+                    "chosen out of fold (on single models' probabilities) sits elsewhere on it; the served ensemble "
+                    "applies each fold's threshold to that fold model's own output.</p>" + _table(pd.DataFrame(table)))
     return out
 
 

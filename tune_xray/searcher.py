@@ -8,6 +8,12 @@ TPE, which would keep proposing it); error → FAIL. Results without the objecti
 non-finite value are not reported as intermediate values. The study lives in its storage (sqlite beside the
 experiment by default): a resumed search continues it, and `optuna-dashboard` reads it.
 
+With hard limits (`limits:` in the study file) each trial is given Optuna's constraints (`Trial.set_constraint`,
+which replaced the samplers' deprecated `constraints_func` in Optuna 5): its measured cost minus the limit, one per
+limited cost, feasible at ≤ 0. A trial over a limit stops at its first epoch's end as `infeasible` and is told
+COMPLETE with that epoch's values, so TPE and NSGA-II (constrained) learn where the infeasible region is, and
+Optuna's best trials leave it out.
+
 With cost objectives (`objectives:` in the study file) the study is multi-objective: a complete trial is told its
 validation metric and its measured costs, in the file's order. Such a study keeps no intermediate values: Optuna's
 TPE ranks pruned trials by their last intermediate value against the study's one direction, which a study of
@@ -104,8 +110,10 @@ class OptunaSearcher(Searcher):
     study) is not told again."""
 
     def __init__(self, space: DefineByRun, study_name: str, storage_url: str, sampler: optuna.samplers.BaseSampler,
-                 metric: str, mode: str, points_to_evaluate: list[dict] = (), costs: list[tuple[str, str]] = ()):
+                 metric: str, mode: str, points_to_evaluate: list[dict] = (), costs: list[tuple[str, str]] = (),
+                 limits: dict[str, float] | None = None):
         super().__init__(metric=metric, mode=mode)
+        self.limits = dict(limits or {})  # cost → its hard limit: each trial's Optuna constraints
         self.space, self.study_name, self.sampler = space, study_name, sampler
         self.storage_url = remember(storage_url)  # pickled with the experiment: masked
         self.costs = list(costs)  # (result key, mode) objectives after the metric: a multi-objective study
@@ -179,9 +187,10 @@ class OptunaSearcher(Searcher):
         if status == "pruned":  # the result ASHA stopped it on never reached on_trial_result
             self.on_trial_result(trial_id, result or {})
         self.storage.set_trial_user_attr(self._trial_id(trial_id), "status", status)
+        constrain(optuna.trial.Trial(self.study, self._trial_id(trial_id)), result or {}, self.limits)
         number = self.numbers[trial_id]
         values = [value] + [(result or {}).get(name) for name, _ in self.costs]
-        if status == "complete" and all(_finite(v) for v in values):
+        if status in ("complete", "infeasible") and all(_finite(v) for v in values):
             self.study.tell(number, values if self.costs else value)
         else:
             self.study.tell(number, state=State.FAIL if status in ("error", "complete") else State.PRUNED)
@@ -195,12 +204,14 @@ class OptunaSearcher(Searcher):
         if first.state != State.FAIL or trial_id in self.rerun:
             return
         values = [result.get(self.metric)] + [result.get(name) for name, _ in self.costs]
-        complete = status == "complete" and all(_finite(v) for v in values)
+        complete = status in ("complete", "infeasible") and all(_finite(v) for v in values)
         told = {"values": values} if self.costs else {"value": values[0]}
-        self.study.add_trial(optuna.trial.create_trial(
+        again = optuna.trial.create_trial(
             params=first.params, distributions=first.distributions, **(told if complete else {}),
             state=State.COMPLETE if complete else State.PRUNED if status in ("pruned", "diverged") else State.FAIL,
-            user_attrs={**first.user_attrs, "status": status, "rerun_of": first.number}))
+            user_attrs={**first.user_attrs, "status": status, "rerun_of": first.number})
+        constrain(again, result, self.limits)
+        self.study.add_trial(again)
         self.rerun.add(trial_id)
 
     def __getstate__(self) -> dict:  # Tune pickles the searcher; the study is opened again from its storage
@@ -220,16 +231,24 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def constrain(trial, result: dict, limits: dict[str, float]) -> None:
+    """A trial's Optuna constraints under the study's hard limits: each limited cost it measured minus its limit
+    (feasible at ≤ 0)."""
+    for name, limit in limits.items():
+        if _finite(result.get(name)):
+            trial.set_constraint(name, float(result[name]) - limit)
+
+
 def optuna_searcher(study: Study, space: DefineByRun, name: str, storage_url: str, seed: int,
-                    metric: str) -> OptunaSearcher:
+                    metric: str, limits: dict[str, float] | None = None) -> OptunaSearcher:
     """The search's searcher: the study file's sampler (TPE or NSGA-II, seeded, with its options) on the study's
-    define-by-run space, its objectives (the validation metric, then its costs), its warm-start points first, its
-    Optuna study `name` in `storage_url`."""
+    define-by-run space (each trial constrained by `limits`), its objectives (the validation metric, then its
+    costs), its warm-start points first, its Optuna study `name` in `storage_url`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB": the summary says where
     chosen = study.space.sampler
     kind = optuna.samplers.NSGAIISampler if chosen.name == "nsga2" else optuna.samplers.TPESampler
     return OptunaSearcher(space, name, storage_url, kind(seed=seed, **chosen.options()), metric, study.mode,
-                          study.warm_start_points() or [], study.costs)
+                          study.warm_start_points() or [], study.costs, limits)
 
 
 def close_orphans(storage_url: str, name: str) -> int:

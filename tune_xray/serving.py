@@ -2,7 +2,8 @@
 `mlflow models serve` and the registry share, and its loading. What tracking registers and predict loads.
 
 Each member applies its own preprocessing: decoded like the training cache (grayscale, bilinear to its cache size),
-its eval view and TTA; probabilities are averaged with the members' weights.
+its eval view and TTA; probabilities are averaged with the members' weights, and decided at the ensemble's
+thresholds or by the members' weighted vote at thresholds of their own (a cross-validation's fold models).
 """
 
 from __future__ import annotations
@@ -66,45 +67,71 @@ class Member:
 
 
 class EnsemblePredictor:
-    """Members with weights; `predict(images)` → (n, classes) mean probability (weights sum to 1)."""
+    """Members with weights; `predict(images)` → (n, classes) mean probability (weights sum to 1). Decisions at the
+    ensemble's `thresholds` (chosen on its validation probabilities), or — with `member_thresholds`, one row per
+    member — by a weighted vote of the members, each at its own threshold (a cross-validation's fold models: each
+    threshold fits the probabilities of the model it was chosen for; `metrics.vote`)."""
 
-    def __init__(self, checkpoints: list[str | Path], weights: list[float], thresholds=None, device: str = "cpu"):
+    member_thresholds = None  # (members, classes): decided by the members' vote; None: at `thresholds`
+
+    def __init__(self, checkpoints: list[str | Path], weights: list[float], thresholds=None, device: str = "cpu",
+                 member_thresholds=None):
         self.members = [Member(c, device) for c in checkpoints]
         self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.classes, self.task = self.members[0].classes, self.members[0].task
-        self.thresholds = thresholds
+        self.thresholds, self.member_thresholds = thresholds, member_thresholds
 
-    def predict(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
-        out = []
+    def member_probabilities(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """(members, n, classes): each member's probabilities."""
+        out = np.zeros((len(self.members), len(images), len(self.classes)))
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            out.append(sum(w * m.probabilities(chunk) for w, m in zip(self.weights, self.members)))
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+            for i, member in enumerate(self.members):
+                out[i, start:start + len(chunk)] = member.probabilities(chunk)
+        return out
 
-    def frame(self, probs: np.ndarray) -> pd.DataFrame:
-        """The probabilities and the decisions, with the thresholds that made them (chosen on validation):
+    def predict(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        return np.tensordot(self.weights, self.member_probabilities(images, batch_size), axes=1)
+
+    def decide(self, images: list[Image.Image], batch_size: int = 32) -> pd.DataFrame:
+        """`frame` of these images: the probabilities and the decisions."""
+        members = self.member_probabilities(images, batch_size)
+        return self.frame(np.tensordot(self.weights, members, axes=1), members)
+
+    def frame(self, probs: np.ndarray, members: np.ndarray | None = None) -> pd.DataFrame:
+        """The probabilities and the decisions, with what made them (chosen on validation):
         - multi-label: per label `p_<label>`, `threshold_<label>` and `y_<label>` (1 when p ≥ threshold); a label
           with no threshold (no positive in train, or one class in validation) has both left empty;
         - binary: `p_<positive>`, `threshold_<positive>`, and `label` — the positive class when p ≥ threshold, else
           the other (the negative class's probability, 1 − p, is not repeated);
-        - more classes: `p_<class>` for each and `label`, the most probable."""
-        from .metrics import decisions  # here: predicting needs no scikit-learn
+        - more classes: `p_<class>` for each and `label`, the most probable.
+        A vote (`member_thresholds`; `members` (M, n, C) the members' probabilities) has `vote_<label>` in place of
+        `threshold_<label>`: the share of the weight whose member decides the label (or the positive class) at
+        its own threshold; the decision is a share ≥ 0.5."""
+        from .metrics import decisions, vote  # here: predicting needs no scikit-learn
 
-        decided = decisions(self.task, probs, self.thresholds)
-        thresholds = [np.nan if t is None else float(t) for t in np.ravel(self.thresholds)] \
-            if self.thresholds is not None else None
+        voting = self.member_thresholds is not None and members is not None
+        if voting:
+            shares, decided = vote(self.task, members, self.member_thresholds, self.weights)
+        else:
+            decided = decisions(self.task, probs, self.thresholds)
+            thresholds = [np.nan if t is None else float(t) for t in np.ravel(self.thresholds)] \
+                if self.thresholds is not None else None
         if self.task == "multilabel":
             out = pd.DataFrame(index=range(len(probs)))
             for j, c in enumerate(self.classes):
                 out[f"p_{c}"] = probs[:, j]
-                if thresholds is not None:
-                    out[f"threshold_{c}"] = thresholds[j]
+                if voting or thresholds is not None:
+                    out[f"vote_{c}" if voting else f"threshold_{c}"] = shares[:, j] if voting else thresholds[j]
                     out[f"y_{c}"] = pd.array(np.where(np.isnan(decided[:, j]), None, decided[:, j]), dtype="Int64")
             return out
         if len(self.classes) == 2:
             positive = self.classes[1]
             out = pd.DataFrame({f"p_{positive}": probs[:, 1]})
-            out[f"threshold_{positive}"] = 0.5 if thresholds is None else thresholds[0]
+            if voting:
+                out[f"vote_{positive}"] = shares[:, 0]
+            else:
+                out[f"threshold_{positive}"] = 0.5 if thresholds is None else thresholds[0]
         else:
             out = pd.DataFrame(probs, columns=[f"p_{c}" for c in self.classes])
         out["label"] = np.asarray(self.classes, dtype=object)[decided.argmax(1)] if len(probs) else []
@@ -121,19 +148,20 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
         members = [context.artifacts[f"member_{i}"] for i in range(len(spec["weights"]))]
         device = (context.model_config or {}).get("device", "cpu")
-        self.predictor = EnsemblePredictor(members, spec["weights"], spec.get("thresholds"), device)
+        self.predictor = EnsemblePredictor(members, spec["weights"], spec.get("thresholds"), device,
+                                           spec.get("member_thresholds"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None):  # or a uint8 array (images_from_input):
         # a DataFrame hint is one MLflow infers no schema from (the logged signature speaks), and asks no more for.
         # Each row answers for itself: a file that is no image is `status` error with why, the others are predicted
         images, errors = images_from_input(model_input)
         readable = [i for i, image in enumerate(images) if image is not None]
-        probs = np.full((len(images), len(self.predictor.classes)), np.nan)
-        probs[readable] = self.predictor.predict([images[i] for i in readable])
-        out = self.predictor.frame(probs)
+        members = np.full((len(self.predictor.members), len(images), len(self.predictor.classes)), np.nan)
+        members[:, readable] = self.predictor.member_probabilities([images[i] for i in readable])
+        out = self.predictor.frame(np.tensordot(self.predictor.weights, members, axes=1), members)
         failed = [i for i, image in enumerate(images) if image is None]
         if failed:  # no decision for what was not read: empty, not a negative
-            out.loc[failed, [c for c in out.columns if c.startswith("y_")]] = pd.NA
+            out.loc[failed, [c for c in out.columns if c.startswith(("y_", "vote_"))]] = pd.NA
             if "label" in out:
                 out.loc[failed, "label"] = ""
         out.insert(0, "error", errors)

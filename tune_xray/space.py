@@ -15,9 +15,11 @@ A file states the objective, the budget, fixed settings, the parameters and opti
       augment.brightness: {choice: {"off": null, "0.8-1.2": [0.8, 1.2]}}   # labelled choices
     warm_start: [{byol.optimizer.name: lars, ...}]
     smoke: {budget: {trials: 6, epochs: 3}, set: {data.cache_size: 64}, scale: {byol.batch_size: 0.125}}
-    ensemble: {latency_ms: 20}      # the final ensemble's budget: members' measured latencies summed (optional)
+    ensemble: {latency_ms: 20, select_on: val}   # the final ensemble: its budget (members' measured latencies
+                                                 # summed), chosen on val or, with --cv-folds, out of fold (oof)
     sampler: {multivariate: true, constant_liar: true, n_startup_trials: 10}   # Optuna TPE options (default off)
     objectives: {val_mean_auroc: max, latency_ms: min}   # accuracy against cost: a Pareto search (see below)
+    limits: {latency_ms: 25}        # hard limits: a trial over one ends at epoch 1 as infeasible (Optuna constraints)
 
 `objectives:` names the validation metric first, then any of what a trial measures of its model (`COSTS`:
 latency per image at batch 1, parameters, GFLOPs), each max or min. With more than one, Optuna searches
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import ConfigError, TrialConfig, build_config, format_validation_errors, merge, metric_mode, nest
 
@@ -146,13 +148,24 @@ class Sampler(_Strict):
         return self.model_dump(include={"multivariate", "constant_liar", "n_startup_trials"})
 
 
+def positive_limits(limits: dict) -> dict:
+    """`limits:` — hard limits on a trial's measured cost — each positive."""
+    bad = {k: v for k, v in limits.items() if not v > 0}
+    if bad:
+        raise ValueError(f"{bad}: each limit is a positive cost (latency_ms: ms per image at batch 1, params_m: M "
+                         "parameters, gflops: GFLOPs per image)")
+    return limits
+
+
 class EnsembleBudget(_Strict):
-    """What the ensemble chosen at the search's end may cost (`ensemble:` in the file; --latency-budget and
-    --params-budget override it): its distinct members' measured latencies (ms per image, batch 1) and
-    parameters (M) summed."""
+    """The ensemble chosen at the search's end (`ensemble:` in the file): what it may cost (--latency-budget and
+    --params-budget override it) — its distinct members' measured latencies (ms per image, batch 1) and
+    parameters (M) summed — and what it is chosen on: `val`, the search's validation split, or `oof`, the
+    cross-validation's out-of-fold predictions (with --cv-folds; that ensemble becomes the search's model)."""
 
     latency_ms: Optional[float] = Field(None, gt=0)
     params_m: Optional[float] = Field(None, gt=0)
+    select_on: Literal["val", "oof"] = "val"
 
 
 class Smoke(_Strict):
@@ -161,6 +174,12 @@ class Smoke(_Strict):
 
     budget: Budget = Budget(trials=4, epochs=2, grace_period=1)
     ensemble: Optional[EnsembleBudget] = None  # test models on a CPU cost other milliseconds than the study's
+    limits: Optional[dict[Literal[COSTS], float]] = None  # type: ignore[valid-type]  # likewise
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, limits: Optional[dict]) -> Optional[dict]:
+        return limits if limits is None else positive_limits(limits)
     set: dict[str, Any] = {}
     scale: dict[str, float] = {}
 
@@ -216,6 +235,12 @@ class SearchSpace(_Strict):
     sampler: Sampler = Sampler()
     objectives: dict[str, Literal["max", "min"]] = {}
     ensemble: EnsembleBudget = EnsembleBudget()
+    limits: dict[Literal[COSTS], float] = {}  # type: ignore[valid-type]
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, limits: dict) -> dict:
+        return positive_limits(limits)
 
     @model_validator(mode="after")
     def _mode(self):
@@ -277,6 +302,10 @@ class Study:
             budget = budget.model_copy(update={"epochs": epochs, "grace_period": min(budget.grace_period, epochs)})
         return budget
 
+    def limits(self, smoke: bool = False) -> dict[str, float]:
+        """The study's hard limits on a trial's measured cost (`limits:`; its smoke ones at smoke scale)."""
+        return dict(self.space.smoke.limits if smoke and self.space.smoke.limits is not None else self.space.limits)
+
     def ensemble_budget(self, smoke: bool = False, latency_ms: float | None = None,
                         params_m: float | None = None) -> dict:
         """The ensemble's budget: the flags', else the file's (its smoke one at smoke scale)."""
@@ -313,7 +342,8 @@ class Study:
         The supervised phase runs the budget's epochs and selects on the study's metric. Smoke: `smoke.set`,
         then `smoke.scale` factors, then each backbone its family's test model; the user's `--set` comes last."""
         tree = merge(self.space.base, nest({k: v for k, v in sampled.items() if ":" not in k}, self.origin))
-        tree = merge(tree, {"supervised": {"epochs": self.budget(smoke).epochs, "selection_metric": self.metric}})
+        tree = merge(tree, {"supervised": {"epochs": self.budget(smoke).epochs, "selection_metric": self.metric,
+                                           **({"limits": self.limits(smoke)} if self.limits(smoke) else {})}})
         if smoke:
             tree = merge(tree, nest(self.space.smoke.set, f"{self.origin}: smoke.set"))
             values = flatten(build_config(tree, f"{self.origin} (trial config)").model_dump(mode="json"))

@@ -123,8 +123,10 @@ def print_front(summary: dict) -> None:
     """The Pareto front as a table: metric, latency (batch 1 and per image at 32), parameters, GFLOPs."""
     rows, metric = summary["pareto_front"], summary["metric"]
     objectives = ", ".join("{name} ({mode})".format(**o) for o in summary["objectives"])
+    again = summary.get("cost_remeasured")
+    where = f"measured again on the driver's {again['device']}, alone" if again else "on each trial's device"
     print(f"Pareto front on {objectives}: {len(rows)} of {summary['complete']} completed trials (latency per "
-          "image on each trial's device)")
+          f"image {where})")
     print(f"    {bare(metric):>10s} {'ms (b1)':>9s} {'ms (b32)':>9s} {'params M':>9s} {'GFLOPs':>8s}  trial")
     for row in rows:
         cost = [row.get(k, math.nan) for k in ("latency_ms", "latency_ms_b32", "params_m", "gflops")]

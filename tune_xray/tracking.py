@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -51,8 +52,8 @@ STATUS_TAG = "tune_xray.status"
 DESCRIPTION_TAG = "mlflow.note.content"  # the run's description (markdown) in the MLflow UI
 # a trial's status → the MLflow run status: a pruned trial ended as ASHA meant it to (FINISHED; its status tag says
 # `pruned`); KILLED is kept for what --resume continues, FAILED for what broke
-RUN_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "interrupted": "KILLED", "diverged": "FAILED",
-              "error": "FAILED"}
+RUN_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "infeasible": "FINISHED", "interrupted": "KILLED",
+              "diverged": "FAILED", "error": "FAILED"}
 RECORD_TABLE = "selected_record.json"  # a trial's final record, every label and interval, as one MLflow table
 # Tune's own bookkeeping in every result, and ASHA's clock: not metrics of the trial
 BOOKKEEPING = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", TIME_ATTR, FINISHED,
@@ -495,11 +496,13 @@ def ensemble_description(result: dict, members: pd.DataFrame, experiment_id: str
 
 
 def _log_pyfunc(checkpoints: list[str], weights: list[float], thresholds, example: pd.DataFrame,
-                name: str, registered_name: Optional[str] = None):
-    """Log an EnsembleModel into the active run (and register it); returns the ModelInfo."""
+                name: str, registered_name: Optional[str] = None, member_thresholds=None):
+    """Log an EnsembleModel into the active run (and register it); returns the ModelInfo. `member_thresholds`:
+    one row per member, for an ensemble that decides by the members' vote (serving.EnsemblePredictor)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "ensemble_spec.json"
-        spec.write_text(json.dumps({"weights": weights, "thresholds": thresholds}))
+        spec.write_text(json.dumps({"weights": weights, "thresholds": thresholds,
+                                    "member_thresholds": member_thresholds}))
         artifacts = {"ensemble": str(spec), **{f"member_{i}": c for i, c in enumerate(checkpoints)}}
         model = EnsembleModel()
         model.load_context(type("Context", (), {"artifacts": artifacts, "model_config": {"device": "cpu"}})())
@@ -580,35 +583,44 @@ def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members:
     return _registered(name, version, run.info.run_id, tracking_uri)
 
 
-def log_fold_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, best: dict, example_path: str) -> dict:
-    """The cross-validation's fold ensemble (tune_xray.cv) as a `cv-ensemble` child run of the search's parent:
-    its folds' values, its test record beside the search's ensemble, and its K fold models averaged as one pyfunc
-    registered as `<experiment>-cv`. Returns the registered model."""
+def log_oof_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, checkpoints: list[str],
+                     weights: list[float], example_path: str, select: bool = False) -> dict:
+    """The cross-validation's out-of-fold ensemble (tune_xray.cv) as a `cv-ensemble` child run of the search's
+    parent: its out-of-fold and test record beside the search's ensemble, and its fold models as one pyfunc that
+    decides by their vote, registered as `<experiment>-cv` — and with `select` as `<experiment>` too, the search's
+    model. Returns the registered model (the search's name when `select`)."""
     parent = find_parent(experiment_dir)
     client = MlflowClient(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     name, experiment_id = f"{experiment_dir.name}-cv", experiment_id_of(tracking_uri, parent)
-    run_name = f"cv fold ensemble {result['config']} ×{result['members']}"
-    lines = [f"**Fold ensemble**: the {result['members']} fold models of {best['name']}, the configuration the "
-             f"cross-validation ranked first (fold mean {ci_text(best['mean'], best['ci_low'], best['ci_high'])}), "
-             "their probabilities averaged; thresholds chosen out of fold.",
-             f"Test (the record): {ci_text(result['test'])}"
-             + (f"; the search's ensemble {ci_text(result['search_ensemble_test'])}, difference "
-                f"{ci_text(result['minus_search_ensemble'])}." if result.get("minus_search_ensemble") else ".")]
+    configs = "+".join(c["config"] for c in result["configs"])
+    run_name = f"cv oof ensemble {configs} ×{result['members']}"
+    description = result["card"].split("\n", 2)[2]
     run = client.create_run(experiment_id, run_name=run_name, tags={
         "mlflow.parentRunId": parent, "tune_xray.role": "cv-ensemble", STATUS_TAG: "complete",
-        CV_TAG: result["config"], DESCRIPTION_TAG: "\n\n".join(lines)})
+        CV_TAG: configs, DESCRIPTION_TAG: description})
     metric, now = bare(result["metric"]), int(time.time() * 1000)
-    metrics = {f"cv_val_{metric}": best["mean"], f"cv_val_{metric}_ci_low": best["ci_low"],
-               f"cv_val_{metric}_ci_high": best["ci_high"], f"record_test_{metric}": result["test"]["value"],
+    metrics = {f"oof_val_{metric}": result["oof"]["value"], f"oof_val_{metric}_ci_low": result["oof"]["ci_low"],
+               f"oof_val_{metric}_ci_high": result["oof"]["ci_high"], f"record_test_{metric}": result["test"]["value"],
                f"record_test_{metric}_ci_low": result["test"]["ci_low"],
-               f"record_test_{metric}_ci_high": result["test"]["ci_high"]}
-    params = [Param("config", result["config"]), Param("folds", str(result["members"]))]
-    client.log_batch(run.info.run_id, params=params, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+               f"record_test_{metric}_ci_high": result["test"]["ci_high"],
+               **{f"record_test_vote_{k}": v["value"] for k, v in result["decisions_test"]["vote"].items()}}
+    params = [Param("configs", configs), Param("members", str(result["members"])),
+              Param("decision", "vote of the fold models at their own thresholds")]
+    client.log_batch(run.info.run_id, params=params,
+                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)])
     with mlflow.start_run(run_id=run.info.run_id):
-        info = _log_pyfunc([str(Path(d) / "best.pt") for d in best["dirs"]], [1.0] * len(best["dirs"]),
-                           result.get("thresholds"), pd.DataFrame({"path": [example_path]}), model_name(run_name),
-                           name)
-    client.update_model_version(name, info.registered_model_version, description="\n\n".join(lines))
+        info = _log_pyfunc(checkpoints, weights, None, pd.DataFrame({"path": [example_path]}), model_name(run_name),
+                           name, result["member_thresholds"])
+    client.update_model_version(name, info.registered_model_version, description=description)
+    registered = _registered(name, info.registered_model_version, run.info.run_id, tracking_uri)
+    if select:  # the search's model: a version of the experiment's name, the same logged model
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            version = mlflow.register_model(info.model_uri, experiment_dir.name)
+        client.update_model_version(experiment_dir.name, version.version, description=description)
+        client.set_model_version_tag(experiment_dir.name, version.version, "tune_xray.selected_on", "out of fold")
+        registered = {**_registered(experiment_dir.name, version.version, run.info.run_id, tracking_uri),
+                      "also": registered["uri"]}
     client.set_terminated(run.info.run_id, status="FINISHED")
-    return _registered(name, info.registered_model_version, run.info.run_id, tracking_uri)
+    return registered

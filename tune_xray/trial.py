@@ -35,7 +35,7 @@ REPEAT_OF, REPEAT_SEED = "repeat_of", "repeat_seed"  # in a repeat trial's confi
 CV_OF, CV_FOLD, CV_FOLDS = "cv_of", "cv_fold", "cv_folds"  # in a fold trial's config (tune_xray.cv)
 TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
 FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
-STATUS = "status"  # in a trial's last report: "complete" or "diverged" (pruned / error / interrupted: Tune's)
+STATUS = "status"  # in a trial's last report: complete, diverged or infeasible (pruned / error / interrupted: Tune's)
 REASON = "reason"
 SCAN_BACKEND = "scan_backend"  # in every report: the selective scan the trial's SSM layers run ("none": no SSM)
 REPLAY = "replay"  # in the first report after a resume: the restored epochs' reports (see tracking.TrialRuns)
@@ -44,11 +44,12 @@ RESULT_FILES = (FINAL_FILE, "config.yaml", "summary.json", "best.pt", "predictio
                 "supervised_history.json")
 
 
-STATUSES = ("complete", "pruned", "diverged", "error", "interrupted")  # see trial_status
+STATUSES = ("complete", "pruned", "infeasible", "diverged", "error", "interrupted")  # see trial_status
 
 
 def trial_status(result: dict | None, error: bool) -> str:
-    """complete | diverged (the trial's own last report) | error (it raised, retries spent) | pruned (stopped
+    """complete | diverged | infeasible (the trial's own last report; infeasible: its measured cost over the
+    study's `limits:`, it stopped at its first epoch's end) | error (it raised, retries spent) | pruned (stopped
     by the scheduler before its end). A trial still pending or running when the search stops is `interrupted`
     (see summary.summarize)."""
     if error:
@@ -278,6 +279,11 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
     except Diverged as err:  # every rank raises it (the non-finite check is agreed across ranks)
         session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, STATUS: "diverged",
                         REASON: str(err), "diverged_epoch": float(err.epoch)})
+        return
+    over = cfg.supervised.over_limits(held)
+    if over:  # the study's hard limits: an infeasible configuration, told so (not a failure, not complete)
+        session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, STATUS: "infeasible",
+                        REASON: over})
         return
     sup, metric = summary["supervised"], cfg.supervised.selection_metric
     final = {**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, FINISHED: 1.0, STATUS: "complete",

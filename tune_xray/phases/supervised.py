@@ -295,7 +295,8 @@ def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | l
                    "supervised", done, model, [optimizer], [scheduler], history, best_score=best["score"],
                    best_epoch=best["epoch"], stale=best["stale"], **(carry or {})),
                report=report, run_dir=run_dir, checkpoints=checkpoints, rank=rank, world_size=world_size,
-               should_stop=lambda m: bool(sc.early_stopping_patience) and best["stale"] >= sc.early_stopping_patience,
+               should_stop=lambda m: (bool(sc.early_stopping_patience) and best["stale"] >= sc.early_stopping_patience)
+               or bool(sc.over_limits(m)),  # a cost over the study's limits: infeasible, no more epochs
                watched=("val_loss",))
     if rank != 0:  # rank 0 holds best.pt and scores it; the other ranks' work ends with training
         return {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history, "val": {}, "test": {}}
