@@ -42,5 +42,11 @@ def test_multi_objective_asha_keeps_the_cheap_end_of_the_front_that_accuracy_alo
     accuracy.on_trial_add(None, SimpleNamespace(trial_id="fast", config={}))
     assert _decide(accuracy, "fast", 0.60, 1.0) == TrialScheduler.STOP
     assert _decide(pareto, "best", 0.91, 10.0, epoch=1) == TrialScheduler.CONTINUE  # a rung is decided once
+    # the front's two ends recorded, a third trial on the front between them ranks third by crowding distance,
+    # beyond η 2's two of three: no trial dominates it, so it goes on
+    between = ParetoASHA(BUDGET, METRIC, "max", [("latency_ms", "min")])
+    assert [_decide(between, t, a, ms) for t, a, ms in [("accurate", 0.9, 10.0), ("cheap", 0.6, 1.0),
+                                                         ("between", 0.8, 5.0)]] == [TrialScheduler.CONTINUE] * 3
+    assert _decide(between, "dominated", 0.7, 6.0) == TrialScheduler.STOP
     assert pareto.on_trial_result(None, SimpleNamespace(trial_id="fast"), {"status": "complete", "epochs_done": 4}) \
         == TrialScheduler.CONTINUE  # a trial's last report never stops it

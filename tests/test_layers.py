@@ -89,3 +89,18 @@ def test_no_private_module_of_a_dependency_is_imported():
             private += [f"{name} imports {m}" for m in modules
                         if m.split(".")[0] != "tune_xray" and any(p[:1] == "_" != p[1:2] for p in m.split("."))]
     assert not private, "; ".join(private)
+
+
+def test_the_reports_rooms_stand_apart_and_stay_small():
+    """`report/`: each room (study and data, search, model, explanation, record, cost and CV) makes its numbers and
+    draws its section from its own module and the shared `common`; only the package itself (report_data, render)
+    puts the rooms together. No module over 400 lines."""
+    graph, package = import_graph(), "tune_xray.report"
+    rooms = {m for m in graph if m.startswith(package + ".") and m != f"{package}.__main__"}
+    assert {m.rsplit(".", 1)[1] for m in rooms} == {"common", "study", "search", "model", "explanation", "record",
+                                                     "cost"}
+    crossing = {room: sorted(t for t in graph[room] if t.startswith(package) and t != f"{package}.common")
+                for room in rooms}
+    assert not any(crossing.values()), crossing
+    sizes = {path.name: len(path.read_text().splitlines()) for path in (PACKAGE / "report").glob("*.py")}
+    assert max(sizes.values()) <= 400, sizes

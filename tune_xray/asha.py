@@ -52,7 +52,10 @@ class ParetoASHA(FinishAwareASHA):
     MOASHA): ASHA's rungs and promotion fraction, but a trial at a rung goes on when it ranks in the top 1/η of the
     trials recorded there by non-dominated sorting on every objective (crowding distance within a front) — its
     validation metric and its measured costs, known from epoch 1 — so a cheap model is not stopped for its
-    accuracy alone, as accuracy-only ASHA stops the front's cheap end of a Pareto search."""
+    accuracy alone, as accuracy-only ASHA stops the front's cheap end of a Pareto search. A trial no other at its
+    rung dominates always goes on: decided one trial at a time, crowding distance ties a front's ends (both
+    infinite), and their order would stop a newcomer on the front for being recorded later (a rung then promotes
+    more than 1/η where its front is wide)."""
 
     def __init__(self, budget, metric: str, mode: str, costs: list[tuple[str, str]]):
         super().__init__(budget, metric, mode)
@@ -77,10 +80,11 @@ class ParetoASHA(FinishAwareASHA):
                 if trial.trial_id in self.recorded[rung]:
                     break
                 self.recorded[rung][trial.trial_id] = self._point(result)
-                ids = list(self.recorded[rung])
-                position = int(np.flatnonzero(pareto_order(np.stack(list(self.recorded[rung].values())))
-                                              == ids.index(trial.trial_id))[0])
-                if position >= max(1, math.ceil(len(ids) / self.eta)):
+                ids, points = list(self.recorded[rung]), np.stack(list(self.recorded[rung].values()))
+                me = ids.index(trial.trial_id)
+                position = int(np.flatnonzero(pareto_order(points) == me)[0])
+                dominated = bool(((points <= points[me]).all(1) & (points < points[me]).any(1)).any())
+                if dominated and position >= max(1, math.ceil(len(ids) / self.eta)):
                     return TrialScheduler.STOP
                 break
         return TrialScheduler.CONTINUE

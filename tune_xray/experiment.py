@@ -76,10 +76,13 @@ REPEATS_DIR = "repeats"
 CV_DIR = "cv"  # tune_xray.cv: the finalists' fold trials, out-of-fold predictions and the fold ensemble
 TEST_READS = "test_reads.json"
 REPORT_FILE = "report.html"
-# the search's command-line values a --resume repeats (resources and cluster may differ)
+# the search's command-line values a --resume repeats: given again with another value, it is refused
 INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "asha_on", "name", "tracking_uri",
               "optuna_storage", "ensemble_size", "no_ensemble", "no_report", "repeats", "repeat_top",
               "record_test_per_trial", "latency_budget", "params_budget", "cv_folds", "cv_top")
+# what a --resume may change (each change said in one line); not given again, the search's own values hold
+RESUMABLE = ("workers_per_trial", "cpus_per_trial", "gpus_per_trial", "one_worker_trials", "max_concurrent",
+             "max_pending", "max_failures")
 
 
 class ExperimentError(ValueError):
@@ -218,8 +221,11 @@ class Experiment:
         path = self.directory / INVOCATION_FILE
         return read_json(path, "a search's invocation") if path.is_file() else {}
 
-    def write_invocation(self, values: dict) -> None:
-        (self.directory / INVOCATION_FILE).write_text(json.dumps(mask({k: values.get(k) for k in INVOCATION})))
+    def write_invocation(self, values: dict, resources: dict | None = None) -> None:
+        """search.json: the INVOCATION values, and (`resources`) the RESUMABLE ones as they were asked for."""
+        stored = {k: values.get(k) for k in INVOCATION}
+        stored["resources"] = {k: (resources or values).get(k) for k in RESUMABLE}
+        (self.directory / INVOCATION_FILE).write_text(json.dumps(mask(stored)))
 
     def summary(self) -> dict:
         """summary.json; missing or unreadable (a copy cut short, a hand edit) is an ExperimentError naming it."""

@@ -23,7 +23,7 @@ from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
 from .ensemble import remeasure_costs, run_ensemble
-from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
+from .experiment import INVOCATION_FILE, RESUMABLE, SUMMARY_FILE, Experiment, provenance, trial_name
 from .repeat import print_repeats, run_repeats
 from .report import build_report
 from .searcher import DefineByRun, close_orphans, link_run, optuna_searcher
@@ -124,9 +124,17 @@ def locate(args) -> Experiment:
     return Experiment.locate(name, args.storage, args.local_dir)
 
 
+def flag_of(key: str) -> str:
+    """The command-line flag of an invocation key."""
+    return {"study": "the study file", "overrides": "--set"}.get(key, "--" + key.replace("_", "-"))
+
+
 def restore_invocation(args) -> None:
     """`--resume [NAME]`: the search must exist; it continues as it was started (study file, --set, --data,
-    --smoke, trials, seed), whatever else this command line says; resources and cluster may differ."""
+    --smoke, trials, seed, the steps after the trials: INVOCATION). A flag of those given again with another value is
+    refused, naming its stored value; resources and limits (RESUMABLE) may change, each change said in one line, and
+    not given again keep the search's own. `args.given`: the keys this command line set itself (search.main; a
+    Namespace made in code without it gives nothing of its own but resources and cluster)."""
     from ray import tune
 
     experiment = locate(args)
@@ -137,10 +145,27 @@ def restore_invocation(args) -> None:
     invocation = experiment.invocation()
     if not invocation:
         raise ConfigError(missing)
+    given = getattr(args, "given", set())
+    changed = []
     for key, value in invocation.items():
-        # a store's credentials are never stored: this command line's URL for the same store keeps its own
-        if value is not None and not (key in SECRET_KEYS and same_place(value, getattr(args, key, None))):
+        if key == "resources":
+            continue
+        ours = getattr(args, key, None)
+        if key in SECRET_KEYS and value is not None and same_place(value, ours):
+            continue  # a store's credentials are never stored: this command line's URL for the same store keeps them
+        same = resolve_path(ours) == resolve_path(value) if key == "study" and ours and value else ours == value
+        if key in given and key != "name" and not same:
+            shown = [", ".join(map(str, v)) or "none" if isinstance(v, list) else v for v in (ours, value)]
+            changed.append(f"{flag_of(key)} {shown[0]} (the search's: {shown[1]})")
+        setattr(args, key, value)
+    if changed:
+        raise ConfigError(f"--resume {experiment.name}: {'; '.join(changed)}: a resume continues the search as it "
+                          "was started; start a new --name to change it")
+    for key, value in (invocation.get("resources") or {}).items():
+        if key not in given:
             setattr(args, key, value)
+        elif getattr(args, key) != value:
+            print(f"--resume: {flag_of(key)} {getattr(args, key)} (the search started with {value})", flush=True)
 
 
 def ensemble_budget(study: Study, args) -> dict:
@@ -213,6 +238,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
     `extra_callbacks`: more Tune callbacks (tests use one to interrupt a search)."""
     if args.resume:
         restore_invocation(args)  # before anything else: nothing to resume is one error, leaving nothing behind
+    requested = {k: getattr(args, k, None) for k in RESUMABLE}  # as asked (the GPUs per trial are resolved later)
     for key in SECRET_KEYS:  # the real URLs stay in this process; what is stored and logged has them masked
         remember(getattr(args, key, None))
     check_numbers(args)
@@ -241,7 +267,7 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         except Exception as err:  # noqa: BLE001 — pyarrow's errors differ by scheme; all mean "not a storage"
             raise ConfigError(f"--storage {experiment.storage}: not a storage pyarrow can open ({err})") from None
     with experiment.lock():
-        return _run(args, extra_callbacks, study, base_cfg, budget, trials, experiment)
+        return _run(args, extra_callbacks, study, base_cfg, budget, trials, experiment, requested)
 
 
 def _start_ray(args) -> str:
@@ -261,7 +287,8 @@ def _start_ray(args) -> str:
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, experiment: Experiment) -> dict:
+def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, experiment: Experiment,
+         requested: dict) -> dict:
     """The search itself, under its lock: data, Ray, the Tuner, the summary and what comes after the trials."""
     import ray
     from ray import tune
@@ -280,7 +307,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
         kind, _, data_path = base_cfg.data.source.partition(":")
         check_cluster_paths(experiment.storage, data_path if kind != "synthetic" else None)
     if not args.resume:  # (the lock made the directory)
-        experiment.write_invocation(vars(args))
+        experiment.write_invocation(vars(args), requested)
         experiment.sync((INVOCATION_FILE,))
     metric = objective(study.metric)
     tracking_uri, optuna_url = experiment.tracking_uri, experiment.optuna_url

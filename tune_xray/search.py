@@ -91,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how many of the best configurations --repeats re-runs")
     parser.add_argument("--cv-folds", type=int, default=0, metavar="K", help="then train the best --cv-top "
                         "configurations on K patient-grouped folds of train + val each (full budget, no ASHA; test "
-                        "untouched): mean ± sd over folds, out-of-fold predictions, the best's fold models as an "
-                        "ensemble")
+                        "untouched): mean ± sd over folds, out-of-fold predictions, and an ensemble chosen on them")
     parser.add_argument("--cv-top", type=int, default=3, metavar="N",
                         help="how many of the best configurations --cv-folds cross-validates")
     parser.add_argument("--no-report", action="store_true",
@@ -118,6 +117,15 @@ def named_study(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
     return None
 
 
+def given_keys(argv: list[str], parsed: dict) -> set[str]:
+    """The keys this command line sets itself, not by default: parsed again with every default a marker of its own
+    (what a --resume compares with the search it continues)."""
+    parser = build_parser()
+    markers = {key: [] if isinstance(value, list) else object() for key, value in parsed.items()}  # `--set` appends
+    parser.set_defaults(**markers)
+    return {key for key, value in vars(parser.parse_args(argv)).items() if value is not markers[key]}
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -134,6 +142,7 @@ def main(argv=None) -> int:
                 return 2
         return 0
     args = parser.parse_args(argv)
+    args.given = given_keys(argv, vars(args))
     args.command = shlex.join(["python", "-m", "tune_xray.search", *argv])
     try:
         summary = run_search(args)

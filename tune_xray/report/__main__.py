@@ -1,0 +1,7 @@
+"""`python -m tune_xray.report EXPERIMENT_DIR`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
