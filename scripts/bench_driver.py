@@ -32,6 +32,7 @@ from ray import tune
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tune_xray.trial as trial_module  # noqa: E402
 from tune_xray.config import objective  # noqa: E402
+from tune_xray.request import SearchRequest  # noqa: E402
 from tune_xray.search import build_parser  # noqa: E402
 
 SPACE = {  # a study like the shipped ones: a choice, a log-uniform, a conditional; 6 epochs of budget
@@ -99,11 +100,10 @@ def run(store: str, trials: int, epochs: int, work: Path, services=None) -> dict
             "--no-ensemble", "--no-report", "--cpus-per-trial", "0.5", "--gpus-per-trial", "0"]
     if services is not None:
         argv += ["--optuna-storage", services.postgres_url("optuna"), "--tracking-uri", services.mlflow_url]
-    args = build_parser().parse_args(argv)
-    args.command = " ".join(argv)
+    request = SearchRequest.from_values(vars(build_parser().parse_args(argv)), command=" ".join(argv))
     clock = DriverClock()
     start = time.perf_counter()
-    summary = run_search(args, extra_callbacks=[clock])
+    summary = run_search(request, extra_callbacks=[clock])
     wall = time.perf_counter() - start
     ticks, tenth = clock.ticks, max(1, trials // 10)
     return {"store": store, "trials": summary["trials"], "complete": summary["complete"],

@@ -26,6 +26,7 @@ import yaml
 from tune_xray.experiment import Experiment
 from tune_xray.pipeline import run_search
 from tune_xray.repeat import run_repeats
+from tune_xray.request import SearchRequest
 
 AXES = {"supervised.optimizer.lr": [3.0e-4, 2.0e-3, 1.0e-2],
         "supervised.optimizer.weight_decay": [0.0, 1.0e-3, 5.0e-2],
@@ -52,12 +53,10 @@ def space(epochs: int, trials: int, images: int, grid: bool, sampler: dict | Non
 def search(work: Path, name: str, spec: dict, no_asha: bool) -> dict:
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    args = argparse.Namespace(
-        study=str(path), data=None, trials=None, smoke=False, storage=str(work / "runs"), local_dir="", name=name,
-        resume=False, workers_per_trial=1, cpus_per_trial=1.0, gpus_per_trial=0.0, address=None, tracking_uri=None,
-        overrides=[], seed=0, max_failures=0, no_asha=no_asha, verbose=False, no_ensemble=True, no_report=True)
+    request = SearchRequest(str(path), storage=str(work / "runs"), local_dir="", name=name, gpus_per_trial=0.0,
+                            max_failures=0, no_asha=no_asha, no_ensemble=True, no_report=True)
     start = time.perf_counter()
-    summary = run_search(args)
+    summary = run_search(request)
     rows = summary["rows"]
     return {"search": name, "trials": len(rows), "trial_epochs": int(sum(r["epochs_done"] or 0 for r in rows)),
             "best_val": summary["best"]["best_val_mean_auroc"], "best": summary["best"]["name"],

@@ -25,6 +25,7 @@ from tune_xray.config import build_config
 from tune_xray.data.loader import prepare
 from tune_xray.phases import run_phases
 from tune_xray.pipeline import run_search
+from tune_xray.request import SearchRequest
 
 
 def cpu_seconds() -> dict[int, float]:
@@ -97,13 +98,11 @@ def main() -> None:
     what = {"trainer": "Tune → Train → worker", "tune": "the Tune trial trains itself"}
     for mode in args.modes.split(","):  # the first starts Ray; run both orders to see what that costs
         timer = FirstResult()
-        parsed = argparse.Namespace(
-            study=str(space), data=None, trials=1, smoke=False, storage=str(work / "store"), local_dir="",
-            name=f"bench-{mode}", resume=False, workers_per_trial=1, cpus_per_trial=2.0, gpus_per_trial=0.0,
-            address=None, tracking_uri=None, overrides=[], seed=0, max_failures=0, no_asha=True, verbose=False,
-            one_worker_trials=mode, no_ensemble=True)
+        request = SearchRequest(str(space), trials=1, storage=str(work / "store"), local_dir="", name=f"bench-{mode}",
+                                cpus_per_trial=2.0, gpus_per_trial=0.0, max_failures=0, no_asha=True,
+                                one_worker_trials=mode, no_ensemble=True)
         start = time.perf_counter()
-        run_search(parsed, extra_callbacks=[timer])
+        run_search(request, extra_callbacks=[timer])
         whole = time.perf_counter() - start
         trial = timer.end - timer.start
         print(f"\n--one-worker-trials {mode} ({what[mode]})")

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tune_xray"
 
 # lowest first; a module may import from its own layer and those before it. A subpackage is one unit.
 LAYERS = [
-    ["config", "credentials", "metrics", "explain", "figures"],  # no tune_xray import
+    ["config", "credentials", "metrics", "explain", "figures", "request"],  # none later (request: a search's choices)
     ["cluster", "data", "augment", "models", "space"],  # Ray clusters, data, views, backbones, search-space files
     ["phases"],  # SSL and supervised training
     ["trial", "serving"],  # one Tune trial; a fine-tuned ensemble as a model

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from ray import tune
 
 from tune_xray.config import ConfigError
 from tune_xray.pipeline import run_search
+from tune_xray.request import SearchRequest
 from tune_xray.search import main
 from tune_xray.summary import exit_code
 
@@ -61,13 +63,12 @@ def ray_session():
     ray.shutdown()
 
 
-def _args(tmp_path, *extra):
+def _args(tmp_path, *extra, **changes):
+    """The tiny search's request (a script's way: no command line), with `changes`."""
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(SPACE))
-    return main.__globals__["argparse"].Namespace(
-        study=str(space), data=None, trials=None, smoke=False, storage=str(tmp_path / "store"), local_dir="",
-        name="tiny", resume="--resume" in extra, workers_per_trial=1, cpus_per_trial=1.0, gpus_per_trial=0.0,
-        address=None, tracking_uri=None, overrides=[], seed=0, max_failures=1, no_asha=False, verbose=False)
+    return SearchRequest(str(space), storage=str(tmp_path / "store"), local_dir="", name="tiny",
+                         resume="--resume" in extra, gpus_per_trial=0.0, **changes)
 
 
 def _mlflow(exp):
@@ -263,7 +264,7 @@ def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, r
 
     monkeypatch.setattr(tune_xray.pipeline, "run_ensemble", broken)
     args = _args(tmp_path)
-    args.trials, args.no_asha, args.overrides = 1, True, ["supervised.epochs=1"]
+    args = replace(args, trials=1, no_asha=True, overrides=["supervised.epochs=1"])
     summary = run_search(args)
     assert summary["status"] == "complete" and exit_code(summary) == 1
     assert summary["failed"] == {"ensemble": "OSError: the registry's disk is full"}
@@ -282,8 +283,7 @@ def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray
              "warm_start": [{"model.backbone": "test_resnet"}, {"model.backbone": "test_efficientnet"}]}
     args = _args(tmp_path)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space))
-    args.trials, args.no_asha, args.no_ensemble, args.no_report = 2, True, True, True
-    args.overrides = ["supervised.epochs=2"]
+    args = replace(args, trials=2, no_asha=True, no_ensemble=True, no_report=True, overrides=["supervised.epochs=2"])
     summary = run_search(args)
     assert summary["status"] == "complete" and exit_code(summary) == 0
     assert (summary["complete"], summary["infeasible"]) == (1, 1)
@@ -317,7 +317,7 @@ class InterruptAfterFirstTrial(tune.Callback):
 
 def test_ctrl_c_is_an_interruption_and_resume_completes_the_record(tmp_path, ray_session, capfd):
     args = _args(tmp_path)
-    args.no_asha = True
+    args = replace(args, no_asha=True)
     summary = run_search(args, extra_callbacks=[InterruptAfterFirstTrial(tmp_path / "interrupted")])
     exp = tmp_path / "store" / "tiny"
     assert summary["status"] == "interrupted" and exit_code(summary) == 130 and summary["pruned"] == 0
@@ -366,9 +366,11 @@ def test_resume_of_a_search_that_never_ran_leaves_nothing(tmp_path, capsys):
 def test_a_resume_says_what_it_changes_and_refuses_what_it_cannot(tmp_path, capsys):
     """What the search was started with holds; given again with another value, a flag the search's record depends
     on (--ensemble-size, --set, the study file) is one error naming its stored value; resources may change, each
-    change said in one line, and resources not given again stay the search's own."""
-    from tune_xray.experiment import Experiment
-    from tune_xray.pipeline import restore_invocation
+    change said in one line, and resources not given again stay the search's own. search.json's first format (the
+    kept values at its top level, no resources) still loads."""
+    from tune_xray.experiment import INVOCATION_FILE, Experiment
+    from tune_xray.pipeline import restore_request
+    from tune_xray.request import KEPT
     from tune_xray.search import build_parser, given_keys
 
     space = tmp_path / "tiny.yaml"
@@ -378,27 +380,28 @@ def test_a_resume_says_what_it_changes_and_refuses_what_it_cannot(tmp_path, caps
     experiment = Experiment.locate("r", str(tmp_path / "s"), str(tmp_path / "s"))
     experiment.directory.mkdir(parents=True)
     (experiment.directory / "tuner.pkl").write_bytes(b"")  # what Tune checks before a restore
-    first = build_parser().parse_args(started)
-    experiment.write_invocation(vars(first))
+    first = SearchRequest.from_values(vars(build_parser().parse_args(started)))
+    experiment.write_request(first)
 
     def resume(*flags):
         argv = [str(space), "--resume", "r", "--storage", str(tmp_path / "s"), *flags]
-        args = build_parser().parse_args(argv)
-        args.given = given_keys(argv, vars(args))
-        restore_invocation(args)
-        return args
+        parsed = vars(build_parser().parse_args(argv))
+        return restore_request(SearchRequest.from_values(parsed, given=given_keys(argv, parsed)))
 
-    args = resume("--cpus-per-trial", "2")
+    request = resume("--cpus-per-trial", "2")
     assert "--resume: --cpus-per-trial 2.0 (the search started with 0.5)" in capsys.readouterr().out
-    assert (args.cpus_per_trial, args.max_concurrent, args.ensemble_size) == (2.0, 2, 3)  # the others kept
-    assert args.overrides == ["supervised.epochs=1"]
-    args = resume("--ensemble-size", "3", "--set", "supervised.epochs=1")  # the same values: nothing to say
+    assert (request.cpus_per_trial, request.max_concurrent, request.ensemble_size) == (2.0, 2, 3)  # the others kept
+    assert request.overrides == ("supervised.epochs=1",) and request.resume == "r"
+    resume("--ensemble-size", "3", "--set", "supervised.epochs=1")  # the same values: nothing to say
     assert capsys.readouterr().out == ""
     with pytest.raises(ConfigError) as err:
         resume("--ensemble-size", "5", "--set", "supervised.epochs=2")
     assert str(err.value) == (
         "--resume r: --set supervised.epochs=2 (the search's: supervised.epochs=1); --ensemble-size 5 (the search's: "
         "3): a resume continues the search as it was started; start a new --name to change it")
+    (experiment.directory / INVOCATION_FILE).write_text(json.dumps({k: getattr(first, k) for k in KEPT}))  # format 1
+    request = resume()
+    assert (request.ensemble_size, request.overrides, request.cpus_per_trial) == (3, ("supervised.epochs=1",), 1.0)
 
 
 def test_set_that_contradicts_the_study_is_an_error_or_carries_through(tmp_path, capsys):
@@ -445,9 +448,9 @@ def test_bad_search_space_errors_before_ray(tmp_path, capsys):
 
 def test_a_trial_runs_as_two_ddp_ranks(tmp_path, ray_session):
     args = _args(tmp_path)
-    args.trials, args.workers_per_trial, args.cpus_per_trial, args.no_asha = 1, 2, 2.0, True
-    args.overrides = ["supervised.epochs=1", "byol.enabled=true", "byol.epochs=1", "byol.batch_size=32",
-                      "byol.hidden_dim=32", "byol.out_dim=16"]
+    args = replace(args, trials=1, workers_per_trial=2, cpus_per_trial=2.0, no_asha=True,
+                   overrides=["supervised.epochs=1", "byol.enabled=true", "byol.epochs=1", "byol.batch_size=32",
+                              "byol.hidden_dim=32", "byol.out_dim=16"])
     summary = run_search(args)
     assert summary["complete"] == 1 and summary["error"] == 0
     trial = summary["rows"][0]
@@ -532,8 +535,7 @@ def test_a_killed_trial_resumes_from_its_last_epoch(tmp_path, ray_session, one_w
     training process killed after epoch 1 restarts from that epoch's checkpoint (a Train worker: Ray Train's
     retry; the trial itself: Tune's): one run, epochs 1..3 once each."""
     args = _args(tmp_path)
-    args.trials, args.cpus_per_trial, args.overrides = 1, 2.0, ["supervised.epochs=3"]
-    args.one_worker_trials = one_worker
+    args = replace(args, trials=1, cpus_per_trial=2.0, overrides=["supervised.epochs=3"], one_worker_trials=one_worker)
     killer = KillTrainingAfterFirstEpoch()
     summary = run_search(args, extra_callbacks=[killer])
     assert ("RayTrainWorker" in killer.killed) == (one_worker == "trainer")
@@ -568,9 +570,7 @@ class KillDriverMidTrial(tune.Callback):
             open({str(tmp_path / "killed")!r}, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
 
-args = _args(pathlib.Path({str(tmp_path)!r}))
-args.no_asha = True
-run_search(args, extra_callbacks=[KillDriverMidTrial()])
+run_search(_args(pathlib.Path({str(tmp_path)!r}), no_asha=True), extra_callbacks=[KillDriverMidTrial()])
 """
     assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
     exp = tmp_path / "store" / "tiny"
@@ -665,7 +665,7 @@ def test_repeats_rerun_the_best_configs_with_new_seeds(tmp_path, ray_session):
     from tune_xray.repeat import main as repeat_main
 
     args = _args(tmp_path)
-    args.trials, args.no_asha, args.no_ensemble, args.no_report = 2, True, True, True
+    args = replace(args, trials=2, no_asha=True, no_ensemble=True, no_report=True)
     space = {k: v for k, v in SPACE.items() if k != "warm_start"}  # two trials that complete
     space["params"] = {"supervised.optimizer.lr": {"choice": [1.0e-3, 5.0e-3]}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space))
@@ -717,8 +717,8 @@ def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_p
     space["sampler"] = {"n_startup_trials": 2}
     args = _args(tmp_path)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-    args.trials, args.no_asha, args.no_report, args.overrides = 4, False, True, ["supervised.epochs=2"]
-    args.latency_budget, args.cv_folds, args.cv_top = 1e6, 2, 2
+    args = replace(args, trials=4, no_asha=False, no_report=True, overrides=["supervised.epochs=2"],
+                   latency_budget=1e6, cv_folds=2, cv_top=2)
     summary = run_search(args)
     assert summary["status"] == "complete" and not summary["failed"], summary["failed"]
     assert summary["asha"].startswith("multi-objective ASHA")  # with ASHA: promotion on both objectives

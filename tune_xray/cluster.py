@@ -55,9 +55,9 @@ def started_cluster() -> Optional[str]:
 
 def which_ray(address: Optional[str] = None) -> tuple[Optional[str], str]:
     """(address, where it came from) of the Ray a search joins: `--address`, else RAY_ADDRESS, else the cluster
-    `ray start` recorded on this machine; (None, "") for a Ray of its own. Never Ray's legacy `address="auto"`, which
-    joins any Ray process it finds here — another search's private one included, which then dies with that search.
-    `--address auto` means the `ray start` cluster here."""
+    `ray start` recorded on this machine; (None, "") for a Ray of its own. Never Ray's legacy "auto" address for
+    `ray.init`, which joins any Ray process it finds here — another search's private one included, which then dies
+    with that search. `--address auto` means the `ray start` cluster here."""
     for given, origin in ((address, "--address"), (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")):
         if given == "auto":
             recorded = started_cluster()

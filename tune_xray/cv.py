@@ -171,7 +171,9 @@ def aggregate(experiment: Experiment, summary: dict, trials: list[dict], metric:
         y = oof[[f"y_{c}" for c in task.classes]].to_numpy()
         pooled, _ = _with_interval(_scorer(y, task), oof[[f"p_{c}" for c in task.classes]].to_numpy(float),
                                    patient_bootstrap(resampling_units(oof["patient_id"], oof["path"])))
+        named = oof["patient_id"].notna() & (oof["patient_id"].astype(str) != "")
         rows.append({"config": source, "name": original["name"], "search_rank": search_rank[source],
+                     "grouped": "patients" if named.any() else "images",
                      "single_split": original[key], "folds": len(values), "complete": len(values) == folds,
                      "values": values.tolist(), "mean": float(values.mean()),
                      "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"), "ci_low": low,
@@ -184,7 +186,9 @@ def aggregate(experiment: Experiment, summary: dict, trials: list[dict], metric:
         from scipy.stats import kendalltau
 
         tau = float(kendalltau([r["search_rank"] for r in rows], [r["cv_rank"] for r in rows]).statistic)
-    return {"rows": rows, "kendall_tau": tau}
+    patients = any(r["grouped"] == "patients" for r in rows)
+    return {"rows": rows, "kendall_tau": tau,
+            "grouped": "patient-grouped" if patients else "image-grouped (no patient ids)"}
 
 
 def fold_thresholds(directory: str | Path):
@@ -342,7 +346,7 @@ def model_card(out: dict, classes: list[str]) -> str:
 def print_cv(entry: dict) -> None:
     name = bare(entry["metric"])
     print(f"\ncross-validation: {plural(len(entry['rows']), 'configuration')} × {entry['folds']} folds of train + val "
-          "(patient-grouped, label-stratified; test untouched): val "
+          f"({entry.get('grouped', 'patient-grouped')}, label-stratified; test untouched): val "
           f"{name} per fold, mean ± sd [95 % t-interval]; pooled out of fold [95 % bootstrap CI]; {EARLY_STOPPING}")
     for row in entry["rows"]:
         print(f"  {row['cv_rank']}. {row['mean']:.4f} ± {row['sd']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"

@@ -36,6 +36,7 @@ from .cluster import download, upload
 from .config import ConfigError
 from .credentials import mask, reveal
 from .metrics import resampling_units
+from .request import SearchRequest, read_stored
 from .trial import CV_FOLD, CV_OF, REPEAT_OF, REPEAT_SEED, RESULT_FILES, STATUSES, TRIAL_NUMBER  # noqa: F401  (STATUSES: readers')
 
 
@@ -76,15 +77,6 @@ REPEATS_DIR = "repeats"
 CV_DIR = "cv"  # tune_xray.cv: the finalists' fold trials, out-of-fold predictions and the fold ensemble
 TEST_READS = "test_reads.json"
 REPORT_FILE = "report.html"
-# the search's command-line values a --resume repeats: given again with another value, it is refused
-INVOCATION = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "asha_on", "name", "tracking_uri",
-              "optuna_storage", "ensemble_size", "no_ensemble", "no_report", "repeats", "repeat_top",
-              "record_test_per_trial", "latency_budget", "params_budget", "cv_folds", "cv_top")
-# what a --resume may change (each change said in one line); not given again, the search's own values hold
-RESUMABLE = ("workers_per_trial", "cpus_per_trial", "gpus_per_trial", "one_worker_trials", "max_concurrent",
-             "max_pending", "max_failures")
-
-
 class ExperimentError(ValueError):
     """An experiment directory, or a file in it, that is missing or cannot be read; the message names it."""
 
@@ -216,16 +208,24 @@ class Experiment:
 
     # -- the search's own files ----------------------------------------------------------------------------------
 
-    def invocation(self) -> dict:
-        """search.json ({} when there is none)."""
+    def stored_request(self) -> tuple[dict, dict]:
+        """search.json's request: (the values the search's record depends on, its resources), in either of the
+        file's formats (tune_xray.request); ({}, {}) when there is none."""
         path = self.directory / INVOCATION_FILE
-        return read_json(path, "a search's invocation") if path.is_file() else {}
+        return read_stored(read_json(path, "a search's invocation")) if path.is_file() else ({}, {})
 
-    def write_invocation(self, values: dict, resources: dict | None = None) -> None:
-        """search.json: the INVOCATION values, and (`resources`) the RESUMABLE ones as they were asked for."""
-        stored = {k: values.get(k) for k in INVOCATION}
-        stored["resources"] = {k: (resources or values).get(k) for k in RESUMABLE}
-        (self.directory / INVOCATION_FILE).write_text(json.dumps(mask(stored)))
+    def invocation(self) -> dict:
+        """The values the search's record depends on (study, --set, --data, --smoke, ...; {} when none stored)."""
+        return self.stored_request()[0]
+
+    def request(self) -> SearchRequest | None:
+        """The search's request as search.json stores it (None when there is none)."""
+        kept, resources = self.stored_request()
+        return SearchRequest.from_values({**kept, **resources}) if kept else None
+
+    def write_request(self, request: SearchRequest) -> None:
+        """search.json: what a --resume continues (passwords in URLs masked)."""
+        (self.directory / INVOCATION_FILE).write_text(json.dumps(request.stored()))
 
     def summary(self) -> dict:
         """summary.json; missing or unreadable (a copy cut short, a hand edit) is an ExperimentError naming it."""

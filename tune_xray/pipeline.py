@@ -6,6 +6,7 @@ a failure of one said without costing the others.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,9 +24,10 @@ from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
 from .ensemble import remeasure_costs, run_ensemble
-from .experiment import INVOCATION_FILE, RESUMABLE, SUMMARY_FILE, Experiment, provenance, trial_name
+from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
 from .repeat import print_repeats, run_repeats
 from .report import build_report
+from .request import SearchRequest
 from .searcher import DefineByRun, close_orphans, link_run, optuna_searcher
 from .space import Study, flatten, load_study, resolve_path
 from .summary import run_name, summarize
@@ -52,33 +54,31 @@ class SearchError(RuntimeError):
     """A failure while the search runs (Ray did not start, say): one line, exit 1."""
 
 
-def check_numbers(args) -> None:
+def check_numbers(request: SearchRequest) -> None:
     """Counts and resources the command line gives, before anything starts: one error naming the flag."""
-    at_least = [("--trials", args.trials, 1), ("--workers-per-trial", args.workers_per_trial, 1),
-                ("--max-concurrent", getattr(args, "max_concurrent", None), 1),
-                ("--max-pending", getattr(args, "max_pending", None), 0),
-                ("--max-failures", args.max_failures, 0)]
+    at_least = [("--trials", request.trials, 1), ("--workers-per-trial", request.workers_per_trial, 1),
+                ("--max-concurrent", request.max_concurrent, 1), ("--max-pending", request.max_pending, 0),
+                ("--max-failures", request.max_failures, 0)]
     for flag, value, low in at_least:
         if value is not None and value < low:
             raise ConfigError(f"{flag} {value}: at least {low}")
-    if not args.cpus_per_trial > 0:
-        raise ConfigError(f"--cpus-per-trial {args.cpus_per_trial:g}: more than 0 (a trial's process needs a CPU)")
-    if args.gpus_per_trial is not None and args.gpus_per_trial < 0:
-        raise ConfigError(f"--gpus-per-trial {args.gpus_per_trial:g}: 0 or more")
-    if args.workers_per_trial > 1 and 0 < (args.gpus_per_trial or 0) / args.workers_per_trial < 1:
-        raise ConfigError(f"--workers-per-trial {args.workers_per_trial} with --gpus-per-trial "
-                          f"{args.gpus_per_trial:g}: each DDP rank needs a GPU of its own (NCCL refuses two ranks "
+    if not request.cpus_per_trial > 0:
+        raise ConfigError(f"--cpus-per-trial {request.cpus_per_trial:g}: more than 0 (a trial's process needs a CPU)")
+    if request.gpus_per_trial is not None and request.gpus_per_trial < 0:
+        raise ConfigError(f"--gpus-per-trial {request.gpus_per_trial:g}: 0 or more")
+    if request.workers_per_trial > 1 and 0 < (request.gpus_per_trial or 0) / request.workers_per_trial < 1:
+        raise ConfigError(f"--workers-per-trial {request.workers_per_trial} with --gpus-per-trial "
+                          f"{request.gpus_per_trial:g}: each DDP rank needs a GPU of its own (NCCL refuses two ranks "
                           "on one GPU); use "
-                          f"--gpus-per-trial {args.workers_per_trial} or more")
-    if getattr(args, "repeats", 0) < 0 or (getattr(args, "repeats", 0) and args.repeat_top < 1):
-        raise ConfigError(f"--repeats {args.repeats} --repeat-top {args.repeat_top}: both must be at least 1")
-    if getattr(args, "cv_folds", 0) < 0 or getattr(args, "cv_folds", 0) == 1 or getattr(args, "cv_top", 3) < 1:
-        raise ConfigError(f"--cv-folds {args.cv_folds} --cv-top {args.cv_top}: at least 2 folds (0: none) and 1 "
+                          f"--gpus-per-trial {request.workers_per_trial} or more")
+    if request.repeats < 0 or (request.repeats and request.repeat_top < 1):
+        raise ConfigError(f"--repeats {request.repeats} --repeat-top {request.repeat_top}: both must be at least 1")
+    if request.cv_folds < 0 or request.cv_folds == 1 or request.cv_top < 1:
+        raise ConfigError(f"--cv-folds {request.cv_folds} --cv-top {request.cv_top}: at least 2 folds (0: none) and 1 "
                           "configuration")
-    if getattr(args, "ensemble_size", 5) < 1:
-        raise ConfigError(f"--ensemble-size {args.ensemble_size}: at least 1 (or --no-ensemble)")
-    for flag, value in (("--latency-budget", getattr(args, "latency_budget", None)),
-                        ("--params-budget", getattr(args, "params_budget", None))):
+    if request.ensemble_size < 1:
+        raise ConfigError(f"--ensemble-size {request.ensemble_size}: at least 1 (or --no-ensemble)")
+    for flag, value in (("--latency-budget", request.latency_budget), ("--params-budget", request.params_budget)):
         if value is not None and not value > 0:
             raise ConfigError(f"{flag} {value:g}: more than 0")
 
@@ -116,78 +116,73 @@ def check_candidates(study: Study, overrides: dict, smoke: bool) -> None:
                               "file (weights load from local files only)")
 
 
-def locate(args) -> Experiment:
-    """The experiment a command line names: `--resume NAME`, `--name`, or the study's name (`-smoke` added)."""
-    if isinstance(args.resume, str):
-        args.name = args.resume
-    name = args.name or f"{resolve_path(args.study).stem}{'-smoke' if args.smoke else ''}"
-    return Experiment.locate(name, args.storage, args.local_dir)
+def locate(request: SearchRequest) -> Experiment:
+    """The experiment a request names: `--resume NAME`, `--name`, or the study's name (`-smoke` added)."""
+    name = request.resume if isinstance(request.resume, str) else request.name
+    name = name or f"{resolve_path(request.study).stem}{'-smoke' if request.smoke else ''}"
+    return Experiment.locate(name, request.storage, request.local_dir)
 
 
 def flag_of(key: str) -> str:
-    """The command-line flag of an invocation key."""
+    """The command-line flag of a request key."""
     return {"study": "the study file", "overrides": "--set"}.get(key, "--" + key.replace("_", "-"))
 
 
-def restore_invocation(args) -> None:
-    """`--resume [NAME]`: the search must exist; it continues as it was started (study file, --set, --data,
-    --smoke, trials, seed, the steps after the trials: INVOCATION). A flag of those given again with another value is
-    refused, naming its stored value; resources and limits (RESUMABLE) may change, each change said in one line, and
-    not given again keep the search's own. `args.given`: the keys this command line set itself (search.main; a
-    Namespace made in code without it gives nothing of its own but resources and cluster)."""
+def restore_request(request: SearchRequest) -> SearchRequest:
+    """`--resume [NAME]`: the search must exist; it continues as it was started (study file, --set, --data, --smoke,
+    trials, seed, the steps after the trials: request.KEPT). One of those given again (`request.given`) with another
+    value is refused, naming its stored value; resources (request.RESUMABLE) may change, each change said in one
+    line, and not given again are the search's own. Returns the request the resume runs."""
     from ray import tune
 
-    experiment = locate(args)
+    experiment = locate(request)
     missing = f"--resume: no search named '{experiment.name}' to resume in {experiment.path}"
     if not tune.Tuner.can_restore(experiment.path):
         raise ConfigError(missing)
     experiment.fetch_resume()  # a resume on another machine: search.json, the parent run's id, sqlite stores
-    invocation = experiment.invocation()
-    if not invocation:
+    kept, resources = experiment.stored_request()
+    if not kept:
         raise ConfigError(missing)
-    given = getattr(args, "given", set())
-    changed = []
-    for key, value in invocation.items():
-        if key == "resources":
-            continue
-        ours = getattr(args, key, None)
+    changed, restored = [], {}
+    for key, value in kept.items():
+        ours = getattr(request, key)
+        ours = list(ours) if isinstance(ours, tuple) else ours  # --set, as JSON holds it
         if key in SECRET_KEYS and value is not None and same_place(value, ours):
             continue  # a store's credentials are never stored: this command line's URL for the same store keeps them
         same = resolve_path(ours) == resolve_path(value) if key == "study" and ours and value else ours == value
-        if key in given and key != "name" and not same:
+        if key in request.given and key != "name" and not same:
             shown = [", ".join(map(str, v)) or "none" if isinstance(v, list) else v for v in (ours, value)]
             changed.append(f"{flag_of(key)} {shown[0]} (the search's: {shown[1]})")
-        setattr(args, key, value)
+        restored[key] = value
     if changed:
         raise ConfigError(f"--resume {experiment.name}: {'; '.join(changed)}: a resume continues the search as it "
                           "was started; start a new --name to change it")
-    for key, value in (invocation.get("resources") or {}).items():
-        if key not in given:
-            setattr(args, key, value)
-        elif getattr(args, key) != value:
-            print(f"--resume: {flag_of(key)} {getattr(args, key)} (the search started with {value})", flush=True)
+    for key, value in resources.items():
+        if key not in request.given:
+            restored[key] = value
+        elif getattr(request, key) != value:
+            print(f"--resume: {flag_of(key)} {getattr(request, key)} (the search started with {value})", flush=True)
+    return dataclasses.replace(request, **restored)
 
 
-def ensemble_budget(study: Study, args) -> dict:
+def ensemble_budget(study: Study, request: SearchRequest) -> dict:
     """The final ensemble's budget: --latency-budget / --params-budget, else the study file's `ensemble:`."""
-    return study.ensemble_budget(args.smoke, getattr(args, "latency_budget", None),
-                                 getattr(args, "params_budget", None))
+    return study.ensemble_budget(request.smoke, request.latency_budget, request.params_budget)
 
 
-def search_params(args, study: Study, budget, trials: int, overrides: dict, resources) -> dict:
+def search_params(request: SearchRequest, study: Study, budget, trials: int, overrides: dict, resources) -> dict:
     """The parent run's params: everything that decides what the search does, so runs compare on them."""
-    return {"study": study.origin, "trials": trials, "smoke": args.smoke, "metric": study.metric, "mode": study.mode,
-            "budget.epochs": budget.epochs, "scheduler": asha_text(args, study, objective(study.metric)),
+    return {"study": study.origin, "trials": trials, "smoke": request.smoke, "metric": study.metric, "mode": study.mode,
+            "budget.epochs": budget.epochs, "scheduler": asha_text(request, study, objective(study.metric)),
             "asha.grace_period": budget.grace_period, "asha.reduction_factor": budget.reduction_factor,
             "sampler": f"{study.space.sampler.name} (Optuna)",
             **{f"sampler.{k}": v for k, v in study.space.sampler.options().items()},
             "objectives": objectives_text(study),
-            "seed": args.seed, "ensemble_size": "off" if getattr(args, "no_ensemble", False)
-            else getattr(args, "ensemble_size", 5),
-            **{f"ensemble.budget.{k}": "none" if v is None else v for k, v in ensemble_budget(study, args).items()},
-            "repeats": getattr(args, "repeats", 0),
-            "set": " ".join(args.overrides) or "none", "overrides": json.dumps(overrides, sort_keys=True),
-            "data": args.data or "synthetic", "workers_per_trial": resources.workers,
+            "seed": request.seed, "ensemble_size": "off" if request.no_ensemble else request.ensemble_size,
+            **{f"ensemble.budget.{k}": "none" if v is None else v for k, v in ensemble_budget(study, request).items()},
+            "repeats": request.repeats,
+            "set": " ".join(request.overrides) or "none", "overrides": json.dumps(overrides, sort_keys=True),
+            "data": request.data or "synthetic", "workers_per_trial": resources.workers,
             "cpus_per_trial": resources.cpus, "gpus_per_trial": resources.gpus, **provenance()}
 
 
@@ -196,22 +191,22 @@ def objectives_text(study: Study) -> str:
     return ", ".join(f"{k} ({m})" for k, m in [(study.metric, study.mode), *study.costs])
 
 
-def asha_text(args, study: Study, metric: str) -> str:
+def asha_text(request: SearchRequest, study: Study, metric: str) -> str:
     """How ASHA stops the trials of a search: off, on its metric, or (a Pareto search) on every objective."""
-    if args.no_asha:
+    if request.no_asha:
         return "no early stopping"
-    if study.costs and getattr(args, "asha_on", "objectives") == "objectives":
+    if study.costs and request.asha_on == "objectives":
         return "multi-objective ASHA: promotion by non-dominated sorting on every objective"
     return f"ASHA on {metric} alone"
 
 
-def search_description(args, study: Study, trials: int, metric: str, data: dict) -> str:
+def search_description(request: SearchRequest, study: Study, trials: int, metric: str, data: dict) -> str:
     sampler = {"tpe": "TPE", "nsga2": "NSGA-II"}[study.space.sampler.name]
-    objectives = (f"objectives {objectives_text(study)}, a Pareto search ({asha_text(args, study, metric)})"
+    objectives = (f"objectives {objectives_text(study)}, a Pareto search ({asha_text(request, study, metric)})"
                   if study.costs else f"objective {metric} ({study.mode})")
-    return (f"**Search** `{locate(args).name}`: {trials} trials of `{study.origin}` "
+    return (f"**Search** `{locate(request).name}`: {trials} trials of `{study.origin}` "
             f"({study.space.description or study.name}), Optuna {sampler} proposing, "
-            f"{'no early stopping' if args.no_asha else 'ASHA stopping'}; {objectives} on "
+            f"{'no early stopping' if request.no_asha else 'ASHA stopping'}; {objectives} on "
             f"validation. Data {describe_data(data)}. {describe_untrained(data) + '. ' if data['untrained'] else ''}"
             "Its trials are the nested runs below; the ensemble chosen on validation, the `ensemble` run.")
 
@@ -227,38 +222,38 @@ def trial_description(study: Study, config: dict, cfg, name: str) -> str:
             + (f" Trained at smoke scale: {trained}." if trained else ""))
 
 
-def resume_command(args) -> str:
-    experiment = locate(args)
-    return f"python -m tune_xray.search {args.study} --resume {experiment.name} --storage {experiment.storage}"
+def resume_command(request: SearchRequest) -> str:
+    experiment = locate(request)
+    return f"python -m tune_xray.search {request.study} --resume {experiment.name} --storage {experiment.storage}"
 
 
-def run_search(args, extra_callbacks: list = ()) -> dict:
-    """Validate everything, then run (or resume) the search; returns the summary written to summary.json.
+def run_search(request: SearchRequest, extra_callbacks: list = ()) -> dict:
+    """Validate everything, then run (or resume) the search `request` asks for; returns the summary written to
+    summary.json.
 
     `extra_callbacks`: more Tune callbacks (tests use one to interrupt a search)."""
-    if args.resume:
-        restore_invocation(args)  # before anything else: nothing to resume is one error, leaving nothing behind
-    requested = {k: getattr(args, k, None) for k in RESUMABLE}  # as asked (the GPUs per trial are resolved later)
+    if request.resume:
+        request = restore_request(request)  # before anything else: nothing to resume is one error, nothing written
     for key in SECRET_KEYS:  # the real URLs stay in this process; what is stored and logged has them masked
-        remember(getattr(args, key, None))
-    check_numbers(args)
-    which_ray(args.address)  # `--address auto` with no `ray start` cluster here: one error before anything
-    study = load_study(args.study)  # every search-space error before Ray starts
-    if study.space.ensemble.select_on == "oof" and not getattr(args, "cv_folds", 0):
+        remember(getattr(request, key))
+    check_numbers(request)
+    which_ray(request.address)  # `--address auto` with no `ray start` cluster here: one error before anything
+    study = load_study(request.study)  # every search-space error before Ray starts
+    if study.space.ensemble.select_on == "oof" and not request.cv_folds:
         raise ConfigError(f"{study.origin}: ensemble.select_on: oof chooses the ensemble on the cross-validation's "
                           "out-of-fold predictions; pass --cv-folds K (and --cv-top N), or select_on: val")
-    if args.data:
-        args.data = absolute_data(args.data)
+    if request.data:
+        request = dataclasses.replace(request, data=absolute_data(request.data))
     # checked now; the device part is resolved again once Ray tells the cluster's GPUs (--gpus-per-trial default)
-    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial or 0, args.workers_per_trial,
-                                getattr(args, "record_test_per_trial", False))
-    base_cfg = study.trial_config({}, overrides, args.smoke)
-    check_split_keys(base_cfg.data, lambda key: study.origin_of(f"data.{key}", parse_overrides(args.overrides)))
-    check_candidates(study, overrides, args.smoke)
-    budget = study.budget(args.smoke, overrides)
-    trials = args.trials if args.trials is not None else budget.trials
-    experiment = locate(args)
-    if not args.resume and (experiment.directory / "tuner.pkl").exists():
+    overrides = trial_overrides(study, list(request.overrides), request.data, request.gpus_per_trial or 0,
+                                request.workers_per_trial, request.record_test_per_trial)
+    base_cfg = study.trial_config({}, overrides, request.smoke)
+    check_split_keys(base_cfg.data, lambda key: study.origin_of(f"data.{key}", parse_overrides(request.overrides)))
+    check_candidates(study, overrides, request.smoke)
+    budget = study.budget(request.smoke, overrides)
+    trials = request.trials if request.trials is not None else budget.trials
+    experiment = locate(request)
+    if not request.resume and (experiment.directory / "tuner.pkl").exists():
         raise ConfigError(f"{experiment.directory} holds an earlier search '{experiment.name}': pass --resume, or "
                           "--name for a new one")
     if experiment.remote:
@@ -267,10 +262,10 @@ def run_search(args, extra_callbacks: list = ()) -> dict:
         except Exception as err:  # noqa: BLE001 — pyarrow's errors differ by scheme; all mean "not a storage"
             raise ConfigError(f"--storage {experiment.storage}: not a storage pyarrow can open ({err})") from None
     with experiment.lock():
-        return _run(args, extra_callbacks, study, base_cfg, budget, trials, experiment, requested)
+        return _run(request, extra_callbacks, study, base_cfg, budget, trials, experiment)
 
 
-def _start_ray(args) -> str:
+def _start_ray(request: SearchRequest) -> str:
     """Join or start the search's Ray (cluster.connect); returns which, in words."""
     import ray
 
@@ -279,17 +274,18 @@ def _start_ray(args) -> str:
     # keep the dashboard (ray[default]'s State API): without it a Train run stopped by ASHA leaks its placement
     # group and the next trial waits for resources forever
     try:
-        return connect(args.address, args.verbose)
+        return connect(request.address, request.verbose)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 — a start-up timeout, a refused address, ...: one line, exit 1
-        raise SearchError(f"Ray did not start{' at ' + args.address if args.address else ''}: "
+        raise SearchError(f"Ray did not start{' at ' + request.address if request.address else ''}: "
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, experiment: Experiment,
-         requested: dict) -> dict:
-    """The search itself, under its lock: data, Ray, the Tuner, the summary and what comes after the trials."""
+def _run(asked: SearchRequest, extra_callbacks, study: Study, base_cfg, budget, trials: int,
+         experiment: Experiment) -> dict:
+    """The search itself, under its lock: data, Ray, the Tuner, the summary and what comes after the trials.
+    `asked`: the request as given (stored so); the search runs it with its GPUs per trial resolved."""
     import ray
     from ray import tune
 
@@ -298,28 +294,28 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     began = time.perf_counter()
     data = prepare(base_cfg.data).index.facts()  # check and cache the data once, before any trial starts
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
-    ray_text = _start_ray(args)
-    if args.gpus_per_trial is None:
-        args.gpus_per_trial = default_gpus_per_trial(ray.cluster_resources())
-    overrides = trial_overrides(study, args.overrides, args.data, args.gpus_per_trial, args.workers_per_trial,
-                                getattr(args, "record_test_per_trial", False))
+    ray_text = _start_ray(asked)
+    request = asked if asked.gpus_per_trial is not None else dataclasses.replace(
+        asked, gpus_per_trial=default_gpus_per_trial(ray.cluster_resources()))
+    overrides = trial_overrides(study, list(request.overrides), request.data, request.gpus_per_trial,
+                                request.workers_per_trial, request.record_test_per_trial)
     if len(alive_nodes()) > 1:  # every node must see the storage and the data; checked before anything is written
         kind, _, data_path = base_cfg.data.source.partition(":")
         check_cluster_paths(experiment.storage, data_path if kind != "synthetic" else None)
-    if not args.resume:  # (the lock made the directory)
-        experiment.write_invocation(vars(args), requested)
+    if not request.resume:  # (the lock made the directory)
+        experiment.write_request(asked)
         experiment.sync((INVOCATION_FILE,))
     metric = objective(study.metric)
     tracking_uri, optuna_url = experiment.tracking_uri, experiment.optuna_url
-    resources = TrialResources(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial,
-                               getattr(args, "one_worker_trials", None) or "tune")
+    resources = TrialResources(request.workers_per_trial, request.cpus_per_trial, request.gpus_per_trial,
+                               request.one_worker_trials or "tune")
     parent = tracking.start_parent(tracking_uri, experiment.name, experiment.directory,
-                                   search_params(args, study, budget, trials, overrides, resources),
-                                   {"tune_xray.smoke": str(args.smoke).lower(),
-                                    tracking.DESCRIPTION_TAG: search_description(args, study, trials, metric, data)})
+                                   search_params(request, study, budget, trials, overrides, resources),
+                                   {"tune_xray.smoke": str(request.smoke).lower(),
+                                    tracking.DESCRIPTION_TAG: search_description(request, study, trials, metric, data)})
     experiment.sync_resume()  # a driver killed from here on can be resumed from another machine
 
-    smoke = args.smoke  # (describe is pickled with Tune's state: it holds no command line, whose URLs may hold a
+    smoke = request.smoke  # (describe is pickled with Tune's state: it holds no command line, whose URLs may hold a
     # password)
 
     def describe(config: dict) -> tracking.TrialRecord:
@@ -332,25 +328,25 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
                                      "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])},
                                     trial_description(study, config, cfg, experiment.name))
 
-    driver = trainable(study, overrides, args.smoke, resources, experiment.path, args.max_failures)
+    driver = trainable(study, overrides, request.smoke, resources, experiment.path, request.max_failures)
     callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, link_run(optuna_url, experiment.name),
                                     RESULT_FILES, lambda trial: experiment.fetch(Path(trial.path).name)),
                  TrialLines(metric, lambda config: run_name(study, config)), ResumeSync(experiment),
                  *extra_callbacks]
-    if args.resume:
-        quiet_console(args.verbose)
+    if request.resume:
+        quiet_console(request.verbose)
         tuner = tune.Tuner.restore(experiment.path, trainable=driver, resume_errored=True)
     else:
-        scheduler = (None if args.no_asha else ParetoASHA(budget, metric, study.mode, study.costs)
-                     if study.costs and getattr(args, "asha_on", "objectives") == "objectives"
+        scheduler = (None if request.no_asha else ParetoASHA(budget, metric, study.mode, study.costs)
+                     if study.costs and request.asha_on == "objectives"
                      else FinishAwareASHA(budget, metric, study.mode))
-        searcher = optuna_searcher(study, DefineByRun(study, overrides, args.smoke), experiment.name, optuna_url,
-                                   args.seed, metric, study.limits(args.smoke))
+        searcher = optuna_searcher(study, DefineByRun(study, overrides, request.smoke), experiment.name, optuna_url,
+                                   request.seed, metric, study.limits(request.smoke))
         tuner = tune.Tuner(driver, tune_config=tune.TuneConfig(
             num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
-            search_alg=resources.limiter(searcher, getattr(args, "max_concurrent", None),
-                                         getattr(args, "max_pending", None)), reuse_actors=True),
-            run_config=run_config(experiment.name, experiment.storage, callbacks, args.max_failures, args.verbose))
+            search_alg=resources.limiter(searcher, request.max_concurrent, request.max_pending), reuse_actors=True),
+            run_config=run_config(experiment.name, experiment.storage, callbacks, request.max_failures,
+                                  request.verbose))
     print(f"{experiment.name}: {trials} trials of {study.origin}, objective{'s' if study.costs else ''} "
           f"{objectives_text(study)}; data {describe_data(data)}", flush=True)
     if describe_untrained(data):
@@ -360,14 +356,14 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     def lost(address: str) -> None:  # from the watching thread: say it, leave it resumable, end the process
         why = (f"the Ray under the search is gone (its GCS at {address} stopped answering: a node crashed or its "
                "processes were killed)")
-        print(f"error: {why}; finished trials are kept. Continue with\n    {resume_command(args)}", file=sys.stderr,
+        print(f"error: {why}; finished trials are kept. Continue with\n    {resume_command(request)}", file=sys.stderr,
               flush=True)
         try:
             tracking.interrupt_search(tracking_uri, parent, f"{why}; --resume continues it")
         finally:
             os._exit(1)  # Ray's threads would hold the process for a minute more; the lock goes with the process
 
-    with watch_ray(lost), ClusterConcurrency.follow(resources, getattr(args, "max_pending", None)):
+    with watch_ray(lost), ClusterConcurrency.follow(resources, request.max_pending):
         tuner.fit()  # (a resumed search's limiter follows this driver's resources, not those it was pickled with)
     remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
     all_trials = tune.ExperimentAnalysis(experiment.path).trials
@@ -375,18 +371,18 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     summary = summarize(all_trials, trials, study, metric, experiment, tracking_uri, runs,
                         tracking.experiment_id_of(tracking_uri, parent), tracking.ended_trials(tracking_uri, parent))
     # a resumed search's wall time is its runs' summed (each run that ended wrote its own into summary.json)
-    before = experiment.summary() if args.resume and (experiment.directory / SUMMARY_FILE).is_file() else {}
+    before = experiment.summary() if request.resume and (experiment.directory / SUMMARY_FILE).is_file() else {}
     earlier = before.get("search_runs_s") or ([before["wall_time_s"]] if "wall_time_s" in before else [])
     summary["search_runs_s"] = [*earlier, time.perf_counter() - began]
     summary["wall_time_s"] = sum(summary["search_runs_s"])
     summary["resources"] = {"workers_per_trial": resources.workers, "cpus_per_trial": resources.cpus,
                             "gpus_per_trial": resources.gpus, "one_worker_trials": resources.one_worker}
     summary["storage"] = experiment.path
-    summary["command"], summary["provenance"] = getattr(args, "command", None), provenance()
+    summary["command"], summary["provenance"] = request.command, provenance()
     summary["overrides"] = overrides  # what every trial got on top of the file: --set, --data, the device
     summary["optuna_study"] = experiment.name  # a copied or renamed experiment directory still finds its study
     summary["data"] = data  # what every number is an estimate on, and how its splits were made
-    summary["asha"] = asha_text(args, study, metric)
+    summary["asha"] = asha_text(request, study, metric)
     known = {t.trial_id for t in all_trials}
     tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
                                       if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",
@@ -395,7 +391,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     if summary["status"] != "interrupted":
         summary["optuna_orphans_closed"] = close_orphans(optuna_url, experiment.name)
     summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
-    budget = {} if getattr(args, "no_ensemble", False) else ensemble_budget(study, args)
+    budget = {} if request.no_ensemble else ensemble_budget(study, request)
     if summary["status"] == "complete" and (study.costs or any(v is not None for v in budget.values())):
         _step(experiment, summary, "latency", lambda: remeasure(experiment, summary, study, budget))
     if summary.get("pareto_front"):
@@ -404,7 +400,7 @@ def _run(args, extra_callbacks, study: Study, base_cfg, budget, trials: int, exp
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     experiment.write_summary(summary)
     if summary["status"] == "complete":
-        after_trials(experiment, summary, args, study)
+        after_trials(experiment, summary, request, study)
     _step(experiment, summary, "storage", lambda: (experiment.sync(), experiment.sync_resume()))
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
     report_file = Path(summary["report"]) if str(summary.get("report", "")).endswith(".html") else None
@@ -460,11 +456,12 @@ def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
     experiment.write_summary(summary)
 
 
-def after_trials(experiment: Experiment, summary: dict, args, study: Study) -> None:
+def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, study: Study) -> None:
     """Repeats (`--repeats`), the ensemble, the cross-validation of the finalists (`--cv-folds`) and the report, in
     turn, each recorded in `summary`."""
     def repeats() -> None:
-        summary["repeats"] = run_repeats(experiment, args.repeat_top, args.repeats, max_failures=args.max_failures)
+        summary["repeats"] = run_repeats(experiment, request.repeat_top, request.repeats,
+                                         max_failures=request.max_failures)
         print_repeats(summary["repeats"])
 
     def ensemble() -> None:
@@ -473,8 +470,9 @@ def after_trials(experiment: Experiment, summary: dict, args, study: Study) -> N
                 experiment.fetch(experiment.trial_dir(row).name)
         import torch  # the latency as served is measured here, in the driver: on its own device
 
-        result = run_ensemble(experiment, size=getattr(args, "ensemble_size", 5), seed=args.seed,
-                              tracking_uri=experiment.tracking_uri, read_test=True, budget=ensemble_budget(study, args),
+        result = run_ensemble(experiment, size=request.ensemble_size, seed=request.seed,
+                              tracking_uri=experiment.tracking_uri, read_test=True,
+                              budget=ensemble_budget(study, request),
                               device="cuda" if torch.cuda.is_available() else "cpu")
         summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "cost", "val", "test",
                                                           "test_per_label", "single_label", "thresholds",
@@ -484,8 +482,8 @@ def after_trials(experiment: Experiment, summary: dict, args, study: Study) -> N
             raise RuntimeError(f"the ensemble was chosen but not registered: {result['registration_error']}")
 
     def cross_validation() -> None:
-        summary["cv"] = run_cv(experiment, args.cv_top, args.cv_folds, max_failures=args.max_failures,
-                               select=study.space.ensemble.select_on == "oof", size=getattr(args, "ensemble_size", 5))
+        summary["cv"] = run_cv(experiment, request.cv_top, request.cv_folds, max_failures=request.max_failures,
+                               select=study.space.ensemble.select_on == "oof", size=request.ensemble_size)
         print_cv(summary["cv"])
         error = (summary["cv"].get("oof_ensemble") or {}).get("registration_error")
         if error:
@@ -496,13 +494,13 @@ def after_trials(experiment: Experiment, summary: dict, args, study: Study) -> N
 
         summary["report"] = str(build_report(experiment, device="cuda" if torch.cuda.is_available() else "cpu"))
 
-    if getattr(args, "repeats", 0):
+    if request.repeats:
         _step(experiment, summary, "repeats", repeats)
-    if not getattr(args, "no_ensemble", False):
+    if not request.no_ensemble:
         _step(experiment, summary, "ensemble", ensemble)
-    if getattr(args, "cv_folds", 0):
+    if request.cv_folds:
         _step(experiment, summary, "cv", cross_validation)
-    if not getattr(args, "no_report", False):
+    if not request.no_report:
         _step(experiment, summary, "report", report)
         if "report" in summary["failed"]:
             print(f"(python -m tune_xray.report {experiment.directory} retries the report)", file=sys.stderr)

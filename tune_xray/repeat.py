@@ -132,19 +132,18 @@ class Rerun:
     scale, read from the experiment. `what`: what is re-run, for the errors (`repeat`, `cross-validate`)."""
 
     def __init__(self, experiment: Experiment, what: str):
-        self.experiment, self.summary, invocation = experiment, experiment.summary(), experiment.invocation()
-        if not invocation:
+        self.experiment, self.summary, request = experiment, experiment.summary(), experiment.request()
+        if request is None:
             raise ConfigError(f"{experiment.directory}: not a finished tune_xray search (no search.json)")
         if not self.summary["top"]:
             raise ConfigError(f"{experiment.directory}: no completed trial to {what}")
-        self.study = load_study(invocation["study"])
-        res = self.summary.get("resources", {})
+        self.study = load_study(request.study)
+        res = self.summary.get("resources", {})  # as the search ran them (its GPUs per trial resolved)
         self.resources = TrialResources(res.get("workers_per_trial", 1), res.get("cpus_per_trial", 1.0),
                                         res.get("gpus_per_trial", 0.0), res.get("one_worker_trials", "tune"))
-        self.overrides = trial_overrides(self.study, invocation.get("overrides") or [], invocation.get("data"),
-                                         self.resources.gpus, self.resources.workers,
-                                         invocation.get("record_test_per_trial", False))
-        self.smoke, self.metric = invocation.get("smoke", False), objective(self.study.metric)
+        self.overrides = trial_overrides(self.study, list(request.overrides), request.data, self.resources.gpus,
+                                         self.resources.workers, request.record_test_per_trial)
+        self.smoke, self.metric = request.smoke, objective(self.study.metric)
 
     def record(self, config: dict, label: str, tags: dict, description: str = "") -> tracking.TrialRecord:
         """A trial's MLflow run: `t007 <label> <drawn values>`, its resolved config as params, `tags`."""

@@ -18,6 +18,7 @@ from .config import ConfigError
 from .data.splits import DataError
 from .models import WeightsError
 from .pipeline import SearchError, resume_command, run_search
+from .request import SearchRequest, default
 from .summary import exit_code, print_summary
 
 
@@ -41,26 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="synthetic (default) | nih:PATH | folder:PATH")
     parser.add_argument("--trials", type=int, help="number of trials (default: the file's budget)")
     parser.add_argument("--smoke", action="store_true", help="tiny data, image size, epochs and test_* backbone")
-    parser.add_argument("--storage", default="tune_xray_runs", help="experiment storage: a directory or s3://, gs://")
-    parser.add_argument("--local-dir", default="tune_xray_runs", help="where optuna.db and mlflow.db live "
+    parser.add_argument("--storage", default=default("storage"),
+                        help="experiment storage: a directory or s3://, gs://")
+    parser.add_argument("--local-dir", default=default("local_dir"), help="where optuna.db and mlflow.db live "
                         "when --storage is a URI")
     parser.add_argument("--name", help="experiment name (default: the study name)")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="NAME",
+    parser.add_argument("--resume", nargs="?", const=True, default=default("resume"), metavar="NAME",
                         help="continue the interrupted search NAME (default: --name, or the study's name) as it "
                         "was started")
-    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0,
+    parser.add_argument("--workers-per-trial", type=int, default=default("workers_per_trial"),
+                        help="Ray Train workers (DDP ranks) per trial")
+    parser.add_argument("--cpus-per-trial", type=float, default=default("cpus_per_trial"),
                         help="CPUs each trial reserves: its process and, on a GPU, its data loader's workers")
-    parser.add_argument("--one-worker-trials", choices=["tune", "trainer"], default="tune",
+    parser.add_argument("--one-worker-trials", choices=["tune", "trainer"], default=default("one_worker_trials"),
                         help="a one-worker trial trains in the Tune trial's own process (tune: no Ray Train worker "
                         "group to start) or as a Ray Train run (trainer); two or more workers are always a Train run")
-    parser.add_argument("--gpus-per-trial", type=float, default=None,
+    parser.add_argument("--gpus-per-trial", type=float, default=default("gpus_per_trial"),
                         help="default: 1 when the cluster has a GPU when the search starts, else 0 (an autoscaling "
                         "cluster whose GPU workers start from 0: pass it); fractions pack trials onto a GPU")
-    parser.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+    parser.add_argument("--max-concurrent", type=int, default=default("max_concurrent"), metavar="N",
                         help="at most N trials at once, N waiting for resources (an autoscaler sees them all); "
                         "default: as many as the cluster holds, read again as it grows, and one waiting")
-    parser.add_argument("--max-pending", type=int, default=None, metavar="N",
+    parser.add_argument("--max-pending", type=int, default=default("max_pending"), metavar="N",
                         help="at most N trials waiting for resources beyond those running (an autoscaler adds nodes "
                         "for them); default: as many as one new node like the cluster's largest can start")
     parser.add_argument("--address", help="a Ray cluster to join (host:port, or auto: the one `ray start` recorded "
@@ -72,27 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: sqlite in the experiment dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="fixed override on every trial, e.g. --set supervised.batch_size=64")
-    parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
-    parser.add_argument("--max-failures", type=int, default=1, help="retries per trial (Tune and Train)")
+    parser.add_argument("--seed", type=int, default=default("seed"), help="TPE sampler seed")
+    parser.add_argument("--max-failures", type=int, default=default("max_failures"),
+                        help="retries per trial (Tune and Train)")
     parser.add_argument("--no-asha", action="store_true", help="run every trial to its own end")
-    parser.add_argument("--asha-on", choices=["objectives", "metric"], default="objectives",
+    parser.add_argument("--asha-on", choices=["objectives", "metric"], default=default("asha_on"),
                         help="a Pareto search's ASHA: promote by non-dominated sorting on every objective "
                         "(multi-objective ASHA), or on the validation metric alone")
-    parser.add_argument("--ensemble-size", type=int, default=5, help="Caruana ensemble size chosen on val at the end")
+    parser.add_argument("--ensemble-size", type=int, default=default("ensemble_size"),
+                        help="Caruana ensemble size chosen on val at the end")
     parser.add_argument("--no-ensemble", action="store_true", help="end with the leaderboard, no ensemble")
     parser.add_argument("--latency-budget", type=float, metavar="MS", help="the ensemble adds members only while "
                         "their measured latencies (ms per image, batch 1) sum to at most MS (default: the study "
                         "file's `ensemble:`)")
     parser.add_argument("--params-budget", type=float, metavar="M", help="... and their parameters to at most M "
                         "million")
-    parser.add_argument("--repeats", type=int, default=0, metavar="K", help="then run the best --repeat-top "
+    parser.add_argument("--repeats", type=int, default=default("repeats"), metavar="K", help="then run the best "
+                        "--repeat-top "
                         "configurations again with K new seeds each (full budget, no ASHA): mean ± sd over seeds")
-    parser.add_argument("--repeat-top", type=int, default=3, metavar="N",
+    parser.add_argument("--repeat-top", type=int, default=default("repeat_top"), metavar="N",
                         help="how many of the best configurations --repeats re-runs")
-    parser.add_argument("--cv-folds", type=int, default=0, metavar="K", help="then train the best --cv-top "
+    parser.add_argument("--cv-folds", type=int, default=default("cv_folds"), metavar="K", help="then train the best "
+                        "--cv-top "
                         "configurations on K patient-grouped folds of train + val each (full budget, no ASHA; test "
                         "untouched): mean ± sd over folds, out-of-fold predictions, and an ensemble chosen on them")
-    parser.add_argument("--cv-top", type=int, default=3, metavar="N",
+    parser.add_argument("--cv-top", type=int, default=default("cv_top"), metavar="N",
                         help="how many of the best configurations --cv-folds cross-validates")
     parser.add_argument("--no-report", action="store_true",
                         help="no report.html at the end (python -m tune_xray.report)")
@@ -142,10 +149,10 @@ def main(argv=None) -> int:
                 return 2
         return 0
     args = parser.parse_args(argv)
-    args.given = given_keys(argv, vars(args))
-    args.command = shlex.join(["python", "-m", "tune_xray.search", *argv])
+    request = SearchRequest.from_values(vars(args), given=given_keys(argv, vars(args)),
+                                        command=shlex.join(["python", "-m", "tune_xray.search", *argv]))
     try:
-        summary = run_search(args)
+        summary = run_search(request)
     except (ConfigError, DataError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -155,7 +162,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before the trials started (Tune handles Ctrl-C while they run)
         print("interrupted before any trial ran", file=sys.stderr)
         return 130
-    print_summary(summary, resume_command(args))
+    print_summary(summary, resume_command(request))
     return exit_code(summary)
 
 

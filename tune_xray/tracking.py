@@ -42,6 +42,8 @@ from .serving import EnsembleModel
 from .trial import FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact copied: 16 at the end
+# with an MLflow server, two lines per run ended ("View run … at", "View experiment at"): the search says one per trial
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables...", ...
 
 TRIAL_TAG = "tune_xray.trial_id"

@@ -102,7 +102,8 @@ def render_cv(cv: dict, metric: str) -> str:
     """The finalists cross-validated: each fold's value, the mean and its t-interval, the pooled out-of-fold
     metric, beside the single split's value and rank."""
     rows, name = cv["rows"], bare(metric)
-    out = (f"<p>The {len(rows)} best configurations, each trained on {cv['folds']} patient-grouped, "
+    out = (f"<p>The {len(rows)} best configurations, each trained on {cv['folds']} "
+           f"{cv.get('grouped', 'patient-grouped')}, "
            "label-stratified folds of train + val (each fold validation once; test untouched), at full budget. "
            "Ranked by the mean over folds; the single split's value is the search's own trial, chosen for being "
            "best (the winner's curse).</p>")
