@@ -151,7 +151,8 @@ def restore_request(request: SearchRequest) -> SearchRequest:
             continue  # a store's credentials are never stored: this command line's URL for the same store keeps them
         same = resolve_path(ours) == resolve_path(value) if key == "study" and ours and value else ours == value
         if key in request.given and key != "name" and not same:
-            shown = [", ".join(map(str, v)) or "none" if isinstance(v, list) else v for v in (ours, value)]
+            shown = [", ".join(map(str, v)) or "none" if isinstance(v, list) else ("on" if v else "off")
+                     if isinstance(v, bool) else v for v in (ours, value)]
             changed.append(f"{flag_of(key)} {shown[0]} (the search's: {shown[1]})")
         restored[key] = value
     if changed:
