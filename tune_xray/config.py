@@ -149,6 +149,20 @@ class SchedulerConfig(_Strict):
     warmup_epochs: int = Field(10, ge=0)
 
 
+# what a trial measures of its model once it is built (explain.eval_cost), in every fine-tune report: inference ms
+# per image at batch 1 at the eval view (TTA views included) on the trial's device, parameters (M), GFLOPs per image
+COSTS = ("latency_ms", "params_m", "gflops")
+
+
+def positive_limits(limits: dict) -> dict:
+    """Hard limits on a trial's measured cost (a study's `limits:`), each positive."""
+    bad = {k: v for k, v in limits.items() if not v > 0}
+    if bad:
+        raise ValueError(f"{bad}: each limit is a positive cost (latency_ms: ms per image at batch 1, params_m: M "
+                         "parameters, gflops: GFLOPs per image)")
+    return limits
+
+
 class SupervisedConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -171,10 +185,12 @@ class SupervisedConfig(_Strict):
     def _freeze_share(self):
         if not isinstance(self.freeze, str) and not 0 <= self.freeze < 1:
             raise ValueError(f"freeze must be a share in [0, 1) or head_only, got {self.freeze}")
-        bad = {k: v for k, v in self.limits.items() if not v > 0}
-        if bad:
-            raise ValueError(f"limits: {bad}: each limit a positive cost (ms, M parameters, GFLOPs)")
         return self
+
+    @field_validator("limits")
+    @classmethod
+    def _limits(cls, limits: dict) -> dict:
+        return positive_limits(limits)
 
     def over_limits(self, measured: dict) -> str:
         """What in `measured` (a trial's cost) exceeds its limits, in words; "" when none does."""
@@ -187,7 +203,7 @@ class SupervisedConfig(_Strict):
         "val_mean_auroc", description="model selection and early stopping; always a validation metric")
     threshold: Literal["youden", "f1"] = Field(
         "youden", description="multi-label and binary decision thresholds, chosen on val within [0.05, 0.95]")
-    limits: dict[Literal["latency_ms", "params_m", "gflops"], float] = Field(
+    limits: dict[Literal[COSTS], float] = Field(  # type: ignore[valid-type]
         {}, description="hard limits on the model's measured cost (a study's `limits:`): a trial over one stops at "
         "its first epoch's end as infeasible, told to Optuna's constraints, never a failure")
     record_test: bool = Field(

@@ -263,8 +263,7 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
     if single_label and len(classes) > 2:  # no thresholds: the argmax of the weighted mean, as every ensemble
         voted = averaged = decisions(task.task, prob)
     else:
-        _, voted = vote(task.task, members, [np.ravel([np.nan] if t is None else t).tolist()
-                                              for t in member_thresholds], member_weights)
+        _, voted = vote(task.task, members, member_thresholds, member_weights)
         targets = y_oof if task.task == "multilabel" else y_oof.argmax(1)
         out["oof_thresholds"] = classification_metrics(task.task, targets, oof_prob, classes, rule=task.rule,
                                                        untrained=task.untrained)["thresholds"]
@@ -294,7 +293,7 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
     test_frame = pd.DataFrame(prob, columns=p_cols)
     test_frame.insert(0, "path", paths)
     test_frame.to_csv(fold_dir / "predictions_test.csv", index=False)
-    out["card"] = model_card(out, classes)
+    out["card"] = model_card(out)
     (fold_dir / "model_card.md").write_text(out["card"])
     if tracking_uri and tracking.find_parent(experiment.directory):
         try:
@@ -322,10 +321,10 @@ def _decided_scorer(y: np.ndarray, decided: np.ndarray, name: str, single_label:
     return score
 
 
-def model_card(out: dict, classes: list[str]) -> str:
+def model_card(out: dict) -> str:
     """What the out-of-fold ensemble is and how it decides, for the MLflow version and cv/ensemble/."""
     members = "; ".join(f"{c['name']} (weight {c['weight']:.3g}, {c['folds']} fold models)" for c in out["configs"])
-    lines = [f"# Out-of-fold ensemble ({plural(out['members'], 'fold model')})", "",
+    lines = [f"# Out-of-fold ensemble ({plural(out['members'], 'fold model')})",
              f"**Chosen on out-of-fold predictions**: Caruana over the cross-validated configurations on "
              f"{out['oof_images']} train + val images, each predicted by the fold model that did not train on it "
              f"(val {bare(out['metric'])} out of fold {ci_text(out['oof'])}: the data that chose it, optimistic).",
@@ -334,13 +333,13 @@ def model_card(out: dict, classes: list[str]) -> str:
              "**Decisions**: each fold model decides at the threshold chosen on its own validation fold (a threshold "
              "fits the probabilities it was chosen on; the average of K models is narrower than any one), and a "
              "label is decided when members holding at least half the weight decide it (predict's `vote_<label>` "
-             "column is that share)." if len(classes) <= 2 or "oof_thresholds" in out else
+             "column is that share)." if "oof_thresholds" in out else
              "**Decisions**: the most probable class of the weighted mean.",
              f"**Test (the record)**: {bare(out['metric'])} {ci_text(out['test'])}"
              + (f"; the search's validation-chosen ensemble {ci_text(out['search_ensemble_test'])}, difference "
                 f"{ci_text(out['minus_search_ensemble'])} (paired, patient resamples)."
                 if out.get("minus_search_ensemble") else ".")]
-    return "\n\n".join(lines[:2]) + "\n" + "\n\n".join(lines[2:]) + "\n"
+    return "\n\n".join(lines) + "\n"
 
 
 def print_cv(entry: dict) -> None:

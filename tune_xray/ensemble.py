@@ -449,7 +449,7 @@ def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: 
         row["cost"].update(latency_ms=_ms_per_image(predictor, image, 1, device),
                            latency_ms_b32=_ms_per_image(predictor, image, 32, device))
     if summary.get("pareto_front") is not None:
-        ranked = sorted((r for r in complete), key=lambda r: r[metric], reverse=mode == "max")
+        ranked = sorted(complete, key=lambda r: r[metric], reverse=mode == "max")
         summary["pareto_front"] = front(ranked, summary["objectives"])
     return {"device": device, "trials": [r["trial"] for r in chosen], "batch_sizes": [1, 32], "repeats": 10,
             "why": "every completed trial, each a candidate under the ensemble's budget" if chosen is complete

@@ -43,13 +43,20 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import ConfigError, TrialConfig, build_config, format_validation_errors, merge, metric_mode, nest
+from .config import (
+    COSTS,
+    ConfigError,
+    TrialConfig,
+    build_config,
+    format_validation_errors,
+    merge,
+    metric_mode,
+    nest,
+    positive_limits,
+)
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 METRICS = ("val_mean_auroc", "val_loss", "val_accuracy", "val_macro_f1")
-# what a trial measures of its model once it is built (explain.eval_cost), in every fine-tune report: inference ms
-# per image at batch 1 at the eval view (TTA views included) on the trial's device, parameters (M), GFLOPs per image
-COSTS = ("latency_ms", "params_m", "gflops")
 Scalar = Union[None, bool, int, float, str]
 
 
@@ -146,15 +153,6 @@ class Sampler(_Strict):
         if self.name == "nsga2":
             return {"population_size": self.population_size}
         return self.model_dump(include={"multivariate", "constant_liar", "n_startup_trials"})
-
-
-def positive_limits(limits: dict) -> dict:
-    """`limits:` — hard limits on a trial's measured cost — each positive."""
-    bad = {k: v for k, v in limits.items() if not v > 0}
-    if bad:
-        raise ValueError(f"{bad}: each limit is a positive cost (latency_ms: ms per image at batch 1, params_m: M "
-                         "parameters, gflops: GFLOPs per image)")
-    return limits
 
 
 class EnsembleBudget(_Strict):
@@ -342,8 +340,9 @@ class Study:
         The supervised phase runs the budget's epochs and selects on the study's metric. Smoke: `smoke.set`,
         then `smoke.scale` factors, then each backbone its family's test model; the user's `--set` comes last."""
         tree = merge(self.space.base, nest({k: v for k, v in sampled.items() if ":" not in k}, self.origin))
+        limits = self.limits(smoke)
         tree = merge(tree, {"supervised": {"epochs": self.budget(smoke).epochs, "selection_metric": self.metric,
-                                           **({"limits": self.limits(smoke)} if self.limits(smoke) else {})}})
+                                           **({"limits": limits} if limits else {})}})
         if smoke:
             tree = merge(tree, nest(self.space.smoke.set, f"{self.origin}: smoke.set"))
             values = flatten(build_config(tree, f"{self.origin} (trial config)").model_dump(mode="json"))

@@ -125,7 +125,7 @@ def ended_description(run, ending: str) -> str:
     """A run's description (a run, or its description) with how it ended as its last paragraph (`**Status: …**`),
     in place of the one an earlier end wrote (a resumed search ends its runs again)."""
     described = run if isinstance(run, str) else run.data.tags.get(DESCRIPTION_TAG, "")
-    return f"{described.split(chr(10) * 2 + '**Status')[0]}\n\n{ending}"
+    return described.split("\n\n**Status")[0] + "\n\n" + ending
 
 
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:
@@ -597,7 +597,7 @@ def log_oof_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, chec
     name, experiment_id = f"{experiment_dir.name}-cv", experiment_id_of(tracking_uri, parent)
     configs = "+".join(c["config"] for c in result["configs"])
     run_name = f"cv oof ensemble {configs} ×{result['members']}"
-    description = result["card"].split("\n", 2)[2]
+    description = result["card"]  # the model card, as the search's ensemble's version has its own
     run = client.create_run(experiment_id, run_name=run_name, tags={
         "mlflow.parentRunId": parent, "tune_xray.role": "cv-ensemble", STATUS_TAG: "complete",
         CV_TAG: configs, DESCRIPTION_TAG: description})
