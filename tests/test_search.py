@@ -274,10 +274,15 @@ def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, r
     assert parent.info.status == "FINISHED" and parent.data.tags["tune_xray.failed"] == "ensemble"
 
 
-def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray_session, capsys):
+def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray_session, capsys, monkeypatch):
     """`limits: {params_m: 0.2}`: test_resnet (0.37 M) is over it, test_efficientnet (0.10 M) is not. The first
     stops after its first epoch as `infeasible` — not complete, pruned or failed; its MLflow run FINISHED with that
-    status — and reaches Optuna COMPLETE with its constraint; the search succeeds."""
+    status — and reaches Optuna COMPLETE with its constraint; the search succeeds. The search resolves its study
+    once (the file's own validation aside): the candidate check, the searcher and the trials read that one."""
+    from tune_xray.space import Study
+
+    resolved, resolve = [], Study.resolve
+    monkeypatch.setattr(Study, "resolve", lambda self, *a, **k: resolved.append(a) or resolve(self, *a, **k))
     space = {**SPACE, "limits": {"params_m": 0.2}, "params": {"model.backbone": {"choice": ["test_resnet",
                                                                                            "test_efficientnet"]}},
              "warm_start": [{"model.backbone": "test_resnet"}, {"model.backbone": "test_efficientnet"}]}
@@ -285,6 +290,7 @@ def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space))
     args = replace(args, trials=2, no_asha=True, no_ensemble=True, no_report=True, overrides=["supervised.epochs=2"])
     summary = run_search(args)
+    assert [a for a in resolved if a] == [({"supervised": {"epochs": 2}}, False, None, None)]
     assert summary["status"] == "complete" and exit_code(summary) == 0
     assert (summary["complete"], summary["infeasible"]) == (1, 1)
     over = next(r for r in summary["rows"] if r["status"] == "infeasible")
@@ -418,8 +424,9 @@ def test_set_that_contradicts_the_study_is_an_error_or_carries_through(tmp_path,
     from tune_xray.space import load_study
     study = load_study(str(space))
     overrides = {"supervised": {"epochs": 5}}
-    assert study.budget(False, overrides).epochs == 5  # ASHA's max_t follows the --set budget
-    assert study.trial_config({}, overrides).supervised.epochs == 5
+    resolved = study.resolve(overrides)
+    assert resolved.budget.epochs == 5  # ASHA's max_t follows the --set budget
+    assert resolved.trial_config({}).supervised.epochs == 5
 
 
 def test_a_dataset_with_one_class_is_an_error_before_ray(tmp_path, capsys):
@@ -479,7 +486,7 @@ def test_shipped_smoke_searches_pass_the_candidate_check():
     from tune_xray.pipeline import check_candidates
     from tune_xray.space import SEARCH_SPACES, load_study
     for path in sorted(SEARCH_SPACES.glob("*.yaml")):
-        check_candidates(load_study(str(path)), {}, smoke=True)  # transfer's ImageNet files: smoke is scratch
+        check_candidates(load_study(str(path)).resolve(smoke=True))  # transfer's ImageNet files: smoke is scratch
 
 
 def test_best_is_the_best_completed_trial_and_none_completed_is_not_success(tmp_path):
@@ -642,10 +649,15 @@ def test_trials_get_the_device_and_gpu_share_their_resources_give():
     from tune_xray.trial import trial_overrides
 
     study = load_study("supervised")
-    assert trial_overrides(study, [], None, 0.0) == {"device": "cpu"}
-    assert trial_overrides(study, [], None, 1.0) == {"device": "cuda"}
-    assert trial_overrides(study, [], None, 0.25) == {"device": "cuda", "data": {"device_share": 0.25}}
-    assert trial_overrides(study, [], None, 2.0, workers_per_trial=2) == {"device": "cuda"}  # a GPU per rank
+    resolved = study.resolve(trial_overrides(study, [], None))
+    assert resolved.overrides == {} and resolved.trial_config({}).device == "auto"  # before Ray tells the GPUs
+    assert resolved.placed(0.0).overrides == {"device": "cpu"}
+    assert resolved.placed(1.0).overrides == {"device": "cuda"}
+    assert resolved.placed(0.25).overrides == {"device": "cuda", "data": {"device_share": 0.25}}
+    assert resolved.placed(2.0, workers_per_trial=2).overrides == {"device": "cuda"}  # a GPU per rank
+    given = study.resolve(trial_overrides(study, ["data.device_share=0.5"], None)).placed(0.25)
+    assert given.overrides == {"device": "cuda", "data": {"device_share": 0.5}}  # --set's share stands
+    assert given.trial_config({}).data.device_share == 0.5 and resolved.overrides == {}  # a new value, not a change
     assert default_gpus_per_trial({"CPU": 4}) == 0.0 and default_gpus_per_trial({"CPU": 4, "GPU": 8}) == 1.0
 
 

@@ -25,7 +25,7 @@ def _write(tmp_path, tree):
 def test_shipped_search_spaces_validate(name):
     study = load_study(name)
     assert study.metric.startswith("val_") and study.space.warm_start
-    smoke = study.trial_config({}, smoke=True)
+    smoke = study.resolve(smoke=True).trial_config({})
     backbones = [smoke.cass.cnn, smoke.cass.transformer] if smoke.cass.enabled else [smoke.model.backbone]
     assert all(b.startswith("test_") for b in backbones)  # --smoke runs on timm's tiny test models
 
@@ -44,7 +44,7 @@ def test_conditional_parameters_appear_only_with_their_parent(tmp_path):
         if p["supervised.optimizer.name"] == "adamw":
             assert values["supervised.optimizer.lr"] == 0.001  # fixed value, not an Optuna parameter
         seen.add((p["supervised.optimizer.name"], p["supervised.scheduler.name"]))
-        cfg = study.trial_config(values)
+        cfg = study.resolve().trial_config(values)
         assert cfg.supervised.optimizer.name == p["supervised.optimizer.name"]
     assert len(seen) == 4
 
@@ -116,7 +116,8 @@ def test_smoke_keeps_every_axis_meaningful_and_records_what_ran():
         "test_mambavision", "test_vmamba", "test_convnext", "test_vit_relpos", "test_vit_relpos", "test_vit",
         "test_resnet", "test_efficientnet"]
     study = load_study("byol")
-    space = DefineByRun(study, {"device": "cpu"}, smoke=True)
+    resolved = study.resolve(smoke=True).placed(0.0)
+    space = DefineByRun(resolved)
     optuna_study = optuna.create_study()
     trained = {}
     for batch, hidden, backbone in [(256, 1024, "mambavision_t2"), (512, 4096, "vmamba_s")]:
@@ -128,13 +129,30 @@ def test_smoke_keeps_every_axis_meaningful_and_records_what_ran():
         recorded = trial.user_attrs["trained"]
         assert recorded["model.backbone"] == smoke_backbone(backbone) and recorded["smoke"] is True
         assert study.sampled_from(config)["byol.batch_size"] == batch  # the drawn value is kept beside
-        cfg = study.trial_config(study.sampled_from(config), {"device": "cpu"}, smoke=True)
+        cfg = resolved.trial_config(study.sampled_from(config))
         assert (cfg.byol.batch_size, cfg.byol.hidden_dim) == (config["byol.batch_size"], config["byol.hidden_dim"])
     assert trained[256]["byol.batch_size"] != trained[512]["byol.batch_size"]
     assert trained[256]["byol.hidden_dim"] != trained[512]["byol.hidden_dim"]
-    sizes = {load_study("supervised").trial_config({"augment.image_size": s}, smoke=True).augment.image_size
+    sizes = {load_study("supervised").resolve(smoke=True).trial_config({"augment.image_size": s}).augment.image_size
              for s in (224, 256)}
     assert len(sizes) == 2
+
+
+def test_a_resume_loads_what_a_search_before_the_resolved_study_pickled():
+    """A search started before the study was resolved once pickled its define-by-run space as (study, overrides,
+    smoke) and its trials' run record calls resolve_trial with them: both still give the same trial config."""
+    import pickle
+
+    from tune_xray.searcher import DefineByRun
+    from tune_xray.trial import resolve_trial
+
+    study = load_study("byol")
+    old = DefineByRun.__new__(DefineByRun)
+    old.__dict__.update(study=study, overrides={"device": "cpu"}, smoke=True)
+    space = pickle.loads(pickle.dumps(old))
+    assert space.resolved.overrides == {"device": "cpu"} and space.resolved.smoke
+    config = space(optuna.create_study().ask())
+    assert resolve_trial(study, config, {"device": "cpu"}, True) == resolve_trial(space.resolved, config)
 
 
 def test_sampler_options_reach_optuna(tmp_path):
@@ -142,8 +160,8 @@ def test_sampler_options_reach_optuna(tmp_path):
     from tune_xray.searcher import DefineByRun, optuna_searcher
 
     study = load_study(_write(tmp_path, tree))
-    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
-                              "best_val_mean_auroc")
+    searcher = optuna_searcher(DefineByRun(study.resolve()), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+                               "best_val_mean_auroc")
     sampler = searcher.sampler
     assert sampler._multivariate and sampler._constant_liar and sampler._n_startup_trials == 3
     assert load_study(_write(tmp_path, MINIMAL)).space.sampler.multivariate is False  # Optuna's defaults
@@ -179,16 +197,16 @@ def test_a_pareto_study_and_its_multi_objective_sampler(tmp_path):
     study = load_study(_write(tmp_path, tree))
     assert (study.metric, study.mode, study.costs) == ("val_mean_auroc", "max", [("latency_ms", "min"),
                                                                                  ("params_m", "min")])
-    assert study.ensemble_budget() == {"latency_ms": 20, "params_m": None}
-    assert study.ensemble_budget(smoke=True) == {"latency_ms": 3, "params_m": None}
-    assert study.ensemble_budget(smoke=True, latency_ms=7, params_m=2) == {"latency_ms": 7, "params_m": 2}
-    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+    assert study.resolve().ensemble == {"latency_ms": 20, "params_m": None}
+    assert study.resolve(smoke=True).ensemble == {"latency_ms": 3, "params_m": None}
+    assert study.resolve(smoke=True, latency_ms=7, params_m=2).ensemble == {"latency_ms": 7, "params_m": 2}
+    searcher = optuna_searcher(DefineByRun(study.resolve()), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
                                "best_val_mean_auroc")
     assert isinstance(searcher.sampler, optuna.samplers.NSGAIISampler)
     assert [d.name for d in searcher.study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     assert searcher.study.metric_names == ["best_val_mean_auroc", "latency_ms", "params_m"]
     single = load_study(_write(tmp_path, MINIMAL))
-    assert single.costs == [] and single.ensemble_budget() == {"latency_ms": None, "params_m": None}
+    assert single.costs == [] and single.resolve().ensemble == {"latency_ms": None, "params_m": None}
 
 
 @pytest.mark.parametrize("sampler", [{"n_startup_trials": 2}, {"name": "nsga2", "population_size": 2}])
@@ -200,7 +218,7 @@ def test_a_multi_objective_study_is_told_every_objective_and_samples_past_pruned
 
     tree = {**MINIMAL, "objectives": {"val_mean_auroc": "max", "latency_ms": "min"}, "sampler": sampler}
     study = load_study(_write(tmp_path, tree))
-    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+    searcher = optuna_searcher(DefineByRun(study.resolve()), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
                                "best_val_mean_auroc")
     for i in range(6):
         searcher.suggest(f"t{i}")
@@ -221,7 +239,7 @@ def test_an_errored_trial_run_again_by_a_resume_reaches_optuna_with_its_real_end
     from tune_xray.searcher import DefineByRun, optuna_searcher
 
     study = load_study(_write(tmp_path, MINIMAL))
-    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+    searcher = optuna_searcher(DefineByRun(study.resolve()), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
                                "best_val_mean_auroc")
     searcher.suggest("t0")
     searcher.on_trial_complete("t0", error=True)
@@ -244,13 +262,14 @@ def test_hard_limits_reach_every_trial_and_optunas_constraints(tmp_path):
 
     tree = {**MINIMAL, "limits": {"latency_ms": 25}, "smoke": {"limits": {"latency_ms": 3}}}
     study = load_study(_write(tmp_path, tree))
-    assert study.limits() == {"latency_ms": 25} and study.limits(smoke=True) == {"latency_ms": 3}
-    supervised = study.trial_config({}, {}, smoke=False).supervised
+    assert study.resolve().limits == {"latency_ms": 25} and study.resolve(smoke=True).limits == {"latency_ms": 3}
+    supervised = study.resolve().trial_config({}).supervised
     assert supervised.limits == {"latency_ms": 25}
     assert supervised.over_limits({"latency_ms": 31.25}) == "latency_ms 31.2 over its limit 25"
-    assert supervised.over_limits({"latency_ms": 20}) == "" and load_study(_write(tmp_path, MINIMAL)).limits() == {}
-    searcher = optuna_searcher(study, DefineByRun(study, {}, False), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
-                               "best_val_mean_auroc", study.limits())
+    assert supervised.over_limits({"latency_ms": 20}) == ""
+    assert load_study(_write(tmp_path, MINIMAL)).resolve().limits == {}
+    searcher = optuna_searcher(DefineByRun(study.resolve()), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
+                               "best_val_mean_auroc")
     searcher = pickle.loads(pickle.dumps(searcher))  # Tune pickles the searcher, its sampler with it
     for i, (auroc, ms, status) in enumerate([(0.9, 40.0, "infeasible"), (0.7, 10.0, "complete")]):
         searcher.suggest(f"t{i}")

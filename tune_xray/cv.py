@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from . import tracking
-from .config import ConfigError, bare, merge, metric_mode, objective, plural
+from .config import ConfigError, bare, metric_mode, objective, plural
 from .ensemble import CaruanaSelector, split_scorer
 from .experiment import (
     CV_DIR,
@@ -87,7 +87,7 @@ def run_cv(experiment: Experiment, top: int = 3, folds: int = 5, address: str | 
     if experiment.cv_dir.exists():
         raise ConfigError(f"{experiment.cv_dir} holds an earlier cross-validation of this search; move it away "
                           "to run another")
-    rerun.study.trial_config({}, merge(rerun.overrides, {"data": {"folds": folds}}), rerun.smoke)  # checked first
+    rerun.resolved.trial_config({}, {"data": {"folds": folds}})  # checked first
     summary = rerun.summary
 
     def describe(config: dict) -> tracking.TrialRecord:

@@ -29,7 +29,7 @@ from .repeat import print_repeats, run_repeats
 from .report import build_report
 from .request import SearchRequest
 from .searcher import DefineByRun, close_orphans, link_run, optuna_searcher
-from .space import Study, flatten, load_study, resolve_path
+from .space import ResolvedStudy, Study, flatten, load_study, resolve_path
 from .summary import run_name, summarize
 from .trial import (
     RESULT_FILES,
@@ -95,15 +95,16 @@ def default_gpus_per_trial(cluster: dict) -> float:
     return 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
 
 
-def check_candidates(study: Study, overrides: dict, smoke: bool) -> None:
+def check_candidates(resolved: ResolvedStudy) -> None:
     """Before Ray starts: every backbone a trial could draw is a timm model (ours included) and every weights
     file it could load exists here — a trial that would only fail on its worker is one error now."""
     import timm
 
     from . import models  # noqa: F401  (registers MambaVision and VMamba)
 
+    study = resolved.study
     for where, key, value in study.candidates():
-        cfg = study.trial_config({key: value}, overrides, smoke)
+        cfg = resolved.trial_config({key: value})
         names = {"model.backbone": cfg.model.backbone}
         if cfg.cass.enabled:
             names = {"cass.cnn": cfg.cass.cnn, "cass.transformer": cfg.cass.transformer}
@@ -166,13 +167,9 @@ def restore_request(request: SearchRequest) -> SearchRequest:
     return dataclasses.replace(request, **restored)
 
 
-def ensemble_budget(study: Study, request: SearchRequest) -> dict:
-    """The final ensemble's budget: --latency-budget / --params-budget, else the study file's `ensemble:`."""
-    return study.ensemble_budget(request.smoke, request.latency_budget, request.params_budget)
-
-
-def search_params(request: SearchRequest, study: Study, budget, trials: int, overrides: dict, resources) -> dict:
+def search_params(request: SearchRequest, resolved: ResolvedStudy, trials: int, resources) -> dict:
     """The parent run's params: everything that decides what the search does, so runs compare on them."""
+    study, budget = resolved.study, resolved.budget
     return {"study": study.origin, "trials": trials, "smoke": request.smoke, "metric": study.metric, "mode": study.mode,
             "budget.epochs": budget.epochs, "scheduler": asha_text(request, study, objective(study.metric)),
             "asha.grace_period": budget.grace_period, "asha.reduction_factor": budget.reduction_factor,
@@ -180,9 +177,9 @@ def search_params(request: SearchRequest, study: Study, budget, trials: int, ove
             **{f"sampler.{k}": v for k, v in study.space.sampler.options().items()},
             "objectives": objectives_text(study),
             "seed": request.seed, "ensemble_size": "off" if request.no_ensemble else request.ensemble_size,
-            **{f"ensemble.budget.{k}": "none" if v is None else v for k, v in ensemble_budget(study, request).items()},
+            **{f"ensemble.budget.{k}": "none" if v is None else v for k, v in resolved.ensemble.items()},
             "repeats": request.repeats,
-            "set": " ".join(request.overrides) or "none", "overrides": json.dumps(overrides, sort_keys=True),
+            "set": " ".join(request.overrides) or "none", "overrides": json.dumps(resolved.overrides, sort_keys=True),
             "data": request.data or "synthetic", "workers_per_trial": resources.workers,
             "cpus_per_trial": resources.cpus, "gpus_per_trial": resources.gpus, **provenance()}
 
@@ -245,14 +242,14 @@ def run_search(request: SearchRequest, extra_callbacks: list = ()) -> dict:
                           "out-of-fold predictions; pass --cv-folds K (and --cv-top N), or select_on: val")
     if request.data:
         request = dataclasses.replace(request, data=absolute_data(request.data))
-    # checked now; the device part is resolved again once Ray tells the cluster's GPUs (--gpus-per-trial default)
-    overrides = trial_overrides(study, list(request.overrides), request.data, request.gpus_per_trial or 0,
-                                request.workers_per_trial, request.record_test_per_trial)
-    base_cfg = study.trial_config({}, overrides, request.smoke)
+    # the study as this search runs it, resolved once (placed on the trials' device once Ray tells the cluster's GPUs)
+    resolved = study.resolve(trial_overrides(study, list(request.overrides), request.data,
+                                             request.record_test_per_trial),
+                             request.smoke, request.latency_budget, request.params_budget)
+    base_cfg = resolved.trial_config({})
     check_split_keys(base_cfg.data, lambda key: study.origin_of(f"data.{key}", parse_overrides(request.overrides)))
-    check_candidates(study, overrides, request.smoke)
-    budget = study.budget(request.smoke, overrides)
-    trials = request.trials if request.trials is not None else budget.trials
+    check_candidates(resolved)
+    trials = request.trials if request.trials is not None else resolved.budget.trials
     experiment = locate(request)
     if not request.resume and (experiment.directory / "tuner.pkl").exists():
         raise ConfigError(f"{experiment.directory} holds an earlier search '{experiment.name}': pass --resume, or "
@@ -263,7 +260,7 @@ def run_search(request: SearchRequest, extra_callbacks: list = ()) -> dict:
         except Exception as err:  # noqa: BLE001 — pyarrow's errors differ by scheme; all mean "not a storage"
             raise ConfigError(f"--storage {experiment.storage}: not a storage pyarrow can open ({err})") from None
     with experiment.lock():
-        return _run(request, extra_callbacks, study, base_cfg, budget, trials, experiment)
+        return _run(request, extra_callbacks, resolved, base_cfg, trials, experiment)
 
 
 def _start_ray(request: SearchRequest) -> str:
@@ -283,7 +280,7 @@ def _start_ray(request: SearchRequest) -> str:
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def _run(asked: SearchRequest, extra_callbacks, study: Study, base_cfg, budget, trials: int,
+def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cfg, trials: int,
          experiment: Experiment) -> dict:
     """The search itself, under its lock: data, Ray, the Tuner, the summary and what comes after the trials.
     `asked`: the request as given (stored so); the search runs it with its GPUs per trial resolved."""
@@ -298,8 +295,8 @@ def _run(asked: SearchRequest, extra_callbacks, study: Study, base_cfg, budget, 
     ray_text = _start_ray(asked)
     request = asked if asked.gpus_per_trial is not None else dataclasses.replace(
         asked, gpus_per_trial=default_gpus_per_trial(ray.cluster_resources()))
-    overrides = trial_overrides(study, list(request.overrides), request.data, request.gpus_per_trial,
-                                request.workers_per_trial, request.record_test_per_trial)
+    resolved = resolved.placed(request.gpus_per_trial, request.workers_per_trial)
+    study, budget = resolved.study, resolved.budget
     if len(alive_nodes()) > 1:  # every node must see the storage and the data; checked before anything is written
         kind, _, data_path = base_cfg.data.source.partition(":")
         check_cluster_paths(experiment.storage, data_path if kind != "synthetic" else None)
@@ -311,7 +308,7 @@ def _run(asked: SearchRequest, extra_callbacks, study: Study, base_cfg, budget, 
     resources = TrialResources(request.workers_per_trial, request.cpus_per_trial, request.gpus_per_trial,
                                request.one_worker_trials or "tune")
     parent = tracking.start_parent(tracking_uri, experiment.name, experiment.directory,
-                                   search_params(request, study, budget, trials, overrides, resources),
+                                   search_params(request, resolved, trials, resources),
                                    {"tune_xray.smoke": str(request.smoke).lower(),
                                     tracking.DESCRIPTION_TAG: search_description(request, study, trials, metric, data)})
     experiment.sync_resume()  # a driver killed from here on can be resumed from another machine
@@ -320,7 +317,7 @@ def _run(asked: SearchRequest, extra_callbacks, study: Study, base_cfg, budget, 
     # password)
 
     def describe(config: dict) -> tracking.TrialRecord:
-        cfg = resolve_trial(study, config, overrides, smoke)
+        cfg = resolve_trial(resolved, config)
         params = flatten(cfg.model_dump(mode="json"))
         params.update({k: v for k, v in config.items() if k.startswith("sampled.")})
         params.update(global_batch_sizes(cfg, resources.workers))
@@ -329,7 +326,7 @@ def _run(asked: SearchRequest, extra_callbacks, study: Study, base_cfg, budget, 
                                      "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])},
                                     trial_description(study, config, cfg, experiment.name))
 
-    driver = trainable(study, overrides, request.smoke, resources, experiment.path, request.max_failures)
+    driver = trainable(resolved, resources, experiment.path, request.max_failures)
     callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, link_run(optuna_url, experiment.name),
                                     RESULT_FILES, lambda trial: experiment.fetch(Path(trial.path).name)),
                  TrialLines(metric, lambda config: run_name(study, config)), ResumeSync(experiment),
@@ -341,8 +338,7 @@ def _run(asked: SearchRequest, extra_callbacks, study: Study, base_cfg, budget, 
         scheduler = (None if request.no_asha else ParetoASHA(budget, metric, study.mode, study.costs)
                      if study.costs and request.asha_on == "objectives"
                      else FinishAwareASHA(budget, metric, study.mode))
-        searcher = optuna_searcher(study, DefineByRun(study, overrides, request.smoke), experiment.name, optuna_url,
-                                   request.seed, metric, study.limits(request.smoke))
+        searcher = optuna_searcher(DefineByRun(resolved), experiment.name, optuna_url, request.seed, metric)
         tuner = tune.Tuner(driver, tune_config=tune.TuneConfig(
             num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             search_alg=resources.limiter(searcher, request.max_concurrent, request.max_pending), reuse_actors=True),
@@ -380,7 +376,7 @@ def _run(asked: SearchRequest, extra_callbacks, study: Study, base_cfg, budget, 
                             "gpus_per_trial": resources.gpus, "one_worker_trials": resources.one_worker}
     summary["storage"] = experiment.path
     summary["command"], summary["provenance"] = request.command, provenance()
-    summary["overrides"] = overrides  # what every trial got on top of the file: --set, --data, the device
+    summary["overrides"] = resolved.overrides  # what every trial got on top of the file: --set, --data, the device
     summary["optuna_study"] = experiment.name  # a copied or renamed experiment directory still finds its study
     summary["data"] = data  # what every number is an estimate on, and how its splits were made
     summary["asha"] = asha_text(request, study, metric)
@@ -392,16 +388,16 @@ def _run(asked: SearchRequest, extra_callbacks, study: Study, base_cfg, budget, 
     if summary["status"] != "interrupted":
         summary["optuna_orphans_closed"] = close_orphans(optuna_url, experiment.name)
     summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
-    budget = {} if request.no_ensemble else ensemble_budget(study, request)
-    if summary["status"] == "complete" and (study.costs or any(v is not None for v in budget.values())):
-        _step(experiment, summary, "latency", lambda: remeasure(experiment, summary, study, budget))
+    ensemble_budget = {} if request.no_ensemble else resolved.ensemble
+    if summary["status"] == "complete" and (study.costs or any(v is not None for v in ensemble_budget.values())):
+        _step(experiment, summary, "latency", lambda: remeasure(experiment, summary, study, ensemble_budget))
     if summary.get("pareto_front"):
         tracking.tag_front(tracking_uri, [r["mlflow_run_id"] for r in summary["pareto_front"] if r["mlflow_run_id"]])
     best = summary["best"]
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     experiment.write_summary(summary)
     if summary["status"] == "complete":
-        after_trials(experiment, summary, request, study)
+        after_trials(experiment, summary, request, resolved)
     _step(experiment, summary, "storage", lambda: (experiment.sync(), experiment.sync_resume()))
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
     report_file = Path(summary["report"]) if str(summary.get("report", "")).endswith(".html") else None
@@ -457,7 +453,7 @@ def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
     experiment.write_summary(summary)
 
 
-def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, study: Study) -> None:
+def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, resolved: ResolvedStudy) -> None:
     """Repeats (`--repeats`), the ensemble, the cross-validation of the finalists (`--cv-folds`) and the report, in
     turn, each recorded in `summary`."""
     def repeats() -> None:
@@ -473,7 +469,7 @@ def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, 
 
         result = run_ensemble(experiment, size=request.ensemble_size, seed=request.seed,
                               tracking_uri=experiment.tracking_uri, read_test=True,
-                              budget=ensemble_budget(study, request),
+                              budget=resolved.ensemble,
                               device="cuda" if torch.cuda.is_available() else "cpu")
         summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "cost", "val", "test",
                                                           "test_per_label", "single_label", "thresholds",
@@ -484,7 +480,7 @@ def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, 
 
     def cross_validation() -> None:
         summary["cv"] = run_cv(experiment, request.cv_top, request.cv_folds, max_failures=request.max_failures,
-                               select=study.space.ensemble.select_on == "oof", size=request.ensemble_size)
+                               select=resolved.study.space.ensemble.select_on == "oof", size=request.ensemble_size)
         print_cv(summary["cv"])
         error = (summary["cv"].get("oof_ensemble") or {}).get("registration_error")
         if error:

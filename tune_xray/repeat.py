@@ -141,17 +141,18 @@ class Rerun:
         res = self.summary.get("resources", {})  # as the search ran them (its GPUs per trial resolved)
         self.resources = TrialResources(res.get("workers_per_trial", 1), res.get("cpus_per_trial", 1.0),
                                         res.get("gpus_per_trial", 0.0), res.get("one_worker_trials", "tune"))
-        self.overrides = trial_overrides(self.study, list(request.overrides), request.data, self.resources.gpus,
-                                         self.resources.workers, request.record_test_per_trial)
-        self.smoke, self.metric = request.smoke, objective(self.study.metric)
+        self.resolved = self.study.resolve(
+            trial_overrides(self.study, list(request.overrides), request.data, request.record_test_per_trial),
+            request.smoke).placed(self.resources.gpus, self.resources.workers)
+        self.metric = objective(self.study.metric)
 
     def record(self, config: dict, label: str, tags: dict, description: str = "") -> tracking.TrialRecord:
         """A trial's MLflow run: `t007 <label> <drawn values>`, its resolved config as params, `tags`."""
-        cfg = resolve_trial(self.study, config, self.overrides, self.smoke)
+        cfg = resolve_trial(self.resolved, config)
         params = {**flatten(cfg.model_dump(mode="json")), **global_batch_sizes(cfg, self.resources.workers)}
         name = run_name(self.study, config)
         return tracking.TrialRecord(f"{name[:4]} {label}{name[4:]}", params,
-                                    {**tags, "tune_xray.smoke": str(self.smoke).lower()}, description)
+                                    {**tags, "tune_xray.smoke": str(self.resolved.smoke).lower()}, description)
 
     def run(self, configs: list[dict], under: str, trial_name, describe, stage: str, interrupted: str,
             max_failures: int = 1, address: str | None = None, verbose: bool = False) -> list[dict]:
@@ -165,7 +166,7 @@ class Rerun:
         tracking_uri, parent = experiment.tracking_uri, tracking.find_parent(experiment.directory)
         if not ray.is_initialized():
             connect(address, verbose)
-        driver = trainable(self.study, self.overrides, self.smoke, self.resources, f"{storage}/{under}", max_failures)
+        driver = trainable(self.resolved, self.resources, f"{storage}/{under}", max_failures)
         callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, artifacts=RESULT_FILES,
                                         results_dir=lambda trial: experiment.fetch(trial_name(trial), under),
                                         stage=stage)]
@@ -197,7 +198,7 @@ def run_repeats(experiment: Experiment, top: int = 3, seeds: int = 3, address: s
     if top < 1 or seeds < 1:
         raise ConfigError(f"--top and --seeds must be at least 1 (got {top}, {seeds})")
     summary = rerun.summary
-    base_seed = rerun.study.trial_config({}, rerun.overrides, rerun.smoke).seed
+    base_seed = rerun.resolved.trial_config({}).seed
     earlier = summary.get("repeats") or {}  # sets of repeats accumulate: new seeds after the earlier ones
     done_seeds = len(earlier.get("seeds", []))
     new_seeds = [base_seed + 1000 * k for k in range(done_seeds + 1, done_seeds + seeds + 1)]

@@ -31,7 +31,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from .credentials import mask, remember, reveal
-from .space import Study, flatten
+from .space import ResolvedStudy, flatten
 from .trial import TIME_ATTR, TRIAL_NUMBER, trial_status
 
 KEY_FIELDS = ("model.backbone", "model.pretrained_path", "augment.image_size", "device", "supervised.batch_size",
@@ -57,12 +57,17 @@ class DefineByRun:
     ran; the Optuna trial keeps the same resolved values as its user attribute `trained`.
     (A class, not a closure: Tune pickles the searcher with the experiment.)"""
 
-    def __init__(self, study: Study, overrides: dict, smoke: bool):
-        self.study, self.overrides, self.smoke = study, overrides, smoke
+    def __init__(self, resolved: ResolvedStudy):
+        self.resolved = resolved
+
+    def __setstate__(self, state: dict) -> None:  # pickled by a search started before the study was resolved once
+        if "resolved" not in state:
+            state = {"resolved": state["study"].resolve(state["overrides"], state["smoke"])}
+        self.__dict__.update(state)
 
     def __call__(self, trial: optuna.Trial) -> dict:
-        sampled = self.study.sample(trial)
-        cfg = self.study.trial_config(sampled, self.overrides, self.smoke)
+        sampled = self.resolved.study.sample(trial)
+        cfg = self.resolved.trial_config(sampled)
         resolved = flatten(cfg.model_dump(mode="json"))
         out = {TRIAL_NUMBER: trial.number}
         for key, value in sampled.items():
@@ -71,7 +76,7 @@ class DefineByRun:
                 out[f"sampled.{key}"] = value
         out.update({key: resolved[key] for key in key_fields(cfg)})
         trained = {k: v for k, v in out.items() if k != TRIAL_NUMBER and not k.startswith("sampled.")}
-        trial.set_user_attr(TRAINED, {**trained, "smoke": self.smoke})  # one write: one database transaction
+        trial.set_user_attr(TRAINED, {**trained, "smoke": self.resolved.smoke})  # one write: one database transaction
         return out
 
 
@@ -239,16 +244,16 @@ def constrain(trial, result: dict, limits: dict[str, float]) -> None:
             trial.set_constraint(name, float(result[name]) - limit)
 
 
-def optuna_searcher(study: Study, space: DefineByRun, name: str, storage_url: str, seed: int,
-                    metric: str, limits: dict[str, float] | None = None) -> OptunaSearcher:
-    """The search's searcher: the study file's sampler (TPE or NSGA-II, seeded, with its options) on the study's
-    define-by-run space (each trial constrained by `limits`), its objectives (the validation metric, then its
-    costs), its warm-start points first, its Optuna study `name` in `storage_url`."""
+def optuna_searcher(space: DefineByRun, name: str, storage_url: str, seed: int, metric: str) -> OptunaSearcher:
+    """The search's searcher: the study file's sampler (TPE or NSGA-II, seeded, with its options) on the resolved
+    study's define-by-run space (each trial constrained by its limits), its objectives (the validation metric,
+    then its costs), its warm-start points first, its Optuna study `name` in `storage_url`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB": the summary says where
+    study = space.resolved.study
     chosen = study.space.sampler
     kind = optuna.samplers.NSGAIISampler if chosen.name == "nsga2" else optuna.samplers.TPESampler
     return OptunaSearcher(space, name, storage_url, kind(seed=seed, **chosen.options()), metric, study.mode,
-                          study.warm_start_points() or [], study.costs, limits)
+                          study.warm_start_points() or [], study.costs, space.resolved.limits)
 
 
 def close_orphans(storage_url: str, name: str) -> int:

@@ -37,6 +37,8 @@ distribution between trials (Optuna refuses that for categoricals).
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -291,25 +293,30 @@ class Study:
         """(cost, mode) objectives after the validation metric (none: a single-objective search)."""
         return [(k, m) for k, m in self.space.objectives.items() if k in COSTS]
 
-    def budget(self, smoke: bool = False, overrides: dict | None = None) -> Budget:
-        """The file's budget (or its smoke budget). `--set supervised.epochs=N` carries through: it becomes the
-        budget ASHA's max_t is built from, so no trial is cut at the file's epoch count."""
+    def resolve(self, overrides: dict | None = None, smoke: bool = False, latency_ms: float | None = None,
+                params_m: float | None = None) -> ResolvedStudy:
+        """This study as one search runs it, resolved once: `overrides` (--set, --data, ...: trial.trial_overrides),
+        at smoke scale or not, the ensemble's budget from the flags (`latency_ms`, `params_m`) or the file.
+
+        The budget is the file's (or its smoke one); `--set supervised.epochs=N` carries through: it becomes the
+        budget ASHA's max_t is built from, so no trial is cut at the file's epoch count. The limits and the
+        ensemble's budget are the file's `limits:` and `ensemble:` (their smoke ones at smoke scale, where given:
+        test models on a CPU cost other milliseconds than the study's)."""
+        overrides = overrides or {}
         budget = self.space.smoke.budget if smoke else self.space.budget
-        epochs = ((overrides or {}).get("supervised") or {}).get("epochs")
+        epochs = (overrides.get("supervised") or {}).get("epochs")
         if epochs is not None:
             budget = budget.model_copy(update={"epochs": epochs, "grace_period": min(budget.grace_period, epochs)})
-        return budget
-
-    def limits(self, smoke: bool = False) -> dict[str, float]:
-        """The study's hard limits on a trial's measured cost (`limits:`; its smoke ones at smoke scale)."""
-        return dict(self.space.smoke.limits if smoke and self.space.smoke.limits is not None else self.space.limits)
-
-    def ensemble_budget(self, smoke: bool = False, latency_ms: float | None = None,
-                        params_m: float | None = None) -> dict:
-        """The ensemble's budget: the flags', else the file's (its smoke one at smoke scale)."""
-        budget = (self.space.smoke.ensemble or EnsembleBudget()) if smoke else self.space.ensemble
-        return {"latency_ms": latency_ms if latency_ms is not None else budget.latency_ms,
-                "params_m": params_m if params_m is not None else budget.params_m}
+        smoke_limits = self.space.smoke.limits
+        limits = dict(smoke_limits if smoke and smoke_limits is not None else self.space.limits)
+        chosen = (self.space.smoke.ensemble or EnsembleBudget()) if smoke else self.space.ensemble
+        ensemble = {"latency_ms": latency_ms if latency_ms is not None else chosen.latency_ms,
+                    "params_m": params_m if params_m is not None else chosen.params_m}
+        over = {"supervised": {"epochs": budget.epochs, "selection_metric": self.metric,
+                               **({"limits": limits} if limits else {})}}
+        if smoke:
+            over = merge(over, nest(self.space.smoke.set, f"{self.origin}: smoke.set"))
+        return ResolvedStudy(self, overrides, smoke, budget, limits, ensemble, over)
 
     def check_overrides(self, overrides: dict) -> None:
         """`--set` values that would contradict the study's objective, or the device a trial's resources give
@@ -333,29 +340,6 @@ class Study:
             if key in values:
                 return f"{self.origin}: {part}"
         return None
-
-    def trial_config(self, sampled: dict[str, Any], overrides: dict | None = None, smoke: bool = False) -> TrialConfig:
-        """base ⊕ sampled values (⊕ smoke shrinkage) ⊕ --set overrides → a validated TrialConfig.
-
-        The supervised phase runs the budget's epochs and selects on the study's metric. Smoke: `smoke.set`,
-        then `smoke.scale` factors, then each backbone its family's test model; the user's `--set` comes last."""
-        tree = merge(self.space.base, nest({k: v for k, v in sampled.items() if ":" not in k}, self.origin))
-        limits = self.limits(smoke)
-        tree = merge(tree, {"supervised": {"epochs": self.budget(smoke).epochs, "selection_metric": self.metric,
-                                           **({"limits": limits} if limits else {})}})
-        if smoke:
-            tree = merge(tree, nest(self.space.smoke.set, f"{self.origin}: smoke.set"))
-            values = flatten(build_config(tree, f"{self.origin} (trial config)").model_dump(mode="json"))
-            sizes = {k for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
-            if set(self.space.smoke.scale) - sizes:
-                raise ConfigError(f"{self.origin}: smoke.scale: {sorted(set(self.space.smoke.scale) - sizes)} "
-                                  "are not integer sizes of the trial config")
-            shrunk = {key: max(1, round(values[key] * factor)) for key, factor in self.space.smoke.scale.items()}
-            shrunk.update({key: smoke_backbone(values[key]) for key in BACKBONE_KEYS})
-            tree = merge(tree, nest(shrunk, f"{self.origin}: smoke"))
-        if overrides:
-            tree = merge(tree, overrides)
-        return build_config(tree, f"{self.origin} (trial config)")
 
     def sampled_from(self, config: dict[str, Any]) -> dict[str, Any]:
         """The drawn values in a Tune trial config, which shows the resolved values under the parameters'
@@ -471,9 +455,10 @@ class Study:
                     raise ConfigError(f"{self.origin}: params.{key}: 'when' names '{parent}', "
                                       "which is not a parameter of this file")
         self.ordered_params()  # a cycle of conditions is an error
+        resolved = self.resolve()
         for where, key, value in self.candidates():
             try:
-                self.trial_config({key: value})
+                resolved.trial_config({key: value})
             except ConfigError as err:
                 detail = str(err).split("\n")[0].split(": ", 1)[-1]
                 raise ConfigError(f"{self.origin}: {where}: value {value!r} is not allowed: {detail}") from None
@@ -482,14 +467,64 @@ class Study:
             if unknown:
                 raise ConfigError(f"{self.origin}: warm_start[{i}]: {unknown} are not parameters of this file")
             try:
-                self.trial_config(self._label_values(point))
+                resolved.trial_config(self._label_values(point))
             except ConfigError as err:
                 raise ConfigError(f"{self.origin}: warm_start[{i}]: {str(err).split(': ', 1)[-1]}") from None
         self.warm_start_points()  # every labelled value resolves
         try:
-            self.trial_config({}, smoke=True)
+            self.resolve(smoke=True).trial_config({})
         except ConfigError as err:
             raise ConfigError(f"{self.origin}: smoke: {str(err).split(': ', 1)[-1]}") from None
+
+
+@dataclass(frozen=True)
+class ResolvedStudy:
+    """A study as one search runs it (Study.resolve), resolved once at the search's start and read by the candidate
+    check, the searcher, every trial, the parent run's params and the ensemble: the budget, the hard limits, the
+    ensemble's budget, what is set over each trial's drawn values (`over`: the search's own keys, the file's
+    `smoke.set` at smoke scale) and what every trial gets last (`overrides`: --set, --data, ... and, once Ray
+    tells the trial's resources, its device: `placed`)."""
+
+    study: Study
+    overrides: dict
+    smoke: bool
+    budget: Budget
+    limits: dict[str, float]
+    ensemble: dict
+    over: dict
+
+    def placed(self, gpus_per_trial: float, workers_per_trial: int = 1) -> ResolvedStudy:
+        """On a trial's resources: the device they give and, on a GPU it shares with other trials, its share
+        (`data.device_share`, what `device_cache: auto` counts) unless --set gave one."""
+        place: dict = {"device": "cuda" if gpus_per_trial else "cpu"}
+        share = gpus_per_trial / workers_per_trial
+        if 0 < share < 1 and "device_share" not in self.overrides.get("data", {}):
+            place["data"] = {"device_share": share}
+        return dataclasses.replace(self, overrides=merge(self.overrides, place))
+
+    def trial_config(self, sampled: dict[str, Any], extra: dict | None = None) -> TrialConfig:
+        """base ⊕ sampled values ⊕ `over` (⊕ smoke shrinkage) ⊕ overrides (⊕ `extra`: a repeat's seed, a fold) →
+        a validated TrialConfig.
+
+        The supervised phase runs the budget's epochs and selects on the study's metric. Smoke: `smoke.set`, then
+        `smoke.scale` factors, then each backbone its family's test model; the user's `--set` comes last."""
+        study = self.study
+        origin, shrink = study.origin, study.space.smoke
+        tree = merge(merge(study.space.base, nest({k: v for k, v in sampled.items() if ":" not in k}, origin)),
+                     self.over)
+        if self.smoke:
+            values = flatten(build_config(tree, f"{origin} (trial config)").model_dump(mode="json"))
+            sizes = {k for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
+            if set(shrink.scale) - sizes:
+                raise ConfigError(f"{origin}: smoke.scale: {sorted(set(shrink.scale) - sizes)} "
+                                  "are not integer sizes of the trial config")
+            shrunk = {key: max(1, round(values[key] * factor)) for key, factor in shrink.scale.items()}
+            shrunk.update({key: smoke_backbone(values[key]) for key in BACKBONE_KEYS})
+            tree = merge(tree, nest(shrunk, f"{origin}: smoke"))
+        for last in (self.overrides, extra):
+            if last:
+                tree = merge(tree, last)
+        return build_config(tree, f"{origin} (trial config)")
 
 
 def _suggest(trial, name: str, spec: ParamSpec):
@@ -565,7 +600,7 @@ def space_rows(study) -> list[dict]:
 
 def describe_study(study: Study, smoke: bool = False) -> str:
     """A study file as `search STUDY --help` shows it: what it optimises, its budget and its space."""
-    budget = study.budget(smoke)
+    budget = study.resolve(smoke=smoke).budget
     rows = space_rows(study)
     width = max((len(r["parameter"]) for r in rows), default=0)
     lines = [f"{study.name} ({study.origin}): {study.space.description or ''}".rstrip(": "),

@@ -94,22 +94,15 @@ class TrialLines(tune.Callback):
         self._say(trial, True)
 
 
-def trial_overrides(study, overrides: list[str], data: str | None, gpus_per_trial: float, workers_per_trial: int = 1,
-                    record_test: bool = False) -> dict:
-    """What every trial gets on top of the study file: `--set`, `--data`, the device its resources give and, on
-    a GPU it shares with other trials, its share (`data.device_share`, what `device_cache: auto` counts), and
-    `--record-test-per-trial` — resolved here, so every record shows them."""
+def trial_overrides(study, overrides: list[str], data: str | None, record_test: bool = False) -> dict:
+    """What every trial gets on top of the study file: `--set`, `--data` and `--record-test-per-trial`, resolved
+    here, so every record shows them (the device its resources give is ResolvedStudy.placed's)."""
     tree = parse_overrides(overrides)
     study.check_overrides(tree)
     if record_test:
         tree = merge(tree, {"supervised": {"record_test": True}})
     if data:
         tree = merge(tree, {"data": {"source": data}})
-    if "device" not in tree:
-        tree = merge(tree, {"device": "cuda" if gpus_per_trial else "cpu"})
-    share = gpus_per_trial / workers_per_trial
-    if 0 < share < 1 and "device_share" not in tree.get("data", {}):
-        tree = merge(tree, {"data": {"device_share": share}})
     return tree
 
 
@@ -382,26 +375,30 @@ class ClusterConcurrency(ConcurrencyLimiter):
         return super().suggest(trial_id)
 
 
-def resolve_trial(study, config: dict, overrides: dict, smoke: bool):
-    """The TrialConfig a Tune trial's config trains: its drawn values on the study with the search's overrides,
-    and a repeat's seed (tune_xray.repeat: the same configuration with a new seed) or a fold's split
-    (tune_xray.cv: fold k of K over train + val is validation)."""
+def resolve_trial(resolved, config: dict, *before):
+    """The TrialConfig a Tune trial's config trains: its drawn values on the search's resolved study, and a repeat's
+    seed (tune_xray.repeat: the same configuration with a new seed) or a fold's split (tune_xray.cv: fold k of K
+    over train + val is validation). (`before`: the overrides and smoke flag a search started before the study was
+    resolved once passes from its pickled run record, with its Study.)"""
+    if before:
+        resolved = resolved.resolve(*before)
+    extra = {}
     if REPEAT_SEED in config:
-        overrides = {**overrides, "seed": config[REPEAT_SEED]}
+        extra["seed"] = config[REPEAT_SEED]
     if CV_FOLD in config:
-        overrides = merge(overrides, {"data": {"folds": config[CV_FOLDS], "fold": config[CV_FOLD]}})
-    return study.trial_config(study.sampled_from(config), overrides, smoke)
+        extra["data"] = {"folds": config[CV_FOLDS], "fold": config[CV_FOLD]}
+    return resolved.trial_config(resolved.study.sampled_from(config), extra)
 
 
-def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources: TrialResources,
-                 storage_path: str, max_failures: int) -> None:
+def trial_driver(config: dict, *, resolved, resources: TrialResources, storage_path: str,
+                 max_failures: int) -> None:
     """Tune function trainable: resolve the drawn config and run it — in this process when it has one worker
     (`TuneSession`), else as a Ray Train run of `resources.workers` ranks (DDP).
 
     A Train run lives in the experiment directory (`storage_path`) as `train-<trial id>`. Either way the result
     files are written straight into the trial's directory there (on a cluster this trial may run on any node:
     its local trial directory is not the driver's)."""
-    cfg = resolve_trial(study, config, overrides, smoke)
+    cfg = resolve_trial(resolved, config)
     context = tune.get_context()
     train_config = {"trial_config": cfg.model_dump(mode="json")}
     results_to = f"{storage_path}/{Path(context.get_trial_dir()).name}"
@@ -426,12 +423,12 @@ def trial_driver(config: dict, *, study, overrides: dict, smoke: bool, resources
             upload(directory, results_to)
 
 
-def trainable(study, overrides: dict, smoke: bool, resources: TrialResources, storage_path: str, max_failures: int):
-    """`trial_driver` as Tune runs it, for the search and its repeats alike: its arguments bound, the resources
-    its trial holds reserved."""
+def trainable(resolved, resources: TrialResources, storage_path: str, max_failures: int):
+    """`trial_driver` as Tune runs it, for the search and its repeats alike: the resolved study (placed on
+    `resources`) and the rest bound, the resources its trial holds reserved."""
     return tune.with_resources(
-        tune.with_parameters(trial_driver, study=study, overrides=overrides, smoke=smoke, resources=resources,
-                             storage_path=storage_path, max_failures=max_failures),
+        tune.with_parameters(trial_driver, resolved=resolved, resources=resources, storage_path=storage_path,
+                             max_failures=max_failures),
         resources.trial())
 
 

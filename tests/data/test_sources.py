@@ -236,17 +236,18 @@ def test_the_shipped_studies_run_on_any_source_and_a_chosen_split_key_says_where
         study = load_study(path.stem)
         for source in (f"folder:{tmp_path / 'flat'}", f"medmnist:{npz}"):
             for smoke in (False, True):
-                cfg = study.trial_config({}, {"data": {"source": source}}, smoke)
+                cfg = study.resolve({"data": {"source": source}}, smoke).trial_config({})
                 check_split_keys(cfg.data, lambda key: study.origin_of(f"data.{key}"))
     study = load_study("supervised")
     chosen = parse_overrides(["data.split=random"])
-    cfg = study.trial_config({}, {**chosen, "data": {"source": f"folder:{tmp_path / 'flat'}", "split": "random"}})
+    source = {"data": {"source": f"folder:{tmp_path / 'flat'}", "split": "random"}}
+    cfg = study.resolve({**chosen, **source}).trial_config({})
     with pytest.raises(ConfigError, match=r"data.split=random \(from --set\): folder:"):
         check_split_keys(cfg.data, lambda key: study.origin_of(f"data.{key}", chosen))
     own = tmp_path / "own.yaml"
     own.write_text((SEARCH_SPACES / "supervised.yaml").read_text().replace("data: {cache_size: 288}",
                                                                             "data: {cache_size: 288, split: random}"))
     mine = load_study(str(own))
-    cfg = mine.trial_config({}, {"data": {"source": f"medmnist:{npz}"}})
+    cfg = mine.resolve({"data": {"source": f"medmnist:{npz}"}}).trial_config({})
     with pytest.raises(ConfigError, match=r"data.split=random \(from .*own.yaml: base\): medmnist:"):
         check_split_keys(cfg.data, lambda key: mine.origin_of(f"data.{key}"))

@@ -43,7 +43,7 @@ def study_facts(experiment: Experiment, summary: dict, invocation: dict) -> list
     resources = summary.get("resources", {})
     hours = sum(_trial_seconds(experiment.trial_dir(r)) for r in summary["rows"]) / 3600
     study = study_file(summary)
-    budget = study.budget(bool(invocation.get("smoke")), parse_overrides(invocation.get("overrides") or [])) \
+    budget = study.resolve(parse_overrides(invocation.get("overrides") or []), bool(invocation.get("smoke"))).budget \
         if study else None
     applied = summary.get("overrides") or {}
     facts = [("study file", summary["file"]),
