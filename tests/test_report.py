@@ -165,3 +165,15 @@ def test_labels_never_trained_are_left_out_of_the_ensemble_s_thresholds_means_an
     assert "A 0." in card and "C 0." not in card and "mean_auroc: val over 2 of 3 labels" in card
     model = model_data(Experiment.at(directory), summary, summary["top"])
     assert set(model["calibration"]) == {"A", "B"} and all(set(r) == {"A", "B"} for r in model["roc"].values())
+
+
+def test_cpu_and_gpu_hours_are_given_only_on_the_resources_every_run_held():
+    """A resume may change a trial's resources and Tune then shows every trial with the last: the report multiplies
+    the trials' hours by resources only where the search's runs all gave the same."""
+    from tune_xray.report.study import trial_hours
+
+    one, two = {"cpus_per_trial": 1.0, "gpus_per_trial": 0.5}, {"cpus_per_trial": 2.0, "gpus_per_trial": 0.5}
+    assert trial_hours(2.0, one, [one, one]) == "; CPU-hours 2, GPU-hours 1"
+    assert trial_hours(2.0, one, []) == "; CPU-hours 2, GPU-hours 1"  # a summary from before each run's were kept
+    assert trial_hours(2.0, two, [one, two, two]) == (
+        " (CPU- and GPU-hours not given: the search's runs gave each trial 1 CPU + 0.5 GPU, then 2 CPU + 0.5 GPU)")

@@ -268,7 +268,9 @@ def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, r
     summary = run_search(args)
     assert summary["status"] == "complete" and exit_code(summary) == 1
     assert summary["failed"] == {"ensemble": "OSError: the registry's disk is full"}
-    assert "ensemble failed: OSError: the registry's disk is full" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "ensemble failed: OSError: the registry's disk is full" in said.err
+    assert "tiny: 1 trial of " in said.out  # a count and its noun agree
     assert Path(summary["report"]).is_file()  # written without an ensemble
     _, parent, _ = _mlflow(tmp_path / "store" / "tiny")
     assert parent.info.status == "FINISHED" and parent.data.tags["tune_xray.failed"] == "ensemble"
@@ -343,6 +345,7 @@ def test_ctrl_c_is_an_interruption_and_resume_completes_the_record(tmp_path, ray
     assert "Configuration for experiment" not in said and "tensorboard" not in said.lower()  # a quiet resume
     assert summary["search_runs_s"][0] == first_run and len(summary["search_runs_s"]) == 2  # both runs' time
     assert summary["wall_time_s"] == pytest.approx(sum(summary["search_runs_s"]))
+    assert summary["resources_runs"] == [summary["resources"]] * 2  # each run's, so CPU-hours stand only if the same
     after = optuna.load_study(study_name="tiny", storage=storage).trials
     assert len(after) == 3 and all(t.state.is_finished() for t in after)
     for number, trial in before.items():

@@ -202,7 +202,7 @@ def search_description(request: SearchRequest, study: Study, trials: int, metric
     sampler = {"tpe": "TPE", "nsga2": "NSGA-II"}[study.space.sampler.name]
     objectives = (f"objectives {objectives_text(study)}, a Pareto search ({asha_text(request, study, metric)})"
                   if study.costs else f"objective {metric} ({study.mode})")
-    return (f"**Search** `{locate(request).name}`: {trials} trials of `{study.origin}` "
+    return (f"**Search** `{locate(request).name}`: {plural(trials, 'trial')} of `{study.origin}` "
             f"({study.space.description or study.name}), Optuna {sampler} proposing, "
             f"{'no early stopping' if request.no_asha else 'ASHA stopping'}; {objectives} on "
             f"validation. Data {describe_data(data)}. {describe_untrained(data) + '. ' if data['untrained'] else ''}"
@@ -344,7 +344,7 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
             search_alg=resources.limiter(searcher, request.max_concurrent, request.max_pending), reuse_actors=True),
             run_config=run_config(experiment.name, experiment.storage, callbacks, request.max_failures,
                                   request.verbose))
-    print(f"{experiment.name}: {trials} trials of {study.origin}, objective{'s' if study.costs else ''} "
+    print(f"{experiment.name}: {plural(trials, 'trial')} of {study.origin}, objective{'s' if study.costs else ''} "
           f"{objectives_text(study)}; data {describe_data(data)}", flush=True)
     if describe_untrained(data):
         print(describe_untrained(data), flush=True)
@@ -374,6 +374,9 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
     summary["wall_time_s"] = sum(summary["search_runs_s"])
     summary["resources"] = {"workers_per_trial": resources.workers, "cpus_per_trial": resources.cpus,
                             "gpus_per_trial": resources.gpus, "one_worker_trials": resources.one_worker}
+    # each run's (a resume may change them): a trial's CPU- and GPU-hours are only known where they never changed
+    summary["resources_runs"] = [*before.get("resources_runs", [before["resources"]] if "resources" in before else []),
+                                 summary["resources"]]
     summary["storage"] = experiment.path
     summary["command"], summary["provenance"] = request.command, provenance()
     summary["overrides"] = resolved.overrides  # what every trial got on top of the file: --set, --data, the device

@@ -104,7 +104,8 @@ def describe_data(facts: dict) -> str:
 def describe_untrained(facts: dict) -> str:
     """The labels no training image has, in one line ('' where there are none)."""
     untrained = facts.get("untrained") or []
-    return (f"{len(untrained)} of {len(facts['classes'])} labels have no positive in train: never decided, "
+    verb = "has" if len(untrained) == 1 else "have"
+    return (f"{len(untrained)} of {len(facts['classes'])} labels {verb} no positive in train: never decided, "
             f"thresholded or averaged: {', '.join(untrained)}" if untrained else "")
 
 

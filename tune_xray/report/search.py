@@ -265,8 +265,8 @@ def _asha(search: dict) -> str:
 
     total = sum(r["epochs_done"] or 0 for r in rows)
     full = max((r["epochs_done"] or 0) for r in rows) * len(rows) if rows else 0
-    out = (f"<h3>ASHA: epochs spent per trial</h3><p>{total} trial-epochs in all over {len(rows)} trials; a full "
-           f"budget for every trial would have been {full}.</p>")
+    out = (f"<h3>ASHA: epochs spent per trial</h3><p>{plural(total, 'trial-epoch')} in all over "
+           f"{plural(len(rows), 'trial')}; a full budget for every trial would have been {full}.</p>")
     return out + (figure(rungs, 8, 0.32 * len(rows) + 1.2, "fine-tune epochs each trial ran, by status")
                   if rows else "")
 

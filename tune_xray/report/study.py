@@ -4,6 +4,7 @@ patients, labels without positives), as numbers and as the page shows them."""
 from __future__ import annotations
 
 import html
+import itertools
 import json
 from pathlib import Path
 
@@ -26,6 +27,18 @@ def _trial_seconds(directory: Path) -> float:
     path = directory / "result.json"
     lines = path.read_text().strip().splitlines() if path.is_file() else []
     return float(json.loads(lines[-1]).get("time_total_s", 0.0)) if lines else 0.0
+
+
+def trial_hours(hours: float, resources: dict, runs: list[dict]) -> str:
+    """`; CPU-hours N, GPU-hours M` of the trials' time on the resources each held — unknown where the search's
+    runs gave their trials different resources (a resume that changed them: Tune shows every trial with the last)."""
+    held = [(r.get("cpus_per_trial", 1), r.get("gpus_per_trial", 0)) for r in runs or [resources]]
+    changes = [each for each, _ in itertools.groupby(held)]
+    if len(set(changes)) > 1:
+        shown = ", then ".join(f"{cpus:g} CPU + {gpus:g} GPU" for cpus, gpus in changes)
+        return f" (CPU- and GPU-hours not given: the search's runs gave each trial {shown})"
+    cpus, gpus = held[0]
+    return f"; CPU-hours {hours * cpus:.3g}, GPU-hours {hours * gpus:.3g}"
 
 
 def study_file(summary: dict):
@@ -55,18 +68,17 @@ def study_facts(experiment: Experiment, summary: dict, invocation: dict) -> list
                 f"{plural(len(summary['pareto_front']), 'trial')}"),
              ("trials", f"{summary['trials']} of {summary['requested']} requested: "
                         + ", ".join(f"{summary[s]} {s}" for s in STATUSES if summary.get(s))),
-             ("status", summary["status"]), ("smoke", invocation.get("smoke")),
-             *([("budget", f"{summary['requested']} trials requested"
+             ("status", summary["status"]), ("smoke", "on" if invocation.get("smoke") else "off"),
+             *([("budget", f"{plural(summary['requested'], 'trial')} requested"
                            + (f" (the file's budget: {budget.trials})" if budget.trials != summary["requested"] else "")
-                           + f", {budget.epochs} fine-tune epochs each at most; ASHA grace "
+                           + f", {plural(budget.epochs, 'fine-tune epoch')} each at most; ASHA grace "
                            f"{budget.grace_period}, reduction factor {budget.reduction_factor}")] if budget else []),
              ("--set", " ".join(invocation.get("overrides") or []) or "none"),
              ("every trial also got", ", ".join(f"{k}={v}" for k, v in flatten(applied).items()) or "nothing more"),
              ("search wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min"
               + (f", summed over its {len(summary['search_runs_s'])} runs (a run killed before its end counts nothing)"
                  if len(summary.get("search_runs_s") or []) > 1 else "")),
-             ("trial time", f"{hours:.3g} h: {hours * resources.get('cpus_per_trial', 1):.3g} CPU-hours, "
-                            f"{hours * resources.get('gpus_per_trial', 0):.3g} GPU-hours")]
+             ("trial time", f"{hours:.3g} h" + trial_hours(hours, resources, summary.get("resources_runs") or []))]
     return [(k, str(v)) for k, v in facts]
 
 
