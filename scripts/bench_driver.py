@@ -48,10 +48,10 @@ SPACE = {  # a study like the shipped ones: a choice, a log-uniform, a condition
 }
 
 
-def made_up_trial(config: dict, *, study, overrides, smoke, resources, storage_path, max_failures) -> None:
-    """In place of trial_driver: the epochs' reports of a trial, at once (a val AUROC from the drawn LR), then the
-    final record a finished trial reports."""
-    metric = study.metric
+def made_up_trial(config: dict, *, resolved, resources, storage_path, max_failures) -> None:
+    """In place of trial_driver (same signature): the epochs' reports of a trial, at once (a val AUROC from the
+    drawn LR), then the final record a finished trial reports."""
+    metric = resolved.study.metric
     best, lr = 0.0, config.get("supervised.optimizer.lr", 1e-3)
     rng = random.Random(config[trial_module.TRIAL_NUMBER])
     epochs = int(os.environ.get("BENCH_DRIVER_EPOCHS", "5"))  # Ray's workers inherit the driver's environment

@@ -805,3 +805,17 @@ def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_p
     assert "Pareto front on best_val_mean_auroc (max), latency_ms (min)" in out and "cross-validation:" in out
     assert "out-of-fold ensemble" in out and "early-stopped on the same fold" in out
     assert "budget 1e+06 ms" in out
+
+
+def test_the_driver_bench_swaps_in_a_trainable_of_the_trial_drivers_signature():
+    """scripts/bench_driver.py times the real search path with `trial_driver` replaced by made-up reports: a
+    replacement whose keywords drifted from trial_driver's would only fail when someone benchmarks."""
+    import importlib.util
+    import inspect
+
+    from tune_xray.trial import trial_driver
+
+    spec = importlib.util.spec_from_file_location("bench_driver", Path(__file__).parents[1] / "scripts/bench_driver.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert list(inspect.signature(bench.made_up_trial).parameters) == list(inspect.signature(trial_driver).parameters)
