@@ -110,7 +110,7 @@ def main() -> None:
         print(f"  trial start → first reported metric {timer.first - timer.start:6.1f} s   (Ray adds "
               f"{timer.first - timer.start - first_direct:.1f} s before the first epoch's report)")
         print(f"  Ray's share of the trial's wall time {100 * (trial - direct) / trial:6.1f} %")
-        if len(timer.window) == 2 and Path("/proc").is_dir():
+        if len(timer.window) == 2 and timer.window[1][0] > timer.window[0][0] and Path("/proc").is_dir():  # 2+ results
             seconds, worker, others = timer.cpu_shares()
             print(f"  CPU over {seconds:.0f} s of epochs: the training process {100 * worker:.1f} %, every other "
                   f"process (Ray's daemons and actors, the Tune driver) {100 * others:.1f} % of {os.cpu_count()} cores")
