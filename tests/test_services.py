@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import yaml
@@ -122,12 +123,14 @@ def test_the_deploy_files_services_for_real(tmp_path):
     database."""
     import boto3
 
-    secret = "s3cr3t-pw-4711"
+    secret = "s3/cr3t pw'4711"  # a slash, a blank and a quote: what SQLAlchemy takes unencoded, and a pattern did not
+    token = "tok3n-0815"  # the MLflow server's, as a user of its URL (it takes any; requests sends it as basic auth)
     with LocalServices(tmp_path / "services") as services, \
             local_cluster(tmp_path / "cluster", nodes=2, cpus_per_node=1, extra_env=services.s3_env) as cluster:
         optuna_url = services.postgres_url("optuna", "tune", secret)
+        tracking_uri = services.mlflow_url.replace("http://", f"http://{token}@")
         flags = ["--address", cluster.address, "--storage", f"s3://{services.bucket}/runs", "--optuna-storage",
-                 optuna_url, "--tracking-uri", services.mlflow_url, "--ensemble-size", "2"]
+                 optuna_url, "--tracking-uri", tracking_uri, "--ensemble-size", "2"]
         env = {**cluster.env, **services.s3_env}
         first = _search(tmp_path, "svc", *flags, "--local-dir", str(tmp_path / "machine1"), trials=3, env=env)
         _wait_for(first, tmp_path / "svc.log", "svc: ")  # the trials started
@@ -142,21 +145,28 @@ def test_the_deploy_files_services_for_real(tmp_path):
         assert "View run" not in said  # MLflow's own pair of lines per run ended on a server: the search says one
         predicted = subprocess.run([sys.executable, "-m", "tune_xray.predict", "models:/svc/1",
                                     str(next((tmp_path / "machine2").rglob("*.png"), None) or _an_image(tmp_path)),
-                                    "--tracking-uri", services.mlflow_url], capture_output=True, text=True, env=env)
+                                    "--tracking-uri", tracking_uri], capture_output=True, text=True, env=env)
         assert predicted.returncode == 0 and predicted.stdout.startswith("path,p_"), predicted.stderr[-2000:]
-        # nowhere written down: the experiment's files here and there, the bucket, MLflow's and Optuna's databases
+        # nowhere written down or shown: the consoles, the experiment's files here and there, the bucket, MLflow's and
+        # Optuna's databases; each secret as given and percent-encoded
+        hidden = [s.encode() for word in (secret, token) for s in {word, quote(word), quote(word, safe="")}]
+        assert not [s for s in hidden if s in (predicted.stdout + predicted.stderr).encode()]
+        for log in tmp_path.glob("*.log"):
+            assert not [s for s in hidden if s in log.read_bytes()], log
         for machine in ("machine1", "machine2"):
             for path in (tmp_path / machine).rglob("*"):
-                assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+                assert not path.is_file() or not [s for s in hidden if s in path.read_bytes()], path
         s3 = boto3.client("s3", endpoint_url=services.s3_env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
                           aws_secret_access_key="testing", region_name="us-east-1")
         keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=services.bucket)
                 for o in page.get("Contents", [])]
         assert any(k.startswith("runs/svc/") for k in keys) and any(k.startswith("mlartifacts/") for k in keys)
         for key in keys:
-            assert secret.encode() not in s3.get_object(Bucket=services.bucket, Key=key)["Body"].read(), key
+            body = s3.get_object(Bucket=services.bucket, Key=key)["Body"].read()
+            assert not [s for s in hidden if s in body], key
         for database in ("mlflow", "optuna"):
-            assert secret not in _every_row(services.postgres_url(database)), database
+            rows = _every_row(services.postgres_url(database)).encode()
+            assert not [s for s in hidden if s in rows], database
 
 
 def _every_row(url: str) -> str:

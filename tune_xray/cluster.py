@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from .config import ConfigError
+from .credentials import mask
 
 MARKER_DIR = ".tune_xray-storage-check"
 RAY_ENV = {
@@ -191,7 +192,7 @@ def _write_marker(storage: str, name: str, token: str, data_path: Optional[str])
         with filesystem.open_output_stream(f"{root}/{MARKER_DIR}/{name}") as stream:
             stream.write(token.encode())
     except (OSError, pa.ArrowException) as err:
-        out["storage_error"] = f"{type(err).__name__}: {err}"
+        out["storage_error"] = mask(f"{type(err).__name__}: {err}")
     return out
 
 

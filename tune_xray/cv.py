@@ -40,6 +40,7 @@ import pandas as pd
 
 from . import tracking
 from .config import ConfigError, bare, metric_mode, objective, plural
+from .credentials import mask
 from .ensemble import CaruanaSelector, split_scorer
 from .experiment import (
     CV_DIR,
@@ -301,7 +302,7 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
                                                           [str(Path(d) / "best.pt") for d in dirs], member_weights,
                                                           str(oof_paths[0]), select)
         except Exception as err:  # noqa: BLE001 — the cross-validation stands; what failed is said
-            out["registered"], out["registration_error"] = None, f"{type(err).__name__}: {err}"
+            out["registered"], out["registration_error"] = None, mask(f"{type(err).__name__}: {err}")
     return out
 
 

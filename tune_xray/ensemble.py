@@ -518,7 +518,7 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
         try:
             result["registered"] = tracking.log_ensemble(tracking_uri, experiment.directory, result, members, out_dir)
         except Exception as err:  # noqa: BLE001 — the selection and its files stand; the caller says what failed
-            result["registered"], result["registration_error"] = None, f"{type(err).__name__}: {err}"
+            result["registered"], result["registration_error"] = None, mask(f"{type(err).__name__}: {err}")
         (out_dir / "ensemble.json").write_text(json.dumps(mask(result), indent=1, default=float))
     return result
 
@@ -648,7 +648,7 @@ def main(argv=None) -> int:
                               None if uri == "none" else uri, read_test=args.record, device=args.device,
                               budget={"latency_ms": args.latency_budget, "params_m": args.params_budget})
     except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {mask(str(err))}", file=sys.stderr)
         return 2
     print_result(result)
     if result.get("registration_error"):

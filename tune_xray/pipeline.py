@@ -19,7 +19,7 @@ from . import tracking
 from .asha import FinishAwareASHA, ParetoASHA
 from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem, watch_ray, which_ray
 from .config import ConfigError, objective, parse_overrides, plural
-from .credentials import remember, same_place
+from .credentials import mask, remember, same_place
 from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
@@ -258,7 +258,7 @@ def run_search(request: SearchRequest, extra_callbacks: list = ()) -> dict:
         try:
             storage_filesystem(experiment.storage)
         except Exception as err:  # noqa: BLE001 — pyarrow's errors differ by scheme; all mean "not a storage"
-            raise ConfigError(f"--storage {experiment.storage}: not a storage pyarrow can open ({err})") from None
+            raise ConfigError(mask(f"--storage {experiment.storage}: not a storage pyarrow can open ({err})")) from None
     with experiment.lock():
         return _run(request, extra_callbacks, resolved, base_cfg, trials, experiment)
 
@@ -276,8 +276,8 @@ def _start_ray(request: SearchRequest) -> str:
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 — a start-up timeout, a refused address, ...: one line, exit 1
-        raise SearchError(f"Ray did not start{' at ' + request.address if request.address else ''}: "
-                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        raise SearchError(mask(f"Ray did not start{' at ' + request.address if request.address else ''}: "
+                               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")) from None
 
 
 def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cfg, trials: int,
@@ -451,7 +451,7 @@ def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
         if step not in ("storage", "latency"):  # (latency says what it did in a line of its own)
             print(f"{step}: done in {time.perf_counter() - start:.0f} s", flush=True)
     except Exception as err:  # noqa: BLE001 — the trials stand; what failed is said, not raised
-        summary["failed"][step] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        summary["failed"][step] = mask(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         print(f"{step} failed: {summary['failed'][step]}", file=sys.stderr)
     experiment.write_summary(summary)
 

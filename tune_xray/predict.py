@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .config import plural
-from .credentials import reveal
+from .credentials import mask, reveal
 from .data.splits import DataError
 from .serving import EnsembleModel, load_predictor, read_image  # noqa: F401  (models registered before serving.py)
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         uri, tracking_uri = resolve_model(args.model, args.tracking_uri)
         predictor = load_predictor(uri, args.device, tracking_uri)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {mask(str(err))}", file=sys.stderr)
         return 2
     files = find_inputs(args.inputs)
     if not files:

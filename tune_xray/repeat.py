@@ -28,6 +28,7 @@ from ray.tune.search import Searcher
 from . import tracking
 from .cluster import connect
 from .config import ConfigError, objective, plural
+from .credentials import mask
 from .ensemble import split_scorer
 from .experiment import REPEATS_DIR, Experiment, ExperimentError, TrialTask, read_predictions, repeat_name
 from .explain import COST_METRICS
@@ -267,7 +268,7 @@ def rerun_main(argv, prog: str, doc: str, count: tuple[str, int, str], run, show
         entry = run(Experiment.at(args.experiment_dir), args.top, getattr(args, count[0].lstrip("-")), args.address,
                     verbose=args.verbose, **{f.lstrip("-"): getattr(args, f.lstrip("-")) for f in flags or {}})
     except (ConfigError, ExperimentError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {mask(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted before any {what} ran", file=sys.stderr)

@@ -15,6 +15,7 @@ import shlex
 import sys
 
 from .config import ConfigError
+from .credentials import mask, mask_argv
 from .data.splits import DataError
 from .models import WeightsError
 from .pipeline import SearchError, resume_command, run_search
@@ -145,19 +146,19 @@ def main(argv=None) -> int:
             try:
                 print("\n" + describe_study(load_study(study)))
             except ConfigError as err:
-                print(f"\nerror: {err}", file=sys.stderr)
+                print(f"\nerror: {mask(str(err))}", file=sys.stderr)
                 return 2
         return 0
     args = parser.parse_args(argv)
     request = SearchRequest.from_values(vars(args), given=given_keys(argv, vars(args)),
-                                        command=shlex.join(["python", "-m", "tune_xray.search", *argv]))
+                                        command=shlex.join(["python", "-m", "tune_xray.search", *mask_argv(argv)]))
     try:
         summary = run_search(request)
     except (ConfigError, DataError, WeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {mask(str(err))}", file=sys.stderr)
         return 2
     except SearchError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {mask(str(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the trials started (Tune handles Ctrl-C while they run)
         print("interrupted before any trial ran", file=sys.stderr)

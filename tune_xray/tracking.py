@@ -533,7 +533,7 @@ def _requirements() -> list[str]:
 def _registered(name: str, version, run_id: str, tracking_uri: str) -> dict:
     """What a registration returns (and ensemble.json keeps, and predict resolves): the model's URI and store."""
     return {"name": name, "version": str(version), "uri": f"models:/{name}/{version}", "run_id": run_id,
-            "tracking_uri": tracking_uri}
+            "tracking_uri": mask(tracking_uri)}  # (predict reveals it; another process gets the secret again)
 
 
 def log_ensemble(tracking_uri: str, experiment_dir: Path, result: dict, members: pd.DataFrame,

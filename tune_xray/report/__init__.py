@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         path = build_report(Experiment.at(args.experiment_dir), args.out, args.device)
     except ExperimentError as err:  # no summary, or one (or a trial's predictions) missing or unreadable
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {mask(str(err))}", file=sys.stderr)
         return 2
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s)")
     return 0
