@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from tune_xray.config import ConfigError
+from tune_xray.experiment import Experiment
 from tune_xray.pipeline import run_search
 from tune_xray.request import SearchRequest
 from tune_xray.search import main
@@ -308,6 +309,15 @@ def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray
     _, _, children = _mlflow(exp)
     run = next(c for c in children if c.data.tags["tune_xray.status"] == "infeasible")
     assert run.info.status == "FINISHED"
+    # the report: Optuna holds it COMPLETE (with its constraint), the report never among the completed trials
+    from tune_xray.report.search import render_search, search_data
+
+    search = search_data(Experiment.at(exp), summary)
+    infeasible = next(t for t in search["trials"] if t["status"] == "infeasible")
+    assert infeasible["value"] is None and infeasible["infeasible_value"] is not None
+    assert [t["status"] for t in search["trials"] if t["value"] is not None] == ["complete"]
+    assert "1 completed trial of 2 finished; 1 infeasible (over a study's hard limit), shown apart" in render_search(
+        search, summary["metric"])
 
 
 class InterruptAfterFirstTrial(tune.Callback):

@@ -41,6 +41,7 @@ import pandas as pd
 from . import tracking
 from .config import ConfigError, bare, metric_mode, objective, plural
 from .credentials import mask
+from .data.splits import UNLABELLED
 from .ensemble import CaruanaSelector, split_scorer
 from .experiment import (
     CV_DIR,
@@ -126,7 +127,7 @@ def out_of_fold(dirs: list[Path], folds: list[int], classes: list[str], every_fo
     if frame["path"].duplicated().any():
         raise ExperimentError(f"{dirs[0]}: the folds' validation sets overlap: not a K-fold partition")
     sizes = read_json(Path(dirs[0]) / "summary.json", "a fold trial's summary").get("split_sizes") or {}
-    expected = sizes.get("train", 0) + sizes.get("val", 0)
+    expected = sum(sizes.get(split, 0) for split in ("train", UNLABELLED, "val"))  # a label fraction's hidden too
     if every_fold and expected and len(frame) != expected:
         raise ExperimentError(f"{Path(dirs[0]).parent}: the out-of-fold predictions cover {len(frame)} images, not "
                               f"the {expected} of train + val once each")

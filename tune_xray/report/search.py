@@ -29,8 +29,9 @@ def _plain_value(value):
 
 def search_data(experiment: Experiment, summary: dict) -> dict:
     """The finished trials with one value per logical parameter — the value each trained with (the LR whatever
-    the optimizer; a conditional parameter only where it applied) — their objective and status; fANOVA
-    importance over the parameters every completed trial has, when enough completed; ASHA's epochs per trial."""
+    the optimizer; a conditional parameter only where it applied) — their objective and status (an infeasible
+    trial's value, at the epoch its cost ended it, apart: never among the completed); fANOVA importance over the
+    parameters every completed trial has, when enough completed; ASHA's epochs per trial."""
     import optuna
 
     from ..searcher import optuna_storage
@@ -48,8 +49,12 @@ def search_data(experiment: Experiment, summary: dict) -> dict:
         trained = row.get("resolved") or {}
         params = {k: _plain_value(trained.get(k, t.params.get(k))) for k in keys
                   if k in trained or any(_logical(p) == k for p in t.params)}
-        trials.append({"number": t.number, "state": t.state.name, "status": row.get("status", t.state.name.lower()),
-                       "value": t.values[0] if t.state.name == "COMPLETE" else None, "params": params,
+        status = row.get("status", t.state.name.lower())
+        # an infeasible trial is COMPLETE in Optuna (its constraints tell it so), never a completed trial here
+        told = t.values[0] if t.state.name == "COMPLETE" else None
+        trials.append({"number": t.number, "state": t.state.name, "status": status,
+                       "value": told if status == "complete" else None,
+                       "infeasible_value": told if status == "infeasible" else None, "params": params,
                        "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()}})
     direction = study.directions[0].name  # the validation metric's (a Pareto search's costs follow it)
     importance, why = _importance(trials, keys, log, direction)
@@ -124,13 +129,17 @@ def render_search(search: dict, metric: str) -> str:
     complete, maximize = _objective(search)
     short, log = search["short"], set(search["log"])
     n, total = len(complete), len(search["trials"])
+    infeasible = [t for t in search["trials"] if t.get("infeasible_value") is not None]
 
     def history(fig):
         ax = fig.add_subplot()
         pruned = [(t["number"], list(t["intermediate_values"].values())[-1]) for t in search["trials"]
-                  if t["value"] is None and t["intermediate_values"]]
+                  if t["value"] is None and t.get("infeasible_value") is None and t["intermediate_values"]]
         if pruned:
             ax.scatter(*zip(*pruned), marker="x", color="0.6", label="stopped early: its last value")
+        if infeasible:
+            ax.scatter([t["number"] for t in infeasible], [t["infeasible_value"] for t in infeasible], marker="s",
+                       facecolor="none", edgecolor="tab:brown", label="infeasible (over a hard limit): its value")
         if complete:
             x, y = [t["number"] for t in complete], [t["value"] for t in complete]
             ax.scatter(x, y, color="C0", zorder=3, label="completed")
@@ -141,7 +150,9 @@ def render_search(search: dict, metric: str) -> str:
         integer_ticks(ax)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
 
-    out = (f"<h3>Optimisation history</h3><p class=note>{n} completed trials of {total} finished.</p>"
+    out = (f"<h3>Optimisation history</h3><p class=note>{plural(n, 'completed trial')} of {total} finished"
+           + (f"; {len(infeasible)} infeasible (over a study's hard limit), shown apart and in no line, importance "
+              "or plot of the completed" if infeasible else "") + ".</p>"
            + figure(history, 9, 3.4, f"{metric} of each trial by trial number, with the best so far"))
     importance = search["importance"]
 
