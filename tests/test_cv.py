@@ -30,6 +30,24 @@ def test_one_member_votes_as_it_decides_and_a_label_without_threshold_is_undecid
     assert set(np.round(np.unique(shares), 6)) <= {0.0, 0.25, 0.75, 1.0}
 
 
+def test_a_vote_tied_at_half_goes_to_the_surer_side_whatever_the_members_order():
+    """Four fold models of equal weight, two deciding each way: the weighted mean margin (probability − own
+    threshold) decides — not the share's `≥ 0.5`, which made every tie positive — and reordering the members
+    changes nothing."""
+    thresholds = np.array([[0.5, 0.5], [0.4, 0.4], [0.6, 0.6], [0.5, 0.5]])
+    # label 0: positives by +0.3 and +0.2, negatives by -0.05 and -0.1 → positive; label 1: negatives by -0.3 and
+    # -0.2, positives by +0.05 and +0.1 → negative
+    members = np.array([[[0.8, 0.2]], [[0.6, 0.2]], [[0.55, 0.65]], [[0.4, 0.6]]])
+    shares, decided = vote("multilabel", members, thresholds.tolist(), np.ones(4))
+    assert shares.tolist() == [[0.5, 0.5]] and decided.tolist() == [[1.0, 0.0]]
+    for order in ([3, 2, 1, 0], [1, 3, 0, 2]):
+        assert vote("multilabel", members[order], thresholds[order].tolist(), np.ones(4))[1].tolist() == [[1.0, 0.0]]
+    binary = np.concatenate([1 - members[:, :, :1], members[:, :, :1]], axis=2)  # label 0 as a binary task
+    assert vote("multiclass", binary, thresholds[:, :1].tolist(), np.ones(4))[1].tolist() == [[0, 1]]
+    # a share above half decides whatever the margins
+    assert vote("multilabel", members[:3], thresholds[:3].tolist(), np.ones(3))[1].tolist() == [[1.0, 0.0]]
+
+
 def _folds(rng, n, k, prevalence=0.1, noise=1.5):
     """K fold models of one configuration on n images: the same signal, each with noise of its own (so their
     average is narrower than any one of them), a rare positive class."""
@@ -70,10 +88,12 @@ def test_a_served_vote_reads_as_shares_and_decisions():
     predictor = EnsemblePredictor.__new__(EnsemblePredictor)
     predictor.classes, predictor.task, predictor.weights = ["normal", "pneumonia"], "multiclass", np.array([0.5, 0.5])
     predictor.thresholds, predictor.member_thresholds = None, [[0.2], [0.6]]
-    members = np.array([[[0.7, 0.3], [0.9, 0.1]], [[0.7, 0.3], [0.3, 0.7]]])  # (2 members, 2 images, 2 classes)
+    members = np.array([[[0.7, 0.3], [0.9, 0.1]], [[0.7, 0.3], [0.2, 0.8]]])  # (2 members, 2 images, 2 classes)
     frame = predictor.frame(members.mean(0), members)
     assert list(frame.columns) == ["p_pneumonia", "vote_pneumonia", "label"]
-    assert frame["vote_pneumonia"].tolist() == [0.5, 0.5] and frame["label"].tolist() == ["pneumonia", "pneumonia"]
+    # both images a tie at half: the first's margins +0.1 and -0.3 decide normal, the second's -0.1 and +0.2
+    # pneumonia
+    assert frame["vote_pneumonia"].tolist() == [0.5, 0.5] and frame["label"].tolist() == ["normal", "pneumonia"]
     predictor.task, predictor.classes = "multilabel", ["effusion", "mass"]
     predictor.member_thresholds = [[0.5, None], [0.5, None]]
     frame = predictor.frame(members.mean(0), members)

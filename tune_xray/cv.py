@@ -334,7 +334,8 @@ def model_card(out: dict) -> str:
              "is their weighted mean.",
              "**Decisions**: each fold model decides at the threshold chosen on its own validation fold (a threshold "
              "fits the probabilities it was chosen on; the average of K models is narrower than any one), and a "
-             "label is decided when members holding at least half the weight decide it (predict's `vote_<label>` "
+             "label is decided when members holding more than half the weight decide it, a tie at half by their "
+             "weighted mean margin, probability − own threshold (predict's `vote_<label>` "
              "column is that share)." if "oof_thresholds" in out else
              "**Decisions**: the most probable class of the weighted mean.",
              f"**Test (the record)**: {bare(out['metric'])} {ci_text(out['test'])}"

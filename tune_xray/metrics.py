@@ -222,12 +222,17 @@ def decisions(task: str, prob: np.ndarray, thresholds=None) -> np.ndarray:
     return np.eye(k, dtype=np.int8)[prob.argmax(1)]
 
 
+VOTE_TIE = 1e-9  # a share this close to one half is a tie (weights 1/K summed in floating point)
+
+
 def vote(task: str, members: np.ndarray, thresholds, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(shares, decisions) of an ensemble whose members decide at thresholds of their own — fold models, each at
     the threshold chosen on its own validation fold, applied to the probabilities it was chosen for rather than to
     their average, which is narrower (an average of K models is less spread out than any one of them, so a
     single model's threshold sits at another quantile of it). A label (multi-label) or the positive class (binary)
-    is decided when members holding at least half the weight decide it.
+    is decided when members holding more than half the weight decide it; at exactly half (common with an even
+    number of fold models) the members' weighted mean margin — each one's probability minus its own threshold —
+    breaks the tie: positive when it is above 0, so the side that is surer wins, never the order of the members.
 
     `members` (M, n, C) probabilities; `thresholds` (M, C) multi-label or (M, 1) binary, None where a member has
     none (that label is then undecided: NaN); `weights` (M,). `shares` (n, C) multi-label or (n, 1) binary: the
@@ -244,9 +249,12 @@ def vote(task: str, members: np.ndarray, thresholds, weights: np.ndarray) -> tup
     columns = members if task == "multilabel" else members[:, :, 1:]
     shares = np.tensordot(weights, (columns >= cut[:, None, :]).astype(np.float64), axes=1)
     shares = np.where(np.isfinite(cut).all(0), shares, np.nan)
+    margins = np.tensordot(weights, columns - cut[:, None, :], axes=1)  # the weighted mean margin
+    tied = np.abs(shares - 0.5) <= VOTE_TIE
+    positive = (shares > 0.5 + VOTE_TIE) | (tied & (margins > 0))
     if task == "multilabel":
-        return shares, np.where(np.isfinite(shares), (shares >= 0.5).astype(np.float64), np.nan)
-    return shares, np.eye(2, dtype=np.int8)[(shares[:, 0] >= 0.5).astype(int)]
+        return shares, np.where(np.isfinite(shares), positive.astype(np.float64), np.nan)
+    return shares, np.eye(2, dtype=np.int8)[positive[:, 0].astype(int)]
 
 
 def weighted_decision_metrics(y_true: np.ndarray, decided: np.ndarray, weights: np.ndarray,

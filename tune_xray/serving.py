@@ -107,7 +107,8 @@ class EnsemblePredictor:
         - more classes: `p_<class>` for each and `label`, the most probable.
         A vote (`member_thresholds`; `members` (M, n, C) the members' probabilities) has `vote_<label>` in place of
         `threshold_<label>`: the share of the weight whose member decides the label (or the positive class) at
-        its own threshold; the decision is a share ≥ 0.5."""
+        its own threshold; the decision is a share above 0.5, a share of exactly 0.5 broken by the members'
+        weighted mean margin (`metrics.vote`)."""
         from .metrics import decisions, vote  # here: predicting needs no scikit-learn
 
         voting = self.member_thresholds is not None and members is not None
