@@ -117,3 +117,40 @@ def test_out_of_fold_predictions_must_cover_train_and_val_once(tmp_path):
         dirs[1] / "predictions_val.csv", index=False)
     with pytest.raises(ExperimentError, match="overlap"):
         out_of_fold(dirs, [0, 1], ["x"])
+
+
+@pytest.mark.parametrize("metric", ["val_accuracy", "val_macro_f1"])
+@pytest.mark.parametrize("task, classes", [("multilabel", ["a", "b", "c", "d"]), ("multiclass", ["no", "yes"]),
+                                           ("multiclass", ["x", "y", "z"])])
+def test_the_votes_decided_scorer_computes_the_metric_it_is_compared_with(metric, task, classes):
+    """The out-of-fold ensemble's accuracy or macro F1 of its vote's decisions against the search's ensemble's, which
+    `split_scorer` (metrics.classification_metrics) computes at its thresholds: for decisions made at thresholds,
+    both give the same number on the split and under every patient resample — a label with no threshold (undecided)
+    and one with no positive in test left out alike, where the old scorer counted the first as wrong and the second
+    as F1 0."""
+    from tune_xray.cv import _decided_scorer
+    from tune_xray.ensemble import split_scorer
+    from tune_xray.experiment import TrialTask
+    from tune_xray.metrics import patient_bootstrap
+
+    rng = np.random.default_rng(3)
+    n = 60
+    prob = rng.random((n, len(classes)))
+    if task == "multilabel":
+        y = (rng.random((n, 4)) < prob * 0.8).astype(int)
+        y[:, 1] = 0  # no positive in test
+        thresholds = [0.4, 0.5, None, 0.6]  # label c undecided
+        untrained = ("d",)
+    else:
+        prob = prob / prob.sum(1, keepdims=True)
+        y = np.eye(len(classes))[rng.integers(0, len(classes), n)]
+        thresholds = [0.45] if len(classes) == 2 else None
+        untrained = ()
+    decided = decisions(task, prob, thresholds).astype(float)
+    trial = TrialTask(task, classes, metric, "youden", untrained)
+    boot = patient_bootstrap(np.arange(n) // 2, 50, 0)
+    compared = split_scorer(y, task, metric, classes, "youden",
+                            None if thresholds is None else np.array(thresholds, dtype=float), untrained)
+    ours = _decided_scorer(y, decided, trial)
+    assert np.allclose(ours(prob), compared(prob), equal_nan=True)
+    assert np.allclose(ours(prob, boot), compared(prob, boot), equal_nan=True)

@@ -275,8 +275,7 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
                                                                         boot)}
     name = bare(task.metric)
     if name in ("accuracy", "macro_f1"):  # a threshold metric: the vote's decisions, as served
-        score = _decided_scorer(y, voted.astype(float), name, single_label)
-        out["test"], mine = _with_interval(score, prob, boot)
+        out["test"], mine = _with_interval(_decided_scorer(y, voted.astype(float), task), prob, boot)
     else:
         out["test"], mine = _with_interval(_scorer(y, task), prob, boot)
     searched = experiment.ensemble_dir / "predictions_test.csv"
@@ -307,20 +306,19 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
     return out
 
 
-def _decided_scorer(y: np.ndarray, decided: np.ndarray, name: str, single_label: bool):
-    """`score(prob, weights)` of accuracy or macro F1 of fixed decisions (the probabilities unused)."""
-    def score(prob, weights=None):
-        weights = np.ones((1, len(y))) if weights is None else np.atleast_2d(weights)
-        if name == "accuracy" and single_label:
-            return weighted_decision_metrics(y, decided, weights, True)["accuracy"]
-        w = weights.astype(np.float64)
-        tp, fp, fn = w @ (y * decided), w @ ((1 - y) * decided), w @ (y * (1 - decided))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
-        if name == "accuracy":  # multi-label: the share of labels decided right
-            return np.nanmean(w @ (y == decided) / w.sum(1, keepdims=True), axis=1)
-        return np.nanmean(f1, axis=1)
-    return score
+def _decided_scorer(y: np.ndarray, decided: np.ndarray, task: TrialTask):
+    """`score(prob, weights)` of the study's threshold metric (accuracy, macro F1) of fixed decisions — the vote's,
+    as served — computed by the very code that scores the search's ensemble (`split_scorer`, hence
+    `metrics.classification_metrics`): the decisions given as probabilities of 0 or 1 at threshold 0.5, a label
+    no member decided given no threshold. So a label undecided, or without both classes in a resample, is left out
+    of the mean exactly where the compared metric leaves it out (the probabilities passed are unused)."""
+    thresholds = None
+    if task.task == "multilabel":
+        thresholds = [0.5 if np.isfinite(column).all() else None for column in decided.T]
+    elif len(task.classes) == 2:
+        thresholds = [0.5]
+    score, filled = _scorer(y, task, thresholds), np.nan_to_num(decided)
+    return lambda prob, weights=None: score(filled, weights)
 
 
 def model_card(out: dict) -> str:
