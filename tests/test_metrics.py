@@ -132,3 +132,17 @@ def test_a_binary_task_has_one_auroc_and_the_positive_class_s_sensitivity():
     assert m["mean_auroc"] == pytest.approx(roc_auc_score(y, s)) and m["mean_auroc_labels"] == 1
     assert "auroc/normal" not in m and "sensitivity/normal" not in m  # the mirror images are not repeated
     assert m["mean_sensitivity"] == m["sensitivity/pneumonia"] and m["mean_specificity"] == m["specificity/pneumonia"]
+
+
+def test_the_cross_validation_interval_is_nadeau_and_bengios_corrected_resampled_t():
+    """(1/K + n_test/n_train)·s² for the mean's variance: with K = 5 folds (n_test/n_train = 1/4) the interval is
+    √(1 + K/4) = 1.5 times the plain t-interval's width, and centred on the mean."""
+    from scipy import stats
+
+    from tune_xray.metrics import corrected_t_interval
+
+    values = np.array([0.71, 0.74, 0.69, 0.77, 0.72])
+    low, high = corrected_t_interval(values, 1 / 4)
+    plain = stats.t.ppf(0.975, 4) * values.std(ddof=1) / np.sqrt(5)
+    assert np.isclose(high - low, 2 * plain * 1.5) and np.isclose((low + high) / 2, values.mean())
+    assert all(np.isnan(corrected_t_interval(values[:1], 1.0)))

@@ -5,7 +5,8 @@ its parent run (tagged `tune_xray.cv_of` and `tune_xray.cv_fold`).
 
 Repeats (tune_xray.repeat) re-run seeds on one split; with a few thousand images the split itself is a large
 source of variance (MONAI's recipes cross-validate for it; the seed studies never did). Per configuration: the
-validation metric of each fold, their mean ± sd and 95 % t-interval, ranked, beside the search's single-split
+validation metric of each fold, their mean ± sd and 95 % interval (Nadeau & Bengio's corrected resampled t: the
+folds' training sets overlap, so the plain t-interval is too narrow), ranked, beside the search's single-split
 ranking (Kendall's tau between the two); the out-of-fold predictions (every train + val image predicted once, by
 the model that did not train on it) stored, and their pooled metric with a patient-bootstrap interval.
 
@@ -54,8 +55,10 @@ from .experiment import (
     read_predictions,
 )
 from .metrics import (
+    CORRECTED_T,
     ci_text,
     classification_metrics,
+    corrected_t_interval,
     decisions,
     interval,
     nanmean_rows,
@@ -64,7 +67,7 @@ from .metrics import (
     vote,
     weighted_decision_metrics,
 )
-from .repeat import Rerun, finalist_configs, rerun_main, t_interval
+from .repeat import Rerun, finalist_configs, rerun_main
 from .trial import CV_FOLD, CV_FOLDS, CV_OF
 
 EARLY_STOPPING = ("each fold's value is that fold model's checkpoint early-stopped on the same fold (optimistic, "
@@ -152,8 +155,9 @@ def _with_interval(score, prob: np.ndarray, boot: np.ndarray) -> tuple[dict, np.
 
 def aggregate(experiment: Experiment, summary: dict, trials: list[dict], metric: str, mode: str,
               folds: int) -> dict:
-    """Per configuration: its folds' values, mean ± sd and t-interval, and its pooled out-of-fold metric (written
-    to cv/oof_<trial>.csv); ranked by the fold mean, with its rank in the search (one split) beside it."""
+    """Per configuration: its folds' values, mean ± sd and corrected resampled t-interval, and its pooled
+    out-of-fold metric (written to cv/oof_<trial>.csv); ranked by the fold mean, with its rank in the search (one
+    split) beside it."""
     key = objective(metric)
     search_rank = {r["trial"]: i for i, r in enumerate(summary["top"], 1)}
     rows = []
@@ -163,7 +167,7 @@ def aggregate(experiment: Experiment, summary: dict, trials: list[dict], metric:
         if not done:
             continue
         values = np.array([t[key] for t in done], dtype=float)
-        low, high = t_interval(values)
+        low, high = corrected_t_interval(values, test_train_ratio([Path(t["dir"]) for t in done], folds))
         task = TrialTask.of(done[0]["dir"])
         oof = out_of_fold([Path(t["dir"]) for t in done], [t["fold"] for t in done], task.classes,
                           len(done) == folds)
@@ -191,6 +195,18 @@ def aggregate(experiment: Experiment, summary: dict, trials: list[dict], metric:
     patients = any(r["grouped"] == "patients" for r in rows)
     return {"rows": rows, "kendall_tau": tau,
             "grouped": "patient-grouped" if patients else "image-grouped (no patient ids)"}
+
+
+def test_train_ratio(dirs: list[Path], folds: int) -> float:
+    """n_test / n_train of the fold trials (their validation fold over the images they trained on, a label
+    fraction's hidden ones included: the data the folds share), averaged; 1/(K − 1) where a fold says no sizes."""
+    ratios = []
+    for directory in dirs:
+        sizes = read_json(directory / "summary.json", "a fold trial's summary").get("split_sizes") or {}
+        trained = sizes.get("train", 0) + sizes.get(UNLABELLED, 0)
+        if trained and sizes.get("val"):
+            ratios.append(sizes["val"] / trained)
+    return float(np.mean(ratios)) if ratios else 1 / (folds - 1)
 
 
 def fold_thresholds(directory: str | Path):
@@ -347,7 +363,7 @@ def print_cv(entry: dict) -> None:
     name = bare(entry["metric"])
     print(f"\ncross-validation: {plural(len(entry['rows']), 'configuration')} × {entry['folds']} folds of train + val "
           f"({entry.get('grouped', 'patient-grouped')}, label-stratified; test untouched): val "
-          f"{name} per fold, mean ± sd [95 % t-interval]; pooled out of fold [95 % bootstrap CI]; {EARLY_STOPPING}")
+          f"{name} per fold, mean ± sd [95 % {CORRECTED_T}]; pooled out of fold [95 % bootstrap CI]; {EARLY_STOPPING}")
     for row in entry["rows"]:
         print(f"  {row['cv_rank']}. {row['mean']:.4f} ± {row['sd']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
               f" over {row['folds']} folds; out of fold {ci_text(row['oof'])}; search rank {row['search_rank']} "

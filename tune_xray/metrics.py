@@ -327,6 +327,24 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))
 
 
+CORRECTED_T = "corrected resampled t (Nadeau & Bengio 2003)"  # what a cross-validation's interval is, in words
+
+
+def corrected_t_interval(values: np.ndarray, test_train_ratio: float, level: float = 0.95) -> tuple[float, float]:
+    """The interval of a mean over K resamples whose training sets overlap — K-fold cross-validation's folds — by
+    Nadeau & Bengio's corrected resampled t (2003, "Inference for the generalization error"): the variance of the
+    mean is (1/K + n_test/n_train)·s² rather than s²/K, since the folds' estimates are correlated through their
+    shared training data (Bengio & Grandvalet 2004: no unbiased estimator of that variance exists; the plain
+    t-interval is too narrow). For K folds n_test/n_train is about 1/(K − 1). NaN for fewer than two values."""
+    from scipy import stats
+
+    k = len(values)
+    if k < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf((1 + level) / 2, k - 1) * np.sqrt((1 / k + test_train_ratio) * values.var(ddof=1))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
 def pareto_front(points: np.ndarray, modes: list[str]) -> np.ndarray:
     """Boolean mask of the non-dominated rows of `points` (n, objectives), each column maximised or minimised as
     `modes` says: a row is dominated when another is at least as good on every objective and better on one."""

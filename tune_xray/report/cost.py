@@ -12,7 +12,7 @@ import pandas as pd
 from ..config import bare, plural
 from ..ensemble import cost_lines
 from ..figures import COLUMN, figure, wrap
-from ..metrics import ci_text, pareto_front
+from ..metrics import CORRECTED_T, ci_text, pareto_front
 from .common import html_table, log_axis
 
 
@@ -99,8 +99,8 @@ def render_cost(cost: dict, metric: str) -> str:
 
 
 def render_cv(cv: dict, metric: str) -> str:
-    """The finalists cross-validated: each fold's value, the mean and its t-interval, the pooled out-of-fold
-    metric, beside the single split's value and rank."""
+    """The finalists cross-validated: each fold's value, the mean and its corrected resampled t-interval, the
+    pooled out-of-fold metric, beside the single split's value and rank."""
     rows, name = cv["rows"], bare(metric)
     out = (f"<p>The {len(rows)} best configurations, each trained on {cv['folds']} "
            f"{cv.get('grouped', 'patient-grouped')}, "
@@ -119,7 +119,7 @@ def render_cv(cv: dict, metric: str) -> str:
             ax.scatter(r["values"], [i] * len(r["values"]), color="C0", alpha=0.6, label="a fold" if i == 0 else None)
             ax.errorbar(r["mean"], i, xerr=[[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]]
                         if np.isfinite(r["ci_low"]) else None, fmt="D", color="C3", capsize=4,
-                        label="mean, 95 % t-interval" if i == 0 else None)
+                        label="mean, 95 % corrected resampled t" if i == 0 else None)
             ax.scatter(r["single_split"], i, marker="x", color="k", s=60,
                        label="the search's split" if i == 0 else None)
         ax.set_yticks(range(len(rows)), [wrap(r["name"], 40) for r in rows])
@@ -130,7 +130,8 @@ def render_cv(cv: dict, metric: str) -> str:
     out += figure(folds, COLUMN, 1.0 + 0.7 * len(rows), f"val {name} of each fold, per configuration")
     table = [{"CV rank": r["cv_rank"], "configuration": html.escape(r["name"]),
               f"folds' val {name}": ", ".join(f"{v:.4f}" for v in r["values"]),
-              "mean ± sd [95 % t-interval]": f"{r['mean']:.4f} ± {r['sd']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
+              f"mean ± sd [95 % {CORRECTED_T}]":
+                  f"{r['mean']:.4f} ± {r['sd']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
               "out of fold, pooled [95 % CI]": ci_text(r["oof"]), "search rank": r["search_rank"],
               "single split": r["single_split"]} for r in rows]
     return out + html_table(pd.DataFrame(table), escape=False)
