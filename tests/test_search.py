@@ -278,7 +278,8 @@ def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, r
 
 
 def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray_session, capsys, monkeypatch):
-    """`limits: {params_m: 0.2}`: test_resnet (0.37 M) is over it, test_efficientnet (0.10 M) is not. The first
+    """`limits: {params_m: 0.2, latency_ms: 1000}`: test_resnet (0.37 M) is over the first, test_efficientnet
+    (0.10 M) is not. The first
     stops after its first epoch as `infeasible` — not complete, pruned or failed; its MLflow run FINISHED with that
     status — and reaches Optuna COMPLETE with its constraint; the search succeeds. The search resolves its study
     once (the file's own validation aside): the candidate check, the searcher and the trials read that one."""
@@ -286,8 +287,8 @@ def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray
 
     resolved, resolve = [], Study.resolve
     monkeypatch.setattr(Study, "resolve", lambda self, *a, **k: resolved.append(a) or resolve(self, *a, **k))
-    space = {**SPACE, "limits": {"params_m": 0.2}, "params": {"model.backbone": {"choice": ["test_resnet",
-                                                                                           "test_efficientnet"]}},
+    backbones = {"model.backbone": {"choice": ["test_resnet", "test_efficientnet"]}}
+    space = {**SPACE, "limits": {"params_m": 0.2, "latency_ms": 1000.0}, "params": backbones,
              "warm_start": [{"model.backbone": "test_resnet"}, {"model.backbone": "test_efficientnet"}]}
     args = _args(tmp_path)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(space))
@@ -300,6 +301,9 @@ def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray
     assert over["resolved"]["model.backbone"] == "test_resnet" and over["epochs_done"] == 1
     assert over["reason"].startswith("params_m 0.37") and "over its limit 0.2" in over["reason"]
     assert summary["best"]["resolved"]["model.backbone"] == "test_efficientnet"
+    # the latency limit is judged after the trials, on every completed trial measured again alone
+    assert summary["cost_remeasured"]["why"] == "every completed trial, each judged against the study's latency limit"
+    assert "cost_in_trial" in summary["best"]
     said = capsys.readouterr().out
     assert "t000 test_resnet: infeasible, 1 fine-tune epoch, " in said and "(params_m 0.374 over its limit 0.2)" in said
     exp = tmp_path / "store" / "tiny"
@@ -829,3 +833,24 @@ def test_the_driver_bench_swaps_in_a_trainable_of_the_trial_drivers_signature():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert list(inspect.signature(bench.made_up_trial).parameters) == list(inspect.signature(trial_driver).parameters)
+
+
+def test_a_latency_limit_is_judged_on_the_figure_measured_alone_after_the_trials():
+    """No trial judges its own latency (taken while other trials may share its device); after the trials, the
+    completed ones measured again alone are judged: one over the limit becomes infeasible with the figure and where
+    it was taken, leaves the ranking, and the search's best is the next; one pruned or already infeasible is left
+    as it was."""
+    from tune_xray.summary import judge_limits, ranked
+
+    objectives = [{"name": "m", "mode": "max"}, {"name": "latency_ms", "mode": "min"}]
+    rows = [{"trial": f"t00{i}", "name": f"t00{i}", "trial_id": str(i), "mlflow_run_id": None, "status": status,
+             "reason": "", "m": m,
+             "cost": {"latency_ms": ms, "params_m": 1.0}} for i, (status, m, ms) in enumerate(
+        [("complete", 0.9, 30.0), ("complete", 0.8, 10.0), ("pruned", None, 50.0), ("infeasible", None, 1.0)])]
+    summary = {"metric": "m", "requested": 4, "objectives": objectives, **ranked(rows, 4, objectives)}
+    assert summary["best"]["trial"] == "t000" and summary["complete"] == 2
+    over = judge_limits(summary, {"latency_ms": 25.0, "params_m": 0.5}, "alone on the driver's cpu")
+    assert [r["trial"] for r in over] == ["t000"]  # params_m is the trial's own verdict: not judged again here
+    assert over[0]["reason"] == "latency_ms 30 over its limit 25 (measured again alone on the driver's cpu)"
+    assert (summary["best"]["trial"], summary["complete"], summary["infeasible"]) == ("t001", 1, 2)
+    assert [r["trial"] for r in summary["pareto_front"]] == ["t001"] and summary["rows"][2]["status"] == "pruned"

@@ -197,16 +197,23 @@ def test_a_pareto_study_and_its_multi_objective_sampler(tmp_path):
     study = load_study(_write(tmp_path, tree))
     assert (study.metric, study.mode, study.costs) == ("val_mean_auroc", "max", [("latency_ms", "min"),
                                                                                  ("params_m", "min")])
-    assert study.resolve().ensemble == {"latency_ms": 20, "params_m": None}
-    assert study.resolve(smoke=True).ensemble == {"latency_ms": 3, "params_m": None}
-    assert study.resolve(smoke=True, latency_ms=7, params_m=2).ensemble == {"latency_ms": 7, "params_m": 2}
+    none = {"latency_x_cheapest": None}
+    assert study.resolve().ensemble == {"latency_ms": 20, "params_m": None, **none}
+    assert study.resolve(smoke=True).ensemble == {"latency_ms": 3, "params_m": None, **none}
+    assert study.resolve(smoke=True, latency_ms=7, params_m=2).ensemble == {"latency_ms": 7, "params_m": 2, **none}
+    # a budget relative to the cheapest completed trial (one that holds on any machine); --latency-budget replaces it
+    relative = load_study(_write(tmp_path, {**tree, "smoke": {"ensemble": {"latency_x_cheapest": 2.5}}}))
+    assert relative.resolve(smoke=True).ensemble == {"latency_ms": None, "params_m": None, "latency_x_cheapest": 2.5}
+    assert relative.resolve(smoke=True, latency_ms=4).ensemble["latency_x_cheapest"] is None
+    with pytest.raises(ConfigError, match="one latency budget"):
+        load_study(_write(tmp_path, {**tree, "ensemble": {"latency_ms": 20, "latency_x_cheapest": 2}}))
     searcher = optuna_searcher(DefineByRun(study.resolve()), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
                                "best_val_mean_auroc")
     assert isinstance(searcher.sampler, optuna.samplers.NSGAIISampler)
     assert [d.name for d in searcher.study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     assert searcher.study.metric_names == ["best_val_mean_auroc", "latency_ms", "params_m"]
     single = load_study(_write(tmp_path, MINIMAL))
-    assert single.costs == [] and single.resolve().ensemble == {"latency_ms": None, "params_m": None}
+    assert single.costs == [] and single.resolve().ensemble == {"latency_ms": None, "params_m": None, **none}
 
 
 @pytest.mark.parametrize("sampler", [{"n_startup_trials": 2}, {"name": "nsga2", "population_size": 2}])
@@ -265,8 +272,13 @@ def test_hard_limits_reach_every_trial_and_optunas_constraints(tmp_path):
     assert study.resolve().limits == {"latency_ms": 25} and study.resolve(smoke=True).limits == {"latency_ms": 3}
     supervised = study.resolve().trial_config({}).supervised
     assert supervised.limits == {"latency_ms": 25}
-    assert supervised.over_limits({"latency_ms": 31.25}) == "latency_ms 31.2 over its limit 25"
-    assert supervised.over_limits({"latency_ms": 20}) == ""
+    # a trial does not judge its own latency (taken while it may share its device): judged after the search
+    assert supervised.over_limits({"latency_ms": 31.25}) == ""
+    limited = load_study(_write(tmp_path, {**tree, "limits": {"params_m": 1, "latency_ms": 25}}))
+    judged = limited.resolve().trial_config({}).supervised
+    assert judged.over_limits({"params_m": 1.5, "latency_ms": 31.25}) == "params_m 1.5 over its limit 1"
+    assert judged.over_limits({"params_m": 0.5, "latency_ms": 31.25}) == ""
+    assert limited.resolve().unlimited().trial_config({}).supervised.limits == {}  # a repeat's, a fold's
     assert load_study(_write(tmp_path, MINIMAL)).resolve().limits == {}
     searcher = optuna_searcher(DefineByRun(study.resolve()), "s", f"sqlite:///{tmp_path / 'o.db'}", 0,
                                "best_val_mean_auroc")

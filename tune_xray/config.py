@@ -152,6 +152,10 @@ class SchedulerConfig(_Strict):
 # what a trial measures of its model once it is built (explain.eval_cost), in every fine-tune report: inference ms
 # per image at batch 1 at the eval view (TTA views included) on the trial's device, parameters (M), GFLOPs per image
 COSTS = ("latency_ms", "params_m", "gflops")
+# the costs a trial's own measurement judges fairly: the model's wherever it runs. Its latency is measured while other
+# trials may share its device (packed GPUs, a CPU's cores): a latency limit is judged after the search, with the model
+# alone on the driver's device (ensemble.remeasure_costs), never in the trial
+JUDGED_IN_TRIAL = ("params_m", "gflops")
 
 
 def positive_limits(limits: dict) -> dict:
@@ -161,6 +165,13 @@ def positive_limits(limits: dict) -> dict:
         raise ValueError(f"{bad}: each limit is a positive cost (latency_ms: ms per image at batch 1, params_m: M "
                          "parameters, gflops: GFLOPs per image)")
     return limits
+
+
+def over_limits(measured: dict, limits: dict) -> str:
+    """What in `measured` (costs) exceeds `limits`, in words ("latency_ms 4.2 over its limit 3"); "" when none
+    does."""
+    return "; ".join(f"{k} {measured[k]:.3g} over its limit {limit:g}" for k, limit in limits.items()
+                     if isinstance(measured.get(k), (int, float)) and measured[k] > limit)
 
 
 class SupervisedConfig(_Strict):
@@ -193,9 +204,9 @@ class SupervisedConfig(_Strict):
         return positive_limits(limits)
 
     def over_limits(self, measured: dict) -> str:
-        """What in `measured` (a trial's cost) exceeds its limits, in words; "" when none does."""
-        return "; ".join(f"{k} {measured[k]:.3g} over its limit {limit:g}" for k, limit in self.limits.items()
-                         if isinstance(measured.get(k), (int, float)) and measured[k] > limit)
+        """What in `measured` (a trial's cost) exceeds its limits that a trial judges itself (JUDGED_IN_TRIAL: not
+        its latency, measured on a device it may share), in words; "" when none does."""
+        return over_limits(measured, {k: v for k, v in self.limits.items() if k in JUDGED_IN_TRIAL})
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping_patience: Optional[int] = Field(10, ge=1, description="S0: 10 epochs on val mAUC")
@@ -204,8 +215,9 @@ class SupervisedConfig(_Strict):
     threshold: Literal["youden", "f1"] = Field(
         "youden", description="multi-label and binary decision thresholds, chosen on val within [0.05, 0.95]")
     limits: dict[Literal[COSTS], float] = Field(  # type: ignore[valid-type]
-        {}, description="hard limits on the model's measured cost (a study's `limits:`): a trial over one stops at "
-        "its first epoch's end as infeasible, told to Optuna's constraints, never a failure")
+        {}, description="hard limits on the model's measured cost (a study's `limits:`): a trial over a params_m or "
+        "gflops limit stops at its first epoch's end as infeasible, told to Optuna's constraints, never a failure; a "
+        "latency_ms limit is judged after the search on the model measured alone (a trial may share its device)")
     record_test: bool = Field(
         False, description="score the selected checkpoint on test in the run itself (record_test_* beside every "
         "trial: numbers a reader can sort and select on). Off: test predictions are stored for the search's one "

@@ -43,7 +43,7 @@ from . import tracking
 from .config import ConfigError, bare, metric_mode, objective, plural
 from .credentials import mask
 from .data.splits import UNLABELLED
-from .ensemble import CaruanaSelector, split_scorer
+from .ensemble import CaruanaSelector, NoFit, absolute_budget, cost_lines, file_sha256, measured_latency, split_scorer
 from .experiment import (
     CV_DIR,
     SUMMARY_FILE,
@@ -68,6 +68,7 @@ from .metrics import (
     weighted_decision_metrics,
 )
 from .repeat import Rerun, finalist_configs, rerun_main
+from .summary import no_fit_text, search_model, search_model_text
 from .trial import CV_FOLD, CV_FOLDS, CV_OF
 
 EARLY_STOPPING = ("each fold's value is that fold model's checkpoint early-stopped on the same fold (optimistic, "
@@ -109,9 +110,17 @@ def run_cv(experiment: Experiment, top: int = 3, folds: int = 5, address: str | 
     trials = [{"trial": f"{r['config'][CV_OF]}/fold{r['config'][CV_FOLD]}", "cv_of": r["config"][CV_OF],
                "fold": r["config"][CV_FOLD], **{k: v for k, v in r.items() if k != "config"}} for r in rows]
     entry = aggregate(experiment, summary, trials, rerun.study.metric, rerun.study.mode, folds)
+    by = "--select on the command line"
     if select is None:
-        select = rerun.study.space.ensemble.select_on == "oof"
-    entry["oof_ensemble"] = oof_ensemble(experiment, summary, entry, experiment.tracking_uri, size, select)
+        select, by = rerun.study.space.ensemble.select_on == "oof", "the study's `ensemble: {select_on: oof}`"
+    budget, note = absolute_budget(rerun.resolved.ensemble, summary["rows"])  # the search's ensemble's, as it
+    entry["oof_ensemble"] = oof_ensemble(experiment, summary, entry, experiment.tracking_uri, size, select,
+                                         budget, note, by)
+    if (entry["oof_ensemble"] or {}).get("search_model"):
+        summary["search_model"] = entry["oof_ensemble"]["search_model"]
+        card = experiment.ensemble_dir / "model_card.md"
+        if card.is_file():  # the validation ensemble's card says it is not the search's model any more
+            card.write_text(card.read_text() + f"\nNot the search's model: {search_model_text(summary)}.\n")
     entry.update(metric=rerun.metric, folds=folds, top=top, trials=trials, notes=[EARLY_STOPPING, LEANING],
                  wall_time_s=time.perf_counter() - start)
     summary["cv"] = entry
@@ -183,7 +192,8 @@ def aggregate(experiment: Experiment, summary: dict, trials: list[dict], metric:
                      "single_split": original[key], "folds": len(values), "complete": len(values) == folds,
                      "values": values.tolist(), "mean": float(values.mean()),
                      "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"), "ci_low": low,
-                     "ci_high": high, "oof": pooled, "oof_file": str(path), "dirs": [t["dir"] for t in done]})
+                     "ci_high": high, "oof": pooled, "oof_file": str(path), "dirs": [t["dir"] for t in done],
+                     "fold_costs": [t.get("cost") or {} for t in done]})
     rows.sort(key=lambda r: (not r["complete"], -r["mean"] if mode == "max" else r["mean"]))
     for rank, row in enumerate(rows, 1):
         row["cv_rank"] = rank
@@ -233,8 +243,26 @@ def decision_record(y: np.ndarray, decided: np.ndarray, single_label: bool, boot
     return out
 
 
+def configuration_costs(rows: list[dict], budget: dict, device: str) -> np.ndarray:
+    """What each cross-validated configuration costs as the out-of-fold ensemble serves it — its K fold models,
+    all of them run on every image — (n, budget's costs): latency measured as the front's is (ensemble.
+    measured_latency: as served, alone on the driver's `device`, median of repeats) on its fold models together;
+    parameters the fold models' summed."""
+    costs = np.full((len(rows), len(budget)), np.nan)
+    for i, row in enumerate(rows):
+        checkpoints = [str(Path(d) / "best.pt") for d in row["dirs"]]
+        example = pd.read_csv(Path(row["dirs"][0]) / "predictions_val.csv", usecols=["path"], nrows=1)["path"][0]
+        for k, name in enumerate(budget):
+            if name == "latency_ms":
+                costs[i, k] = measured_latency(checkpoints, [1.0] * len(checkpoints), example, device)
+            else:
+                costs[i, k] = sum(cost.get(name, np.nan) for cost in row["fold_costs"])
+    return costs
+
+
 def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_uri: str | None, size: int = 5,
-                 select: bool = False) -> dict | None:
+                 select: bool = False, budget: dict | None = None, budget_note: str = "", by: str = "",
+                 device: str | None = None) -> dict | None:
     """Caruana over the configurations every fold of which completed, on their pooled out-of-fold predictions
     (validation data only: each train + val image predicted by the model that did not train on it); served as the
     chosen configurations' fold models, a configuration's weight split evenly over its K folds, deciding by their
@@ -242,7 +270,20 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
     once on test beside the search's ensemble (the paired difference on the same patient resamples) and beside
     the same models at thresholds chosen on the averaged out-of-fold probabilities (applied to an average of K
     models, which is narrower: the mismatch the vote avoids); registered in MLflow as `<experiment>-cv`, and with
-    `select` as `<experiment>` too."""
+    `select` as `<experiment>` too — the search's model, `by` what.
+
+    Under the search's ensemble `budget` (ms per image, M parameters; `budget_note`: how a relative one was
+    reached), a configuration costs what it is served as: its K fold models together, measured alone on the
+    driver's `device` as the front is (`configuration_costs`); Caruana adds a configuration only while the chosen
+    ones sum within it. The chosen ensemble's cost is said in every case, budget or not: the members' sum and the
+    whole ensemble as served. A budget no configuration fits alone is an outcome (`fits: False`), nothing
+    registered. The comparison with the search's ensemble reads that ensemble's test predictions only when their
+    content hash is the one the search recorded with its thresholds; otherwise it says why it did not compare."""
+    if device is None:
+        import torch  # in the driver, with no trial running: the front's rule
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = {k: v for k, v in (budget or {}).items() if v is not None}
     rows = [r for r in entry["rows"] if r["complete"]]
     if not rows:
         return None
@@ -257,7 +298,16 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
     probs = np.stack([f.loc[oof_paths, p_cols].to_numpy(float) for f in frames])
     y_oof = frames[0].loc[oof_paths, y_cols].to_numpy()
     hill = split_scorer(y_oof, task.task, task.metric, classes, task.rule, untrained=task.untrained)
-    selector = CaruanaSelector(size, seed=0).fit(probs, y_oof, lambda y, p: float(hill(p)[0]))
+    costs = configuration_costs(rows, budget, device) if budget else None
+    bounds = np.array(list(budget.values()), dtype=np.float64) if budget else None
+    if budget and not (costs <= bounds).all(1).any():
+        near = int(np.argmin((costs / bounds).max(1)))
+        nearest = {"trial": rows[near]["config"], "name": rows[near]["name"],
+                   **{k: float(costs[near, j]) for j, k in enumerate(budget)}}
+        outcome = NoFit("no cross-validated configuration fits the budget alone, served as its "
+                        f"{len(rows[near]['dirs'])} fold models", budget, nearest).outcome(None)
+        return {**outcome, "budget_note": budget_note, "device": device}
+    selector = CaruanaSelector(size, seed=0).fit(probs, y_oof, lambda y, p: float(hill(p)[0]), costs, bounds)
     weights = selector.weights_
     oof_prob = np.tensordot(weights, probs, axes=1)
     oof_boot = patient_bootstrap(resampling_units(frames[0].loc[oof_paths, "patient_id"], oof_paths))
@@ -270,6 +320,15 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
            "members": len(dirs), "metric": task.metric, "selected": bool(select),
            "oof": _with_interval(_scorer(y_oof, task), oof_prob, oof_boot)[0], "oof_images": len(oof_paths),
            "member_thresholds": member_thresholds}
+    served = configuration_costs(rows, {"latency_ms": None, "params_m": None}, device) if costs is None else costs
+    names = list(budget) if budget else ["latency_ms", "params_m"]
+    out["cost"] = {"budget": budget, **({"budget_note": budget_note} if budget_note else {}),
+                   **{f"{k}_sum": float(sum(served[i, j] for i, w in enumerate(weights) if w > 0))
+                      for j, k in enumerate(names) if np.isfinite(served[:, j]).all()},
+                   "device": device, "latency_where": "each configuration as its fold models served together, "
+                   "measured again after the trials, alone, on the driver's device",
+                   "served_latency_ms": measured_latency([str(Path(d) / "best.pt") for d in dirs], member_weights,
+                                                         str(oof_paths[0]), device)}
     tests = [read_predictions(Path(d), "test", classes) for d in dirs]
     paths, y, groups, _ = tests[0]
     if any(t[0] != paths for t in tests):
@@ -294,10 +353,11 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
         out["test"], mine = _with_interval(_decided_scorer(y, voted.astype(float), task), prob, boot)
     else:
         out["test"], mine = _with_interval(_scorer(y, task), prob, boot)
-    searched = experiment.ensemble_dir / "predictions_test.csv"
     ensemble = summary.get("ensemble") or {}
-    if searched.is_file() and ensemble.get("test"):  # the search's ensemble at its own validation thresholds
-        frame = pd.read_csv(searched).set_index("path").loc[paths]
+    frame, out["not_compared"] = search_ensemble_test(experiment, ensemble)
+    if frame is not None:  # the search's ensemble at its own validation thresholds
+        frame = frame.set_index("path").loc[paths]
+        out["search_ensemble"] = ensemble["test_predictions"]
         out["search_ensemble_val"] = (ensemble.get("val") or {}).get("ensemble")
         out["search_ensemble_test"], theirs = _with_interval(
             _scorer(y, task, ensemble.get("thresholds")), frame[p_cols].to_numpy(float), boot)
@@ -310,6 +370,7 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
     test_frame = pd.DataFrame(prob, columns=p_cols)
     test_frame.insert(0, "path", paths)
     test_frame.to_csv(fold_dir / "predictions_test.csv", index=False)
+    out["selected_by"] = by if select else None
     out["card"] = model_card(out)
     (fold_dir / "model_card.md").write_text(out["card"])
     if tracking_uri and tracking.find_parent(experiment.directory):
@@ -319,7 +380,31 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
                                                           str(oof_paths[0]), select)
         except Exception as err:  # noqa: BLE001 — the cross-validation stands; what failed is said
             out["registered"], out["registration_error"] = None, mask(f"{type(err).__name__}: {err}")
+    if select and out.get("registered"):
+        out["search_model"] = search_model(
+            out["registered"], f"the out-of-fold ensemble (Caruana over {plural(len(rows), 'configuration')}, each "
+            f"served as its fold models, chosen on {len(oof_paths)} out-of-fold images)", by)
     return out
+
+
+def search_ensemble_test(experiment: Experiment, ensemble: dict) -> tuple[pd.DataFrame | None, str | None]:
+    """The search's ensemble's test predictions, read from its record — the file it wrote, checked against the
+    content hash it kept with its thresholds — or (None, why there is nothing to compare with): no ensemble, no test
+    record, the file gone, or another ensemble's (`python -m tune_xray.ensemble --record` wrote it since)."""
+    told = ensemble.get("test_predictions") or {}
+    if ensemble.get("fits") is False:
+        return None, "the search chose no ensemble (no trial fitted its budget)"
+    if not ensemble.get("test") or not told.get("sha256"):
+        return None, "the search's ensemble has no test record with its predictions' hash"
+    path = experiment.directory / told["file"]
+    if not path.is_file():
+        return None, f"{told['file']}, the search's ensemble's test predictions, is gone"
+    found = file_sha256(path)
+    if found != told["sha256"]:
+        return None, (f"{told['file']} is not the search's ensemble's (sha256 {found[:12]}, the search's "
+                      f"{told['sha256'][:12]}: another selection wrote it since, e.g. python -m tune_xray.ensemble "
+                      "--record)")
+    return pd.read_csv(path), None
 
 
 def _decided_scorer(y: np.ndarray, decided: np.ndarray, task: TrialTask):
@@ -352,11 +437,24 @@ def model_card(out: dict) -> str:
              "weighted mean margin, probability − own threshold (predict's `vote_<label>` "
              "column is that share)." if "oof_thresholds" in out else
              "**Decisions**: the most probable class of the weighted mean.",
+             "**Cost**: " + "; ".join(line[2:] for line in cost_lines(out["cost"], compared=False)),
              f"**Test (the record)**: {bare(out['metric'])} {ci_text(out['test'])}"
-             + (f"; the search's validation-chosen ensemble {ci_text(out['search_ensemble_test'])}, difference "
+             + (f"; {compared_text(out)} {ci_text(out['search_ensemble_test'])}, difference "
                 f"{ci_text(out['minus_search_ensemble'])} (paired, patient resamples)."
-                if out.get("minus_search_ensemble") else ".")]
+                if out.get("minus_search_ensemble") else f"; not compared with the search's ensemble: "
+                f"{out.get('not_compared')}."),
+             *([f"**The search's model**: this ensemble is registered under the experiment's name too (its latest "
+                f"version), chosen as the search's model by {out['selected_by']}."] if out.get("selected_by")
+               else [])]
     return "\n\n".join(lines) + "\n"
+
+
+def compared_text(out: dict) -> str:
+    """What the out-of-fold ensemble was compared with, named: the search's ensemble by its run and the hash of
+    the test predictions read."""
+    told = out.get("search_ensemble") or {}
+    run = f"MLflow run {told['run_id']}, " if told.get("run_id") else ""
+    return f"the search's validation-chosen ensemble ({run}test predictions sha256 {told.get('sha256', '')[:12]})"
 
 
 def print_cv(entry: dict) -> None:
@@ -372,13 +470,18 @@ def print_cv(entry: dict) -> None:
     if entry.get("kendall_tau") is not None:
         print(f"  single-split vs cross-validated ranking: Kendall's tau {entry['kendall_tau']:+.2f} ({LEANING})")
     ens = entry.get("oof_ensemble")
-    if ens:
+    if ens and ens.get("fits") is False:
+        print(f"  out-of-fold ensemble: none — {no_fit_text(ens)}")
+    elif ens:
         chosen = " + ".join(f"{c['weight']:.2g}×{c['config']}" for c in ens["configs"])
         print(f"  out-of-fold ensemble ({chosen}: {plural(ens['members'], 'fold model')}, chosen on "
               f"{ens['oof_images']} out-of-fold images, {name} {ci_text(ens['oof'])}): test {name} "
               f"{ci_text(ens['test'])}"
-              + (f"; the search's ensemble {ci_text(ens['search_ensemble_test'])}, difference "
-                 f"{ci_text(ens['minus_search_ensemble'])}" if ens.get("minus_search_ensemble") else ""))
+              + (f"; {compared_text(ens)} {ci_text(ens['search_ensemble_test'])}, difference "
+                 f"{ci_text(ens['minus_search_ensemble'])}" if ens.get("minus_search_ensemble") else
+                 f"; not compared with the search's ensemble: {ens.get('not_compared')}"))
+        for line in cost_lines(ens["cost"], compared=False):
+            print(f"    {line[2:]}")
         if "oof_thresholds" in ens:
             matched, mismatched = (ens["decisions_test"][k] for k in ("vote", "averaged_oof_thresholds"))
             print("    test decisions, each fold model at its own threshold (served) vs the average at out-of-fold "

@@ -50,6 +50,21 @@ class EnsembleError(ExperimentError):
     """A pool that cannot be ensembled (no completed trial, trials that predicted different images)."""
 
 
+class NoFit(EnsembleError):
+    """A budget no completed trial fits alone: an outcome a search states (the nearest fit beside the best single
+    trial), not a failure; from `python -m tune_xray.ensemble` one error naming the flag. `nearest`: the trial
+    whose costs exceed the budget least (the largest cost over bound, relative), with its costs."""
+
+    def __init__(self, message: str, budget: dict, nearest: dict):
+        super().__init__(message)
+        self.budget, self.nearest = budget, nearest
+
+    def outcome(self, pool_best: dict | None) -> dict:
+        """What a search records in place of an ensemble: no member fits, so none is chosen or registered."""
+        return {"fits": False, "why": str(self), "budget": self.budget, "nearest": self.nearest,
+                "best_single": pool_best, "registered": None}
+
+
 @dataclass
 class Split:
     """One split's stored predictions of every pool member: probabilities (M, n, C), targets, patients."""
@@ -272,8 +287,29 @@ def budget_costs(pool: Pool, budget: dict | None) -> tuple[np.ndarray | None, np
     if not (costs <= bounds).all(1).any():
         cheapest = ", ".join(f"{BUDGET_FLAGS[name]} {bound:g}: the least is {costs[:, k].min():.3g}"
                              for k, (name, bound) in enumerate(budget.items()))
-        raise EnsembleError(f"no completed trial fits the budget alone ({cheapest})")
+        near = int(np.argmin((costs / bounds).max(1)))
+        nearest = {"trial": pool.trials[near]["trial"], "name": pool.trials[near].get("name"),
+                   **{name: float(costs[near, k]) for k, name in enumerate(budget)}}
+        raise NoFit(f"no completed trial fits the budget alone ({cheapest})", budget, nearest)
     return costs, bounds
+
+
+def absolute_budget(budget: dict | None, rows: list[dict]) -> tuple[dict, str]:
+    """The ensemble's budget in ms and M, and how it was reached: a `latency_x_cheapest` factor times the cheapest
+    completed trial's latency (`rows`: a summary's, their costs as `remeasure_costs` measured them again alone) —
+    a budget that holds the same models on any machine."""
+    budget = {k: v for k, v in (budget or {}).items() if v is not None}
+    factor = budget.pop("latency_x_cheapest", None)
+    if factor is None:
+        return budget, ""
+    measured = [(r["cost"]["latency_ms"], r["trial"]) for r in rows if r["status"] == "complete"
+                and isinstance((r.get("cost") or {}).get("latency_ms"), (int, float))]
+    if not measured:
+        raise EnsembleError("ensemble.latency_x_cheapest: no completed trial has a measured latency")
+    cheapest, trial = min(measured)
+    budget["latency_ms"] = factor * cheapest
+    where = "measured again alone" if any("cost_in_trial" in r for r in rows) else "as its trial measured it"
+    return budget, f"{factor:g} × the cheapest completed trial's latency ({trial}, {cheapest:.3g} ms, {where})"
 
 
 def select(pool: Pool, method: str = "caruana", size: int = 5, bags: int = 20, bag_fraction: float = 0.5,
@@ -416,14 +452,16 @@ def measured_latency(checkpoints: list[str], weights: list[float], example: str,
     return _ms_per_image(EnsemblePredictor(checkpoints, weights, device=device), read_image(example), 1, device)
 
 
-def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: dict, device: str) -> dict | None:
+def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: dict, device: str,
+                    judged: dict | None = None) -> dict | None:
     """Latency measured where it is fair: a trial measures its own at its first epoch's end, on a device it may
     share with packed trials, or on another node's hardware. After the trials, with none running, each completed
     trial whose cost decides something is measured again here, alone, on the driver's `device`, as served
     (serving.EnsemblePredictor: decoding to its cache layout, its eval views and TTA): `latency_ms` at batch 1 and
     `latency_ms_b32` per image at batch 32, each the median of up to 10 runs after a warm-up. Measured: in a
     Pareto search (`costs`), the trials on the front and on the next front (the candidates it could move); under an
-    ensemble `budget`, every completed trial (each a candidate member). Those numbers replace the row's `cost`
+    ensemble `budget`, or hard limits judged here (`judged`: a latency limit, which no trial judges on a figure taken
+    while it shared its device), every completed trial. Those numbers replace the row's `cost`
     entries — the budgeted ensemble sums them, the front and the report use them — and the trial's own are kept as
     `cost_in_trial` ("measured while training"). Returns what was done (None: nothing to measure)."""
     from .metrics import pareto_ranks
@@ -432,7 +470,7 @@ def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: 
 
     complete = [r for r in summary["rows"] if r["status"] == "complete" and r.get("cost")]
     metric, mode = summary["metric"], summary["mode"]
-    if any(v is not None for v in (budget or {}).values()):
+    if any(v is not None for v in (budget or {}).values()) or judged:
         chosen = complete
     elif costs:
         names = [metric, *(name for name, _ in costs)]
@@ -451,9 +489,13 @@ def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: 
     if summary.get("pareto_front") is not None:
         ranked = sorted(complete, key=lambda r: r[metric], reverse=mode == "max")
         summary["pareto_front"] = front(ranked, summary["objectives"])
+    why = "the trials on the Pareto front and on the next front"
+    if judged:
+        why = "every completed trial, each judged against the study's latency limit"
+    elif chosen is complete:
+        why = "every completed trial, each a candidate under the ensemble's budget"
     return {"device": device, "trials": [r["trial"] for r in chosen], "batch_sizes": [1, 32], "repeats": 10,
-            "why": "every completed trial, each a candidate under the ensemble's budget" if chosen is complete
-            else "the trials on the Pareto front and on the next front"}
+            "why": why}
 
 
 def selection_cost(pool: Pool, weights: np.ndarray, budget: dict | None, device: str | None) -> dict:
@@ -474,12 +516,14 @@ def selection_cost(pool: Pool, weights: np.ndarray, budget: dict | None, device:
 
 def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5, bags: int = 20,
                  seed: int = 0, resamples: int = 1000, tracking_uri: str | None = None,
-                 read_test: bool = False, budget: dict | None = None, device: str | None = None) -> dict:
+                 read_test: bool = False, budget: dict | None = None, device: str | None = None,
+                 budget_note: str = "") -> dict:
     """Select on validation and write `ENSEMBLE_DIR/` (ensemble.json, members.csv, model card); with
     `read_test`, the record on test too (its predictions, counted in test_reads.json); with a tracking URI, log
     it as an `ensemble` run and register its pyfunc model (tracking.log_ensemble). `budget`: the most its members'
-    measured costs may sum to (`{"latency_ms": 20, "params_m": 50}`); `device`: where its latency as served is
-    measured (None: not measured)."""
+    measured costs may sum to (`{"latency_ms": 20, "params_m": 50}`; `budget_note`: how it was reached, where it is
+    relative: `absolute_budget`); `device`: where its latency as served is measured (None: not measured). A budget
+    no completed trial fits alone raises NoFit."""
     start = time.perf_counter()
     if size < 1 or bags < 0:
         raise EnsembleError(f"--size {size} --bags {bags}: the ensemble size must be at least 1, bags at least 0")
@@ -488,7 +532,7 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
             raise EnsembleError(f"{BUDGET_FLAGS[name]} {value:g}: more than 0")
     pool = load_pool(experiment)
     weights, selection = select(pool, method, size, bags, seed=seed, budget=budget)
-    cost = selection_cost(pool, weights, budget, device)
+    cost = {**selection_cost(pool, weights, budget, device), **({"budget_note": budget_note} if budget_note else {})}
     recorded = record(pool, weights, size, resamples, seed, read_test, budget)
     out_dir = experiment.ensemble_dir
     out_dir.mkdir(exist_ok=True)
@@ -502,6 +546,8 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
         test_frame = pd.DataFrame(recorded.pop("test_probs"), columns=[f"p_{c}" for c in pool.classes])
         test_frame.insert(0, "path", recorded.pop("test_paths"))
         test_frame.to_csv(out_dir / "predictions_test.csv", index=False)
+        recorded["test_predictions"] = {"file": f"{out_dir.name}/predictions_test.csv",
+                                        "sha256": file_sha256(out_dir / "predictions_test.csv")}
     else:  # an earlier selection's: not this one's
         (out_dir / "predictions_test.csv").unlink(missing_ok=True)
     result = {"method": method, "size": size, "bags": bags if method == "caruana" else 0, "seed": seed,
@@ -519,8 +565,15 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
             result["registered"] = tracking.log_ensemble(tracking_uri, experiment.directory, result, members, out_dir)
         except Exception as err:  # noqa: BLE001 — the selection and its files stand; the caller says what failed
             result["registered"], result["registration_error"] = None, mask(f"{type(err).__name__}: {err}")
+        if result.get("test_predictions") and result.get("registered"):  # the run that holds them, by its id
+            result["test_predictions"]["run_id"] = result["registered"]["run_id"]
         (out_dir / "ensemble.json").write_text(json.dumps(mask(result), indent=1, default=float))
     return result
+
+
+def file_sha256(path: Path) -> str:
+    """A file's content hash: what a later reader checks it reads the predictions it was told of."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _fmt(entry: dict) -> str:
@@ -583,17 +636,19 @@ def averaged_text(result: dict, classes: int) -> str:
                      for split, k in (result.get("labels_averaged") or {}).items())
 
 
-def cost_lines(cost: dict) -> list[str]:
-    """The model card's and the printout's lines on what the ensemble costs, and the budget it was held to."""
+def cost_lines(cost: dict, compared: bool = True) -> list[str]:
+    """The model card's and the printout's lines on what the ensemble costs, and the budget it was held to
+    (`compared`: the best single trial and the top-K beside it were held to it too)."""
     units = {"latency_ms": ("ms per image (batch 1)", "ms"), "params_m": ("M parameters", "M")}
-    held = "; ".join(f"{name.split('_')[0]} ≤ {value:g} {units[name][0]} (its members' measured sum: "
+    held = "; ".join(f"{name.split('_')[0]} ≤ {value:.3g} {units[name][0]} (its members' measured sum: "
                      f"{cost.get(name + '_sum', float('nan')):.3g} {units[name][1]})"
                      for name, value in cost["budget"].items())
+    held += f", the budget being {cost['budget_note']}" if cost.get("budget_note") else ""
     sums = ", ".join(f"{cost[k]:.3g} {unit}" for k, unit in (("latency_ms_sum", "ms"), ("params_m_sum", "M params"),
                                                             ("gflops_sum", "GFLOPs")) if k in cost)
     served = (f"; the ensemble as served measured {cost['served_latency_ms']:.3g} ms per image, one decoded image "
               f"at a time on {cost['device']}" if "served_latency_ms" in cost else "")
-    held += "; the best single trial and the top-K it is compared with fit it too" if held else ""
+    held += "; the best single trial and the top-K it is compared with fit it too" if held and compared else ""
     return [f"- Budget: {held}" if held else "- Budget: none (`--latency-budget MS`, `--params-budget M`)",
             f"- Cost: members' sum {sums or 'not measured'}, "
             f"{cost.get('latency_where', 'each measured in its trial on its device')}{served}"]

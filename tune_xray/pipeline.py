@@ -18,19 +18,19 @@ from ray import tune
 from . import tracking
 from .asha import FinishAwareASHA, ParetoASHA
 from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem, watch_ray, which_ray
-from .config import ConfigError, objective, parse_overrides, plural
+from .config import JUDGED_IN_TRIAL, ConfigError, objective, parse_overrides, plural
 from .credentials import mask, remember, same_place
 from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
-from .ensemble import remeasure_costs, run_ensemble
+from .ensemble import NoFit, absolute_budget, remeasure_costs, run_ensemble
 from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
 from .repeat import print_repeats, run_repeats
 from .report import build_report
 from .request import SearchRequest
 from .searcher import DefineByRun, close_orphans, link_run, optuna_searcher
 from .space import ResolvedStudy, Study, flatten, load_study, resolve_path
-from .summary import run_name, summarize
+from .summary import judge_limits, no_fit_text, run_name, search_model, summarize
 from .trial import (
     RESULT_FILES,
     TRIAL_NUMBER,
@@ -392,8 +392,10 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
         summary["optuna_orphans_closed"] = close_orphans(optuna_url, experiment.name)
     summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
     ensemble_budget = {} if request.no_ensemble else resolved.ensemble
-    if summary["status"] == "complete" and (study.costs or any(v is not None for v in ensemble_budget.values())):
-        _step(experiment, summary, "latency", lambda: remeasure(experiment, summary, study, ensemble_budget))
+    judged_after = any(k not in JUDGED_IN_TRIAL for k in resolved.limits)  # a latency limit: judged alone, here
+    if summary["status"] == "complete" and (study.costs or judged_after
+                                            or any(v is not None for v in ensemble_budget.values())):
+        _step(experiment, summary, "latency", lambda: remeasure(experiment, summary, resolved, ensemble_budget))
     if summary.get("pareto_front"):
         tracking.tag_front(tracking_uri, [r["mlflow_run_id"] for r in summary["pareto_front"] if r["mlflow_run_id"]])
     best = summary["best"]
@@ -412,18 +414,27 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
     return summary
 
 
-def remeasure(experiment: Experiment, summary: dict, study: Study, budget: dict) -> None:
+def remeasure(experiment: Experiment, summary: dict, resolved: ResolvedStudy, budget: dict) -> None:
     """The latency of the trials whose cost decides something (the front and the next, or every candidate under
-    the ensemble's budget), measured again here, alone (ensemble.remeasure_costs); said in one line."""
+    the ensemble's budget or a latency limit), measured again here, alone (ensemble.remeasure_costs); said in one
+    line. Then the limits no trial judges itself (its latency) judged on those figures: a trial over one is
+    infeasible, its MLflow run said so, each in one line."""
     import torch  # on the driver's own device, with no trial running
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    done = remeasure_costs(experiment, summary, study.costs, budget, device)
+    judged = {k: v for k, v in resolved.limits.items() if k not in JUDGED_IN_TRIAL}
+    done = remeasure_costs(experiment, summary, resolved.study.costs, budget, device, judged)
     if done:
         summary["cost_remeasured"] = done
         print(f"latency: {plural(len(done['trials']), 'trial')} measured again on the driver's {device}, alone "
               f"({done['why']}; batch 1 and 32, median of up to 10 runs); their in-trial figures kept as "
               "cost_in_trial")
+    over = judge_limits(summary, judged, f"alone on the driver's {device}, after the trials")
+    for row in over:
+        print(f"{row['name']}: infeasible, {row['reason']}", flush=True)
+        if row["mlflow_run_id"]:
+            tracking.mark_runs(experiment.tracking_uri, {row["trial_id"]: row["mlflow_run_id"]}, "infeasible",
+                               row["reason"])
 
 
 class ResumeSync(tune.Callback):
@@ -470,20 +481,34 @@ def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, 
                 experiment.fetch(experiment.trial_dir(row).name)
         import torch  # the latency as served is measured here, in the driver: on its own device
 
-        result = run_ensemble(experiment, size=request.ensemble_size, seed=request.seed,
-                              tracking_uri=experiment.tracking_uri, read_test=True,
-                              budget=resolved.ensemble,
-                              device="cuda" if torch.cuda.is_available() else "cpu")
+        budget, note = absolute_budget(resolved.ensemble, summary["rows"])  # (a relative one: from the cheapest)
+        summary["ensemble_budget"] = {**budget, **({"from": note} if note else {})}
+        try:
+            result = run_ensemble(experiment, size=request.ensemble_size, seed=request.seed,
+                                  tracking_uri=experiment.tracking_uri, read_test=True, budget=budget,
+                                  device="cuda" if torch.cuda.is_available() else "cpu", budget_note=note)
+        except NoFit as no_fit:  # an outcome, not a failure: said, and nothing registered (see the README)
+            best = summary["best"]
+            summary["ensemble"] = no_fit.outcome({k: best.get(k) for k in ("trial", "name", summary["metric"],
+                                                                            "cost")})
+            print(f"ensemble: none — {no_fit_text(summary['ensemble'])}", flush=True)
+            return
         summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "cost", "val", "test",
                                                           "test_per_label", "single_label", "thresholds",
                                                           "classes", "task", "rule", "test_reads", "registered",
-                                                          "labels_averaged", "wall_time_s")}
+                                                          "labels_averaged", "wall_time_s", "test_predictions")}
         if result.get("registration_error"):
             raise RuntimeError(f"the ensemble was chosen but not registered: {result['registration_error']}")
+        summary["search_model"] = search_model(result["registered"], "the ensemble chosen on validation (Caruana "
+                                               f"over {plural(result['pool'], 'completed trial')})",
+                                               "the study's `ensemble: {select_on: val}`, the default")
 
     def cross_validation() -> None:
         summary["cv"] = run_cv(experiment, request.cv_top, request.cv_folds, max_failures=request.max_failures,
-                               select=resolved.study.space.ensemble.select_on == "oof", size=request.ensemble_size)
+                               size=request.ensemble_size)  # (selected as the search's model by the study, or not)
+        chosen = (summary["cv"].get("oof_ensemble") or {}).get("search_model")
+        if chosen:
+            summary["search_model"] = chosen
         print_cv(summary["cv"])
         error = (summary["cv"].get("oof_ensemble") or {}).get("registration_error")
         if error:

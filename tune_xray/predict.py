@@ -26,13 +26,22 @@ from .serving import EnsembleModel, load_predictor, read_image  # noqa: F401  (m
 
 
 def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
-    """(model URI, tracking URI): a search directory → its latest registered ensemble in its own store; URIs pass
-    through."""
+    """(model URI, tracking URI): a search directory → the search's model, `models:/<experiment>/latest` in its own
+    store (what summary.json's `search_model` names: the ensemble chosen on validation, or the out-of-fold one where
+    it was selected); URIs pass through."""
     path = Path(model)
     if "://" not in model and path.is_dir():
-        # the search's latest selection (Experiment.ensemble()), read here without Ray: tune_xray.experiment
-        # imports the trial layer, and predicting needs none of it
-        spec = path / "ensemble" / "ensemble.json"
+        # read here without Ray: tune_xray.experiment imports the trial layer, and predicting needs none of it
+        try:
+            summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path / 'summary.json'}: not readable ({type(err).__name__})") from None
+        chosen = summary.get("search_model")
+        if chosen:
+            return chosen["latest"], tracking_uri or reveal(chosen["tracking_uri"])
+        if (summary.get("ensemble") or {}).get("fits") is False:
+            raise DataError(f"{path}: no model registered: {summary['ensemble']['why']}")
+        spec = path / "ensemble" / "ensemble.json"  # a search recorded before `search_model`
         try:
             registered = json.loads(spec.read_text()).get("registered") if spec.is_file() else None
         except (OSError, ValueError) as err:

@@ -129,8 +129,9 @@ def compare(by_config: dict[str, list[Path]], best: str, task: str, metric: str,
 class Rerun:
     """A finished search's configurations trained again beside it — as Tune trials in a directory of their own
     (`under`: repeats/, cv/), through the search's own trial path, with no scheduler (full budget), each an MLflow
-    child of the search's parent tagged with its stage — under the search's study, overrides, resources and smoke
-    scale, read from the experiment. `what`: what is re-run, for the errors (`repeat`, `cross-validate`)."""
+    child of the search's parent tagged with its stage — under the search's study, overrides, resources, smoke
+    scale and ensemble budget, read from the experiment; without its hard limits (only feasible configurations are
+    re-run: each re-run inherits that verdict). `what`: what is re-run, for the errors (`repeat`, `cross-validate`)."""
 
     def __init__(self, experiment: Experiment, what: str):
         self.experiment, self.summary, request = experiment, experiment.summary(), experiment.request()
@@ -144,7 +145,8 @@ class Rerun:
                                         res.get("gpus_per_trial", 0.0), res.get("one_worker_trials", "tune"))
         self.resolved = self.study.resolve(
             trial_overrides(self.study, list(request.overrides), request.data, request.record_test_per_trial),
-            request.smoke).placed(self.resources.gpus, self.resources.workers)
+            request.smoke, request.latency_budget, request.params_budget).placed(
+            self.resources.gpus, self.resources.workers).unlimited()  # a re-run inherits its configuration's verdict
         self.metric = objective(self.study.metric)
 
     def record(self, config: dict, label: str, tags: dict, description: str = "") -> tracking.TrialRecord:

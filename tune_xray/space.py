@@ -16,14 +16,17 @@ A file states the objective, the budget, fixed settings, the parameters and opti
     warm_start: [{byol.optimizer.name: lars, ...}]
     smoke: {budget: {trials: 6, epochs: 3}, set: {data.cache_size: 64}, scale: {byol.batch_size: 0.125}}
     ensemble: {latency_ms: 20, select_on: val}   # the final ensemble: its budget (members' measured latencies
-                                                 # summed), chosen on val or, with --cv-folds, out of fold (oof)
+                                                 # summed; or latency_x_cheapest: 2.5, relative to the cheapest
+                                                 # completed trial), chosen on val or, with --cv-folds, out of fold
     sampler: {multivariate: true, constant_liar: true, n_startup_trials: 10}   # Optuna TPE options (default off)
     objectives: {val_mean_auroc: max, latency_ms: min}   # accuracy against cost: a Pareto search (see below)
-    limits: {latency_ms: 25}        # hard limits: a trial over one ends at epoch 1 as infeasible (Optuna constraints)
+    limits: {latency_ms: 25}        # hard limits: over one, infeasible (params_m, gflops: at epoch 1; latency_ms:
+                                    # judged after the trials, each model measured alone)
 
 `objectives:` names the validation metric first, then any of what a trial measures of its model (`COSTS`:
 latency per image at batch 1, parameters, GFLOPs), each max or min. With more than one, Optuna searches
-multi-objective (TPE, or `sampler: {name: nsga2}`), ASHA still stops on the validation metric alone, and the
+multi-objective (TPE, or `sampler: {name: nsga2}`), ASHA promotes by non-dominated sorting on all of them
+(multi-objective ASHA; `--asha-on metric`: on the validation metric alone), and the
 search ends with its Pareto front. One objective (or none: `metric`/`mode`) is the single-objective search.
 
 `--smoke` shrinks the run, not the space: every drawn backbone becomes its family's tiny test model
@@ -165,7 +168,18 @@ class EnsembleBudget(_Strict):
 
     latency_ms: Optional[float] = Field(None, gt=0)
     params_m: Optional[float] = Field(None, gt=0)
+    # the latency budget as a multiple of the cheapest completed trial's, measured again alone after the trials: a
+    # budget that holds the same models on any machine (a smoke run's: test models cost other milliseconds on every
+    # CPU, and a budget in ms passed on one machine and held no model on a slower one)
+    latency_x_cheapest: Optional[float] = Field(None, ge=1)
     select_on: Literal["val", "oof"] = "val"
+
+    @model_validator(mode="after")
+    def _one_latency(self):
+        if self.latency_ms is not None and self.latency_x_cheapest is not None:
+            raise ValueError("latency_ms and latency_x_cheapest: one latency budget, in ms or relative to the "
+                             "cheapest completed trial")
+        return self
 
 
 class Smoke(_Strict):
@@ -311,7 +325,8 @@ class Study:
         limits = dict(smoke_limits if smoke and smoke_limits is not None else self.space.limits)
         chosen = (self.space.smoke.ensemble or EnsembleBudget()) if smoke else self.space.ensemble
         ensemble = {"latency_ms": latency_ms if latency_ms is not None else chosen.latency_ms,
-                    "params_m": params_m if params_m is not None else chosen.params_m}
+                    "params_m": params_m if params_m is not None else chosen.params_m,
+                    "latency_x_cheapest": None if latency_ms is not None else chosen.latency_x_cheapest}
         over = {"supervised": {"epochs": budget.epochs, "selection_metric": self.metric,
                                **({"limits": limits} if limits else {})}}
         if smoke:
@@ -501,6 +516,13 @@ class ResolvedStudy:
         if 0 < share < 1 and "device_share" not in self.overrides.get("data", {}):
             place["data"] = {"device_share": share}
         return dataclasses.replace(self, overrides=merge(self.overrides, place))
+
+    def unlimited(self) -> ResolvedStudy:
+        """The study as a repeat or a fold trial runs it: without the hard limits. Only the configurations the
+        search found feasible are re-run, and a re-run inherits that verdict — judged again it could drop a fold out
+        of the cross-validation, or a seed out of the repeats, on another measurement of the same model."""
+        supervised = {k: v for k, v in self.over.get("supervised", {}).items() if k != "limits"}
+        return dataclasses.replace(self, limits={}, over={**self.over, "supervised": supervised})
 
     def trial_config(self, sampled: dict[str, Any], extra: dict | None = None) -> TrialConfig:
         """base ⊕ sampled values ⊕ `over` (⊕ smoke shrinkage) ⊕ overrides (⊕ `extra`: a repeat's seed, a fold) →

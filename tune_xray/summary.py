@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .config import bare, plural
+from .config import JUDGED_IN_TRIAL, bare, over_limits, plural
 from .experiment import Experiment, trial_label
 from .explain import COST_METRICS
 from .metrics import ci_text, pareto_front
@@ -86,23 +86,48 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
             "resolved": {k: v for k, v in t.config.items() if ":" not in k and not k.startswith("sampled.")},
             "sampled": {k.removeprefix("sampled."): v for k, v in t.config.items() if k.startswith("sampled.")},
         })
-    complete = [r for r in rows if r["status"] == "complete" and isinstance(r[metric], (int, float))
-                and math.isfinite(r[metric])]
-    complete.sort(key=lambda r: r[metric], reverse=study.mode == "max")
-    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-    interrupted = counts["interrupted"] > 0 or len(rows) < requested
-    status = "interrupted" if interrupted else "complete" if complete else "no trial completed"
     objectives = [{"name": metric, "mode": study.mode}] + [{"name": k, "mode": m} for k, m in study.costs]
     return {
-        "study": study.name, "file": study.origin, "status": status, "metric": metric, "mode": study.mode,
-        "requested": requested, "trials": len(rows), **counts, "best": complete[0] if complete else None,
-        "top": complete[:top], "rows": rows, "objectives": objectives,
-        "pareto_front": front(complete, objectives) if study.costs else None,
+        "study": study.name, "file": study.origin, "metric": metric, "mode": study.mode,
+        "requested": requested, "objectives": objectives, **ranked(rows, requested, objectives, top),
         "mlflow": f"mlflow ui --backend-store-uri {shown_url(tracking_uri)}",
         "mlflow_runs_table": runs_table_url(tracking_uri, experiment_id, f"selected_{study.metric}", study.mode),
         "optuna": f"optuna-dashboard {shown_url(experiment.optuna_url)}",
         "experiment_dir": str(experiment.directory),
     }
+
+
+def ranked(rows: list[dict], requested: int, objectives: list[dict], top: int = 5) -> dict:
+    """What a search's trial rows decide: the search's status, its trials by status, the completed ones best first
+    by the objective (`best`, `top`) and, with cost objectives, the Pareto front."""
+    metric, mode = objectives[0]["name"], objectives[0]["mode"]
+    complete = [r for r in rows if r["status"] == "complete" and isinstance(r[metric], (int, float))
+                and math.isfinite(r[metric])]
+    complete.sort(key=lambda r: r[metric], reverse=mode == "max")
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    interrupted = counts["interrupted"] > 0 or len(rows) < requested
+    status = "interrupted" if interrupted else "complete" if complete else "no trial completed"
+    return {"status": status, "trials": len(rows), **counts, "best": complete[0] if complete else None,
+            "top": complete[:top], "rows": rows,
+            "pareto_front": front(complete, objectives) if len(objectives) > 1 else None}
+
+
+def judge_limits(summary: dict, limits: dict, where: str) -> list[dict]:
+    """The hard limits a trial does not judge itself (its latency: measured while other trials may share its
+    device) judged on the completed trials' costs as measured again alone (`where`, in words): a trial over one is
+    `infeasible`, neither complete nor a member, with the reason; the summary ranked again. Returns the rows it
+    made infeasible."""
+    judged = {k: v for k, v in limits.items() if k not in JUDGED_IN_TRIAL}
+    over = []
+    for row in summary["rows"]:
+        reason = over_limits(row.get("cost") or {}, judged) if row["status"] == "complete" else ""
+        if reason:
+            row.update(status="infeasible", reason=f"{reason} (measured again {where})")
+            row[summary["metric"]] = None
+            over.append(row)
+    if over:
+        summary.update(ranked(summary["rows"], summary["requested"], summary["objectives"]))
+    return over
 
 
 def front(complete: list[dict], objectives: list[dict]) -> list[dict]:
@@ -117,6 +142,38 @@ def front(complete: list[dict], objectives: list[dict]) -> list[dict]:
     mask = pareto_front([[value(r, o["name"]) for o in objectives] for r in scored], [o["mode"] for o in objectives])
     return [{"trial": r["trial"], "name": r["name"], "trial_id": r["trial_id"], "mlflow_run_id": r["mlflow_run_id"],
              objectives[0]["name"]: r[objectives[0]["name"]], **r["cost"]} for r, kept in zip(scored, mask) if kept]
+
+
+def search_model(registered: dict | None, chosen: str, by: str) -> dict | None:
+    """"The search's model", one entry every reader takes it from (the summary, predict, the report, the model
+    cards): the version registered under the experiment's name last — `models:/<experiment>/latest` — how it was
+    chosen and what decided that it is the one."""
+    if not registered:
+        return None
+    return {"uri": registered["uri"], "latest": f"models:/{registered['name']}/latest", "name": registered["name"],
+            "version": registered["version"], "tracking_uri": registered["tracking_uri"], "chosen": chosen, "by": by}
+
+
+def search_model_text(summary: dict) -> str:
+    """`the search's model: models:/x/2 (= models:/x/latest), the out-of-fold ensemble …, by …`, or why none."""
+    model = summary.get("search_model")
+    if model:
+        return (f"the search's model: {model['uri']} (models:/{model['name']}/latest), {model['chosen']}; "
+                f"chosen as the search's model by {model['by']}")
+    ensemble = summary.get("ensemble") or {}
+    if ensemble.get("fits") is False:
+        return f"no model registered: {no_fit_text(ensemble)}"
+    return "no model registered"
+
+
+def no_fit_text(outcome: dict) -> str:
+    """A budget no completed trial fits, in words: the nearest fit and the best single trial, and the rule."""
+    nearest, best = outcome["nearest"], outcome.get("best_single") or {}
+    over = ", ".join(f"{k} {v:.3g}" for k, v in nearest.items() if k in outcome["budget"])
+    bound = ", ".join(f"{k} ≤ {v:.3g}" for k, v in outcome["budget"].items())
+    return (f"no completed trial fits the ensemble's budget alone ({bound}); the nearest is {nearest['trial']} "
+            f"({over}), the best single trial {best.get('trial')}; a model over the budget is not registered as the "
+            "search's (pass a larger --latency-budget / --params-budget to python -m tune_xray.ensemble)")
 
 
 def print_front(summary: dict) -> None:
@@ -155,6 +212,8 @@ def print_summary(summary: dict, resume_command: str) -> None:
         print(f"interrupted: finished trials are kept; continue with\n    {resume_command}")
     elif summary["status"] != "complete":
         print("no trial completed: nothing to report as best (see each trial's status and reason)")
+    if (summary.get("ensemble") or {}).get("fits") is False:
+        print(f"ensemble: none — {no_fit_text(summary['ensemble'])}")
     if (summary.get("ensemble") or {}).get("members"):
         ens, metric = summary["ensemble"], bare(summary["metric"])
         registered = f"registered as {ens['registered']['uri']}" if ens.get("registered") else "not registered"
@@ -168,10 +227,13 @@ def print_summary(summary: dict, resume_command: str) -> None:
         cost = ens.get("cost") or {}
         if cost:
             bound = (cost.get("budget") or {}).get("latency_ms")
-            print(f"  its latency: {cost.get('latency_ms_sum', math.nan):.3g} ms per image, its members' as their "
-                  f"trials measured them, summed" + (f" (budget {bound:g} ms)" if bound else "")
+            print(f"  its latency: {cost.get('latency_ms_sum', math.nan):.3g} ms per image, its members' summed, "
+                  f"{cost.get('latency_where', 'each measured in its trial on its device')}"
+                  + (f" (budget {bound:.3g} ms)" if bound else "")
                   + (f"; {cost['served_latency_ms']:.3g} ms as served, measured on {cost['device']}"
                      if "served_latency_ms" in cost else ""))
+    if summary.get("search_model") or (summary.get("ensemble") or {}).get("fits") is False:
+        print(search_model_text(summary)[0].upper() + search_model_text(summary)[1:])
     for step, why in (summary.get("failed") or {}).items():
         print(f"{step} failed after the trials: {why}")
     print(f"summary: {summary['experiment_dir']}/summary.json")

@@ -16,6 +16,7 @@ from ..experiment import (
 )
 from ..figures import COLUMN, figure, integer_ticks, wrap
 from ..metrics import scored_labels
+from ..summary import search_model_text
 from .common import html_table, stored_predictions
 
 
@@ -58,6 +59,8 @@ def model_data(experiment: Experiment, summary: dict, complete: list[dict]) -> d
     supervised = read_json(best_dir / "summary.json", "a trial's summary").get("supervised", {})
     ensemble = summary.get("ensemble") or {}
     registered = bool(ensemble.get("members")) and "thresholds" in ensemble
+    chosen = summary.get("search_model") or {}
+    superseded = registered and chosen.get("uri") != (ensemble.get("registered") or {}).get("uri")
     thresholds = ensemble.get("thresholds") if registered else supervised.get("thresholds")
     decided = classes if task.task == "multilabel" else classes[1:]  # binary: the positive class
     return {"metric": "val_" + metric, "histories": histories, "classes": classes, "task": task.task,
@@ -65,9 +68,19 @@ def model_data(experiment: Experiment, summary: dict, complete: list[dict]) -> d
             "confusion_matrix": supervised.get("val_confusion_matrix"),
             "thresholds": thresholds, "threshold_labels": decided[:len(thresholds or [])],
             "untrained": list(task.untrained),
-            "thresholds_of": "the registered ensemble" if registered else f"the best trial ({complete[0]['trial']})",
+            "thresholds_of": thresholds_of(registered, superseded, complete[0]["trial"]),
+            "search_model": search_model_text(summary),
             "rule": ensemble.get("rule") or "youden",
             "no_val_positives": [c for j, c in enumerate(classes) if y[:, j].sum() == 0 and c not in task.untrained]}
+
+
+def thresholds_of(registered: bool, superseded: bool, best: str) -> str:
+    """Whose decision thresholds the model section shows, and whether that is the search's model."""
+    if not registered:
+        return f"the best trial ({best})"
+    if superseded:
+        return "the ensemble chosen on validation (not the search's model: the out-of-fold ensemble is)"
+    return "the ensemble chosen on validation, the search's model"
 
 
 def render_model(model: dict) -> str:
@@ -85,7 +98,9 @@ def render_model(model: dict) -> str:
             integer_ticks(ax)
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=1)
 
-    out = "<h3>Learning curves (validation, the three best trials)</h3>" + (
+    out = (f"<p><b>{html.escape(model['search_model'][0].upper() + model['search_model'][1:])}.</b></p>"
+           if model.get("search_model") else "")
+    out += "<h3>Learning curves (validation, the three best trials)</h3>" + (
         figure(curves, COLUMN, 4.2 + 0.3 * len(histories), f"{keys[0]} and {keys[1]} per epoch of the best trials")
         if histories else "<p>no history</p>")
     panels = list(model["roc"])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import html
+
 import pandas as pd
 
 from ..config import bare, plural
 from ..data.sources import describe_untrained
 from ..ensemble import averaged_text
 from ..metrics import ci_text
+from ..summary import no_fit_text
 from .common import FEW, html_table
 
 
@@ -22,6 +25,8 @@ def warnings_of(data: dict) -> list[str]:
     ensemble = summary.get("ensemble") or {}
     dataset = data.get("dataset") or {}
     out += _record_warnings(ensemble, dataset, metric)
+    if ensemble.get("fits") is False:
+        out.append(f"No ensemble and no registered model: {no_fit_text(ensemble)}.")
     for split, labels in (dataset.get("few") or {}).items():
         if labels:
             counts = ", ".join(f"{c} {dataset['positives'][split][c]} positive / "
@@ -141,8 +146,8 @@ def render_record(summary: dict) -> str:
         out += ("<h3>The ensemble chosen out of fold, beside the one chosen on validation (test)</h3><p>Test read "
                 f"once more, for this comparison (reads of test for this experiment: {folded['test_reads']}). Each "
                 "value where it was chosen is on the data that chose it (optimistic)."
-                + (" <b>This is the search's model</b> (the study's <code>ensemble: {select_on: oof}</code>)."
-                   if folded.get("selected") else "") + "</p>" + html_table(pd.DataFrame(rows)))
+                + (f" <b>This is the search's model</b>, chosen so by {html.escape(folded['selected_by'])}."
+                   if folded.get("selected_by") else "") + "</p>" + html_table(pd.DataFrame(rows)))
         if "oof_thresholds" in folded:
             voted, averaged = (folded["decisions_test"][k] for k in ("vote", "averaged_oof_thresholds"))
             table = [{"decisions": "each fold model at its own fold's threshold, then their weighted vote (served)",

@@ -18,7 +18,7 @@ from ..experiment import (
 )
 from ..metrics import ci_text
 from ..space import flatten
-from ..summary import labels_averaged
+from ..summary import labels_averaged, no_fit_text
 from .common import FEW, bullets, html_table
 
 
@@ -129,6 +129,8 @@ def render_study(data: dict) -> str:
     if rows and labels_averaged(summary):
         out += f"<p class=note>{bare(metric)}: {labels_averaged(summary)[2:]}.</p>"
     ensemble = summary.get("ensemble") or {}
+    if ensemble.get("fits") is False:
+        out += f"<h3>The ensemble</h3><p>None: {html.escape(no_fit_text(ensemble))}.</p>"
     if ensemble.get("members"):
         val = ensemble["val"]
         single = ((ensemble.get("single_label") or {}).get("val") or {}).get("ensemble") or {}
