@@ -277,6 +277,31 @@ def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, r
     assert parent.info.status == "FINISHED" and parent.data.tags["tune_xray.failed"] == "ensemble"
 
 
+def test_a_budget_no_trial_fits_is_an_outcome_said_with_the_nearest_fit_and_nothing_registered(tmp_path, ray_session,
+                                                                                              capsys):
+    """--latency-budget far below any model: no ensemble is chosen or registered — the rule the README gives — and
+    the search says so, naming the nearest fit and the best single trial; it still did what was asked (exit 0),
+    the report says it, and predict on the experiment names the reason instead of serving a model over budget."""
+    from tune_xray.predict import main as predict_main
+
+    args = replace(_args(tmp_path), trials=1, no_asha=True, overrides=["supervised.epochs=1"], latency_budget=1e-6)
+    summary = run_search(args)
+    assert summary["status"] == "complete" and summary["failed"] == {} and exit_code(summary) == 0
+    assert summary["ensemble"]["fits"] is False and summary["ensemble"]["registered"] is None
+    assert summary["ensemble"]["nearest"]["trial"] == summary["best"]["trial"] == "t000"
+    assert "search_model" not in summary
+    from tune_xray.summary import print_summary
+
+    print_summary(summary, "")
+    said = capsys.readouterr().out
+    assert "ensemble: none — no completed trial fits the ensemble's budget alone (latency_ms ≤ 1e-06); the " \
+           "nearest is t000 (latency_ms " in said and "No model registered: " in said
+    assert "No ensemble and no registered model: no completed trial fits" in Path(summary["report"]).read_text()
+    exp = tmp_path / "store" / "tiny"
+    assert predict_main([str(exp), str(next(exp.rglob("*.png"), exp))]) == 2
+    assert "no model registered: no completed trial fits the budget alone" in capsys.readouterr().err
+
+
 def test_a_trial_over_a_hard_limit_ends_at_epoch_one_as_infeasible(tmp_path, ray_session, capsys, monkeypatch):
     """`limits: {params_m: 0.2, latency_ms: 1000}`: test_resnet (0.37 M) is over the first, test_efficientnet
     (0.10 M) is not. The first
