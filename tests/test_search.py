@@ -362,10 +362,40 @@ class InterruptAfterFirstTrial(tune.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+class RunningTrials(tune.Callback):
+    """Appends to `path`, at each trial's start, how many trials run at once: what concurrency a run really had.
+    (Pickled with the search, and brought back by a resume, as every callback: it counts afresh there.)"""
+
+    def __init__(self, path):
+        self.path, self.running = str(path), set()
+
+    def __getstate__(self):
+        return {"path": self.path, "running": set()}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        with open(self.path, "a") as out:
+            out.write(f"{trial.trial_id} {len(self.running)}\n")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+
+    on_trial_error = on_trial_complete
+
+
 def test_ctrl_c_is_an_interruption_and_resume_completes_the_record(tmp_path, ray_session, capfd):
+    """Ctrl-C after the first trial: interrupted (130), resumable; the resume completes the record, one run per
+    trial, and applies what it says: `--max-concurrent 1` there really runs one trial at a time (the first run ran
+    two at once) for every trial it proposes (those the first run had proposed run as the resources allow: Tune
+    starts every trial it holds), and every trial records the device and global batch it ran with."""
     args = _args(tmp_path)
-    args = replace(args, no_asha=True)
-    summary = run_search(args, extra_callbacks=[InterruptAfterFirstTrial(tmp_path / "interrupted")])
+    args = replace(args, no_asha=True, trials=4, max_pending=0)  # two proposed at a time: two CPUs, one each
+    running = tmp_path / "running.txt"
+    summary = run_search(args, extra_callbacks=[InterruptAfterFirstTrial(tmp_path / "interrupted"),
+                                                RunningTrials(running)])
+    first = dict(line.split() for line in running.read_text().splitlines())
+    assert max(map(int, first.values())) == 2
+    running.unlink()
     exp = tmp_path / "store" / "tiny"
     assert summary["status"] == "interrupted" and exit_code(summary) == 130 and summary["pruned"] == 0
     assert summary["complete"] + summary["diverged"] >= 1 and summary["complete"] + summary["diverged"] < 3
@@ -378,19 +408,25 @@ def test_ctrl_c_is_an_interruption_and_resume_completes_the_record(tmp_path, ray
 
     first_run = summary["wall_time_s"]
     capfd.readouterr()
-    summary = run_search(_args(tmp_path, "--resume"))
-    assert summary["status"] == "complete" and summary["trials"] == 3 and summary["interrupted"] == 0
+    summary = run_search(_args(tmp_path, "--resume", max_concurrent=1, given={"max_concurrent"}))
+    assert summary["status"] == "complete" and summary["trials"] == 4 and summary["interrupted"] == 0
+    proposed_here = [int(n) for trial, n in map(str.split, running.read_text().splitlines()) if trial not in first]
+    assert proposed_here and set(proposed_here) == {1}  # each started alone
+    assert {r["ran_with"]["device"] for r in summary["rows"]} == {"cpu"}
+    assert {r["ran_with"]["supervised.global_batch_size"] for r in summary["rows"]} == {32}
     said = capfd.readouterr().out
+    assert "--resume: --max-concurrent 1 (the search started with None); for the trials the search has yet to " \
+           "propose" in said
     assert "Configuration for experiment" not in said and "tensorboard" not in said.lower()  # a quiet resume
     assert summary["search_runs_s"][0] == first_run and len(summary["search_runs_s"]) == 2  # both runs' time
     assert summary["wall_time_s"] == pytest.approx(sum(summary["search_runs_s"]))
     assert summary["resources_runs"] == [summary["resources"]] * 2  # each run's, so CPU-hours stand only if the same
     after = optuna.load_study(study_name="tiny", storage=storage).trials
-    assert len(after) == 3 and all(t.state.is_finished() for t in after)
+    assert len(after) == 4 and all(t.state.is_finished() for t in after)
     for number, trial in before.items():
         assert after[number].state == trial.state and after[number].value == trial.value
     client, parent, children = _mlflow(exp)
-    assert len(children) == 3 and all(c.info.status != "RUNNING" for c in children)  # no duplicate child runs
+    assert len(children) == 4 and all(c.info.status != "RUNNING" for c in children)  # no duplicate child runs
     assert parent.info.status == "FINISHED"
     for key in parent.data.metrics:  # finished twice, yet each value once at each step
         steps = [m.step for m in client.get_metric_history(parent.info.run_id, key)]
@@ -411,7 +447,7 @@ def test_resume_of_a_search_that_never_ran_leaves_nothing(tmp_path, capsys):
     assert not ray.is_initialized() and not (tmp_path / "s").exists()
 
 
-def test_a_resume_says_what_it_changes_and_refuses_what_it_cannot(tmp_path, capsys):
+def test_a_resume_says_what_it_changes_and_refuses_what_it_cannot(tmp_path, capsys, monkeypatch):
     """What the search was started with holds; given again with another value, a flag the search's record depends
     on (--ensemble-size, --set, the study file) is one error naming its stored value; resources may change, each
     change said in one line, and resources not given again stay the search's own. search.json's first format (the
@@ -447,6 +483,21 @@ def test_a_resume_says_what_it_changes_and_refuses_what_it_cannot(tmp_path, caps
     assert str(err.value) == (
         "--resume r: --set supervised.epochs=2 (the search's: supervised.epochs=1); --ensemble-size 5 (the search's: "
         "3): a resume continues the search as it was started; start a new --name to change it")
+    with pytest.raises(ConfigError, match=r"--max-failures 3 \(the search's: 1, kept in Tune's own state\)"):
+        resume("--max-failures", "3")  # Tuner.restore brings back the FailureConfig it was pickled with
+    resume("--workers-per-trial", "2")
+    assert "; the trials started from here train with it, each recording its global batch" in capsys.readouterr().out
+    # --data and the study compare by meaning: the stored --data was made absolute, the study named by its path
+    from tune_xray.pipeline import absolute_data
+
+    monkeypatch.chdir(tmp_path)
+    experiment.write_request(replace(first, data=absolute_data("folder:scans")))
+    argv = ["tiny.yaml", "--resume", "r", "--storage", str(tmp_path / "s"), "--data", "folder:scans"]
+    parsed = vars(build_parser().parse_args(argv))
+    assert restore_request(SearchRequest.from_values(parsed, given=given_keys(argv, parsed))).data.endswith("/scans")
+    with pytest.raises(ConfigError, match="--data folder:other"):
+        resume("--data", "folder:other")
+    experiment.write_request(first)
     (experiment.directory / INVOCATION_FILE).write_text(json.dumps({k: getattr(first, k) for k in KEPT}))  # format 1
     request = resume()
     assert (request.ensemble_size, request.overrides, request.cpus_per_trial) == (3, ("supervised.epochs=1",), 1.0)
@@ -879,3 +930,23 @@ def test_a_latency_limit_is_judged_on_the_figure_measured_alone_after_the_trials
     assert over[0]["reason"] == "latency_ms 30 over its limit 25 (measured again alone on the driver's cpu)"
     assert (summary["best"]["trial"], summary["complete"], summary["infeasible"]) == ("t001", 1, 2)
     assert [r["trial"] for r in summary["pareto_front"]] == ["t001"] and summary["rows"][2]["status"] == "pruned"
+
+
+def test_a_resumed_searchs_pickled_sync_follows_this_driver():
+    """Tune pickles the search's callbacks and a resume restores them as they were: the resume sync then syncs the
+    experiment this driver runs (another machine's local directory), not the first run's."""
+    import pickle
+    from types import SimpleNamespace
+
+    from tune_xray.pipeline import ResumeSync
+    from tune_xray.trial import this_driver
+
+    synced = []
+    first = SimpleNamespace(remote=True, sync_resume=lambda: synced.append("first machine"))
+    restored = pickle.loads(pickle.dumps(ResumeSync(SimpleNamespace(remote=True, sync_resume=None), every=0.0)))
+    restored.experiment = first  # as it was pickled (a namespace's lambda does not pickle)
+    here = SimpleNamespace(remote=True, sync_resume=lambda: synced.append("this machine"))
+    with this_driver(experiment=here):
+        restored.on_trial_complete(0, [], None)
+    restored.on_trial_complete(0, [], None)
+    assert synced == ["this machine", "first machine"]

@@ -3,7 +3,7 @@
 import ray
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from tune_xray.trial import ClusterConcurrency, TrialResources
+from tune_xray.trial import ClusterConcurrency, TrialResources, this_driver
 
 
 class Configs(Searcher):
@@ -38,9 +38,14 @@ def test_the_concurrency_limit_follows_the_cluster(monkeypatch):
     assert limiter.suggest("d") == {"trial": "d"}
 
 
-def test_max_concurrent_is_a_fixed_cap():
+def test_max_concurrent_is_a_fixed_cap_a_resume_may_change():
+    import pickle
+
     limiter = TrialResources().limiter(Configs(), cap=3)
-    assert type(limiter) is ConcurrencyLimiter and limiter.max_concurrent == 3
+    assert isinstance(limiter, ConcurrencyLimiter) and limiter.max_concurrent == 3
+    restored = pickle.loads(pickle.dumps(limiter))
+    with this_driver(concurrency=(TrialResources(), None, 1)):
+        assert restored.suggest("a") == {"trial": "a"} and restored.suggest("b") is None
 
 
 def test_as_many_wait_as_one_new_node_can_start_and_a_resume_runs_on_its_own_resources(monkeypatch):
@@ -56,6 +61,8 @@ def test_as_many_wait_as_one_new_node_can_start_and_a_resume_runs_on_its_own_res
     assert limiter._limit() == 4 + 4  # four run, four wait: what one more 8-CPU node would start
     assert TrialResources(cpus=2).limiter(Configs(), pending=1)._limit() == 5
     restored = pickle.loads(pickle.dumps(limiter))
-    with ClusterConcurrency.follow(TrialResources(cpus=4), pending=0):
+    with this_driver(concurrency=(TrialResources(cpus=4), 0, None)):
         assert restored._limit() == 2  # the resume's 4 CPUs per trial
+    with this_driver(concurrency=(TrialResources(cpus=4), 0, 1)):
+        assert restored._limit() == 1  # the resume's --max-concurrent 1
     assert restored._limit() == 8

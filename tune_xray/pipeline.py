@@ -27,14 +27,14 @@ from .ensemble import NoFit, absolute_budget, remeasure_costs, run_ensemble
 from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
 from .repeat import print_repeats, run_repeats
 from .report import build_report
-from .request import SearchRequest
+from .request import TUNE_STATE, SearchRequest
 from .searcher import DefineByRun, close_orphans, link_run, optuna_searcher
 from .space import ResolvedStudy, Study, flatten, load_study, resolve_path
 from .summary import judge_limits, no_fit_text, run_name, search_model, summarize
 from .trial import (
+    DRIVER,
     RESULT_FILES,
     TRIAL_NUMBER,
-    ClusterConcurrency,
     TrialLines,
     TrialResources,
     global_batch_sizes,
@@ -43,6 +43,7 @@ from .trial import (
     resolve_trial,
     run_config,
     status_of,
+    this_driver,
     trainable,
     trial_overrides,
 )
@@ -131,9 +132,12 @@ def flag_of(key: str) -> str:
 
 def restore_request(request: SearchRequest) -> SearchRequest:
     """`--resume [NAME]`: the search must exist; it continues as it was started (study file, --set, --data, --smoke,
-    trials, seed, the steps after the trials: request.KEPT). One of those given again (`request.given`) with another
-    value is refused, naming its stored value; resources (request.RESUMABLE) may change, each change said in one
-    line, and not given again are the search's own. Returns the request the resume runs."""
+    trials, seed, the steps after the trials: request.KEPT), compared by meaning (the study by its file, --data by
+    its resolved path). One of those given again (`request.given`) with another value is refused, naming its stored
+    value, and so is another --max-failures (request.TUNE_STATE: Tune restores it from its own state); resources
+    (request.RESUMABLE) may change — each change said in one line and applied: the pickled limiter, trial records
+    and sync follow this driver (trial.this_driver), and each trial records the device and global batch it ran
+    with — and not given again are the search's own. Returns the request the resume runs."""
     from ray import tune
 
     experiment = locate(request)
@@ -150,12 +154,16 @@ def restore_request(request: SearchRequest) -> SearchRequest:
         ours = list(ours) if isinstance(ours, tuple) else ours  # --set, as JSON holds it
         if key in SECRET_KEYS and value is not None and same_place(value, ours):
             continue  # a store's credentials are never stored: this command line's URL for the same store keeps them
-        same = resolve_path(ours) == resolve_path(value) if key == "study" and ours and value else ours == value
+        same = same_meaning(key, ours, value)
         if key in request.given and key != "name" and not same:
             shown = [", ".join(map(str, v)) or "none" if isinstance(v, list) else ("on" if v else "off")
                      if isinstance(v, bool) else v for v in (ours, value)]
             changed.append(f"{flag_of(key)} {shown[0]} (the search's: {shown[1]})")
         restored[key] = value
+    for key in TUNE_STATE:  # kept in Tune's pickled state, which a resume restores as it was: it cannot change
+        if key in request.given and key in resources and getattr(request, key) != resources[key]:
+            changed.append(f"{flag_of(key)} {getattr(request, key)} (the search's: {resources[key]}, kept in Tune's "
+                           "own state)")
     if changed:
         raise ConfigError(f"--resume {experiment.name}: {'; '.join(changed)}: a resume continues the search as it "
                           "was started; start a new --name to change it")
@@ -163,8 +171,37 @@ def restore_request(request: SearchRequest) -> SearchRequest:
         if key not in request.given:
             restored[key] = value
         elif getattr(request, key) != value:
-            print(f"--resume: {flag_of(key)} {getattr(request, key)} (the search started with {value})", flush=True)
+            print(f"--resume: {flag_of(key)} {getattr(request, key)} (the search started with {value})"
+                  + RECORDED.get(key, ""), flush=True)
     return dataclasses.replace(request, **restored)
+
+
+# what a resource a resume changes does to the record: said beside the change
+RECORDED = {"workers_per_trial": "; the trials started from here train with it, each recording its global batch",
+            "gpus_per_trial": "; the trials started from here run with it, each recording its device (and so the "
+                              "latency it measures)",
+            "one_worker_trials": "; the trials started from here run so",
+            "max_concurrent": "; for the trials the search has yet to propose (those it holds already, interrupted or "
+                              "waiting, run as the cluster's resources allow)",
+            "max_pending": "; for the trials the search has yet to propose"}
+
+
+def same_meaning(key: str, given, stored) -> bool:
+    """Whether a flag given again names what the search stored: the study by its file (a name or a path to it),
+    --data by its resolved path (the stored one was made absolute), anything else by value."""
+    if key == "study" and given and stored:
+        return resolve_path(given).resolve() == resolve_path(stored).resolve()
+    if key == "data" and given and stored:
+        return absolute_data(given) == stored
+    return given == stored
+
+
+def earlier_gpus(experiment: Experiment) -> str:
+    """`; its last run had 0`: the GPUs per trial the search's last run resolved ('' where no run wrote it)."""
+    if not (experiment.directory / SUMMARY_FILE).is_file():
+        return ""
+    runs = experiment.summary().get("resources_runs") or []
+    return f"; its last run had {runs[-1]['gpus_per_trial']:g}" if runs else ""
 
 
 def search_params(request: SearchRequest, resolved: ResolvedStudy, trials: int, resources) -> dict:
@@ -295,6 +332,9 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
     ray_text = _start_ray(asked)
     request = asked if asked.gpus_per_trial is not None else dataclasses.replace(
         asked, gpus_per_trial=default_gpus_per_trial(ray.cluster_resources()))
+    if asked.resume and asked.gpus_per_trial is None:  # an automatic choice, made again on this cluster: said
+        print(f"--resume: --gpus-per-trial was not given when the search started (1 where the cluster has a GPU, else "
+              f"0): on this cluster {request.gpus_per_trial:g}{earlier_gpus(experiment)}", flush=True)
     resolved = resolved.placed(request.gpus_per_trial, request.workers_per_trial)
     study, budget = resolved.study, resolved.budget
     if len(alive_nodes()) > 1:  # every node must see the storage and the data; checked before anything is written
@@ -360,8 +400,10 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
         finally:
             os._exit(1)  # Ray's threads would hold the process for a minute more; the lock goes with the process
 
-    with watch_ray(lost), ClusterConcurrency.follow(resources, request.max_pending):
-        tuner.fit()  # (a resumed search's limiter follows this driver's resources, not those it was pickled with)
+    # a resumed search's pickled limiter, trial records and sync follow this driver's, not those they were pickled with
+    with watch_ray(lost), this_driver(concurrency=(resources, request.max_pending, request.max_concurrent),
+                                      describe=describe, experiment=experiment):
+        tuner.fit()
     remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
     all_trials = tune.ExperimentAnalysis(experiment.path).trials
     runs = tracking.child_runs(tracking_uri, parent)
@@ -445,8 +487,9 @@ class ResumeSync(tune.Callback):
         self.experiment, self.every, self.sent = experiment, every, 0.0
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        if self.experiment.remote and time.monotonic() - self.sent >= self.every:
-            self.experiment.sync_resume()
+        experiment = DRIVER.get("experiment") or self.experiment  # a resume's: its own local directory
+        if experiment.remote and time.monotonic() - self.sent >= self.every:
+            experiment.sync_resume()
             self.sent = time.monotonic()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

@@ -25,6 +25,9 @@ KEPT = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "ash
 # what a --resume may change (each change said in one line); not given again, the search's own hold
 RESUMABLE = ("workers_per_trial", "cpus_per_trial", "gpus_per_trial", "one_worker_trials", "max_concurrent",
              "max_pending", "max_failures")
+# stored with the resources but kept in Tune's pickled state (tuner.pkl: its FailureConfig), which Tuner.restore
+# brings back as it was: a resume refuses another value, as it does the KEPT ones
+TUNE_STATE = ("max_failures",)
 
 
 @dataclass(frozen=True)

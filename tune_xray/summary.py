@@ -12,7 +12,7 @@ from .metrics import ci_text, pareto_front
 from .searcher import shown_url
 from .space import Study, case_key
 from .tracking import runs_table_url
-from .trial import STATUSES, TIME_ATTR, TRIAL_NUMBER, status_of
+from .trial import RAN_WITH, STATUSES, TIME_ATTR, TRIAL_NUMBER, status_of
 
 SINGLE_LABEL = ("accuracy", "balanced_accuracy")  # a single-label task's decision metrics, beside its AUROC
 
@@ -83,6 +83,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
             "cost": {k: m[k] for k in COST_METRICS if k in m},  # measured on its device at its first epoch's end
             "node_id": m.get("node_id"),
             "scan_backend": m.get("scan_backend"),
+            "ran_with": m.get(RAN_WITH),  # its device and global batch (a resume may start trials on others)
             "resolved": {k: v for k, v in t.config.items() if ":" not in k and not k.startswith("sampled.")},
             "sampled": {k.removeprefix("sampled."): v for k, v in t.config.items() if k.startswith("sampled.")},
         })

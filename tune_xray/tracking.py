@@ -39,7 +39,7 @@ from .experiment import PARENT_ID_FILE
 from .explain import COST_METRICS
 from .metrics import ci_text
 from .serving import EnsembleModel
-from .trial import FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
+from .trial import DRIVER, FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact copied: 16 at the end
 # with an MLflow server, two lines per run ended ("View run … at", "View experiment at"): the search says one per trial
@@ -369,7 +369,7 @@ class TrialRuns(LoggerCallback):
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, STATUS_TAG, "running")
             return
-        record = self.describe(trial.config)
+        record = (DRIVER.get("describe") or self.describe)(trial.config)  # this driver's (a resume's) own
         if self._experiment_id is None:
             self._experiment_id = experiment_id_of(reveal(self.tracking_uri), self.parent_run_id)
         run = client.create_run(self._experiment_id, run_name=record.name, tags={

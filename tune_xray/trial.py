@@ -38,6 +38,8 @@ FINISHED = "trial_finished"  # in the last report of a trial that ran to its own
 STATUS = "status"  # in a trial's last report: complete, diverged or infeasible (pruned / error / interrupted: Tune's)
 REASON = "reason"
 SCAN_BACKEND = "scan_backend"  # in every report: the selective scan the trial's SSM layers run ("none": no SSM)
+RAN_WITH = "ran_with"  # in every report: the device and global batch sizes the trial ran with (a resume may change
+# the resources of the trials it starts: each trial's record says its own)
 REPLAY = "replay"  # in the first report after a resume: the restored epochs' reports (see tracking.TrialRuns)
 FINAL_FILE = "final.json"  # the last report, kept with the results so a finished run re-reports it on retry
 RESULT_FILES = (FINAL_FILE, "config.yaml", "summary.json", "best.pt", "predictions_val.csv", "predictions_test.csv",
@@ -244,6 +246,7 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
                 return
             resume = load_state(directory, run_dir)
     supervised_epochs = [resume["epoch"] if resume and resume["phase"] == "supervised" else 0]
+    ran_with = {"device": str(cfg.device), **global_batch_sizes(cfg, world_size)}
     held: dict = {}  # the fine-tune's last epoch, reported with the final record
     # a resumed run re-sends the epochs its state holds: those reported after the driver's last save reach
     # the record this way (the tracker keeps the epochs it already has)
@@ -256,7 +259,8 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
         phase = metrics["phase"]
         if phase == "supervised":
             supervised_epochs[0] = metrics["epoch"]
-        out = {**_format(phase, metrics), TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend}
+        out = {**_format(phase, metrics), TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend,
+               RAN_WITH: ran_with}
         if replay:
             out[REPLAY] = replay.copy()
             replay.clear()
@@ -270,16 +274,17 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
     try:
         summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume)
     except Diverged as err:  # every rank raises it (the non-finite check is agreed across ranks)
-        session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, STATUS: "diverged",
-                        REASON: str(err), "diverged_epoch": float(err.epoch)})
+        session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, RAN_WITH: ran_with,
+                        STATUS: "diverged", REASON: str(err), "diverged_epoch": float(err.epoch)})
         return
     over = cfg.supervised.over_limits(held)
     if over:  # the study's hard limits: an infeasible configuration, told so (not a failure, not complete)
-        session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, STATUS: "infeasible",
-                        REASON: over})
+        session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, RAN_WITH: ran_with,
+                        STATUS: "infeasible", REASON: over})
         return
     sup, metric = summary["supervised"], cfg.supervised.selection_metric
-    final = {**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, FINISHED: 1.0, STATUS: "complete",
+    final = {**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, RAN_WITH: ran_with, FINISHED: 1.0,
+             STATUS: "complete",
              "selected_epoch": float(sup["best_epoch"]), **_numbers(summary["val"], "selected_val_"),
              **_numbers(summary["test"], "record_test_")}
     final[objective(metric)] = sup["history"][sup["best_epoch"] - 1][metric] if sup["best_epoch"] else math.nan
@@ -329,9 +334,26 @@ class TrialResources:
         return int(min(fits, default=1))
 
     def limiter(self, searcher: Searcher, cap: int | None = None, pending: int | None = None) -> Searcher:
-        """`searcher` behind the limit on live trials the search runs with: `cap` (--max-concurrent), else
-        `ClusterConcurrency` — as many as the cluster holds now, and `pending` more waiting (--max-pending)."""
-        return ConcurrencyLimiter(searcher, cap) if cap else ClusterConcurrency(searcher, self, pending)
+        """`searcher` behind the limit on live trials the search runs with (`ClusterConcurrency`): `cap`
+        (--max-concurrent), else as many as the cluster holds now and `pending` more waiting (--max-pending)."""
+        return ClusterConcurrency(searcher, self, pending, cap)
+
+
+# What this driver process runs its search with, while it runs (`this_driver`). Tune pickles the search — its
+# searcher and limiter, its callbacks — and a resume restores them as they were; those objects read this driver's
+# values from here (the resume's own resources, concurrency, trial records and local directory), not the first run's.
+DRIVER: dict = {}
+
+
+@contextlib.contextmanager
+def this_driver(**values):
+    """While the block runs: what this driver's search runs with — `concurrency` (resources, pending, cap),
+    `describe` (a trial's MLflow record), `experiment` (where it syncs) — for the pickled objects that read it."""
+    DRIVER.update(values)
+    try:
+        yield
+    finally:
+        DRIVER.clear()
 
 
 class ClusterConcurrency(ConcurrencyLimiter):
@@ -344,28 +366,20 @@ class ClusterConcurrency(ConcurrencyLimiter):
     see a Ray Train run's workers (the trial itself holds nothing), and without a limit it would start every such
     trial at once, each waiting on its worker group, the searcher told nothing in between.
 
-    The limiter is pickled with the search; a resume runs trials with the resources (and `pending`) it is given:
-    `follow` sets them for this driver, and every limiter of it reads them from there."""
+    `cap` (--max-concurrent) fixes the limit instead. The limiter is pickled with the search; a resume runs trials
+    with the resources, `pending` and `cap` it is given: this driver's (`this_driver(concurrency=…)`), which every
+    limiter of it reads."""
 
-    driver: tuple[TrialResources, int | None] | None = None  # this driver's (resources, pending), see follow
-
-    def __init__(self, searcher: Searcher, resources: TrialResources, pending: int | None = None):
-        self.resources, self.pending = resources, pending
+    def __init__(self, searcher: Searcher, resources: TrialResources, pending: int | None = None,
+                 cap: int | None = None):
+        self.resources, self.pending, self.cap = resources, pending, cap
         super().__init__(searcher, max_concurrent=self._limit())
 
-    @classmethod
-    @contextlib.contextmanager
-    def follow(cls, resources: TrialResources, pending: int | None = None):
-        """While the block runs: the resources and pending count this driver's trials run with (a new search's, or
-        a resume's own)."""
-        cls.driver = (resources, pending)
-        try:
-            yield
-        finally:
-            cls.driver = None
-
     def _limit(self) -> int:
-        resources, pending = ClusterConcurrency.driver or (self.resources, self.pending)
+        resources, pending, cap = DRIVER.get("concurrency") or (self.resources, self.pending,
+                                                                 getattr(self, "cap", None))
+        if cap:
+            return cap
         if pending is None:  # one new node like the largest here: what an autoscaler adds for the waiting requests
             pending = max([resources.placeable(n["Resources"]) for n in ray.nodes() if n["Alive"]] + [1])
         return resources.placeable(ray.cluster_resources()) + pending
