@@ -294,8 +294,8 @@ def test_a_budget_no_trial_fits_is_an_outcome_said_with_the_nearest_fit_and_noth
 
     print_summary(summary, "")
     said = capsys.readouterr().out
-    assert "ensemble: none — no completed trial fits the ensemble's budget alone (latency_ms ≤ 1e-06); the " \
-           "nearest is t000 (latency_ms " in said and "No model registered: " in said
+    assert "ensemble: none — no completed trial fits the budget alone (--latency-budget 1e-06: the least is " in said
+    assert "; the nearest is t000 (latency_ms " in said and "No model registered: " in said
     assert "No ensemble and no registered model: no completed trial fits" in Path(summary["report"]).read_text()
     exp = tmp_path / "store" / "tiny"
     assert predict_main([str(exp), str(next(exp.rglob("*.png"), exp))]) == 2
@@ -887,6 +887,23 @@ def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_p
     assert folded["minus_search_ensemble"]["value"] == pytest.approx(
         folded["test"]["value"] - summary["ensemble"]["test"]["ensemble"]["value"])
     assert json.loads((exp / "test_reads.json").read_text())[-1]["by"].startswith("the cross-validation")
+    # held to the search's budget, each configuration costed as its fold models served together; its cost said
+    assert folded["cost"]["budget"] == {"latency_ms": 1e6} and folded["cost"]["served_latency_ms"] > 0
+    assert folded["cost"]["latency_ms_sum"] > 0
+    # compared with the search's ensemble by name: its run and the hash of the test predictions it kept
+    told = summary["ensemble"]["test_predictions"]
+    assert folded["search_ensemble"] == told and told["run_id"] == summary["ensemble"]["registered"]["run_id"]
+    from tune_xray.cv import search_ensemble_test
+
+    (exp / told["file"]).unlink(missing_ok=True)  # (the re-selections above wrote none: --record reads test)
+    assert search_ensemble_test(Experiment.at(exp), summary["ensemble"])[1].endswith("test predictions, is gone")
+    (exp / told["file"]).write_text("path,p_x\n")  # another selection's
+    assert "is not the search's ensemble's (sha256 " in search_ensemble_test(Experiment.at(exp), summary["ensemble"])[1]
+    # the search's model: the validation ensemble (select_on: val), which predict <experiment> means too
+    from tune_xray.predict import resolve_model
+
+    assert summary["search_model"]["uri"] == summary["ensemble"]["registered"]["uri"]
+    assert resolve_model(str(exp))[0] == "models:/tiny/latest"
     version = client.get_model_version("tiny-cv", "1")
     assert "each fold model decides at the threshold chosen on its own validation fold" in version.description
     from tune_xray.summary import print_summary

@@ -113,7 +113,7 @@ def run_cv(experiment: Experiment, top: int = 3, folds: int = 5, address: str | 
     by = "--select on the command line"
     if select is None:
         select, by = rerun.study.space.ensemble.select_on == "oof", "the study's `ensemble: {select_on: oof}`"
-    budget, note = absolute_budget(rerun.resolved.ensemble, summary["rows"])  # the search's ensemble's, as it
+    budget, note = absolute_budget(rerun.resolved.ensemble, summary["rows"])  # the search's ensemble budget
     entry["oof_ensemble"] = oof_ensemble(experiment, summary, entry, experiment.tracking_uri, size, select,
                                          budget, note, by)
     if (entry["oof_ensemble"] or {}).get("search_model"):
@@ -320,11 +320,12 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
            "members": len(dirs), "metric": task.metric, "selected": bool(select),
            "oof": _with_interval(_scorer(y_oof, task), oof_prob, oof_boot)[0], "oof_images": len(oof_paths),
            "member_thresholds": member_thresholds}
-    served = configuration_costs(rows, {"latency_ms": None, "params_m": None}, device) if costs is None else costs
-    names = list(budget) if budget else ["latency_ms", "params_m"]
+    names = list(budget) if budget else ["latency_ms", "params_m"]  # what the members' sum is given of
+    served = costs[weights > 0] if costs is not None else configuration_costs([r for r, _ in chosen],
+                                                                              dict.fromkeys(names), device)
     out["cost"] = {"budget": budget, **({"budget_note": budget_note} if budget_note else {}),
-                   **{f"{k}_sum": float(sum(served[i, j] for i, w in enumerate(weights) if w > 0))
-                      for j, k in enumerate(names) if np.isfinite(served[:, j]).all()},
+                   **{f"{k}_sum": float(served[:, j].sum()) for j, k in enumerate(names)
+                      if np.isfinite(served[:, j]).all()},
                    "device": device, "latency_where": "each configuration as its fold models served together, "
                    "measured again after the trials, alone, on the driver's device",
                    "served_latency_ms": measured_latency([str(Path(d) / "best.pt") for d in dirs], member_weights,

@@ -168,13 +168,14 @@ def search_model_text(summary: dict) -> str:
 
 
 def no_fit_text(outcome: dict) -> str:
-    """A budget no completed trial fits, in words: the nearest fit and the best single trial, and the rule."""
-    nearest, best = outcome["nearest"], outcome.get("best_single") or {}
+    """A budget nothing fits, in words: why, the nearest fit and (a search's ensemble) the best single trial, and
+    the rule: nothing over the budget is registered."""
+    nearest, best = outcome["nearest"], outcome.get("best_single")
     over = ", ".join(f"{k} {v:.3g}" for k, v in nearest.items() if k in outcome["budget"])
-    bound = ", ".join(f"{k} ≤ {v:.3g}" for k, v in outcome["budget"].items())
-    return (f"no completed trial fits the ensemble's budget alone ({bound}); the nearest is {nearest['trial']} "
-            f"({over}), the best single trial {best.get('trial')}; a model over the budget is not registered as the "
-            "search's (pass a larger --latency-budget / --params-budget to python -m tune_xray.ensemble)")
+    single = f", the best single trial {best['trial']}" if best else ""
+    return (f"{outcome['why']}; the nearest is {nearest['trial']} ({over}){single}; a model over the budget is "
+            "not registered as the search's (python -m tune_xray.ensemble with a larger --latency-budget / "
+            "--params-budget chooses one)")
 
 
 def print_front(summary: dict) -> None:
