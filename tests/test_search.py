@@ -912,6 +912,17 @@ def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_p
     assert "Pareto front on best_val_mean_auroc (max), latency_ms (min)" in out and "cross-validation:" in out
     assert "out-of-fold ensemble" in out and "early-stopped on the same fold" in out
     assert "budget 1e+06 ms" in out
+    # a budget no configuration's fold models fit together: an outcome, nothing read or registered, and the
+    # record says so
+    from tune_xray.cv import oof_ensemble
+    from tune_xray.report.record import render_record
+
+    reads = len(json.loads((exp / "test_reads.json").read_text()))
+    none = oof_ensemble(Experiment.at(exp), summary, cv, None, budget={"latency_ms": 1e-6})
+    assert none["fits"] is False and none["registered"] is None and none["nearest"]["latency_ms"] > 1e-6
+    assert len(json.loads((exp / "test_reads.json").read_text())) == reads
+    record = render_record({**summary, "cv": {**cv, "oof_ensemble": none}})
+    assert "The ensemble chosen out of fold</h3><p>None: no cross-validated configuration fits the budget" in record
 
 
 def test_the_driver_bench_swaps_in_a_trainable_of_the_trial_drivers_signature():

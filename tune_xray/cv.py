@@ -306,7 +306,9 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
                    **{k: float(costs[near, j]) for j, k in enumerate(budget)}}
         outcome = NoFit("no cross-validated configuration fits the budget alone, served as its "
                         f"{len(rows[near]['dirs'])} fold models", budget, nearest).outcome(None)
-        return {**outcome, "budget_note": budget_note, "device": device}
+        remedy = ("the cross-validation is held to the search's ensemble budget: the study's `ensemble:` budget or "
+                  "the search's --latency-budget / --params-budget, raised")
+        return {**outcome, "budget_note": budget_note, "device": device, "remedy": remedy}
     selector = CaruanaSelector(size, seed=0).fit(probs, y_oof, lambda y, p: float(hill(p)[0]), costs, bounds)
     weights = selector.weights_
     oof_prob = np.tensordot(weights, probs, axes=1)

@@ -173,9 +173,10 @@ def no_fit_text(outcome: dict) -> str:
     nearest, best = outcome["nearest"], outcome.get("best_single")
     over = ", ".join(f"{k} {v:.3g}" for k, v in nearest.items() if k in outcome["budget"])
     single = f", the best single trial {best['trial']}" if best else ""
+    remedy = outcome.get("remedy", "python -m tune_xray.ensemble with a larger --latency-budget / --params-budget "
+                                   "chooses one")
     return (f"{outcome['why']}; the nearest is {nearest['trial']} ({over}){single}; a model over the budget is "
-            "not registered as the search's (python -m tune_xray.ensemble with a larger --latency-budget / "
-            "--params-budget chooses one)")
+            f"not registered as the search's ({remedy})")
 
 
 def print_front(summary: dict) -> None:

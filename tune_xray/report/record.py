@@ -131,7 +131,10 @@ def render_record(summary: dict) -> str:
                                  if f"{m}/{c}" in per_label.get(w, {})}} for c in labels]
         out += "<h3>Per label (test)</h3>" + html_table(pd.DataFrame(table))
     folded = (summary.get("cv") or {}).get("oof_ensemble")
-    if folded:
+    if folded and folded.get("fits") is False:
+        out += ("<h3>The ensemble chosen out of fold</h3>"
+                f"<p>None: {html.escape(no_fit_text(folded))}. Test was not read for it.</p>")
+    elif folded:
         chosen = " + ".join(f"{c['weight']:.2g} × {c['config']}" for c in folded["configs"])
         rows = [{"": f"out-of-fold ensemble ({chosen}; {plural(folded['members'], 'fold model')})",
                  "chosen on": f"{folded['oof_images']} out-of-fold images",
