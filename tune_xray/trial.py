@@ -247,6 +247,7 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
             resume = load_state(directory, run_dir)
     supervised_epochs = [resume["epoch"] if resume and resume["phase"] == "supervised" else 0]
     ran_with = {"device": str(cfg.device), **global_batch_sizes(cfg, world_size)}
+    every = {SCAN_BACKEND: scan_backend, RAN_WITH: ran_with}  # in every report, whichever way the trial ends
     held: dict = {}  # the fine-tune's last epoch, reported with the final record
     # a resumed run re-sends the epochs its state holds: those reported after the driver's last save reach
     # the record this way (the tracker keeps the epochs it already has)
@@ -259,8 +260,7 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
         phase = metrics["phase"]
         if phase == "supervised":
             supervised_epochs[0] = metrics["epoch"]
-        out = {**_format(phase, metrics), TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend,
-               RAN_WITH: ran_with}
+        out = {**_format(phase, metrics), TIME_ATTR: supervised_epochs[0], **every}
         if replay:
             out[REPLAY] = replay.copy()
             replay.clear()
@@ -274,17 +274,15 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
     try:
         summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume)
     except Diverged as err:  # every rank raises it (the non-finite check is agreed across ranks)
-        session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, RAN_WITH: ran_with,
-                        STATUS: "diverged", REASON: str(err), "diverged_epoch": float(err.epoch)})
+        session.report({**held, TIME_ATTR: supervised_epochs[0], **every, STATUS: "diverged", REASON: str(err),
+                        "diverged_epoch": float(err.epoch)})
         return
     over = cfg.supervised.over_limits(held)
     if over:  # the study's hard limits: an infeasible configuration, told so (not a failure, not complete)
-        session.report({**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, RAN_WITH: ran_with,
-                        STATUS: "infeasible", REASON: over})
+        session.report({**held, TIME_ATTR: supervised_epochs[0], **every, STATUS: "infeasible", REASON: over})
         return
     sup, metric = summary["supervised"], cfg.supervised.selection_metric
-    final = {**held, TIME_ATTR: supervised_epochs[0], SCAN_BACKEND: scan_backend, RAN_WITH: ran_with, FINISHED: 1.0,
-             STATUS: "complete",
+    final = {**held, TIME_ATTR: supervised_epochs[0], **every, FINISHED: 1.0, STATUS: "complete",
              "selected_epoch": float(sup["best_epoch"]), **_numbers(summary["val"], "selected_val_"),
              **_numbers(summary["test"], "record_test_")}
     final[objective(metric)] = sup["history"][sup["best_epoch"] - 1][metric] if sup["best_epoch"] else math.nan
