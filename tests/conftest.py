@@ -24,8 +24,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Keep every cache and generated dataset of the test session out of the user's home."""
+    """Keep every cache and generated dataset of the test session out of the user's home; pretrained weights
+    only from caches the tests fill (HF_HUB_OFFLINE=1: no test reaches the internet, a miss is an error)."""
     os.environ["TUNE_XRAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch_home"))
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+    os.environ.pop("HF_HUB_CACHE", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

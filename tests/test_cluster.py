@@ -24,7 +24,10 @@ SPACE = {**{k: v for k, v in SEARCH_SPACE.items() if k != "warm_start"},
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cluster")
-    with local_cluster(directory, nodes=2, cpus_per_node=1) as c:
+    # each node its own torch.hub cache, as on machines of their own; downloads allowed (only 127.0.0.1 answers)
+    caches = {name: {"TORCH_HOME": str(directory / f"{name}-torch"), "HF_HUB_OFFLINE": "0"}
+              for name in ("head", "worker1")}
+    with local_cluster(directory, nodes=2, cpus_per_node=1, node_env=caches) as c:
         yield c
     left = subprocess.run(["pgrep", "-f", str(c.temp_root)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the test cluster still running: {left}"
@@ -65,6 +68,39 @@ def test_a_search_runs_its_trials_on_both_nodes_with_complete_records(cluster, t
     assert summary["ensemble"]["registered"]  # chosen from the fetched predictions
     for name in ("search.json", "summary.json", "ensemble/model_card.md"):  # the search's own files, on storage
         assert (stored / name).is_file(), name
+
+
+def test_each_node_fills_its_cache_once_however_many_trials_it_runs(cluster, tmp_path):
+    """The driver fetches a study's files before Ray's trials start; a node whose cache lacks one fetches it with its
+    first trial that needs it, under a file lock: once per node, never once per trial."""
+    import hashlib
+
+    import timm
+
+    from tests.loopback import Loopback, torch_file
+
+    body = torch_file(timm.create_model("test_resnet").state_dict())
+    digest = hashlib.sha256(body).hexdigest()
+    path = f"/w/test_resnet-{digest[:8]}.pth"
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**SPACE, "budget": {**SPACE["budget"], "trials": 4}}))
+    with Loopback() as server:
+        url = server.serve(path, body)
+        out = subprocess.run([sys.executable, "-m", "tune_xray.search", str(tmp_path / "tiny.yaml"), "--address",
+                              cluster.address, "--storage", str(tmp_path / "store"), "--no-asha", "--no-ensemble",
+                              "--no-report", "--set", "supervised.epochs=1", "--set", f"model.pretrained={url}"],
+                             env={**cluster.env, "TORCH_HOME": str(tmp_path / "driver-torch"), "HF_HUB_OFFLINE": "0"},
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "under a file lock (once per node)" in out.stdout
+    summary = json.loads((tmp_path / "store" / "tiny" / "summary.json").read_text())
+    assert summary["complete"] == 4
+    assert {r["started_from"]["test_resnet"]["sha256"] for r in summary["rows"]} == {digest}
+    nodes = {r["node_id"] for r in summary["rows"]}
+    assert len(nodes) == 2  # two trials at a time, one on each node's one CPU
+    assert server.gets[path] == 1 + len(nodes)  # the driver's fetch, then one per node that ran a trial
+    filled = [name for name in ("head", "worker1")
+              if (cluster.directory / f"{name}-torch" / "hub" / "checkpoints" / path.split("/")[-1]).is_file()]
+    assert len(filled) == len(nodes)
 
 
 CHECK = """

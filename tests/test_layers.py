@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tune_xray"
 # lowest first; a module may import from its own layer and those before it. A subpackage is one unit.
 LAYERS = [
     ["config", "credentials", "metrics", "explain", "figures", "request"],  # none later (request: a search's choices)
-    ["cluster", "data", "augment", "models", "space"],  # Ray clusters, data, views, backbones, search-space files
+    ["cluster", "data", "augment", "models", "space", "weights"],  # Ray clusters, data, views, backbones (and their
+    # pretrained files), search-space files, the files a study draws
     ["phases"],  # SSL and supervised training
     ["trial", "serving"],  # one Tune trial; a fine-tuned ensemble as a model
     ["pyfunc_model"],  # that model as MLflow's models-from-code

@@ -29,12 +29,12 @@ def test_local_weights_round_trip_and_first_conv_adapted(tmp_path):
     src = timm.create_model("test_resnet", num_classes=10)
     path = tmp_path / "w.safetensors"
     save_file(src.state_dict(), path)
-    model, _ = create_backbone("test_resnet", pretrained_path=path, in_chans=1)
+    model, _ = create_backbone("test_resnet", pretrained=path, in_chans=1)
     assert torch.equal(model.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
     assert model.conv1[0].weight.shape[1] == 1
     assert torch.allclose(model.conv1[0].weight[:, 0], src.conv1[0].weight.sum(1))
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
-    again, _ = create_backbone("test_resnet", pretrained_path=tmp_path / "w.pth", in_chans=3)
+    again, _ = create_backbone("test_resnet", pretrained=tmp_path / "w.pth", in_chans=3)
     assert torch.equal(again.conv1[0].weight, src.conv1[0].weight)
 
 
@@ -42,7 +42,7 @@ def test_mismatched_or_missing_weights_are_clear_errors(tmp_path):
     other = timm.create_model("test_vit")
     save_file(other.state_dict(), tmp_path / "vit.safetensors")
     with pytest.raises(WeightsError, match="vit.safetensors: does not fit backbone 'test_resnet'"):
-        create_backbone("test_resnet", pretrained_path=tmp_path / "vit.safetensors")
+        create_backbone("test_resnet", pretrained=tmp_path / "vit.safetensors")
     with pytest.raises(WeightsError, match="nope.pth: pretrained weights file not found"):
         load_pretrained(timm.create_model("test_resnet", num_classes=0), tmp_path / "nope.pth", 3)
 

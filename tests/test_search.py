@@ -564,7 +564,7 @@ def test_a_trial_runs_as_two_ddp_ranks(tmp_path, ray_session):
 @pytest.mark.parametrize("params, message", [
     ({"model.backbone": {"choice": ["test_resnet", "resnet_18"]}}, "model.backbone 'resnet_18' is not a timm model"),
     ({"model.pretrained_path": {"choice": {"scratch": None, "imagenet": "weights/nope.safetensors"}}},
-     "model.pretrained_path weights/nope.safetensors: no such file"),
+     "model.pretrained weights/nope.safetensors: no such file"),
 ])
 def test_backbones_and_weight_files_are_checked_before_ray(tmp_path, capsys, params, message):
     import ray

@@ -263,8 +263,10 @@ class LocalCluster:
     (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in `env`: nothing is written to ~/.ray). `stop()` ends exactly the
     processes it started — never a machine-wide `ray stop`, which would end every other Ray here."""
 
-    def __init__(self, directory: str | Path, nodes: int = 2, cpus_per_node: int = 1, extra_env: dict | None = None):
+    def __init__(self, directory: str | Path, nodes: int = 2, cpus_per_node: int = 1, extra_env: dict | None = None,
+                 node_env: dict[str, dict] | None = None):
         self.directory, self.nodes, self.cpus = Path(directory).resolve(), nodes, cpus_per_node
+        self.node_env = node_env or {}  # by node name (head, worker1, …): what differs between machines (caches)
         self.env = {**os.environ, **(extra_env or {}), "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
@@ -279,9 +281,10 @@ class LocalCluster:
         ray = str(Path(sys.executable).with_name("ray"))
         log = open(self.directory / f"{name}.log", "w")
         self.names.append(name)
+        env = {**self.env, **self.node_env.get(name, {})}
         self.processes.append(subprocess.Popen(
             [ray, "start", "--block", "--node-ip-address", LOOPBACK, "--num-cpus", str(cpus or self.cpus),
-             "--num-gpus", "0", "--temp-dir", str(temp), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+             "--num-gpus", "0", "--temp-dir", str(temp), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True))  # its own process group: stop() signals the group, and only it
 
     def start(self, timeout: float = 120.0) -> str:
@@ -345,9 +348,9 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextmanager
-def local_cluster(directory: str | Path, nodes: int = 2, cpus_per_node: int = 1,
-                  extra_env: dict | None = None) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(directory, nodes, cpus_per_node, extra_env)
+def local_cluster(directory: str | Path, nodes: int = 2, cpus_per_node: int = 1, extra_env: dict | None = None,
+                  node_env: dict[str, dict] | None = None) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(directory, nodes, cpus_per_node, extra_env, node_env)
     cluster.start()
     try:
         yield cluster

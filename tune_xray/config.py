@@ -113,7 +113,13 @@ class AugmentConfig(_Strict):
 
 class ModelConfig(_Strict):
     backbone: str = "resnet18"
-    pretrained_path: Optional[str] = Field(None, description="local .safetensors/.pth in timm key layout")
+    pretrained: Union[bool, str] = Field(
+        False, description="false: from scratch; true: the backbone's default timm tag; a timm tag "
+        "(convnext_small.fb_in22k, or fb_in22k); hf-hub:org/repo[:file]; an https:// URL; a local path "
+        "(tune_xray.models.pretrained)")
+    pretrained_ema: bool = Field(False, description="load a trainer file's EMA copy, not its state_dict / model")
+    pretrained_path: Optional[str] = Field(None, description="a local .safetensors/.pth in timm key layout: "
+                                           "model.pretrained set to a path, kept as its alias")
     compile: bool = Field(False, description="torch.compile the trained model (every phase)")
     grad_checkpointing: bool = Field(
         False, description="recompute each block's activations in backward (timm's set_grad_checkpointing): "
@@ -123,6 +129,17 @@ class ModelConfig(_Strict):
         "PyTorch; auto: the first of them that runs on the trial's device (a CUDA fallback to torch is warned)")
     in_chans: Literal[1, 3] = 3
     drop_rate: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_pretrained(self):
+        """`pretrained_path` is `pretrained` set to a local path: folded into it (one field read everywhere)."""
+        if self.pretrained_path is None:
+            return self
+        if self.pretrained not in (False, self.pretrained_path):
+            raise ValueError(f"model.pretrained_path={self.pretrained_path!r} and model.pretrained="
+                             f"{self.pretrained!r}: set one (pretrained_path is model.pretrained with a path)")
+        object.__setattr__(self, "pretrained", self.pretrained_path)
+        return self
 
 
 class OptimizerConfig(_Strict):
@@ -304,9 +321,10 @@ class TrialConfig(_Strict):
     def _one_ssl_phase(self):
         if self.byol.enabled and self.cass.enabled:
             raise ValueError("byol.enabled and cass.enabled: choose one self-supervised phase")
-        if self.cass.enabled and self.model.pretrained_path:
-            raise ValueError("model.pretrained_path loads weights into model.backbone; with cass.enabled the "
-                             "backbones trained are the CASS arms (cass.cnn, cass.transformer), which load none")
+        if self.cass.enabled and not isinstance(self.model.pretrained, bool):
+            raise ValueError(f"model.pretrained={self.model.pretrained!r} names weights of one backbone; with "
+                             "cass.enabled the backbones trained are the CASS arms (cass.cnn, cass.transformer): "
+                             "true (each arm's default timm weights, as S1) or false")
         return self
 
     @model_validator(mode="after")

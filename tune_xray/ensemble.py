@@ -44,6 +44,7 @@ from .metrics import (
     weighted_decision_metrics,
     weighted_mean_auroc,
 )
+from .models.pretrained import started_text
 
 
 class EnsembleError(ExperimentError):
@@ -538,7 +539,8 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
     out_dir.mkdir(exist_ok=True)
     members = pd.DataFrame([{"trial": t["trial"], "trial_id": t["trial_id"], "name": t.get("name", t["trial"]),
                              "weight": float(w), pool.metric: float(s),
-                             "mlflow_run_id": t.get("mlflow_run_id"), "dir": t["dir"]}
+                             "mlflow_run_id": t.get("mlflow_run_id"),
+                             "started_from": started_text(t.get("started_from")), "dir": t["dir"]}
                             for t, w, s in zip(pool.trials, weights, pool.single)
                             if w > 0]).sort_values("weight", ascending=False)
     members.to_csv(out_dir / "members.csv", index=False)
@@ -583,7 +585,8 @@ def _fmt(entry: dict) -> str:
 def model_card(pool: Pool, result: dict) -> str:
     """A markdown model card: data, split hashes, members, metrics with CIs, and how the selection was made."""
     search = pool.experiment.invocation()
-    rows = "\n".join(f"| {m['name']} | {m['weight']:.3f} |" for m in result["members"])
+    rows = "\n".join(f"| {m['name']} | {m['weight']:.3f} | {m.get('started_from', 'not recorded')} |"
+                     for m in result["members"])
     metric = bare(pool.metric)
     test = result.get("test")
     hashes = f"val `{result['hashes']['val']}`" + (f", test `{result['hashes']['test']}`" if test else "")
@@ -606,7 +609,7 @@ def model_card(pool: Pool, result: dict) -> str:
              f"- Selection: {result['method']} (size {result['size']}, bags {result['bags']}) over {result['pool']} "
              f"completed trials, on **validation {metric} only**; {read}.",
              *cost_lines(result["cost"]), "",
-             "| member (trial and drawn configuration) | weight |", "|---|---|", rows, "",
+             "| member (trial and drawn configuration) | weight | started from |", "|---|---|---|", rows, "",
              f"| {metric} (95 % bootstrap CI, {result['resamples']} resamples) | val (selection set) |"
              + (" test (record) |" if test else ""), "|---|---|" + ("---|" if test else "")]
     for label in (*LABELS, "ensemble_minus_best_single"):

@@ -25,6 +25,7 @@ from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
 from .ensemble import NoFit, absolute_budget, remeasure_costs, run_ensemble
 from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
+from .models.pretrained import WeightsMissing, backbones_of, caches_text, prefetch, resolve, size_text
 from .repeat import print_repeats, run_repeats
 from .report import build_report
 from .request import TUNE_STATE, SearchRequest
@@ -47,6 +48,7 @@ from .trial import (
     trainable,
     trial_overrides,
 )
+from .weights import study_files
 
 SECRET_KEYS = ("optuna_storage", "tracking_uri")  # URLs that may carry a password
 
@@ -112,10 +114,33 @@ def check_candidates(resolved: ResolvedStudy) -> None:
         for field, name in names.items():
             if not timm.is_model(name.split(".")[0]):
                 raise ConfigError(f"{study.origin}: {where}={value!r}: {field} '{name}' is not a timm model")
-        path = cfg.model.pretrained_path
-        if path and not Path(path).is_file():
-            raise ConfigError(f"{study.origin}: {where}={value!r}: model.pretrained_path {path}: no such "
-                              "file (weights load from local files only)")
+        for name in backbones_of(cfg):
+            try:
+                weight = resolve(name, cfg.model.pretrained)
+            except ConfigError as err:
+                raise ConfigError(f"{study.origin}: {where}={value!r}: {err}") from None
+            if weight is not None and weight.source == "file" and not Path(weight.location).is_file():
+                raise ConfigError(f"{study.origin}: {where}={value!r}: model.pretrained {weight.location}: no such "
+                                  "file")
+
+
+def fetch_weights(resolved: ResolvedStudy, address: str | None) -> None:
+    """Before Ray starts: every pretrained file the study can draw in this machine's caches, the missing ones
+    fetched in parallel (weights.prefetch), said in one line. Offline with files missing: one ConfigError naming
+    each and its fetch command (exit 2), nothing started."""
+    files, scratch = study_files(resolved)
+    if scratch:
+        print(f"pretrained: timm has no weights for {', '.join(scratch)}: trained from scratch (said in each record)")
+    if not files:
+        return
+    try:
+        paths, fetched = prefetch(files)
+    except WeightsMissing as err:
+        raise ConfigError(str(err)) from None
+    where = "" if address is None else ("; on other nodes the first trial to need a file fetches it into that "
+                                        "node's cache under a file lock (once per node)")
+    print(f"pretrained: {plural(len(files), 'file')}, {size_text(paths)}, in {caches_text(paths)} "
+          f"({len(fetched)} fetched now){where}")
 
 
 def locate(request: SearchRequest) -> Experiment:
@@ -251,9 +276,12 @@ def trial_description(study: Study, config: dict, cfg, name: str) -> str:
     phases = [p for p in ("byol", "cass") if getattr(cfg, p).enabled]
     sampled = {k.removeprefix("sampled."): v for k, v in config.items() if k.startswith("sampled.")}
     trained = "; ".join(f"{k} {config.get(k)} (drawn {v})" for k, v in sampled.items())
+    files = {b: resolve(b, cfg.model.pretrained) for b in backbones_of(cfg)}
+    started = "; ".join(f"`{b}` from `{w.name}`" if w else f"`{b}` from scratch" for b, w in files.items())
     return (f"Trial {config[TRIAL_NUMBER]} of search `{name}`: {' then '.join([*phases, 'fine-tuning'])} of "
             f"`{cfg.model.backbone if not cfg.cass.enabled else cfg.cass.cnn + ' + ' + cfg.cass.transformer}` at "
             f"{cfg.augment.image_size} px on {cfg.device}, at most {cfg.supervised.epochs} epochs."
+            + f" Starts {started}."
             + (f" Trained at smoke scale: {trained}." if trained else ""))
 
 
@@ -286,6 +314,7 @@ def run_search(request: SearchRequest, extra_callbacks: list = ()) -> dict:
     base_cfg = resolved.trial_config({})
     check_split_keys(base_cfg.data, lambda key: study.origin_of(f"data.{key}", parse_overrides(request.overrides)))
     check_candidates(resolved)
+    fetch_weights(resolved, request.address)
     trials = request.trials if request.trials is not None else resolved.budget.trials
     experiment = locate(request)
     if not request.resume and (experiment.directory / "tuner.pkl").exists():

@@ -34,7 +34,7 @@ from .credentials import mask, remember, reveal
 from .space import ResolvedStudy, flatten
 from .trial import TIME_ATTR, TRIAL_NUMBER, trial_status
 
-KEY_FIELDS = ("model.backbone", "model.pretrained_path", "augment.image_size", "device", "supervised.batch_size",
+KEY_FIELDS = ("model.backbone", "model.pretrained", "augment.image_size", "device", "supervised.batch_size",
               "supervised.epochs")
 SSL_KEY_FIELDS = {"byol": ("byol.batch_size", "byol.hidden_dim", "byol.epochs"),
                   "cass": ("cass.cnn", "cass.transformer", "cass.batch_size", "cass.epochs")}

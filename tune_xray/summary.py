@@ -12,7 +12,7 @@ from .metrics import ci_text, pareto_front
 from .searcher import shown_url
 from .space import Study, case_key
 from .tracking import runs_table_url
-from .trial import RAN_WITH, STATUSES, TIME_ATTR, TRIAL_NUMBER, status_of
+from .trial import RAN_WITH, STARTED_FROM, STATUSES, TIME_ATTR, TRIAL_NUMBER, status_of
 
 SINGLE_LABEL = ("accuracy", "balanced_accuracy")  # a single-label task's decision metrics, beside its AUROC
 
@@ -84,6 +84,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
             "node_id": m.get("node_id"),
             "scan_backend": m.get("scan_backend"),
             "ran_with": m.get(RAN_WITH),  # its device and global batch (a resume may start trials on others)
+            "started_from": m.get(STARTED_FROM),  # each backbone's pretrained file and sha256, or from scratch
             "resolved": {k: v for k, v in t.config.items() if ":" not in k and not k.startswith("sampled.")},
             "sampled": {k.removeprefix("sampled."): v for k, v in t.config.items() if k.startswith("sampled.")},
         })

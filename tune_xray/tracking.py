@@ -39,7 +39,7 @@ from .experiment import PARENT_ID_FILE
 from .explain import COST_METRICS
 from .metrics import ci_text
 from .serving import EnsembleModel
-from .trial import DRIVER, FINISHED, REPLAY, SCAN_BACKEND, TIME_ATTR
+from .trial import DRIVER, FINISHED, REPLAY, SCAN_BACKEND, STARTED_FROM, TIME_ATTR
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact copied: 16 at the end
 # with an MLflow server, two lines per run ended ("View run … at", "View experiment at"): the search says one per trial
@@ -445,12 +445,28 @@ class TrialRuns(LoggerCallback):
         # known once the trial ran on its device: a param beside the config it resolves (model.scan_backend: auto)
         backend, logged = (trial.last_result or {}).get(SCAN_BACKEND), run.data.params if run else {}
         params = [Param(SCAN_BACKEND, backend)] if isinstance(backend, str) and SCAN_BACKEND not in logged else []
+        params += [p for p in started_params((trial.last_result or {}).get(STARTED_FROM)) if p.key not in logged]
         client.log_batch(run_id, tags=tags, params=params)
         directory = self.results_dir(trial)
         for name in self.artifacts:
             if (directory / name).is_file():
                 client.log_artifact(run_id, str(directory / name))
         client.set_terminated(run_id, status=RUN_STATUS[status])
+
+
+def started_params(started: dict | None) -> list[Param]:
+    """A trial's pretrained files as MLflow params: `pretrained.file` and `pretrained.sha256` (with CASS, one pair per
+    arm: `pretrained.<backbone>.file`); a backbone trained from scratch says so, and why."""
+    if not isinstance(started, dict):
+        return []
+    params = []
+    for backbone, entry in started.items():
+        prefix = "pretrained" if len(started) == 1 else f"pretrained.{backbone}"
+        params.append(Param(f"{prefix}.file", entry.get("file") or f"none: from scratch ({entry.get('scratch')})"))
+        if entry.get("sha256"):
+            params.append(Param(f"{prefix}.sha256", entry["sha256"]))
+            params.append(Param(f"{prefix}.part", entry.get("part", "")))  # a trainer file's network or EMA copy
+    return params
 
 
 ENSEMBLE_LABELS = ("ensemble", "best_single", "top_k", "ensemble_minus_best_single")

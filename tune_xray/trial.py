@@ -40,6 +40,7 @@ REASON = "reason"
 SCAN_BACKEND = "scan_backend"  # in every report: the selective scan the trial's SSM layers run ("none": no SSM)
 RAN_WITH = "ran_with"  # in every report: the device and global batch sizes the trial ran with (a resume may change
 # the resources of the trials it starts: each trial's record says its own)
+STARTED_FROM = "started_from"  # in every report: {backbone: its pretrained file and sha256, or why from scratch}
 REPLAY = "replay"  # in the first report after a resume: the restored epochs' reports (see tracking.TrialRuns)
 FINAL_FILE = "final.json"  # the last report, kept with the results so a finished run re-reports it on retry
 RESULT_FILES = (FINAL_FILE, "config.yaml", "summary.json", "best.pt", "predictions_val.csv", "predictions_test.csv",
@@ -228,6 +229,7 @@ def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
 
 
 def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> None:
+    from .models.pretrained import backbones_of, started_from
     from .phases import resolve_scan_backend, run_phases  # here: only the process that trains needs timm, kornia
     from .phases.common import Diverged, load_state
 
@@ -247,7 +249,9 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
             resume = load_state(directory, run_dir)
     supervised_epochs = [resume["epoch"] if resume and resume["phase"] == "supervised" else 0]
     ran_with = {"device": str(cfg.device), **global_batch_sizes(cfg, world_size)}
-    every = {SCAN_BACKEND: scan_backend, RAN_WITH: ran_with}  # in every report, whichever way the trial ends
+    # the files its backbones start from, fetched into this node's cache if the driver's is not this one's
+    started = {b: started_from(b, cfg.model.pretrained, cfg.model.pretrained_ema) for b in backbones_of(cfg)}
+    every = {SCAN_BACKEND: scan_backend, RAN_WITH: ran_with, STARTED_FROM: started}  # in every report
     held: dict = {}  # the fine-tune's last epoch, reported with the final record
     # a resumed run re-sends the epochs its state holds: those reported after the driver's last save reach
     # the record this way (the tracker keeps the epochs it already has)

@@ -78,7 +78,7 @@ def test_official_style_checkpoint_loads_and_reproduces_outputs(name, tmp_path):
     torch.save({"model": {f"model.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "export.pth")
     x = torch.randn(2, 3, 64, 64)
     for path in (tmp_path / "release.pth.tar", tmp_path / "export.pth"):
-        model, _ = create_backbone(name, pretrained_path=path)
+        model, _ = create_backbone(name, pretrained=path)
         assert torch.allclose(model.eval()(x), source.forward_head(source.forward_features(x), pre_logits=True))
 
 

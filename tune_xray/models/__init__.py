@@ -1,26 +1,28 @@
-"""Backbones through timm's registry (`num_classes=0`: pooled features), with local weights only. Importing
-this package registers our MambaVision and VMamba (`mambavision_t` … `vmamba_b`, tiny `test_*` variants).
+"""Backbones through timm's registry (`num_classes=0`: pooled features), started from the weights `model.pretrained`
+names (`models.pretrained`: timm's pretrained configs, the hub's and torch.hub's caches). Importing this package
+registers our MambaVision and VMamba (`mambavision_t` … `vmamba_b`, tiny `test_*` variants) with the official
+releases as their pretrained configs.
 
-No hub is reachable at run time, so `pretrained=True` is never used: weights come from a local
-`.safetensors` / `.pth` file in timm's key layout. The first conv is adapted when the file's input
-channels differ from `in_chans` (timm's `adapt_input_conv`), and any other mismatch is an error.
+A file is read by `weights.read_checkpoint` (no pickled code runs) and must fit the backbone exactly once its
+classifier is dropped: the first conv is adapted when the file's input channels differ from `in_chans` (timm's
+`adapt_input_conv`), and any other mismatch is an error naming the file.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import timm
-from timm.models import adapt_input_conv, clean_state_dict, load_state_dict
+from timm.models import adapt_input_conv
 from torch import nn
 
 from ..config import ConfigError
 from . import mamba_vision, vmamba  # noqa: F401  (registers mambavision_* and vmamba_* in timm)
+from .pretrained import WeightsError, fetch, read_checkpoint, resolve
 from .scan import set_scan_backend
 
-
-class WeightsError(ValueError):
-    """A pretrained file that is missing or does not fit the backbone; the message names both."""
+log = logging.getLogger(__name__)
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -28,15 +30,13 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(n + "." for n in ([names] if isinstance(names, str) else names))
 
 
-def load_pretrained(model: nn.Module, path: str | Path, in_chans: int) -> None:
-    """Load a local checkpoint into a `num_classes=0` timm backbone; classifier weights are dropped."""
+def load_pretrained(model: nn.Module, path: str | Path, in_chans: int, ema: bool = False) -> str:
+    """Load a weights file into a `num_classes=0` timm backbone, its classifier dropped; returns which part of the
+    file it loaded (a trainer file's `state_dict`, or its EMA copy with `ema`)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: pretrained weights file not found")
-    try:
-        state = clean_state_dict(load_state_dict(str(path), use_ema=True))
-    except Exception as err:  # pickle, safetensors and zip errors differ; all mean "unreadable"
-        raise WeightsError(f"{path}: cannot read weights ({err})") from None
+    state, part = read_checkpoint(path, ema)
     own = model.state_dict()
     for prefix in ("model.", "backbone."):  # exports that nest the network (e.g. MambaVision's HF release)
         if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in own):
@@ -62,13 +62,16 @@ def load_pretrained(model: nn.Module, path: str | Path, in_chans: int) -> None:
         raise WeightsError(f"{path}: does not fit backbone '{model.pretrained_cfg.get('architecture')}': "
                            + "; ".join(parts))
     model.load_state_dict(state)
+    return part
 
 
-def create_backbone(name: str, pretrained_path: str | Path | None = None, in_chans: int = 3,
-                    image_size: int | None = None, key: str = "model.backbone", grad_checkpointing: bool = False,
-                    scan_backend: str = "auto", **kwargs) -> tuple[nn.Module, int]:
-    """A timm feature extractor and its feature width: `(module, num_features)`. Models built for one input
-    size (ViT, Swin, CoAtNet, MaxViT: timm's `fixed_input_size`) are built for `image_size`.
+def create_backbone(name: str, pretrained=False, in_chans: int = 3, image_size: int | None = None,
+                    key: str = "model.backbone", grad_checkpointing: bool = False, scan_backend: str = "auto",
+                    ema: bool = False, **kwargs) -> tuple[nn.Module, int]:
+    """A timm feature extractor and its feature width: `(module, num_features)`, started from the weights
+    `pretrained` names (`weights.resolve`: false, true, a tag, hf-hub:, a URL or a path; fetched into the caches
+    if missing; `ema`: a trainer file's EMA copy). Models built for one input size (ViT, Swin, CoAtNet, MaxViT:
+    timm's `fixed_input_size`) are built for `image_size`.
 
     `grad_checkpointing`: timm's `set_grad_checkpointing` (a model without it is a ConfigError); `scan_backend`:
     the selective scan of MambaVision's and VMamba's SSM layers (auto | kernel | triton | torch)."""
@@ -78,9 +81,11 @@ def create_backbone(name: str, pretrained_path: str | Path | None = None, in_cha
     default = timm.models.get_pretrained_cfg(name.split(".")[0])
     if image_size and default is not None and default.fixed_input_size and default.input_size[-1] != image_size:
         kwargs.setdefault("img_size", image_size)
+    weight = resolve(name, pretrained)
     model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
-    if pretrained_path:
-        load_pretrained(model, pretrained_path, in_chans)
+    if weight is not None:
+        part = load_pretrained(model, fetch(weight), in_chans, ema)
+        log.info("%s: started from %s (%s)", name, weight.name, part)
     if grad_checkpointing:
         try:
             model.set_grad_checkpointing(True)

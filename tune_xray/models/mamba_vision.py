@@ -5,7 +5,7 @@ Hierarchical: a two-conv stem (stride 4), two stages of residual conv blocks, th
 token blocks whose first half mixes with the MambaVision mixer (a non-causal selective-scan branch beside a
 conv branch, concatenated) and whose second half with self-attention. Sizes, windows and layer scale follow
 the paper's Table 1 / the NVlabs release; parameter names match the official checkpoints, so their
-`.pth.tar` files load with `model.pretrained_path`. The scan is `scan.selective_scan` (mamba-ssm's kernel when
+`.pth.tar` files load with `model.pretrained`. The scan is `scan.selective_scan` (mamba-ssm's kernel when
 installed, the chunked PyTorch scan otherwise).
 """
 
@@ -247,10 +247,23 @@ def _cfg(**kwargs):
             "first_conv": "patch_embed.conv_down.0", "classifier": "head", "license": "nvidia-source-code", **kwargs}
 
 
+def _nvidia(repo: str, filename: str, **kwargs):
+    """NVIDIA's release of a MambaVision size on the Hugging Face hub (github.com/NVlabs/MambaVision, its model
+    table): the trainer's `.pth.tar`, read by `models.pretrained.read_checkpoint`."""
+    return _cfg(hf_hub_id=f"nvidia/{repo}", hf_hub_filename=filename, **kwargs)
+
+
 default_cfgs = generate_default_cfgs({
-    "mambavision_t": _cfg(), "mambavision_t2": _cfg(crop_pct=0.98), "mambavision_s": _cfg(crop_pct=0.93),
-    "mambavision_b": _cfg(), "mambavision_l": _cfg(), "mambavision_l2": _cfg(),
-    "test_mambavision": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
+    "mambavision_t.in1k": _nvidia("MambaVision-T-1K", "mambavision_tiny_1k.pth.tar"),
+    "mambavision_t2.in1k": _nvidia("MambaVision-T2-1K", "mambavision_tiny2_1k.pth.tar", crop_pct=0.98),
+    "mambavision_s.in1k": _nvidia("MambaVision-S-1K", "mambavision_small_1k.pth.tar", crop_pct=0.93),
+    "mambavision_b.in1k": _nvidia("MambaVision-B-1K", "mambavision_base_1k.pth.tar"),
+    # ImageNet-21K pretraining, fine-tuned on ImageNet-1K at 224 (the release's "-21K" models)
+    "mambavision_b.in21k": _nvidia("MambaVision-B-21K", "mambavision_base_21k.pth.tar"),
+    "mambavision_l.in1k": _nvidia("MambaVision-L-1K", "mambavision_large_1k.pth.tar"),
+    "mambavision_l.in21k": _nvidia("MambaVision-L-21K", "mambavision_large_21k.pth.tar"),
+    "mambavision_l2.in1k": _nvidia("MambaVision-L2-1K", "mambavision_large2_1k.pth.tar"),
+    "test_mambavision": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),  # no weights: trained from scratch
 })
 
 # Table 1 of the paper / the NVlabs release: every size has 4 stages, windows (8, 8, 14, 7), MLP ratio 4.

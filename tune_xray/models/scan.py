@@ -92,12 +92,14 @@ def scan_backend() -> str:
 
 
 def build_ssm_model(model_cls, variant: str, pretrained: bool, **kwargs):
-    """A timm entry point's body for our SSM backbones: weights come from local files only (no hub at run
-    time), and the log says which scan paths there are."""
+    """A timm entry point's body for our SSM backbones; the log says which scan paths there are. Their released
+    files are trainer checkpoints (a pickled configuration beside the weights, an EMA copy) that timm's loader does
+    not read: `tune_xray.models.create_backbone(name, pretrained=True)` (model.pretrained) loads them."""
     from timm.models import build_model_with_cfg
 
     if pretrained:
-        raise ValueError(f"{variant}: no hub at run time; load a local file with model.pretrained_path")
+        raise ValueError(f"{variant}: its release files are trainer checkpoints; load them with "
+                         "tune_xray.models.create_backbone(name, pretrained=True) (a study's model.pretrained)")
     log.info("%s: selective scan backends: %s", variant, scan_backend())
     return build_model_with_cfg(model_cls, variant, False, feature_cfg=dict(flatten_sequential=True), **kwargs)
 

@@ -5,7 +5,7 @@ with 3×3 stride-2 conv downsampling. SS2D projects, runs a depthwise 3×3 conv 
 grid in four directions (rows, columns, and both reversed) with one selective scan each (d_state 1, no gate),
 merges the four back onto the grid, normalises and projects out. Sizes T/S/B are the released v2 checkpoints
 `vmamba_tiny_s1l8`, `vmamba_small_s2l15`, `vmamba_base_s2l15` (30 M / 50 M / 89 M in the release's table).
-Parameter names and shapes match the official checkpoints, so they load with `model.pretrained_path`. Computed
+Parameter names and shapes match the official checkpoints, so they load with `model.pretrained`. Computed
 channels-last.
 """
 
@@ -200,8 +200,14 @@ def _cfg(**kwargs):
             "first_conv": "patch_embed.0", "classifier": "classifier.head", "license": "mit", **kwargs}
 
 
-default_cfgs = generate_default_cfgs({"vmamba_t": _cfg(), "vmamba_s": _cfg(), "vmamba_b": _cfg(),
-                                     "test_vmamba": _cfg(input_size=(3, 64, 64), pool_size=(2, 2))})
+_RELEASE = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/"  # the authors' v2 classification files
+
+default_cfgs = generate_default_cfgs({
+    "vmamba_t.in1k": _cfg(url=_RELEASE + "vssm1_tiny_0230s_ckpt_epoch_264.pth"),  # T s1l8
+    "vmamba_s.in1k": _cfg(url=_RELEASE + "vssm_small_0229_ckpt_epoch_222.pth"),  # S s2l15
+    "vmamba_b.in1k": _cfg(url=_RELEASE + "vssm_base_0229_ckpt_epoch_237.pth"),  # B s2l15
+    "test_vmamba": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),  # no weights: trained from scratch
+})
 
 SIZES = {  # the released v2 checkpoints: vmamba_tiny_s1l8, vmamba_small_s2l15, vmamba_base_s2l15
     "vmamba_t": dict(depths=(2, 2, 8, 2), dim=96, ssm_ratio=1.0, drop_path_rate=0.2),

@@ -23,15 +23,15 @@ from .supervised import resolve_loss, run_supervised
 
 def fine_tuned_backbones(cfg: TrialConfig, pretrained: bool = True):
     """(backbone(s), feature width(s), name, CASS model or None) of what the fine-tune trains: the configured
-    backbone, or a CASS arm (both arms as a list), pre-trained in place by CASS. `pretrained=False`: no local
-    weights are loaded (a checkpoint will overwrite them, as in predict)."""
+    backbone, or a CASS arm (both arms as a list), pre-trained in place by CASS. `pretrained=False`: no
+    pretrained weights are loaded (a checkpoint will overwrite them, as in predict)."""
     if not cfg.cass.enabled:
-        backbone, width = create_backbone(cfg.model.backbone, cfg.model.pretrained_path if pretrained else None,
+        backbone, width = create_backbone(cfg.model.backbone, cfg.model.pretrained if pretrained else False,
                                           cfg.model.in_chans, cfg.augment.image_size,
                                           grad_checkpointing=cfg.model.grad_checkpointing,
-                                          scan_backend=cfg.model.scan_backend)
+                                          scan_backend=cfg.model.scan_backend, ema=cfg.model.pretrained_ema)
         return backbone, width, cfg.model.backbone, None
-    cass = build_cass(cfg)
+    cass = build_cass(cfg, pretrained)
     keys = ("cnn", "transformer") if cfg.cass.finetune == "both" else (cfg.cass.finetune,)
     arms = [getattr(cass, k) for k in keys]
     name = "+".join(getattr(cfg.cass, k) for k in keys)

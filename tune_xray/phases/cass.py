@@ -70,11 +70,13 @@ class Cass(nn.Module):
         return cass_loss(self.cnn(x), self.transformer(x))
 
 
-def build_cass(cfg: TrialConfig) -> Cass:
-    """Both arms, built (and their names checked) before anything runs."""
+def build_cass(cfg: TrialConfig, pretrained: bool = True) -> Cass:
+    """Both arms, built (and their names checked) before anything runs, each from its own default timm weights
+    under `model.pretrained: true` (S1: `timm.create_model(..., pretrained=True)` for both)."""
     cc, arms = cfg.cass, []
     for key in ("cnn", "transformer"):
-        backbone, width = create_backbone(getattr(cc, key), in_chans=cfg.model.in_chans,
+        backbone, width = create_backbone(getattr(cc, key), cfg.model.pretrained if pretrained else False,
+                                          in_chans=cfg.model.in_chans,
                                           image_size=cfg.augment.image_size, key=f"cass.{key}",
                                           grad_checkpointing=cfg.model.grad_checkpointing,
                                           scan_backend=cfg.model.scan_backend)

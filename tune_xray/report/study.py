@@ -78,8 +78,24 @@ def study_facts(experiment: Experiment, summary: dict, invocation: dict) -> list
              ("search wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min"
               + (f", summed over its {len(summary['search_runs_s'])} runs (a run killed before its end counts nothing)"
                  if len(summary.get("search_runs_s") or []) > 1 else "")),
-             ("trial time", f"{hours:.3g} h" + trial_hours(hours, resources, summary.get("resources_runs") or []))]
+             ("trial time", f"{hours:.3g} h" + trial_hours(hours, resources, summary.get("resources_runs") or [])),
+             ("started from", started_facts(summary["rows"]))]
     return [(k, str(v)) for k, v in facts]
+
+
+def started_facts(rows: list[dict]) -> str:
+    """What the trials' backbones started from, once per file (or reason for scratch), with how many trials."""
+    from collections import Counter
+
+    from ..models.pretrained import started_text
+
+    counts = Counter()
+    for row in rows:
+        for backbone, entry in (row.get("started_from") or {}).items():
+            counts[started_text({backbone: entry})] += 1
+    if not counts:
+        return "not recorded"
+    return "; ".join(f"{text} — {plural(n, 'trial')}" for text, n in sorted(counts.items()))
 
 
 def dataset_data(experiment: Experiment, best: dict) -> dict:
