@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
@@ -34,6 +35,10 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="random and folder splits")
     split_seed: int = 42
+    patient_pattern: Optional[str] = Field(
+        None, description="folder data: a regular expression with one group that finds the patient in an image's "
+        "path relative to the folder (the pediatric pneumonia set's person1_virus_6.jpeg: 'person(\\d+)_'); the "
+        "splits are then patient-disjoint (checked) and intervals resample patients")
     positive_class: Optional[str] = Field(
         None, description="two-class data: the positive class (one AUROC, one threshold). Default: the class not "
         "named normal / no finding / negative / healthy where exactly one is, else the second in name order")
@@ -57,6 +62,19 @@ class DataConfig(_Strict):
     device_share: float = Field(
         1.0, gt=0, le=1, description="the share of its GPU a trial holds, for device_cache: auto (the search sets "
         "it from a fractional --gpus-per-trial: packed trials each count their own share, not what is free)")
+
+    @field_validator("patient_pattern")
+    @classmethod
+    def _one_group(cls, pattern: Optional[str]) -> Optional[str]:
+        if pattern is None:
+            return pattern
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as err:
+            raise ValueError(f"patient_pattern {pattern!r} is not a regular expression: {err}") from None
+        if groups != 1:
+            raise ValueError(f"patient_pattern {pattern!r} has {groups} groups; expected exactly one (the patient)")
+        return pattern
 
     @model_validator(mode="after")
     def _fold(self):

@@ -251,3 +251,59 @@ def test_the_shipped_studies_run_on_any_source_and_a_chosen_split_key_says_where
     cfg = mine.resolve({"data": {"source": f"medmnist:{npz}"}}).trial_config({})
     with pytest.raises(ConfigError, match=r"data.split=random \(from .*own.yaml: base\): medmnist:"):
         check_split_keys(cfg.data, lambda key: mine.origin_of(f"data.{key}"))
+
+
+def _pneumonia_folder(root, splits=None, per_patient=3, patients=8):
+    """The pediatric pneumonia set's naming: NORMAL/IM-0001-0001.jpeg style ids, PNEUMONIA/person<N>_virus_<k>.jpeg;
+    several images per patient."""
+    rng = np.random.default_rng(1)
+    for split in splits or [None]:
+        for cls in ("NORMAL", "PNEUMONIA"):
+            folder = root / split / cls if split else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for p in range(patients):
+                person = f"{split or 'all'}{cls[0]}{p}"
+                for k in range(per_patient):
+                    image = Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8))
+                    image.save(folder / f"person{person}_virus_{k}.jpeg")
+
+
+def test_folder_patients_from_file_names_give_patient_disjoint_stratified_splits(tmp_path):
+    _pneumonia_folder(tmp_path, patients=20)
+    pattern = r"person(\w+?)_virus"
+    index = read_folder(tmp_path, val_fraction=0.2, test_fraction=0.2, patient_pattern=pattern)
+    frame = index.frame
+    assert frame.patient_id.nunique() == 40 and frame.groupby("patient_id").size().eq(3).all()
+    assert frame.groupby("patient_id").split.nunique().max() == 1  # a patient's three images in one split
+    patients = frame.groupby("split").patient_id.nunique()
+    assert patients["test"] == 8 and patients["val"] == 8  # 0.2 of 40 patients each, by patient
+    classes = pd.crosstab(frame.split, index.targets())
+    assert (classes.loc["test"] == 12).all()  # stratified: 4 patients of each class
+    assert index.has_patients and "intervals resample patients" in index.patients
+    assert "by patient (data.patient_pattern), stratified by class" in index.split
+    without = read_folder(tmp_path, val_fraction=0.2, test_fraction=0.2)
+    assert not without.has_patients and "not by patient" in without.split
+
+
+def test_folder_patient_pattern_with_split_folders_and_its_errors(tmp_path):
+    _pneumonia_folder(tmp_path, splits=["train", "test"], patients=10)
+    index = read_folder(tmp_path, val_fraction=0.2, patient_pattern=r"person(\w+?)_virus")
+    frame = index.frame
+    assert frame.groupby("patient_id").split.nunique().max() == 1 and (frame.split == "val").any()
+    assert "val a patient-wise, stratified 20 % of train/" in index.split
+    with pytest.raises(DataError, match=r"patient_pattern 'IM-\(\\d\+\)' finds no patient in 120 image path\(s\), "
+                                        r"e.g. train/NORMAL/persontrainN0_virus_0.jpeg"):
+        read_folder(tmp_path, patient_pattern=r"IM-(\d+)")
+    with pytest.raises(DataError, match=r"its split folders.*patient\(s\) appear in more than one split"):
+        read_folder(tmp_path, patient_pattern=r"person\w+?([NP]\d+)_virus")  # train's and test's N0 made one
+    with pytest.raises(ValueError, match="has 2 groups; expected exactly one"):
+        DataConfig(patient_pattern=r"(a)(b)")
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        DataConfig(patient_pattern=r"person(")
+
+
+def test_patient_pattern_is_refused_where_the_source_has_its_own_patients(synth_root):
+    from tune_xray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.patient_pattern=x\(\\d\): nih:.*patients come from its own table"):
+        prepare(DataConfig(source=f"nih:{synth_root}", patient_pattern=r"x(\d)"))

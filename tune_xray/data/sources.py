@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,8 @@ from .splits import (
     check_splits_nonempty,
     patient_holdout,
     patient_split,
+    patient_stratified_holdout,
+    patient_stratified_split,
     stratified_holdout,
     stratified_split,
 )
@@ -250,10 +253,26 @@ def _images_in(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _patients_by_pattern(paths: list, root: Path, pattern: str, origin: str) -> np.ndarray:
+    """Each image's patient: the one group of `pattern` searched in its path relative to `root`. An image it does
+    not match is an error naming it (a patient guessed would be a leak waiting to happen)."""
+    compiled = re.compile(pattern)
+    relative = [str(Path(p).relative_to(root)) for p in paths]
+    found = [compiled.search(r) for r in relative]
+    missed = [r for r, m in zip(relative, found) if m is None or not m.group(1)]
+    if missed:
+        raise DataError(f"{origin}: data.patient_pattern '{pattern}' finds no patient in {len(missed)} image path(s), "
+                        f"e.g. {', '.join(missed[:3])}; expected one group that matches every image")
+    return np.array([m.group(1) for m in found], dtype=object)
+
+
 def read_folder(root: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2,
-                seed: int = 42) -> DatasetIndex:
+                seed: int = 42, patient_pattern: str | None = None) -> DatasetIndex:
     """One sub-folder per class (multi-class). With train/ (and optional val/, test/) sub-folders those
-    splits are kept; a missing val or test is a stratified slice of train."""
+    splits are kept; a missing val or test is a stratified slice of train. With `patient_pattern` (a regex with
+    one group over each image's path below `root`) every image has a patient: slices are whole patients,
+    stratified by class, and the splits are checked patient-disjoint (a patient in two split folders is an
+    error)."""
     root = Path(root)
     origin = f"folder:{root}"
     if not root.is_dir():
@@ -274,19 +293,33 @@ def read_folder(root: str | Path, val_fraction: float = 0.1, test_fraction: floa
     if not rows:
         raise DataError(f"{origin}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
     frame = pd.DataFrame(rows, columns=["path", "split", "label"])
-    frame.insert(1, "patient_id", pd.Series([None] * len(frame), dtype=object))
+    patients = None
+    if patient_pattern:
+        patients = _patients_by_pattern(frame["path"].tolist(), root, patient_pattern, origin)
+    frame.insert(1, "patient_id", pd.Series([None] * len(frame) if patients is None else patients, dtype=object))
     labels = frame["label"].to_numpy()
-    if not has_splits:
+    by = "by patient (data.patient_pattern), stratified by class" if patients is not None else \
+        "stratified by class, not by patient"
+    if not has_splits and patients is not None:
+        frame["split"] = patient_stratified_split(labels, patients, val_fraction, test_fraction, seed, origin)
+    elif not has_splits:
         frame["split"] = stratified_split(labels, val_fraction, test_fraction, seed, origin)
-        told = (f"stratified by class, not by patient: val {_percent(val_fraction)}, test {_percent(test_fraction)}, "
-                f"seed {seed}")
+    if not has_splits:
+        told = f"{by}: val {_percent(val_fraction)}, test {_percent(test_fraction)}, seed {seed}"
     else:
+        if patients is not None:  # before slicing: a patient in two split folders is the folders' doing
+            check_patient_disjoint(frame, f"{origin} (its split folders, data.patient_pattern '{patient_pattern}')")
         sliced = []
         for missing, fraction in (("test", test_fraction), ("val", val_fraction)):
             if not (frame["split"] == missing).any():
                 train = np.flatnonzero(frame["split"].to_numpy() == "train")
-                frame.loc[train[stratified_holdout(labels[train], fraction, seed, origin)], "split"] = missing
-                sliced.append(f"{missing} a stratified {_percent(fraction)} of train/ (seed {seed})")
+                if patients is None:
+                    held = stratified_holdout(labels[train], fraction, seed, origin)
+                else:
+                    held = patient_stratified_holdout(labels[train], patients[train], fraction, seed, origin)
+                frame.loc[train[held], "split"] = missing
+                kind = "a stratified" if patients is None else "a patient-wise, stratified"
+                sliced.append(f"{missing} {kind} {_percent(fraction)} of train/ (seed {seed})")
         folders = [name for name in ("train", "val", "test") if (root / name).is_dir()]
         told = f"its {', '.join(f + '/' for f in folders)} folder{'s' if len(folders) > 1 else ''}" + (
             f"; {', '.join(sliced)}" if sliced else "")
@@ -359,6 +392,12 @@ def ignored_split_keys(spec: str, split: str = "official") -> dict[str, str]:
     """The `data.*` split keys a source does not read, each with why: set to anything but its default, such a key
     would be silently ignored, so it is an error instead (loader.prepare)."""
     kind, _, path = spec.partition(":")
+    patients = {} if kind == "folder" else {"patient_pattern": f"{spec}: patients come from its own table (or it "
+                                                               "has none); patient_pattern reads folder data"}
+    return {**patients, **_ignored_split_keys(spec, kind, path, split)}
+
+
+def _ignored_split_keys(spec: str, kind: str, path: str, split: str) -> dict[str, str]:
     if kind == "medmnist":
         why = f"{spec} comes with its official train/val/test splits"
         return {key: why for key in ("split", "val_fraction", "test_fraction", "split_seed")}
@@ -380,7 +419,8 @@ def ignored_split_keys(spec: str, split: str = "official") -> dict[str, str]:
 
 def read_source(spec: str, split: str = "official", val_fraction: float = 0.1, test_fraction: float = 0.2,
                 seed: int = 42, synthetic: tuple[int, int, int] = (2000, 256, 0),
-                cache_dir: str | Path | None = None, positive_class: str | None = None) -> DatasetIndex:
+                cache_dir: str | Path | None = None, positive_class: str | None = None,
+                patient_pattern: str | None = None) -> DatasetIndex:
     """Resolve a data spec (`synthetic`, `nih:PATH`, `folder:PATH`, `medmnist:PATH.npz`) to a checked index
     (two classes: the positive one second, `with_positive_class`)."""
     kind, _, path = spec.partition(":")
@@ -392,7 +432,7 @@ def read_source(spec: str, split: str = "official", val_fraction: float = 0.1, t
     elif kind == "nih":
         index = read_nih(path, split, val_fraction, test_fraction, seed)
     elif kind == "folder":
-        index = read_folder(path, val_fraction, test_fraction, seed)
+        index = read_folder(path, val_fraction, test_fraction, seed, patient_pattern)
     elif kind == "medmnist":
         index = read_medmnist(path)
     else:
