@@ -28,8 +28,30 @@ class _Strict(BaseModel):
 Range = tuple[float, float]
 
 
+class TableConfig(_Strict):
+    """How a label table (`csv:PATH`: CSV, TSV or parquet) reads; each column named is checked to exist."""
+
+    image_column: Optional[str] = Field(None, description="image paths, relative to the table's folder or image_root")
+    image_root: Optional[str] = None
+    label_column: Optional[str] = Field(None, description="one column of class names ('|' between several: "
+                                        "multi-label)")
+    label_columns: Optional[list[str]] = Field(None, min_length=1, description="one column per label holding 1 / 0 "
+                                               "/ -1 (uncertain) / blank (not mentioned): multi-label")
+    patient_column: Optional[str] = None
+    split_column: Optional[str] = None
+    split_values: dict[Literal["train", "val", "test"], str] = Field(
+        default_factory=lambda: {"train": "train", "val": "val", "test": "test"},
+        description="the split column's value for each split; a split it lacks is sliced from train by patient")
+    view_column: Optional[str] = Field(None, description="with data.views: the rows kept")
+
+
 class DataConfig(_Strict):
-    source: str = Field("synthetic", description="synthetic | nih:PATH | folder:PATH")
+    source: str = Field("synthetic", description="synthetic | nih:PATH | folder:PATH | medmnist:PATH.npz | csv:PATH")
+    table: TableConfig = Field(default_factory=TableConfig)
+    uncertain: Literal["zeros", "ones"] = Field(
+        "zeros", description="a label table's -1 (uncertain) entries: U-Zeros or U-Ones (Irvin et al. 2019)")
+    views: Optional[list[str]] = Field(None, min_length=1, description="a label table's views kept, e.g. [PA, AP] "
+                                       "(data.table.view_column)")
     split: Literal["official", "random"] = Field(
         "official", description="official test list (+ patient-wise val slice) or S0's random patient 70/10/20")
     val_fraction: float = Field(0.1, gt=0, lt=1)

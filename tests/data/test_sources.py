@@ -98,8 +98,8 @@ def test_corrupt_image_fails_before_training_and_leaves_no_cache(nih_copy, tmp_p
 
 
 def test_unknown_source_kind():
-    with pytest.raises(DataError, match="unknown kind 'csv'"):
-        read_source("csv:/x")
+    with pytest.raises(DataError, match="unknown kind 'xls'"):
+        read_source("xls:/x")
 
 
 def _folder_dataset(root, classes=("covid", "normal", "pneumonia"), per_class=12, splits=None):
@@ -307,3 +307,93 @@ def test_patient_pattern_is_refused_where_the_source_has_its_own_patients(synth_
 
     with pytest.raises(ConfigError, match=r"data.patient_pattern=x\(\\d\): nih:.*patients come from its own table"):
         prepare(DataConfig(source=f"nih:{synth_root}", patient_pattern=r"x(\d)"))
+
+
+CHEXPERT_LABELS = ["Atelectasis", "Effusion", "Cardiomegaly"]
+
+
+def _chexpert_table(synth_root, path, rows=None):
+    """A CheXpert-style table over the synthetic images: Path, Patient, Frontal/Lateral-like view, a train/valid
+    split by patient, and 1 / 0 / -1 / blank label cells (uncertain and blank entries on purpose)."""
+    entries = pd.read_csv(synth_root / "Data_Entry_2017.csv", dtype={"Patient ID": str})
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"Path": "images/" + entries["Image Index"], "Patient": "patient" + entries["Patient ID"],
+                          "AP/PA": entries["View Position"]})
+    for label in CHEXPERT_LABELS:
+        cells = np.where(entries["Finding Labels"].str.contains(label), "1.0", "0.0").astype(object)
+        cells[rng.random(len(cells)) < 0.1] = "-1.0"
+        cells[rng.random(len(cells)) < 0.1] = ""
+        table[label] = cells
+    valid = entries["Patient ID"].astype(int) % 5 == 0
+    table["Split"] = np.where(valid, "valid", "train")
+    if rows is not None:
+        table = rows(table)
+    table.to_csv(path, index=False)
+    return table
+
+
+def _table_cfg(root, **changes):
+    from tune_xray.config import TableConfig
+
+    return TableConfig(**{"image_column": "Path", "image_root": str(root), "label_columns": CHEXPERT_LABELS,
+                          "patient_column": "Patient",
+                          "split_column": "Split", "split_values": {"train": "train", "val": "valid"}, **changes})
+
+
+def test_a_label_table_with_patients_splits_views_and_uncertain_labels(synth_root, tmp_path):
+    table_path = tmp_path / "chexpert.csv"
+    table = _chexpert_table(synth_root, table_path)
+    index = read_source(f"csv:{table_path}", table=_table_cfg(synth_root), uncertain="zeros")
+    frame = index.frame
+    assert index.task == "multilabel" and index.classes == tuple(CHEXPERT_LABELS)
+    assert len(frame) == len(table) and set(frame.split) == {"train", "val", "test"}  # test sliced from train
+    assert frame.groupby("patient_id").split.nunique().max() == 1 and index.has_patients
+    val_patients = set(table.loc[table.Split == "valid", "Patient"])
+    assert set(frame.loc[frame.split == "val", "patient_id"]) == val_patients  # the table's own split kept
+    uncertain = (table["Effusion"] == "-1.0").sum()
+    zeros = frame["Effusion"].to_numpy()
+    ones = read_source(f"csv:{table_path}", table=_table_cfg(synth_root), uncertain="ones").frame["Effusion"].to_numpy()
+    assert ones.sum() - zeros.sum() == uncertain  # U-Ones counts each -1 as a positive, U-Zeros as a negative
+    assert f"{(table[CHEXPERT_LABELS] == '-1.0').to_numpy().sum():,} uncertain (-1) entries as negatives (U-Zeros)" \
+        in index.split
+    frontal = read_source(f"csv:{table_path}", table=_table_cfg(synth_root, view_column="AP/PA"), views=["PA"])
+    assert len(frontal.frame) == (table["AP/PA"] == "PA").sum() and "views PA" in frontal.split
+
+
+def test_a_label_table_with_one_class_column_and_no_split_column(synth_root, tmp_path):
+    table_path = tmp_path / "covid.tsv"
+    entries = pd.read_csv(synth_root / "Data_Entry_2017.csv", dtype={"Patient ID": str})
+    classes = np.where(entries["Finding Labels"] == "No Finding", "Normal", "COVID")
+    pd.DataFrame({"file": entries["Image Index"], "finding": classes, "pid": entries["Patient ID"]}).to_csv(
+        table_path, sep="\t", index=False)
+    cfg = _table_cfg(synth_root, image_column="file", image_root=str(synth_root / "images"), label_columns=None,
+                     label_column="finding", patient_column="pid", split_column=None)
+    index = read_source(f"csv:{table_path}", table=cfg)
+    assert index.binary and index.classes == ("Normal", "COVID")  # the class not named normal is positive
+    assert index.frame.groupby("patient_id").split.nunique().max() == 1 and "random split by patients" in index.split
+
+
+@pytest.mark.parametrize("change, cfg, message", [
+    (lambda t: t.drop(columns="Patient"), {}, r"no column 'Patient' \(data.table.patient_column\)"),
+    (lambda t: t.assign(Effusion=t.Effusion.where(t.index != 4, "2")), {},
+     r"row 6, column 'Effusion': label value '2'; expected 1, 0, -1 \(uncertain\) or blank"),
+    (lambda t: t.assign(Split=t.Split.where(t.index != 0, "holdout")), {},
+     r"row 2, column 'Split': split value 'holdout'; expected one of \['train', 'valid'\]"),
+    (lambda t: t.assign(Path=t.Path.where(t.index != 2, "images/nope.png")), {},
+     r"row 4, column 'Path': image .*nope.png not found"),
+    (lambda t: t.assign(Split=t.Split.where(t.index != 1, "valid")), {},
+     r"patient patient1 \(rows 2, 3.*is in more than one split of column 'Split'"),
+    (lambda t: t, {"label_columns": None}, "set one of data.table.label_column"),
+])
+def test_every_bad_label_table_is_one_line_naming_row_and_column(synth_root, tmp_path, change, cfg, message):
+    table_path = tmp_path / "bad.csv"
+    _chexpert_table(synth_root, table_path, rows=change)
+    with pytest.raises(DataError, match=message):
+        read_source(f"csv:{table_path}", table=_table_cfg(synth_root, **cfg))
+
+
+def test_table_keys_are_refused_for_sources_that_are_not_tables(synth_root):
+    from tune_xray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.uncertain=ones: nih:.* is not a label table"):
+        prepare(DataConfig(source=f"nih:{synth_root}", uncertain="ones"))

@@ -1,10 +1,11 @@
-"""`python -m tune_xray.data synth OUT --images N --size S --seed K`: write the synthetic NIH-format dataset."""
+"""`python -m tune_xray.data synth OUT --images N --size S --seed K`: write the synthetic NIH-format dataset
+(`--table`: and a CheXpert-style label table, OUT/labels.csv, over its images)."""
 
 import argparse
 import sys
 import time
 
-from .synthetic import generate
+from .synthetic import generate, label_table
 
 
 def main(argv=None) -> int:
@@ -16,10 +17,14 @@ def main(argv=None) -> int:
     synth.add_argument("--size", type=int, default=256)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=None)
+    synth.add_argument("--table", action="store_true", help="also OUT/labels.csv: CheXpert-style, with patients, a "
+                       "train/valid split, AP/PA views and uncertain (-1) and blank entries")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = generate(args.out, args.images, args.size, args.seed, args.workers)
     print(f"wrote {args.images} images at {args.size}² to {out} in {time.perf_counter() - start:.1f} s")
+    if args.table:
+        print(f"wrote the label table {label_table(out, args.seed)}")
     return 0
 
 

@@ -78,7 +78,7 @@ def check_split_keys(cfg: DataConfig, where=lambda key: None) -> None:
     ConfigError instead, naming where the value came from where that is known (`where(key)`: the search says
     --set or the study file)."""
     for key, why in ignored_split_keys(cfg.source, cfg.split).items():
-        value, default = getattr(cfg, key), DataConfig.model_fields[key].default
+        value, default = getattr(cfg, key), DataConfig.model_fields[key].get_default(call_default_factory=True)
         if value != default:
             origin = where(key)
             raise ConfigError(f"data.{key}={value}{f' (from {origin})' if origin else ''}: {why}; it would be "
@@ -91,7 +91,7 @@ def prepare(cfg: DataConfig) -> PreparedData:
     check_split_keys(cfg)
     index = read_source(cfg.source, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
                         (cfg.synthetic_images, cfg.synthetic_size, cfg.synthetic_seed), cache_dir,
-                        cfg.positive_class, cfg.patient_pattern)
+                        cfg.positive_class, cfg.patient_pattern, cfg.table, cfg.uncertain, cfg.views)
     if cfg.folds:  # K-fold cross-validation: train + val re-split, fold `fold` the validation set
         frame = index.frame.copy()
         frame["split"] = kfold_split(frame, index.classes, index.task, cfg.folds, cfg.fold, cfg.split_seed,

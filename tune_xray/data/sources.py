@@ -388,13 +388,33 @@ def synthetic_root(n_images: int, size: int, seed: int, cache_dir: str | Path | 
     return root
 
 
+def _read_csv_source(path: str, table, uncertain: str, views, patient_pattern, val_fraction: float,
+                     test_fraction: float, seed: int) -> DatasetIndex:
+    """`csv:PATH` (data.tables.read_table) as a checked index; what the uncertain-label policy changed is said with
+    the split."""
+    from ..config import TableConfig
+    from .tables import read_table
+
+    frame, classes, task, told, counts = read_table(path, table or TableConfig(), uncertain, views, patient_pattern,
+                                                    val_fraction, test_fraction, seed)
+    if counts:
+        policy = "as positives (U-Ones)" if uncertain == "ones" else "as negatives (U-Zeros)"
+        told += (f"; {sum(counts['uncertain'].values()):,} uncertain (-1) entries {policy}, "
+                 f"{sum(counts['missing'].values()):,} blank entries as negatives")
+    if views:
+        told += f"; views {', '.join(views)}"
+    return _finish(frame, classes, task, f"csv:{path}", told)
+
+
 def ignored_split_keys(spec: str, split: str = "official") -> dict[str, str]:
     """The `data.*` split keys a source does not read, each with why: set to anything but its default, such a key
     would be silently ignored, so it is an error instead (loader.prepare)."""
     kind, _, path = spec.partition(":")
-    patients = {} if kind == "folder" else {"patient_pattern": f"{spec}: patients come from its own table (or it "
-                                                               "has none); patient_pattern reads folder data"}
-    return {**patients, **_ignored_split_keys(spec, kind, path, split)}
+    table = {} if kind == "csv" else {key: f"{spec} is not a label table (csv:PATH)"
+                                      for key in ("table", "uncertain", "views")}
+    why = f"{spec}: patients come from its own table (or it has none); patient_pattern reads folder and csv data"
+    patients = {} if kind in ("folder", "csv") else {"patient_pattern": why}
+    return {**table, **patients, **_ignored_split_keys(spec, kind, path, split)}
 
 
 def _ignored_split_keys(spec: str, kind: str, path: str, split: str) -> dict[str, str]:
@@ -412,6 +432,8 @@ def _ignored_split_keys(spec: str, kind: str, path: str, split: str) -> dict[str
                 if name in present:
                     out[key] = f"{spec} has a {name}/ folder: it is not sliced from train"
         return out
+    if kind == "csv":
+        return {"split": f"{spec} is split by data.table.split_column, or by patient when it has none"}
     if split == "official":  # nih and synthetic
         return {"test_fraction": "split: official takes test from test_list.txt (random uses test_fraction)"}
     return {}
@@ -420,7 +442,8 @@ def _ignored_split_keys(spec: str, kind: str, path: str, split: str) -> dict[str
 def read_source(spec: str, split: str = "official", val_fraction: float = 0.1, test_fraction: float = 0.2,
                 seed: int = 42, synthetic: tuple[int, int, int] = (2000, 256, 0),
                 cache_dir: str | Path | None = None, positive_class: str | None = None,
-                patient_pattern: str | None = None) -> DatasetIndex:
+                patient_pattern: str | None = None, table=None, uncertain: str = "zeros",
+                views: list[str] | None = None) -> DatasetIndex:
     """Resolve a data spec (`synthetic`, `nih:PATH`, `folder:PATH`, `medmnist:PATH.npz`) to a checked index
     (two classes: the positive one second, `with_positive_class`)."""
     kind, _, path = spec.partition(":")
@@ -428,13 +451,17 @@ def read_source(spec: str, split: str = "official", val_fraction: float = 0.1, t
         root = synthetic_root(*synthetic, cache_dir=cache_dir)
         index = read_nih(root, split, val_fraction, test_fraction, seed)
     elif not path:
-        raise DataError(f"data source '{spec}': expected synthetic, nih:PATH, folder:PATH or medmnist:PATH.npz")
+        raise DataError(f"data source '{spec}': expected synthetic, nih:PATH, folder:PATH, medmnist:PATH.npz or "
+                        "csv:PATH")
     elif kind == "nih":
         index = read_nih(path, split, val_fraction, test_fraction, seed)
     elif kind == "folder":
         index = read_folder(path, val_fraction, test_fraction, seed, patient_pattern)
     elif kind == "medmnist":
         index = read_medmnist(path)
+    elif kind == "csv":
+        index = _read_csv_source(path, table, uncertain, views, patient_pattern, val_fraction, test_fraction, seed)
     else:
-        raise DataError(f"data source '{spec}': unknown kind '{kind}'; expected synthetic, nih, folder or medmnist")
+        raise DataError(f"data source '{spec}': unknown kind '{kind}'; expected synthetic, nih, folder, medmnist or "
+                        "csv")
     return with_positive_class(index, positive_class)

@@ -273,3 +273,41 @@ def generate(out: str | os.PathLike, n_images: int = 2000, size: int = 256, seed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# CheXpert observations the synthetic findings render (CheXpert calls Effusion "Pleural Effusion")
+CHEXPERT_FROM_NIH = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Consolidation": "Consolidation",
+                     "Edema": "Edema", "Effusion": "Pleural Effusion", "Pneumonia": "Pneumonia",
+                     "Pneumothorax": "Pneumothorax"}
+
+
+def label_table(nih_root: str | os.PathLike, seed: int = 0, uncertain: float = 0.08, blank: float = 0.15) -> Path:
+    """A CheXpert-style label table over a synthetic NIH dataset's images (`labels.csv` beside them): Path,
+    Patient (`patientNNNNN`), Sex, Age, AP/PA, a train / valid split by patient, and one column per observation
+    holding 1.0 / 0.0 / -1.0 (uncertain, a share `uncertain` of entries) / blank (not mentioned, a share `blank`),
+    as CheXpert's labeler writes them. Its label columns: CHEXPERT_FROM_NIH's values."""
+    root = Path(nih_root)
+    rng = np.random.default_rng(seed)
+    with open(root / "Data_Entry_2017.csv", newline="") as fh:
+        entries = list(csv.DictReader(fh))
+    columns = ["Path", "Patient", "Sex", "Age", "AP/PA", "Split", *CHEXPERT_FROM_NIH.values()]
+    out = root / "labels.csv"
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for entry in entries:
+            patient = int(entry["Patient ID"])
+            findings = set(entry["Finding Labels"].split("|"))
+            cells = []
+            for nih in CHEXPERT_FROM_NIH:
+                draw = rng.random()
+                cell = "1.0" if nih in findings else "0.0"
+                if draw < uncertain + blank:
+                    cell = ""
+                if draw < uncertain:
+                    cell = "-1.0"
+                cells.append(cell)
+            writer.writerow([f"images/{entry['Image Index']}", f"patient{patient:05d}", entry["Patient Gender"],
+                             entry["Patient Age"], entry["View Position"], "valid" if patient % 5 == 0 else "train",
+                             *cells])
+    return out
