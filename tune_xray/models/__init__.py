@@ -3,7 +3,7 @@ names (`models.pretrained`: timm's pretrained configs, the hub's and torch.hub's
 registers our MambaVision and VMamba (`mambavision_t` … `vmamba_b`, tiny `test_*` variants) with the official
 releases as their pretrained configs.
 
-A file is read by `weights.read_checkpoint` (no pickled code runs) and must fit the backbone exactly once its
+A file is read by `pretrained.read_checkpoint` (no pickled code runs) and must fit the backbone exactly once its
 classifier is dropped: the first conv is adapted when the file's input channels differ from `in_chans` (timm's
 `adapt_input_conv`), and any other mismatch is an error naming the file.
 """
@@ -69,7 +69,7 @@ def create_backbone(name: str, pretrained=False, in_chans: int = 3, image_size: 
                     key: str = "model.backbone", grad_checkpointing: bool = False, scan_backend: str = "auto",
                     ema: bool = False, **kwargs) -> tuple[nn.Module, int]:
     """A timm feature extractor and its feature width: `(module, num_features)`, started from the weights
-    `pretrained` names (`weights.resolve`: false, true, a tag, hf-hub:, a URL or a path; fetched into the caches
+    `pretrained` names (`pretrained.resolve`: false, true, a tag, hf-hub:, a URL or a path; fetched into the caches
     if missing; `ema`: a trainer file's EMA copy). Models built for one input size (ViT, Swin, CoAtNet, MaxViT:
     timm's `fixed_input_size`) are built for `image_size`.
 

@@ -79,7 +79,7 @@ def build_cass(cfg: TrialConfig, pretrained: bool = True) -> Cass:
                                           in_chans=cfg.model.in_chans,
                                           image_size=cfg.augment.image_size, key=f"cass.{key}",
                                           grad_checkpointing=cfg.model.grad_checkpointing,
-                                          scan_backend=cfg.model.scan_backend)
+                                          scan_backend=cfg.model.scan_backend, ema=cfg.model.pretrained_ema)
         arms.append(CassArm(backbone, width, cc.out_dim))
     return Cass(*arms)
 
