@@ -112,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         except WeightsError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-    missing, expected = [], 0
+    missing, held, expected = [], [], 0
     for weight in files:
         path = cached(weight)
         row = {**asdict(weight), "file": weight.name, "cache": str(path) if path else None,
                "bytes": path.stat().st_size if path else None, "sha256": sha256(path) if path else None}
+        if path is not None:
+            held.append(path)
         if path is None:
             missing.append(weight)
             row["expected_bytes"] = expected_bytes(weight.backbone)
@@ -131,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{weight.backbone}: {weight.name} — {row['bytes'] / 1e6:.1f} MB, sha256 {row['sha256']}, {path}")
     for backbone in scratch:
         print(f"{backbone}: no pretrained weights in timm — trained from scratch")
-    held = [cached(w) for w in files if cached(w)]
     line = f"{len(files)} file(s); {len(held)} cached"
     if held:
         line += f" ({size_text(held)} in {caches_text(held)})"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -28,6 +27,7 @@ from .splits import (
     patient_split,
     patient_stratified_holdout,
     patient_stratified_split,
+    patients_by_pattern,
     stratified_holdout,
     stratified_split,
 )
@@ -256,14 +256,13 @@ def _images_in(folder: Path) -> list[str]:
 def _patients_by_pattern(paths: list, root: Path, pattern: str, origin: str) -> np.ndarray:
     """Each image's patient: the one group of `pattern` searched in its path relative to `root`. An image it does
     not match is an error naming it (a patient guessed would be a leak waiting to happen)."""
-    compiled = re.compile(pattern)
     relative = [str(Path(p).relative_to(root)) for p in paths]
-    found = [compiled.search(r) for r in relative]
-    missed = [r for r, m in zip(relative, found) if m is None or not m.group(1)]
+    patients, missed = patients_by_pattern(relative, pattern)
     if missed:
         raise DataError(f"{origin}: data.patient_pattern '{pattern}' finds no patient in {len(missed)} image path(s), "
-                        f"e.g. {', '.join(missed[:3])}; expected one group that matches every image")
-    return np.array([m.group(1) for m in found], dtype=object)
+                        f"e.g. {', '.join(relative[i] for i in missed[:3])}; expected one group that matches every "
+                        "image")
+    return patients
 
 
 def read_folder(root: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.2,

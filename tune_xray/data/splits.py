@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -26,15 +27,30 @@ def patient_holdout(patient_ids: pd.Series, fraction: float, seed: int) -> np.nd
     return mask
 
 
-def patient_split(patient_ids: pd.Series, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """S0's random split by patient (70/10/20 with seed 42 there): an array of 'train'/'val'/'test'."""
-    split = np.full(len(patient_ids), "train", dtype=object)
-    test = patient_holdout(patient_ids, test_fraction, seed)
+def _train_val_test(n: int, holdout, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """'train'/'val'/'test' for `n` rows: `holdout(rows, fraction)` (a mask over `rows`) takes test from every row,
+    then val from the rest at val_fraction / (1 − test_fraction), so both are shares of the whole."""
+    split = np.full(n, "train", dtype=object)
+    test = holdout(np.arange(n), test_fraction)
     split[test] = "test"
     rest = np.flatnonzero(~test)
-    val = patient_holdout(patient_ids.iloc[rest], val_fraction / (1 - test_fraction), seed)
-    split[rest[val]] = "val"
+    split[rest[holdout(rest, val_fraction / (1 - test_fraction))]] = "val"
     return split
+
+
+def patient_split(patient_ids: pd.Series, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """S0's random split by patient (70/10/20 with seed 42 there): an array of 'train'/'val'/'test'."""
+    return _train_val_test(len(patient_ids), lambda rows, f: patient_holdout(patient_ids.iloc[rows], f, seed),
+                           val_fraction, test_fraction)
+
+
+def patients_by_pattern(texts: list[str], pattern: str) -> tuple[np.ndarray, list[int]]:
+    """Each text's patient — the one group of `pattern` searched in it — and the positions where it finds none
+    (no match, or an empty group): the caller names them (a patient guessed would be a leak waiting to happen)."""
+    compiled = re.compile(pattern)
+    found = [compiled.search(text) for text in texts]
+    missed = [i for i, m in enumerate(found) if m is None or not m.group(1)]
+    return np.array([m.group(1) if m else None for m in found], dtype=object), missed
 
 
 def patient_stratified_holdout(labels: np.ndarray, patients: np.ndarray, fraction: float, seed: int,
@@ -71,24 +87,16 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int, origin: s
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
                      origin: str) -> np.ndarray:
     """Stratified train/val/test for data without patient ids (e.g. a folder-per-class dataset)."""
-    split = np.full(len(labels), "train", dtype=object)
-    test = stratified_holdout(labels, test_fraction, seed, origin)
-    split[test] = "test"
-    rest = np.flatnonzero(~test)
-    split[rest[stratified_holdout(labels[rest], val_fraction / (1 - test_fraction), seed, origin)]] = "val"
-    return split
+    return _train_val_test(len(labels), lambda rows, f: stratified_holdout(labels[rows], f, seed, origin),
+                           val_fraction, test_fraction)
 
 
 def patient_stratified_split(labels: np.ndarray, patients: np.ndarray, val_fraction: float, test_fraction: float,
                              seed: int, origin: str) -> np.ndarray:
     """Train/val/test by patient, stratified by class (folder data whose file names carry the patient)."""
-    split = np.full(len(labels), "train", dtype=object)
-    test = patient_stratified_holdout(labels, patients, test_fraction, seed, origin)
-    split[test] = "test"
-    rest = np.flatnonzero(~test)
-    val = patient_stratified_holdout(labels[rest], patients[rest], val_fraction / (1 - test_fraction), seed, origin)
-    split[rest[val]] = "val"
-    return split
+    return _train_val_test(
+        len(labels), lambda rows, f: patient_stratified_holdout(labels[rows], patients[rows], f, seed, origin),
+        val_fraction, test_fraction)
 
 
 def kfold_split(frame: pd.DataFrame, classes, task: str, folds: int, fold: int, seed: int, origin: str) -> np.ndarray:

@@ -10,13 +10,12 @@ negatives (what "not mentioned" has meant in CheXpert's and NIH's own labelers).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .splits import DataError, patient_holdout, patient_split
+from .splits import DataError, patient_holdout, patient_split, patients_by_pattern
 
 SPLIT_NAMES = ("train", "val", "test")
 # a label cell: positive, negative, uncertain (CheXpert's −1) or blank (not mentioned)
@@ -132,13 +131,11 @@ def read_table(path: str | Path, table_cfg, uncertain: str = "zeros", views: lis
         if blank.any():
             raise DataError(f"{path}: row {frame.index[blank][0]}, column '{t.patient_column}': no patient id")
     elif patient_pattern is not None:
-        compiled = re.compile(patient_pattern)
-        found = [compiled.search(p.strip()) for p in table[t.image_column]]
-        missed = [row for row, m in zip(table.index, found) if m is None]
+        patients, missed = patients_by_pattern([p.strip() for p in table[t.image_column]], patient_pattern)
         if missed:
-            raise DataError(f"{path}: row {missed[0]}, column '{t.image_column}': data.patient_pattern "
+            raise DataError(f"{path}: row {table.index[missed[0]]}, column '{t.image_column}': data.patient_pattern "
                             f"'{patient_pattern}' finds no patient in it ({len(missed)} row(s) like it)")
-        frame.insert(1, "patient_id", [m.group(1) for m in found])
+        frame.insert(1, "patient_id", patients)
     else:
         frame.insert(1, "patient_id", pd.Series([None] * len(frame), index=frame.index, dtype=object))
     told = _split(frame, table, path, t, val_fraction, test_fraction, seed)
