@@ -18,7 +18,7 @@ LAYERS = [
     ["pyfunc_model"],  # that model as MLflow's models-from-code
     ["experiment", "asha", "searcher"],  # the experiment directory; ASHA's rules; the Optuna searcher
     ["tracking"],  # MLflow
-    ["summary", "ensemble", "report"],  # what a search ended with; the steps after it
+    ["summary", "ensemble", "report", "external"],  # what a search ended with; the steps after it
     ["repeat", "cv", "predict", "train"],  # repeats, cross-validation; command lines that are steps of their own
     ["pipeline"],  # search → repeats → ensemble → report
     ["search"],  # the command line

@@ -146,3 +146,25 @@ def test_the_cross_validation_interval_is_nadeau_and_bengios_corrected_resampled
     plain = stats.t.ppf(0.975, 4) * values.std(ddof=1) / np.sqrt(5)
     assert np.isclose(high - low, 2 * plain * 1.5) and np.isclose((low + high) / 2, values.mean())
     assert all(np.isnan(corrected_t_interval(values[:1], 1.0)))
+
+
+def test_a_label_with_masked_entries_is_scored_over_its_labelled_images_only():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from tune_xray.metrics import auroc_intervals, weighted_auroc, youden_thresholds
+
+    rng = np.random.default_rng(3)
+    y = (rng.random((200, 3)) < 0.3).astype(float)
+    prob = np.clip(0.35 * y + 0.65 * rng.random((200, 3)), 0, 1)
+    masked = y.copy()
+    masked[rng.random((200, 3)) < 0.3] = np.nan
+    known = np.isfinite(masked[:, 1])
+    scored = classification_metrics("multilabel", masked, prob, ["a", "b", "c"])
+    assert scored["metrics"]["auroc/b"] == pytest.approx(roc_auc_score(y[known, 1], prob[known, 1]))
+    fpr, tpr, thr = roc_curve(y[known, 1], prob[known, 1])
+    assert youden_thresholds(masked, prob)[1] == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0))
+    assert weighted_auroc(masked, prob, np.ones(200))[0, 1] == pytest.approx(roc_auc_score(y[known, 1],
+                                                                                         prob[known, 1]))
+    low, high = auroc_intervals(masked, prob, np.arange(200).astype(str), ["a", "b", "c"], resamples=200)["auroc/b"]
+    assert low < scored["metrics"]["auroc/b"] < high
+    assert all(np.isfinite(scored["metrics"][k]) for k in ("mean_sensitivity", "macro_f1", "accuracy"))

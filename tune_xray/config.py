@@ -46,12 +46,17 @@ class TableConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str = Field("synthetic", description="synthetic | nih:PATH | folder:PATH | medmnist:PATH.npz | csv:PATH")
+    source: str = Field("synthetic", description="synthetic | nih:PATH | folder:PATH | medmnist:PATH.npz | csv:PATH "
+                        "| chexpert:DIR | mimic:DIR")
     table: TableConfig = Field(default_factory=TableConfig)
-    uncertain: Literal["zeros", "ones"] = Field(
-        "zeros", description="a label table's -1 (uncertain) entries: U-Zeros or U-Ones (Irvin et al. 2019)")
+    uncertain: Literal["zeros", "ones", "ignore"] = Field(
+        "zeros", description="a label table's -1 (uncertain) entries: U-Zeros, U-Ones or U-Ignore (left out of the "
+        "loss and of every metric; Irvin et al. 2019)")
+    missing: Literal["zeros", "ignore"] = Field(
+        "zeros", description="a label table's blank (not mentioned) entries: negatives, or left out of the loss and "
+        "of every metric")
     views: Optional[list[str]] = Field(None, min_length=1, description="a label table's views kept, e.g. [PA, AP] "
-                                       "(data.table.view_column)")
+                                       "(data.table.view_column; chexpert: Frontal by default, mimic: PA and AP)")
     split: Literal["official", "random"] = Field(
         "official", description="official test list (+ patient-wise val slice) or S0's random patient 70/10/20")
     val_fraction: float = Field(0.1, gt=0, lt=1)

@@ -35,6 +35,7 @@ from .figures import selection_curve
 from .metrics import (
     auroc_intervals,
     auroc_per_label,
+    both_classes,
     classification_metrics,
     decisions,
     interval,
@@ -146,8 +147,8 @@ def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str, thre
             rows = np.repeat(np.arange(len(y)), w.astype(int))
             if name == "loss":
                 p = np.clip(prob[rows], 1e-7, 1 - 1e-7)
-                value = -(np.mean(y[rows] * np.log(p) + (1 - y[rows]) * np.log(1 - p)) if task == "multilabel"
-                          else np.mean(np.log((p * y[rows]).sum(1))))
+                value = -(np.nanmean(y[rows] * np.log(p) + (1 - y[rows]) * np.log(1 - p)) if task == "multilabel"
+                          else np.mean(np.log((p * y[rows]).sum(1))))  # nanmean: over labelled entries
                 out.append(-value)  # higher is better
             else:
                 targets = y[rows] if task == "multilabel" else y[rows].argmax(1)
@@ -387,7 +388,7 @@ def record(pool: Pool, weights: np.ndarray, topk: int, resamples: int = 1000, se
             results["ensemble"][1] - results["best_single"][1], results["ensemble"][0] - results["best_single"][0])
         out.setdefault("hashes", {})[name] = split.ids_hash
         columns = scored_labels(pool.task, pool.classes, pool.untrained)
-        out.setdefault("labels_averaged", {})[name] = int(sum(0 < split.y[:, j].sum() < len(split.y) for j in columns))
+        out.setdefault("labels_averaged", {})[name] = int(sum(both_classes(split.y[:, j]) for j in columns))
         if pool.task != "multilabel":  # what a clinician reads first of a single-label classifier
             out.setdefault("single_label", {})[name] = {
                 label: _decision_record(split, np.tensordot(w, split.probs, axes=1), pool.task, thresholds[label],

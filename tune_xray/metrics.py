@@ -22,16 +22,30 @@ from sklearn.metrics import (
 THRESHOLD_RANGE = (0.05, 0.95)  # thresholds are searched inside this range, never at the extremes
 
 
+def labelled(column: np.ndarray) -> np.ndarray:
+    """The images a label is known for: multi-label targets hold NaN where a label is not (CheXpert's uncertain
+    entries under U-Ignore, blank ones under data.missing: ignore); such entries are left out of everything that
+    scores, thresholds or resamples that label (Irvin et al. 2019)."""
+    return np.isfinite(column)
+
+
+def both_classes(column: np.ndarray) -> bool:
+    """Whether a label's labelled images hold both a positive and a negative."""
+    known = column[labelled(column)]
+    return bool(0 < known.sum() < len(known))
+
+
 def auroc_per_label(y_true: np.ndarray, prob: np.ndarray, classes,
                     untrained=()) -> tuple[dict[str, float], list[str]]:
     """AUROC of each label with both classes present in `y_true`; the others, and `untrained` labels (no positive
     in train: the model never learnt them), are returned as skipped."""
     scores, skipped = {}, []
     for j, name in enumerate(classes):
-        if name in untrained or np.unique(y_true[:, j]).size < 2:
+        known = labelled(y_true[:, j])
+        if name in untrained or not both_classes(y_true[:, j]):
             skipped.append(name)
         else:
-            scores[name] = float(roc_auc_score(y_true[:, j], prob[:, j]))
+            scores[name] = float(roc_auc_score(y_true[known, j], prob[known, j]))
     return scores, skipped
 
 
@@ -40,8 +54,9 @@ def youden_thresholds(y_true: np.ndarray, prob: np.ndarray, limits=(0.0, 1.0)) -
     one class in `y_true`."""
     out = np.full(y_true.shape[1], np.nan)
     for j in range(y_true.shape[1]):
-        if np.unique(y_true[:, j]).size == 2:
-            fpr, tpr, thr = roc_curve(y_true[:, j], prob[:, j])
+        known = labelled(y_true[:, j])
+        if both_classes(y_true[:, j]):
+            fpr, tpr, thr = roc_curve(y_true[known, j], prob[known, j])
             out[j] = float(np.clip(thr[np.argmax(tpr - fpr)], *limits))
     return out
 
@@ -50,13 +65,14 @@ def f1_thresholds(y_true: np.ndarray, prob: np.ndarray, limits=THRESHOLD_RANGE) 
     """Per-label probability threshold in `limits` maximising F1; NaN for a label with one class in `y_true`."""
     out = np.full(y_true.shape[1], np.nan)
     for j in range(y_true.shape[1]):
-        if np.unique(y_true[:, j]).size == 2:
-            precision, recall, thr = precision_recall_curve(y_true[:, j], prob[:, j])
+        known = labelled(y_true[:, j])
+        if both_classes(y_true[:, j]):
+            truth, p = y_true[known, j], prob[known, j]
+            precision, recall, thr = precision_recall_curve(truth, p)
             f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
             inside = (thr >= limits[0]) & (thr <= limits[1])
             candidates = np.concatenate([thr[inside], limits])  # the range's ends count too
-            scores = np.concatenate([f1[inside], [f1_score(y_true[:, j], prob[:, j] >= t, zero_division=0)
-                                                  for t in limits]])
+            scores = np.concatenate([f1[inside], [f1_score(truth, p >= t, zero_division=0) for t in limits]])
             out[j] = float(candidates[np.argmax(scores)])
     return out
 
@@ -86,12 +102,14 @@ def multilabel_metrics(y_true: np.ndarray, prob: np.ndarray, classes,
     pred = decisions("multilabel", prob, thresholds)
     present = [j for j, c in enumerate(classes) if c not in skipped and np.isfinite(thresholds[j])]
     sens, spec = zip(*[_sens_spec(y_true[:, j], pred[:, j]) for j in present]) if present else ((), ())
+    known = [labelled(y_true[:, j]) for j in present]  # each label over its labelled images
+    f1 = [f1_score(y_true[k, j], pred[k, j].astype(int), zero_division=0) for j, k in zip(present, known)]
+    hits = sum(int((pred[k, j] == y_true[k, j]).sum()) for j, k in zip(present, known))
     out = {
         "mean_auroc": float(np.mean(list(per_label.values()))) if per_label else float("nan"),
         "mean_auroc_labels": len(per_label),
-        "macro_f1": float(f1_score(y_true[:, present], pred[:, present].astype(int), average="macro",
-                                   zero_division=0)) if present else float("nan"),
-        "accuracy": float((pred[:, present] == y_true[:, present]).mean()) if present else float("nan"),
+        "macro_f1": float(np.mean(f1)) if present else float("nan"),
+        "accuracy": hits / sum(int(k.sum()) for k in known) if present else float("nan"),
         "mean_sensitivity": float(np.nanmean(sens)) if present else float("nan"),
         "mean_specificity": float(np.nanmean(spec)) if present else float("nan"),
     }
@@ -172,11 +190,12 @@ def weighted_auroc(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray) ->
     weights = np.atleast_2d(weights).astype(np.float32)
     out = np.full((len(weights), y_true.shape[1]), np.nan)
     for c in range(y_true.shape[1]):
-        pos = y_true[:, c] > 0
+        known = np.flatnonzero(labelled(y_true[:, c]))  # a masked entry is in no resample's count
+        pos = y_true[known, c] > 0
         if pos.all() or not pos.any():
             continue
-        order = np.argsort(prob[:, c], kind="stable")
-        scores, pos = prob[order, c], pos[order]
+        order = known[np.argsort(prob[known, c], kind="stable")]
+        scores, pos = prob[order, c], y_true[order, c] > 0
         w = weights[:, order]
         w_neg = w * ~pos
         new_group = np.r_[True, scores[1:] != scores[:-1]]
@@ -264,8 +283,10 @@ def weighted_decision_metrics(y_true: np.ndarray, decided: np.ndarray, weights: 
     resample counts, or ones. NaN where a weighting has no positives (or negatives) of a label."""
     w = np.atleast_2d(weights).astype(np.float64)
     y, d = y_true.astype(np.float64), decided.astype(np.float64)
+    positive, negative = (y == 1).astype(np.float64), (y == 0).astype(np.float64)  # masked entries: neither
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = {"sensitivity": (w @ (y * d)) / (w @ y), "specificity": (w @ ((1 - y) * (1 - d))) / (w @ (1 - y))}
+        out = {"sensitivity": (w @ (positive * d)) / (w @ positive),
+               "specificity": (w @ (negative * (1 - d))) / (w @ negative)}
         if single_label:
             out["accuracy"] = (w @ (y * d).sum(1)) / w.sum(1)
             out["balanced_accuracy"] = nanmean_rows(out["sensitivity"])
@@ -301,7 +322,7 @@ def auroc_intervals(y_true: np.ndarray, prob: np.ndarray, groups: np.ndarray, cl
     per_label = weighted_auroc(y_true, prob, weights)
     out = {"mean_auroc": interval(nanmean_rows(per_label), level)}
     for c, name in enumerate(classes):
-        if 0 < y_true[:, c].sum() < len(y_true):
+        if both_classes(y_true[:, c]):
             out[f"auroc/{name}"] = interval(per_label[:, c], level)
     return out
 

@@ -25,6 +25,7 @@ from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
 from .ensemble import NoFit, absolute_budget, remeasure_costs, run_ensemble
 from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
+from .external import ExternalSource, check_external, external_lines, record_external
 from .models.pretrained import WeightsMissing, backbones_of, caches_text, prefetch, resolve, size_text
 from .repeat import print_repeats, run_repeats
 from .report import build_report
@@ -307,6 +308,7 @@ def run_search(request: SearchRequest, extra_callbacks: list = ()) -> dict:
                           "out-of-fold predictions; pass --cv-folds K (and --cv-top N), or select_on: val")
     if request.data:
         request = dataclasses.replace(request, data=absolute_data(request.data))
+    request = dataclasses.replace(request, external=tuple(absolute_data(spec) for spec in request.external))
     # the study as this search runs it, resolved once (placed on the trials' device once Ray tells the cluster's GPUs)
     resolved = study.resolve(trial_overrides(study, list(request.overrides), request.data,
                                              request.record_test_per_trial),
@@ -356,7 +358,10 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
     from .data.loader import prepare
 
     began = time.perf_counter()
-    data = prepare(base_cfg.data).index.facts()  # check and cache the data once, before any trial starts
+    index = prepare(base_cfg.data).index  # check and cache the data once, before any trial starts
+    data = index.facts()
+    external = check_external(asked.external, asked.external_split, base_cfg.data, list(index.classes), index.task,
+                              index.untrained())
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
     ray_text = _start_ray(asked)
     request = asked if asked.gpus_per_trial is not None else dataclasses.replace(
@@ -417,6 +422,8 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
           f"{objectives_text(study)}; data {describe_data(data)}", flush=True)
     if describe_untrained(data):
         print(describe_untrained(data), flush=True)
+    for source in external:
+        print(source.line(), flush=True)
     print(f"on {ray_text}; one line per trial as it ends", flush=True)
 
     def lost(address: str) -> None:  # from the watching thread: say it, leave it resumable, end the process
@@ -473,7 +480,7 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     experiment.write_summary(summary)
     if summary["status"] == "complete":
-        after_trials(experiment, summary, request, resolved)
+        after_trials(experiment, summary, request, resolved, external)
     _step(experiment, summary, "storage", lambda: (experiment.sync(), experiment.sync_resume()))
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
     report_file = Path(summary["report"]) if str(summary.get("report", "")).endswith(".html") else None
@@ -539,9 +546,10 @@ def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
     experiment.write_summary(summary)
 
 
-def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, resolved: ResolvedStudy) -> None:
-    """Repeats (`--repeats`), the ensemble, the cross-validation of the finalists (`--cv-folds`) and the report, in
-    turn, each recorded in `summary`."""
+def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, resolved: ResolvedStudy,
+                 external: list[ExternalSource] = ()) -> None:
+    """Repeats (`--repeats`), the ensemble, the cross-validation of the finalists (`--cv-folds`), the external
+    record of the search's model (`--external`) and the report, in turn, each recorded in `summary`."""
     def repeats() -> None:
         summary["repeats"] = run_repeats(experiment, request.repeat_top, request.repeats,
                                          max_failures=request.max_failures)
@@ -586,6 +594,16 @@ def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, 
         if error:
             raise RuntimeError(f"the out-of-fold ensemble was chosen but not registered: {error}")
 
+    def external_record() -> None:
+        import torch  # in the driver, as the ensemble's latency
+
+        if not summary.get("search_model"):
+            raise RuntimeError("no registered model to record on the external source(s)")
+        summary["external"] = record_external(experiment, list(external), summary["search_model"],
+                                              "cuda" if torch.cuda.is_available() else "cpu", seed=request.seed)
+        for line in external_lines(summary["external"]):
+            print(line, flush=True)
+
     def report() -> None:
         import torch  # the report runs here, in the driver: on its own device, whatever the trials had
 
@@ -597,6 +615,8 @@ def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, 
         _step(experiment, summary, "ensemble", ensemble)
     if request.cv_folds:
         _step(experiment, summary, "cv", cross_validation)
+    if external:  # after every choice: nothing that selects reads it
+        _step(experiment, summary, "external", external_record)
     if not request.no_report:
         _step(experiment, summary, "report", report)
         if "report" in summary["failed"]:

@@ -16,12 +16,13 @@ from typing import Optional, Union
 
 from .credentials import mask
 
+EXTERNAL_SPLITS = ("all", "train", "val", "test")  # which of an external source's images --external records
 FORMAT = 2  # search.json's layout: 2 {"format", "request", "resources"}; 1 (before) the KEPT keys at its top level
 
 # what the search's record depends on: a --resume keeps them, and refuses another value given again
 KEPT = ("study", "data", "trials", "smoke", "overrides", "seed", "no_asha", "asha_on", "name", "tracking_uri",
         "optuna_storage", "ensemble_size", "no_ensemble", "no_report", "repeats", "repeat_top",
-        "record_test_per_trial", "latency_budget", "params_budget", "cv_folds", "cv_top")
+        "record_test_per_trial", "latency_budget", "params_budget", "cv_folds", "cv_top", "external", "external_split")
 # what a --resume may change (each change said in one line); not given again, the search's own hold
 RESUMABLE = ("workers_per_trial", "cpus_per_trial", "gpus_per_trial", "one_worker_trials", "max_concurrent",
              "max_pending", "max_failures")
@@ -66,12 +67,15 @@ class SearchRequest:
     cv_top: int = 3
     no_report: bool = False
     record_test_per_trial: bool = False
+    external: tuple[str, ...] = ()  # --external SPEC, in order: data sources the registered model is recorded on
+    external_split: str = "all"
     verbose: bool = False
     command: Optional[str] = field(default=None, compare=False)  # the command line, as typed (masked when stored)
     given: frozenset[str] = field(default=frozenset(), compare=False)  # the keys its command line set itself
 
     def __post_init__(self):
         object.__setattr__(self, "overrides", tuple(self.overrides))  # a list from argparse or JSON
+        object.__setattr__(self, "external", tuple(self.external))
         object.__setattr__(self, "given", frozenset(self.given))
 
     @classmethod

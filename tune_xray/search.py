@@ -19,7 +19,7 @@ from .credentials import mask, mask_argv
 from .data.splits import DataError
 from .models import WeightsError
 from .pipeline import SearchError, resume_command, run_search
-from .request import SearchRequest, default
+from .request import EXTERNAL_SPLITS, SearchRequest, default
 from .summary import exit_code, print_summary
 
 
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter,
                                      epilog="python -m tune_xray.search STUDY --help also lists that study's space.")
     parser.add_argument("study", help="a file stem in search_spaces/ (byol, supervised, ...) or a YAML path")
-    parser.add_argument("--data", help="synthetic (default) | nih:PATH | folder:PATH")
+    parser.add_argument("--data", help="synthetic (default) | nih:PATH | folder:PATH | medmnist:PATH.npz | csv:PATH | "
+                        "chexpert:DIR | mimic:DIR")
     parser.add_argument("--trials", type=int, help="number of trials (default: the file's budget)")
     parser.add_argument("--smoke", action="store_true", help="tiny data, image size, epochs and test_* backbone")
     parser.add_argument("--storage", default=default("storage"),
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--record-test-per-trial", action="store_true",
                         help="also score each trial on test (record_test_* in its run); by default test is read "
                         "once, at the end, for the record of the ensemble, the best single trial and the top-K")
+    parser.add_argument("--external", action="append", default=[], metavar="SPEC",
+                        help="a data source from elsewhere (any --data spec; repeatable): after every choice the "
+                        "search's registered model is recorded on it once — labels matched by name, AUROC with 95 %% "
+                        "patient-bootstrap intervals — in summary.json, the report and the model version; nothing "
+                        "that selects reads it")
+    parser.add_argument("--external-split", choices=EXTERNAL_SPLITS, default=default("external_split"),
+                        help="which of each external source's images are recorded: all (default), or one split")
     parser.add_argument("--verbose", action="store_true", help="show the trials' own output")
     return parser
 

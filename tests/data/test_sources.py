@@ -354,8 +354,15 @@ def test_a_label_table_with_patients_splits_views_and_uncertain_labels(synth_roo
     zeros = frame["Effusion"].to_numpy()
     ones = read_source(f"csv:{table_path}", table=_table_cfg(synth_root), uncertain="ones").frame["Effusion"].to_numpy()
     assert ones.sum() - zeros.sum() == uncertain  # U-Ones counts each -1 as a positive, U-Zeros as a negative
-    assert f"{(table[CHEXPERT_LABELS] == '-1.0').to_numpy().sum():,} uncertain (-1) entries as negatives (U-Zeros)" \
-        in index.split
+    assert index.policy == "uncertain (-1) U-Zeros: as negatives; blank as negatives"
+    entries = index.label_entries()
+    assert sum(entries[s]["Effusion"]["uncertain"] for s in entries) == uncertain
+    assert sum(entries[s][c]["missing"] for s in entries for c in CHEXPERT_LABELS) == \
+        (table[CHEXPERT_LABELS] == "").to_numpy().sum()
+    ignored = read_source(f"csv:{table_path}", table=_table_cfg(synth_root), uncertain="ignore", missing="ignore")
+    masked = np.isnan(ignored.targets())
+    assert masked.sum() == (table[CHEXPERT_LABELS].isin(["-1.0", ""])).to_numpy().sum() == ignored.facts()["masked"]
+    assert not np.isnan(zeros).any()
     frontal = read_source(f"csv:{table_path}", table=_table_cfg(synth_root, view_column="AP/PA"), views=["PA"])
     assert len(frontal.frame) == (table["AP/PA"] == "PA").sum() and "views PA" in frontal.split
 

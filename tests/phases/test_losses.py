@@ -47,3 +47,34 @@ def test_undersampling_cuts_the_majority_to_the_runner_up():
     assert np.bincount(targets[keep]).tolist() == [12, 12, 5]
     assert np.array_equal(keep, undersample_majority(targets, seed=0))  # seeded
     assert not np.array_equal(keep, undersample_majority(targets, seed=1))
+
+
+def _masked(target: torch.Tensor, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target` with about a third of its entries NaN (ignored: U-Ignore / data.missing: ignore), and the mask."""
+    known = torch.rand(target.shape, generator=torch.Generator().manual_seed(seed)) > 0.35
+    return torch.where(known, target, torch.full_like(target, float("nan"))), known
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal"])
+def test_the_masked_loss_is_bce_on_the_labelled_entries_and_ignores_the_rest(loss):
+    target, known = _masked(TARGET_ML)
+    pos_weight = torch.tensor([1.0, 2.0, 3.0, 0.5, 1.0])
+    cfg = SupervisedConfig(loss=loss, pos_weight=False, focal_alpha=1.0, focal_gamma=0.0)
+    fn = make_loss("multilabel", cfg, target.numpy(), 5)
+    logits = LOGITS_ML.clone().requires_grad_(True)
+    value = fn(logits, target)
+    expected = nn.BCEWithLogitsLoss()(LOGITS_ML[known], TARGET_ML[known])
+    assert torch.allclose(value, expected)
+    value.backward()
+    assert (logits.grad[~known] == 0).all() and (logits.grad[known] != 0).all()  # masked entries: no gradient
+    weighted = FocalLoss("multilabel", 1.0, 0.0, pos_weight=pos_weight)(LOGITS_ML, target)
+    per_entry = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")(LOGITS_ML, TARGET_ML)
+    assert torch.allclose(weighted, per_entry[known].mean())
+
+
+def test_pos_weight_counts_only_labelled_entries():
+    target, known = _masked(TARGET_ML)
+    fn = make_loss("multilabel", SupervisedConfig(loss="bce", pos_weight=True), target.numpy(), 5)
+    pos = ((TARGET_ML == 1) & known).sum(0).float()
+    neg = ((TARGET_ML == 0) & known).sum(0).float()
+    assert torch.allclose(fn.pos_weight, torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones(5)))

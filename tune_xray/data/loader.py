@@ -91,7 +91,7 @@ def prepare(cfg: DataConfig) -> PreparedData:
     check_split_keys(cfg)
     index = read_source(cfg.source, cfg.split, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
                         (cfg.synthetic_images, cfg.synthetic_size, cfg.synthetic_seed), cache_dir,
-                        cfg.positive_class, cfg.patient_pattern, cfg.table, cfg.uncertain, cfg.views)
+                        cfg.positive_class, cfg.patient_pattern, cfg.table, cfg.uncertain, cfg.views, cfg.missing)
     if cfg.folds:  # K-fold cross-validation: train + val re-split, fold `fold` the validation set
         frame = index.frame.copy()
         frame["split"] = kfold_split(frame, index.classes, index.task, cfg.folds, cfg.fold, cfg.split_seed,

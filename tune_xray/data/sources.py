@@ -1,7 +1,8 @@
 """Readers: every data source becomes one `DatasetIndex` (path, patient_id, split, one 0/1 column per class).
 
 Specs: `synthetic` (the embedded default, generated on first use), `nih:PATH` (ChestX-ray14 layout),
-`folder:PATH` (one sub-folder per class, optionally under train/ val/ test/).
+`folder:PATH` (one sub-folder per class, optionally under train/ val/ test/), `medmnist:PATH.npz`, and the label
+tables (`tables`): `csv:PATH`, `chexpert:DIR`, `mimic:DIR`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class DatasetIndex:
     origin: str
     split: str = ""
     positive: str = ""
+    codes: np.ndarray | None = None  # label tables: what each cell said (tables.POSITIVE … BLANK), row for row
+    policy: str = ""  # label tables: what became of uncertain and blank cells (tables.policy_text)
 
     @property
     def binary(self) -> bool:
@@ -69,23 +72,44 @@ class DatasetIndex:
         """What a reader of any number needs to know of the data first: source, task, classes, how the splits were
         made, what they say of patients, each split's size, and the labels no training image has."""
         sizes = self.frame["split"].value_counts()
+        masked = int(np.isnan(self.frame[list(self.classes)].to_numpy(dtype=np.float64)).sum())
         return {"source": self.origin, "task": "binary" if self.binary else self.task, "classes": list(self.classes),
                 "positive": self.positive or None, "split": self.split, "patients": self.patients,
-                "images": {s: int(sizes.get(s, 0)) for s in SPLITS}, "untrained": self.untrained()}
+                "images": {s: int(sizes.get(s, 0)) for s in SPLITS}, "untrained": self.untrained(),
+                "labels": self.policy or None, "masked": masked}
+
+    def label_entries(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per split and label, what the cells said: positive, negative, uncertain, missing (blank) — and how many
+        the policies left out of loss and metrics (masked). Sources without such cells: positives and negatives."""
+        from .tables import BLANK, NEGATIVE, POSITIVE, UNCERTAIN
+
+        values = self.frame[list(self.classes)].to_numpy(dtype=np.float64)
+        codes = self.codes if self.codes is not None else values.astype(np.int8)
+        split = self.frame["split"].to_numpy()
+        out = {}
+        for s in pd.unique(split):
+            rows = split == s
+            out[s] = {c: {"positive": int((codes[rows, j] == POSITIVE).sum()),
+                          "negative": int((codes[rows, j] == NEGATIVE).sum()),
+                          "uncertain": int((codes[rows, j] == UNCERTAIN).sum()),
+                          "missing": int((codes[rows, j] == BLANK).sum()),
+                          "masked": int(np.isnan(values[rows, j]).sum())} for j, c in enumerate(self.classes)}
+        return out
 
     def untrained(self) -> list[str]:
         """Multi-label: the labels with no positive image in train. The model never saw one: nothing is decided,
         thresholded or averaged for them."""
         if self.task != "multilabel":
             return []
-        train = self.frame.loc[self.frame["split"] == "train", list(self.classes)].to_numpy()
-        return [c for c, n in zip(self.classes, train.sum(0)) if n == 0]
+        train = self.frame.loc[self.frame["split"] == "train", list(self.classes)].to_numpy(dtype=np.float64)
+        return [c for c, n in zip(self.classes, np.nansum(train, 0)) if n == 0]
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.frame["split"].to_numpy() == split)
 
     def targets(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """Multi-label: float32 (n, C) of 0/1. Multi-class: int64 (n,) class indices."""
+        """Multi-label: float32 (n, C) of 0/1, NaN where a label is masked (data.uncertain / data.missing:
+        ignore). Multi-class: int64 (n,) class indices."""
         onehot = self.frame[list(self.classes)].to_numpy()
         if rows is not None:
             onehot = onehot[rows]
@@ -101,7 +125,9 @@ def describe_data(facts: dict) -> str:
     task = (f"binary, positive class {facts['positive']}" if facts["task"] == "binary"
             else f"{facts['task']}, {len(classes)} {'labels' if facts['task'] == 'multilabel' else 'classes'}")
     images = ", ".join(f"{split} {n:,}" for split, n in facts["images"].items())
-    return f"{facts['source']} ({task}; {images} images): {facts['split']}; {facts['patients']}"
+    labels = f"; labels: {facts['labels']}" if facts.get("labels") else ""
+    masked = f" ({facts['masked']:,} entries masked)" if facts.get("masked") else ""
+    return f"{facts['source']} ({task}; {images} images): {facts['split']}; {facts['patients']}{labels}{masked}"
 
 
 def describe_untrained(facts: dict) -> str:
@@ -387,33 +413,39 @@ def synthetic_root(n_images: int, size: int, seed: int, cache_dir: str | Path | 
     return root
 
 
-def _read_csv_source(path: str, table, uncertain: str, views, patient_pattern, val_fraction: float,
-                     test_fraction: float, seed: int) -> DatasetIndex:
-    """`csv:PATH` (data.tables.read_table) as a checked index; what the uncertain-label policy changed is said with
-    the split."""
-    from ..config import TableConfig
-    from .tables import read_table
+TABLE_KINDS = ("csv", "chexpert", "mimic")  # the label tables (data.tables), which data.uncertain etc. apply to
 
-    frame, classes, task, told, counts = read_table(path, table or TableConfig(), uncertain, views, patient_pattern,
-                                                    val_fraction, test_fraction, seed)
-    if counts:
-        policy = "as positives (U-Ones)" if uncertain == "ones" else "as negatives (U-Zeros)"
-        told += (f"; {sum(counts['uncertain'].values()):,} uncertain (-1) entries {policy}, "
-                 f"{sum(counts['missing'].values()):,} blank entries as negatives")
-    if views:
-        told += f"; views {', '.join(views)}"
-    return _finish(frame, classes, task, f"csv:{path}", told)
+
+def _read_table_source(kind: str, path: str, table, uncertain: str, missing: str, views, patient_pattern,
+                       val_fraction: float, test_fraction: float, seed: int) -> DatasetIndex:
+    """A label table (`csv:PATH`, `chexpert:DIR`, `mimic:DIR`: data.tables) as a checked index, which keeps what
+    each cell said and says what the policies made of uncertain and blank cells."""
+    from ..config import TableConfig
+    from .tables import policy_text, read_chexpert, read_mimic, read_table
+
+    if kind == "csv":
+        read = read_table(path, table or TableConfig(), uncertain, missing, views, patient_pattern, val_fraction,
+                          test_fraction, seed)
+    elif kind == "chexpert":
+        read = read_chexpert(path, uncertain, missing, views, val_fraction, seed)
+    else:
+        read = read_mimic(path, uncertain, missing, views)
+    told = read.split + (f"; views {', '.join(views)}" if views and kind == "csv" else "")
+    index = _finish(read.frame, read.classes, read.task, f"{kind}:{path}", told)
+    policy = policy_text(uncertain, missing) if read.codes is not None else ""
+    return replace(index, codes=read.codes, policy=policy)
 
 
 def ignored_split_keys(spec: str, split: str = "official") -> dict[str, str]:
     """The `data.*` split keys a source does not read, each with why: set to anything but its default, such a key
     would be silently ignored, so it is an error instead (loader.prepare)."""
     kind, _, path = spec.partition(":")
-    table = {} if kind == "csv" else {key: f"{spec} is not a label table (csv:PATH)"
-                                      for key in ("table", "uncertain", "views")}
+    cells = {} if kind in TABLE_KINDS else {key: f"{spec} is not a label table (csv:PATH, chexpert:DIR, mimic:DIR)"
+                                            for key in ("uncertain", "missing", "views")}
+    table = {} if kind == "csv" else {"table": f"{spec} is not a csv:PATH table (data.table.* reads those)"}
     why = f"{spec}: patients come from its own table (or it has none); patient_pattern reads folder and csv data"
     patients = {} if kind in ("folder", "csv") else {"patient_pattern": why}
-    return {**table, **patients, **_ignored_split_keys(spec, kind, path, split)}
+    return {**cells, **table, **patients, **_ignored_split_keys(spec, kind, path, split)}
 
 
 def _ignored_split_keys(spec: str, kind: str, path: str, split: str) -> dict[str, str]:
@@ -433,6 +465,12 @@ def _ignored_split_keys(spec: str, kind: str, path: str, split: str) -> dict[str
         return out
     if kind == "csv":
         return {"split": f"{spec} is split by data.table.split_column, or by patient when it has none"}
+    if kind == "chexpert":
+        why = f"{spec}: its valid.csv is the test split"
+        return {"split": why, "test_fraction": why}
+    if kind == "mimic":
+        why = f"{spec} comes with its official train/validate/test split"
+        return {key: why for key in ("split", "val_fraction", "test_fraction", "split_seed")}
     if split == "official":  # nih and synthetic
         return {"test_fraction": "split: official takes test from test_list.txt (random uses test_fraction)"}
     return {}
@@ -442,25 +480,27 @@ def read_source(spec: str, split: str = "official", val_fraction: float = 0.1, t
                 seed: int = 42, synthetic: tuple[int, int, int] = (2000, 256, 0),
                 cache_dir: str | Path | None = None, positive_class: str | None = None,
                 patient_pattern: str | None = None, table=None, uncertain: str = "zeros",
-                views: list[str] | None = None) -> DatasetIndex:
-    """Resolve a data spec (`synthetic`, `nih:PATH`, `folder:PATH`, `medmnist:PATH.npz`) to a checked index
-    (two classes: the positive one second, `with_positive_class`)."""
+                views: list[str] | None = None, missing: str = "zeros") -> DatasetIndex:
+    """Resolve a data spec (`synthetic`, `nih:PATH`, `folder:PATH`, `medmnist:PATH.npz`, `csv:PATH`,
+    `chexpert:DIR`, `mimic:DIR`) to a checked index (two classes: the positive one second,
+    `with_positive_class`)."""
     kind, _, path = spec.partition(":")
     if kind == "synthetic":
         root = synthetic_root(*synthetic, cache_dir=cache_dir)
         index = read_nih(root, split, val_fraction, test_fraction, seed)
     elif not path:
-        raise DataError(f"data source '{spec}': expected synthetic, nih:PATH, folder:PATH, medmnist:PATH.npz or "
-                        "csv:PATH")
+        raise DataError(f"data source '{spec}': expected synthetic, nih:PATH, folder:PATH, medmnist:PATH.npz, "
+                        "csv:PATH, chexpert:DIR or mimic:DIR")
     elif kind == "nih":
         index = read_nih(path, split, val_fraction, test_fraction, seed)
     elif kind == "folder":
         index = read_folder(path, val_fraction, test_fraction, seed, patient_pattern)
     elif kind == "medmnist":
         index = read_medmnist(path)
-    elif kind == "csv":
-        index = _read_csv_source(path, table, uncertain, views, patient_pattern, val_fraction, test_fraction, seed)
+    elif kind in TABLE_KINDS:
+        index = _read_table_source(kind, path, table, uncertain, missing, views, patient_pattern, val_fraction,
+                                   test_fraction, seed)
     else:
-        raise DataError(f"data source '{spec}': unknown kind '{kind}'; expected synthetic, nih, folder, medmnist or "
-                        "csv")
+        raise DataError(f"data source '{spec}': unknown kind '{kind}'; expected synthetic, nih, folder, medmnist, "
+                        "csv, chexpert or mimic")
     return with_positive_class(index, positive_class)

@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from ..metrics import both_classes
+
 SPLITS = ("train", "val", "test")
 UNLABELLED = "train_unlabelled"  # training images whose labels a label-fraction run hides (SSL still sees them)
 
@@ -152,15 +154,16 @@ def check_learnable(frame: pd.DataFrame, classes, task: str, origin: str) -> Non
     at least two classes present (single-label), or a label with positive and negative images (multi-label;
     otherwise AUROC is undefined for every label)."""
     for split in ("train", "val"):
-        y = frame.loc[frame["split"] == split, list(classes)].to_numpy()
-        counts = y.sum(0)
+        y = frame.loc[frame["split"] == split, list(classes)].to_numpy(dtype=np.float64)
+        counts = np.nansum(y, 0)
         if task == "multiclass":
             present = [c for c, n in zip(classes, counts) if n > 0]
             if len(present) < 2:
                 raise DataError(f"{origin}: the '{split}' split holds images of {len(present)} class(es) {present}; "
                                 "a classifier needs at least two (e.g. one sub-folder per class)")
-        elif not ((counts > 0) & (counts < len(y))).any():
-            raise DataError(f"{origin}: no label has both positive and negative images in the '{split}' split; "
+        elif not any(both_classes(y[:, j]) for j in range(y.shape[1])):
+            raise DataError(f"{origin}: no label has both positive and negative images in the '{split}' split "
+                            "(among its labelled entries); "
                             "AUROC is undefined for every label and nothing could be learnt or selected")
 
 

@@ -311,3 +311,112 @@ def label_table(nih_root: str | os.PathLike, seed: int = 0, uncertain: float = 0
                              entry["Patient Age"], entry["View Position"], "valid" if patient % 5 == 0 else "train",
                              *cells])
     return out
+
+
+# NIH findings → CheXpert observations in the layouts below; the observations none maps to are left blank, as
+# CheXpert's labeler leaves most of its entries
+_TO_CHEXPERT = {**CHEXPERT_FROM_NIH, "Infiltration": "Lung Opacity", "Mass": "Lung Lesion", "Nodule": "Lung Lesion"}
+_SPLIT_OF_FOLD = {0: "test", 1: "validate"}  # a subject's id mod 10 → its MIMIC split (train otherwise)
+
+
+def _observations(findings: set[str], rng, uncertain: float, blank: float, certain: bool = False) -> list[str]:
+    """One image's 14 CheXpert cells (tables.CHEXPERT_OBSERVATIONS' order): 1.0 / 0.0 from its NIH findings where
+    one maps (No Finding: none), −1.0 (a share `uncertain`) or blank (`blank`) drawn over those, blank where none
+    maps; `certain` (CheXpert's radiologist-labelled valid.csv): 0 / 1 in every entry."""
+    from .tables import CHEXPERT_OBSERVATIONS
+
+    cells = []
+    for observation in CHEXPERT_OBSERVATIONS:
+        sources = [n for n, o in _TO_CHEXPERT.items() if o == observation]
+        known = observation == "No Finding" or bool(sources)
+        positive = findings <= {NO_FINDING} if observation == "No Finding" else bool(findings & set(sources))
+        draw = rng.random()
+        cell = "1.0" if positive else "0.0"
+        if not certain and not known:
+            cell = ""
+        elif not certain and draw < uncertain:
+            cell = "-1.0"
+        elif not certain and draw < uncertain + blank:
+            cell = ""
+        cells.append(cell)
+    return cells
+
+
+def _place(source: Path, target: Path) -> None:
+    """An image under another layout's name: a hard link where the file system allows, else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def chexpert_layout(nih_root: str | os.PathLike, out: str | os.PathLike, seed: int = 0, uncertain: float = 0.08,
+                    blank: float = 0.15) -> Path:
+    """The synthetic images in CheXpert-v1.0-small's layout (`out/CheXpert-v1.0-small/`: train.csv, valid.csv,
+    `train|valid/patientNNNNN/studyK/view1_frontal.jpg`), for `chexpert:DIR` without a download: one study per
+    NIH follow-up, every seventh a lateral view, a fifth of the patients in valid.csv (0 / 1 only, as its
+    radiologists labelled it), uncertain and blank entries in train.csv. Files keep their PNG bytes (the reader
+    decodes by content). Returns the folder."""
+    root = Path(out) / "CheXpert-v1.0-small"
+    rng = np.random.default_rng(seed)
+    with open(Path(nih_root) / "Data_Entry_2017.csv", newline="") as fh:
+        entries = list(csv.DictReader(fh))
+    from .tables import CHEXPERT_OBSERVATIONS
+
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_OBSERVATIONS]
+    rows = {"train": [], "valid": []}
+    for i, entry in enumerate(entries):
+        patient = int(entry["Patient ID"])
+        split = "valid" if patient % 5 == 0 else "train"
+        lateral = i % 7 == 6
+        name = "view1_lateral.jpg" if lateral else "view1_frontal.jpg"
+        relative = f"{split}/patient{patient:05d}/study{int(entry['Follow-up #']) + 1}/{name}"
+        _place(Path(nih_root) / "images" / entry["Image Index"], root / relative)
+        findings = set(entry["Finding Labels"].split("|"))
+        rows[split].append([f"{root.name}/{relative}", "Female" if entry["Patient Gender"] == "F" else "Male",
+                            entry["Patient Age"], "Lateral" if lateral else "Frontal",
+                            "" if lateral else entry["View Position"],
+                            *_observations(findings, rng, uncertain, blank, certain=split == "valid")])
+    for split, table in rows.items():
+        with open(root / f"{split}.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([header, *table])
+    return root
+
+
+def mimic_layout(nih_root: str | os.PathLike, out: str | os.PathLike, seed: int = 0, uncertain: float = 0.08,
+                 blank: float = 0.15) -> Path:
+    """The synthetic images in MIMIC-CXR-JPG 2.0.0's layout (`out/mimic-cxr-jpg/2.0.0/`: the gzipped metadata,
+    chexpert and split tables, `files/pXX/pSUBJECT/sSTUDY/DICOM.jpg`), for `mimic:DIR` without a download: one
+    study per image, every seventh a LATERAL ViewPosition, every twentieth study absent from the labeler table, a
+    tenth of the subjects in test and a tenth in validate. Returns the folder."""
+    import gzip
+
+    from .tables import CHEXPERT_OBSERVATIONS
+
+    root = Path(out) / "mimic-cxr-jpg" / "2.0.0"
+    rng = np.random.default_rng(seed)
+    with open(Path(nih_root) / "Data_Entry_2017.csv", newline="") as fh:
+        entries = list(csv.DictReader(fh))
+    metadata = [["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+                 "Columns"]]
+    labels = [["subject_id", "study_id", *CHEXPERT_OBSERVATIONS]]
+    splits = [["dicom_id", "study_id", "subject_id", "split"]]
+    for i, entry in enumerate(entries):
+        subject, study = str(10_000_000 + int(entry["Patient ID"])), str(50_000_000 + i)
+        dicom = rng.bytes(16).hex()
+        view = "LATERAL" if i % 7 == 6 else entry["View Position"]
+        _place(Path(nih_root) / "images" / entry["Image Index"],
+               root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg")
+        metadata.append([dicom, subject, study, f"CHEST ({view})", view, entry["OriginalImage[Width"],
+                         entry["Height]"]])
+        if i % 20 != 19:
+            labels.append([subject, study, *_observations(set(entry["Finding Labels"].split("|")), rng, uncertain,
+                                                           blank)])
+        fold = int(entry["Patient ID"]) % 10
+        splits.append([dicom, study, subject, _SPLIT_OF_FOLD.get(fold, "train")])
+    for stem, table in zip(("mimic-cxr-2.0.0-metadata", "mimic-cxr-2.0.0-chexpert", "mimic-cxr-2.0.0-split"),
+                           (metadata, labels, splits)):
+        with gzip.open(root / f"{stem}.csv.gz", "wt", newline="") as fh:
+            csv.writer(fh).writerows(table)
+    return root

@@ -65,10 +65,35 @@ def resolve_loss(task: str, loss: str) -> str:
     return loss
 
 
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, pos_weight: Optional[torch.Tensor] = None,
+               gamma: float = 0.0) -> torch.Tensor:
+    """Per-label BCE with logits (times (1 − p_t)^γ: focal) averaged over the **labelled** entries only: a NaN
+    target (an uncertain entry under U-Ignore, a blank one under data.missing: ignore — Irvin et al. 2019) adds
+    nothing to the loss and gets zero gradient. With every entry labelled it is nn.BCEWithLogitsLoss exactly."""
+    known = torch.isfinite(target)
+    target = torch.where(known, target, torch.zeros_like(target))
+    ce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
+    if gamma:
+        p_t = torch.exp(-F.binary_cross_entropy_with_logits(logits, target, reduction="none"))
+        ce = (1 - p_t) ** gamma * ce
+    return torch.where(known, ce, torch.zeros_like(ce)).sum() / known.sum().clamp(min=1)
+
+
+class MaskedBCEWithLogits(nn.Module):
+    """nn.BCEWithLogitsLoss over the labelled entries (`masked_bce`)."""
+
+    def __init__(self, pos_weight: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return masked_bce(logits, target, self.pos_weight)
+
+
 class FocalLoss(nn.Module):
-    """Focal loss (Lin et al. 2017): α·(1 − p_t)^γ times the per-label BCE (multi-label, sigmoid) or the
-    per-image CE (multi-class, softmax, class-weighted and normalised like nn.CrossEntropyLoss). α is a plain
-    factor, so α = 1, γ = 0 is exactly BCE / CE."""
+    """Focal loss (Lin et al. 2017): α·(1 − p_t)^γ times the per-label BCE (multi-label, sigmoid, over the labelled
+    entries: `masked_bce`) or the per-image CE (multi-class, softmax, class-weighted and normalised like
+    nn.CrossEntropyLoss). α is a plain factor, so α = 1, γ = 0 is exactly BCE / CE."""
 
     def __init__(self, task: str, alpha: float = 1.0, gamma: float = 2.0, weight: Optional[torch.Tensor] = None,
                  pos_weight: Optional[torch.Tensor] = None):
@@ -79,9 +104,7 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.task == "multilabel":
-            ce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight, reduction="none")
-            p_t = torch.exp(-F.binary_cross_entropy_with_logits(logits, target, reduction="none"))
-            return (self.alpha * (1 - p_t) ** self.gamma * ce).mean()
+            return self.alpha * masked_bce(logits, target, self.pos_weight, self.gamma)
         log_p_t = F.log_softmax(logits, dim=1).gather(1, target[:, None]).squeeze(1)
         w = self.weight[target] if self.weight is not None else torch.ones_like(log_p_t)
         return (self.alpha * (1 - log_p_t.exp()) ** self.gamma * -log_p_t * w).sum() / w.sum()
@@ -107,7 +130,7 @@ def make_loss(task: str, sc, train_targets: np.ndarray, num_classes: int) -> nn.
         pos_weight = positive_weights(train_targets) if sc.pos_weight else None
         if name == "focal":
             return FocalLoss(task, sc.focal_alpha, sc.focal_gamma, pos_weight=pos_weight)
-        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        return MaskedBCEWithLogits(pos_weight)
     weight = class_weights(train_targets, num_classes, sc.class_weights)
     if name == "focal":
         return FocalLoss(task, sc.focal_alpha, sc.focal_gamma, weight=weight)
@@ -126,9 +149,10 @@ def undersample_majority(targets: np.ndarray, seed: int) -> np.ndarray:
 
 
 def positive_weights(targets: np.ndarray) -> torch.Tensor:
-    """BCE pos_weight = n_neg / n_pos per label from the training split (S2, S4); 1 where n_pos = 0."""
-    pos = targets.sum(0)
-    return torch.tensor(np.where(pos > 0, (len(targets) - pos) / np.maximum(pos, 1), 1.0), dtype=torch.float32)
+    """BCE pos_weight = n_neg / n_pos per label from the training split (S2, S4), both counted over the labelled
+    entries (a masked one is neither); 1 where n_pos = 0."""
+    pos, neg = (targets == 1).sum(0), (targets == 0).sum(0)
+    return torch.tensor(np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), dtype=torch.float32)
 
 
 def to_probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
@@ -170,8 +194,8 @@ def write_predictions(path: Path, frame: pd.DataFrame, classes, targets: np.ndar
                       task: str) -> None:
     out = frame[["path", "patient_id"]].reset_index(drop=True).copy()
     truth = targets if task == "multilabel" else np.eye(len(classes))[targets]
-    for j, c in enumerate(classes):
-        out[f"y_{c}"] = truth[:, j].astype(int)
+    for j, c in enumerate(classes):  # a masked entry is blank
+        out[f"y_{c}"] = pd.array(np.where(np.isfinite(truth[:, j]), truth[:, j], np.nan), dtype="Int64")
     for j, c in enumerate(classes):
         out[f"p_{c}"] = prob[:, j]
     out.to_csv(path, index=False)

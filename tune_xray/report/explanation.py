@@ -61,8 +61,8 @@ def explain_data(experiment: Experiment, best: dict, per_class: int = 2, max_poi
     x = torch.from_numpy(np.stack([member.layout(read_image(paths[i])) for i in keep])).to(device)
     points = tsne(embeddings(classifier, member.views(x)[0]))
     # colour: the label of each image (multi-label: its least frequent finding, "No finding" when none)
-    order = np.argsort(y.sum(0))
-    colour = [next((classes[c] for c in order if row[c]), "No finding") for row in y[keep]]
+    order = np.argsort(np.nansum(y, 0))
+    colour = [next((classes[c] for c in order if row[c] == 1), "No finding") for row in y[keep]]
     return {"which": which, "gradcam": cams, "layer": layer, "backbone": member.cfg.model.backbone,
             "image_size": member.cfg.augment.image_size, "tsne": {"points": points.tolist(), "labels": colour}}
 

@@ -15,7 +15,7 @@ from ..experiment import (
     read_json,
 )
 from ..figures import COLUMN, figure, integer_ticks, wrap
-from ..metrics import scored_labels
+from ..metrics import both_classes, labelled, scored_labels
 from ..summary import search_model_text
 from .common import html_table, stored_predictions
 
@@ -45,15 +45,17 @@ def model_data(experiment: Experiment, summary: dict, complete: list[dict]) -> d
     task = TrialTask.of(best_dir)
     # the curves a reader can use: binary, the positive class's; otherwise each trained label (one-vs-rest for a
     # class) with both classes in validation — never complementary columns pooled
-    shown = [c for c in scored_labels(task.task, classes, task.untrained) if 0 < y[:, c].sum() < len(y)]
+    shown = [c for c in scored_labels(task.task, classes, task.untrained) if both_classes(y[:, c])]
+    known = {c: labelled(y[:, c]) for c in shown}  # each label over its labelled images
     roc, auc, calibration = {}, {}, {}
     for label, p in probs.items():
-        roc[label] = {classes[c]: [list(a) for a in roc_curve(y[:, c], p[:, c])[:2]] for c in shown}
-        auc[label] = {classes[c]: float(roc_auc_score(y[:, c], p[:, c])) for c in shown}
+        roc[label] = {classes[c]: [list(a) for a in roc_curve(y[known[c], c], p[known[c], c])[:2]] for c in shown}
+        auc[label] = {classes[c]: float(roc_auc_score(y[known[c], c], p[known[c], c])) for c in shown}
         for c in shown:
-            bins = int(min(10, y[:, c].sum(), len(y) - y[:, c].sum()))  # quantile bins: none emptier than a class
+            truth = y[known[c], c]
+            bins = int(min(10, truth.sum(), len(truth) - truth.sum()))  # quantile bins: none emptier than a class
             if bins >= 2:
-                observed, predicted = calibration_curve(y[:, c], p[:, c], n_bins=bins, strategy="quantile")
+                observed, predicted = calibration_curve(truth, p[known[c], c], n_bins=bins, strategy="quantile")
                 calibration.setdefault(classes[c], {})[label] = {"predicted": predicted.tolist(),
                                                                 "observed": observed.tolist()}
     supervised = read_json(best_dir / "summary.json", "a trial's summary").get("supervised", {})
@@ -71,7 +73,8 @@ def model_data(experiment: Experiment, summary: dict, complete: list[dict]) -> d
             "thresholds_of": thresholds_of(registered, superseded, complete[0]["trial"]),
             "search_model": search_model_text(summary),
             "rule": ensemble.get("rule") or "youden",
-            "no_val_positives": [c for j, c in enumerate(classes) if y[:, j].sum() == 0 and c not in task.untrained]}
+            "no_val_positives": [c for j, c in enumerate(classes)
+                                 if np.nansum(y[:, j]) == 0 and c not in task.untrained]}
 
 
 def thresholds_of(registered: bool, superseded: bool, best: str) -> str:

@@ -130,6 +130,7 @@ def render_record(summary: dict) -> str:
                                  for w in who for m in ("auroc", "sensitivity", "specificity")
                                  if f"{m}/{c}" in per_label.get(w, {})}} for c in labels]
         out += "<h3>Per label (test)</h3>" + html_table(pd.DataFrame(table))
+    out += render_external(summary.get("external") or [], test, metric)
     folded = (summary.get("cv") or {}).get("oof_ensemble")
     if folded and folded.get("fits") is False:
         out += ("<h3>The ensemble chosen out of fold</h3>"
@@ -161,4 +162,30 @@ def render_record(summary: dict) -> str:
                     "chosen out of fold (on single models' probabilities) sits elsewhere on it; the served ensemble "
                     "applies each fold's threshold to that fold model's own output.</p>"
                     + html_table(pd.DataFrame(table)))
+    return out
+
+
+def render_external(records: list[dict], test: dict, metric: str) -> str:
+    """The external record (`--external`), beside the internal one: the search's model on each source from
+    elsewhere, labels matched by name; its per-label AUROC, sensitivity and specificity at validation's
+    thresholds."""
+    if not records:
+        return ""
+    internal = ci_text(test["ensemble"]) if metric == "mean_auroc" and "ensemble" in test else ""
+    rows = [{"source": r["source"], "images (patients)": f"{r['images']:,} ({r['patients']:,})",
+             "labels matched": f"{r['mean_auroc_labels']} scored of {len(r['matched'])} matched",
+             "mean AUROC [95 % CI]": ci_text(r["mean_auroc"]), "internal test (the ensemble)": internal,
+             "test reads": r["test_reads"]} for r in records]
+    out = ("<h3>External record: the search's model on data from elsewhere</h3><p>Recorded once per source after "
+           "every choice, on the registered model (" + html.escape(records[0]["model"]) + "); labels matched by "
+           "name. Nothing here chose anything.</p>" + html_table(pd.DataFrame(rows)))
+    for r in records:
+        absent = [f"{what}: {', '.join(r[key])}" for what, key in (("not in the source", "absent_in_source"),
+                                                                   ("not in the model (or never trained)",
+                                                                    "absent_in_model")) if r[key]]
+        table = [{"label": label, "positives / negatives": f"{e['positives']} / {e['negatives']}",
+                  **{f"{m} [95 % CI]": ci_text(e[m]) for m in ("auroc", "sensitivity", "specificity") if m in e}}
+                 for label, e in r["per_label"].items()]
+        out += (f"<h4>{html.escape(r['source'])}</h4><p class=note>{html.escape(r['data'])}."
+                + "".join(f" {html.escape(a)}." for a in absent) + "</p>" + html_table(pd.DataFrame(table)))
     return out

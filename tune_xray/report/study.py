@@ -8,6 +8,7 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..config import bare, plural
@@ -115,10 +116,12 @@ def dataset_data(experiment: Experiment, best: dict) -> dict:
     sizes = [{"split": s, "images": int((frame["split"] == s).sum()),
               **({"patients": int(frame.loc[frame["split"] == s, "patient_id"].dropna().nunique())}
                  if index.has_patients else {})} for s in splits]
-    positives = {s: {c: int(frame.loc[frame["split"] == s, c].sum()) for c in classes} for s in splits}
-    negatives = {s: {c: int((frame["split"] == s).sum()) - positives[s][c] for c in classes} for s in splits}
+    entries = index.label_entries()  # what each cell said, per split and label
+    positives = {s: {c: int(np.nansum(frame.loc[frame["split"] == s, c])) for c in classes} for s in splits}
+    negatives = {s: {c: int((frame.loc[frame["split"] == s, c] == 0).sum()) for c in classes} for s in splits}
     untrained = set(index.untrained())
     return {**index.facts(), "sizes": sizes, "positives": positives,
+            "entries": {s: entries[s] for s in splits} if index.codes is not None else None,
             "absent": {s: [c for c in classes if positives[s][c] == 0 and c not in untrained]
                        for s in ("val", "test") if s in positives},
             "few": {s: [c for c in (classes[1:] if index.binary else classes)
@@ -189,11 +192,18 @@ def render_data(dataset: dict) -> str:
     splits = list(dataset["positives"])
     sizes = {r["split"]: r["images"] for r in dataset["sizes"]}
     untrained = set(dataset.get("untrained") or [])
+    entries = dataset.get("entries") or {}
+    labelled = {s: {c: sizes[s] - entries[s][c]["masked"] if s in entries else sizes[s] for c in dataset["classes"]}
+                for s in splits}  # a masked entry is no image's label: not in the denominator
     rows = [{"label": c + (" (never decided: no positive in train)" if c in untrained else ""),
              **{f"{s}: positives (%)": f"{dataset['positives'][s][c]} "
-                                       f"({100 * dataset['positives'][s][c] / max(sizes[s], 1):.1f} %)"
+                                       f"({100 * dataset['positives'][s][c] / max(labelled[s][c], 1):.1f} %)"
                 for s in splits}} for c in dataset["classes"]]
     out += "<h3>Label prevalence per split</h3>" + html_table(pd.DataFrame(rows))
+    if dataset.get("entries"):
+        out += (f"<h3>What the label table's cells said, per split</h3><p>Policy: {html.escape(dataset['labels'])}. "
+                "Masked entries are in no loss, metric, threshold or interval.</p>"
+                + html_table(pd.DataFrame(entry_rows(dataset["entries"], dataset["classes"]))))
     for split, labels in dataset.get("absent", {}).items():
         if labels:
             out += (f"<p class=warn>No positive in {split}: {html.escape(bullets(labels))}. Their {split} AUROC is "
@@ -201,3 +211,10 @@ def render_data(dataset: dict) -> str:
                                                                if split == "val" else "the record cannot test them.")
                     + "</p>")
     return out
+
+
+def entry_rows(entries: dict, classes) -> list[dict]:
+    """One row per label: positive / negative / uncertain / missing (masked) counts of each split."""
+    return [{"label": c, **{f"{s}: +/−/?/blank (masked)": f"{e[c]['positive']} / {e[c]['negative']} / "
+                                                          f"{e[c]['uncertain']} / {e[c]['missing']} ({e[c]['masked']})"
+                            for s, e in entries.items()}} for c in classes]
