@@ -14,8 +14,9 @@ DEPLOY = ROOT / "deploy"
 
 
 def _search_commands(text: str) -> list[str]:
-    """Every `python -m tune_xray.search …` in a text, up to the end of its line or shell quote."""
-    return [m.group(1) for m in re.finditer(r"python -m tune_xray\.search ([^\"\n`|]*)", text)]
+    """Every `python -m tune_xray.search …` in a text, up to the end of its line (a shell's `\\` continuation
+    joined) or shell quote."""
+    return [m.group(1) for m in re.finditer(r"python -m tune_xray\.search ([^\"\n`|]*)", text.replace("\\\n", " "))]
 
 
 def _parse(command: str):

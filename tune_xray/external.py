@@ -184,10 +184,14 @@ def record_external(experiment: Experiment, sources: list[ExternalSource], model
 
 def _tag_version(tracking_uri: str, model: dict, records: list[dict]) -> None:
     """Each record on the registered model version: `external.<i>.source`, `.mean_auroc` with its interval, and
-    each label's AUROC."""
+    each label's AUROC as tags; the console's lines at the end of its description (the model card)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
+    card = client.get_model_version(model["name"], model["version"]).description or ""
+    client.update_model_version(model["name"], model["version"], description=card.rstrip() + (
+        "\n\n## External record (after every choice; labels matched by name)\n\n"
+        + "\n".join(f"- {line}" for line in external_lines(records)) + "\n"))
     for i, record in enumerate(records):
         tags = {"source": record["source"], "images": str(record["images"]),
                 "mean_auroc": ci_text(record["mean_auroc"]) or "undefined",

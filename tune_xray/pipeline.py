@@ -214,11 +214,14 @@ RECORDED = {"workers_per_trial": "; the trials started from here train with it, 
 
 def same_meaning(key: str, given, stored) -> bool:
     """Whether a flag given again names what the search stored: the study by its file (a name or a path to it),
-    --data by its resolved path (the stored one was made absolute), anything else by value."""
+    --data and each --external by its resolved path (the stored ones were made absolute), anything else by
+    value."""
     if key == "study" and given and stored:
         return resolve_path(given).resolve() == resolve_path(stored).resolve()
     if key == "data" and given and stored:
         return absolute_data(given) == stored
+    if key == "external":
+        return [absolute_data(spec) for spec in given] == list(stored)
     return given == stored
 
 

@@ -127,3 +127,14 @@ def test_a_mimic_image_not_on_disk_names_its_row(layouts, tmp_path):
     first.unlink()
     with pytest.raises(DataError, match=rf"metadata.csv.gz: row \d+, column 'image': image .*{first.name} not found"):
         read_source(f"mimic:{root}", views=["PA", "AP", "LATERAL"])
+
+
+def test_the_synth_command_writes_every_layout_and_says_its_spec(tmp_path, capsys):
+    from tune_xray.data.__main__ import main
+
+    assert main(["synth", str(tmp_path / "out"), "--images", "40", "--size", "32", "--table", "--chexpert",
+                 "--mimic"]) == 0
+    out = capsys.readouterr().out
+    chexpert, mimic = tmp_path / "out" / "CheXpert-v1.0-small", tmp_path / "out" / "mimic-cxr-jpg" / "2.0.0"
+    assert f"chexpert:{chexpert}" in out and f"mimic:{mimic}" in out and (tmp_path / "out" / "labels.csv").is_file()
+    assert (chexpert / "train.csv").is_file() and (mimic / "mimic-cxr-2.0.0-split.csv.gz").is_file()
