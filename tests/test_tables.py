@@ -116,7 +116,10 @@ def test_a_search_on_the_mimic_layout_recorded_on_external_sources(tmp_path, cap
     from mlflow import MlflowClient
 
     model = summary["search_model"]
-    tags = MlflowClient(f"sqlite:///{experiment / 'mlflow.db'}").get_model_version(model["name"], model["version"]).tags
+    version = MlflowClient(f"sqlite:///{experiment / 'mlflow.db'}").get_model_version(model["name"], model["version"])
+    tags = version.tags
+    assert "## External record" in version.description and f"- external chexpert:{elsewhere}: mean AUROC" in \
+        version.description
     assert tags["external.0.source"] == f"chexpert:{elsewhere}" and tags["external.0.mean_auroc"].startswith("0.")
     report = (experiment / "report.html").read_text()
     assert "External record: the search's model on data from elsewhere" in report
