@@ -84,3 +84,47 @@ def test_multi_objective_asha_stops_one_minus_one_over_eta_of_a_rung_whatever_th
     points = np.random.default_rng(0).random((30, 2))
     order = np.random.default_rng(1).permutation(30)
     assert pareto_order(points[order]).tolist() == np.argsort(order)[pareto_order(points)].tolist()
+
+
+def _ssl(scheduler, trial_id: str, probe, ssl_epoch: int) -> str:
+    trial = SimpleNamespace(trial_id=trial_id)
+    result = {"epochs_done": 0, "ssl_epochs_done": ssl_epoch, "ssl_phase": "byol"}
+    if probe is not None:
+        result["ssl_probe"] = probe
+    return scheduler.on_trial_result(None, trial, result)
+
+
+def test_ssl_rungs_judge_the_probe_only_among_trials_at_the_same_ssl_rung():
+    budget = Budget(trials=8, epochs=4, grace_period=1, reduction_factor=2, ssl_grace_period=2)
+    for scheduler in (FinishAwareASHA(budget, METRIC, "max"), ParetoASHA(budget, METRIC, "max",
+                                                                          [("latency_ms", "min")])):
+        assert _ssl(scheduler, "a", 0.80, 1) == TrialScheduler.CONTINUE  # before the first rung (2): no judging
+        assert _ssl(scheduler, "a", 0.80, 2) == TrialScheduler.CONTINUE  # first at rung 2
+        assert _ssl(scheduler, "b", None, 2) == TrialScheduler.CONTINUE  # no probe this epoch: it waits for one
+        assert _ssl(scheduler, "b", 0.60, 3) == TrialScheduler.STOP  # rung 2's cutoff (η 2: the median of a's 0.80)
+        assert _ssl(scheduler, "a", 0.55, 4) == TrialScheduler.CONTINUE  # rung 4 is its own: nobody there before
+        assert _ssl(scheduler, "c", 0.70, 4) == TrialScheduler.CONTINUE  # rung 4's cutoff: a's 0.55 there
+        assert _ssl(scheduler, "d", 0.60, 5) == TrialScheduler.STOP  # rung 4: the median of 0.55 and 0.70
+        assert _ssl(scheduler, "e", 0.75, 2) == TrialScheduler.CONTINUE  # rung 2: the median of 0.80 and 0.60
+
+
+def test_a_study_without_ssl_rungs_schedules_as_before():
+    """No `budget.ssl_grace_period`: SSL reports carry no fine-tune metric and ASHA lets them pass, as Ray's own
+    ASHAScheduler does; the fine-tune's decisions are ASHA's."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    ours = FinishAwareASHA(BUDGET, METRIC, "max")
+    ray = ASHAScheduler(time_attr="epochs_done", metric=METRIC, mode="max", max_t=BUDGET.epochs,
+                        grace_period=BUDGET.grace_period, reduction_factor=BUDGET.reduction_factor)
+    assert ours.ssl_rungs is None
+    rng = np.random.default_rng(0)
+    for scheduler in (ours, ray):
+        for t in "abcdef":
+            scheduler.on_trial_add(None, SimpleNamespace(trial_id=t, config={}))
+    for t in "abcdef":
+        assert _ssl(ours, t, 0.1, 3) == TrialScheduler.CONTINUE  # a bad probe: not judged
+        for epoch in (1, 2, 3):
+            value = float(rng.random())
+            result = {METRIC: value, "epochs_done": epoch}
+            trial = SimpleNamespace(trial_id=t)
+            assert ours.on_trial_result(None, trial, result) == ray.on_trial_result(None, trial, result)

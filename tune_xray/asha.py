@@ -1,26 +1,69 @@
 """ASHA (Li et al. 2020, "A system for massively parallel hyperparameter tuning") as the search runs it: Ray
 Tune's ASHAScheduler on the fine-tune epochs (`epochs_done`), with the study budget's grace period and reduction
 factor, and one rule of our own about a trial's last report; for a Pareto search (cost objectives), its
-multi-objective form, which promotes by non-dominated sorting."""
+multi-objective form, which promotes by non-dominated sorting. With `budget.ssl_grace_period`, both forms also
+judge the SSL phase (`SslRungs`): rungs in SSL epochs, on the representation probe, before any fine-tune epoch."""
 
 from __future__ import annotations
 
 import numpy as np
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from .trial import STATUS, TIME_ATTR
+from .trial import PROBE, SSL_TIME_ATTR, STATUS, TIME_ATTR
+
+
+class SslRungs:
+    """ASHA's rule on the SSL phase's epochs: rungs at grace·η^k SSL epochs; a trial reaching a rung (its first
+    report at or past it that carries a probe) is recorded there and stopped when its probe is below the
+    (1 − 1/η) quantile of the probes recorded at that rung before it — Ray's ASHA bracket rule, on another clock.
+    Trials are only compared at the same SSL rung; the probe is a validation metric (higher is better). A report
+    without a probe waits for one."""
+
+    def __init__(self, grace: int, eta: int):
+        self.eta = eta
+        self.rungs = [grace * eta ** k for k in range(40)][::-1]  # highest first; far past any SSL budget
+        self.recorded: dict[int, dict[str, float]] = {}
+
+    def on_result(self, trial_id: str, result: dict) -> str:
+        probe, epoch = result.get(PROBE), result.get(SSL_TIME_ATTR, 0)
+        if not isinstance(probe, (int, float)) or not np.isfinite(probe):
+            return TrialScheduler.CONTINUE
+        for rung in self.rungs:
+            if epoch >= rung:
+                recorded = self.recorded.setdefault(rung, {})
+                if trial_id in recorded:
+                    return TrialScheduler.CONTINUE
+                cutoff = np.nanpercentile(list(recorded.values()), (1 - 1 / self.eta) * 100) if recorded else None
+                recorded[trial_id] = float(probe)
+                return TrialScheduler.STOP if cutoff is not None and probe < cutoff else TrialScheduler.CONTINUE
+        return TrialScheduler.CONTINUE
+
+    @staticmethod
+    def of(budget) -> "SslRungs | None":
+        if budget.ssl_grace_period is None:
+            return None
+        return SslRungs(budget.ssl_grace_period, budget.ssl_reduction_factor or budget.reduction_factor)
+
+
+def in_ssl_phase(result: dict) -> bool:
+    """A report of a trial's SSL phase: no fine-tune epoch yet, an SSL clock, and not the trial's last report."""
+    return SSL_TIME_ATTR in result and not result.get(TIME_ATTR) and not result.get(STATUS)
 
 
 class FinishAwareASHA(ASHAScheduler):
     """ASHA (max_t = the budget's epochs) that never stops a trial on the report that ends it (it carries a
-    status): a trial that trained its whole budget is complete even when ASHA's last rung is its last epoch."""
+    status): a trial that trained its whole budget is complete even when ASHA's last rung is its last epoch. SSL
+    reports go to `ssl_rungs` (`SslRungs`) where the budget sets them, and to nobody otherwise, as before."""
 
     def __init__(self, budget, metric: str, mode: str):
         super().__init__(time_attr=TIME_ATTR, metric=metric, mode=mode, max_t=budget.epochs,
                          grace_period=min(budget.grace_period, budget.epochs),
                          reduction_factor=budget.reduction_factor)
+        self.ssl_rungs = SslRungs.of(budget)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if getattr(self, "ssl_rungs", None) is not None and in_ssl_phase(result):
+            return self.ssl_rungs.on_result(trial.trial_id, result)
         decision = super().on_trial_result(tune_controller, trial, result)
         return TrialScheduler.CONTINUE if result.get(STATUS) else decision
 
@@ -93,6 +136,8 @@ class ParetoASHA(FinishAwareASHA):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get(STATUS):  # its last report: it trained its whole budget
             return TrialScheduler.CONTINUE
+        if getattr(self, "ssl_rungs", None) is not None and in_ssl_phase(result):  # the probe alone: no cost yet
+            return self.ssl_rungs.on_result(trial.trial_id, result)
         epoch = result.get(TIME_ATTR, 0)
         for rung in self.rungs:  # the highest rung the trial has reached, once
             if epoch >= rung:

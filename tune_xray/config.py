@@ -339,6 +339,22 @@ class CassConfig(_SslPhase):
 
 
 
+class SslConfig(_Strict):
+    """What both self-supervised phases share: the representation probe (phases.probe: a weighted kNN on the frozen
+    backbone, scored with the study's metric on validation) and the rules that end a collapsed phase at once."""
+
+    probe_every: int = Field(1, ge=0, description="probe every N SSL epochs (and at the phase's last); 0: never")
+    probe_images: int = Field(1000, ge=10, description="labelled train images the kNN looks up (stratified, fixed "
+                              "by data.split_seed)")
+    probe_k: int = Field(20, ge=1, description="neighbours (DINO's 20)")
+    probe_temperature: float = Field(0.07, gt=0, description="neighbour weights exp(cos / T) (DINO's 0.07)")
+    collapse_std: float = Field(
+        0.05, ge=0, description="BYOL: collapsed when z_std·√out_dim (≈1 healthy, 0 collapsed; solo-learn's "
+        "monitor) falls below this; 0: never")
+    collapse_probes: int = Field(3, ge=0, description="collapsed after this many probes in a row at chance (mean "
+                                 "AUROC ≤ 0.52); 0: never")
+
+
 class TrialConfig(_Strict):
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -360,6 +376,7 @@ class TrialConfig(_Strict):
     model: ModelConfig = ModelConfig()
     byol: ByolConfig = ByolConfig()
     cass: CassConfig = CassConfig()
+    ssl: SslConfig = SslConfig()
     supervised: SupervisedConfig = SupervisedConfig()
 
     @model_validator(mode="after")

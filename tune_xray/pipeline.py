@@ -237,8 +237,10 @@ def search_params(request: SearchRequest, resolved: ResolvedStudy, trials: int, 
     """The parent run's params: everything that decides what the search does, so runs compare on them."""
     study, budget = resolved.study, resolved.budget
     return {"study": study.origin, "trials": trials, "smoke": request.smoke, "metric": study.metric, "mode": study.mode,
-            "budget.epochs": budget.epochs, "scheduler": asha_text(request, study, objective(study.metric)),
+            "budget.epochs": budget.epochs, "scheduler": asha_text(request, study, objective(study.metric), budget),
             "asha.grace_period": budget.grace_period, "asha.reduction_factor": budget.reduction_factor,
+            "asha.ssl_grace_period": budget.ssl_grace_period or "off",
+            "asha.ssl_reduction_factor": budget.ssl_reduction_factor or budget.reduction_factor,
             "sampler": f"{study.space.sampler.name} (Optuna)",
             **{f"sampler.{k}": v for k, v in study.space.sampler.options().items()},
             "objectives": objectives_text(study),
@@ -255,13 +257,19 @@ def objectives_text(study: Study) -> str:
     return ", ".join(f"{k} ({m})" for k, m in [(study.metric, study.mode), *study.costs])
 
 
-def asha_text(request: SearchRequest, study: Study, metric: str) -> str:
-    """How ASHA stops the trials of a search: off, on its metric, or (a Pareto search) on every objective."""
+def asha_text(request: SearchRequest, study: Study, metric: str, budget=None) -> str:
+    """How ASHA stops the trials of a search: off, on its metric, or (a Pareto search) on every objective; and,
+    where the `budget` sets SSL rungs, during the SSL phase on the probe."""
     if request.no_asha:
         return "no early stopping"
+    ssl = ""
+    if budget is not None and budget.ssl_grace_period:
+        eta = budget.ssl_reduction_factor or budget.reduction_factor
+        ssl = (f"; through the SSL phase on the probe (phases.probe), rungs at {budget.ssl_grace_period}·{eta}^k SSL "
+               "epochs")
     if study.costs and request.asha_on == "objectives":
-        return "multi-objective ASHA: promotion by non-dominated sorting on every objective"
-    return f"ASHA on {metric} alone"
+        return f"multi-objective ASHA: promotion by non-dominated sorting on every objective{ssl}"
+    return f"ASHA on {metric} alone{ssl}"
 
 
 def search_description(request: SearchRequest, study: Study, trials: int, metric: str, data: dict) -> str:
@@ -463,7 +471,7 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
     summary["overrides"] = resolved.overrides  # what every trial got on top of the file: --set, --data, the device
     summary["optuna_study"] = experiment.name  # a copied or renamed experiment directory still finds its study
     summary["data"] = data  # what every number is an estimate on, and how its splits were made
-    summary["asha"] = asha_text(request, study, metric)
+    summary["asha"] = asha_text(request, study, metric, budget)
     known = {t.trial_id for t in all_trials}
     tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
                                       if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",

@@ -3,8 +3,8 @@ the define-by-run space it draws, and the study's storage.
 
 What a trial is told follows its status, not whether a value exists (Ray's OptunaSearch tells COMPLETE whenever
 the last result has one): complete → COMPLETE with its value; pruned by ASHA → PRUNED (a truncated value told as
-COMPLETE misleads TPE); diverged → PRUNED, so TPE counts the region among the bad ones (FAIL would be ignored by
-TPE, which would keep proposing it); error → FAIL. Results without the objective (the SSL phase) or with a
+COMPLETE misleads TPE); diverged and collapsed → PRUNED, so TPE counts the region among the bad ones (FAIL would
+be ignored by TPE, which would keep proposing it); error → FAIL. Results without the objective (the SSL phase) or with a
 non-finite value are not reported as intermediate values. The study lives in its storage (sqlite beside the
 experiment by default): a resumed search continues it, and `optuna-dashboard` reads it.
 
@@ -32,7 +32,7 @@ from ray.tune.search import Searcher
 
 from .credentials import mask, remember, reveal
 from .space import ResolvedStudy, flatten
-from .trial import TIME_ATTR, TRIAL_NUMBER, trial_status
+from .trial import PROBE, SSL_TIME_ATTR, TIME_ATTR, TRIAL_NUMBER, trial_status
 
 KEY_FIELDS = ("model.backbone", "model.pretrained", "augment.image_size", "device", "supervised.batch_size",
               "supervised.epochs")
@@ -49,6 +49,14 @@ def key_fields(cfg) -> tuple[str, ...]:
 
 TRAINED = "trained"  # the Optuna user attribute holding what a trial trained (its resolved values)
 
+
+
+BAD_ENDS = ("pruned", "diverged", "collapsed")  # told PRUNED: TPE counts their region among the bad ones
+
+
+def _unfinished_state(status: str):
+    """The Optuna state of a trial that did not complete: PRUNED for BAD_ENDS, FAIL otherwise (an error)."""
+    return State.PRUNED if status in BAD_ENDS else State.FAIL
 
 class DefineByRun:
     """Optuna define-by-run: draws the study's parameters, then returns the values that will *train* (smoke
@@ -125,6 +133,7 @@ class OptunaSearcher(Searcher):
         self.points_to_evaluate = list(points_to_evaluate)
         self.numbers: dict[str, int] = {}  # Tune trial id → Optuna trial number
         self.told: set[str] = set()
+        self.probes: dict[str, dict[str, float]] = {}  # each trial's probe curve so far (SSL epoch → value)
         self.rerun: set[str] = set()  # trials told FAIL whose later run's end was added (see _rerun_ended)
         self._ids: dict[str, int] = {}  # Tune trial id → the storage's id of its Optuna trial (looked up once)
         self._open: set[str] = set()  # trials this driver found unfinished in the study (only it tells them)
@@ -176,7 +185,17 @@ class OptunaSearcher(Searcher):
             self._open.add(trial_id)
         return False
 
+    def _probe(self, trial_id: str, result: dict) -> None:
+        probe = result.get(PROBE)
+        if trial_id in self.numbers and _finite(probe) and not result.get(TIME_ATTR) and not self._told(trial_id):
+            # the SSL phase's probe curve, on its own clock: a user attribute (the fine-tune's epochs are the
+            # intermediate values), which the report draws and optuna-dashboard shows
+            curve = {**self.probes.get(trial_id, {}), str(int(result.get(SSL_TIME_ATTR, 0))): float(probe)}
+            self.probes[trial_id] = curve
+            self.storage.set_trial_user_attr(self._trial_id(trial_id), "ssl_probe", curve)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._probe(trial_id, result)
         value = result.get(self.metric)
         if (trial_id in self.numbers and not self.costs and _finite(value) and not self._told(trial_id)):
             self.storage.set_trial_intermediate_value(self._trial_id(trial_id), int(result.get(TIME_ATTR, 0)), value)
@@ -189,7 +208,7 @@ class OptunaSearcher(Searcher):
             if status != "error":  # an errored trial that a resume ran again (resume_errored): its real end
                 self._rerun_ended(trial_id, status, result or {})
             return
-        if status == "pruned":  # the result ASHA stopped it on never reached on_trial_result
+        if status in ("pruned", "collapsed"):  # the result that ended it never reached on_trial_result
             self.on_trial_result(trial_id, result or {})
         self.storage.set_trial_user_attr(self._trial_id(trial_id), "status", status)
         constrain(optuna.trial.Trial(self.study, self._trial_id(trial_id)), result or {}, self.limits)
@@ -213,7 +232,7 @@ class OptunaSearcher(Searcher):
         told = {"values": values} if self.costs else {"value": values[0]}
         again = optuna.trial.create_trial(
             params=first.params, distributions=first.distributions, **(told if complete else {}),
-            state=State.COMPLETE if complete else State.PRUNED if status in ("pruned", "diverged") else State.FAIL,
+            state=State.COMPLETE if complete else _unfinished_state(status),
             user_attrs={**first.user_attrs, "status": status, "rerun_of": first.number})
         constrain(again, result, self.limits)
         self.study.add_trial(again)
@@ -223,7 +242,7 @@ class OptunaSearcher(Searcher):
         return {**self.__dict__, "_storage": None, "_study": None, "_open": set()}
 
     def __setstate__(self, state: dict) -> None:  # a searcher pickled before `rerun` and `_open` existed
-        self.__dict__.update({"rerun": set(), "_open": set(), **state})
+        self.__dict__.update({"rerun": set(), "_open": set(), "probes": {}, **state})
 
     def save(self, checkpoint_path: str) -> None:
         Path(checkpoint_path).write_bytes(pickle.dumps(self.__getstate__()))

@@ -130,6 +130,12 @@ class Budget(_Strict):
     epochs: int = Field(20, ge=1, description="supervised epochs: ASHA's max_t in epochs_done")
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: int = Field(3, ge=2)
+    ssl_grace_period: Optional[int] = Field(
+        None, ge=1, description="ASHA through the SSL phase: rungs at ssl_grace_period·η^k SSL epochs, judged on "
+        "the representation probe (phases.probe) among the trials at the same rung; unset: the SSL phase runs "
+        "whole, as before")
+    ssl_reduction_factor: Optional[int] = Field(None, ge=2, description="η of the SSL rungs (unset: "
+                                                "reduction_factor)")
 
 
 class Sampler(_Strict):

@@ -12,7 +12,16 @@ from .metrics import ci_text, pareto_front
 from .searcher import shown_url
 from .space import Study, case_key
 from .tracking import runs_table_url
-from .trial import RAN_WITH, STARTED_FROM, STATUSES, TIME_ATTR, TRIAL_NUMBER, status_of
+from .trial import (
+    RAN_WITH,
+    SSL_PHASE,
+    SSL_TIME_ATTR,
+    STARTED_FROM,
+    STATUSES,
+    TIME_ATTR,
+    TRIAL_NUMBER,
+    status_of,
+)
 
 SINGLE_LABEL = ("accuracy", "balanced_accuracy")  # a single-label task's decision metrics, beside its AUROC
 
@@ -68,6 +77,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
             "trial": trial_label(t.config), "name": run_name(study, t.config) if TRIAL_NUMBER in t.config
             else t.trial_id, "trial_id": t.trial_id, "status": status,
             "reason": reason, metric: m.get(metric) if status == "complete" else None, TIME_ATTR: m.get(TIME_ATTR),
+            **({SSL_TIME_ATTR: m[SSL_TIME_ATTR], SSL_PHASE: m.get(SSL_PHASE)} if SSL_TIME_ATTR in m else {}),
             "selected_epoch": m.get("selected_epoch"),
             "labels_averaged": m.get("selected_val_mean_auroc_labels"),  # what its mean AUROC is over
             "selection_ci": [m.get(f"selected_{study.metric}_selection_ci_low"),

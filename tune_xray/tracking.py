@@ -55,7 +55,7 @@ DESCRIPTION_TAG = "mlflow.note.content"  # the run's description (markdown) in t
 # a trial's status → the MLflow run status: a pruned trial ended as ASHA meant it to (FINISHED; its status tag says
 # `pruned`); KILLED is kept for what --resume continues, FAILED for what broke
 RUN_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "infeasible": "FINISHED", "interrupted": "KILLED",
-              "diverged": "FAILED", "error": "FAILED"}
+              "diverged": "FAILED", "collapsed": "FAILED", "error": "FAILED"}
 RECORD_TABLE = "selected_record.json"  # a trial's final record, every label and interval, as one MLflow table
 # Tune's own bookkeeping in every result, and ASHA's clock: not metrics of the trial
 BOOKKEEPING = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", TIME_ATTR, FINISHED,

@@ -28,12 +28,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .cluster import upload
-from .config import build_config, merge, objective, parse_overrides
+from .config import build_config, merge, objective, parse_overrides, plural
 
 TRIAL_NUMBER = "optuna_trial"  # in every search trial's config: the Optuna trial it is
 REPEAT_OF, REPEAT_SEED = "repeat_of", "repeat_seed"  # in a repeat trial's config: its source trial, its seed
 CV_OF, CV_FOLD, CV_FOLDS = "cv_of", "cv_fold", "cv_folds"  # in a fold trial's config (tune_xray.cv)
 TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
+SSL_TIME_ATTR = "ssl_epochs_done"  # ASHA's clock in the SSL phase: its epochs done (every report of a trial with one)
+SSL_PHASE = "ssl_phase"  # in every report of a trial with an SSL phase: byol or cass
+PROBE = "ssl_probe"  # in an SSL report with a probe: its value of the study's metric (phases.probe), what ASHA judges
 FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
 STATUS = "status"  # in a trial's last report: complete, diverged or infeasible (pruned / error / interrupted: Tune's)
 REASON = "reason"
@@ -47,11 +50,12 @@ RESULT_FILES = (FINAL_FILE, "config.yaml", "summary.json", "best.pt", "predictio
                 "supervised_history.json")
 
 
-STATUSES = ("complete", "pruned", "infeasible", "diverged", "error", "interrupted")  # see trial_status
+STATUSES = ("complete", "pruned", "infeasible", "diverged", "collapsed", "error", "interrupted")  # see trial_status
 
 
 def trial_status(result: dict | None, error: bool) -> str:
-    """complete | diverged | infeasible (the trial's own last report; infeasible: its measured cost over the
+    """complete | diverged | collapsed | infeasible (the trial's own last report; collapsed: its SSL phase's
+    representation collapsed, phases.probe.Monitor; infeasible: its measured cost over the
     study's `limits:`, it stopped at its first epoch's end) | error (it raised, retries spent) | pruned (stopped
     by the scheduler before its end). A trial still pending or running when the search stops is `interrupted`
     (see summary.summarize)."""
@@ -68,8 +72,16 @@ def status_of(trial, failed: bool) -> tuple[str, str]:
         lines = [line for line in text.splitlines() if line.strip()]
         return status, lines[-1] if lines else "error"
     if status == "pruned":
-        return status, f"stopped by ASHA after epoch {int(trial.last_result.get(TIME_ATTR, 0))}"
+        return status, f"stopped by ASHA after {stopped_at(trial.last_result)}"
     return status, str(trial.last_result.get(REASON, ""))
+
+
+def stopped_at(result: dict) -> str:
+    """Where a trial stopped: `epoch 3` (of its fine-tune), or `BYOL epoch 4` when it never reached the fine-tune."""
+    epochs, ssl_epochs = int(result.get(TIME_ATTR) or 0), int(result.get(SSL_TIME_ATTR) or 0)
+    if not epochs and ssl_epochs:
+        return f"{str(result.get(SSL_PHASE, 'SSL')).upper()} epoch {ssl_epochs}"
+    return f"epoch {epochs}"
 
 
 class TrialLines(tune.Callback):
@@ -83,9 +95,10 @@ class TrialLines(tune.Callback):
         status, reason = status_of(trial, failed)
         result = trial.last_result or {}
         value = result.get(self.metric) if status == "complete" else None
-        epochs = int(result.get(TIME_ATTR) or 0)
+        epochs, ssl_epochs = int(result.get(TIME_ATTR) or 0), int(result.get(SSL_TIME_ATTR) or 0)
         latency = result.get("latency_ms")
-        print(f"{self.name(trial.config)}: {status}, {epochs} fine-tune epoch{'' if epochs == 1 else 's'}"
+        ssl = f"{plural(ssl_epochs, str(result.get(SSL_PHASE)).upper() + ' epoch')}, " if ssl_epochs else ""
+        print(f"{self.name(trial.config)}: {status}, {ssl}{epochs} fine-tune epoch{'' if epochs == 1 else 's'}"
               + (f", {self.metric} {value:.4f}" if isinstance(value, (int, float)) else "")
               + (f", {latency:.1f} ms/image" if isinstance(latency, (int, float)) else "")
               + (f" ({reason[:160]})" if reason and status != "complete" else ""), flush=True)
@@ -121,6 +134,16 @@ def _numbers(metrics: dict, prefix: str = "") -> dict:
     """Numeric values (NaN and inf included: a non-finite metric is never silently dropped)."""
     return {prefix + k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _ssl_epochs_done(resume: dict | None, ssl: str | None) -> int:
+    """The SSL epochs a resumed trial had done: its SSL phase's restored epoch, or the whole phase when it resumes
+    in the fine-tune."""
+    if resume is None or ssl is None:
+        return 0
+    if resume["phase"] == ssl:
+        return int(resume["epoch"])
+    return len((resume.get("ssl") or {}).get("history") or [])
 
 
 def _format(phase: str, metrics: dict) -> dict:
@@ -231,7 +254,7 @@ def run_trial(config: dict, session: TrainSession | TuneSession) -> None:
 def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> None:
     from .models.pretrained import backbones_of, started_from
     from .phases import resolve_scan_backend, run_phases  # here: only the process that trains needs timm, kornia
-    from .phases.common import Diverged, load_state
+    from .phases.common import Collapsed, Diverged, load_state
 
     cfg = build_config(config["trial_config"], "trial config")
     rank, world_size = session.rank, session.world_size
@@ -248,23 +271,41 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
                 return
             resume = load_state(directory, run_dir)
     supervised_epochs = [resume["epoch"] if resume and resume["phase"] == "supervised" else 0]
+    ssl = "byol" if cfg.byol.enabled else "cass" if cfg.cass.enabled else None
+    ssl_epochs = [_ssl_epochs_done(resume, ssl)]
     ran_with = {"device": str(cfg.device), **global_batch_sizes(cfg, world_size)}
     # the files its backbones start from, fetched into this node's cache if the driver's is not this one's
     started = {b: started_from(b, cfg.model.pretrained, cfg.model.pretrained_ema) for b in backbones_of(cfg)}
-    every = {SCAN_BACKEND: scan_backend, RAN_WITH: ran_with, STARTED_FROM: started}  # in every report
+    every = {SCAN_BACKEND: scan_backend, RAN_WITH: ran_with, STARTED_FROM: started,  # in every report
+             **({SSL_PHASE: ssl} if ssl else {})}
     held: dict = {}  # the fine-tune's last epoch, reported with the final record
     # a resumed run re-sends the epochs its state holds: those reported after the driver's last save reach
     # the record this way (the tracker keeps the epochs it already has)
     replay = [] if resume is None else [_format(resume["phase"], m) for m in resume["history"]]
     if resume is not None and resume["phase"] == "supervised" and resume.get("ssl"):
-        ssl = "byol" if cfg.byol.enabled else "cass"
         replay = [_format(ssl, m) for m in resume["ssl"]["history"]] + replay
 
-    def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def clocks() -> dict:
+        """ASHA's clocks: the fine-tune's epochs, and the SSL phase's where there is one."""
+        return {TIME_ATTR: supervised_epochs[0], **({SSL_TIME_ATTR: ssl_epochs[0]} if ssl else {})}
+
+    def formatted(metrics: dict) -> dict:
+        """An epoch's report: its metrics (an SSL phase's under its name, with the probe as PROBE) and clocks."""
         phase = metrics["phase"]
         if phase == "supervised":
             supervised_epochs[0] = metrics["epoch"]
-        out = {**_format(phase, metrics), TIME_ATTR: supervised_epochs[0], **every}
+        else:
+            ssl_epochs[0] = metrics["epoch"]
+        out = {**_format(phase, metrics), **clocks(), **every}
+        probe = next((v for k, v in metrics.items() if k.startswith("probe_val_") and k != "probe_val_mean_auroc"),
+                     metrics.get("probe_val_mean_auroc"))
+        if phase != "supervised" and probe is not None:
+            out[PROBE] = probe
+        return out
+
+    def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
+        phase = metrics["phase"]
+        out = formatted(metrics)
         if replay:
             out[REPLAY] = replay.copy()
             replay.clear()
@@ -278,15 +319,19 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
     try:
         summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume)
     except Diverged as err:  # every rank raises it (the non-finite check is agreed across ranks)
-        session.report({**held, TIME_ATTR: supervised_epochs[0], **every, STATUS: "diverged", REASON: str(err),
+        session.report({**held, **clocks(), **every, STATUS: "diverged", REASON: str(err),
                         "diverged_epoch": float(err.epoch)})
+        return
+    except Collapsed as err:  # every rank raises it (judged on the agreed metrics): its last epoch's metrics with it
+        session.report({**formatted({"phase": err.phase, **err.metrics, "epoch": err.epoch}), STATUS: "collapsed",
+                        REASON: str(err), "collapsed_epoch": float(err.epoch)})
         return
     over = cfg.supervised.over_limits(held)
     if over:  # the study's hard limits: an infeasible configuration, told so (not a failure, not complete)
-        session.report({**held, TIME_ATTR: supervised_epochs[0], **every, STATUS: "infeasible", REASON: over})
+        session.report({**held, **clocks(), **every, STATUS: "infeasible", REASON: over})
         return
     sup, metric = summary["supervised"], cfg.supervised.selection_metric
-    final = {**held, TIME_ATTR: supervised_epochs[0], **every, FINISHED: 1.0, STATUS: "complete",
+    final = {**held, **clocks(), **every, FINISHED: 1.0, STATUS: "complete",
              "selected_epoch": float(sup["best_epoch"]), **_numbers(summary["val"], "selected_val_"),
              **_numbers(summary["test"], "record_test_")}
     final[objective(metric)] = sup["history"][sup["best_epoch"] - 1][metric] if sup["best_epoch"] else math.nan

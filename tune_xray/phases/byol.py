@@ -39,6 +39,7 @@ from .common import (
     step_scheduler,
     training_state,
 )
+from .probe import Monitor
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -109,7 +110,7 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
     model = precision.module(Byol(backbone, num_features, bc.hidden_dim, bc.out_dim, bc.ema_tau))
     trained = compiled(distributed(model, world_size, device), cfg)
     scaler = precision.scaler()
-    augment, _ = build_views(cfg, data, device)
+    augment, eval_views = build_views(cfg, data, device)
     train_set = data.dataset("train", with_unlabelled=not bc.labelled_only)
     val_set = data.dataset("val")
     batch_size = bc.batch_size
@@ -126,6 +127,7 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
     if resume is not None:
         history, start = restore_training(resume, model, [optimizer], [scheduler])
         state.update(step=resume["step"], tau=resume["tau"])
+    monitor = Monitor(cfg, data, "byol", bc.epochs, history)
 
     def views(x):
         x = x.to(device, non_blocking=True)
@@ -152,10 +154,12 @@ def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_feat
         # the BYOL loss on augmented validation images
         val_loss = eval_loss(model, val_loader, lambda x: model(*views(x))[0], precision)
         return {"byol_loss": train_loss, "byol_val_loss": val_loss, "z_std": float(state["z_std"]),
-                "ema_tau": state["tau"], "lr": current_lr(optimizer)}
+                "ema_tau": state["tau"], "lr": current_lr(optimizer),
+                **monitor.measure(epoch, [model.backbone], eval_views, precision)}
 
     def after_evaluate(metrics: dict) -> None:
         history.append(metrics)
+        monitor.check(metrics, bc.out_dim)
         step_scheduler(scheduler, metrics["epoch"], {"val_loss": metrics["byol_val_loss"], **metrics}, bc.scheduler)
 
     epoch_loop("byol", start, bc.epochs, train=train, evaluate=evaluate, after_evaluate=after_evaluate,

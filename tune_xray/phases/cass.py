@@ -39,6 +39,7 @@ from .common import (
     step_scheduler,
     training_state,
 )
+from .probe import Monitor
 
 
 class CassArm(nn.Module):
@@ -113,6 +114,9 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
             avg.load_state_dict(state)
         for swa_sched, state in zip(swa_schedulers, resume["swa_schedulers"]):
             swa_sched.load_state_dict(state)
+    monitor = Monitor(cfg, data, "cass", cc.epochs, history)
+    probed = [getattr(model, arm).backbone for arm in (("cnn", "transformer") if cc.finetune == "both"
+                                                       else (cc.finetune,))]  # what the fine-tune trains
 
     def micro_step(batch):
         x = precision.images(augment(batch[0].to(device, non_blocking=True)))  # one draw, the same for both arms
@@ -128,7 +132,8 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
         # the CASS loss on validation images' centre view
         val_loss = eval_loss(model, val_loader, lambda x: model(precision.images(eval_views(x.to(device))[0])),
                              precision)
-        return {"cass_loss": train_loss, "cass_val_loss": val_loss, "lr": current_lr(optimizers[0])}
+        return {"cass_loss": train_loss, "cass_val_loss": val_loss, "lr": current_lr(optimizers[0]),
+                **monitor.measure(epoch, probed, eval_views, precision)}
 
     def after_evaluate(metrics: dict) -> None:
         if averaged and metrics["epoch"] > swa_start:
@@ -140,6 +145,7 @@ def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.de
                 step_scheduler(sched, metrics["epoch"], {"val_loss": metrics["cass_val_loss"], **metrics},
                                cc.scheduler)
         history.append(metrics)
+        monitor.check(metrics)
 
     epoch_loop("cass", start, cc.epochs, train=train, evaluate=evaluate, after_evaluate=after_evaluate,
                state=lambda done: training_state(

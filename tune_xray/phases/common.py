@@ -178,6 +178,15 @@ class Diverged(RuntimeError):
         self.phase, self.epoch, self.what = phase, epoch, what
 
 
+class Collapsed(RuntimeError):
+    """A self-supervised phase whose representation has collapsed (phases.probe.Monitor): the trial ends at once
+    as `collapsed` — a result of its configuration, told to the searcher, never complete or pruned."""
+
+    def __init__(self, phase: str, epoch: int, what: str, metrics: dict | None = None):
+        super().__init__(f"{phase} collapsed at epoch {epoch}: {what}")
+        self.phase, self.epoch, self.what, self.metrics = phase, epoch, what, metrics or {}
+
+
 def _all_ranks_agree(flag: bool) -> bool:
     """True on every rank when `flag` is true on any (DDP): every rank then takes the same branch, so none
     waits in a collective the others left."""

@@ -55,10 +55,12 @@ def search_data(experiment: Experiment, summary: dict) -> dict:
         trials.append({"number": t.number, "state": t.state.name, "status": status,
                        "value": told if status == "complete" else None,
                        "infeasible_value": told if status == "infeasible" else None, "params": params,
-                       "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()}})
+                       "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+                       "ssl_probe": t.user_attrs.get("ssl_probe") or {}})
     direction = study.directions[0].name  # the validation metric's (a Pareto search's costs follow it)
     importance, why = _importance(trials, keys, log, direction)
-    asha = [{"trial": r["trial"], "epochs_done": r["epochs_done"], "status": r["status"]} for r in summary["rows"]
+    asha = [{"trial": r["trial"], "epochs_done": r["epochs_done"], "status": r["status"],
+             "ssl_epochs_done": r.get("ssl_epochs_done"), "ssl_phase": r.get("ssl_phase")} for r in summary["rows"]
             if r.get("epochs_done") is not None]
     return {"direction": direction, "trials": trials, "parameters": keys, "log": sorted(log),
             "short": short_names(keys), "importance": importance, "importance_note": why, "asha": asha}
@@ -256,30 +258,63 @@ def _mappable(cmap, norm):
 
 
 STATUS_COLOURS = {"complete": "tab:green", "pruned": "tab:orange", "infeasible": "tab:brown", "diverged": "tab:red",
-                  "error": "tab:gray", "interrupted": "tab:purple"}
+                  "collapsed": "tab:pink", "error": "tab:gray", "interrupted": "tab:purple"}
 
 
 def _asha(search: dict) -> str:
     rows = search["asha"]
 
+    ssl = [r for r in rows if r.get("ssl_epochs_done") is not None]
+    phase = str(ssl[0]["ssl_phase"]).upper() if ssl else ""
+
     def rungs(fig):
         from matplotlib.patches import Patch
 
-        ax = fig.add_subplot()
-        ax.barh([r["trial"] for r in rows], [r["epochs_done"] for r in rows],
-                color=[STATUS_COLOURS.get(r["status"], "k") for r in rows])
-        ax.set_xlabel("fine-tune epochs run")
-        integer_ticks(ax)
-        ax.invert_yaxis()
-        ax.legend(handles=[Patch(color=c, label=s) for s, c in STATUS_COLOURS.items()
-                           if any(r["status"] == s for r in rows)], loc="upper left", bbox_to_anchor=(1.01, 1))
+        panels = [("ssl_epochs_done", f"{phase} epochs run")] if ssl else []
+        axes = fig.subplots(1, len(panels) + 1, sharey=True, squeeze=False)[0]
+        for ax, (key, label) in zip(axes, [*panels, ("epochs_done", "fine-tune epochs run")]):
+            ax.barh([r["trial"] for r in rows], [r.get(key) or 0 for r in rows],
+                    color=[STATUS_COLOURS.get(r["status"], "k") for r in rows])
+            ax.set_xlabel(label)
+            integer_ticks(ax)
+        axes[0].invert_yaxis()
+        axes[-1].legend(handles=[Patch(color=c, label=s) for s, c in STATUS_COLOURS.items()
+                                 if any(r["status"] == s for r in rows)], loc="upper left", bbox_to_anchor=(1.01, 1))
 
     total = sum(r["epochs_done"] or 0 for r in rows)
     full = max((r["epochs_done"] or 0) for r in rows) * len(rows) if rows else 0
-    out = (f"<h3>ASHA: epochs spent per trial</h3><p>{plural(total, 'trial-epoch')} in all over "
-           f"{plural(len(rows), 'trial')}; a full budget for every trial would have been {full}.</p>")
-    return out + (figure(rungs, 8, 0.32 * len(rows) + 1.2, "fine-tune epochs each trial ran, by status")
-                  if rows else "")
+    ssl_total = sum(r["ssl_epochs_done"] for r in ssl)
+    ssl_full = max((r["ssl_epochs_done"] for r in ssl), default=0) * len(ssl)
+    out = (f"<h3>ASHA: epochs spent per trial</h3><p>{plural(total, 'trial-epoch')} of fine-tuning in all over "
+           f"{plural(len(rows), 'trial')}; a full budget for every trial would have been {full}."
+           + (f" {phase}: {plural(ssl_total, 'SSL epoch')} in all (the longest phase's length for every trial: "
+              f"{ssl_full})." if ssl else "") + "</p>")
+    out += (figure(rungs, 8 + 3 * bool(ssl), 0.32 * len(rows) + 1.2,
+                   f"{phase + ' and ' if ssl else ''}fine-tune epochs each trial ran, by status") if rows else "")
+    return out + _probe_curves(search["trials"], phase)
+
+
+def _probe_curves(trials: list[dict], phase: str) -> str:
+    """The representation probe (phases.probe) of each trial along its SSL phase: what ASHA judged it on there."""
+    curves = [(t["number"], t["status"], sorted((int(k), v) for k, v in t["ssl_probe"].items()))
+              for t in trials if t.get("ssl_probe")]
+    if not curves:
+        return ""
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        for number, status, points in curves:
+            ax.plot(*zip(*points), marker="o", color=STATUS_COLOURS.get(status, "k"), alpha=0.8,
+                    label=f"t{number:03d} ({status})")
+        ax.set_xlabel(f"{phase} epoch")
+        ax.set_ylabel("probe: weighted kNN, val")
+        integer_ticks(ax)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+
+    return ("<h3>The representation probe during self-supervision</h3><p class=note>A weighted kNN on the frozen "
+            "backbone's features (20 neighbours, DINO's rule), scored with the study's metric on validation at each "
+            f"probed {phase} epoch: what ASHA's SSL rungs compare and what ends a phase at chance as collapsed.</p>"
+            + figure(draw, 9, 3.6, f"the probe of each trial along its {phase} phase"))
 
 
 def render_trials(trials: list[dict], metric: str) -> str:

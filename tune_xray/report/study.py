@@ -73,7 +73,10 @@ def study_facts(experiment: Experiment, summary: dict, invocation: dict) -> list
              *([("budget", f"{plural(summary['requested'], 'trial')} requested"
                            + (f" (the file's budget: {budget.trials})" if budget.trials != summary["requested"] else "")
                            + f", {plural(budget.epochs, 'fine-tune epoch')} each at most; ASHA grace "
-                           f"{budget.grace_period}, reduction factor {budget.reduction_factor}")] if budget else []),
+                           f"{budget.grace_period}, reduction factor {budget.reduction_factor}"
+                           + (f"; SSL rungs at {budget.ssl_grace_period}·"
+                              f"{budget.ssl_reduction_factor or budget.reduction_factor}^k SSL epochs, on the probe"
+                              if budget.ssl_grace_period else ""))] if budget else []),
              ("--set", " ".join(invocation.get("overrides") or []) or "none"),
              ("every trial also got", ", ".join(f"{k}={v}" for k, v in flatten(applied).items()) or "nothing more"),
              ("search wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min"
