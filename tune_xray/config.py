@@ -174,6 +174,10 @@ class ModelConfig(_Strict):
         "PyTorch; auto: the first of them that runs on the trial's device (a CUDA fallback to torch is warned)")
     in_chans: Literal[1, 3] = 3
     drop_rate: float = Field(0.0, ge=0, lt=1)
+    init_from: Optional[str] = Field(
+        None, description="fine-tune from an earlier search's SSL phase instead of pre-training: EXPERIMENT (the "
+        "one with the best final probe) or EXPERIMENT:tNNN (that trial's); `python -m tune_xray.phases.ssl_store "
+        "EXPERIMENT` lists them, best first")
 
     @model_validator(mode="after")
     def _one_pretrained(self):

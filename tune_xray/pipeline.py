@@ -27,6 +27,7 @@ from .ensemble import NoFit, absolute_budget, remeasure_costs, run_ensemble
 from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
 from .external import ExternalSource, check_external, external_lines, record_external
 from .models.pretrained import WeightsMissing, backbones_of, caches_text, prefetch, resolve, size_text
+from .phases.ssl_store import check_fits, resolve_init
 from .repeat import print_repeats, run_repeats
 from .report import build_report
 from .request import TUNE_STATE, SearchRequest
@@ -39,6 +40,7 @@ from .trial import (
     TRIAL_NUMBER,
     TrialLines,
     TrialResources,
+    fine_tuned_names,
     global_batch_sizes,
     quiet_console,
     remove_orphaned_workdirs,
@@ -123,6 +125,11 @@ def check_candidates(resolved: ResolvedStudy) -> None:
             if weight is not None and weight.source == "file" and not Path(weight.location).is_file():
                 raise ConfigError(f"{study.origin}: {where}={value!r}: model.pretrained {weight.location}: no such "
                                   "file")
+        if cfg.model.init_from:  # the stored SSL phase it fine-tunes from: there, and of the backbones it trains
+            try:
+                check_fits(resolve_init(cfg.model.init_from), fine_tuned_names(cfg), cfg.model.init_from)
+            except ConfigError as err:
+                raise ConfigError(f"{study.origin}: {where}={value!r}: {err}") from None
 
 
 def fetch_weights(resolved: ResolvedStudy, address: str | None) -> None:

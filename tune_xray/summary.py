@@ -14,6 +14,7 @@ from .space import Study, case_key
 from .tracking import runs_table_url
 from .trial import (
     RAN_WITH,
+    SSL_FROM,
     SSL_PHASE,
     SSL_TIME_ATTR,
     STARTED_FROM,
@@ -78,6 +79,7 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
             else t.trial_id, "trial_id": t.trial_id, "status": status,
             "reason": reason, metric: m.get(metric) if status == "complete" else None, TIME_ATTR: m.get(TIME_ATTR),
             **({SSL_TIME_ATTR: m[SSL_TIME_ATTR], SSL_PHASE: m.get(SSL_PHASE)} if SSL_TIME_ATTR in m else {}),
+            **({SSL_FROM: m[SSL_FROM]} if m.get(SSL_FROM) else {}),  # the stored SSL phase it fine-tuned from
             "selected_epoch": m.get("selected_epoch"),
             "labels_averaged": m.get("selected_val_mean_auroc_labels"),  # what its mean AUROC is over
             "selection_ci": [m.get(f"selected_{study.metric}_selection_ci_low"),

@@ -39,7 +39,7 @@ from .experiment import PARENT_ID_FILE
 from .explain import COST_METRICS
 from .metrics import ci_text
 from .serving import EnsembleModel
-from .trial import DRIVER, FINISHED, REPLAY, SCAN_BACKEND, STARTED_FROM, TIME_ATTR
+from .trial import DRIVER, FINISHED, REPLAY, SCAN_BACKEND, SSL_FROM, STARTED_FROM, TIME_ATTR, ssl_from_text
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact copied: 16 at the end
 # with an MLflow server, two lines per run ended ("View run … at", "View experiment at"): the search says one per trial
@@ -446,6 +446,8 @@ class TrialRuns(LoggerCallback):
         backend, logged = (trial.last_result or {}).get(SCAN_BACKEND), run.data.params if run else {}
         params = [Param(SCAN_BACKEND, backend)] if isinstance(backend, str) and SCAN_BACKEND not in logged else []
         params += [p for p in started_params((trial.last_result or {}).get(STARTED_FROM)) if p.key not in logged]
+        reused = (trial.last_result or {}).get(SSL_FROM)
+        tags += [RunTag("tune_xray.ssl_from", ssl_from_text(reused))] if isinstance(reused, dict) else []
         client.log_batch(run_id, tags=tags, params=params)
         directory = self.results_dir(trial)
         for name in self.artifacts:

@@ -37,6 +37,9 @@ TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iter
 SSL_TIME_ATTR = "ssl_epochs_done"  # ASHA's clock in the SSL phase: its epochs done (every report of a trial with one)
 SSL_PHASE = "ssl_phase"  # in every report of a trial with an SSL phase: byol or cass
 PROBE = "ssl_probe"  # in an SSL report with a probe: its value of the study's metric (phases.probe), what ASHA judges
+SSL_FROM = "ssl_from"  # in every report of a trial that fine-tunes a stored SSL phase: which (phases.ssl_store)
+SSL_STORE = "ssl_store"  # in a trial's train config: the experiment's store of finished SSL phases
+TRIAL_NAME = "trial_name"  # in a trial's train config: its Tune name (`t007-<trial id>`)
 FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
 STATUS = "status"  # in a trial's last report: complete, diverged or infeasible (pruned / error / interrupted: Tune's)
 REASON = "reason"
@@ -76,6 +79,14 @@ def status_of(trial, failed: bool) -> tuple[str, str]:
     return status, str(trial.last_result.get(REASON, ""))
 
 
+def ssl_from_text(entry: dict) -> str:
+    """`reused from t003's run (key 1f2e…)` or `from runs/byol:t003 (model.init_from)`: where a fine-tune's SSL
+    phase came from."""
+    if entry.get("init_from"):
+        return f"from {entry['init_from']} (model.init_from; its {entry.get('trial')})"
+    return f"reused from {entry.get('trial')}'s run (key {str(entry.get('key'))[:8]}…)"
+
+
 def stopped_at(result: dict) -> str:
     """Where a trial stopped: `epoch 3` (of its fine-tune), or `BYOL epoch 4` when it never reached the fine-tune."""
     epochs, ssl_epochs = int(result.get(TIME_ATTR) or 0), int(result.get(SSL_TIME_ATTR) or 0)
@@ -98,6 +109,9 @@ class TrialLines(tune.Callback):
         epochs, ssl_epochs = int(result.get(TIME_ATTR) or 0), int(result.get(SSL_TIME_ATTR) or 0)
         latency = result.get("latency_ms")
         ssl = f"{plural(ssl_epochs, str(result.get(SSL_PHASE)).upper() + ' epoch')}, " if ssl_epochs else ""
+        reused = result.get(SSL_FROM)
+        if isinstance(reused, dict):  # no SSL epoch of its own: the phase it fine-tuned from, said
+            ssl = f"{str(result.get(SSL_PHASE) or 'SSL').upper()} {ssl_from_text(reused)}, "
         print(f"{self.name(trial.config)}: {status}, {ssl}{epochs} fine-tune epoch{'' if epochs == 1 else 's'}"
               + (f", {self.metric} {value:.4f}" if isinstance(value, (int, float)) else "")
               + (f", {latency:.1f} ms/image" if isinstance(latency, (int, float)) else "")
@@ -134,6 +148,48 @@ def _numbers(metrics: dict, prefix: str = "") -> dict:
     """Numeric values (NaN and inf included: a non-finite metric is never silently dropped)."""
     return {prefix + k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def stored_ssl(cfg, store: str | None, trial: str | None, world_size: int, resume: dict | None, scratch):
+    """(ssl_start, after_ssl) for run_phases: `model.init_from`'s stored phase; else, for a fresh trial with an SSL
+    phase, the store's phase of its key when there is one (pre-trained by an earlier trial: reused), or a hook that
+    keeps its own there once it has run. A resumed trial carries its own phase in its state."""
+    from .phases.ssl_store import check_fits, fetch, keep, read, resolve_init, save, ssl_inputs, ssl_key, ssl_phase
+
+    names = fine_tuned_names(cfg)
+    if cfg.model.init_from:
+        meta = resolve_init(cfg.model.init_from)
+        states, meta = read(Path(meta["dir"]))
+        check_fits(meta, names, cfg.model.init_from)
+        return {"states": states, "meta": meta, "from": {"init_from": cfg.model.init_from, "trial": meta["trial"],
+                                                         "key": meta["key"]}}, None
+    phase = ssl_phase(cfg)
+    if phase is None or store is None or resume is not None:
+        return None, None
+    key = ssl_key(cfg, world_size)
+    local = fetch(store, key)
+    if local is not None:
+        states, meta = read(local)
+        shutil.rmtree(local, ignore_errors=True)
+        return {"states": states, "meta": meta, "from": {"reused": True, "trial": meta["trial"], "key": key}}, None
+    def after_ssl(backbones, summary: dict) -> None:
+        from .phases.ssl_store import probe_curve
+
+        meta = {"key": key, "trial": trial.rsplit("-", 1)[0] if trial else None, "trial_name": trial, "phase": phase,
+                "backbones": names, "inputs": ssl_inputs(cfg, world_size), "summary": summary,
+                "probe": probe_curve(summary.get("history") or [])}
+        keep(store, key, save(scratch("ssl"), backbones, meta))
+
+    return None, after_ssl
+
+
+def fine_tuned_names(cfg) -> list[str]:
+    """The backbones a trial fine-tunes, in the fine-tune's order: the model's, or its CASS arm(s)."""
+    if not cfg.cass.enabled:
+        return [cfg.model.backbone]
+    if cfg.cass.finetune == "both":
+        return [cfg.cass.cnn, cfg.cass.transformer]
+    return [getattr(cfg.cass, cfg.cass.finetune)]
 
 
 def _ssl_epochs_done(resume: dict | None, ssl: str | None) -> int:
@@ -255,6 +311,7 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
     from .models.pretrained import backbones_of, started_from
     from .phases import resolve_scan_backend, run_phases  # here: only the process that trains needs timm, kornia
     from .phases.common import Collapsed, Diverged, load_state
+    from .phases.ssl_store import ssl_phase
 
     cfg = build_config(config["trial_config"], "trial config")
     rank, world_size = session.rank, session.world_size
@@ -271,13 +328,15 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
                 return
             resume = load_state(directory, run_dir)
     supervised_epochs = [resume["epoch"] if resume and resume["phase"] == "supervised" else 0]
-    ssl = "byol" if cfg.byol.enabled else "cass" if cfg.cass.enabled else None
+    ssl = ssl_phase(cfg)
+    ssl_start, after_ssl = stored_ssl(cfg, config.get(SSL_STORE), config.get(TRIAL_NAME), world_size, resume,
+                                      scratch)
     ssl_epochs = [_ssl_epochs_done(resume, ssl)]
     ran_with = {"device": str(cfg.device), **global_batch_sizes(cfg, world_size)}
     # the files its backbones start from, fetched into this node's cache if the driver's is not this one's
     started = {b: started_from(b, cfg.model.pretrained, cfg.model.pretrained_ema) for b in backbones_of(cfg)}
     every = {SCAN_BACKEND: scan_backend, RAN_WITH: ran_with, STARTED_FROM: started,  # in every report
-             **({SSL_PHASE: ssl} if ssl else {})}
+             **({SSL_PHASE: ssl} if ssl else {}), **({SSL_FROM: ssl_start["from"]} if ssl_start else {})}
     held: dict = {}  # the fine-tune's last epoch, reported with the final record
     # a resumed run re-sends the epochs its state holds: those reported after the driver's last save reach
     # the record this way (the tracker keeps the epochs it already has)
@@ -317,7 +376,8 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray Train by now (or not needed)
 
     try:
-        summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume)
+        summary = run_phases(cfg, run_dir, report, rank=rank, world_size=world_size, checkpoints=True, resume=resume,
+                             ssl_start=ssl_start, after_ssl=after_ssl)
     except Diverged as err:  # every rank raises it (the non-finite check is agreed across ranks)
         session.report({**held, **clocks(), **every, STATUS: "diverged", REASON: str(err),
                         "diverged_epoch": float(err.epoch)})
@@ -461,8 +521,12 @@ def trial_driver(config: dict, *, resolved, resources: TrialResources, storage_p
     its local trial directory is not the driver's)."""
     cfg = resolve_trial(resolved, config)
     context = tune.get_context()
-    train_config = {"trial_config": cfg.model_dump(mode="json")}
-    results_to = f"{storage_path}/{Path(context.get_trial_dir()).name}"
+    from .phases.ssl_store import STORE_DIR
+
+    name = Path(context.get_trial_dir()).name
+    train_config = {"trial_config": cfg.model_dump(mode="json"), SSL_STORE: f"{storage_path}/{STORE_DIR}",
+                    TRIAL_NAME: name}
+    results_to = f"{storage_path}/{name}"
     if resources.in_trial:
         run_trial(train_config, TuneSession("cuda" if resources.gpus else "cpu", results_to))
         return

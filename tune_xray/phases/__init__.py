@@ -18,6 +18,7 @@ from ..models.scan import resolve_backend
 from .byol import run_byol
 from .cass import build_cass, run_cass
 from .common import Report, no_report, resolve_device, reuse_freed_memory, seed_everything
+from .ssl_store import ssl_phase
 from .supervised import resolve_loss, run_supervised
 
 
@@ -56,11 +57,14 @@ def resolve_scan_backend(cfg: TrialConfig, device) -> str:
 
 
 def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report, data: PreparedData | None = None,
-               rank: int = 0, world_size: int = 1, checkpoints: bool = False, resume: dict | None = None) -> dict:
+               rank: int = 0, world_size: int = 1, checkpoints: bool = False, resume: dict | None = None,
+               ssl_start: dict | None = None, after_ssl=None) -> dict:
     """Run one trial config end to end; writes config.yaml, summary.json, best.pt and predictions.
 
     `checkpoints`: every epoch, hand `report` a directory with the full state; `resume`: a state read
-    back from one (`common.load_state`) — the run continues from the epoch after it."""
+    back from one (`common.load_state`) — the run continues from the epoch after it. `ssl_start`: a stored SSL
+    phase (`ssl_store`: {"states", "meta", "from"}) the fine-tune starts from instead of pre-training; `after_ssl(
+    backbones, ssl_summary)`: called on rank 0 once the SSL phase has run (the trial keeps it in the store)."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -80,8 +84,15 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
                      "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device),
                      "scan_backend": scan_backend}
     resume_phase = resume["phase"] if resume else None
-    ssl = "byol" if cfg.byol.enabled else "cass" if cfg.cass.enabled else None
-    if ssl and resume_phase != "supervised":
+    ssl = ssl_phase(cfg)
+    trained = list(backbone) if isinstance(backbone, (list, tuple)) else [backbone]  # what the fine-tune trains
+    if ssl_start is not None and resume_phase != "supervised":  # pre-trained before, by this or another trial
+        for module, state in zip(trained, ssl_start["states"]):
+            module.load_state_dict(state)
+        summary["ssl_from"] = ssl_start["from"]
+        if ssl:
+            summary[ssl] = ssl_start["meta"].get("summary")
+    elif ssl and resume_phase != "supervised":
         ssl_resume = resume if resume_phase == ssl else None
         if ssl == "byol":
             summary[ssl] = run_byol(cfg, data, backbone, num_features, device, run_dir, report, rank, world_size,
@@ -89,6 +100,8 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
         else:
             summary[ssl] = run_cass(cfg, data, cass, device, run_dir, report, rank, world_size, checkpoints,
                                     ssl_resume)
+        if after_ssl is not None and rank == 0:
+            after_ssl(trained, summary[ssl])
     elif resume_phase == "supervised" and resume.get("ssl") is not None:
         summary[ssl] = resume["ssl"]  # pre-trained before the interruption; its weights are in the state
     summary["supervised"] = run_supervised(
