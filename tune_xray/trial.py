@@ -311,6 +311,7 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
     from .models.pretrained import backbones_of, started_from
     from .phases import resolve_scan_backend, run_phases  # here: only the process that trains needs timm, kornia
     from .phases.common import Collapsed, Diverged, load_state
+    from .phases.probe import study_probe
     from .phases.ssl_store import ssl_phase
 
     cfg = build_config(config["trial_config"], "trial config")
@@ -356,8 +357,7 @@ def _run_trial(config: dict, session: TrainSession | TuneSession, scratch) -> No
         else:
             ssl_epochs[0] = metrics["epoch"]
         out = {**_format(phase, metrics), **clocks(), **every}
-        probe = next((v for k, v in metrics.items() if k.startswith("probe_val_") and k != "probe_val_mean_auroc"),
-                     metrics.get("probe_val_mean_auroc"))
+        probe = study_probe(metrics)
         if phase != "supervised" and probe is not None:
             out[PROBE] = probe
         return out

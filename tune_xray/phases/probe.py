@@ -137,6 +137,13 @@ class Probe:
         return not metrics.get("probe_val_mean_auroc", 1.0) > CHANCE_AUROC + PROBE_CHANCE_MARGIN
 
 
+def study_probe(metrics: dict) -> float | None:
+    """An SSL epoch's probe of the study's metric (`probe_val_<metric>`; its mean AUROC where that is the metric),
+    None where the epoch was not probed: what ASHA's SSL rungs and the stored phases' curves read."""
+    own = [v for k, v in metrics.items() if k.startswith("probe_val_") and k != "probe_val_mean_auroc"]
+    return own[0] if own else metrics.get("probe_val_mean_auroc")
+
+
 def probe_due(epoch: int, epochs: int, every: int) -> bool:
     """Whether 0-based `epoch` of an `epochs`-long phase is probed: every `every` epochs, and its last."""
     return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == epochs)

@@ -69,13 +69,9 @@ def read(directory: Path) -> tuple[list[dict], dict]:
 
 def probe_curve(history: list[dict]) -> dict[str, float]:
     """An SSL history's probe of the study's metric (`probe_val_<metric>`, else its mean AUROC) by epoch."""
-    out = {}
-    for metrics in history:
-        value = next((v for k, v in metrics.items() if k.startswith("probe_val_") and k != "probe_val_mean_auroc"),
-                     metrics.get("probe_val_mean_auroc"))
-        if value is not None:
-            out[str(metrics["epoch"])] = float(value)
-    return out
+    from .probe import study_probe
+
+    return {str(m["epoch"]): float(study_probe(m)) for m in history if study_probe(m) is not None}
 
 
 def final_probe(meta: dict) -> float | None:
