@@ -39,7 +39,18 @@ from .experiment import PARENT_ID_FILE
 from .explain import COST_METRICS
 from .metrics import ci_text
 from .serving import EnsembleModel
-from .trial import DRIVER, FINISHED, REPLAY, SCAN_BACKEND, SSL_FROM, STARTED_FROM, TIME_ATTR, ssl_from_text
+from .trial import (
+    DRIVER,
+    FINISHED,
+    PROBE,
+    REPLAY,
+    SCAN_BACKEND,
+    SSL_FROM,
+    SSL_TIME_ATTR,
+    STARTED_FROM,
+    TIME_ATTR,
+    ssl_from_text,
+)
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact copied: 16 at the end
 # with an MLflow server, two lines per run ended ("View run … at", "View experiment at"): the search says one per trial
@@ -59,7 +70,7 @@ RUN_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "infeasible": "FINIS
 RECORD_TABLE = "selected_record.json"  # a trial's final record, every label and interval, as one MLflow table
 # Tune's own bookkeeping in every result, and ASHA's clock: not metrics of the trial
 BOOKKEEPING = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", TIME_ATTR, FINISHED,
-               REPLAY}
+               REPLAY, SSL_TIME_ATTR, PROBE}  # (the probe is logged as `byol/probe_val_…`, at its BYOL epoch)
 RECORD_PREFIXES = ("selected_", "record_test_")
 SSL_PHASES = ("byol", "cass")  # their epoch metrics come as `byol/…` with their own `byol/epoch`
 
