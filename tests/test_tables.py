@@ -14,36 +14,6 @@ from tune_xray.data.tables import CHEXPERT_OBSERVATIONS
 from tune_xray.search import main
 
 
-def test_a_search_on_a_chexpert_style_table(tmp_path, capsys):
-    import ray
-
-    root = generate(tmp_path / "cxr", n_images=300, size=64, seed=0, workers=1)
-    table = label_table(root)
-    data = {**SPACE["base"]["data"], "uncertain": "ones", "views": ["PA"],
-            "table": {"image_column": "Path", "label_columns": list(CHEXPERT_FROM_NIH.values()),
-                      "patient_column": "Patient", "split_column": "Split", "view_column": "AP/PA",
-                      "split_values": {"train": "train", "val": "valid"}}}
-    space = tmp_path / "table.yaml"
-    space.write_text(yaml.safe_dump({**{k: v for k, v in SPACE.items() if k != "warm_start"},
-                                     "budget": {**SPACE["budget"], "trials": 2},
-                                     "params": {"supervised.optimizer.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
-                                     "base": {**SPACE["base"], "data": data}}))
-    try:
-        code = main([str(space), "--data", f"csv:{table}", "--storage", str(tmp_path / "s"), "--no-asha",
-                     "--no-report", "--no-ensemble"])
-    finally:
-        ray.shutdown()
-    out = capsys.readouterr().out
-    assert code == 0
-    first = out.splitlines()[0]
-    assert f"data csv:{table} (multilabel, 7 labels;" in first
-    assert "its column Split; test 20 % of train's patients, seed 42" in first
-    assert "labels: uncertain (-1) U-Ones: as positives; blank as negatives" in first and "views PA" in first
-    assert "patient-disjoint (checked); intervals resample patients" in first
-    summary = json.loads((tmp_path / "s" / "table" / "summary.json").read_text())
-    assert summary["complete"] == 2
-
-
 def _space(tmp_path, name, data=None, params=None, trials=2):
     space = tmp_path / f"{name}.yaml"
     space.write_text(yaml.safe_dump({**{k: v for k, v in SPACE.items() if k != "warm_start"},
@@ -53,21 +23,40 @@ def _space(tmp_path, name, data=None, params=None, trials=2):
     return space
 
 
-def test_a_search_on_the_chexpert_layout_with_the_uncertain_policy_as_an_axis(tmp_path, capsys):
+def _search(tmp_path, space, spec: str, capsys, *flags) -> str:
+    """Run a search on `spec` with its summary in tmp_path/s; its first line (exit 0 asserted)."""
     import ray
 
+    try:
+        code = main([str(space), "--data", spec, "--storage", str(tmp_path / "s"), "--no-asha", *flags])
+    finally:
+        ray.shutdown()
+    assert code == 0
+    return capsys.readouterr().out.splitlines()[0]
+
+
+def test_a_search_on_a_chexpert_style_table(tmp_path, capsys):
+    root = generate(tmp_path / "cxr", n_images=300, size=64, seed=0, workers=1)
+    table = label_table(root)
+    data = {"uncertain": "ones", "views": ["PA"],
+            "table": {"image_column": "Path", "label_columns": list(CHEXPERT_FROM_NIH.values()),
+                      "patient_column": "Patient", "split_column": "Split", "view_column": "AP/PA",
+                      "split_values": {"train": "train", "val": "valid"}}}
+    first = _search(tmp_path, _space(tmp_path, "table", data), f"csv:{table}", capsys, "--no-report", "--no-ensemble")
+    assert f"data csv:{table} (multilabel, 7 labels;" in first
+    assert "its column Split; test 20 % of train's patients, seed 42" in first
+    assert "labels: uncertain (-1) U-Ones: as positives; blank as negatives" in first and "views PA" in first
+    assert "patient-disjoint (checked); intervals resample patients" in first
+    summary = json.loads((tmp_path / "s" / "table" / "summary.json").read_text())
+    assert summary["complete"] == 2
+
+
+def test_a_search_on_the_chexpert_layout_with_the_uncertain_policy_as_an_axis(tmp_path, capsys):
     root = chexpert_layout(generate(tmp_path / "cxr", n_images=300, size=64, seed=0, workers=1), tmp_path)
     space = _space(tmp_path, "chexpert", {"missing": "ignore"},
                    {"data.uncertain": {"choice": ["zeros", "ignore"]},
                     "supervised.optimizer.lr": {"loguniform": [1.0e-3, 1.0e-2]}}, trials=3)
-    try:
-        code = main([str(space), "--data", f"chexpert:{root}", "--storage", str(tmp_path / "s"), "--no-asha",
-                     "--no-report", "--no-ensemble"])
-    finally:
-        ray.shutdown()
-    out = capsys.readouterr().out
-    assert code == 0
-    first = out.splitlines()[0]
+    first = _search(tmp_path, space, f"chexpert:{root}", capsys, "--no-report", "--no-ensemble")
     assert f"data chexpert:{root} (multilabel, 14 labels;" in first and "CheXpert's valid.csv as test" in first
     assert "views Frontal (Frontal/Lateral)" in first and "blank left out of loss and metrics" in first
     summary = json.loads((tmp_path / "s" / "chexpert" / "summary.json").read_text())

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .splits import DataError, patient_holdout, patient_split, patients_by_pattern
+from .splits import DataError, check_patient_disjoint, patient_holdout, patient_split, patients_by_pattern
 
 SPLIT_NAMES = ("train", "val", "test")
 # what a label cell said, as kept in DatasetIndex.codes
@@ -271,21 +271,13 @@ def read_chexpert(root: str | Path, uncertain: str = "zeros", missing: str = "ze
         parts.append((frame, codes))
     frame = pd.concat([f for f, _ in parts], ignore_index=True)
     codes = np.concatenate([c for _, c in parts])
-    _check_disjoint(frame, f"chexpert:{root} (train.csv and valid.csv)")
+    check_patient_disjoint(frame, f"chexpert:{root} (train.csv and valid.csv)")
     train = np.flatnonzero(frame["split"].to_numpy() == "train")
     held = patient_holdout(frame["patient_id"].iloc[train], val_fraction, seed)
     frame.iloc[train[held], frame.columns.get_loc("split")] = "val"
     told = (f"CheXpert's valid.csv as test; val {100 * val_fraction:.3g} % of train.csv's patients, seed {seed}; "
             f"views {', '.join(views)} ({view_column})")
     return LabelTable(frame, codes, list(CHEXPERT_OBSERVATIONS), "multilabel", told)
-
-
-def _check_disjoint(frame: pd.DataFrame, origin: str) -> None:
-    owners = frame.groupby("patient_id")["split"].nunique()
-    leaked = owners[owners > 1].index.tolist()
-    if leaked:
-        raise DataError(f"{origin}: patient {leaked[0]} is in more than one split ({len(leaked)} patient(s) so); "
-                        "splits must be patient-disjoint")
 
 
 def _mimic_file(root: Path, stem: str) -> Path:
@@ -338,7 +330,7 @@ def read_mimic(root: str | Path, uncertain: str = "zeros", missing: str = "zeros
     found = np.array([row_of.get(key, -1) for key in zip(subject, study)])
     codes = np.where(found[:, None] >= 0, study_codes[np.maximum(found, 0)], np.int8(BLANK)).astype(np.int8)
     frame[list(CHEXPERT_OBSERVATIONS)] = targets_of(codes, uncertain, missing)
-    _check_disjoint(frame, f"mimic:{root} ({paths['split'].name})")
+    check_patient_disjoint(frame, f"mimic:{root} ({paths['split'].name})")
     unlabelled = int((found < 0).sum())
     told = f"MIMIC-CXR-JPG's official split (validate as val); views {', '.join(views)}"
     if unlabelled:
