@@ -101,6 +101,13 @@ def probe_tau(exp: Path, name: str, rows: list[dict]) -> float | None:
     return float(kendalltau(*zip(*pairs)).statistic)
 
 
+def row_text(r: dict) -> str:
+    ci = f"{r['best_val']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]"
+    tau = "" if r["tau"] is None else f"{r['tau']:+.2f}"
+    return (f"{r['search']:16s} {r['ssl_epochs']:10d} {r['trial_epochs']:12d} {r['cpu_s']:7.0f} {ci:>28s} "
+            f"{tau:>13s}  {r['statuses']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=12)
@@ -117,6 +124,7 @@ def main() -> None:
     for seed in range(args.seeds):
         for name, through in (("today", False), ("through-ssl", True)):
             results.append(search(work, f"{name}-s{seed}", space(args, through), seed))
+            print(f"done: {row_text(results[-1])}", flush=True)  # a run cut short still has its finished searches
     print(f"\ntask: synthetic NIH ({args.images} images, 14 labels), test_resnet from scratch at 56 px, BYOL "
           f"{args.byol_epochs} epochs, then the head alone for {args.finetune_epochs} epochs; {args.trials} trials "
           f"per search, axes byol.optimizer.lr (LARS, 1e-3 … 3) and byol.ema_tau; SSL rungs every ×{args.ssl_eta} "
@@ -124,10 +132,7 @@ def main() -> None:
     print(f"{'search':16s} {'SSL epochs':>10s} {'trial-epochs':>12s} {'CPU-s':>7s} {'best val mAUROC [95 % CI]':>28s} "
           f"{'τ(probe, val)':>13s}  statuses")
     for r in results:
-        ci = f"{r['best_val']:.4f} [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]"
-        tau = "" if r["tau"] is None else f"{r['tau']:+.2f}"
-        print(f"{r['search']:16s} {r['ssl_epochs']:10d} {r['trial_epochs']:12d} {r['cpu_s']:7.0f} {ci:>28s} "
-              f"{tau:>13s}  {r['statuses']}")
+        print(row_text(r))
     pairs = list(zip(results[::2], results[1::2]))
     within = [t["ci"][0] <= o["best_val"] for t, o in pairs]
     ratios = [t["ssl_epochs"] / max(o["ssl_epochs"], 1) for t, o in pairs]
