@@ -70,7 +70,7 @@ RUN_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "infeasible": "FINIS
 RECORD_TABLE = "selected_record.json"  # a trial's final record, every label and interval, as one MLflow table
 # Tune's own bookkeeping in every result, and ASHA's clock: not metrics of the trial
 BOOKKEEPING = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", TIME_ATTR, FINISHED,
-               REPLAY, SSL_TIME_ATTR, PROBE}  # (the probe is logged as `byol/probe_val_…`, at its BYOL epoch)
+               REPLAY, SSL_TIME_ATTR, PROBE}  # (the probe is logged as `byol/` or `cass/probe_val_…`, at its SSL epoch)
 RECORD_PREFIXES = ("selected_", "record_test_")
 SSL_PHASES = ("byol", "cass")  # their epoch metrics come as `byol/…` with their own `byol/epoch`
 
