@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.test_search import SPACE as SEARCH_SPACE
 from tune_xray.cluster import local_cluster
-from tune_xray.trial import RESULT_FILES
+from tune_xray.record.names import RESULT_FILES
 
 # the search tests' tiny space: two trials that both complete (no diverging warm start), one on each node
 SPACE = {**{k: v for k, v in SEARCH_SPACE.items() if k != "warm_start"},

@@ -452,8 +452,9 @@ def test_a_resume_says_what_it_changes_and_refuses_what_it_cannot(tmp_path, caps
     on (--ensemble-size, --set, the study file) is one error naming its stored value; resources may change, each
     change said in one line, and resources not given again stay the search's own. search.json's first format (the
     kept values at its top level, no resources) still loads."""
-    from tune_xray.experiment import INVOCATION_FILE, Experiment
+    from tune_xray.experiment import Experiment
     from tune_xray.pipeline import restore_request
+    from tune_xray.record.names import INVOCATION_FILE
     from tune_xray.request import KEPT
     from tune_xray.search import build_parser, given_keys
 
@@ -693,7 +694,8 @@ def test_one_search_owns_its_name(tmp_path, capsys):
     one error naming the holder; released on every exit; a crashed run's lock is said and taken over; a search
     that fails before writing its invocation leaves nothing behind."""
     from tune_xray.config import ConfigError
-    from tune_xray.experiment import INVOCATION_FILE, LOCK_FILE, Experiment
+    from tune_xray.experiment import Experiment
+    from tune_xray.record.names import INVOCATION_FILE, LOCK_FILE
 
     def search_lock(directory, name):
         return Experiment(directory, str(directory.parent), name).lock()
@@ -755,7 +757,8 @@ def test_trials_get_the_device_and_gpu_share_their_resources_give():
 
 
 def test_optuna_storage_urls(tmp_path):
-    from tune_xray.searcher import optuna_storage, shown_url
+    from tune_xray.credentials import mask
+    from tune_xray.searcher import optuna_storage
 
     journal = tmp_path / "shared" / "optuna.log"
     for url in (f"journal:{journal}", f"sqlite:///{tmp_path / 'optuna.db'}"):
@@ -763,7 +766,7 @@ def test_optuna_storage_urls(tmp_path):
         study.optimize(lambda t: t.suggest_float("x", 0, 1), 2)
         assert len(optuna.load_study(study_name="s", storage=optuna_storage(url)).trials) == 2
     assert journal.is_file()
-    assert shown_url("postgresql://optuna:secret@db:5432/optuna") == "postgresql://optuna:***@db:5432/optuna"
+    assert mask("postgresql://optuna:secret@db:5432/optuna") == "postgresql://optuna:***@db:5432/optuna"
 
 
 def test_repeats_rerun_the_best_configs_with_new_seeds(tmp_path, ray_session):

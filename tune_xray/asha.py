@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from .trial import PROBE, SSL_TIME_ATTR, STATUS, TIME_ATTR
+from .record.names import PROBE, SSL_TIME_ATTR, STATUS, TIME_ATTR
 
 
 class SslRungs:

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .record.names import COSTS, JUDGED_IN_TRIAL
+
 
 class ConfigError(ValueError):
     """A configuration file or override that does not validate; the message names the key."""
@@ -215,13 +217,6 @@ class SchedulerConfig(_Strict):
     warmup_epochs: int = Field(10, ge=0)
 
 
-# what a trial measures of its model once it is built (explain.eval_cost), in every fine-tune report: inference ms
-# per image at batch 1 at the eval view (TTA views included) on the trial's device, parameters (M), GFLOPs per image
-COSTS = ("latency_ms", "params_m", "gflops")
-# the costs a trial's own measurement judges fairly: the model's wherever it runs. Its latency is measured while other
-# trials may share its device (packed GPUs, a CPU's cores): a latency limit is judged after the search, with the model
-# alone on the driver's device (ensemble.remeasure_costs), never in the trial
-JUDGED_IN_TRIAL = ("params_m", "gflops")
 
 
 def positive_limits(limits: dict) -> dict:

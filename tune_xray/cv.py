@@ -44,16 +44,7 @@ from .config import ConfigError, bare, metric_mode, objective, plural
 from .credentials import mask
 from .data.splits import UNLABELLED
 from .ensemble import CaruanaSelector, NoFit, absolute_budget, cost_lines, file_sha256, measured_latency, split_scorer
-from .experiment import (
-    CV_DIR,
-    SUMMARY_FILE,
-    Experiment,
-    ExperimentError,
-    TrialTask,
-    cv_name,
-    read_json,
-    read_predictions,
-)
+from .experiment import Experiment, ExperimentError, TrialTask, cv_name, read_json, read_predictions
 from .metrics import (
     CORRECTED_T,
     ci_text,
@@ -67,9 +58,9 @@ from .metrics import (
     vote,
     weighted_decision_metrics,
 )
+from .record.names import CV_DIR, CV_FOLD, CV_FOLDS, CV_OF, SUMMARY_FILE
 from .repeat import Rerun, finalist_configs, rerun_main
 from .summary import no_fit_text, search_model, search_model_text
-from .trial import CV_FOLD, CV_FOLDS, CV_OF
 
 EARLY_STOPPING = ("each fold's value is that fold model's checkpoint early-stopped on the same fold (optimistic, "
                   "as a single split's is)")

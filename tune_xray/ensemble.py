@@ -30,7 +30,7 @@ import pandas as pd
 from .config import bare, plural
 from .credentials import mask
 from .data.sources import describe_data, describe_untrained
-from .experiment import TEST_READS, Experiment, ExperimentError, TrialTask, read_predictions
+from .experiment import Experiment, ExperimentError, TrialTask, read_predictions
 from .figures import selection_curve
 from .metrics import (
     auroc_intervals,
@@ -46,6 +46,7 @@ from .metrics import (
     weighted_mean_auroc,
 )
 from .models.pretrained import started_text
+from .record.names import TEST_READS
 
 
 class EnsembleError(ExperimentError):

@@ -1,7 +1,6 @@
 """The experiment directory: one reader and writer of what a search leaves, for the search that writes it and for
-the ensemble, the repeats, the report and predict that read it. File names, trial directory names, status names
-and metric names live here, once (what a trial itself writes — its result files, its status, the objective it
-reports — is named in trial.py, which this reads).
+the ensemble, the repeats, the report and predict that read it. Trial directory names are made here; the file,
+status and key names it reads and writes are tune_xray.record.names', shared with the trial that writes its own.
 
     EXPERIMENT_DIR/                  (local; with a remote --storage, Tune's part is there, result files fetched here)
       search.json                    the invocation: what a --resume repeats
@@ -36,8 +35,25 @@ from .cluster import download, upload
 from .config import ConfigError
 from .credentials import mask, reveal
 from .metrics import resampling_units
+from .record.names import (
+    CV_DIR,
+    CV_FOLD,
+    CV_OF,
+    ENSEMBLE_DIR,
+    INVOCATION_FILE,
+    LOCK_FILE,
+    PARENT_ID_FILE,
+    REPEAT_OF,
+    REPEAT_SEED,
+    REPEATS_DIR,
+    REPORT_FILE,
+    RESULT_FILES,
+    SQLITE_STORES,
+    SUMMARY_FILE,
+    TEST_READS,
+    TRIAL_NUMBER,
+)
 from .request import SearchRequest, read_stored
-from .trial import CV_FOLD, CV_OF, REPEAT_OF, REPEAT_SEED, RESULT_FILES, STATUSES, TRIAL_NUMBER  # noqa: F401  (STATUSES: readers')
 
 
 def provenance() -> dict:
@@ -67,16 +83,6 @@ def provenance() -> dict:
             "torch": torch.__version__}
 
 
-INVOCATION_FILE = "search.json"
-SUMMARY_FILE = "summary.json"
-PARENT_ID_FILE = "mlflow_parent_run_id"  # the search's MLflow parent run, which a --resume reopens
-SQLITE_STORES = ("optuna.db", "mlflow.db")  # the default stores, beside the experiment
-LOCK_FILE = ".search.lock"
-ENSEMBLE_DIR = "ensemble"
-REPEATS_DIR = "repeats"
-CV_DIR = "cv"  # tune_xray.cv: the finalists' fold trials, out-of-fold predictions and the fold ensemble
-TEST_READS = "test_reads.json"
-REPORT_FILE = "report.html"
 class ExperimentError(ValueError):
     """An experiment directory, or a file in it, that is missing or cannot be read; the message names it."""
 

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-COST_METRICS = ("latency_ms", "latency_ms_b32", "params_m", "gflops")  # what eval_cost measures, per image
 MIN_CAM_SIDE = 7  # a Grad-CAM map coarser than this (in either direction) says little about where
 
 

@@ -18,16 +18,18 @@ from ray import tune
 from . import tracking
 from .asha import FinishAwareASHA, ParetoASHA
 from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem, watch_ray, which_ray
-from .config import JUDGED_IN_TRIAL, ConfigError, objective, parse_overrides, plural
+from .config import ConfigError, objective, parse_overrides, plural
 from .credentials import mask, remember, same_place
 from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
 from .ensemble import NoFit, absolute_budget, remeasure_costs, run_ensemble
-from .experiment import INVOCATION_FILE, SUMMARY_FILE, Experiment, provenance, trial_name
+from .experiment import Experiment, provenance, trial_name
 from .external import ExternalSource, check_external, external_lines, record_external
 from .models.pretrained import WeightsMissing, backbones_of, caches_text, prefetch, resolve, size_text
 from .phases.ssl_store import check_fits, resolve_init
+from .record.names import INVOCATION_FILE, JUDGED_IN_TRIAL, RESULT_FILES, SUMMARY_FILE, TRIAL_NUMBER
+from .record.status import status_of
 from .repeat import print_repeats, run_repeats
 from .report import build_report
 from .request import TUNE_STATE, SearchRequest
@@ -36,8 +38,6 @@ from .space import ResolvedStudy, Study, flatten, load_study, resolve_path
 from .summary import judge_limits, no_fit_text, run_name, search_model, summarize
 from .trial import (
     DRIVER,
-    RESULT_FILES,
-    TRIAL_NUMBER,
     TrialLines,
     TrialResources,
     fine_tuned_names,
@@ -46,7 +46,6 @@ from .trial import (
     remove_orphaned_workdirs,
     resolve_trial,
     run_config,
-    status_of,
     this_driver,
     trainable,
     trial_overrides,

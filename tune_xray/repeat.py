@@ -30,23 +30,13 @@ from .cluster import connect
 from .config import ConfigError, objective, plural
 from .credentials import mask
 from .ensemble import split_scorer
-from .experiment import REPEATS_DIR, Experiment, ExperimentError, TrialTask, read_predictions, repeat_name
-from .explain import COST_METRICS
+from .experiment import Experiment, ExperimentError, TrialTask, read_predictions, repeat_name
 from .metrics import interval, patient_bootstrap
+from .record.names import COST_METRICS, REPEAT_OF, REPEAT_SEED, REPEATS_DIR, RESULT_FILES
+from .record.status import status_of
 from .space import flatten, load_study
 from .summary import run_name
-from .trial import (
-    REPEAT_OF,
-    REPEAT_SEED,
-    RESULT_FILES,
-    TrialResources,
-    global_batch_sizes,
-    resolve_trial,
-    run_config,
-    status_of,
-    trainable,
-    trial_overrides,
-)
+from .trial import TrialResources, global_batch_sizes, resolve_trial, run_config, trainable, trial_overrides
 
 
 def finalist_configs(summary: dict, top: int, source: str, variants: list[dict]) -> list[dict]:

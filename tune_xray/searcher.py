@@ -30,9 +30,10 @@ from pathlib import Path
 import optuna
 from ray.tune.search import Searcher
 
-from .credentials import mask, remember, reveal
+from .credentials import remember, reveal
+from .record.names import PROBE, SSL_TIME_ATTR, TIME_ATTR, TRIAL_NUMBER
+from .record.status import trial_status
 from .space import ResolvedStudy, flatten
-from .trial import PROBE, SSL_TIME_ATTR, TIME_ATTR, TRIAL_NUMBER, trial_status
 
 KEY_FIELDS = ("model.backbone", "model.pretrained", "augment.image_size", "device", "supervised.batch_size",
               "supervised.epochs")
@@ -100,11 +101,6 @@ def optuna_storage(url: str) -> optuna.storages.BaseStorage:
     # Optuna's cache in front of the database (what optuna.create_study(storage=URL) uses): finished trials are read
     # once, so TPE's read of every trial at each ask does not grow into a full read per trial
     return optuna.storages.get_storage(optuna.storages.RDBStorage(url))
-
-
-def shown_url(url: str) -> str:
-    """A database URL as printed and written to summary.json: its password masked."""
-    return mask(url)
 
 
 def storage_trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:

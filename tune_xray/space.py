@@ -49,7 +49,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import (
-    COSTS,
     ConfigError,
     TrialConfig,
     build_config,
@@ -59,6 +58,7 @@ from .config import (
     nest,
     positive_limits,
 )
+from .record.names import COSTS
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 METRICS = ("val_mean_auroc", "val_loss", "val_accuracy", "val_macro_f1")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 
-from .config import JUDGED_IN_TRIAL, bare, over_limits, plural
+from .addresses import runs_table_url
+from .config import bare, over_limits, plural
+from .credentials import mask
 from .experiment import Experiment, trial_label
-from .explain import COST_METRICS
 from .metrics import ci_text, pareto_front
-from .searcher import shown_url
-from .space import Study, case_key
-from .tracking import runs_table_url
-from .trial import (
+from .record.names import (
+    COST_METRICS,
+    JUDGED_IN_TRIAL,
     RAN_WITH,
     SSL_FROM,
     SSL_PHASE,
@@ -21,8 +21,9 @@ from .trial import (
     STATUSES,
     TIME_ATTR,
     TRIAL_NUMBER,
-    status_of,
 )
+from .record.status import status_of
+from .space import Study, case_key
 
 SINGLE_LABEL = ("accuracy", "balanced_accuracy")  # a single-label task's decision metrics, beside its AUROC
 
@@ -104,9 +105,9 @@ def summarize(trials, requested: int, study: Study, metric: str, experiment: Exp
     return {
         "study": study.name, "file": study.origin, "metric": metric, "mode": study.mode,
         "requested": requested, "objectives": objectives, **ranked(rows, requested, objectives, top),
-        "mlflow": f"mlflow ui --backend-store-uri {shown_url(tracking_uri)}",
+        "mlflow": f"mlflow ui --backend-store-uri {mask(tracking_uri)}",
         "mlflow_runs_table": runs_table_url(tracking_uri, experiment_id, f"selected_{study.metric}", study.mode),
-        "optuna": f"optuna-dashboard {shown_url(experiment.optuna_url)}",
+        "optuna": f"optuna-dashboard {mask(experiment.optuna_url)}",
         "experiment_dir": str(experiment.directory),
     }
 

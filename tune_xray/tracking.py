@@ -33,15 +33,14 @@ from mlflow.tracking import MlflowClient
 from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from .addresses import run_link, run_url
 from .config import bare, plural
 from .credentials import mask, remember, reveal
-from .experiment import PARENT_ID_FILE
-from .explain import COST_METRICS
 from .metrics import ci_text
-from .serving import EnsembleModel
-from .trial import (
-    DRIVER,
+from .record.names import (
+    COST_METRICS,
     FINISHED,
+    PARENT_ID_FILE,
     PROBE,
     REPLAY,
     SCAN_BACKEND,
@@ -49,8 +48,10 @@ from .trial import (
     SSL_TIME_ATTR,
     STARTED_FROM,
     TIME_ATTR,
-    ssl_from_text,
 )
+from .record.status import ssl_from_text
+from .serving import EnsembleModel
+from .trial import DRIVER
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per artifact copied: 16 at the end
 # with an MLflow server, two lines per run ended ("View run … at", "View experiment at"): the search says one per trial
@@ -73,27 +74,6 @@ BOOKKEEPING = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_
                REPLAY, SSL_TIME_ATTR, PROBE}  # (the probe is logged as `byol/` or `cass/probe_val_…`, at its SSL epoch)
 RECORD_PREFIXES = ("selected_", "record_test_")
 SSL_PHASES = ("byol", "cass")  # their epoch metrics come as `byol/…` with their own `byol/epoch`
-
-
-def ui_base(tracking_uri: str, ui: str = "http://127.0.0.1:5000") -> str:
-    """Where the MLflow UI of this store is: the tracking server itself, or `mlflow ui`'s default address."""
-    return mask(tracking_uri if tracking_uri.startswith("http") else ui).rstrip("/")
-
-
-def runs_table_url(tracking_uri: str, experiment_id: str, order_by: str | None = None, mode: str = "max") -> str:
-    """The experiment's runs table (MLflow 3's UI otherwise opens a GenAI overview), best first by the metric
-    `order_by` (the trials' and the ensemble's `selected_val_…`)."""
-    url = f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    return url + (f"&orderByKey=metrics.%60{order_by}%60&orderByAsc={str(mode == 'min').lower()}" if order_by else "")
-
-
-def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
-def run_link(experiment_id: str, run_id: str, text: str) -> str:
-    """A markdown link to a run that works in the UI whatever its address (descriptions render markdown)."""
-    return f"[{text}](#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)"
 
 
 def model_name(run_name: str) -> str:

@@ -29,70 +29,29 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .cluster import upload
 from .config import build_config, merge, objective, parse_overrides, plural
-
-TRIAL_NUMBER = "optuna_trial"  # in every search trial's config: the Optuna trial it is
-REPEAT_OF, REPEAT_SEED = "repeat_of", "repeat_seed"  # in a repeat trial's config: its source trial, its seed
-CV_OF, CV_FOLD, CV_FOLDS = "cv_of", "cv_fold", "cv_folds"  # in a fold trial's config (tune_xray.cv)
-TIME_ATTR = "epochs_done"  # ASHA's clock: supervised epochs done (training_iteration restarts on retries)
-SSL_TIME_ATTR = "ssl_epochs_done"  # ASHA's clock in the SSL phase: its epochs done (every report of a trial with one)
-SSL_PHASE = "ssl_phase"  # in every report of a trial with an SSL phase: byol or cass
-PROBE = "ssl_probe"  # in an SSL report with a probe: its value of the study's metric (phases.probe), what ASHA judges
-SSL_FROM = "ssl_from"  # in every report of a trial that fine-tunes a stored SSL phase: which (phases.ssl_store)
-SSL_STORE = "ssl_store"  # in a trial's train config: the experiment's store of finished SSL phases
-TRIAL_NAME = "trial_name"  # in a trial's train config: its Tune name (`t007-<trial id>`)
-FINISHED = "trial_finished"  # in the last report of a trial that ran to its own end (budget or early stop)
-STATUS = "status"  # in a trial's last report: complete, diverged or infeasible (pruned / error / interrupted: Tune's)
-REASON = "reason"
-SCAN_BACKEND = "scan_backend"  # in every report: the selective scan the trial's SSM layers run ("none": no SSM)
-RAN_WITH = "ran_with"  # in every report: the device and global batch sizes the trial ran with (a resume may change
-# the resources of the trials it starts: each trial's record says its own)
-STARTED_FROM = "started_from"  # in every report: {backbone: its pretrained file and sha256, or why from scratch}
-REPLAY = "replay"  # in the first report after a resume: the restored epochs' reports (see tracking.TrialRuns)
-FINAL_FILE = "final.json"  # the last report, kept with the results so a finished run re-reports it on retry
-RESULT_FILES = (FINAL_FILE, "config.yaml", "summary.json", "best.pt", "predictions_val.csv", "predictions_test.csv",
-                "supervised_history.json")
-
-
-STATUSES = ("complete", "pruned", "infeasible", "diverged", "collapsed", "error", "interrupted")  # see trial_status
-
-
-def trial_status(result: dict | None, error: bool) -> str:
-    """complete | diverged | collapsed | infeasible (the trial's own last report; collapsed: its SSL phase's
-    representation collapsed, phases.probe.Monitor; infeasible: its measured cost over the
-    study's `limits:`, it stopped at its first epoch's end) | error (it raised, retries spent) | pruned (stopped
-    by the scheduler before its end). A trial still pending or running when the search stops is `interrupted`
-    (see summary.summarize)."""
-    if error:
-        return "error"
-    return (result or {}).get(STATUS) or "pruned"
-
-
-def status_of(trial, failed: bool) -> tuple[str, str]:
-    """A finished Tune trial's status and, where there is one, its reason (one line)."""
-    status = trial_status(trial.last_result, failed or trial.status == "ERROR")
-    if status == "error":
-        text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).is_file() else ""
-        lines = [line for line in text.splitlines() if line.strip()]
-        return status, lines[-1] if lines else "error"
-    if status == "pruned":
-        return status, f"stopped by ASHA after {stopped_at(trial.last_result)}"
-    return status, str(trial.last_result.get(REASON, ""))
-
-
-def ssl_from_text(entry: dict) -> str:
-    """`reused from t003's run (key 1f2e…)` or `from runs/byol:t003 (model.init_from)`: where a fine-tune's SSL
-    phase came from."""
-    if entry.get("init_from"):
-        return f"from {entry['init_from']} (model.init_from; its {entry.get('trial')})"
-    return f"reused from {entry.get('trial')}'s run (key {str(entry.get('key'))[:8]}…)"
-
-
-def stopped_at(result: dict) -> str:
-    """Where a trial stopped: `epoch 3` (of its fine-tune), or `BYOL epoch 4` when it never reached the fine-tune."""
-    epochs, ssl_epochs = int(result.get(TIME_ATTR) or 0), int(result.get(SSL_TIME_ATTR) or 0)
-    if not epochs and ssl_epochs:
-        return f"{str(result.get(SSL_PHASE, 'SSL')).upper()} epoch {ssl_epochs}"
-    return f"epoch {epochs}"
+from .record.names import (
+    CV_FOLD,
+    CV_FOLDS,
+    FINAL_FILE,
+    FINISHED,
+    PROBE,
+    RAN_WITH,
+    REASON,
+    REPEAT_SEED,
+    REPLAY,
+    RESULT_FILES,
+    SCAN_BACKEND,
+    SSL_FROM,
+    SSL_PHASE,
+    SSL_STORE,
+    SSL_TIME_ATTR,
+    STARTED_FROM,
+    STATUS,
+    TIME_ATTR,
+    TRIAL_NAME,
+    TRIAL_NUMBER,
+)
+from .record.status import ssl_from_text, status_of
 
 
 class TrialLines(tune.Callback):

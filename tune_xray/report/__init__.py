@@ -27,7 +27,8 @@ import numpy as np
 
 from ..config import bare
 from ..credentials import mask
-from ..experiment import REPORT_FILE, Experiment, ExperimentError
+from ..experiment import Experiment, ExperimentError
+from ..record.names import REPORT_FILE
 from ..space import short_names, space_rows
 from .cost import cost_data, render_cost, render_cv
 from .explanation import explain_data, render_explain

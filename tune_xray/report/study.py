@@ -13,11 +13,9 @@ import pandas as pd
 
 from ..config import bare, plural
 from ..data.sources import describe_data, describe_untrained
-from ..experiment import (
-    STATUSES,
-    Experiment,
-)
+from ..experiment import Experiment
 from ..metrics import ci_text
+from ..record.names import STATUSES
 from ..space import flatten
 from ..summary import labels_averaged, no_fit_text
 from .common import FEW, bullets, html_table
