@@ -129,9 +129,8 @@ def test_the_votes_decided_scorer_computes_the_metric_it_is_compared_with(metric
     and one with no positive in test left out alike, where the old scorer counted the first as wrong and the second
     as F1 0."""
     from tune_xray.cv import _decided_scorer
-    from tune_xray.ensemble import split_scorer
     from tune_xray.experiment import TrialTask
-    from tune_xray.metrics import patient_bootstrap
+    from tune_xray.metrics import patient_bootstrap, split_scorer
 
     rng = np.random.default_rng(3)
     n = 60

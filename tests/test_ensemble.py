@@ -8,9 +8,10 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from tune_xray.ensemble import CaruanaSelector, EnsembleError, load_pool, run_ensemble, select
+from tune_xray.ensemble import load_pool, run_ensemble, select
 from tune_xray.experiment import Experiment
 from tune_xray.metrics import classification_metrics, patient_bootstrap, weighted_mean_auroc
+from tune_xray.selection import CaruanaSelector, EnsembleError
 
 CLASSES = ["A", "B"]
 

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from tests.test_ensemble import _pool_dir
-from tune_xray.config import bare, objective
+from tune_xray.config import objective
 from tune_xray.experiment import Experiment, ExperimentError, trial_name
+from tune_xray.record.names import bare
 
 
 def test_an_experiment_lives_under_its_storage_or_beside_a_remote_one(tmp_path):

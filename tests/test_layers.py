@@ -7,10 +7,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tune_xray"
+# after the trials, each a stage over the experiment record; `predict` and `train` are command lines of their own
+STEPS = ["costs", "repeat", "ensemble", "cv", "external", "report", "predict", "train"]
 
 # lowest first; a module may import from its own layer and those before it. A subpackage is one unit.
 LAYERS = [
-    ["config", "credentials", "metrics", "explain", "figures", "request"],  # none later (request: a search's choices)
+    ["record"],  # the shared names, a trial's status rule, the record's words: imports nothing of the package's
+    ["config", "credentials", "metrics", "explain", "figures", "request", "addresses"],  # none later (request: a
+    # search's choices; addresses: where the MLflow UI shows it)
     ["cluster", "data", "augment", "models", "space", "weights"],  # Ray clusters, data, views, backbones (and their
     # pretrained files), search-space files, the files a study draws
     ["phases"],  # SSL and supervised training
@@ -18,9 +22,10 @@ LAYERS = [
     ["pyfunc_model"],  # that model as MLflow's models-from-code
     ["experiment", "asha", "searcher"],  # the experiment directory; ASHA's rules; the Optuna searcher
     ["tracking"],  # MLflow
-    ["summary", "ensemble", "report", "external"],  # what a search ended with; the steps after it
-    ["repeat", "cv", "predict", "train"],  # repeats, cross-validation; command lines that are steps of their own
-    ["pipeline"],  # search → repeats → ensemble → report
+    ["summary", "selection"],  # what a search ended with; ensemble selection (the search's and the folds')
+    ["rerun"],  # finalists run again beside the search: what the repeats and the cross-validation share
+    STEPS,  # the steps after the search, siblings: none imports another
+    ["pipeline"],  # search → costs → repeats → ensemble → cross-validation → external record → report
     ["search"],  # the command line
 ]
 
@@ -77,6 +82,15 @@ def test_no_import_from_a_later_layer():
     upward = [f"{a} imports {b}" for a, targets in graph.items() for b in targets
               if a != "tune_xray" and layer[_unit(b)] > layer[_unit(a)]]
     assert not upward, "an import from a later layer: " + "; ".join(sorted(upward))
+
+
+def test_the_steps_after_the_search_are_siblings():
+    """Cost re-measurement, repeats, the ensemble, cross-validation, the external record and the report read the
+    experiment and import no other step (what two share lives below them: selection, rerun, the record)."""
+    graph = import_graph()
+    crossing = sorted(f"{a} imports {b}" for a, targets in graph.items() for b in targets
+                      if _unit(a) in STEPS and _unit(b) in STEPS and _unit(a) != _unit(b))
+    assert not crossing, "; ".join(crossing)
 
 
 def test_no_private_module_of_a_dependency_is_imported():

@@ -25,8 +25,8 @@ def test_the_verdict_resamples_seeds_as_well_as_patients(tmp_path):
     (verdict,) = compare({"best": best, "other": other}, "best", "multilabel", "val_mean_auroc", ["A"], "youden",
                          resamples=400)
     seed_differences = []  # what each seed pair alone says
-    from tune_xray.ensemble import split_scorer
     from tune_xray.experiment import read_predictions
+    from tune_xray.metrics import split_scorer
     score = split_scorer(y[:, None], "multilabel", "val_mean_auroc", ["A"], "youden")
     for a, b in zip(best, other):
         seed_differences.append(score(read_predictions(a, "val", ["A"])[3])[0]

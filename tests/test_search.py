@@ -814,9 +814,10 @@ def test_a_pareto_search_a_budgeted_ensemble_and_cross_validated_finalists(tmp_p
     members' summed latency within the budget; the two best configurations are trained on 2 patient-grouped
     folds of train + val (test untouched), their out-of-fold predictions cover train + val once, and the best's
     fold models, averaged, are registered and compared once on test with the search's ensemble."""
-    from tune_xray.ensemble import EnsembleError, run_ensemble
+    from tune_xray.ensemble import run_ensemble
     from tune_xray.experiment import Experiment
     from tune_xray.searcher import optuna_storage
+    from tune_xray.selection import EnsembleError
 
     space = {k: v for k, v in SPACE.items() if k != "warm_start"}
     space["objectives"] = {"val_mean_auroc": "max", "latency_ms": "min"}

@@ -217,8 +217,6 @@ class SchedulerConfig(_Strict):
     warmup_epochs: int = Field(10, ge=0)
 
 
-
-
 def positive_limits(limits: dict) -> dict:
     """Hard limits on a trial's measured cost (a study's `limits:`), each positive."""
     bad = {k: v for k, v in limits.items() if not v > 0}
@@ -314,7 +312,6 @@ class ByolConfig(_SslPhase):
     scheduler: SchedulerConfig = SchedulerConfig(name="cosine", t_max=250, eta_min=1e-6)
 
 
-
 class CassConfig(_SslPhase):
     """CASS (Singh et al. 2022) with S1's recipe as defaults: ResNet-50 + ViT-B/16 on the same augmented batch,
     Adam 1e-3 each, cosine T_max 16, batch 16 (S1, the CASS study)."""
@@ -335,7 +332,6 @@ class CassConfig(_SslPhase):
     swa: bool = Field(False, description="stochastic weight averaging of both arms (S1's was a no-op)")
     swa_start: float = Field(0.75, ge=0, lt=1, description="share of the epochs before averaging starts")
     swa_lr: float = Field(1e-4, gt=0)
-
 
 
 class SslConfig(_Strict):
@@ -507,11 +503,3 @@ def objective(metric: str) -> str:
     return f"best_{metric}"
 
 
-def bare(metric: str) -> str:
-    """`val_mean_auroc` / `best_val_mean_auroc` → `mean_auroc`: the metric's name on any split."""
-    return metric.removeprefix("best_").removeprefix("val_")
-
-
-def plural(count: int, word: str) -> str:
-    """`1 member`, `3 members`: a count and its noun as every printout says them."""
-    return f"{count} {word}{'' if count == 1 else 's'}"

@@ -40,11 +40,10 @@ import numpy as np
 import pandas as pd
 
 from . import tracking
-from .config import ConfigError, bare, metric_mode, objective, plural
+from .config import ConfigError, metric_mode, objective
 from .credentials import mask
 from .data.splits import UNLABELLED
-from .ensemble import CaruanaSelector, NoFit, absolute_budget, cost_lines, file_sha256, measured_latency, split_scorer
-from .experiment import Experiment, ExperimentError, TrialTask, cv_name, read_json, read_predictions
+from .experiment import Experiment, ExperimentError, TrialTask, cv_name, file_sha256, read_json, read_predictions
 from .metrics import (
     CORRECTED_T,
     ci_text,
@@ -55,12 +54,16 @@ from .metrics import (
     nanmean_rows,
     patient_bootstrap,
     resampling_units,
+    split_scorer,
     vote,
     weighted_decision_metrics,
 )
-from .record.names import CV_DIR, CV_FOLD, CV_FOLDS, CV_OF, SUMMARY_FILE
-from .repeat import Rerun, finalist_configs, rerun_main
-from .summary import no_fit_text, search_model, search_model_text
+from .record.names import CV_DIR, CV_FOLD, CV_FOLDS, CV_OF, SUMMARY_FILE, bare
+from .record.text import cost_lines, no_fit_text, plural, search_model_text
+from .rerun import Rerun, finalist_configs, rerun_main
+from .selection import CaruanaSelector, NoFit, absolute_budget
+from .serving import measured_latency
+from .summary import search_model
 
 EARLY_STOPPING = ("each fold's value is that fold model's checkpoint early-stopped on the same fold (optimistic, "
                   "as a single split's is)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -27,10 +26,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .config import bare, plural
 from .credentials import mask
 from .data.sources import describe_data, describe_untrained
-from .experiment import Experiment, ExperimentError, TrialTask, read_predictions
+from .experiment import Experiment, ExperimentError, TrialTask, file_sha256, read_predictions
 from .figures import selection_curve
 from .metrics import (
     auroc_intervals,
@@ -41,31 +39,14 @@ from .metrics import (
     interval,
     patient_bootstrap,
     scored_labels,
+    split_scorer,
     thresholds_list,
     weighted_decision_metrics,
-    weighted_mean_auroc,
 )
 from .models.pretrained import started_text
-from .record.names import TEST_READS
-
-
-class EnsembleError(ExperimentError):
-    """A pool that cannot be ensembled (no completed trial, trials that predicted different images)."""
-
-
-class NoFit(EnsembleError):
-    """A budget no completed trial fits alone: an outcome a search states (the nearest fit beside the best single
-    trial), not a failure; from `python -m tune_xray.ensemble` one error naming the flag. `nearest`: the trial
-    whose costs exceed the budget least (the largest cost over bound, relative), with its costs."""
-
-    def __init__(self, message: str, budget: dict, nearest: dict):
-        super().__init__(message)
-        self.budget, self.nearest = budget, nearest
-
-    def outcome(self, pool_best: dict | None) -> dict:
-        """What a search records in place of an ensemble: no member fits, so none is chosen or registered."""
-        return {"fits": False, "why": str(self), "budget": self.budget, "nearest": self.nearest,
-                "best_single": pool_best, "registered": None}
+from .record.names import TEST_READS, bare
+from .record.text import averaged_text, cost_lines, plural
+from .selection import CaruanaSelector, EnsembleError, NoFit
 
 
 @dataclass
@@ -132,142 +113,6 @@ def scorer(pool: Pool) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
     return split_scorer(pool.val.y, pool.task, pool.metric, pool.classes, pool.rule, untrained=pool.untrained)
 
 
-def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str, thresholds=None, untrained=()):
-    """`score(prob, weights)` of the study's metric (higher is better) on targets `y`; a threshold metric
-    (accuracy, F1) at `thresholds` — validation's, when scoring test — or chosen on `y` itself when None. Means
-    over labels leave `untrained` ones out (binary: the positive class's AUROC)."""
-    name = bare(metric)
-    columns = scored_labels(task, classes, untrained)
-
-    def score(prob: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-        weights = np.ones((1, len(y))) if weights is None else weights
-        if name == "mean_auroc":
-            return weighted_mean_auroc(y[:, columns], prob[:, columns], weights)
-        out = []
-        for w in weights:  # other metrics: one resample at a time
-            rows = np.repeat(np.arange(len(y)), w.astype(int))
-            if name == "loss":
-                p = np.clip(prob[rows], 1e-7, 1 - 1e-7)
-                value = -(np.nanmean(y[rows] * np.log(p) + (1 - y[rows]) * np.log(1 - p)) if task == "multilabel"
-                          else np.mean(np.log((p * y[rows]).sum(1))))  # nanmean: over labelled entries
-                out.append(-value)  # higher is better
-            else:
-                targets = y[rows] if task == "multilabel" else y[rows].argmax(1)
-                out.append(classification_metrics(task, targets, prob[rows], classes, thresholds,
-                                                  rule, untrained)["metrics"][name])
-        return np.asarray(out, dtype=np.float64)
-
-    return score
-
-
-class CaruanaSelector:
-    """Ensemble selection from a library of models (Caruana et al. 2004, "Ensemble selection from libraries of
-    models"; with Caruana et al. 2006, "Getting the most out of ensemble selection"), as a pure estimator on the
-    hill-climb set: `fit(probs, y, scorer)` → `weights_`, no I/O.
-
-    1. Sorted initialisation: the N best models by their own score, N ≤ `max_init` chosen on the hill-climb set
-       (N = 1 allowed: the best single model).
-    2. Greedy forward selection with replacement, one model at a time, up to `size` selections; the best prefix
-       is returned (the greedy curve is not monotone, and its last step is not its best).
-    3. Bagging: the same selection on `bags` random subsets of `bag_fraction` of the models, their weights
-       averaged; the bag average is scored on the whole hill-climb set and kept only if it is not worse than the
-       unbagged selection. Bagging is skipped when a bag would hold fewer than MIN_BAG models: a bag of one or
-       two is that model or pair, so the average over bags is the random draw of which models the bags kept
-       (with two trials, each bag held one: weights 0.7/0.3 from the draw, not from the data).
-
-    Under a budget (`fit(..., costs, budget)`: each model's costs, e.g. latency and parameters, and the most the
-    ensemble may sum over its distinct members) a model is added — in the initialisation and the greedy steps —
-    only while the members' summed costs stay within it; a model chosen again costs nothing more.
-    Bagging is off under a budget: the average over bags holds the union of their members, which need not fit.
-
-    Since the initialisation with N = 1 is the best single model (the best affordable one, under a budget) and
-    every later choice is kept only if it scores at least as well, the fitted weights score at least the best
-    single model's on the hill-climb set.
-    Ties go to the model with the better own score, then the lower index: give the models in a canonical order.
-
-    `scorer(y, prob) → float`, higher is better. Fitted: `weights_` (M,) summing to 1, `score_` (theirs),
-    `single_scores_` (M,), `curve_` (x, score) pairs of the returned weights' making — ensemble size in
-    selections for an unbagged result, bags averaged for a bagged one (`curve_axis_`) — `chosen_` (the x
-    returned), `init_size_`, `bagged_`; `selection_score_`, the unbagged selection's own score, and `fallback_`,
-    whether rounding put it below the best single model so that model was returned instead (a guard, not the rule:
-    the selection itself holds the property, and the tests require it to).
-    """
-
-    MIN_BAG = 3
-
-    def __init__(self, size: int = 5, max_init: int | None = None, bags: int = 20, bag_fraction: float = 0.5,
-                 seed: int = 0):
-        if size < 1 or bags < 0 or not 0 < bag_fraction <= 1:
-            raise ValueError(f"CaruanaSelector(size={size}, bags={bags}, bag_fraction={bag_fraction}): size >= 1, "
-                             "bags >= 0 and 0 < bag_fraction <= 1")
-        self.size, self.max_init, self.bags, self.bag_fraction, self.seed = size, max_init, bags, bag_fraction, seed
-
-    def _fits(self, chosen, j: int) -> bool:
-        """Whether the distinct models `chosen` and `j` together stay within the budget (always, without one)."""
-        if self.costs_ is None:
-            return True
-        return bool((self.costs_[sorted(set(chosen) | {j})].sum(0) <= self.budget_).all())
-
-    def _select(self, probs: np.ndarray, members, y, scorer) -> tuple[np.ndarray, list[tuple[int, float]], int]:
-        """One selection over `members` (each affordable alone): (counts of the best prefix, the curve, the
-        initial size)."""
-        ranked = sorted(members, key=lambda j: (-self.single_scores_[j], j))
-        longest = min(self.size, self.max_init or self.size, len(ranked))
-        longest = next((n for n in range(1, longest) if not self._fits(ranked[:n], ranked[n])), longest)
-        inits = [scorer(y, probs[ranked[:n]].mean(0)) for n in range(1, longest + 1)]
-        n0 = int(np.argmax(inits)) + 1  # the first of the best: the smallest N
-        order, total = list(ranked[:n0]), probs[ranked[:n0]].sum(0)
-        curve = [(n0, inits[n0 - 1])]
-        while len(order) < self.size:
-            k = len(order) + 1
-            gains = [(scorer(y, (total + probs[j]) / k), self.single_scores_[j], -j) for j in ranked
-                     if self._fits(order, j)]
-            if not gains:  # nothing more fits the budget
-                break
-            j = -max(gains)[2]
-            order.append(j)
-            total = total + probs[j]
-            curve.append((k, max(gains)[0]))
-        best = max(range(len(curve)), key=lambda i: (curve[i][1], -i))  # the best prefix, the shortest if tied
-        counts = np.bincount(order[:curve[best][0]], minlength=len(probs)).astype(float)
-        return counts, curve, n0
-
-    def fit(self, probs: np.ndarray, y: np.ndarray, scorer: Callable[[np.ndarray, np.ndarray], float],
-            costs: np.ndarray | None = None, budget: np.ndarray | None = None):
-        """`probs` (M, n, C): each model's probabilities on the hill-climb set; `y` its targets; `costs` (M, K)
-        and `budget` (K,): what each model costs and the most the ensemble's distinct members may sum to."""
-        probs = np.asarray(probs, dtype=np.float64)
-        m = len(probs)
-        self.costs_ = None if budget is None else np.asarray(costs, dtype=np.float64).reshape(m, -1)
-        self.budget_ = None if budget is None else np.asarray(budget, dtype=np.float64)
-        affordable = [j for j in range(m) if self._fits([], j)]
-        if not affordable:
-            raise ValueError("no model fits the budget alone")
-        self.single_scores_ = np.array([scorer(y, p) for p in probs])
-        counts, curve, self.init_size_ = self._select(probs, affordable, y, scorer)
-        self.weights_, self.curve_, self.curve_axis_ = counts / counts.sum(), curve, "selections"
-        self.score_ = scorer(y, np.tensordot(self.weights_, probs, axes=1))
-        self.chosen_, self.bagged_ = int(counts.sum()), False
-        self.selection_score_, self.fallback_ = self.score_, False
-        best = max(affordable, key=lambda j: (self.single_scores_[j], -j))
-        if self.score_ < self.single_scores_[best]:  # the weighted sum rounded apart from the running mean and
-            self.weights_ = np.eye(m)[best]  # reordered near-equal probabilities: the best single model, exactly
-            self.score_, self.curve_, self.chosen_ = self.single_scores_[best], [(1, self.single_scores_[best])], 1
-            self.fallback_ = True
-        bag = math.ceil(self.bag_fraction * len(affordable))
-        if self.bags > 1 and bag >= self.MIN_BAG and self.costs_ is None:
-            rng, running, bag_curve = np.random.default_rng(self.seed), np.zeros(m), []
-            for b in range(1, self.bags + 1):
-                bag_counts, _, _ = self._select(probs, sorted(rng.choice(affordable, size=bag, replace=False)), y,
-                                                scorer)
-                running += bag_counts / bag_counts.sum()
-                bag_curve.append((b, scorer(y, np.tensordot(running / b, probs, axes=1))))
-            if bag_curve[-1][1] >= self.score_:
-                self.weights_, self.score_, self.curve_ = running / self.bags, bag_curve[-1][1], bag_curve
-                self.curve_axis_, self.chosen_, self.bagged_ = "bags", self.bags, True
-        return self
-
-
 BUDGET_FLAGS = {"latency_ms": "--latency-budget", "params_m": "--params-budget"}  # the costs a budget bounds
 
 
@@ -295,24 +140,6 @@ def budget_costs(pool: Pool, budget: dict | None) -> tuple[np.ndarray | None, np
                    **{name: float(costs[near, k]) for k, name in enumerate(budget)}}
         raise NoFit(f"no completed trial fits the budget alone ({cheapest})", budget, nearest)
     return costs, bounds
-
-
-def absolute_budget(budget: dict | None, rows: list[dict]) -> tuple[dict, str]:
-    """The ensemble's budget in ms and M, and how it was reached: a `latency_x_cheapest` factor times the cheapest
-    completed trial's latency (`rows`: a summary's, their costs as `remeasure_costs` measured them again alone) —
-    a budget that holds the same models on any machine."""
-    budget = {k: v for k, v in (budget or {}).items() if v is not None}
-    factor = budget.pop("latency_x_cheapest", None)
-    if factor is None:
-        return budget, ""
-    measured = [(r["cost"]["latency_ms"], r["trial"]) for r in rows if r["status"] == "complete"
-                and isinstance((r.get("cost") or {}).get("latency_ms"), (int, float))]
-    if not measured:
-        raise EnsembleError("ensemble.latency_x_cheapest: no completed trial has a measured latency")
-    cheapest, trial = min(measured)
-    budget["latency_ms"] = factor * cheapest
-    where = "measured again alone" if any("cost_in_trial" in r for r in rows) else "as its trial measured it"
-    return budget, f"{factor:g} × the cheapest completed trial's latency ({trial}, {cheapest:.3g} ms, {where})"
 
 
 def select(pool: Pool, method: str = "caruana", size: int = 5, bags: int = 20, bag_fraction: float = 0.5,
@@ -439,68 +266,6 @@ def _per_label(split: Split, prob: np.ndarray, pool: Pool, boot: np.ndarray) -> 
             for k, v in points.items()}
 
 
-def _ms_per_image(predictor, image, batch: int, device: str) -> float:
-    """ms per image of `predictor` on `batch` copies of one decoded image: the median of up to 10 runs after a
-    warm-up (explain.median_seconds)."""
-    from .explain import median_seconds
-
-    return 1000 * median_seconds(lambda: predictor.predict([image] * batch, batch_size=batch), device, 10, 5.0) / batch
-
-
-def measured_latency(checkpoints: list[str], weights: list[float], example: str, device: str) -> float:
-    """ms per image of the ensemble as served (serving.EnsemblePredictor: each member's cache layout, eval views
-    and forward, the weighted mean), one decoded image at a time on `device`: the median of repeats."""
-    from .serving import EnsemblePredictor, read_image
-
-    return _ms_per_image(EnsemblePredictor(checkpoints, weights, device=device), read_image(example), 1, device)
-
-
-def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: dict, device: str,
-                    judged: dict | None = None) -> dict | None:
-    """Latency measured where it is fair: a trial measures its own at its first epoch's end, on a device it may
-    share with packed trials, or on another node's hardware. After the trials, with none running, each completed
-    trial whose cost decides something is measured again here, alone, on the driver's `device`, as served
-    (serving.EnsemblePredictor: decoding to its cache layout, its eval views and TTA): `latency_ms` at batch 1 and
-    `latency_ms_b32` per image at batch 32, each the median of up to 10 runs after a warm-up. Measured: in a
-    Pareto search (`costs`), the trials on the front and on the next front (the candidates it could move); under an
-    ensemble `budget`, or hard limits judged here (`judged`: a latency limit, which no trial judges on a figure taken
-    while it shared its device), every completed trial. Those numbers replace the row's `cost`
-    entries — the budgeted ensemble sums them, the front and the report use them — and the trial's own are kept as
-    `cost_in_trial` ("measured while training"). Returns what was done (None: nothing to measure)."""
-    from .metrics import pareto_ranks
-    from .serving import EnsemblePredictor, read_image
-    from .summary import front
-
-    complete = [r for r in summary["rows"] if r["status"] == "complete" and r.get("cost")]
-    metric, mode = summary["metric"], summary["mode"]
-    if any(v is not None for v in (budget or {}).values()) or judged:
-        chosen = complete
-    elif costs:
-        names = [metric, *(name for name, _ in costs)]
-        points = [[r[metric] if n == metric else r["cost"].get(n, math.nan) for n in names] for r in complete]
-        ranks = pareto_ranks(np.array(points, dtype=float), [mode, *(m for _, m in costs)]) if points else []
-        chosen = [r for r, rank in zip(complete, ranks) if rank <= 1]
-    else:
-        return None
-    for row in chosen:
-        directory = experiment.trial_dir(row)
-        predictor = EnsemblePredictor([str(directory / "best.pt")], [1.0], device=device)
-        image = read_image(pd.read_csv(directory / "predictions_val.csv", usecols=["path"], nrows=1)["path"][0])
-        row["cost_in_trial"] = {k: row["cost"][k] for k in ("latency_ms", "latency_ms_b32") if k in row["cost"]}
-        row["cost"].update(latency_ms=_ms_per_image(predictor, image, 1, device),
-                           latency_ms_b32=_ms_per_image(predictor, image, 32, device))
-    if summary.get("pareto_front") is not None:
-        ranked = sorted(complete, key=lambda r: r[metric], reverse=mode == "max")
-        summary["pareto_front"] = front(ranked, summary["objectives"])
-    why = "the trials on the Pareto front and on the next front"
-    if judged:
-        why = "every completed trial, each judged against the study's latency limit"
-    elif chosen is complete:
-        why = "every completed trial, each a candidate under the ensemble's budget"
-    return {"device": device, "trials": [r["trial"] for r in chosen], "batch_sizes": [1, 32], "repeats": 10,
-            "why": why}
-
-
 def selection_cost(pool: Pool, weights: np.ndarray, budget: dict | None, device: str | None) -> dict:
     """What the chosen ensemble costs: its members' measured costs summed (latency as `remeasure_costs` measured it
     after the trials, alone, else as each trial measured it on its device), the budget they were held to, and (with a
@@ -512,6 +277,8 @@ def selection_cost(pool: Pool, weights: np.ndarray, budget: dict | None, device:
            "latency_where": "each latency measured again after the trials, alone, on the driver's device"
            if chosen and all("cost_in_trial" in t for t in chosen) else "each measured in its trial on its device"}
     if device:
+        from .serving import measured_latency  # torch and MLflow's pyfunc: loaded only to measure
+
         out["served_latency_ms"] = measured_latency([str(Path(t["dir"]) / "best.pt") for t in chosen],
                                                     [float(w) for w in weights if w > 0], pool.val.paths[0], device)
     return out
@@ -575,11 +342,6 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
     return result
 
 
-def file_sha256(path: Path) -> str:
-    """A file's content hash: what a later reader checks it reads the predictions it was told of."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _fmt(entry: dict) -> str:
     return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
 
@@ -630,33 +392,6 @@ def model_card(pool: Pool, result: dict) -> str:
             lines.append(f"No threshold, so no decision, for {plural(len(undecided), 'label')} with one class in "
                          f"validation: {', '.join(undecided)}")
     return "\n".join(lines) + "\n"
-
-
-def averaged_text(result: dict, classes: int) -> str:
-    """`val over 1 of 14 labels, test over 1 of 14 labels`: how many labels each split's mean averages (binary:
-    the positive class's AUROC)."""
-    if result.get("task") == "multiclass" and classes == 2:
-        return f"the AUROC of the positive class, {result['classes'][1]}"
-    return ", ".join(f"{split} over {k} of {classes} labels"
-                     for split, k in (result.get("labels_averaged") or {}).items())
-
-
-def cost_lines(cost: dict, compared: bool = True) -> list[str]:
-    """The model card's and the printout's lines on what the ensemble costs, and the budget it was held to
-    (`compared`: the best single trial and the top-K beside it were held to it too)."""
-    units = {"latency_ms": ("ms per image (batch 1)", "ms"), "params_m": ("M parameters", "M")}
-    held = "; ".join(f"{name.split('_')[0]} ≤ {value:.3g} {units[name][0]} (its members' measured sum: "
-                     f"{cost.get(name + '_sum', float('nan')):.3g} {units[name][1]})"
-                     for name, value in cost["budget"].items())
-    held += f", the budget being {cost['budget_note']}" if cost.get("budget_note") else ""
-    sums = ", ".join(f"{cost[k]:.3g} {unit}" for k, unit in (("latency_ms_sum", "ms"), ("params_m_sum", "M params"),
-                                                            ("gflops_sum", "GFLOPs")) if k in cost)
-    served = (f"; the ensemble as served measured {cost['served_latency_ms']:.3g} ms per image, one decoded image "
-              f"at a time on {cost['device']}" if "served_latency_ms" in cost else "")
-    held += "; the best single trial and the top-K it is compared with fit it too" if held and compared else ""
-    return [f"- Budget: {held}" if held else "- Budget: none (`--latency-budget MS`, `--params-budget M`)",
-            f"- Cost: members' sum {sums or 'not measured'}, "
-            f"{cost.get('latency_where', 'each measured in its trial on its device')}{served}"]
 
 
 def print_result(result: dict) -> None:

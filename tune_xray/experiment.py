@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -383,3 +384,8 @@ class Experiment:
             if (directory / LOCK_FILE).exists():
                 os.ftruncate(fd, 0)  # released as it should be: nothing stale for the next run to report
             os.close(fd)  # closing releases the flock
+
+
+def file_sha256(path: Path) -> str:
+    """A file's content hash: what a later reader checks it reads the predictions it was told of."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -19,6 +19,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from .record.names import bare
+
 THRESHOLD_RANGE = (0.05, 0.95)  # thresholds are searched inside this range, never at the extremes
 
 
@@ -384,3 +386,45 @@ def pareto_ranks(points: np.ndarray, modes: list[str]) -> np.ndarray:
         ranks[remaining[kept]] = rank
         remaining, rank = remaining[~kept], rank + 1
     return ranks
+
+
+def split_scorer(y: np.ndarray, task: str, metric: str, classes, rule: str, thresholds=None, untrained=()):
+    """`score(prob, weights)` of the study's metric (higher is better) on targets `y`; a threshold metric
+    (accuracy, F1) at `thresholds` — validation's, when scoring test — or chosen on `y` itself when None. Means
+    over labels leave `untrained` ones out (binary: the positive class's AUROC)."""
+    name = bare(metric)
+    columns = scored_labels(task, classes, untrained)
+
+    def score(prob: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        weights = np.ones((1, len(y))) if weights is None else weights
+        if name == "mean_auroc":
+            return weighted_mean_auroc(y[:, columns], prob[:, columns], weights)
+        out = []
+        for w in weights:  # other metrics: one resample at a time
+            rows = np.repeat(np.arange(len(y)), w.astype(int))
+            if name == "loss":
+                p = np.clip(prob[rows], 1e-7, 1 - 1e-7)
+                value = -(np.nanmean(y[rows] * np.log(p) + (1 - y[rows]) * np.log(1 - p)) if task == "multilabel"
+                          else np.mean(np.log((p * y[rows]).sum(1))))  # nanmean: over labelled entries
+                out.append(-value)  # higher is better
+            else:
+                targets = y[rows] if task == "multilabel" else y[rows].argmax(1)
+                out.append(classification_metrics(task, targets, prob[rows], classes, thresholds,
+                                                  rule, untrained)["metrics"][name])
+        return np.asarray(out, dtype=np.float64)
+
+    return score
+
+
+def front(complete: list[dict], objectives: list[dict]) -> list[dict]:
+    """The Pareto front of the completed trials (`complete`, best first by the metric) on the study's objectives:
+    those no other trial matches or beats on every objective at once — one entry each, best metric first."""
+    def value(row: dict, name: str):
+        return row.get(name) if name == objectives[0]["name"] else row["cost"].get(name)
+
+    scored = [r for r in complete if all(isinstance(value(r, o["name"]), (int, float)) for o in objectives)]
+    if not scored:
+        return []
+    mask = pareto_front([[value(r, o["name"]) for o in objectives] for r in scored], [o["mode"] for o in objectives])
+    return [{"trial": r["trial"], "name": r["name"], "trial_id": r["trial_id"], "mlflow_run_id": r["mlflow_run_id"],
+             objectives[0]["name"]: r[objectives[0]["name"]], **r["cost"]} for r, kept in zip(scored, mask) if kept]

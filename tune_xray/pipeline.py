@@ -18,24 +18,27 @@ from ray import tune
 from . import tracking
 from .asha import FinishAwareASHA, ParetoASHA
 from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem, watch_ray, which_ray
-from .config import ConfigError, objective, parse_overrides, plural
+from .config import ConfigError, objective, parse_overrides
+from .costs import remeasure_costs
 from .credentials import mask, remember, same_place
 from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
-from .ensemble import NoFit, absolute_budget, remeasure_costs, run_ensemble
+from .ensemble import run_ensemble
 from .experiment import Experiment, provenance, trial_name
 from .external import ExternalSource, check_external, external_lines, record_external
 from .models.pretrained import WeightsMissing, backbones_of, caches_text, prefetch, resolve, size_text
 from .phases.ssl_store import check_fits, resolve_init
 from .record.names import INVOCATION_FILE, JUDGED_IN_TRIAL, RESULT_FILES, SUMMARY_FILE, TRIAL_NUMBER
 from .record.status import status_of
+from .record.text import no_fit_text, plural
 from .repeat import print_repeats, run_repeats
 from .report import build_report
 from .request import TUNE_STATE, SearchRequest
 from .searcher import DefineByRun, close_orphans, link_run, optuna_searcher
+from .selection import NoFit, absolute_budget
 from .space import ResolvedStudy, Study, flatten, load_study, resolve_path
-from .summary import judge_limits, no_fit_text, run_name, search_model, summarize
+from .summary import judge_limits, run_name, search_model, summarize
 from .trial import (
     DRIVER,
     TrialLines,
@@ -511,7 +514,7 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
 
 def remeasure(experiment: Experiment, summary: dict, resolved: ResolvedStudy, budget: dict) -> None:
     """The latency of the trials whose cost decides something (the front and the next, or every candidate under
-    the ensemble's budget or a latency limit), measured again here, alone (ensemble.remeasure_costs); said in one
+    the ensemble's budget or a latency limit), measured again here, alone (costs.remeasure_costs); said in one
     line. Then the limits no trial judges itself (its latency) judged on those figures: a trial over one is
     infeasible, its MLflow run said so, each in one line."""
     import torch  # on the driver's own device, with no trial running

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import plural
 from .credentials import mask, reveal
 from .data.splits import DataError
+from .record.text import plural
 from .serving import EnsembleModel, load_predictor, read_image  # noqa: F401  (models registered before serving.py)
 
 

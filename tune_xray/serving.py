@@ -207,3 +207,17 @@ def images_from_input(model_input) -> tuple[list[Image.Image | None], list[str]]
     if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)
     return [Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a) for a in arr], [""] * len(arr)
+
+
+def ms_per_image(predictor, image, batch: int, device: str) -> float:
+    """ms per image of `predictor` on `batch` copies of one decoded image: the median of up to 10 runs after a
+    warm-up (explain.median_seconds)."""
+    from .explain import median_seconds
+
+    return 1000 * median_seconds(lambda: predictor.predict([image] * batch, batch_size=batch), device, 10, 5.0) / batch
+
+
+def measured_latency(checkpoints: list[str], weights: list[float], example: str, device: str) -> float:
+    """ms per image of the ensemble as served (serving.EnsemblePredictor: each member's cache layout, eval views
+    and forward, the weighted mean), one decoded image at a time on `device`: the median of repeats."""
+    return ms_per_image(EnsemblePredictor(checkpoints, weights, device=device), read_image(example), 1, device)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 from .addresses import runs_table_url
-from .config import bare, over_limits, plural
+from .config import over_limits
 from .credentials import mask
 from .experiment import Experiment, trial_label
-from .metrics import ci_text, pareto_front
+from .metrics import ci_text, front
 from .record.names import (
     COST_METRICS,
     JUDGED_IN_TRIAL,
@@ -21,8 +21,10 @@ from .record.names import (
     STATUSES,
     TIME_ATTR,
     TRIAL_NUMBER,
+    bare,
 )
 from .record.status import status_of
+from .record.text import labels_averaged, no_fit_text, plural, search_model_text
 from .space import Study, case_key
 
 SINGLE_LABEL = ("accuracy", "balanced_accuracy")  # a single-label task's decision metrics, beside its AUROC
@@ -145,20 +147,6 @@ def judge_limits(summary: dict, limits: dict, where: str) -> list[dict]:
     return over
 
 
-def front(complete: list[dict], objectives: list[dict]) -> list[dict]:
-    """The Pareto front of the completed trials (`complete`, best first by the metric) on the study's objectives:
-    those no other trial matches or beats on every objective at once — one entry each, best metric first."""
-    def value(row: dict, name: str):
-        return row.get(name) if name == objectives[0]["name"] else row["cost"].get(name)
-
-    scored = [r for r in complete if all(isinstance(value(r, o["name"]), (int, float)) for o in objectives)]
-    if not scored:
-        return []
-    mask = pareto_front([[value(r, o["name"]) for o in objectives] for r in scored], [o["mode"] for o in objectives])
-    return [{"trial": r["trial"], "name": r["name"], "trial_id": r["trial_id"], "mlflow_run_id": r["mlflow_run_id"],
-             objectives[0]["name"]: r[objectives[0]["name"]], **r["cost"]} for r, kept in zip(scored, mask) if kept]
-
-
 def search_model(registered: dict | None, chosen: str, by: str) -> dict | None:
     """"The search's model", one entry every reader takes it from (the summary, predict, the report, the model
     cards): the version registered under the experiment's name last — `models:/<experiment>/latest` — how it was
@@ -167,30 +155,6 @@ def search_model(registered: dict | None, chosen: str, by: str) -> dict | None:
         return None
     return {"uri": registered["uri"], "latest": f"models:/{registered['name']}/latest", "name": registered["name"],
             "version": registered["version"], "tracking_uri": registered["tracking_uri"], "chosen": chosen, "by": by}
-
-
-def search_model_text(summary: dict) -> str:
-    """`the search's model: models:/x/2 (= models:/x/latest), the out-of-fold ensemble …, by …`, or why none."""
-    model = summary.get("search_model")
-    if model:
-        return (f"the search's model: {model['uri']} (models:/{model['name']}/latest), {model['chosen']}; "
-                f"chosen as the search's model by {model['by']}")
-    ensemble = summary.get("ensemble") or {}
-    if ensemble.get("fits") is False:
-        return f"no model registered: {no_fit_text(ensemble)}"
-    return "no model registered"
-
-
-def no_fit_text(outcome: dict) -> str:
-    """A budget nothing fits, in words: why, the nearest fit and (a search's ensemble) the best single trial, and
-    the rule: nothing over the budget is registered."""
-    nearest, best = outcome["nearest"], outcome.get("best_single")
-    over = ", ".join(f"{k} {v:.3g}" for k, v in nearest.items() if k in outcome["budget"])
-    single = f", the best single trial {best['trial']}" if best else ""
-    remedy = outcome.get("remedy", "python -m tune_xray.ensemble with a larger --latency-budget / --params-budget "
-                                   "chooses one")
-    return (f"{outcome['why']}; the nearest is {nearest['trial']} ({over}){single}; a model over the budget is "
-            f"not registered as the search's ({remedy})")
 
 
 def print_front(summary: dict) -> None:
@@ -258,18 +222,6 @@ def print_summary(summary: dict, resume_command: str) -> None:
         print(f"report:  {summary['report']}")
     print(f"runs:    {summary['mlflow']}\n         then open {summary['mlflow_runs_table']}")
     print(f"study:   {summary['optuna']}")
-
-
-def labels_averaged(summary: dict) -> str:
-    """`, a mean over 1 of 14 labels`: what the best trial's validation mean AUROC averages ('' for other
-    metrics)."""
-    k = (summary.get("best") or {}).get("labels_averaged")
-    data = summary.get("data") or {}
-    if bare(summary["metric"]) != "mean_auroc" or k is None or not data.get("classes"):
-        return ""
-    if data.get("task") == "binary":
-        return f", the AUROC of the positive class, {data['classes'][1]}"
-    return f", a mean over {int(k)} of {len(data['classes'])} labels"
 
 
 def exit_code(summary: dict) -> int:

@@ -34,7 +34,6 @@ from ray.tune.logger import LoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from .addresses import run_link, run_url
-from .config import bare, plural
 from .credentials import mask, remember, reveal
 from .metrics import ci_text
 from .record.names import (
@@ -48,8 +47,10 @@ from .record.names import (
     SSL_TIME_ATTR,
     STARTED_FROM,
     TIME_ATTR,
+    bare,
 )
 from .record.status import ssl_from_text
+from .record.text import plural
 from .serving import EnsembleModel
 from .trial import DRIVER
 

@@ -28,7 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .cluster import upload
-from .config import build_config, merge, objective, parse_overrides, plural
+from .config import build_config, merge, objective, parse_overrides
 from .record.names import (
     CV_FOLD,
     CV_FOLDS,
@@ -52,6 +52,7 @@ from .record.names import (
     TRIAL_NUMBER,
 )
 from .record.status import ssl_from_text, status_of
+from .record.text import plural
 
 
 class TrialLines(tune.Callback):

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TrialConfig, bare
+from ..config import TrialConfig
 from ..data.loader import PreparedData
 from ..metrics import classification_metrics
+from ..record.names import bare
 
 CHANCE_AUROC = 0.5
 PROBE_CHANCE_MARGIN = 0.02  # a probe's mean AUROC at most this above 0.5 is at chance

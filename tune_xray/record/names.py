@@ -56,5 +56,10 @@ COST_METRICS = ("latency_ms", "latency_ms_b32", "params_m", "gflops")
 COSTS = ("latency_ms", "params_m", "gflops")  # those a study may name as an objective or a limit
 # the costs a trial's own measurement judges fairly: the model's wherever it runs. Its latency is measured while other
 # trials may share its device (packed GPUs, a CPU's cores): a latency limit is judged after the search, with the model
-# alone on the driver's device (ensemble.remeasure_costs), never in the trial
+# alone on the driver's device (costs.remeasure_costs), never in the trial
 JUDGED_IN_TRIAL = ("params_m", "gflops")
+
+
+def bare(metric: str) -> str:
+    """`val_mean_auroc` / `best_val_mean_auroc` → `mean_auroc`: the metric's name on any split."""
+    return metric.removeprefix("best_").removeprefix("val_")

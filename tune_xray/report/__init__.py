@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import bare
 from ..credentials import mask
 from ..experiment import Experiment, ExperimentError
-from ..record.names import REPORT_FILE
+from ..record.names import REPORT_FILE, bare
 from ..space import short_names, space_rows
 from .cost import cost_data, render_cost, render_cv
 from .explanation import explain_data, render_explain

@@ -9,10 +9,10 @@ import re
 import numpy as np
 import pandas as pd
 
-from ..config import bare, plural
-from ..ensemble import cost_lines
 from ..figures import COLUMN, figure, wrap
 from ..metrics import CORRECTED_T, ci_text, pareto_front
+from ..record.names import bare
+from ..record.text import cost_lines, plural
 from .common import html_table, log_axis
 
 

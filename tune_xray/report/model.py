@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import bare, plural
 from ..experiment import (
     Experiment,
     TrialTask,
@@ -16,7 +15,8 @@ from ..experiment import (
 )
 from ..figures import COLUMN, figure, integer_ticks, wrap
 from ..metrics import both_classes, labelled, scored_labels
-from ..summary import search_model_text
+from ..record.names import bare
+from ..record.text import plural, search_model_text
 from .common import html_table, stored_predictions
 
 

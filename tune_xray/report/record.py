@@ -6,11 +6,10 @@ import html
 
 import pandas as pd
 
-from ..config import bare, plural
 from ..data.sources import describe_untrained
-from ..ensemble import averaged_text
 from ..metrics import ci_text
-from ..summary import no_fit_text
+from ..record.names import bare
+from ..record.text import averaged_text, no_fit_text, plural
 from .common import FEW, html_table
 
 

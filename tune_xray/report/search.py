@@ -8,12 +8,13 @@ import html
 import numpy as np
 import pandas as pd
 
-from ..config import bare, plural
 from ..experiment import (
     Experiment,
 )
 from ..figures import COLUMN, figure, integer_ticks, pyplot, wrap
 from ..metrics import ci_text
+from ..record.names import bare
+from ..record.text import plural
 from ..space import short_names
 from .common import html_table, log_axis
 

@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import bare, plural
 from ..data.sources import describe_data, describe_untrained
 from ..experiment import Experiment
 from ..metrics import ci_text
-from ..record.names import STATUSES
+from ..record.names import STATUSES, bare
+from ..record.text import labels_averaged, no_fit_text, plural
 from ..space import flatten
-from ..summary import labels_averaged, no_fit_text
 from .common import FEW, bullets, html_table
 
 

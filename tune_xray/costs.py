@@ -1,0 +1,55 @@
+"""The cost re-measurement after the search: a trial's latency measured again alone, where it is fair."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .experiment import Experiment
+from .metrics import front, pareto_ranks
+from .serving import EnsemblePredictor, ms_per_image, read_image
+
+
+def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: dict, device: str,
+                    judged: dict | None = None) -> dict | None:
+    """Latency measured where it is fair: a trial measures its own at its first epoch's end, on a device it may
+    share with packed trials, or on another node's hardware. After the trials, with none running, each completed
+    trial whose cost decides something is measured again here, alone, on the driver's `device`, as served
+    (serving.EnsemblePredictor: decoding to its cache layout, its eval views and TTA): `latency_ms` at batch 1 and
+    `latency_ms_b32` per image at batch 32, each the median of up to 10 runs after a warm-up. Measured: in a
+    Pareto search (`costs`), the trials on the front and on the next front (the candidates it could move); under an
+    ensemble `budget`, or hard limits judged here (`judged`: a latency limit, which no trial judges on a figure taken
+    while it shared its device), every completed trial. Those numbers replace the row's `cost`
+    entries — the budgeted ensemble sums them, the front and the report use them — and the trial's own are kept as
+    `cost_in_trial` ("measured while training"). Returns what was done (None: nothing to measure)."""
+
+    complete = [r for r in summary["rows"] if r["status"] == "complete" and r.get("cost")]
+    metric, mode = summary["metric"], summary["mode"]
+    if any(v is not None for v in (budget or {}).values()) or judged:
+        chosen = complete
+    elif costs:
+        names = [metric, *(name for name, _ in costs)]
+        points = [[r[metric] if n == metric else r["cost"].get(n, math.nan) for n in names] for r in complete]
+        ranks = pareto_ranks(np.array(points, dtype=float), [mode, *(m for _, m in costs)]) if points else []
+        chosen = [r for r, rank in zip(complete, ranks) if rank <= 1]
+    else:
+        return None
+    for row in chosen:
+        directory = experiment.trial_dir(row)
+        predictor = EnsemblePredictor([str(directory / "best.pt")], [1.0], device=device)
+        image = read_image(pd.read_csv(directory / "predictions_val.csv", usecols=["path"], nrows=1)["path"][0])
+        row["cost_in_trial"] = {k: row["cost"][k] for k in ("latency_ms", "latency_ms_b32") if k in row["cost"]}
+        row["cost"].update(latency_ms=ms_per_image(predictor, image, 1, device),
+                           latency_ms_b32=ms_per_image(predictor, image, 32, device))
+    if summary.get("pareto_front") is not None:
+        ranked = sorted(complete, key=lambda r: r[metric], reverse=mode == "max")
+        summary["pareto_front"] = front(ranked, summary["objectives"])
+    why = "the trials on the Pareto front and on the next front"
+    if judged:
+        why = "every completed trial, each judged against the study's latency limit"
+    elif chosen is complete:
+        why = "every completed trial, each a candidate under the ensemble's budget"
+    return {"device": device, "trials": [r["trial"] for r in chosen], "batch_sizes": [1, 32], "repeats": 10,
+            "why": why}
