@@ -12,7 +12,7 @@ STEPS = ["costs", "repeat", "ensemble", "cv", "external", "report", "predict", "
 
 # lowest first; a module may import from its own layer and those before it. A subpackage is one unit.
 LAYERS = [
-    ["record"],  # the shared names, a trial's status rule, the record's words: imports nothing of the package's
+    ["record", "driver"],  # the shared names, a trial's status rule, the record's words; the driver's state: nothing below
     ["config", "credentials", "metrics", "explain", "figures", "request", "addresses"],  # none later (request: a
     # search's choices; addresses: where the MLflow UI shows it)
     ["cluster", "data", "augment", "models", "space", "weights"],  # Ray clusters, data, views, backbones (and their
@@ -21,7 +21,8 @@ LAYERS = [
     ["trial", "serving"],  # one Tune trial; a fine-tuned ensemble as a model
     ["pyfunc_model"],  # that model as MLflow's models-from-code
     ["experiment", "asha", "searcher"],  # the experiment directory; ASHA's rules; the Optuna searcher
-    ["tracking"],  # MLflow
+    ["tracking"],  # MLflow: a trial's runs
+    ["registry"],  # MLflow: the search's models registered
     ["summary", "selection"],  # what a search ended with; ensemble selection (the search's and the folds')
     ["rerun"],  # finalists run again beside the search: what the repeats and the cross-validation share
     STEPS,  # the steps after the search, siblings: none imports another

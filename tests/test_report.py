@@ -4,8 +4,9 @@ model, figures with alt text and short tick labels."""
 import numpy as np
 import pytest
 
+from tune_xray.registry import ensemble_metrics, model_name
 from tune_xray.report import short_names, warnings_of
-from tune_xray.tracking import RUN_STATUS, ensemble_metrics, model_name, record_table
+from tune_xray.tracking import RUN_STATUS, record_table
 
 
 def _entry(value, low, high):

@@ -970,8 +970,8 @@ def test_a_resumed_searchs_pickled_sync_follows_this_driver():
     import pickle
     from types import SimpleNamespace
 
+    from tune_xray.driver import this_driver
     from tune_xray.pipeline import ResumeSync
-    from tune_xray.trial import this_driver
 
     synced = []
     first = SimpleNamespace(remote=True, sync_resume=lambda: synced.append("first machine"))

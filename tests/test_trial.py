@@ -3,7 +3,8 @@
 import ray
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from tune_xray.trial import ClusterConcurrency, TrialResources, this_driver
+from tune_xray.driver import this_driver
+from tune_xray.trial import ClusterConcurrency, TrialResources
 
 
 class Configs(Searcher):

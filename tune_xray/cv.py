@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import tracking
+from . import registry, tracking
 from .config import ConfigError, metric_mode, objective
 from .credentials import mask
 from .data.splits import UNLABELLED
@@ -372,7 +372,7 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
     (fold_dir / "model_card.md").write_text(out["card"])
     if tracking_uri and tracking.find_parent(experiment.directory):
         try:
-            out["registered"] = tracking.log_oof_ensemble(tracking_uri, experiment.directory, out,
+            out["registered"] = registry.log_oof_ensemble(tracking_uri, experiment.directory, out,
                                                           [str(Path(d) / "best.pt") for d in dirs], member_weights,
                                                           str(oof_paths[0]), select)
         except Exception as err:  # noqa: BLE001 — the cross-validation stands; what failed is said

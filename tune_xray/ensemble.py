@@ -290,7 +290,7 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
                  budget_note: str = "") -> dict:
     """Select on validation and write `ENSEMBLE_DIR/` (ensemble.json, members.csv, model card); with
     `read_test`, the record on test too (its predictions, counted in test_reads.json); with a tracking URI, log
-    it as an `ensemble` run and register its pyfunc model (tracking.log_ensemble). `budget`: the most its members'
+    it as an `ensemble` run and register its pyfunc model (registry.log_ensemble). `budget`: the most its members'
     measured costs may sum to (`{"latency_ms": 20, "params_m": 50}`; `budget_note`: how it was reached, where it is
     relative: `absolute_budget`); `device`: where its latency as served is measured (None: not measured). A budget
     no completed trial fits alone raises NoFit."""
@@ -331,9 +331,10 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
     (out_dir / "model_card.md").write_text(model_card(pool, result))
     selection_curve(selection, pool.metric, out_dir / "selection_curve.png")
     if tracking_uri:
-        from . import tracking
+        from . import registry  # MLflow pyfunc and the serving model: loaded only to register
+
         try:
-            result["registered"] = tracking.log_ensemble(tracking_uri, experiment.directory, result, members, out_dir)
+            result["registered"] = registry.log_ensemble(tracking_uri, experiment.directory, result, members, out_dir)
         except Exception as err:  # noqa: BLE001 — the selection and its files stand; the caller says what failed
             result["registered"], result["registration_error"] = None, mask(f"{type(err).__name__}: {err}")
         if result.get("test_predictions") and result.get("registered"):  # the run that holds them, by its id

@@ -24,6 +24,7 @@ from .credentials import mask, remember, same_place
 from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
+from .driver import DRIVER, this_driver
 from .ensemble import run_ensemble
 from .experiment import Experiment, provenance, trial_name
 from .external import ExternalSource, check_external, external_lines, record_external
@@ -40,7 +41,6 @@ from .selection import NoFit, absolute_budget
 from .space import ResolvedStudy, Study, flatten, load_study, resolve_path
 from .summary import judge_limits, run_name, search_model, summarize
 from .trial import (
-    DRIVER,
     TrialLines,
     TrialResources,
     fine_tuned_names,
@@ -49,7 +49,6 @@ from .trial import (
     remove_orphaned_workdirs,
     resolve_trial,
     run_config,
-    this_driver,
     trainable,
     trial_overrides,
 )

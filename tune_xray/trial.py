@@ -29,6 +29,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .cluster import upload
 from .config import build_config, merge, objective, parse_overrides
+from .driver import DRIVER
 from .record.names import (
     CV_FOLD,
     CV_FOLDS,
@@ -404,23 +405,6 @@ class TrialResources:
         """`searcher` behind the limit on live trials the search runs with (`ClusterConcurrency`): `cap`
         (--max-concurrent), else as many as the cluster holds now and `pending` more waiting (--max-pending)."""
         return ClusterConcurrency(searcher, self, pending, cap)
-
-
-# What this driver process runs its search with, while it runs (`this_driver`). Tune pickles the search — its
-# searcher and limiter, its callbacks — and a resume restores them as they were; those objects read this driver's
-# values from here (the resume's own resources, concurrency, trial records and local directory), not the first run's.
-DRIVER: dict = {}
-
-
-@contextlib.contextmanager
-def this_driver(**values):
-    """While the block runs: what this driver's search runs with — `concurrency` (resources, pending, cap),
-    `describe` (a trial's MLflow record), `experiment` (where it syncs) — for the pickled objects that read it."""
-    DRIVER.update(values)
-    try:
-        yield
-    finally:
-        DRIVER.clear()
 
 
 class ClusterConcurrency(ConcurrencyLimiter):
