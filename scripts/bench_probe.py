@@ -24,7 +24,8 @@ import torch
 from tune_xray.config import build_config
 from tune_xray.data.loader import prepare
 from tune_xray.models import create_backbone
-from tune_xray.phases.byol import run_byol
+from tune_xray.phases.base import PhaseContext
+from tune_xray.phases.byol import ByolPhase
 from tune_xray.phases.common import seed_everything
 
 NIH_TRAIN, NIH_VAL, PROBE_IMAGES = 77_900, 8_650, 1_000
@@ -37,7 +38,7 @@ def epoch_seconds(cfg, data, repeats: int) -> float:
         seed_everything(cfg.seed)
         backbone, width = create_backbone(cfg.model.backbone, False, cfg.model.in_chans, cfg.augment.image_size)
         start = time.perf_counter()
-        run_byol(cfg, data, backbone, width, torch.device("cpu"), Path(tempfile.mkdtemp()))
+        ByolPhase(cfg, data, PhaseContext(torch.device("cpu"), Path(tempfile.mkdtemp())), backbone, width).run()
         times.append(time.perf_counter() - start)
     return min(times)
 

@@ -369,45 +369,96 @@ def _start_ray(request: SearchRequest) -> str:
 
 def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cfg, trials: int,
          experiment: Experiment) -> dict:
-    """The search itself, under its lock: data, Ray, the Tuner, the summary and what comes after the trials.
-    `asked`: the request as given (stored so); the search runs it with its GPUs per trial resolved."""
-    import ray
-    from ray import tune
-
-    from .data.loader import prepare
-
+    """The search itself, under its lock, as named steps: the data, Ray, the trials' placement, the MLflow parent,
+    the Tuner, the trials, the summary, what comes after the trials, the parent's end. `asked`: the request as given
+    (stored so); the search runs it with its GPUs per trial resolved."""
     began = time.perf_counter()
-    index = prepare(base_cfg.data).index  # check and cache the data once, before any trial starts
-    data = index.facts()
-    external = check_external(asked.external, asked.external_split, base_cfg.data, list(index.classes), index.task,
-                              index.untrained())
+    data, external = prepare_data(asked, base_cfg)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # SSL-phase reports carry no objective
     ray_text = _start_ray(asked)
-    request = asked if asked.gpus_per_trial is not None else dataclasses.replace(
-        asked, gpus_per_trial=default_gpus_per_trial(ray.cluster_resources()))
-    if asked.resume and asked.gpus_per_trial is None:  # an automatic choice, made again on this cluster: said
-        print(f"--resume: --gpus-per-trial was not given when the search started (1 where the cluster has a GPU, else "
-              f"0): on this cluster {request.gpus_per_trial:g}{earlier_gpus(experiment)}", flush=True)
-    resolved = resolved.placed(request.gpus_per_trial, request.workers_per_trial)
-    study, budget = resolved.study, resolved.budget
-    if len(alive_nodes()) > 1:  # every node must see the storage and the data; checked before anything is written
-        kind, _, data_path = base_cfg.data.source.partition(":")
-        check_cluster_paths(experiment.storage, data_path if kind != "synthetic" else None)
+    request, resolved = place_trials(asked, resolved, experiment)
+    check_nodes(experiment, base_cfg)
     if not request.resume:  # (the lock made the directory)
         experiment.write_request(asked)
         experiment.sync((INVOCATION_FILE,))
-    metric = objective(study.metric)
-    tracking_uri, optuna_url = experiment.tracking_uri, experiment.optuna_url
+    metric = objective(resolved.study.metric)
     resources = TrialResources(request.workers_per_trial, request.cpus_per_trial, request.gpus_per_trial,
                                request.one_worker_trials or "tune")
-    parent = tracking.start_parent(tracking_uri, experiment.name, experiment.directory,
+    parent = open_parent(request, resolved, trials, resources, experiment, data, metric)
+    describe = trial_records(resolved, resources, experiment, request.smoke)
+    tuner = build_tuner(request, resolved, trials, metric, resources, experiment, parent, describe, extra_callbacks)
+    announce(experiment, trials, resolved.study, data, external, ray_text)
+    fit(tuner, request, experiment, parent, resources, describe)
+    summary, all_trials, runs = search_summary(request, resolved, trials, metric, experiment, parent, data, resources,
+                                               time.perf_counter() - began)
+    tidy_runs(summary, all_trials, runs, experiment)
+    summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
+    ensemble_budget = {} if request.no_ensemble else resolved.ensemble
+    if summary["status"] == "complete" and needs_remeasure(resolved, ensemble_budget):
+        _step(experiment, summary, "latency", lambda: remeasure(experiment, summary, resolved, ensemble_budget))
+    if summary.get("pareto_front"):
+        tracking.tag_front(experiment.tracking_uri,
+                           [r["mlflow_run_id"] for r in summary["pareto_front"] if r["mlflow_run_id"]])
+    best = summary["best"]
+    summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
+    experiment.write_summary(summary)
+    if summary["status"] == "complete":
+        after_trials(experiment, summary, request, resolved, external)
+    _step(experiment, summary, "storage", lambda: (experiment.sync(), experiment.sync_resume()))
+    close_parent(summary, all_trials, experiment, parent, metric)
+    return summary
+
+
+def prepare_data(asked: SearchRequest, base_cfg) -> tuple[dict, list[ExternalSource]]:
+    """The data checked and cached once, before any trial starts; its facts, and the external sources checked
+    against its classes."""
+    from .data.loader import prepare
+
+    index = prepare(base_cfg.data).index
+    external = check_external(asked.external, asked.external_split, base_cfg.data, list(index.classes), index.task,
+                              index.untrained())
+    return index.facts(), external
+
+
+def place_trials(asked: SearchRequest, resolved: ResolvedStudy,
+                 experiment: Experiment) -> tuple[SearchRequest, ResolvedStudy]:
+    """GPUs per trial, where not given: 1 where the cluster has a GPU, else 0 (a resume chooses again, and says
+    so); the study placed on the trials' device."""
+    import ray
+
+    request = asked
+    if asked.gpus_per_trial is None:
+        request = dataclasses.replace(asked, gpus_per_trial=default_gpus_per_trial(ray.cluster_resources()))
+    if asked.resume and asked.gpus_per_trial is None:  # an automatic choice, made again on this cluster: said
+        print(f"--resume: --gpus-per-trial was not given when the search started (1 where the cluster has a GPU, else "
+              f"0): on this cluster {request.gpus_per_trial:g}{earlier_gpus(experiment)}", flush=True)
+    return request, resolved.placed(request.gpus_per_trial, request.workers_per_trial)
+
+
+def check_nodes(experiment: Experiment, base_cfg) -> None:
+    """On a cluster, every node must see the storage and the data: checked before anything is written."""
+    if len(alive_nodes()) > 1:
+        kind, _, data_path = base_cfg.data.source.partition(":")
+        check_cluster_paths(experiment.storage, data_path if kind != "synthetic" else None)
+
+
+def open_parent(request: SearchRequest, resolved: ResolvedStudy, trials: int, resources: TrialResources,
+                experiment: Experiment, data: dict, metric: str) -> str:
+    """The search's MLflow parent run (a resume reopens its own); from here on a killed driver can be resumed from
+    another machine."""
+    study = resolved.study
+    parent = tracking.start_parent(experiment.tracking_uri, experiment.name, experiment.directory,
                                    search_params(request, resolved, trials, resources),
                                    {"tune_xray.smoke": str(request.smoke).lower(),
                                     tracking.DESCRIPTION_TAG: search_description(request, study, trials, metric, data)})
-    experiment.sync_resume()  # a driver killed from here on can be resumed from another machine
+    experiment.sync_resume()
+    return parent
 
-    smoke = request.smoke  # (describe is pickled with Tune's state: it holds no command line, whose URLs may hold a
-    # password)
+
+def trial_records(resolved: ResolvedStudy, resources: TrialResources, experiment: Experiment, smoke: bool):
+    """`describe(config)`: a trial's MLflow record — run name, params, tags, description. It is pickled with Tune's
+    state, so it holds no command line (whose URLs may hold a password)."""
+    study = resolved.study
 
     def describe(config: dict) -> tracking.TrialRecord:
         cfg = resolve_trial(resolved, config)
@@ -419,24 +470,45 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
                                      "tune_xray.optuna_trial": str(config[TRIAL_NUMBER])},
                                     trial_description(study, config, cfg, experiment.name))
 
+    return describe
+
+
+def scheduler_of(request: SearchRequest, resolved: ResolvedStudy, metric: str):
+    """ASHA on the objective (through the SSL phase where the budget says so), MO-ASHA on every objective of a
+    multi-objective study (`--asha-on objectives`), or none (`--no-asha`)."""
+    study, budget = resolved.study, resolved.budget
+    if request.no_asha:
+        return None
+    if study.costs and request.asha_on == "objectives":
+        return ParetoASHA(budget, metric, study.mode, study.costs)
+    return FinishAwareASHA(budget, metric, study.mode)
+
+
+def build_tuner(request: SearchRequest, resolved: ResolvedStudy, trials: int, metric: str,
+                resources: TrialResources, experiment: Experiment, parent: str, describe, extra_callbacks):
+    """The Tuner: restored from the experiment on --resume, else new, with Optuna's searcher under the cluster's
+    concurrency, the scheduler, and the callbacks (MLflow runs, the console lines, the resume sync)."""
+    study = resolved.study
     driver = trainable(resolved, resources, experiment.path, request.max_failures)
-    callbacks = [tracking.TrialRuns(tracking_uri, parent, describe, status_of, link_run(optuna_url, experiment.name),
-                                    RESULT_FILES, lambda trial: experiment.fetch(Path(trial.path).name)),
+    callbacks = [tracking.TrialRuns(experiment.tracking_uri, parent, describe, status_of,
+                                    link_run(experiment.optuna_url, experiment.name), RESULT_FILES,
+                                    lambda trial: experiment.fetch(Path(trial.path).name)),
                  TrialLines(metric, lambda config: run_name(study, config)), ResumeSync(experiment),
                  *extra_callbacks]
     if request.resume:
         quiet_console(request.verbose)
-        tuner = tune.Tuner.restore(experiment.path, trainable=driver, resume_errored=True)
-    else:
-        scheduler = (None if request.no_asha else ParetoASHA(budget, metric, study.mode, study.costs)
-                     if study.costs and request.asha_on == "objectives"
-                     else FinishAwareASHA(budget, metric, study.mode))
-        searcher = optuna_searcher(DefineByRun(resolved), experiment.name, optuna_url, request.seed, metric)
-        tuner = tune.Tuner(driver, tune_config=tune.TuneConfig(
-            num_samples=trials, scheduler=scheduler, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
-            search_alg=resources.limiter(searcher, request.max_concurrent, request.max_pending), reuse_actors=True),
-            run_config=run_config(experiment.name, experiment.storage, callbacks, request.max_failures,
-                                  request.verbose))
+        return tune.Tuner.restore(experiment.path, trainable=driver, resume_errored=True)
+    searcher = optuna_searcher(DefineByRun(resolved), experiment.name, experiment.optuna_url, request.seed, metric)
+    return tune.Tuner(driver, tune_config=tune.TuneConfig(
+        num_samples=trials, scheduler=scheduler_of(request, resolved, metric), trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name, reuse_actors=True,
+        search_alg=resources.limiter(searcher, request.max_concurrent, request.max_pending)),
+        run_config=run_config(experiment.name, experiment.storage, callbacks, request.max_failures, request.verbose))
+
+
+def announce(experiment: Experiment, trials: int, study: Study, data: dict, external: list[ExternalSource],
+             ray_text: str) -> None:
+    """The search's first lines: what runs, on which data and which Ray."""
     print(f"{experiment.name}: {plural(trials, 'trial')} of {study.origin}, objective{'s' if study.costs else ''} "
           f"{objectives_text(study)}; data {describe_data(data)}", flush=True)
     if describe_untrained(data):
@@ -445,29 +517,51 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
         print(source.line(), flush=True)
     print(f"on {ray_text}; one line per trial as it ends", flush=True)
 
-    def lost(address: str) -> None:  # from the watching thread: say it, leave it resumable, end the process
+
+def watchdog(request: SearchRequest, experiment: Experiment, parent: str):
+    """`lost(address)`, called from cluster.watch_ray's thread when the Ray under the search is gone: it says so,
+    leaves the search resumable (its parent run marked) and ends the process at once — Ray's threads would hold it a
+    minute more; the lock goes with the process."""
+    def lost(address: str) -> None:
         why = (f"the Ray under the search is gone (its GCS at {address} stopped answering: a node crashed or its "
                "processes were killed)")
         print(f"error: {why}; finished trials are kept. Continue with\n    {resume_command(request)}", file=sys.stderr,
               flush=True)
         try:
-            tracking.interrupt_search(tracking_uri, parent, f"{why}; --resume continues it")
+            tracking.interrupt_search(experiment.tracking_uri, parent, f"{why}; --resume continues it")
         finally:
-            os._exit(1)  # Ray's threads would hold the process for a minute more; the lock goes with the process
+            os._exit(1)
 
-    # a resumed search's pickled limiter, trial records and sync follow this driver's, not those they were pickled with
-    with watch_ray(lost), this_driver(concurrency=(resources, request.max_pending, request.max_concurrent),
-                                      describe=describe, experiment=experiment):
+    return lost
+
+
+def fit(tuner, request: SearchRequest, experiment: Experiment, parent: str, resources: TrialResources,
+        describe) -> None:
+    """The trials, watched. A resumed search's pickled limiter, trial records and sync follow this driver's values,
+    not those they were pickled with."""
+    with watch_ray(watchdog(request, experiment, parent)), this_driver(
+            concurrency=(resources, request.max_pending, request.max_concurrent), describe=describe,
+            experiment=experiment):
         tuner.fit()
     remove_orphaned_workdirs()  # scratch of trials stopped or killed before their own cleanup, on this machine
+
+
+def search_summary(request: SearchRequest, resolved: ResolvedStudy, trials: int, metric: str,
+                   experiment: Experiment, parent: str, data: dict, resources: TrialResources,
+                   wall_s: float) -> tuple[dict, list, dict[str, str]]:
+    """The summary of the trials (summary.summarize) with what this run adds: its wall time and resources (a
+    resumed search's are its runs', each), where it ran from, the data every number is an estimate on, the ASHA
+    rule. Returns it with Tune's trials and the parent's child runs (trial id → run id)."""
+    study, tracking_uri = resolved.study, experiment.tracking_uri
     all_trials = tune.ExperimentAnalysis(experiment.path).trials
     runs = tracking.child_runs(tracking_uri, parent)
     summary = summarize(all_trials, trials, study, metric, experiment, tracking_uri, runs,
                         tracking.experiment_id_of(tracking_uri, parent), tracking.ended_trials(tracking_uri, parent))
-    # a resumed search's wall time is its runs' summed (each run that ended wrote its own into summary.json)
-    before = experiment.summary() if request.resume and (experiment.directory / SUMMARY_FILE).is_file() else {}
+    before = {}
+    if request.resume and (experiment.directory / SUMMARY_FILE).is_file():
+        before = experiment.summary()
     earlier = before.get("search_runs_s") or ([before["wall_time_s"]] if "wall_time_s" in before else [])
-    summary["search_runs_s"] = [*earlier, time.perf_counter() - began]
+    summary["search_runs_s"] = [*earlier, wall_s]
     summary["wall_time_s"] = sum(summary["search_runs_s"])
     summary["resources"] = {"workers_per_trial": resources.workers, "cpus_per_trial": resources.cpus,
                             "gpus_per_trial": resources.gpus, "one_worker_trials": resources.one_worker}
@@ -479,36 +573,45 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
     summary["overrides"] = resolved.overrides  # what every trial got on top of the file: --set, --data, the device
     summary["optuna_study"] = experiment.name  # a copied or renamed experiment directory still finds its study
     summary["data"] = data  # what every number is an estimate on, and how its splits were made
-    summary["asha"] = asha_text(request, study, metric, budget)
+    summary["asha"] = asha_text(request, study, metric, resolved.budget)
+    return summary, all_trials, runs
+
+
+def tidy_runs(summary: dict, all_trials: list, runs: dict[str, str], experiment: Experiment) -> None:
+    """MLflow and Optuna left as the trials ended: the runs of interrupted trials marked so (--resume continues
+    them), runs of no trial of this search deleted, and — unless interrupted — Optuna trials no Tune trial holds
+    closed."""
     known = {t.trial_id for t in all_trials}
-    tracking.mark_runs(tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
-                                      if r["status"] == "interrupted" and r["mlflow_run_id"]}, "interrupted",
-                       "the search was interrupted; --resume continues it")
-    tracking.delete_runs(tracking_uri, [run_id for trial_id, run_id in runs.items() if trial_id not in known])
+    tracking.mark_runs(experiment.tracking_uri, {r["trial_id"]: r["mlflow_run_id"] for r in summary["rows"]
+                                                 if r["status"] == "interrupted" and r["mlflow_run_id"]},
+                       "interrupted", "the search was interrupted; --resume continues it")
+    orphans = [run_id for trial_id, run_id in runs.items() if trial_id not in known]
+    tracking.delete_runs(experiment.tracking_uri, orphans)
     if summary["status"] != "interrupted":
-        summary["optuna_orphans_closed"] = close_orphans(optuna_url, experiment.name)
-    summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
-    ensemble_budget = {} if request.no_ensemble else resolved.ensemble
-    judged_after = any(k not in JUDGED_IN_TRIAL for k in resolved.limits)  # a latency limit: judged alone, here
-    if summary["status"] == "complete" and (study.costs or judged_after
-                                            or any(v is not None for v in ensemble_budget.values())):
-        _step(experiment, summary, "latency", lambda: remeasure(experiment, summary, resolved, ensemble_budget))
-    if summary.get("pareto_front"):
-        tracking.tag_front(tracking_uri, [r["mlflow_run_id"] for r in summary["pareto_front"] if r["mlflow_run_id"]])
+        summary["optuna_orphans_closed"] = close_orphans(experiment.optuna_url, experiment.name)
+
+
+def needs_remeasure(resolved: ResolvedStudy, ensemble_budget: dict) -> bool:
+    """Whether a trial's latency decides something after the trials: a Pareto search, a latency limit (judged
+    alone, here, never in the trial), or an ensemble budget."""
+    judged_after = any(k not in JUDGED_IN_TRIAL for k in resolved.limits)
+    budgeted = any(v is not None for v in ensemble_budget.values())
+    return bool(resolved.study.costs) or judged_after or budgeted
+
+
+def close_parent(summary: dict, all_trials: list, experiment: Experiment, parent: str, metric: str) -> None:
+    """The parent run ended with the search's status, the best trial's record metrics, summary.json and the
+    report attached, and the steps that failed named."""
     best = summary["best"]
-    summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
-    experiment.write_summary(summary)
-    if summary["status"] == "complete":
-        after_trials(experiment, summary, request, resolved, external)
-    _step(experiment, summary, "storage", lambda: (experiment.sync(), experiment.sync_resume()))
     best_trial = next((t for t in all_trials if best and t.trial_id == best["trial_id"]), None)
+    record = {}
+    if best_trial:
+        record = {m.key: m.value for m in tracking.epoch_metrics(best_trial.last_result, 0)
+                  if m.key.startswith(tracking.RECORD_PREFIXES) or m.key == metric}
     report_file = Path(summary["report"]) if str(summary.get("report", "")).endswith(".html") else None
-    tracking.finish_parent(
-        tracking_uri, parent, summary["status"], summary["best_mlflow_run_id"],
-        {m.key: m.value for m in tracking.epoch_metrics(best_trial.last_result, 0)
-         if m.key.startswith(tracking.RECORD_PREFIXES) or m.key == metric} if best_trial else {},
-        experiment.directory / SUMMARY_FILE, (report_file,) if report_file else (), failed=sorted(summary["failed"]))
-    return summary
+    tracking.finish_parent(experiment.tracking_uri, parent, summary["status"], summary["best_mlflow_run_id"], record,
+                           experiment.directory / SUMMARY_FILE, (report_file,) if report_file else (),
+                           failed=sorted(summary["failed"]))
 
 
 def remeasure(experiment: Experiment, summary: dict, resolved: ResolvedStudy, budget: dict) -> None:

@@ -7,7 +7,8 @@ import torch
 from tune_xray.data.loader import prepare
 from tune_xray.models import create_backbone
 from tune_xray.phases import run_phases
-from tune_xray.phases.cass import Cass, CassArm, build_cass, cass_loss, run_cass
+from tune_xray.phases.base import PhaseContext
+from tune_xray.phases.cass import Cass, CassArm, CassPhase, build_cass, cass_loss
 from tune_xray.phases.common import run_epoch
 
 ARMS = {"cass": {"enabled": True, "cnn": "test_resnet", "transformer": "test_vit", "out_dim": 32, "epochs": 1,
@@ -63,8 +64,9 @@ def test_swa_really_averages(make_config, tmp_path):
     cfg = make_config(**{**ARMS, "cass": {**ARMS["cass"], "epochs": 3, "swa": True, "swa_start": 0.5}})
     model = build_cass(cfg)
     snapshots = []  # each epoch's trained weights of a layer BN does not touch
-    summary = run_cass(cfg, prepare(cfg.data), model, torch.device("cpu"), tmp_path,
-                       report=lambda m, checkpoint=None: snapshots.append(model.cnn.proj.weight.detach().clone()))
+    context = PhaseContext(torch.device("cpu"), tmp_path,
+                           report=lambda m, checkpoint=None: snapshots.append(model.cnn.proj.weight.detach().clone()))
+    summary = CassPhase(cfg, prepare(cfg.data), context, model).run()
     assert summary["swa_updates"] == 2  # averaging from epoch ⌊0.5·3⌋ + 1 = 2: epochs 2 and 3
     assert torch.allclose(model.cnn.proj.weight, (snapshots[1] + snapshots[2]) / 2, atol=1e-6)
     bn = model.cnn.backbone.bn1
@@ -106,7 +108,9 @@ def test_cass_resumes_from_an_epoch_checkpoint(make_config, tmp_path):
     from tune_xray.phases.common import load_state
     cfg = make_config(**{**ARMS, "cass": {**ARMS["cass"], "epochs": 2, "swa": True, "swa_start": 0.0}})
     data, saved = prepare(cfg.data), []
-    run_cass(cfg, data, build_cass(cfg), torch.device("cpu"), tmp_path, checkpoints=True,
-             report=lambda m, checkpoint=None: saved.append(load_state(checkpoint)))
-    resumed = run_cass(cfg, data, build_cass(cfg), torch.device("cpu"), tmp_path, resume=saved[0])
+    cpu = torch.device("cpu")
+    CassPhase(cfg, data, PhaseContext(cpu, tmp_path, checkpoints=True,
+                                      report=lambda m, checkpoint=None: saved.append(load_state(checkpoint))),
+              build_cass(cfg)).run()
+    resumed = CassPhase(cfg, data, PhaseContext(cpu, tmp_path, resume=saved[0]), build_cass(cfg)).run()
     assert [m["epoch"] for m in resumed["history"]] == [1, 2] and resumed["swa_updates"] == 2

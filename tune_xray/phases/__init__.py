@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,11 +16,12 @@ from ..config import ConfigError, TrialConfig
 from ..data.loader import PreparedData, prepare
 from ..models import create_backbone, uses_selective_scan
 from ..models.scan import resolve_backend
-from .byol import run_byol
-from .cass import build_cass, run_cass
+from .base import PhaseContext
+from .byol import ByolPhase
+from .cass import CassPhase, build_cass
 from .common import Report, no_report, resolve_device, reuse_freed_memory, seed_everything
 from .ssl_store import ssl_phase
-from .supervised import resolve_loss, run_supervised
+from .supervised import SupervisedPhase, resolve_loss
 
 
 def fine_tuned_backbones(cfg: TrialConfig, pretrained: bool = True):
@@ -84,6 +86,7 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
                      "split_sizes": data.index.frame["split"].value_counts().to_dict(), "device": str(device),
                      "scan_backend": scan_backend}
     resume_phase = resume["phase"] if resume else None
+    context = PhaseContext(device, run_dir, report, rank, world_size, checkpoints)
     ssl = ssl_phase(cfg)
     trained = list(backbone) if isinstance(backbone, (list, tuple)) else [backbone]  # what the fine-tune trains
     if ssl_start is not None and resume_phase != "supervised":  # pre-trained before, by this or another trial
@@ -93,20 +96,18 @@ def run_phases(cfg: TrialConfig, run_dir: str | Path, report: Report = no_report
         if ssl:
             summary[ssl] = ssl_start["meta"].get("summary")
     elif ssl and resume_phase != "supervised":
-        ssl_resume = resume if resume_phase == ssl else None
+        ssl_context = dataclasses.replace(context, resume=resume if resume_phase == ssl else None)
         if ssl == "byol":
-            summary[ssl] = run_byol(cfg, data, backbone, num_features, device, run_dir, report, rank, world_size,
-                                    checkpoints, ssl_resume)
+            summary[ssl] = ByolPhase(cfg, data, ssl_context, backbone, num_features).run()
         else:
-            summary[ssl] = run_cass(cfg, data, cass, device, run_dir, report, rank, world_size, checkpoints,
-                                    ssl_resume)
+            summary[ssl] = CassPhase(cfg, data, ssl_context, cass).run()
         if after_ssl is not None and rank == 0:
             after_ssl(trained, summary[ssl])
     elif resume_phase == "supervised" and resume.get("ssl") is not None:
         summary[ssl] = resume["ssl"]  # pre-trained before the interruption; its weights are in the state
-    summary["supervised"] = run_supervised(
-        cfg, data, backbone, num_features, device, run_dir, report, rank, world_size, checkpoints,
-        resume if resume_phase == "supervised" else None, carry={"ssl": summary.get(ssl)} if ssl else None)
+    fine_tune = dataclasses.replace(context, resume=resume if resume_phase == "supervised" else None)
+    carry = {"ssl": summary.get(ssl)} if ssl else None
+    summary["supervised"] = SupervisedPhase(cfg, data, fine_tune, backbone, num_features, carry).run()
     summary["val"] = summary["supervised"]["val"]
     summary["test"] = summary["supervised"]["test"]
     summary["wall_time_s"] = time.perf_counter() - start

@@ -11,7 +11,6 @@ healthy, → 0 on collapse. Pre-trains on the training split only.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,25 +18,18 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..config import TrialConfig
-from ..data.loader import PreparedData, make_loader, set_epoch
+from ..data.loader import PreparedData, make_loader
 from ..models.heads import mlp_head, nested_no_weight_decay
+from .base import PhaseContext, TrainingPhase
 from .common import (
-    Precision,
-    Report,
     build_optimizer,
     build_scheduler,
-    build_views,
     compiled,
     current_lr,
     distributed,
-    epoch_loop,
     eval_loss,
-    no_report,
     optimizer_steps_per_epoch,
-    restore_training,
-    run_epoch,
     step_scheduler,
-    training_state,
 )
 from .probe import Monitor
 
@@ -99,73 +91,76 @@ class Byol(nn.Module):
         self.target.apply_update_(self.online, tau)
 
 
-def run_byol(cfg: TrialConfig, data: PreparedData, backbone: nn.Module, num_features: int,
-             device: torch.device, run_dir: Path, report: Report = no_report, rank: int = 0,
-             world_size: int = 1, checkpoints: bool = False, resume: dict | None = None) -> dict:
-    """Pre-train `backbone` in place with BYOL for `byol.epochs`; returns the phase summary.
+class ByolPhase(TrainingPhase):
+    """Pre-train `backbone` in place with BYOL for `byol.epochs`; `run()` returns the phase summary."""
 
-    `checkpoints`: hand a full-state checkpoint to `report` every epoch; `resume`: such a state."""
-    bc = cfg.byol
-    precision = Precision(cfg, device)
-    model = precision.module(Byol(backbone, num_features, bc.hidden_dim, bc.out_dim, bc.ema_tau))
-    trained = compiled(distributed(model, world_size, device), cfg)
-    scaler = precision.scaler()
-    augment, eval_views = build_views(cfg, data, device)
-    train_set = data.dataset("train", with_unlabelled=not bc.labelled_only)
-    val_set = data.dataset("val")
-    batch_size = bc.batch_size
-    loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed, rank=rank,
-                         world_size=world_size, key="byol.batch_size", device=device, data=cfg.data)
-    val_loader = make_loader(val_set, min(batch_size, len(val_set)), shuffle=False, drop_last=len(val_set) > 1,
-                             device=device, data=cfg.data)
-    params = [p for n, p in model.named_parameters() if not n.startswith("target.") and p.requires_grad]
-    optimizer = build_optimizer(OnlineModules([model.online, model.predictor]), bc.optimizer)
-    scheduler = build_scheduler(optimizer, bc.scheduler, mode="min")
-    total_steps = bc.epochs * optimizer_steps_per_epoch(len(loader), bc.accum_steps)
-    state = {"step": 0, "tau": bc.ema_tau, "z_std": 0.0}
-    history, start = [], 0
-    if resume is not None:
-        history, start = restore_training(resume, model, [optimizer], [scheduler])
-        state.update(step=resume["step"], tau=resume["tau"])
-    monitor = Monitor(cfg, data, "byol", bc.epochs, history)
+    name, watched = "byol", ("byol_val_loss",)
 
-    def views(x):
-        x = x.to(device, non_blocking=True)
-        return precision.images(augment(x)), precision.images(augment(x))  # two independent per-image draws
+    def __init__(self, cfg: TrialConfig, data: PreparedData, context: PhaseContext, backbone: nn.Module,
+                 num_features: int):
+        super().__init__(cfg, data, context)
+        self.backbone, self.num_features = backbone, num_features
 
-    def micro_step(batch):
-        with precision.autocast():
-            loss, z0 = trained(*views(batch[0]))
-        state["z_std"] = projection_std(z0)
+    def build(self) -> None:
+        bc, context = self.cfg.byol, self.context
+        self.epochs, self.accum_steps = bc.epochs, bc.accum_steps
+        self.model = self.precision.module(Byol(self.backbone, self.num_features, bc.hidden_dim, bc.out_dim,
+                                                bc.ema_tau))
+        self.trained = compiled(distributed(self.model, context.world_size, self.device), self.cfg)
+        self.make_views()
+        train_set = self.data.dataset("train", with_unlabelled=not bc.labelled_only)
+        val_set = self.data.dataset("val")
+        self.loader = make_loader(train_set, bc.batch_size, shuffle=True, drop_last=True, seed=self.cfg.seed,
+                                  rank=context.rank, world_size=context.world_size, key="byol.batch_size",
+                                  device=self.device, data=self.cfg.data)
+        self.val_loader = make_loader(val_set, min(bc.batch_size, len(val_set)), shuffle=False,
+                                      drop_last=len(val_set) > 1, device=self.device, data=self.cfg.data)
+        self.params = [p for n, p in self.model.named_parameters() if not n.startswith("target.") and p.requires_grad]
+        self.optimizers = [build_optimizer(OnlineModules([self.model.online, self.model.predictor]), bc.optimizer)]
+        self.schedulers = [build_scheduler(self.optimizers[0], bc.scheduler, mode="min")]
+        self.total_steps = bc.epochs * optimizer_steps_per_epoch(len(self.loader), bc.accum_steps)
+        self.step, self.tau, self.z_std = 0, bc.ema_tau, 0.0
+
+    def restore(self, resume: dict) -> None:
+        super().restore(resume)
+        self.step, self.tau = resume["step"], resume["tau"]
+
+    def begin(self) -> None:
+        self.monitor = Monitor(self.cfg, self.data, "byol", self.epochs, self.history)
+
+    def two_views(self, x: torch.Tensor):
+        """Two independent per-image draws of the augmentation, on the device."""
+        x = x.to(self.device, non_blocking=True)
+        return self.precision.images(self.augment(x)), self.precision.images(self.augment(x))
+
+    def micro_step(self, batch) -> torch.Tensor:
+        with self.precision.autocast():
+            loss, z0 = self.trained(*self.two_views(batch[0]))
+        self.z_std = projection_std(z0)
         return loss.float()
 
-    def after_step():
-        state["step"] += 1
-        state["tau"] = ema_tau(state["step"], total_steps, bc.ema_tau)
-        model.update_target(state["tau"])
+    def after_step(self) -> None:
+        self.step += 1
+        self.tau = ema_tau(self.step, self.total_steps, self.cfg.byol.ema_tau)
+        self.model.update_target(self.tau)
 
-    def train(epoch: int) -> float:
-        model.train()
-        set_epoch(loader, epoch)
-        return run_epoch(loader, micro_step, [optimizer], params, bc.accum_steps, after_step=after_step, model=trained,
-                         scaler=scaler)
-
-    def evaluate(epoch: int, train_loss: float) -> dict:
+    def evaluate(self, epoch: int, train_loss: float) -> dict:
         # the BYOL loss on augmented validation images
-        val_loss = eval_loss(model, val_loader, lambda x: model(*views(x))[0], precision)
-        return {"byol_loss": train_loss, "byol_val_loss": val_loss, "z_std": float(state["z_std"]),
-                "ema_tau": state["tau"], "lr": current_lr(optimizer),
-                **monitor.measure(epoch, [model.backbone], eval_views, precision)}
+        val_loss = eval_loss(self.model, self.val_loader, lambda x: self.model(*self.two_views(x))[0], self.precision)
+        return {"byol_loss": train_loss, "byol_val_loss": val_loss, "z_std": float(self.z_std), "ema_tau": self.tau,
+                "lr": current_lr(self.optimizers[0]),
+                **self.monitor.measure(epoch, [self.model.backbone], self.eval_views, self.precision)}
 
-    def after_evaluate(metrics: dict) -> None:
-        history.append(metrics)
-        monitor.check(metrics, bc.out_dim)
-        step_scheduler(scheduler, metrics["epoch"], {"val_loss": metrics["byol_val_loss"], **metrics}, bc.scheduler)
+    def after_evaluate(self, metrics: dict) -> None:
+        bc = self.cfg.byol
+        self.history.append(metrics)
+        self.monitor.check(metrics, bc.out_dim)
+        step_scheduler(self.schedulers[0], metrics["epoch"], {"val_loss": metrics["byol_val_loss"], **metrics},
+                       bc.scheduler)
 
-    epoch_loop("byol", start, bc.epochs, train=train, evaluate=evaluate, after_evaluate=after_evaluate,
-               state=lambda done: training_state("byol", done, model, [optimizer], [scheduler], history,
-                                                 step=state["step"], tau=state["tau"]),
-               report=report, run_dir=run_dir, checkpoints=checkpoints, rank=rank, world_size=world_size,
-               watched=("byol_val_loss",))
-    return {"history": history, "steps": state["step"], "total_steps": total_steps, "final_tau": state["tau"],
-            "batch_size": batch_size}
+    def extra_state(self) -> dict:
+        return {"step": self.step, "tau": self.tau}
+
+    def finish(self) -> dict:
+        return {"history": self.history, "steps": self.step, "total_steps": self.total_steps, "final_tau": self.tau,
+                "batch_size": self.cfg.byol.batch_size}

@@ -10,34 +10,25 @@ SWA LR, BN statistics recomputed); S1's SWA wrapper never averaged.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 from ..config import TrialConfig
-from ..data.loader import PreparedData, make_loader, set_epoch
+from ..data.loader import PreparedData, make_loader
 from ..models import create_backbone
 from ..models.heads import nested_no_weight_decay
+from .base import PhaseContext, TrainingPhase
 from .common import (
-    Precision,
-    Report,
     build_optimizer,
     build_scheduler,
-    build_views,
     compiled,
     current_lr,
     distributed,
-    epoch_loop,
     eval_loss,
-    no_report,
     plain_state,
-    restore_training,
-    run_epoch,
     step_scheduler,
-    training_state,
 )
 from .probe import Monitor
 
@@ -85,79 +76,83 @@ def build_cass(cfg: TrialConfig, pretrained: bool = True) -> Cass:
     return Cass(*arms)
 
 
-def run_cass(cfg: TrialConfig, data: PreparedData, model: Cass, device: torch.device, run_dir: Path,
-             report: Report = no_report, rank: int = 0, world_size: int = 1, checkpoints: bool = False,
-             resume: dict | None = None) -> dict:
-    """Pre-train both arms of `model` in place for `cass.epochs`; returns the phase summary."""
-    cc = cfg.cass
-    precision = Precision(cfg, device)
-    precision.module(model)
-    arms = (model.cnn, model.transformer)
-    trained = compiled(distributed(model, world_size, device), cfg)
-    scaler = precision.scaler()
-    augment, eval_views = build_views(cfg, data, device)
-    train_set = data.dataset("train", with_unlabelled=not cc.labelled_only)
-    batch_size = cc.batch_size
-    loader = make_loader(train_set, batch_size, shuffle=True, drop_last=True, seed=cfg.seed, rank=rank,
-                         world_size=world_size, key="cass.batch_size", device=device, data=cfg.data)
-    val_loader = make_loader(data.dataset("val"), batch_size, shuffle=False, device=device, data=cfg.data)
-    optimizers = [build_optimizer(arm, cc.optimizer) for arm in arms]
-    schedulers = [build_scheduler(opt, cc.scheduler, mode="min") for opt in optimizers]
-    averaged = [AveragedModel(arm) for arm in arms] if cc.swa else []
-    swa_schedulers = [SWALR(opt, swa_lr=cc.swa_lr) for opt in optimizers] if cc.swa else []
-    swa_start = int(cc.swa_start * cc.epochs)
-    params = [p for p in model.parameters() if p.requires_grad]
-    history, start = [], 0
-    if resume is not None:
-        history, start = restore_training(resume, model, optimizers, schedulers)
-        for avg, state in zip(averaged, resume["averaged"]):
+class CassPhase(TrainingPhase):
+    """Pre-train both arms of `model` in place for `cass.epochs`; `run()` returns the phase summary."""
+
+    name, watched = "cass", ("cass_val_loss",)
+
+    def __init__(self, cfg: TrialConfig, data: PreparedData, context: PhaseContext, model: Cass):
+        super().__init__(cfg, data, context)
+        self.model = model
+
+    def build(self) -> None:
+        cc, context = self.cfg.cass, self.context
+        self.epochs, self.accum_steps = cc.epochs, cc.accum_steps
+        self.precision.module(self.model)
+        self.arms = (self.model.cnn, self.model.transformer)
+        self.trained = compiled(distributed(self.model, context.world_size, self.device), self.cfg)
+        self.make_views()
+        train_set = self.data.dataset("train", with_unlabelled=not cc.labelled_only)
+        self.loader = make_loader(train_set, cc.batch_size, shuffle=True, drop_last=True, seed=self.cfg.seed,
+                                  rank=context.rank, world_size=context.world_size, key="cass.batch_size",
+                                  device=self.device, data=self.cfg.data)
+        self.val_loader = make_loader(self.data.dataset("val"), cc.batch_size, shuffle=False, device=self.device,
+                                      data=self.cfg.data)
+        self.optimizers = [build_optimizer(arm, cc.optimizer) for arm in self.arms]
+        self.schedulers = [build_scheduler(opt, cc.scheduler, mode="min") for opt in self.optimizers]
+        self.averaged = [AveragedModel(arm) for arm in self.arms] if cc.swa else []
+        self.swa_schedulers = [SWALR(opt, swa_lr=cc.swa_lr) for opt in self.optimizers] if cc.swa else []
+        self.swa_start = int(cc.swa_start * cc.epochs)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        arms = ("cnn", "transformer") if cc.finetune == "both" else (cc.finetune,)
+        self.probed = [getattr(self.model, arm).backbone for arm in arms]  # what the fine-tune trains
+
+    def restore(self, resume: dict) -> None:
+        super().restore(resume)
+        for avg, state in zip(self.averaged, resume["averaged"]):
             avg.load_state_dict(state)
-        for swa_sched, state in zip(swa_schedulers, resume["swa_schedulers"]):
+        for swa_sched, state in zip(self.swa_schedulers, resume["swa_schedulers"]):
             swa_sched.load_state_dict(state)
-    monitor = Monitor(cfg, data, "cass", cc.epochs, history)
-    probed = [getattr(model, arm).backbone for arm in (("cnn", "transformer") if cc.finetune == "both"
-                                                       else (cc.finetune,))]  # what the fine-tune trains
 
-    def micro_step(batch):
-        x = precision.images(augment(batch[0].to(device, non_blocking=True)))  # one draw, the same for both arms
-        with precision.autocast():
-            return trained(x).float()
+    def begin(self) -> None:
+        self.monitor = Monitor(self.cfg, self.data, "cass", self.epochs, self.history)
 
-    def train(epoch: int) -> float:
-        model.train()
-        set_epoch(loader, epoch)
-        return run_epoch(loader, micro_step, optimizers, params, cc.accum_steps, model=trained, scaler=scaler)
+    def micro_step(self, batch) -> torch.Tensor:
+        x = self.precision.images(self.augment(batch[0].to(self.device, non_blocking=True)))  # one draw, both arms
+        with self.precision.autocast():
+            return self.trained(x).float()
 
-    def evaluate(epoch: int, train_loss: float) -> dict:
+    def evaluate(self, epoch: int, train_loss: float) -> dict:
         # the CASS loss on validation images' centre view
-        val_loss = eval_loss(model, val_loader, lambda x: model(precision.images(eval_views(x.to(device))[0])),
-                             precision)
-        return {"cass_loss": train_loss, "cass_val_loss": val_loss, "lr": current_lr(optimizers[0]),
-                **monitor.measure(epoch, probed, eval_views, precision)}
+        def centre_loss(x: torch.Tensor) -> torch.Tensor:
+            return self.model(self.precision.images(self.eval_views(x.to(self.device))[0]))
 
-    def after_evaluate(metrics: dict) -> None:
-        if averaged and metrics["epoch"] > swa_start:
-            for avg, arm, swa_sched in zip(averaged, arms, swa_schedulers):
+        val_loss = eval_loss(self.model, self.val_loader, centre_loss, self.precision)
+        return {"cass_loss": train_loss, "cass_val_loss": val_loss, "lr": current_lr(self.optimizers[0]),
+                **self.monitor.measure(epoch, self.probed, self.eval_views, self.precision)}
+
+    def after_evaluate(self, metrics: dict) -> None:
+        cc = self.cfg.cass
+        if self.averaged and metrics["epoch"] > self.swa_start:
+            for avg, arm, swa_sched in zip(self.averaged, self.arms, self.swa_schedulers):
                 avg.update_parameters(arm)
                 swa_sched.step()
         else:
-            for sched in schedulers:
+            for sched in self.schedulers:
                 step_scheduler(sched, metrics["epoch"], {"val_loss": metrics["cass_val_loss"], **metrics},
                                cc.scheduler)
-        history.append(metrics)
-        monitor.check(metrics)
+        self.history.append(metrics)
+        self.monitor.check(metrics)
 
-    epoch_loop("cass", start, cc.epochs, train=train, evaluate=evaluate, after_evaluate=after_evaluate,
-               state=lambda done: training_state(
-                   "cass", done, model, optimizers, schedulers, history,
-                   averaged=[avg.state_dict() for avg in averaged],
-                   swa_schedulers=[plain_state(swa_sched) for swa_sched in swa_schedulers]),
-               report=report, run_dir=run_dir, checkpoints=checkpoints, rank=rank, world_size=world_size,
-               watched=("cass_val_loss",))
+    def extra_state(self) -> dict:
+        return {"averaged": [avg.state_dict() for avg in self.averaged],
+                "swa_schedulers": [plain_state(swa_sched) for swa_sched in self.swa_schedulers]}
 
-    swa_updates = int(averaged[0].n_averaged) if averaged else 0
-    if swa_updates:  # the averaged weights become the arms, with BN statistics recomputed for them
-        for avg, arm in zip(averaged, arms):
-            update_bn((precision.images(augment(x.to(device))) for x, _ in loader), avg)
-            arm.load_state_dict(avg.module.state_dict())
-    return {"history": history, "batch_size": batch_size, "swa_updates": swa_updates, "finetuned_arm": cc.finetune}
+    def finish(self) -> dict:
+        swa_updates = int(self.averaged[0].n_averaged) if self.averaged else 0
+        if swa_updates:  # the averaged weights become the arms, with BN statistics recomputed for them
+            for avg, arm in zip(self.averaged, self.arms):
+                update_bn((self.precision.images(self.augment(x.to(self.device))) for x, _ in self.loader), avg)
+                arm.load_state_dict(avg.module.state_dict())
+        return {"history": self.history, "batch_size": self.cfg.cass.batch_size, "swa_updates": swa_updates,
+                "finetuned_arm": self.cfg.cass.finetune}

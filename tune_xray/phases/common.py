@@ -269,37 +269,6 @@ def from_rank0(value, world_size: int):
     return box[0]
 
 
-def epoch_loop(phase: str, start: int, epochs: int, *, train: Callable[[int], float],
-               evaluate: Callable[[int, float], dict], after_evaluate: Callable[[dict], None],
-               state: Callable[[int], dict], report: Report, run_dir: Path, checkpoints: bool, rank: int = 0,
-               world_size: int = 1, should_stop: Callable[[dict], bool] = lambda metrics: False,
-               watched: tuple[str, ...] = ()) -> None:
-    """The train → evaluate → schedule → checkpoint → report skeleton every phase shares.
-
-    `train(epoch)` runs one epoch and returns its loss; `evaluate(epoch, train_loss)` returns the epoch's
-    metrics; rank 0's metrics are broadcast, so `after_evaluate` (selection, history, LR schedule; it may add
-    metrics) and `should_stop` decide the same on every rank. A non-finite training loss or `watched` metric raises
-    `Diverged`. The report of the phase's last epoch (its budget or an early stop) carries `last: True`.
-    `state(epochs_done)` is the training state checkpointed with the report (rank 0, when `checkpoints`)."""
-    for epoch in range(start, epochs):
-        try:
-            train_loss = train(epoch)
-        except FloatingPointError as err:
-            raise Diverged(phase, epoch + 1, str(err)) from None
-        metrics = {"epoch": epoch + 1, **evaluate(epoch, train_loss)}
-        metrics = from_rank0({k: v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()},
-                             world_size)  # plain numbers: a checkpointed history loads with weights_only
-        bad = [k for k in watched if not math.isfinite(metrics[k])]
-        if bad:
-            raise Diverged(phase, epoch + 1, f"non-finite {', '.join(bad)}")
-        after_evaluate(metrics)
-        stop = should_stop(metrics)
-        checkpoint = save_state(run_dir, state(epoch + 1)) if checkpoints and rank == 0 else None
-        report({"phase": phase, **metrics, "last": stop or epoch + 1 == epochs}, checkpoint)
-        if stop:
-            break
-
-
 @torch.no_grad()
 def eval_loss(model: nn.Module, loader, batch_loss: Callable[[torch.Tensor], torch.Tensor],
               precision: "Precision") -> float:

@@ -34,23 +34,18 @@ from ..metrics import (
     weighted_decision_metrics,
 )
 from ..models.heads import Classifier, MemberEnsemble, freeze_backbone, mean_probability_logits
+from .base import PhaseContext, TrainingPhase
 from .common import (
     BEST_FILE,
     Precision,
-    Report,
     build_optimizer,
     build_scheduler,
-    build_views,
     compiled,
     current_lr,
     distributed,
-    epoch_loop,
-    no_report,
-    restore_training,
     run_epoch,
     save_best,
     step_scheduler,
-    training_state,
     unwrap,
 )
 
@@ -217,119 +212,128 @@ def classifier(backbone: nn.Module | list[nn.Module], num_features: int | list[i
     return Classifier(backbone, num_features, num_classes, drop_rate)
 
 
-def run_supervised(cfg: TrialConfig, data: PreparedData, backbone: nn.Module | list[nn.Module],
-                   num_features: int | list[int],
-                   device: torch.device, run_dir: Path, report: Report = no_report, rank: int = 0,
-                   world_size: int = 1, checkpoints: bool = False, resume: dict | None = None,
-                   carry: dict | None = None) -> dict:
-    """Fine-tune `backbone` with a new head; returns the summary (val metrics at the selected epoch,
-    test metrics of that checkpoint, thresholds chosen on val). Writes best.pt and predictions.
+class SupervisedPhase(TrainingPhase):
+    """Fine-tune `backbone` with a new head; `run()` returns the summary (val metrics at the selected epoch, test
+    metrics of that checkpoint, thresholds chosen on val) and writes best.pt and the predictions. `carry`: what each
+    checkpoint also holds (the SSL phase's summary), so a resumed fine-tune still has it."""
 
-    `checkpoints`: hand a full-state checkpoint to `report` every epoch (with `carry`, e.g. the BYOL
-    summary, inside); `resume`: such a state to continue from."""
-    sc, index = cfg.supervised, data.index
-    untrained = index.untrained()  # no positive in train: never thresholded, decided or averaged
-    run_dir.mkdir(parents=True, exist_ok=True)
-    precision = Precision(cfg, device)
-    model = precision.module(classifier(backbone, num_features, data.num_classes, cfg.model.drop_rate, index.task))
-    scaler = precision.scaler()
-    train_aug, eval_views = build_views(cfg, data, device)
+    name, watched = "supervised", ("val_loss",)
 
-    train_set = data.dataset("train")
-    if sc.undersample_majority and index.task == "multiclass":
-        keep = undersample_majority(train_set.targets, cfg.seed)
-        train_set = CachedBatches(data.cache, train_set.rows[keep], train_set.targets[keep])
-    loss_fn = make_loss(index.task, sc, train_set.targets, data.num_classes).to(device)
-    if sc.freeze:
-        for member in getattr(model, "members", [model]):
-            freeze_backbone(member.backbone, sc.freeze)
-    train_loader = make_loader(train_set, sc.batch_size, shuffle=True,
-                               drop_last=len(train_set) // world_size > sc.batch_size, seed=cfg.seed, rank=rank,
-                               world_size=world_size, key="supervised.batch_size", device=device, data=cfg.data)
-    val_loader = make_loader(data.dataset("val"), sc.batch_size, shuffle=False, device=device, data=cfg.data)
-    optimizer = build_optimizer(model, sc.optimizer)
-    scheduler = build_scheduler(optimizer, sc.scheduler, mode=metric_mode(sc.scheduler.plateau_metric))
-    params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, cfg: TrialConfig, data: PreparedData, context: PhaseContext,
+                 backbone: nn.Module | list[nn.Module], num_features: int | list[int], carry: dict | None = None):
+        super().__init__(cfg, data, context)
+        self.backbone, self.num_features, self.carry = backbone, num_features, carry or {}
+        self.untrained = data.index.untrained()  # no positive in train: never thresholded, decided or averaged
+        self.mode = metric_mode(cfg.supervised.selection_metric)
+        self.best = {"score": None, "epoch": 0, "stale": 0, "val": None, "latest": None}  # the selection so far
+        self.cost: dict = {}  # measured once, at the end of the first epoch evaluated (rank 0's, as every metric)
 
-    def micro_step(batch):
+    def build(self) -> None:
+        cfg, sc, index, context = self.cfg, self.cfg.supervised, self.data.index, self.context
+        self.epochs, self.accum_steps = sc.epochs, sc.accum_steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model = self.precision.module(classifier(self.backbone, self.num_features, self.data.num_classes,
+                                                      cfg.model.drop_rate, index.task))
+        self.make_views()
+        train_set = self.data.dataset("train")
+        if sc.undersample_majority and index.task == "multiclass":
+            keep = undersample_majority(train_set.targets, cfg.seed)
+            train_set = CachedBatches(self.data.cache, train_set.rows[keep], train_set.targets[keep])
+        self.loss_fn = make_loss(index.task, sc, train_set.targets, self.data.num_classes).to(self.device)
+        if sc.freeze:
+            for member in getattr(self.model, "members", [self.model]):
+                freeze_backbone(member.backbone, sc.freeze)
+        drop_last = len(train_set) // context.world_size > sc.batch_size
+        self.loader = make_loader(train_set, sc.batch_size, shuffle=True, drop_last=drop_last, seed=cfg.seed,
+                                  rank=context.rank, world_size=context.world_size, key="supervised.batch_size",
+                                  device=self.device, data=cfg.data)
+        self.val_loader = make_loader(self.data.dataset("val"), sc.batch_size, shuffle=False, device=self.device,
+                                      data=cfg.data)
+        self.optimizers = [build_optimizer(self.model, sc.optimizer)]
+        self.schedulers = [build_scheduler(self.optimizers[0], sc.scheduler,
+                                           mode=metric_mode(sc.scheduler.plateau_metric))]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if sc.head_warmup_epochs and context.resume is None:  # S0's stage 1 (a resumed run had passed it)
+            with head_only(self.model):
+                self.trained = distributed(self.model, context.world_size, self.device)  # DDP over the head alone
+                warm_up_head(self.model, self.loader, self.micro_step, sc, self.scaler)
+        self.trained = compiled(distributed(self.model, context.world_size, self.device), cfg)
+
+    def restore(self, resume: dict) -> None:
+        super().restore(resume)
+        sc = self.cfg.supervised
+        self.best.update(score=resume["best_score"], epoch=resume["best_epoch"], stale=resume["stale"])
+        if sc.early_stopping_patience and self.best["stale"] >= sc.early_stopping_patience:
+            self.start = sc.epochs  # it had already stopped early
+
+    def micro_step(self, batch) -> torch.Tensor:
         x, y = batch
-        x = precision.images(train_aug(x.to(device, non_blocking=True)))
-        with precision.autocast():
-            logits = trained(x)
-        y = y.to(device)
+        x = self.precision.images(self.augment(x.to(self.device, non_blocking=True)))
+        with self.precision.autocast():
+            logits = self.trained(x)
+        y = y.to(self.device)
         if len(logits) != len(y):  # a member ensemble in training: each member's logits, stacked
             y = y.repeat(len(logits) // len(y), *[1] * (y.dim() - 1))
-        return loss_fn(logits.float(), y)
+        return self.loss_fn(logits.float(), y)
 
-    best = {"score": None, "epoch": 0, "stale": 0, "val": None, "latest": None}  # the selection so far
-    history, start = [], 0
-    if sc.head_warmup_epochs and resume is None:  # S0's stage 1 (a resumed run had passed it)
-        with head_only(model):
-            trained = distributed(model, world_size, device)  # DDP over the head alone in stage 1
-            warm_up_head(model, train_loader, micro_step, sc, scaler)
-    trained = compiled(distributed(model, world_size, device), cfg)
-    if resume is not None:
-        history, start = restore_training(resume, model, [optimizer], [scheduler])
-        best.update(score=resume["best_score"], epoch=resume["best_epoch"], stale=resume["stale"])
-        if sc.early_stopping_patience and best["stale"] >= sc.early_stopping_patience:
-            start = sc.epochs  # it had already stopped early
-    mode = metric_mode(sc.selection_metric)
-
-    def train(epoch: int) -> float:
-        model.train()
-        set_epoch(train_loader, epoch)
-        return run_epoch(train_loader, micro_step, [optimizer], params, sc.accum_steps, model=trained, scaler=scaler)
-
-    cost: dict = {}  # measured once, at the end of the first epoch evaluated (rank 0's, as every metric)
-
-    def evaluate(epoch: int, train_loss: float) -> dict:
-        if not cost and rank == 0:
-            cost.update(measured_cost(model, data, eval_views, precision))
-        logits, targets = predict(model, val_loader, eval_views, precision, index.task == "multilabel")
-        best["latest"] = (logits, targets)
-        val_loss = float(loss_fn(logits.to(device), targets.to(device)))
+    def evaluate(self, epoch: int, train_loss: float) -> dict:
+        index = self.data.index
+        if not self.cost and self.context.rank == 0:
+            self.cost.update(measured_cost(self.model, self.data, self.eval_views, self.precision))
+        logits, targets = predict(self.model, self.val_loader, self.eval_views, self.precision,
+                                  index.task == "multilabel")
+        self.best["latest"] = (logits, targets)
+        val_loss = float(self.loss_fn(logits.to(self.device), targets.to(self.device)))
         prob = to_probabilities(index.task, logits).numpy()
-        val = classification_metrics(index.task, targets.numpy(), prob, index.classes, rule=sc.threshold,
-                                     untrained=untrained)["metrics"]
-        return {"train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(optimizer),
-                **{f"val_{k}": v for k, v in val.items()}, **cost}
+        val = classification_metrics(index.task, targets.numpy(), prob, index.classes,
+                                     rule=self.cfg.supervised.threshold, untrained=self.untrained)["metrics"]
+        return {"train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(self.optimizers[0]),
+                **{f"val_{k}": v for k, v in val.items()}, **self.cost}
 
-    def best_checkpoint(epoch: int, score: float) -> dict:
+    def best_checkpoint(self, epoch: int, score: float) -> dict:
         """best.pt: the weights with what predict needs to rebuild and feed them (config, classes, task,
         normalisation)."""
-        return {"model": unwrap(model).state_dict(), "epoch": epoch, sc.selection_metric: score,
-                "config": cfg.model_dump(mode="json"), "classes": list(index.classes), "task": index.task,
-                "normalization": [eval_views.mean, eval_views.std]}
+        index = self.data.index
+        return {"model": unwrap(self.model).state_dict(), "epoch": epoch, self.cfg.supervised.selection_metric: score,
+                "config": self.cfg.model_dump(mode="json"), "classes": list(index.classes), "task": index.task,
+                "normalization": [self.eval_views.mean, self.eval_views.std]}
 
-    def select_and_schedule(metrics: dict) -> None:
+    def after_evaluate(self, metrics: dict) -> None:
         """Model selection on the agreed (rank 0's) metrics: best.pt replaced when the metric improves."""
+        sc, best = self.cfg.supervised, self.best
         score = metrics[sc.selection_metric]
-        if _improved(score, best["score"], mode):
+        if _improved(score, best["score"], self.mode):
             best.update(score=score, epoch=metrics["epoch"], stale=0, val=best["latest"])
-            if rank == 0:
-                save_best(run_dir, best_checkpoint(metrics["epoch"], score))
+            if self.context.rank == 0:
+                save_best(self.run_dir, self.best_checkpoint(metrics["epoch"], score))
         else:
             best["stale"] += 1
         metrics[objective(sc.selection_metric)] = best["score"] if best["score"] is not None else float("nan")
-        history.append(metrics)
-        step_scheduler(scheduler, metrics["epoch"], metrics, sc.scheduler)
+        self.history.append(metrics)
+        step_scheduler(self.schedulers[0], metrics["epoch"], metrics, sc.scheduler)
 
-    epoch_loop("supervised", start, sc.epochs, train=train, evaluate=evaluate, after_evaluate=select_and_schedule,
-               state=lambda done: training_state(
-                   "supervised", done, model, [optimizer], [scheduler], history, best_score=best["score"],
-                   best_epoch=best["epoch"], stale=best["stale"], **(carry or {})),
-               report=report, run_dir=run_dir, checkpoints=checkpoints, rank=rank, world_size=world_size,
-               should_stop=lambda m: (bool(sc.early_stopping_patience) and best["stale"] >= sc.early_stopping_patience)
-               or bool(sc.over_limits(m)),  # a cost over the study's limits: infeasible, no more epochs
-               watched=("val_loss",))
-    if rank != 0:  # rank 0 holds best.pt and scores it; the other ranks' work ends with training
-        return {"best_epoch": best["epoch"], "epochs_run": len(history), "history": history, "val": {}, "test": {}}
-    if (run_dir / BEST_FILE).is_file():
-        unwrap(model).load_state_dict(torch.load(run_dir / BEST_FILE, map_location=device, weights_only=True)["model"])
-    else:  # no epoch had a defined selection metric: the last weights are what there is
-        save_best(run_dir, best_checkpoint(len(history), float("nan")))
-    return evaluate_selected(cfg, data, model, eval_views, precision, run_dir, best["epoch"], history, best["val"],
-                             rank)
+    def should_stop(self, metrics: dict) -> bool:
+        """Early stopping on the selection metric, or a cost over the study's limits (infeasible: no more epochs)."""
+        sc = self.cfg.supervised
+        stale = bool(sc.early_stopping_patience) and self.best["stale"] >= sc.early_stopping_patience
+        return stale or bool(sc.over_limits(metrics))
+
+    def extra_state(self) -> dict:
+        return {"best_score": self.best["score"], "best_epoch": self.best["epoch"], "stale": self.best["stale"],
+                **self.carry}
+
+    def finish(self) -> dict:
+        best = self.best
+        if self.context.rank != 0:  # rank 0 holds best.pt and scores it; the other ranks' work ends with training
+            return {"best_epoch": best["epoch"], "epochs_run": len(self.history), "history": self.history, "val": {},
+                    "test": {}}
+        if (self.run_dir / BEST_FILE).is_file():
+            state = torch.load(self.run_dir / BEST_FILE, map_location=self.device, weights_only=True)
+            unwrap(self.model).load_state_dict(state["model"])
+        else:  # no epoch had a defined selection metric: the last weights are what there is
+            save_best(self.run_dir, self.best_checkpoint(len(self.history), float("nan")))
+        return evaluate_selected(self.cfg, self.data, self.model, self.eval_views, self.precision, self.run_dir,
+                                 best["epoch"], self.history, best["val"], self.context.rank)
 
 
 @contextlib.contextmanager
