@@ -12,7 +12,7 @@ STEPS = ["costs", "repeat", "ensemble", "cv", "external", "report", "predict", "
 
 # lowest first; a module may import from its own layer and those before it. A subpackage is one unit.
 LAYERS = [
-    ["record", "driver"],  # the shared names, a trial's status rule, the record's words; the driver's state: nothing below
+    ["record", "driver"],  # the shared names, a trial's status rule, the record's words; the driver's state
     ["config", "credentials", "metrics", "explain", "figures", "request", "addresses"],  # none later (request: a
     # search's choices; addresses: where the MLflow UI shows it)
     ["cluster", "data", "augment", "models", "space", "weights"],  # Ray clusters, data, views, backbones (and their

@@ -2,6 +2,7 @@
 alone, and the tools that read a finished search start without Ray or Optuna (issue 40)."""
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,72 @@ def test_a_failed_trials_reason_is_its_errors_last_line(tmp_path):
     assert status_of(failed, failed=False) == ("error", "RuntimeError: CUDA out of memory")
     assert ssl_from_text({"trial": "t003", "key": "1f2e3d4c5b"}) == "reused from t003's run (key 1f2e3d4c…)"
     assert ssl_from_text({"trial": "t003", "init_from": "runs/byol"}) == "from runs/byol (model.init_from; its t003)"
+
+
+def _row(trial: int, status: str, value: float | None, **more) -> dict:
+    """A trial row as summary.summarize writes it (the layout of today's summary.json)."""
+    return {"trial": f"t{trial:03d}", "name": f"t{trial:03d} lr=0.01", "trial_id": f"id{trial}", "status": status,
+            "reason": "", "best_val_mean_auroc": value, "epochs_done": 3, "selected_epoch": 2 if value else None,
+            "labels_averaged": 14, "selection_ci": [None, None], "mlflow_run_id": None,
+            "cost": {"latency_ms": 1.5, "params_m": 0.1, "gflops": 0.01}, "node_id": None, "scan_backend": "none",
+            "resolved": {"optuna_trial": trial}, "sampled": {}, **more}
+
+
+def today_summary() -> dict:
+    rows = [_row(0, "complete", 0.61, ssl_epochs_done=9, ssl_phase="byol", ran_with={"device": "cpu"},
+                 started_from={"test_resnet": {"file": None, "scratch": "model.pretrained: false"}}),
+            _row(1, "collapsed", None, ssl_epochs_done=3, ssl_phase="byol", ran_with={"device": "cpu"},
+                 started_from={})]
+    return {"study": "byol", "file": "byol.yaml", "metric": "best_val_mean_auroc", "mode": "max", "requested": 2,
+            "objectives": [{"name": "best_val_mean_auroc", "mode": "max"}], "status": "complete", "trials": 2,
+            "complete": 1, "pruned": 0, "infeasible": 0, "diverged": 0, "collapsed": 1, "error": 0,
+            "interrupted": 0, "best": rows[0], "top": rows[:1], "rows": rows, "pareto_front": None,
+            "search_runs_s": [10.0], "wall_time_s": 10.0, "resources": {"workers_per_trial": 1},
+            "resources_runs": [{"workers_per_trial": 1}], "failed": {},
+            "ensemble": {"method": "caruana", "members": []}}
+
+
+def format_two_summary() -> dict:
+    """summary.json as written at search.json's format 2 (f3249e2, 2026-12-02): before resources_runs, a row's
+    ran_with and started_from, the SSL phase's fields and the collapsed count."""
+    summary = today_summary()
+    for key in ("resources_runs", "collapsed"):
+        summary.pop(key)
+    summary["rows"] = [{k: v for k, v in row.items() if k not in ("ran_with", "started_from", "ssl_epochs_done",
+                                                                  "ssl_phase")} for row in summary["rows"]]
+    summary["rows"][1]["status"] = "pruned"
+    summary["complete"], summary["pruned"] = 1, 1
+    summary["best"], summary["top"] = summary["rows"][0], summary["rows"][:1]
+    return summary
+
+
+@pytest.mark.parametrize("written", [today_summary, format_two_summary], ids=["today", "format 2"])
+def test_every_summary_since_format_two_loads_typed(tmp_path, written):
+    """Experiment reads back what it wrote, and a summary of each layout since format 2 (hand-made here, shaped as
+    each was written), as the typed record: statuses, rows, the objective by the study's metric name."""
+    from tune_xray.experiment import Experiment
+
+    experiment = Experiment(tmp_path / "runs" / "byol", str(tmp_path / "runs"), "byol")
+    experiment.directory.mkdir(parents=True)
+    experiment.write_summary(written())
+    record = experiment.record()
+    assert record.best.trial == "t000" and record.best.value(record.metric) == 0.61
+    assert [row.status for row in record.rows][0] == "complete"
+    assert sum(record.counts().values()) == record.trials
+    assert experiment.summary() == json.loads(json.dumps(written()))  # the dict readers still take, unchanged
+
+
+def test_a_malformed_summary_is_one_error_naming_the_file_and_the_field(tmp_path):
+    from tune_xray.experiment import Experiment, ExperimentError
+    from tune_xray.record.names import SUMMARY_FILE
+
+    experiment = Experiment(tmp_path / "runs" / "byol", str(tmp_path / "runs"), "byol")
+    experiment.directory.mkdir(parents=True)
+    summary = today_summary()
+    summary["rows"][1]["status"] = "finished"  # no such status
+    (experiment.directory / SUMMARY_FILE).write_text(json.dumps(summary))
+    with pytest.raises(ExperimentError, match=r"summary.json: rows\.1\.status: .*'complete'"):
+        experiment.summary()
+    with pytest.raises(ExperimentError, match=r"rows\.1\.status"):  # a writer's slip never reaches the disk
+        experiment.write_summary(summary)
+    assert json.loads((experiment.directory / SUMMARY_FILE).read_text())["rows"][1]["status"] == "finished"

@@ -31,11 +31,13 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 
 from .cluster import download, upload
 from .config import ConfigError
 from .credentials import mask, reveal
 from .metrics import resampling_units
+from .record.models import SearchSummary
 from .record.names import (
     CV_DIR,
     CV_FOLD,
@@ -86,6 +88,16 @@ def provenance() -> dict:
 
 class ExperimentError(ValueError):
     """An experiment directory, or a file in it, that is missing or cannot be read; the message names it."""
+
+
+def checked_summary(summary: dict, path: Path) -> SearchSummary:
+    """`summary` as the typed record; the first field that does not fit is one ExperimentError naming it."""
+    try:
+        return SearchSummary.model_validate(summary)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ExperimentError(f"{path}: {where}: {first['msg']}") from None
 
 
 def trial_dir_name(trial: str, trial_id: str) -> str:
@@ -235,14 +247,26 @@ class Experiment:
         (self.directory / INVOCATION_FILE).write_text(json.dumps(request.stored()))
 
     def summary(self) -> dict:
-        """summary.json; missing or unreadable (a copy cut short, a hand edit) is an ExperimentError naming it."""
-        summary = read_json(self.directory / SUMMARY_FILE, "a search summary")
+        """summary.json, checked against the record's schema (record.models.SearchSummary); missing, unreadable or
+        malformed (a copy cut short, a hand edit) is an ExperimentError naming the file and the field."""
+        path = self.directory / SUMMARY_FILE
+        summary = read_json(path, "a search summary")
         if not isinstance(summary, dict) or "rows" not in summary:
-            raise ExperimentError(f"{self.directory / SUMMARY_FILE}: not a search summary (no trial rows)")
+            raise ExperimentError(f"{path}: not a search summary (no trial rows)")
+        checked_summary(summary, path)
         return summary
 
+    def record(self) -> SearchSummary:
+        """summary.json as the typed record."""
+        return checked_summary(self.summary(), self.directory / SUMMARY_FILE)
+
     def write_summary(self, summary: dict) -> None:
-        (self.directory / SUMMARY_FILE).write_text(json.dumps(mask(summary), indent=1, default=str))
+        """summary.json, passwords in URLs masked; what does not fit the record's schema is an error before
+        anything is written."""
+        path = self.directory / SUMMARY_FILE
+        text = json.dumps(mask(summary), indent=1, default=str)
+        checked_summary(json.loads(text), path)
+        path.write_text(text)
 
     @property
     def optuna_url(self) -> str:
