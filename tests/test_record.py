@@ -77,11 +77,12 @@ def today_summary() -> dict:
     rows = [_row(0, "complete", 0.61, ssl_epochs_done=9, ssl_phase="byol", ran_with={"device": "cpu"},
                  started_from={"test_resnet": {"file": None, "scratch": "model.pretrained: false"}}),
             _row(1, "collapsed", None, ssl_epochs_done=3, ssl_phase="byol", ran_with={"device": "cpu"},
-                 started_from={})]
-    return {"study": "byol", "file": "byol.yaml", "metric": "best_val_mean_auroc", "mode": "max", "requested": 2,
-            "objectives": [{"name": "best_val_mean_auroc", "mode": "max"}], "status": "complete", "trials": 2,
+                 started_from={}),
+            _row(2, "interrupted", None, epochs_done=None, ran_with=None, started_from=None)]  # never reported
+    return {"study": "byol", "file": "byol.yaml", "metric": "best_val_mean_auroc", "mode": "max", "requested": 3,
+            "objectives": [{"name": "best_val_mean_auroc", "mode": "max"}], "status": "complete", "trials": 3,
             "complete": 1, "pruned": 0, "infeasible": 0, "diverged": 0, "collapsed": 1, "error": 0,
-            "interrupted": 0, "best": rows[0], "top": rows[:1], "rows": rows, "pareto_front": None,
+            "interrupted": 1, "best": rows[0], "top": rows[:1], "rows": rows, "pareto_front": None,
             "search_runs_s": [10.0], "wall_time_s": 10.0, "resources": {"workers_per_trial": 1},
             "resources_runs": [{"workers_per_trial": 1}], "failed": {},
             "ensemble": {"method": "caruana", "members": []}}

@@ -40,7 +40,7 @@ class TrialRow(BaseModel):
     name: Optional[str] = None  # its run name
     trial_id: Optional[str] = None  # Tune's
     reason: str = ""
-    epochs_done: int = 0
+    epochs_done: Optional[int] = None  # None: it never reported (interrupted before its first epoch)
     ssl_epochs_done: Optional[int] = None
     ssl_phase: Optional[str] = None
     selected_epoch: Optional[int] = None
