@@ -24,7 +24,6 @@ def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: 
     while it shared its device), every completed trial. Those numbers replace the row's `cost`
     entries — the budgeted ensemble sums them, the front and the report use them — and the trial's own are kept as
     `cost_in_trial` ("measured while training"). Returns what was done (None: nothing to measure)."""
-
     complete = [r for r in summary["rows"] if r["status"] == "complete" and r.get("cost")]
     metric, mode = summary["metric"], summary["mode"]
     if any(v is not None for v in (budget or {}).values()) or judged:

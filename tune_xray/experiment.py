@@ -249,16 +249,18 @@ class Experiment:
     def summary(self) -> dict:
         """summary.json, checked against the record's schema (record.models.SearchSummary); missing, unreadable or
         malformed (a copy cut short, a hand edit) is an ExperimentError naming the file and the field."""
+        return self._read_summary()[0]
+
+    def record(self) -> SearchSummary:
+        """summary.json as the typed record."""
+        return self._read_summary()[1]
+
+    def _read_summary(self) -> tuple[dict, SearchSummary]:
         path = self.directory / SUMMARY_FILE
         summary = read_json(path, "a search summary")
         if not isinstance(summary, dict) or "rows" not in summary:
             raise ExperimentError(f"{path}: not a search summary (no trial rows)")
-        checked_summary(summary, path)
-        return summary
-
-    def record(self) -> SearchSummary:
-        """summary.json as the typed record."""
-        return checked_summary(self.summary(), self.directory / SUMMARY_FILE)
+        return summary, checked_summary(summary, path)
 
     def write_summary(self, summary: dict) -> None:
         """summary.json, passwords in URLs masked; what does not fit the record's schema is an error before

@@ -24,9 +24,7 @@ from mlflow.tracking import MlflowClient
 from .addresses import run_link
 from .credentials import mask
 from .metrics import ci_text
-from .record.names import (
-    bare,
-)
+from .record.names import bare
 from .record.text import plural
 from .serving import EnsembleModel
 from .tracking import CV_TAG, DESCRIPTION_TAG, STATUS_TAG, experiment_id_of, find_parent, log_table
@@ -41,8 +39,6 @@ def model_name(run_name: str) -> str:
 
 
 ENSEMBLE_LABELS = ("ensemble", "best_single", "top_k", "ensemble_minus_best_single")
-
-
 SPLIT_PREFIX = {"val": ("selected_val", "selection_ci"), "test": ("record_test", "ci")}
 
 

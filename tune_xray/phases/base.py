@@ -31,6 +31,7 @@ from .common import (
     save_state,
     training_state,
 )
+from .probe import Monitor
 
 
 @dataclass(frozen=True)
@@ -159,3 +160,11 @@ class TrainingPhase:
             context.report({"phase": self.name, **metrics, "last": stop or epoch + 1 == self.epochs}, checkpoint)
             if stop:
                 break
+
+
+class SslPhase(TrainingPhase):
+    """A self-supervised phase (BYOL, CASS): its representation probed and watched for collapse every epoch
+    (probe.Monitor), over the history a resume restored."""
+
+    def begin(self) -> None:
+        self.monitor = Monitor(self.cfg, self.data, self.name, self.epochs, self.history)

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader
 from ..models.heads import mlp_head, nested_no_weight_decay
-from .base import PhaseContext, TrainingPhase
+from .base import PhaseContext, SslPhase
 from .common import (
     build_optimizer,
     build_scheduler,
@@ -31,7 +31,6 @@ from .common import (
     optimizer_steps_per_epoch,
     step_scheduler,
 )
-from .probe import Monitor
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -91,7 +90,7 @@ class Byol(nn.Module):
         self.target.apply_update_(self.online, tau)
 
 
-class ByolPhase(TrainingPhase):
+class ByolPhase(SslPhase):
     """Pre-train `backbone` in place with BYOL for `byol.epochs`; `run()` returns the phase summary."""
 
     name, watched = "byol", ("byol_val_loss",)
@@ -124,9 +123,6 @@ class ByolPhase(TrainingPhase):
     def restore(self, resume: dict) -> None:
         super().restore(resume)
         self.step, self.tau = resume["step"], resume["tau"]
-
-    def begin(self) -> None:
-        self.monitor = Monitor(self.cfg, self.data, "byol", self.epochs, self.history)
 
     def two_views(self, x: torch.Tensor):
         """Two independent per-image draws of the augmentation, on the device."""

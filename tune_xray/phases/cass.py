@@ -19,7 +19,7 @@ from ..config import TrialConfig
 from ..data.loader import PreparedData, make_loader
 from ..models import create_backbone
 from ..models.heads import nested_no_weight_decay
-from .base import PhaseContext, TrainingPhase
+from .base import PhaseContext, SslPhase
 from .common import (
     build_optimizer,
     build_scheduler,
@@ -30,7 +30,6 @@ from .common import (
     plain_state,
     step_scheduler,
 )
-from .probe import Monitor
 
 
 class CassArm(nn.Module):
@@ -76,7 +75,7 @@ def build_cass(cfg: TrialConfig, pretrained: bool = True) -> Cass:
     return Cass(*arms)
 
 
-class CassPhase(TrainingPhase):
+class CassPhase(SslPhase):
     """Pre-train both arms of `model` in place for `cass.epochs`; `run()` returns the phase summary."""
 
     name, watched = "cass", ("cass_val_loss",)
@@ -113,9 +112,6 @@ class CassPhase(TrainingPhase):
             avg.load_state_dict(state)
         for swa_sched, state in zip(self.swa_schedulers, resume["swa_schedulers"]):
             swa_sched.load_state_dict(state)
-
-    def begin(self) -> None:
-        self.monitor = Monitor(self.cfg, self.data, "cass", self.epochs, self.history)
 
     def micro_step(self, batch) -> torch.Tensor:
         x = self.precision.images(self.augment(batch[0].to(self.device, non_blocking=True)))  # one draw, both arms

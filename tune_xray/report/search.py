@@ -8,9 +8,7 @@ import html
 import numpy as np
 import pandas as pd
 
-from ..experiment import (
-    Experiment,
-)
+from ..experiment import Experiment
 from ..figures import COLUMN, figure, integer_ticks, pyplot, wrap
 from ..metrics import ci_text
 from ..record.names import bare
