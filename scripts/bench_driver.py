@@ -31,9 +31,9 @@ from ray import tune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tune_xray.trial as trial_module  # noqa: E402
+from tune_xray.command import build_parser  # noqa: E402
 from tune_xray.config import objective  # noqa: E402
 from tune_xray.request import SearchRequest  # noqa: E402
-from tune_xray.search import build_parser  # noqa: E402
 
 SPACE = {  # a study like the shipped ones: a choice, a log-uniform, a conditional; 6 epochs of budget
     "metric": "val_mean_auroc",

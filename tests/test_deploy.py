@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tune_xray.search import build_parser
+from tune_xray.command import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
