@@ -14,8 +14,8 @@ today's search and on in ours.
 Printed per search and seed: SSL epochs trained, total trial-epochs (BYOL + fine-tune), CPU-seconds (the trials'
 own wall time, one CPU each), the best validation mean AUROC with its selection-set 95 % CI, and — on today's
 search, where every trial pre-trains fully — Kendall's τ between a trial's final probe and its final validation
-value (completed trials). Goal (issue 39): ≥ 3× fewer SSL epochs for a best validation value within the CI of
-today's.
+value (completed trials), and the same τ for the probe at each SSL rung's epoch: how well a rung can rank. Goal
+(issue 39): ≥ 3× fewer SSL epochs for a best validation value within the CI of today's.
 
     python scripts/bench_ssl_fidelity.py [--trials 12] [--seeds 3] [--byol-epochs 27] [--images 1000] [--ssl-grace 3]
         [--ssl-eta 3]
@@ -82,23 +82,33 @@ def search(work: Path, name: str, spec: dict, seed: int) -> dict:
     return {"search": name, "seed": seed, "ssl_epochs": ssl, "trial_epochs": ssl + fine, "cpu_s": seconds,
             "wall_s": wall, "best_val": best["best_val_mean_auroc"], "ci": best["selection_ci"],
             "statuses": {s: summary[s] for s in ("complete", "pruned", "collapsed", "diverged") if summary.get(s)},
-            "tau": probe_tau(exp, name, rows)}
+            "tau": probe_tau(exp, name, rows), "experiment": str(exp)}
 
 
-def probe_tau(exp: Path, name: str, rows: list[dict]) -> float | None:
-    """Kendall's τ between each completed trial's final probe (Optuna's ssl_probe attribute) and its best
-    validation value."""
+def probe_tau(exp: Path, name: str, rows: list[dict], epoch: int | None = None) -> float | None:
+    """Kendall's τ between each completed trial's probe (Optuna's ssl_probe attribute) at BYOL `epoch` (None: its
+    last) and its best validation value."""
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{exp / 'optuna.db'}")
     by_number = {t.number: t for t in study.trials}
     pairs = []
     for row in rows:
         trial = by_number.get(int(row["trial"][1:]))
         curve = (trial.user_attrs.get("ssl_probe") if trial else None) or {}
-        if row["status"] == "complete" and curve:
-            pairs.append((curve[max(curve, key=int)], row["best_val_mean_auroc"]))
+        at = str(epoch) if epoch is not None else max(curve, key=int, default=None)
+        if row["status"] == "complete" and at in curve:
+            pairs.append((curve[at], row["best_val_mean_auroc"]))
     if len(pairs) < 3:
         return None
     return float(kendalltau(*zip(*pairs)).statistic)
+
+
+def rungs(args) -> list[int]:
+    """The BYOL epochs at which ASHA through SSL judges the probe: the grace period, × the reduction factor."""
+    out, epoch = [], args.ssl_grace
+    while epoch < args.byol_epochs:
+        out.append(epoch)
+        epoch *= args.ssl_eta
+    return out
 
 
 def row_text(r: dict) -> str:
@@ -145,6 +155,11 @@ def main() -> None:
           f"seeds")
     if taus:
         print(f"Kendall τ (final probe vs final val, today's completed trials): {', '.join(f'{t:+.2f}' for t in taus)}")
+    for epoch in rungs(args):  # what a rung sees: the probe there against the end (today's: every trial has both)
+        at = [probe_tau(Path(t["experiment"]), t["search"], json.loads(
+            (Path(t["experiment"]) / "summary.json").read_text())["rows"], epoch) for t, _ in pairs]
+        print(f"Kendall τ (probe at BYOL epoch {epoch}, a rung, vs final val): "
+              f"{', '.join('n/a' if t is None else f'{t:+.2f}' for t in at)}")
     (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"results: {work / 'results.json'}")
 
