@@ -349,3 +349,28 @@ def test_under_a_budget_the_record_compares_with_the_best_single_trial_that_fits
     assert free["val"]["best_single"]["value"] == pytest.approx(pool.single.max())
     assert all(m["trial"] != "t003" for m in held["members"]) and held["cost"]["latency_ms_sum"] <= 2.5
     assert "fit it too" in (directory / "ensemble" / "model_card.md").read_text()
+
+
+
+def test_the_ensemble_step_reads_the_record_and_returns_its_part(tmp_path, capsys):
+    """The step as the search runs it (`ensemble.run(experiment, request)`), from a hand-made record, no Ray: the
+    budget the study asked for as the record keeps it (`asked`), and one no trial fits (each costs 5 ms here) an
+    outcome, said, returned as its part of summary.json with nothing chosen, registered or written."""
+    from tune_xray import ensemble
+    from tune_xray.record.names import ENSEMBLE_DIR
+    from tune_xray.request import SearchRequest
+
+    pool = _pool_dir(tmp_path)
+    summary = json.loads((pool / "summary.json").read_text())
+    for row in summary["rows"]:
+        row["cost"] = {"latency_ms": 5.0, "params_m": 0.1}  # each over the budget alone
+    asked = {"limits": {}, "ensemble": {"latency_ms": 1.0, "params_m": None, "latency_x_cheapest": None}}
+    Experiment.at(pool).write_summary({**summary, "metric": "best_val_mean_auroc", "best": summary["rows"][0],
+                                       "asked": asked})
+    request = SearchRequest("byol", ensemble_size=3)
+    assert ensemble.wanted(request) and not ensemble.wanted(SearchRequest("byol", no_ensemble=True))
+    part = ensemble.run(Experiment.at(pool), request)
+    assert part["ensemble_budget"] == {"latency_ms": 1.0} and part["ensemble"]["fits"] is False
+    assert "search_model" not in part and part["ensemble"]["registered"] is None
+    assert "ensemble: none" in capsys.readouterr().out
+    assert not (pool / ENSEMBLE_DIR).exists()

@@ -15,8 +15,8 @@ LAYERS = [
     ["record", "driver"],  # the shared names, a trial's status rule, the record's words; the driver's state
     ["config", "credentials", "metrics", "explain", "figures", "request", "addresses"],  # none later (request: a
     # search's choices; addresses: where the MLflow UI shows it)
-    ["cluster", "data", "augment", "models", "space", "weights"],  # Ray clusters, data, views, backbones (and their
-    # pretrained files), search-space files, the files a study draws
+    ["cluster", "data", "augment", "models", "space", "weights", "command"],  # Ray clusters, data, views, backbones
+    # (and their pretrained files), search-space files, the files a study draws, the search's command line
     ["phases"],  # SSL and supervised training
     ["trial", "serving"],  # one Tune trial; a fine-tuned ensemble as a model
     ["pyfunc_model"],  # that model as MLflow's models-from-code

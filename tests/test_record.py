@@ -3,6 +3,7 @@ alone, and the tools that read a finished search start without Ray or Optuna (is
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,16 @@ def today_summary() -> dict:
             "interrupted": 1, "best": rows[0], "top": rows[:1], "rows": rows, "pareto_front": None,
             "search_runs_s": [10.0], "wall_time_s": 10.0, "resources": {"workers_per_trial": 1},
             "resources_runs": [{"workers_per_trial": 1}], "failed": {},
-            "ensemble": {"method": "caruana", "members": []}}
+            "ensemble": {"method": "caruana", "members": [{"trial": "t000", "weight": 1.0}],
+                         "test_predictions": {"file": "ensemble/predictions_test.csv", "sha256": "ab12"}},
+            "repeats": {"rows": [{"config": "t000", "values": [0.6, 0.62]}], "comparisons": [],
+                        "trials": [{"trial": "t000/seed1000", "repeat_of": "t000", "status": "complete"}]},
+            "cv": {"rows": [], "trials": [{"trial": "t000/fold0", "cv_of": "t000", "fold": 0, "status": "error"}],
+                   "metric": "val_mean_auroc", "folds": 5, "top": 1, "kendall_tau": None},
+            "external": [{"source": "nih:/data/other", "images": 40,
+                          "mean_auroc": {"value": 0.7, "ci_low": 0.6, "ci_high": 0.8}}],
+            "cost_remeasured": {"device": "cpu", "trials": ["t000"], "batch_sizes": [1, 32], "repeats": 10,
+                                "why": "the trials on the Pareto front"}}
 
 
 def format_two_summary() -> dict:
@@ -132,3 +142,130 @@ def test_a_malformed_summary_is_one_error_naming_the_file_and_the_field(tmp_path
     with pytest.raises(ExperimentError, match=r"rows\.1\.status"):  # a writer's slip never reaches the disk
         experiment.write_summary(summary)
     assert json.loads((experiment.directory / SUMMARY_FILE).read_text())["rows"][1]["status"] == "finished"
+
+
+def _experiment(tmp_path):
+    from tune_xray.experiment import Experiment
+
+    experiment = Experiment(tmp_path / "runs" / "byol", str(tmp_path / "runs"), "byol")
+    experiment.directory.mkdir(parents=True)
+    return experiment
+
+
+def test_the_steps_results_load_typed_and_a_search_without_an_ensemble_says_why(tmp_path):
+    """What the steps after the search leave has its model (record.models): members with weights, repeat and fold
+    trials as rows with a status, an external record's interval, the re-measured trials; and a budget no trial fits
+    is an ensemble record that says so instead of naming a method."""
+    experiment = _experiment(tmp_path)
+    summary = today_summary()
+    experiment.write_summary(summary)
+    record = experiment.record()
+    assert record.ensemble.members[0].weight == 1.0 and record.ensemble.test_predictions.sha256 == "ab12"
+    assert record.repeats.trials[0].status == "complete" and record.cv.trials[0].status == "error"
+    assert record.external[0].mean_auroc.ci_low == 0.6 and record.cost_remeasured.trials == ["t000"]
+    summary["ensemble"] = {"fits": False, "why": "no trial fits latency_ms ≤ 1", "budget": {"latency_ms": 1.0},
+                           "nearest": None, "best_single": None, "registered": None}  # NoFit.outcome
+    experiment.write_summary(summary)
+    assert experiment.record().ensemble.fits is False
+
+
+@pytest.mark.parametrize("field, value, where", [
+    ("ensemble", {"members": []}, r"summary.json: ensemble: .*names its method"),
+    ("cv", {"rows": [], "trials": [{"trial": "t000/fold0"}]}, r"summary.json: cv\.trials\.0\.status"),
+    ("cost_remeasured", {"device": "cpu", "trials": "t000"}, r"summary.json: cost_remeasured\.trials"),
+])
+def test_a_steps_malformed_result_never_reaches_the_disk(tmp_path, field, value, where):
+    from tune_xray.experiment import ExperimentError
+
+    experiment = _experiment(tmp_path)
+    experiment.write_summary(today_summary())
+    before = (experiment.directory / names.SUMMARY_FILE).read_text()
+    with pytest.raises(ExperimentError, match=where):
+        experiment.write_summary({**today_summary(), field: value})
+    assert (experiment.directory / names.SUMMARY_FILE).read_text() == before
+    assert [p.name for p in experiment.directory.iterdir()] == [names.SUMMARY_FILE]  # no temporary left
+
+
+def test_the_experiment_writes_inside_its_directory_whole_and_masked(tmp_path):
+    """The one writer: a file in the experiment directory (its folder made), a password in a URL masked, a CSV with
+    its content hash; a name that leads out of the directory is refused."""
+    import hashlib
+
+    import pandas as pd
+
+    experiment = _experiment(tmp_path)
+    card = experiment.write_text("ensemble/model_card.md", "trained from s3://key:secret@bucket/data")
+    assert card.read_text() == "trained from s3://key:***@bucket/data"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert card.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes, not 0600
+    table = experiment.write_table("cv/oof_t000.csv", pd.DataFrame({"path": ["a.png"], "p_x": [0.5]}))
+    written = experiment.directory / table["file"]
+    assert table["sha256"] == hashlib.sha256(written.read_bytes()).hexdigest()
+    assert pd.read_csv(written)["p_x"].tolist() == [0.5]
+    for outside in ("../byol2/summary.json", "/tmp/elsewhere.json", "."):
+        with pytest.raises(ValueError, match="not a file in"):
+            experiment.write_text(outside, "{}")
+    experiment.remove("cv/oof_t000.csv")
+    assert not written.exists()
+
+
+def test_predict_finds_the_searchs_model_in_a_hand_made_record(tmp_path):
+    """`predict EXPERIMENT` reads the record through the Experiment: the search's model where it names one, the
+    budget that none fitted where none was chosen, and a malformed summary as one error naming its field."""
+    from tune_xray.data.splits import DataError
+    from tune_xray.predict import resolve_model
+
+    experiment = _experiment(tmp_path)
+    summary = today_summary()
+    summary["search_model"] = {"uri": "models:/byol/3", "latest": "models:/byol/latest", "name": "byol",
+                               "version": "3", "tracking_uri": "sqlite:///m.db", "chosen": "", "by": ""}
+    experiment.write_summary(summary)
+    assert resolve_model(str(experiment.directory)) == ("models:/byol/latest", "sqlite:///m.db")
+    summary.pop("search_model")
+    summary["ensemble"] = {"fits": False, "why": "no trial fits latency_ms ≤ 1"}
+    experiment.write_summary(summary)
+    with pytest.raises(DataError, match="no model registered: no trial fits latency_ms ≤ 1"):
+        resolve_model(str(experiment.directory))
+    summary["rows"][0]["status"] = "done"
+    (experiment.directory / names.SUMMARY_FILE).write_text(json.dumps(summary))
+    with pytest.raises(DataError, match=r"summary.json: rows\.0\.status"):
+        resolve_model(str(experiment.directory))
+
+
+def test_the_steps_after_the_trials_run_in_turn_each_keeping_its_part_of_the_record(tmp_path, monkeypatch, capsys):
+    """pipeline.after_trials over sibling stages (here, doubles of the stage interface: `wanted(request)`,
+    `run(experiment, request)` → its part of the record): each part kept in summary.json; a stage not wanted
+    never runs; a failure is one line and `failed`, and the stages after it still run; a StepFailed keeps the
+    result it had."""
+    from tune_xray import pipeline
+    from tune_xray.record.status import StepFailed
+    from tune_xray.request import SearchRequest
+
+    ran = []
+
+    def stage(name, part=None, error=None, wanted=True):
+        def run(experiment, request):
+            ran.append(name)
+            assert experiment.summary()["rows"]  # it reads the record the step before left
+            if error is not None:
+                raise error
+            return part
+
+        return SimpleNamespace(wanted=lambda request: wanted, run=run)
+
+    steps = (("repeats", stage("repeats", wanted=False)),
+             ("ensemble", stage("ensemble", error=StepFailed("chosen but not registered", {"ensemble": {"fits": False,
+                                                                                                        "why": "x"}}))),
+             ("cv", stage("cv", error=OSError("disk full"))),
+             ("report", stage("report", {"report": "report.html"})))
+    monkeypatch.setattr(pipeline, "STEPS", steps)
+    experiment = _experiment(tmp_path)
+    summary = {**today_summary(), "failed": {}}
+    experiment.write_summary(summary)
+    pipeline.after_trials(experiment, summary, SearchRequest("byol"))
+    assert ran == ["ensemble", "cv", "report"]
+    assert summary["failed"] == {"ensemble": "StepFailed: chosen but not registered", "cv": "OSError: disk full"}
+    record = experiment.record()
+    assert record.ensemble.fits is False and record.report == "report.html" and record.failed == summary["failed"]
+    assert "cv failed: OSError: disk full" in capsys.readouterr().err

@@ -80,91 +80,137 @@ def _mlflow(exp):
                             and "tune_xray.trial_id" in r.data.tags]  # the trials' runs (not the ensemble's)
 
 
-def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ray_session, capsys):
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, ray_session):
+    """The tiny search run once for the tests below, each of which asserts one behaviour of what it left: a
+    SimpleNamespace of its summary, its experiment directory and its MLflow client, parent run and trial runs.
+    Like every search here, it leaves no scratch directory behind (checked here: it runs before the per-test
+    check)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    def scratch():
+        return set(Path(tempfile.gettempdir()).glob("tune_xray-*"))
+
+    before = scratch()
+    tmp_path = tmp_path_factory.mktemp("tiny")
     summary = run_search(_args(tmp_path))
+    assert not scratch() - before
     exp = tmp_path / "store" / "tiny"
+    client, parent, children = _mlflow(exp)
+    return SimpleNamespace(summary=summary, exp=exp, client=client, parent=parent, children=children,
+                           runs={c.info.run_name.split()[0]: c for c in children})
+
+
+def test_a_diverged_trial_costs_the_others_nothing_and_the_best_is_a_completed_one(tiny):
+    summary = tiny.summary
     assert summary["status"] == "complete" and exit_code(summary) == 0
     by_trial = {r["trial"]: r for r in summary["rows"]}
     assert by_trial["t001"]["status"] == "diverged" and "diverged at epoch 1" in by_trial["t001"]["reason"]
     assert by_trial["t000"]["status"] == "complete"  # the other trials go on
     assert summary["best"]["status"] == "complete" and summary["best"] in summary["top"]
     assert all(r["status"] == "complete" for r in summary["top"])
+    assert json.loads((tiny.exp / "summary.json").read_text())["best"]["trial_id"] == summary["best"]["trial_id"]
+    ci = summary["best"]["selection_ci"]
+    assert ci[0] <= summary["best"]["best_val_mean_auroc"] <= ci[1]
 
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{exp / 'optuna.db'}")
+
+def test_the_optuna_study_on_disk_holds_each_trial_as_it_ended_and_what_it_trained(tiny):
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tiny.exp / 'optuna.db'}")
     State = optuna.trial.TrialState
     assert [t.state for t in study.trials][:2] == [State.COMPLETE, State.PRUNED]
     assert study.trials[1].user_attrs["status"] == "diverged"
     for t in study.trials:
         trained = t.user_attrs["trained"]  # resolved
         assert trained["model.backbone"] == "test_resnet" and trained["device"] == "cpu" and not trained["smoke"]
-        assert t.user_attrs["mlflow_run_id"] in {r["mlflow_run_id"] for r in summary["rows"]}
+        assert t.user_attrs["mlflow_run_id"] in {r["mlflow_run_id"] for r in tiny.summary["rows"]}
         if t.user_attrs["status"] == "pruned":
             assert t.intermediate_values  # kept in Optuna
         assert ("supervised.scheduler.t_max" in t.params) == (t.params["supervised.scheduler.name"] == "cosine")
-    assert json.loads((exp / "summary.json").read_text())["best"]["trial_id"] == summary["best"]["trial_id"]
-    # one-worker trials train in the Tune trial itself: no Train run, one checkpoint kept per trial
-    assert not [p for p in exp.iterdir() if p.name.startswith("train-")]
-    assert all(len(list(d.glob("checkpoint_*"))) <= 1 for d in exp.glob("t0*-*"))
 
-    client, parent, children = _mlflow(exp)
+
+def test_one_worker_trials_train_in_the_tune_trial_and_keep_one_checkpoint(tiny):
+    assert not [p for p in tiny.exp.iterdir() if p.name.startswith("train-")]  # no Train run
+    assert all(len(list(d.glob("checkpoint_*"))) <= 1 for d in tiny.exp.glob("t0*-*"))
+
+
+def test_each_trial_is_an_mlflow_run_named_by_its_values_and_ended_by_its_status(tiny):
+    children, runs = tiny.children, tiny.runs
     assert len(children) == 3 and all(c.info.status != "RUNNING" for c in children)
-    assert sorted(c.info.run_name.split()[0] for c in children) == ["t000", "t001", "t002"]
-    runs = {c.info.run_name.split()[0]: c for c in children}
+    assert sorted(runs) == ["t000", "t001", "t002"]
     assert runs["t001"].info.run_name == "t001 sgd lr=1e+06 none"
     assert runs["t001"].info.status == "FAILED" and runs["t001"].data.tags["tune_xray.status"] == "diverged"
     assert runs["t000"].info.status == "FINISHED" and runs["t000"].data.tags["tune_xray.status"] == "complete"
-    for child in children:
+    # every run says what it is
+    assert all("**Status:" in r.data.tags["mlflow.note.content"] for r in (*children, tiny.client.get_run(
+        tiny.parent.info.run_id)))
+
+
+def test_a_trial_run_holds_its_resolved_config_its_curves_and_no_bookkeeping(tiny):
+    for child in tiny.children:
         assert child.data.params["model.backbone"] == "test_resnet"  # the full resolved config
         assert child.data.params["scan_backend"] == "none"  # what its device ran: no SSM layer in a ResNet
         assert not [p for p in child.data.params if ":" in p]  # no conditional-branch params
         assert not [m for m in child.data.metrics
                     if m in ("pid", "timestamp", "done", "training_iteration", "epochs_done")
                     or m.startswith(("time_", "config/"))]
-    done = runs["t000"]
+    done, summary = tiny.runs["t000"], tiny.summary
     epochs = int(summary["best"]["epochs_done"]) if summary["best"]["trial"] == "t000" else 2
-    assert [m.step for m in client.get_metric_history(done.info.run_id, "val_loss")] == list(range(1, epochs + 1))
-    assert "selected_val_mean_auroc" in set(done.data.metrics)
+    history = tiny.client.get_metric_history(done.info.run_id, "val_loss")
+    assert [m.step for m in history] == list(range(1, epochs + 1))
+    assert {"selected_val_mean_auroc", "selected_val_mean_auroc_selection_ci_high"} <= set(done.data.metrics)
     for key in ("latency_ms", "latency_ms_b32", "params_m", "gflops"):  # its cost, measured once, logged once
-        assert [m.step for m in client.get_metric_history(done.info.run_id, key)] == [0]
-    assert not [m for c in children for m in c.data.metrics if "test" in m]  # test sealed until the record
-    assert {"best.pt", "config.yaml", "predictions_val.csv", "predictions_test.csv"} <= {
-        a.path for a in client.list_artifacts(done.info.run_id)}
-    best = client.get_run(summary["best_mlflow_run_id"])
-    assert parent.data.tags["best_trial_run_id"] == best.info.run_id and parent.info.status == "FINISHED"
-    # the search's own numbers under names of its own: sorting by a trial metric ranks the trials alone
-    assert not set(parent.data.metrics) & {m for c in children for m in c.data.metrics}
-    assert parent.data.metrics["search_best_selected_val_mean_auroc"] == best.data.metrics["selected_val_mean_auroc"]
-    assert parent.data.metrics["search_best_val_mean_auroc"] == pytest.approx(summary["best"]["best_val_mean_auroc"])
+        assert [m.step for m in tiny.client.get_metric_history(done.info.run_id, key)] == [0]
+    # per-label values and their intervals are one table, not dozens of metrics
+    assert not [m for c in tiny.children for m in c.data.metrics if m.startswith("selected_") and "/" in m]
+    assert {"best.pt", "config.yaml", "predictions_val.csv", "predictions_test.csv", "selected_record.json"} <= {
+        a.path for a in tiny.client.list_artifacts(done.info.run_id)}
 
-    # the search ends with the ensemble chosen on val, registered; in a fresh process (no Ray) its pyfunc
-    # reproduces the stored ensemble test predictions, and predict reads PNG and DICOM and names a bad file
-    registered = summary["ensemble"]["registered"]
+
+def test_the_test_split_is_sealed_in_the_trials_and_read_once_by_the_record(tiny):
+    assert not [m for c in tiny.children for m in c.data.metrics if "test" in m]
+    assert tiny.summary["ensemble"]["test_reads"] == 1
+    assert json.loads((tiny.exp / "test_reads.json").read_text())[0]["by"]
+
+
+def test_the_parent_run_holds_the_searchs_own_numbers_under_names_of_its_own(tiny):
+    """Sorting by a trial metric ranks the trials alone: the parent's metrics are `search_best_…`."""
+    best, parent = tiny.client.get_run(tiny.summary["best_mlflow_run_id"]), tiny.parent
+    assert parent.data.tags["best_trial_run_id"] == best.info.run_id and parent.info.status == "FINISHED"
+    assert not set(parent.data.metrics) & {m for c in tiny.children for m in c.data.metrics}
+    assert parent.data.metrics["search_best_selected_val_mean_auroc"] == best.data.metrics["selected_val_mean_auroc"]
+    assert parent.data.metrics["search_best_val_mean_auroc"] == pytest.approx(
+        tiny.summary["best"]["best_val_mean_auroc"])
+
+
+def test_the_ensemble_chosen_on_val_is_registered_beside_the_trials(tiny):
+    client, ensemble = tiny.client, tiny.summary["ensemble"]
+    registered = ensemble["registered"]
     assert registered["uri"] == "models:/tiny/1"
+    assert client.get_model_version("tiny", "1").run_id == registered["run_id"]
     ensemble_run = client.get_run(registered["run_id"])
-    assert ensemble_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert ensemble_run.data.tags["mlflow.parentRunId"] == tiny.parent.info.run_id
     # the ensemble under the trials' own metric names: it sorts beside them in the runs table
     assert {"selected_val_mean_auroc", "selected_val_mean_auroc_selection_ci_low", "record_test_mean_auroc",
             "record_test_mean_auroc_ci_low"} <= set(ensemble_run.data.metrics)
-    assert ensemble_run.data.metrics["selected_val_mean_auroc"] == pytest.approx(
-        summary["ensemble"]["val"]["ensemble"]["value"])
+    assert ensemble_run.data.metrics["selected_val_mean_auroc"] == pytest.approx(ensemble["val"]["ensemble"]["value"])
     assert "ensemble_record.json" in {a.path for a in client.list_artifacts(ensemble_run.info.run_id)}
-    assert summary["ensemble"]["test_reads"] == 1 and json.loads((exp / "test_reads.json").read_text())[0]["by"]
-    assert client.get_model_version("tiny", "1").run_id == registered["run_id"]
-    member = client.get_run(summary["ensemble"]["members"][0]["mlflow_run_id"])
-    assert float(member.data.tags["tune_xray.ensemble_weight"]) == pytest.approx(
-        summary["ensemble"]["members"][0]["weight"], abs=1e-4)
-    before = {c.info.run_id: c.info.end_time for c in children}
-    assert member.info.end_time == before[member.info.run_id]  # logging its model kept the run's own duration
-    # every run says what it is; per-label values and their intervals are one table, not dozens of metrics
-    assert all("**Status:" in r.data.tags["mlflow.note.content"] for r in (*children, client.get_run(
-        parent.info.run_id)))
-    assert not [m for c in children for m in c.data.metrics if m.startswith("selected_") and "/" in m]
-    assert "selected_record.json" in {a.path for a in client.list_artifacts(done.info.run_id)}
+    member = client.get_run(ensemble["members"][0]["mlflow_run_id"])
+    assert float(member.data.tags["tune_xray.ensemble_weight"]) == pytest.approx(ensemble["members"][0]["weight"],
+                                                                                  abs=1e-4)
+    ended = {c.info.run_id: c.info.end_time for c in tiny.children}
+    assert member.info.end_time == ended[member.info.run_id]  # logging its model kept the run's own duration
+
+
+def test_the_registered_model_reproduces_the_record_in_a_process_without_tune_xray(tiny, tmp_path):
+    """In a fresh process where tune_xray cannot be imported (its editable install's finder and the checkout off
+    the path), the pyfunc brings its own code (code_paths), needs only published packages, starts no Ray, and
+    reproduces the stored ensemble test predictions."""
     import subprocess
     import sys
+
+    exp = tiny.exp
     stored = pd.read_csv(exp / "ensemble" / "predictions_test.csv")
-    # a process where tune_xray cannot be imported (its editable install's finder and the checkout off the path):
-    # the model brings its own code (code_paths) and needs only published packages
     repo = str(Path(__file__).resolve().parents[1])
     code = ("import sys, importlib.util; "
             "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__edit')]; "
@@ -182,8 +228,14 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     p_cols = [c for c in stored.columns if c.startswith("p_")]
     assert np.abs(fresh[p_cols].to_numpy() - stored[p_cols].to_numpy()).max() < 1e-5
 
+
+def test_predict_reads_png_and_dicom_and_names_a_bad_file(tiny, tmp_path, capsys):
     from tests.test_ensemble import _dicom
     from tune_xray.predict import main as predict_main
+
+    exp = tiny.exp
+    stored = pd.read_csv(exp / "ensemble" / "predictions_test.csv")
+    p_cols = [c for c in stored.columns if c.startswith("p_")]
     inputs = tmp_path / "scans"
     inputs.mkdir()
     for path in stored["path"][:2]:
@@ -201,20 +253,29 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
         assert predict_main([str(exp), str(inputs), "--device", "cuda"]) == 2  # the device is not dropped
     err = capsys.readouterr().err
     assert "no files in" in err and "models:/no-such-model/1: no such model" in err and "Traceback" not in err
-    import mlflow  # the served model answers per row: an unreadable file is its row's error, not the batch's
-    mlflow.set_tracking_uri(store)
+
+
+def test_the_served_model_answers_per_row(tiny, tmp_path):
+    """An unreadable file is its row's error, not the batch's."""
+    import mlflow
+
+    stored = pd.read_csv(tiny.exp / "ensemble" / "predictions_test.csv")
+    p_cols = [c for c in stored.columns if c.startswith("p_")]
+    (tmp_path / "readme.txt").write_text("not an image")
+    mlflow.set_tracking_uri(f"sqlite:///{tiny.exp / 'mlflow.db'}")
     served = mlflow.pyfunc.load_model("models:/tiny/latest").predict(
-        pd.DataFrame({"path": [stored["path"][0], str(inputs / "readme.txt")]}))
+        pd.DataFrame({"path": [stored["path"][0], str(tmp_path / "readme.txt")]}))
     assert served["status"].tolist() == ["ok", "error"] and "readme.txt: not a readable image" in served["error"][1]
     assert served[p_cols].iloc[0].notna().all() and served[p_cols].iloc[1].isna().all()
 
-    # the search's last product: one self-contained HTML page, logged to the parent run
+
+def test_the_report_is_one_offline_page_in_order_with_test_numbers_only_in_the_record(tiny):
+    summary, exp = tiny.summary, tiny.exp
     report = exp / "report.html"
     assert summary["report"] == str(report)
     text = report.read_text()
     titles = ["The study", "The data", "The search", "Every trial", "The model", "Explainability",
-              "Accuracy against cost",
-              "The record: test split"]
+              "Accuracy against cost", "The record: test split"]
     assert [text.index(f"<h2>{t}</h2>") for t in titles] == sorted(text.index(f"<h2>{t}</h2>") for t in titles)
     for heading in ("Parameter importance (fANOVA)", "Grad-CAM", "t-SNE", "Calibration", "ROC per label",
                     "ASHA: epochs spent per trial", "Learning curves"):
@@ -225,18 +286,21 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     record = text.index("<h2>The record")  # test numbers only in the record, after every choice
     assert text.index(f"{summary['ensemble']['test']['ensemble']['value']:.4f}") > record
     assert f"{summary['ensemble']['test']['best_single']['value']:.4f}" not in text[:record]
-    assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    ci = summary["best"]["selection_ci"]
-    assert ci[0] <= summary["best"]["best_val_mean_auroc"] <= ci[1]
-    assert "selected_val_mean_auroc_selection_ci_high" in done.data.metrics
-    # the page is drawn from its numbers alone: report.json beside it renders to the same page
-    from tune_xray.report import main as report_main
+    assert "report.html" in {a.path for a in tiny.client.list_artifacts(tiny.parent.info.run_id)}
+
+
+def test_the_report_is_drawn_from_report_json_alone(tiny):
+    """report.json beside the page renders to the same page; its numbers are the search's: one column per
+    logical parameter (the LR whatever the optimizer: Optuna keeps one per optimizer), every trial's ASHA row,
+    the ROC curves, Grad-CAM and t-SNE, each completed trial's costs as it measured them."""
     from tune_xray.report import render
+
+    summary, exp = tiny.summary, tiny.exp
     data = json.loads((exp / "report.json").read_text())
-    assert render(data) == text
+    assert render(data) == (exp / "report.html").read_text()
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{exp / 'optuna.db'}")
     finished = [t for t in study.trials if t.state.is_finished()]
     assert [t["number"] for t in data["search"]["trials"]] == [t.number for t in finished]
-    # one column per logical parameter: the LR whatever the optimizer (Optuna keeps one per optimizer)
     logical = {k.split(":")[0] for t in finished for k in t.params}
     assert set(data["search"]["parameters"]) == logical and set(data["search"]["importance"]) <= logical
     assert all(set(t["params"]) <= logical for t in data["search"]["trials"])
@@ -251,19 +315,24 @@ def test_search_records_what_ran_and_a_diverged_trial_costs_nothing(tmp_path, ra
     assert set(costs) == {r["trial"] for r in summary["rows"] if r["status"] == "complete"}
     assert all(r["latency_ms"] > 0 and r["params_m"] > 0 and r["gflops"] > 0 for r in costs.values())
     assert any(r["front"] for r in costs.values()) and not data["cost"]["searched"]
-    shutil.copytree(exp, tmp_path / "renamed")  # a copied or renamed experiment still finds its Optuna study
+
+
+def test_a_copied_or_renamed_experiment_still_finds_its_optuna_study(tiny, tmp_path):
+    from tune_xray.report import main as report_main
+
+    shutil.copytree(tiny.exp, tmp_path / "renamed")
     assert report_main([str(tmp_path / "renamed"), "--out", str(tmp_path / "renamed.html")]) == 0
 
 
 def test_a_step_after_the_trials_that_fails_costs_the_others_nothing(tmp_path, ray_session, monkeypatch, capsys):
     """The ensemble fails: one line, summary.json and a tag say so; the report is still written, the parent run
     still FINISHED; the exit code says something failed."""
-    import tune_xray.pipeline
+    import tune_xray.ensemble
 
     def broken(*args, **kwargs):
         raise OSError("the registry's disk is full")
 
-    monkeypatch.setattr(tune_xray.pipeline, "run_ensemble", broken)
+    monkeypatch.setattr(tune_xray.ensemble, "run_ensemble", broken)
     args = _args(tmp_path)
     args = replace(args, trials=1, no_asha=True, overrides=["supervised.epochs=1"])
     summary = run_search(args)
@@ -452,11 +521,11 @@ def test_a_resume_says_what_it_changes_and_refuses_what_it_cannot(tmp_path, caps
     on (--ensemble-size, --set, the study file) is one error naming its stored value; resources may change, each
     change said in one line, and resources not given again stay the search's own. search.json's first format (the
     kept values at its top level, no resources) still loads."""
+    from tune_xray.command import build_parser, given_keys
     from tune_xray.experiment import Experiment
     from tune_xray.pipeline import restore_request
     from tune_xray.record.names import INVOCATION_FILE
     from tune_xray.request import KEPT
-    from tune_xray.search import build_parser, given_keys
 
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump(SPACE))
@@ -740,8 +809,7 @@ def test_bad_counts_and_resources_are_one_line_before_anything(tmp_path, capsys,
 
 def test_trials_get_the_device_and_gpu_share_their_resources_give():
     from tune_xray.pipeline import default_gpus_per_trial
-    from tune_xray.space import load_study
-    from tune_xray.trial import trial_overrides
+    from tune_xray.space import load_study, trial_overrides
 
     study = load_study("supervised")
     resolved = study.resolve(trial_overrides(study, [], None))

@@ -20,12 +20,16 @@ def _child(client: MlflowClient, parent: str, trial_id: str, **tags) -> str:
 
 
 def test_a_parent_run_is_made_once_reopened_on_resume_and_finished_with_the_best(tmp_path):
-    """start_parent makes the search's run and keeps its id beside the experiment (a password in a param is masked);
-    a resume reopens that run; finish_parent logs the best trial's record as `search_best_…`, once."""
+    """start_parent makes the search's run (a password in a param is masked), whose id the Experiment keeps; a
+    resume reopens that run; finish_parent logs the best trial's record as `search_best_…`, once."""
+    from tune_xray.experiment import Experiment
+
     uri, client = _store(tmp_path), MlflowClient(_store(tmp_path))
     parent = tracking.start_parent(uri, "byol", tmp_path, {"optuna_storage": "postgresql://u:secret@db/optuna"},
                                    {tracking.DESCRIPTION_TAG: "the search"})
-    assert (tmp_path / PARENT_ID_FILE).read_text() == parent
+    assert not (tmp_path / PARENT_ID_FILE).exists()  # the Experiment writes the directory's files, not tracking
+    Experiment(tmp_path, str(tmp_path.parent), tmp_path.name).write_text(PARENT_ID_FILE, parent)
+    assert tracking.find_parent(tmp_path) == parent
     assert client.get_run(parent).data.params["optuna_storage"] == "postgresql://u:***@db/optuna"
     best = _child(client, parent, "a1")
     client.update_run(best, name="t000 lr=0.01")

@@ -1,4 +1,5 @@
-"""The cost re-measurement after the search: a trial's latency measured again alone, where it is fair."""
+"""The cost re-measurement after the search: a trial's latency measured again alone, where it is fair, and the
+limits no trial judges itself judged on those figures."""
 
 from __future__ import annotations
 
@@ -7,9 +8,54 @@ import math
 import numpy as np
 import pandas as pd
 
+from . import tracking
 from .experiment import Experiment
 from .metrics import front, pareto_ranks
+from .record.names import JUDGED_IN_TRIAL
+from .record.text import plural
+from .request import SearchRequest
 from .serving import EnsemblePredictor, ms_per_image, read_image
+from .summary import judge_limits
+
+
+def needed(summary: dict, request: SearchRequest) -> tuple[dict, dict]:
+    """Whether a trial's latency decides something after the trials — a Pareto search, a latency limit (judged
+    alone, here, never in the trial), or an ensemble budget — as (the limits judged here, the ensemble's budget
+    where the search chooses one); both empty and no cost objective: nothing to measure."""
+    asked = summary.get("asked") or {}
+    judged = {k: v for k, v in (asked.get("limits") or {}).items() if k not in JUDGED_IN_TRIAL}
+    budget = {} if request.no_ensemble else {k: v for k, v in (asked.get("ensemble") or {}).items() if v is not None}
+    return judged, budget
+
+
+def run(experiment: Experiment, request: SearchRequest) -> dict:
+    """The search's step, where a trial's latency decides something (needed): the latency of the trials whose cost
+    does (the front and the next, or every candidate under the ensemble's budget or a latency limit) measured again
+    here, alone (remeasure_costs), said in one line; then the limits no trial judges itself (its latency) judged on
+    those figures: a trial over one is infeasible, its MLflow run said so, each in one line. Returns the record as
+    it leaves it: the rows' costs, the front, and — where a trial became infeasible — the statuses and the ranking
+    are its part ({} where nothing decides on latency)."""
+    import torch  # on the driver's own device, with no trial running
+
+    summary = experiment.summary()
+    judged, budget = needed(summary, request)
+    costs = [(o["name"], o["mode"]) for o in summary["objectives"][1:]]  # (after the validation metric)
+    if not (judged or budget or costs):
+        return {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    done = remeasure_costs(experiment, summary, costs, budget, device, judged)
+    if done:
+        summary["cost_remeasured"] = done
+        print(f"latency: {plural(len(done['trials']), 'trial')} measured again on the driver's {device}, alone "
+              f"({done['why']}; batch 1 and 32, median of up to 10 runs); their in-trial figures kept as "
+              "cost_in_trial")
+    over = judge_limits(summary, judged, f"alone on the driver's {device}, after the trials")
+    for row in over:
+        print(f"{row['name']}: infeasible, {row['reason']}", flush=True)
+        if row["mlflow_run_id"]:
+            tracking.mark_runs(experiment.tracking_uri, {row["trial_id"]: row["mlflow_run_id"]}, "infeasible",
+                               row["reason"])
+    return summary
 
 
 def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: dict, device: str,

@@ -58,8 +58,10 @@ from .metrics import (
     vote,
     weighted_decision_metrics,
 )
-from .record.names import CV_DIR, CV_FOLD, CV_FOLDS, CV_OF, SUMMARY_FILE, bare
+from .record.names import CV_DIR, CV_FOLD, CV_FOLDS, CV_OF, ENSEMBLE_DIR, SUMMARY_FILE, bare
+from .record.status import StepFailed
 from .record.text import cost_lines, no_fit_text, plural, search_model_text
+from .request import SearchRequest
 from .rerun import Rerun, finalist_configs, rerun_main
 from .selection import CaruanaSelector, NoFit, absolute_budget
 from .serving import measured_latency
@@ -114,7 +116,8 @@ def run_cv(experiment: Experiment, top: int = 3, folds: int = 5, address: str | 
         summary["search_model"] = entry["oof_ensemble"]["search_model"]
         card = experiment.ensemble_dir / "model_card.md"
         if card.is_file():  # the validation ensemble's card says it is not the search's model any more
-            card.write_text(card.read_text() + f"\nNot the search's model: {search_model_text(summary)}.\n")
+            experiment.write_text(f"{ENSEMBLE_DIR}/{card.name}",
+                                  card.read_text() + f"\nNot the search's model: {search_model_text(summary)}.\n")
     entry.update(metric=rerun.metric, folds=folds, top=top, trials=trials, notes=[EARLY_STOPPING, LEANING],
                  wall_time_s=time.perf_counter() - start)
     summary["cv"] = entry
@@ -174,8 +177,9 @@ def aggregate(experiment: Experiment, summary: dict, trials: list[dict], metric:
         task = TrialTask.of(done[0]["dir"])
         oof = out_of_fold([Path(t["dir"]) for t in done], [t["fold"] for t in done], task.classes,
                           len(done) == folds)
-        path = experiment.cv_dir / f"oof_{source}.csv"
-        oof.to_csv(path, index=False)
+        name = f"{CV_DIR}/oof_{source}.csv"
+        experiment.write_table(name, oof)
+        path = experiment.file(name)
         original = next(r for r in summary["top"] if r["trial"] == source)
         y = oof[[f"y_{c}" for c in task.classes]].to_numpy()
         pooled, _ = _with_interval(_scorer(y, task), oof[[f"p_{c}" for c in task.classes]].to_numpy(float),
@@ -362,14 +366,12 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
         out["minus_search_ensemble"] = {"value": out["test"]["value"] - out["search_ensemble_test"]["value"],
                                         "ci_low": low, "ci_high": high}
     out["test_reads"] = experiment.note_test_read("the cross-validation's out-of-fold ensemble, beside the search's")
-    fold_dir = experiment.cv_dir / "ensemble"
-    fold_dir.mkdir(parents=True, exist_ok=True)
     test_frame = pd.DataFrame(prob, columns=p_cols)
     test_frame.insert(0, "path", paths)
-    test_frame.to_csv(fold_dir / "predictions_test.csv", index=False)
+    experiment.write_table(f"{CV_DIR}/ensemble/predictions_test.csv", test_frame)
     out["selected_by"] = by if select else None
     out["card"] = model_card(out)
-    (fold_dir / "model_card.md").write_text(out["card"])
+    experiment.write_text(f"{CV_DIR}/ensemble/model_card.md", out["card"])
     if tracking_uri and tracking.find_parent(experiment.directory):
         try:
             out["registered"] = registry.log_oof_ensemble(tracking_uri, experiment.directory, out,
@@ -497,6 +499,28 @@ def show(entry: dict) -> bool:
     if error:
         print(f"error: not registered: {error}", file=sys.stderr)
     return bool(error)
+
+
+def wanted(request: SearchRequest) -> bool:
+    return bool(request.cv_folds)
+
+
+def run(experiment: Experiment, request: SearchRequest) -> dict:
+    """The search's step: its `--cv-top` finalists cross-validated in `--cv-folds` folds (run_cv), with the
+    out-of-fold ensemble the search's model where the study selects on it; said in a table. Returns its part of the
+    record (`cv`, and `search_model` when it is the one); an out-of-fold ensemble chosen but not registered is a
+    StepFailed that keeps it."""
+    entry = run_cv(experiment, request.cv_top, request.cv_folds, max_failures=request.max_failures,
+                   size=request.ensemble_size)
+    part = {"cv": entry}
+    chosen = (entry.get("oof_ensemble") or {}).get("search_model")
+    if chosen:
+        part["search_model"] = chosen
+    print_cv(entry)
+    error = (entry.get("oof_ensemble") or {}).get("registration_error")
+    if error:
+        raise StepFailed(f"the out-of-fold ensemble was chosen but not registered: {error}", part)
+    return part
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import pandas as pd
 
 from .credentials import mask
 from .data.sources import describe_data, describe_untrained
-from .experiment import Experiment, ExperimentError, TrialTask, file_sha256, read_predictions
+from .experiment import Experiment, ExperimentError, TrialTask, read_predictions
 from .figures import selection_curve
 from .metrics import (
     auroc_intervals,
@@ -44,9 +43,13 @@ from .metrics import (
     weighted_decision_metrics,
 )
 from .models.pretrained import started_text
-from .record.names import TEST_READS, bare
-from .record.text import averaged_text, cost_lines, plural
-from .selection import CaruanaSelector, EnsembleError, NoFit
+from .record.models import EnsembleRecord
+from .record.names import ENSEMBLE_DIR, ENSEMBLE_FILE, TEST_READS, bare
+from .record.status import StepFailed
+from .record.text import averaged_text, cost_lines, no_fit_text, plural
+from .request import SearchRequest
+from .selection import CaruanaSelector, EnsembleError, NoFit, absolute_budget
+from .summary import search_model
 
 
 @dataclass
@@ -284,6 +287,11 @@ def selection_cost(pool: Pool, weights: np.ndarray, budget: dict | None, device:
     return out
 
 
+RECORDED = ("method", "members", "selection", "cost", "val", "test", "test_per_label", "single_label", "thresholds",
+            "classes", "task", "rule", "test_reads", "registered", "labels_averaged", "wall_time_s",
+            "test_predictions")  # what summary.json keeps of ensemble.json
+
+
 def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5, bags: int = 20,
                  seed: int = 0, resamples: int = 1000, tracking_uri: str | None = None,
                  read_test: bool = False, budget: dict | None = None, device: str | None = None,
@@ -304,42 +312,40 @@ def run_ensemble(experiment: Experiment, method: str = "caruana", size: int = 5,
     weights, selection = select(pool, method, size, bags, seed=seed, budget=budget)
     cost = {**selection_cost(pool, weights, budget, device), **({"budget_note": budget_note} if budget_note else {})}
     recorded = record(pool, weights, size, resamples, seed, read_test, budget)
-    out_dir = experiment.ensemble_dir
-    out_dir.mkdir(exist_ok=True)
     members = pd.DataFrame([{"trial": t["trial"], "trial_id": t["trial_id"], "name": t.get("name", t["trial"]),
                              "weight": float(w), pool.metric: float(s),
                              "mlflow_run_id": t.get("mlflow_run_id"),
                              "started_from": started_text(t.get("started_from")), "dir": t["dir"]}
                             for t, w, s in zip(pool.trials, weights, pool.single)
                             if w > 0]).sort_values("weight", ascending=False)
-    members.to_csv(out_dir / "members.csv", index=False)
+    experiment.write_table(f"{ENSEMBLE_DIR}/members.csv", members)
     if read_test:
         test_frame = pd.DataFrame(recorded.pop("test_probs"), columns=[f"p_{c}" for c in pool.classes])
         test_frame.insert(0, "path", recorded.pop("test_paths"))
-        test_frame.to_csv(out_dir / "predictions_test.csv", index=False)
-        recorded["test_predictions"] = {"file": f"{out_dir.name}/predictions_test.csv",
-                                        "sha256": file_sha256(out_dir / "predictions_test.csv")}
+        recorded["test_predictions"] = experiment.write_table(f"{ENSEMBLE_DIR}/predictions_test.csv", test_frame)
     else:  # an earlier selection's: not this one's
-        (out_dir / "predictions_test.csv").unlink(missing_ok=True)
+        experiment.remove(f"{ENSEMBLE_DIR}/predictions_test.csv")
     result = {"method": method, "size": size, "bags": bags if method == "caruana" else 0, "seed": seed,
               "resamples": resamples, "metric": pool.metric, "task": pool.task, "rule": pool.rule,
               "classes": pool.classes, "pool": len(pool.trials), "selection": selection, "cost": cost,
               "test": None, **recorded,
               "example_path": pool.val.paths[0], "members": members.drop(columns="dir").to_dict("records")}
     result["wall_time_s"] = time.perf_counter() - start
-    (out_dir / "ensemble.json").write_text(json.dumps(mask(result), indent=1, default=float))
-    (out_dir / "model_card.md").write_text(model_card(pool, result))
-    selection_curve(selection, pool.metric, out_dir / "selection_curve.png")
+    experiment.write_json(ENSEMBLE_FILE, result, EnsembleRecord)
+    experiment.write_text(f"{ENSEMBLE_DIR}/model_card.md", model_card(pool, result))
+    experiment.write_figure(f"{ENSEMBLE_DIR}/selection_curve.png",
+                            lambda path: selection_curve(selection, pool.metric, path))
     if tracking_uri:
         from . import registry  # MLflow pyfunc and the serving model: loaded only to register
 
         try:
-            result["registered"] = registry.log_ensemble(tracking_uri, experiment.directory, result, members, out_dir)
+            result["registered"] = registry.log_ensemble(tracking_uri, experiment.directory, result, members,
+                                                         experiment.ensemble_dir)
         except Exception as err:  # noqa: BLE001 — the selection and its files stand; the caller says what failed
             result["registered"], result["registration_error"] = None, mask(f"{type(err).__name__}: {err}")
         if result.get("test_predictions") and result.get("registered"):  # the run that holds them, by its id
             result["test_predictions"]["run_id"] = result["registered"]["run_id"]
-        (out_dir / "ensemble.json").write_text(json.dumps(mask(result), indent=1, default=float))
+        experiment.write_json(ENSEMBLE_FILE, result, EnsembleRecord)
     return result
 
 
@@ -416,6 +422,43 @@ def print_result(result: dict) -> None:
         print(f"  {m['weight']:.3f}  {m['name']}")
     if result.get("registered"):
         print(f"registered: {result['registered']}")
+
+
+def wanted(request: SearchRequest) -> bool:
+    return not request.no_ensemble
+
+
+def run(experiment: Experiment, request: SearchRequest) -> dict:
+    """The search's step: the ensemble chosen on validation (Caruana, `--ensemble-size`) under the study's
+    ensemble budget, its record on test, registered as the search's model; its latency as served measured here,
+    on the driver's device. Returns its part of the record (`ensemble_budget`, `ensemble`, `search_model`); a
+    budget no trial fits is an outcome (said, nothing registered); an ensemble chosen but not registered is a
+    StepFailed that keeps it."""
+    import torch  # the latency as served is measured here, in the driver: on its own device
+
+    summary = experiment.summary()
+    for row in summary["rows"]:  # trials that ended before a resume on another machine
+        if row["status"] == "complete" and not experiment.trial_dir(row).is_dir():
+            experiment.fetch(experiment.trial_dir(row).name)
+    asked = (summary.get("asked") or {}).get("ensemble") or {}  # the study's budget, as the search resolved it
+    budget, note = absolute_budget(asked, summary["rows"])  # (a relative one: from the cheapest)
+    part = {"ensemble_budget": {**budget, **({"from": note} if note else {})}}
+    try:
+        result = run_ensemble(experiment, size=request.ensemble_size, seed=request.seed,
+                              tracking_uri=experiment.tracking_uri, read_test=True, budget=budget,
+                              device="cuda" if torch.cuda.is_available() else "cpu", budget_note=note)
+    except NoFit as no_fit:  # an outcome, not a failure: said, and nothing registered (see the README)
+        best = summary["best"]
+        part["ensemble"] = no_fit.outcome({k: best.get(k) for k in ("trial", "name", summary["metric"], "cost")})
+        print(f"ensemble: none — {no_fit_text(part['ensemble'])}", flush=True)
+        return part
+    part["ensemble"] = {k: result.get(k) for k in RECORDED}
+    if result.get("registration_error"):
+        raise StepFailed(f"the ensemble was chosen but not registered: {result['registration_error']}", part)
+    part["search_model"] = search_model(result["registered"], "the ensemble chosen on validation (Caruana over "
+                                        f"{plural(result['pool'], 'completed trial')})",
+                                        "the study's `ensemble: {select_on: val}`, the default")
+    return part
 
 
 def main(argv=None) -> int:

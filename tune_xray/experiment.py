@@ -31,18 +31,19 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .cluster import download, upload
-from .config import ConfigError
+from .config import ConfigError, DataConfig
 from .credentials import mask, reveal
 from .metrics import resampling_units
-from .record.models import SearchSummary
+from .record.models import EnsembleRecord, SearchSummary
 from .record.names import (
     CV_DIR,
     CV_FOLD,
     CV_OF,
     ENSEMBLE_DIR,
+    ENSEMBLE_FILE,
     INVOCATION_FILE,
     LOCK_FILE,
     PARENT_ID_FILE,
@@ -90,14 +91,29 @@ class ExperimentError(ValueError):
     """An experiment directory, or a file in it, that is missing or cannot be read; the message names it."""
 
 
-def checked_summary(summary: dict, path: Path) -> SearchSummary:
-    """`summary` as the typed record; the first field that does not fit is one ExperimentError naming it."""
+def checked(schema: type[BaseModel], value, path: Path):
+    """`value` as the record's `schema` (record.models); the first field that does not fit is one ExperimentError
+    naming the file and the field."""
     try:
-        return SearchSummary.model_validate(summary)
+        return schema.model_validate(value)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise ExperimentError(f"{path}: {where}: {first['msg']}") from None
+
+
+def checked_summary(summary: dict, path: Path) -> SearchSummary:
+    """`summary` as the typed record (checked)."""
+    return checked(SearchSummary, summary, path)
+
+
+def json_value(value):
+    """numpy and other values as JSON's own: arrays as lists, numbers as floats, anything else as its text."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (int, float)):
+        return float(value)
+    return str(value)
 
 
 def trial_dir_name(trial: str, trial_id: str) -> str:
@@ -176,6 +192,16 @@ class TrialTask:
                    tuple(summary.get("untrained_labels") or ()))
 
 
+def trial_data(directory: str | Path) -> DataConfig:
+    """The data settings a trial ran with (its config.yaml's `data`): how a step after the search reads data as the
+    trials did (the external record's label policies)."""
+    path = Path(directory) / "config.yaml"
+    try:
+        return DataConfig.model_validate(yaml.safe_load(path.read_text())["data"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValidationError) as err:
+        raise ExperimentError(f"{path}: not a trial's config ({type(err).__name__})") from None
+
+
 def predicted_classes(directory: Path, split: str = "val") -> list[str]:
     """The classes a trial's stored predictions have a probability column for."""
     path = Path(directory) / f"predictions_{split}.csv"
@@ -244,7 +270,7 @@ class Experiment:
 
     def write_request(self, request: SearchRequest) -> None:
         """search.json: what a --resume continues (passwords in URLs masked)."""
-        (self.directory / INVOCATION_FILE).write_text(json.dumps(request.stored()))
+        self.write_text(INVOCATION_FILE, json.dumps(request.stored()))
 
     def summary(self) -> dict:
         """summary.json, checked against the record's schema (record.models.SearchSummary); missing, unreadable or
@@ -265,10 +291,7 @@ class Experiment:
     def write_summary(self, summary: dict) -> None:
         """summary.json, passwords in URLs masked; what does not fit the record's schema is an error before
         anything is written."""
-        path = self.directory / SUMMARY_FILE
-        text = json.dumps(mask(summary), indent=1, default=str)
-        checked_summary(json.loads(text), path)
-        path.write_text(text)
+        self.write_json(SUMMARY_FILE, summary, SearchSummary)
 
     @property
     def optuna_url(self) -> str:
@@ -313,16 +336,73 @@ class Experiment:
 
     def ensemble(self) -> dict | None:
         """The latest selection (ensemble/ensemble.json), or None."""
-        path = self.ensemble_dir / "ensemble.json"
-        return read_json(path, "an ensemble") if path.is_file() else None
+        path = self.directory / ENSEMBLE_FILE
+        if not path.is_file():
+            return None
+        ensemble = read_json(path, "an ensemble")
+        checked(EnsembleRecord, ensemble, path)
+        return ensemble
 
     def note_test_read(self, by: str) -> int:
         """Count one more read of the test labels (the record says how many there have been); returns the count."""
         path = self.directory / TEST_READS
         log = read_json(path, "a test-read log") if path.is_file() else []
         log.append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": by})
-        path.write_text(json.dumps(log, indent=1))
+        self.write_json(TEST_READS, log)
         return len(log)
+
+    # -- the one writer: every file the search's steps leave in the directory -------------------------------------
+
+    def file(self, name: str) -> Path:
+        """`name` (`ensemble/members.csv`) as a path in the experiment directory; a name that leads out of it is a
+        ValueError (a writer's slip, never a user's)."""
+        root = self.directory.resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root) or path == root:
+            raise ValueError(f"{name}: not a file in {self.directory}")
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        """A file in the experiment directory (its folder made), passwords in URLs masked, written whole or not at
+        all: a temporary file beside it renamed over it, so a reader never sees half a file and a crash leaves the
+        one before."""
+        path = self.file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # (open, not mkstemp: the umask's permissions)
+        try:
+            tmp.write_text(mask(text))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    def write_json(self, name: str, value, schema: type[BaseModel] | None = None) -> Path:
+        """`value` as JSON (write_text); with a `schema` (a record.models model), checked against it first: what
+        does not fit is one ExperimentError naming the file and the field, and nothing is written."""
+        text = json.dumps(mask(value), indent=1, default=json_value)
+        if schema is not None:
+            checked(schema, json.loads(text), self.directory / name)
+        return self.write_text(name, text)
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> dict:
+        """A CSV (predictions, members) in the experiment directory; returns where and its content hash, what a
+        later reader checks it reads the file it was told of."""
+        path = self.write_text(name, frame.to_csv(index=False))
+        return {"file": name, "sha256": file_sha256(path)}
+
+    def write_figure(self, name: str, draw) -> Path:
+        """A PNG drawn by `draw(path)` (figures.py) to a temporary file, renamed into place."""
+        path = self.file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # (matplotlib reads the suffix)
+        draw(tmp)
+        os.replace(tmp, path)
+        return path
+
+    def remove(self, name: str) -> None:
+        """A file an earlier step left that no longer holds (an earlier selection's test predictions)."""
+        self.file(name).unlink(missing_ok=True)
 
     # -- storage -------------------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from .config import DataConfig
 from .data.loader import check_split_keys
 from .data.sources import TABLE_KINDS, DatasetIndex, describe_data, read_source
 from .data.splits import DataError
-from .experiment import Experiment
+from .experiment import Experiment, TrialTask, trial_data
 from .metrics import (
     auroc_intervals,
     auroc_per_label,
@@ -33,8 +33,8 @@ from .metrics import (
     scored_labels,
     weighted_decision_metrics,
 )
-
-EXTERNAL_DIR = "external"  # in the experiment directory: each source's predictions
+from .record.names import EXTERNAL_DIR
+from .request import SearchRequest
 
 
 @dataclass(frozen=True)
@@ -167,19 +167,41 @@ def record_external(experiment: Experiment, sources: list[ExternalSource], model
     from .serving import load_predictor
 
     predictor = load_predictor(model["uri"], device, experiment.tracking_uri)
-    out_dir = experiment.directory / EXTERNAL_DIR
-    out_dir.mkdir(exist_ok=True)
     records = []
     for i, source in enumerate(sources):
         record, predictions = measure(source, predictor, resamples, seed)
-        path = out_dir / f"predictions_{i}.csv"
-        predictions.to_csv(path, index=False)
-        record["predictions"] = f"{EXTERNAL_DIR}/{path.name}"
+        record["predictions"] = experiment.write_table(f"{EXTERNAL_DIR}/predictions_{i}.csv", predictions)["file"]
         record["test_reads"] = experiment.note_test_read(f"the external record on {source.spec}")
         record["model"] = model["uri"]
         records.append(record)
     _tag_version(experiment.tracking_uri, model, records)
     return records
+
+
+def wanted(request: SearchRequest) -> bool:
+    return bool(request.external)
+
+
+def run(experiment: Experiment, request: SearchRequest) -> dict:
+    """The search's step, after every choice (nothing that selects reads it): the search's model recorded on each
+    `--external` source, checked again against the model's labels (and read with the label policies its trials
+    had: their config.yaml), on the driver's device; said per source.
+    Returns its part of the record (`external`)."""
+    import torch  # in the driver, as the ensemble's latency
+
+    summary = experiment.summary()
+    if not summary.get("search_model"):
+        raise RuntimeError("no registered model to record on the external source(s)")
+    best = experiment.trial_dir(summary["best"])
+    internal = trial_data(best)
+    task = TrialTask.of(best)
+    sources = check_external(request.external, request.external_split, internal, task.classes, task.task,
+                             task.untrained)
+    records = record_external(experiment, sources, summary["search_model"],
+                              "cuda" if torch.cuda.is_available() else "cpu", seed=request.seed)
+    for line in external_lines(records):
+        print(line, flush=True)
+    return {"external": records}
 
 
 def _tag_version(tracking_uri: str, model: dict, records: list[dict]) -> None:

@@ -1,6 +1,6 @@
 """A search from its command line to its end: everything checked before Ray starts, the Tuner (Optuna TPE + ASHA,
 each trial a Tune trial or a Ray Train run, each an MLflow child run), the summary, and what comes after the
-trials — repeats, the ensemble, cross-validation, the report — each a function of the `Experiment`, run in turn,
+trials — repeats, the ensemble, cross-validation, the report — sibling stages over the `Experiment` (STEPS), in turn,
 a failure of one said without costing the others.
 """
 
@@ -15,31 +15,25 @@ from pathlib import Path
 
 from ray import tune
 
-from . import tracking
+from . import costs, cv, ensemble, external, repeat, report, tracking
 from .asha import FinishAwareASHA, ParetoASHA
 from .cluster import alive_nodes, check_cluster_paths, connect, storage_filesystem, watch_ray, which_ray
 from .config import ConfigError, objective, parse_overrides
-from .costs import remeasure_costs
 from .credentials import mask, remember, same_place
-from .cv import print_cv, run_cv
 from .data.loader import check_split_keys
 from .data.sources import describe_data, describe_untrained
 from .driver import DRIVER, this_driver
-from .ensemble import run_ensemble
 from .experiment import Experiment, provenance, trial_name
-from .external import ExternalSource, check_external, external_lines, record_external
+from .external import ExternalSource, check_external
 from .models.pretrained import WeightsMissing, backbones_of, caches_text, prefetch, resolve, size_text
 from .phases.ssl_store import check_fits, resolve_init
-from .record.names import INVOCATION_FILE, JUDGED_IN_TRIAL, RESULT_FILES, SUMMARY_FILE, TRIAL_NUMBER
-from .record.status import status_of
-from .record.text import no_fit_text, plural
-from .repeat import print_repeats, run_repeats
-from .report import build_report
+from .record.names import INVOCATION_FILE, PARENT_ID_FILE, RESULT_FILES, SUMMARY_FILE, TRIAL_NUMBER
+from .record.status import StepFailed, status_of
+from .record.text import plural
 from .request import TUNE_STATE, SearchRequest
 from .searcher import DefineByRun, close_orphans, link_run, optuna_searcher
-from .selection import NoFit, absolute_budget
 from .space import ResolvedStudy, Study, flatten, load_study, resolve_path
-from .summary import judge_limits, run_name, search_model, summarize
+from .summary import run_name, summarize
 from .trial import (
     TrialLines,
     TrialResources,
@@ -50,7 +44,6 @@ from .trial import (
     resolve_trial,
     run_config,
     trainable,
-    trial_overrides,
 )
 from .weights import study_files
 
@@ -329,9 +322,7 @@ def run_search(request: SearchRequest, extra_callbacks: list = ()) -> dict:
         request = dataclasses.replace(request, data=absolute_data(request.data))
     request = dataclasses.replace(request, external=tuple(absolute_data(spec) for spec in request.external))
     # the study as this search runs it, resolved once (placed on the trials' device once Ray tells the cluster's GPUs)
-    resolved = study.resolve(trial_overrides(study, list(request.overrides), request.data,
-                                             request.record_test_per_trial),
-                             request.smoke, request.latency_budget, request.params_budget)
+    resolved = study.as_requested(request)
     base_cfg = resolved.trial_config({})
     check_split_keys(base_cfg.data, lambda key: study.origin_of(f"data.{key}", parse_overrides(request.overrides)))
     check_candidates(resolved)
@@ -393,9 +384,9 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
                                                time.perf_counter() - began)
     tidy_runs(summary, all_trials, runs, experiment)
     summary["failed"] = {}  # what comes after the trials: each step may fail without costing the others
-    ensemble_budget = {} if request.no_ensemble else resolved.ensemble
-    if summary["status"] == "complete" and needs_remeasure(resolved, ensemble_budget):
-        _step(experiment, summary, "latency", lambda: remeasure(experiment, summary, resolved, ensemble_budget))
+    experiment.write_summary(summary)  # the record the steps after the trials read
+    if summary["status"] == "complete":
+        _step(experiment, summary, "latency", lambda: costs.run(experiment, request))
     if summary.get("pareto_front"):
         tracking.tag_front(experiment.tracking_uri,
                            [r["mlflow_run_id"] for r in summary["pareto_front"] if r["mlflow_run_id"]])
@@ -403,8 +394,8 @@ def _run(asked: SearchRequest, extra_callbacks, resolved: ResolvedStudy, base_cf
     summary["best_mlflow_run_id"] = best["mlflow_run_id"] if best else None
     experiment.write_summary(summary)
     if summary["status"] == "complete":
-        after_trials(experiment, summary, request, resolved, external)
-    _step(experiment, summary, "storage", lambda: (experiment.sync(), experiment.sync_resume()))
+        after_trials(experiment, summary, request)
+    _step(experiment, summary, "storage", lambda: store(experiment))
     close_parent(summary, all_trials, experiment, parent, metric)
     return summary
 
@@ -451,6 +442,7 @@ def open_parent(request: SearchRequest, resolved: ResolvedStudy, trials: int, re
                                    search_params(request, resolved, trials, resources),
                                    {"tune_xray.smoke": str(request.smoke).lower(),
                                     tracking.DESCRIPTION_TAG: search_description(request, study, trials, metric, data)})
+    experiment.write_text(PARENT_ID_FILE, parent)
     experiment.sync_resume()
     return parent
 
@@ -574,6 +566,7 @@ def search_summary(request: SearchRequest, resolved: ResolvedStudy, trials: int,
     summary["optuna_study"] = experiment.name  # a copied or renamed experiment directory still finds its study
     summary["data"] = data  # what every number is an estimate on, and how its splits were made
     summary["asha"] = asha_text(request, study, metric, resolved.budget)
+    summary["asked"] = {"limits": resolved.limits, "ensemble": resolved.ensemble}  # read by the steps after it
     return summary, all_trials, runs
 
 
@@ -591,14 +584,6 @@ def tidy_runs(summary: dict, all_trials: list, runs: dict[str, str], experiment:
         summary["optuna_orphans_closed"] = close_orphans(experiment.optuna_url, experiment.name)
 
 
-def needs_remeasure(resolved: ResolvedStudy, ensemble_budget: dict) -> bool:
-    """Whether a trial's latency decides something after the trials: a Pareto search, a latency limit (judged
-    alone, here, never in the trial), or an ensemble budget."""
-    judged_after = any(k not in JUDGED_IN_TRIAL for k in resolved.limits)
-    budgeted = any(v is not None for v in ensemble_budget.values())
-    return bool(resolved.study.costs) or judged_after or budgeted
-
-
 def close_parent(summary: dict, all_trials: list, experiment: Experiment, parent: str, metric: str) -> None:
     """The parent run ended with the search's status, the best trial's record metrics, summary.json and the
     report attached, and the steps that failed named."""
@@ -612,29 +597,6 @@ def close_parent(summary: dict, all_trials: list, experiment: Experiment, parent
     tracking.finish_parent(experiment.tracking_uri, parent, summary["status"], summary["best_mlflow_run_id"], record,
                            experiment.directory / SUMMARY_FILE, (report_file,) if report_file else (),
                            failed=sorted(summary["failed"]))
-
-
-def remeasure(experiment: Experiment, summary: dict, resolved: ResolvedStudy, budget: dict) -> None:
-    """The latency of the trials whose cost decides something (the front and the next, or every candidate under
-    the ensemble's budget or a latency limit), measured again here, alone (costs.remeasure_costs); said in one
-    line. Then the limits no trial judges itself (its latency) judged on those figures: a trial over one is
-    infeasible, its MLflow run said so, each in one line."""
-    import torch  # on the driver's own device, with no trial running
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    judged = {k: v for k, v in resolved.limits.items() if k not in JUDGED_IN_TRIAL}
-    done = remeasure_costs(experiment, summary, resolved.study.costs, budget, device, judged)
-    if done:
-        summary["cost_remeasured"] = done
-        print(f"latency: {plural(len(done['trials']), 'trial')} measured again on the driver's {device}, alone "
-              f"({done['why']}; batch 1 and 32, median of up to 10 runs); their in-trial figures kept as "
-              "cost_in_trial")
-    over = judge_limits(summary, judged, f"alone on the driver's {device}, after the trials")
-    for row in over:
-        print(f"{row['name']}: infeasible, {row['reason']}", flush=True)
-        if row["mlflow_run_id"]:
-            tracking.mark_runs(experiment.tracking_uri, {row["trial_id"]: row["mlflow_run_id"]}, "infeasible",
-                               row["reason"])
 
 
 class ResumeSync(tune.Callback):
@@ -654,92 +616,41 @@ class ResumeSync(tune.Callback):
         self.on_trial_complete(iteration, trials, trial)
 
 
+def store(experiment: Experiment) -> None:
+    """With a remote --storage: the search's own files, and what a resume elsewhere needs, sent there."""
+    experiment.sync()
+    experiment.sync_resume()
+
+
 def _step(experiment: Experiment, summary: dict, step: str, run) -> None:
-    """Run one step after the trials; a failure is one line, recorded in summary.json (`failed`) and on the parent
-    run, and the steps after it still run."""
+    """Run one step after the trials and keep its part of the record (what `run()` returns); a failure is one
+    line, recorded in summary.json (`failed`) and on the parent run — a StepFailed keeps the result it had — and
+    the steps after it still run."""
     start = time.perf_counter()
     try:
-        run()
+        summary.update(run() or {})
         if step not in ("storage", "latency"):  # (latency says what it did in a line of its own)
             print(f"{step}: done in {time.perf_counter() - start:.0f} s", flush=True)
     except Exception as err:  # noqa: BLE001 — the trials stand; what failed is said, not raised
+        if isinstance(err, StepFailed):  # its result stands
+            summary.update(err.partial)
         summary["failed"][step] = mask(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         print(f"{step} failed: {summary['failed'][step]}", file=sys.stderr)
     experiment.write_summary(summary)
 
 
-def after_trials(experiment: Experiment, summary: dict, request: SearchRequest, resolved: ResolvedStudy,
-                 external: list[ExternalSource] = ()) -> None:
+# what comes after the trials, in turn: sibling stages, each `wanted(request)` and `run(experiment, request)`,
+# reading the record the step before left (summary.json) and returning its part of it; none imports another
+STEPS = (("repeats", repeat), ("ensemble", ensemble), ("cv", cv),
+         ("external", external),  # after every choice: nothing that selects reads it
+         ("report", report))
+
+
+def after_trials(experiment: Experiment, summary: dict, request: SearchRequest) -> None:
     """Repeats (`--repeats`), the ensemble, the cross-validation of the finalists (`--cv-folds`), the external
-    record of the search's model (`--external`) and the report, in turn, each recorded in `summary`."""
-    def repeats() -> None:
-        summary["repeats"] = run_repeats(experiment, request.repeat_top, request.repeats,
-                                         max_failures=request.max_failures)
-        print_repeats(summary["repeats"])
-
-    def ensemble() -> None:
-        for row in summary["rows"]:  # trials that ended before a resume on another machine
-            if row["status"] == "complete" and not experiment.trial_dir(row).is_dir():
-                experiment.fetch(experiment.trial_dir(row).name)
-        import torch  # the latency as served is measured here, in the driver: on its own device
-
-        budget, note = absolute_budget(resolved.ensemble, summary["rows"])  # (a relative one: from the cheapest)
-        summary["ensemble_budget"] = {**budget, **({"from": note} if note else {})}
-        try:
-            result = run_ensemble(experiment, size=request.ensemble_size, seed=request.seed,
-                                  tracking_uri=experiment.tracking_uri, read_test=True, budget=budget,
-                                  device="cuda" if torch.cuda.is_available() else "cpu", budget_note=note)
-        except NoFit as no_fit:  # an outcome, not a failure: said, and nothing registered (see the README)
-            best = summary["best"]
-            summary["ensemble"] = no_fit.outcome({k: best.get(k) for k in ("trial", "name", summary["metric"],
-                                                                            "cost")})
-            print(f"ensemble: none — {no_fit_text(summary['ensemble'])}", flush=True)
-            return
-        summary["ensemble"] = {k: result.get(k) for k in ("method", "members", "selection", "cost", "val", "test",
-                                                          "test_per_label", "single_label", "thresholds",
-                                                          "classes", "task", "rule", "test_reads", "registered",
-                                                          "labels_averaged", "wall_time_s", "test_predictions")}
-        if result.get("registration_error"):
-            raise RuntimeError(f"the ensemble was chosen but not registered: {result['registration_error']}")
-        summary["search_model"] = search_model(result["registered"], "the ensemble chosen on validation (Caruana "
-                                               f"over {plural(result['pool'], 'completed trial')})",
-                                               "the study's `ensemble: {select_on: val}`, the default")
-
-    def cross_validation() -> None:
-        summary["cv"] = run_cv(experiment, request.cv_top, request.cv_folds, max_failures=request.max_failures,
-                               size=request.ensemble_size)  # (selected as the search's model by the study, or not)
-        chosen = (summary["cv"].get("oof_ensemble") or {}).get("search_model")
-        if chosen:
-            summary["search_model"] = chosen
-        print_cv(summary["cv"])
-        error = (summary["cv"].get("oof_ensemble") or {}).get("registration_error")
-        if error:
-            raise RuntimeError(f"the out-of-fold ensemble was chosen but not registered: {error}")
-
-    def external_record() -> None:
-        import torch  # in the driver, as the ensemble's latency
-
-        if not summary.get("search_model"):
-            raise RuntimeError("no registered model to record on the external source(s)")
-        summary["external"] = record_external(experiment, list(external), summary["search_model"],
-                                              "cuda" if torch.cuda.is_available() else "cpu", seed=request.seed)
-        for line in external_lines(summary["external"]):
-            print(line, flush=True)
-
-    def report() -> None:
-        import torch  # the report runs here, in the driver: on its own device, whatever the trials had
-
-        summary["report"] = str(build_report(experiment, device="cuda" if torch.cuda.is_available() else "cpu"))
-
-    if request.repeats:
-        _step(experiment, summary, "repeats", repeats)
-    if not request.no_ensemble:
-        _step(experiment, summary, "ensemble", ensemble)
-    if request.cv_folds:
-        _step(experiment, summary, "cv", cross_validation)
-    if external:  # after every choice: nothing that selects reads it
-        _step(experiment, summary, "external", external_record)
-    if not request.no_report:
-        _step(experiment, summary, "report", report)
-        if "report" in summary["failed"]:
-            print(f"(python -m tune_xray.report {experiment.directory} retries the report)", file=sys.stderr)
+    record of the search's model (`--external`) and the report, in turn (STEPS), each recorded in `summary`."""
+    for step, stage in STEPS:
+        if stage.wanted(request):
+            _step(experiment, summary, step, lambda stage=stage: stage.run(experiment, request))
+    if "report" in summary["failed"]:
+        print(f"(python -m tune_xray.report {experiment.directory} retries the report)", file=sys.stderr)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 from .credentials import mask, reveal
 from .data.splits import DataError
+from .experiment import Experiment, ExperimentError
+from .record.names import SUMMARY_FILE
 from .record.text import plural
 from .serving import EnsembleModel, load_predictor, read_image  # noqa: F401  (models registered before serving.py)
 
@@ -31,21 +32,20 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[str, str
     it was selected); URIs pass through."""
     path = Path(model)
     if "://" not in model and path.is_dir():
-        # read here without Ray: tune_xray.experiment imports the trial layer, and predicting needs none of it
-        try:
-            summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path / 'summary.json'}: not readable ({type(err).__name__})") from None
+        try:  # the record, read as the Experiment reads it (no Ray, no Optuna)
+            experiment = Experiment.at(path)
+            summary = experiment.summary() if (path / SUMMARY_FILE).is_file() else {}
+        except ExperimentError as err:
+            raise DataError(str(err)) from None
         chosen = summary.get("search_model")
         if chosen:
             return chosen["latest"], tracking_uri or reveal(chosen["tracking_uri"])
         if (summary.get("ensemble") or {}).get("fits") is False:
             raise DataError(f"{path}: no model registered: {summary['ensemble']['why']}")
-        spec = path / "ensemble" / "ensemble.json"  # a search recorded before `search_model`
-        try:
-            registered = json.loads(spec.read_text()).get("registered") if spec.is_file() else None
-        except (OSError, ValueError) as err:
-            raise DataError(f"{spec}: not readable ({type(err).__name__})") from None
+        try:  # a search recorded before `search_model`: its ensemble's registration
+            registered = (experiment.ensemble() or {}).get("registered")
+        except ExperimentError as err:
+            raise DataError(str(err)) from None
         if not registered:
             raise DataError(f"{path}: no registered ensemble (run python -m tune_xray.ensemble {path})")
         return registered["uri"], tracking_uri or reveal(registered["tracking_uri"])

@@ -28,6 +28,7 @@ from .experiment import Experiment, TrialTask, read_predictions, repeat_name
 from .metrics import interval, patient_bootstrap, split_scorer
 from .record.names import REPEAT_OF, REPEAT_SEED, REPEATS_DIR
 from .record.text import plural
+from .request import SearchRequest
 from .rerun import Rerun, finalist_configs, rerun_main
 
 
@@ -130,6 +131,18 @@ def aggregate(summary: dict, trials: list[dict], study, metric: str) -> dict:
         comparisons = compare(by_config, rows[0]["config"], task.task, study.metric, task.classes, task.rule,
                               untrained=task.untrained)
     return {"rows": rows, "comparisons": comparisons, "trials": trials}
+
+
+def wanted(request: SearchRequest) -> bool:
+    return bool(request.repeats)
+
+
+def run(experiment: Experiment, request: SearchRequest) -> dict:
+    """The search's step: `--repeats` new seeds of its `--repeat-top` best (run_repeats), said in a table; returns
+    its part of the record (`repeats`)."""
+    entry = run_repeats(experiment, request.repeat_top, request.repeats, max_failures=request.max_failures)
+    print_repeats(entry)
+    return {"repeats": entry}
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ from .record.names import COST_METRICS, RESULT_FILES
 from .record.status import status_of
 from .space import flatten, load_study
 from .summary import run_name
-from .trial import TrialResources, global_batch_sizes, resolve_trial, run_config, trainable, trial_overrides
+from .trial import TrialResources, global_batch_sizes, resolve_trial, run_config, trainable
 
 
 def finalist_configs(summary: dict, top: int, source: str, variants: list[dict]) -> list[dict]:
@@ -72,9 +72,7 @@ class Rerun:
         res = self.summary.get("resources", {})  # as the search ran them (its GPUs per trial resolved)
         self.resources = TrialResources(res.get("workers_per_trial", 1), res.get("cpus_per_trial", 1.0),
                                         res.get("gpus_per_trial", 0.0), res.get("one_worker_trials", "tune"))
-        self.resolved = self.study.resolve(
-            trial_overrides(self.study, list(request.overrides), request.data, request.record_test_per_trial),
-            request.smoke, request.latency_budget, request.params_budget).placed(
+        self.resolved = self.study.as_requested(request).placed(
             self.resources.gpus, self.resources.workers).unlimited()  # a re-run inherits its configuration's verdict
         self.metric = objective(self.study.metric)
 

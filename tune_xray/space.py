@@ -56,6 +56,7 @@ from .config import (
     merge,
     metric_mode,
     nest,
+    parse_overrides,
     positive_limits,
 )
 from .record.names import COSTS
@@ -315,7 +316,7 @@ class Study:
 
     def resolve(self, overrides: dict | None = None, smoke: bool = False, latency_ms: float | None = None,
                 params_m: float | None = None) -> ResolvedStudy:
-        """This study as one search runs it, resolved once: `overrides` (--set, --data, ...: trial.trial_overrides),
+        """This study as one search runs it, resolved once: `overrides` (--set, --data, ...: trial_overrides),
         at smoke scale or not, the ensemble's budget from the flags (`latency_ms`, `params_m`) or the file.
 
         The budget is the file's (or its smoke one); `--set supervised.epochs=N` carries through: it becomes the
@@ -338,6 +339,13 @@ class Study:
         if smoke:
             over = merge(over, nest(self.space.smoke.set, f"{self.origin}: smoke.set"))
         return ResolvedStudy(self, overrides, smoke, budget, limits, ensemble, over)
+
+    def as_requested(self, request) -> ResolvedStudy:
+        """This study as a search request (request.SearchRequest) runs it: its --set, --data and
+        --record-test-per-trial over the file (trial_overrides), at its scale, with its budget flags; what the
+        search and every step after it read (the device its resources give is ResolvedStudy.placed's)."""
+        overrides = trial_overrides(self, list(request.overrides), request.data, request.record_test_per_trial)
+        return self.resolve(overrides, request.smoke, request.latency_budget, request.params_budget)
 
     def check_overrides(self, overrides: dict) -> None:
         """`--set` values that would contradict the study's objective, or the device a trial's resources give
@@ -496,6 +504,18 @@ class Study:
             self.resolve(smoke=True).trial_config({})
         except ConfigError as err:
             raise ConfigError(f"{self.origin}: smoke: {str(err).split(': ', 1)[-1]}") from None
+
+
+def trial_overrides(study: Study, overrides: list[str], data: str | None, record_test: bool = False) -> dict:
+    """What every trial gets on top of the study file: `--set`, `--data` and `--record-test-per-trial`, resolved
+    here, so every record shows them."""
+    tree = parse_overrides(overrides)
+    study.check_overrides(tree)
+    if record_test:
+        tree = merge(tree, {"supervised": {"record_test": True}})
+    if data:
+        tree = merge(tree, {"data": {"source": data}})
+    return tree
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ def find_parent(experiment_dir: Path) -> Optional[str]:
 
 
 def start_parent(tracking_uri: str, experiment: str, experiment_dir: Path, params: dict, tags: dict) -> str:
-    """Create (or, on --resume, reopen) the search's parent run; returns its id."""
+    """Create (or, on --resume, reopen: the id kept in the experiment directory) the search's parent run; returns
+    its id, for the Experiment to keep (PARENT_ID_FILE)."""
     client = MlflowClient(tracking_uri)
     run_id = find_parent(experiment_dir)
     if run_id:
@@ -90,7 +91,6 @@ def start_parent(tracking_uri: str, experiment: str, experiment_dir: Path, param
     run = client.create_run(experiment_id, run_name=f"search:{experiment}",
                             tags={"tune_xray.role": "search", STATUS_TAG: "running", **mask(tags)})
     client.log_batch(run.info.run_id, params=[Param(k, mask(str(v))) for k, v in params.items()])
-    (experiment_dir / PARENT_ID_FILE).write_text(run.info.run_id)
     return run.info.run_id
 
 

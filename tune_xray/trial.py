@@ -28,7 +28,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from .cluster import upload
-from .config import build_config, merge, objective, parse_overrides
+from .config import build_config, objective
 from .driver import DRIVER
 from .record.names import (
     CV_FOLD,
@@ -83,18 +83,6 @@ class TrialLines(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._say(trial, True)
-
-
-def trial_overrides(study, overrides: list[str], data: str | None, record_test: bool = False) -> dict:
-    """What every trial gets on top of the study file: `--set`, `--data` and `--record-test-per-trial`, resolved
-    here, so every record shows them (the device its resources give is ResolvedStudy.placed's)."""
-    tree = parse_overrides(overrides)
-    study.check_overrides(tree)
-    if record_test:
-        tree = merge(tree, {"supervised": {"record_test": True}})
-    if data:
-        tree = merge(tree, {"data": {"source": data}})
-    return tree
 
 
 def global_batch_sizes(cfg, workers: int) -> dict:

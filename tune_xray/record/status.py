@@ -46,3 +46,12 @@ def stopped_at(result: dict) -> str:
     if not epochs and ssl_epochs:
         return f"{str(result.get(SSL_PHASE, 'SSL')).upper()} epoch {ssl_epochs}"
     return f"epoch {epochs}"
+
+
+class StepFailed(RuntimeError):
+    """A step after the trials that has a result and then failed (an ensemble chosen but not registered): the
+    record keeps `partial`, its part of summary.json, and the failure is said (pipeline's step runner)."""
+
+    def __init__(self, message: str, partial: dict):
+        super().__init__(message)
+        self.partial = partial

@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..credentials import mask
-from ..experiment import Experiment, ExperimentError
+from ..experiment import Experiment, ExperimentError, json_value
 from ..record.names import REPORT_FILE, bare
+from ..request import SearchRequest
 from ..space import short_names, space_rows
 from .cost import cost_data, render_cost, render_cv
 from .explanation import explain_data, render_explain
@@ -103,19 +102,29 @@ def render(data: dict) -> str:
             f"<body><h1>{title}: {html.escape(data['name'])}</h1>{header}{box}{body}</body></html>")
 
 
-def _plain(value):
-    """numpy values as JSON's own (report.json)."""
-    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else str(value)
-
-
 def build_report(experiment: Experiment, out: str | Path | None = None, device: str = "cpu") -> Path:
     """Write the report (default EXPERIMENT_DIR/report.html) and its numbers beside it (`.json`); returns its
     path."""
     data = report_data(experiment, device)
-    path = Path(out) if out else experiment.directory / REPORT_FILE
-    path.with_suffix(".json").write_text(json.dumps(mask(data), default=_plain))
+    if out is None:  # in the experiment directory: the Experiment writes it
+        experiment.write_json(str(Path(REPORT_FILE).with_suffix(".json")), data)
+        return experiment.write_text(REPORT_FILE, render(data))
+    path = Path(out)
+    path.with_suffix(".json").write_text(json.dumps(mask(data), default=json_value))
     path.write_text(mask(render(data)))
     return path
+
+
+def wanted(request: SearchRequest) -> bool:
+    return not request.no_report
+
+
+def run(experiment: Experiment, request: SearchRequest) -> dict:
+    """The search's last step: the report, drawn here in the driver (on its own device, whatever the trials had).
+    Returns its part of the record (`report`: where it is)."""
+    import torch
+
+    return {"report": str(build_report(experiment, device="cuda" if torch.cuda.is_available() else "cpu"))}
 
 
 def main(argv=None) -> int:
