@@ -377,10 +377,11 @@ class Experiment:
             raise
         return path
 
-    def write_json(self, name: str, value, schema: type[BaseModel] | None = None) -> Path:
-        """`value` as JSON (write_text); with a `schema` (a record.models model), checked against it first: what
-        does not fit is one ExperimentError naming the file and the field, and nothing is written."""
-        text = json.dumps(mask(value), indent=1, default=json_value)
+    def write_json(self, name: str, value, schema: type[BaseModel] | None = None, indent: int | None = 1) -> Path:
+        """`value` as JSON (write_text; `indent` None for a large one: report.json's arrays); with a `schema` (a
+        record.models model), checked against it first: what does not fit is one ExperimentError naming the file and
+        the field, and nothing is written."""
+        text = json.dumps(mask(value), indent=indent, default=json_value)
         if schema is not None:
             checked(schema, json.loads(text), self.directory / name)
         return self.write_text(name, text)

@@ -107,7 +107,7 @@ def build_report(experiment: Experiment, out: str | Path | None = None, device: 
     path."""
     data = report_data(experiment, device)
     if out is None:  # in the experiment directory: the Experiment writes it
-        experiment.write_json(str(Path(REPORT_FILE).with_suffix(".json")), data)
+        experiment.write_json(str(Path(REPORT_FILE).with_suffix(".json")), data, indent=None)
         return experiment.write_text(REPORT_FILE, render(data))
     path = Path(out)
     path.with_suffix(".json").write_text(json.dumps(mask(data), default=json_value))
