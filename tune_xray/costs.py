@@ -19,9 +19,9 @@ from .summary import judge_limits
 
 
 def needed(summary: dict, request: SearchRequest) -> tuple[dict, dict]:
-    """Whether a trial's latency decides something after the trials — a Pareto search, a latency limit (judged
-    alone, here, never in the trial), or an ensemble budget — as (the limits judged here, the ensemble's budget
-    where the search chooses one); both empty and no cost objective: nothing to measure."""
+    """What of the study's asks (the record's `asked`) makes a trial's latency decide something after the trials:
+    (the limits judged here — a latency limit, judged alone, never in the trial — and the ensemble's budget, where
+    the search chooses an ensemble). Both empty and no cost objective (a Pareto search): nothing to measure."""
     asked = summary.get("asked") or {}
     judged = {k: v for k, v in (asked.get("limits") or {}).items() if k not in JUDGED_IN_TRIAL}
     budget = {} if request.no_ensemble else {k: v for k, v in (asked.get("ensemble") or {}).items() if v is not None}

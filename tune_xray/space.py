@@ -342,8 +342,9 @@ class Study:
 
     def as_requested(self, request) -> ResolvedStudy:
         """This study as a search request (request.SearchRequest) runs it: its --set, --data and
-        --record-test-per-trial over the file (trial_overrides), at its scale, with its budget flags; what the
-        search and every step after it read (the device its resources give is ResolvedStudy.placed's)."""
+        --record-test-per-trial over the file (trial_overrides), at its scale, with its budget flags: what the
+        search and its re-runs (tune_xray.rerun) resolve, once each; the steps after the trials read what they need
+        of it from the record (`asked`). The device its resources give is ResolvedStudy.placed's."""
         overrides = trial_overrides(self, list(request.overrides), request.data, request.record_test_per_trial)
         return self.resolve(overrides, request.smoke, request.latency_budget, request.params_budget)
 
