@@ -10,12 +10,12 @@ import pandas as pd
 
 from . import tracking
 from .experiment import Experiment
-from .metrics import front, pareto_ranks
+from .metrics import pareto_ranks
 from .record.names import JUDGED_IN_TRIAL
 from .record.text import plural
 from .request import SearchRequest
 from .serving import EnsemblePredictor, ms_per_image, read_image
-from .summary import judge_limits
+from .summary import judge_limits, ranked
 
 
 def needed(summary: dict, request: SearchRequest) -> tuple[dict, dict]:
@@ -46,6 +46,9 @@ def run(experiment: Experiment, request: SearchRequest) -> dict:
     done = remeasure_costs(experiment, summary, costs, budget, device, judged)
     if done:
         summary["cost_remeasured"] = done
+        # the record's best, top and front are copies of rows (JSON keeps no shared objects): made again from the
+        # rows as re-measured
+        summary.update(ranked(summary["rows"], summary["requested"], summary["objectives"]))
         print(f"latency: {plural(len(done['trials']), 'trial')} measured again on the driver's {device}, alone "
               f"({done['why']}; batch 1 and 32, median of up to 10 runs); their in-trial figures kept as "
               "cost_in_trial")
@@ -88,9 +91,6 @@ def remeasure_costs(experiment: Experiment, summary: dict, costs: list, budget: 
         row["cost_in_trial"] = {k: row["cost"][k] for k in ("latency_ms", "latency_ms_b32") if k in row["cost"]}
         row["cost"].update(latency_ms=ms_per_image(predictor, image, 1, device),
                            latency_ms_b32=ms_per_image(predictor, image, 32, device))
-    if summary.get("pareto_front") is not None:
-        ranked = sorted(complete, key=lambda r: r[metric], reverse=mode == "max")
-        summary["pareto_front"] = front(ranked, summary["objectives"])
     why = "the trials on the Pareto front and on the next front"
     if judged:
         why = "every completed trial, each judged against the study's latency limit"
