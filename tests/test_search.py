@@ -43,18 +43,20 @@ SPACE = {
 }
 
 
+def _scratch() -> set[Path]:
+    """The trials' scratch directories in the system temp directory."""
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("tune_xray-*"))
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_behind():
     """Every trial end — complete, pruned by ASHA, diverged, failed, interrupted, killed and resumed — leaves no
     scratch directory in the system temp directory once its search has returned."""
-    import tempfile
-
-    def scratch():
-        return set(Path(tempfile.gettempdir()).glob("tune_xray-*"))
-
-    before = scratch()
+    before = _scratch()
     yield
-    assert not scratch() - before
+    assert not _scratch() - before
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +88,12 @@ def tiny(tmp_path_factory, ray_session):
     SimpleNamespace of its summary, its experiment directory and its MLflow client, parent run and trial runs.
     Like every search here, it leaves no scratch directory behind (checked here: it runs before the per-test
     check)."""
-    import tempfile
     from types import SimpleNamespace
 
-    def scratch():
-        return set(Path(tempfile.gettempdir()).glob("tune_xray-*"))
-
-    before = scratch()
+    before = _scratch()
     tmp_path = tmp_path_factory.mktemp("tiny")
     summary = run_search(_args(tmp_path))
-    assert not scratch() - before
+    assert not _scratch() - before
     exp = tmp_path / "store" / "tiny"
     client, parent, children = _mlflow(exp)
     return SimpleNamespace(summary=summary, exp=exp, client=client, parent=parent, children=children,

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import tracking
+from .driver import driver_device
 from .experiment import Experiment
 from .metrics import pareto_ranks
 from .record.names import JUDGED_IN_TRIAL
@@ -35,14 +36,12 @@ def run(experiment: Experiment, request: SearchRequest) -> dict:
     those figures: a trial over one is infeasible, its MLflow run said so, each in one line. Returns the record as
     it leaves it: the rows' costs, the front, and — where a trial became infeasible — the statuses and the ranking
     are its part ({} where nothing decides on latency)."""
-    import torch  # on the driver's own device, with no trial running
-
     summary = experiment.summary()
     judged, budget = needed(summary, request)
     costs = [(o["name"], o["mode"]) for o in summary["objectives"][1:]]  # (after the validation metric)
     if not (judged or budget or costs):
         return {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = driver_device()  # with no trial running
     done = remeasure_costs(experiment, summary, costs, budget, device, judged)
     if done:
         summary["cost_remeasured"] = done

@@ -43,6 +43,7 @@ from . import registry, tracking
 from .config import ConfigError, metric_mode, objective
 from .credentials import mask
 from .data.splits import UNLABELLED
+from .driver import driver_device
 from .experiment import Experiment, ExperimentError, TrialTask, cv_name, file_sha256, read_json, read_predictions
 from .metrics import (
     CORRECTED_T,
@@ -114,10 +115,10 @@ def run_cv(experiment: Experiment, top: int = 3, folds: int = 5, address: str | 
                                          budget, note, by)
     if (entry["oof_ensemble"] or {}).get("search_model"):
         summary["search_model"] = entry["oof_ensemble"]["search_model"]
-        card = experiment.ensemble_dir / "model_card.md"
-        if card.is_file():  # the validation ensemble's card says it is not the search's model any more
-            experiment.write_text(f"{ENSEMBLE_DIR}/{card.name}",
-                                  card.read_text() + f"\nNot the search's model: {search_model_text(summary)}.\n")
+        card = f"{ENSEMBLE_DIR}/model_card.md"
+        if experiment.file(card).is_file():  # the validation ensemble's card says it is not the search's model any more
+            experiment.write_text(card, experiment.file(card).read_text()
+                                  + f"\nNot the search's model: {search_model_text(summary)}.\n")
     entry.update(metric=rerun.metric, folds=folds, top=top, trials=trials, notes=[EARLY_STOPPING, LEANING],
                  wall_time_s=time.perf_counter() - start)
     summary["cv"] = entry
@@ -278,9 +279,7 @@ def oof_ensemble(experiment: Experiment, summary: dict, entry: dict, tracking_ur
     registered. The comparison with the search's ensemble reads that ensemble's test predictions only when their
     content hash is the one the search recorded with its thresholds; otherwise it says why it did not compare."""
     if device is None:
-        import torch  # in the driver, with no trial running: the front's rule
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = driver_device()  # in the driver, with no trial running: the front's rule
     budget = {k: v for k, v in (budget or {}).items() if v is not None}
     rows = [r for r in entry["rows"] if r["complete"]]
     if not rows:

@@ -10,6 +10,14 @@ import contextlib
 DRIVER: dict = {}
 
 
+def driver_device() -> str:
+    """The driver's own device (cuda where it has a GPU, else cpu): where the steps after the trials measure latency
+    as served, record external sources and draw the report, whatever device the trials had."""
+    import torch  # here, not at import: the readers that name this module stay light
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @contextlib.contextmanager
 def this_driver(**values):
     """While the block runs: what this driver's search runs with — `concurrency` (resources, pending, cap),

@@ -27,6 +27,7 @@ import pandas as pd
 
 from .credentials import mask
 from .data.sources import describe_data, describe_untrained
+from .driver import driver_device
 from .experiment import Experiment, ExperimentError, TrialTask, read_predictions
 from .figures import selection_curve
 from .metrics import (
@@ -434,8 +435,6 @@ def run(experiment: Experiment, request: SearchRequest) -> dict:
     on the driver's device. Returns its part of the record (`ensemble_budget`, `ensemble`, `search_model`); a
     budget no trial fits is an outcome (said, nothing registered); an ensemble chosen but not registered is a
     StepFailed that keeps it."""
-    import torch  # the latency as served is measured here, in the driver: on its own device
-
     summary = experiment.summary()
     for row in summary["rows"]:  # trials that ended before a resume on another machine
         if row["status"] == "complete" and not experiment.trial_dir(row).is_dir():
@@ -446,7 +445,7 @@ def run(experiment: Experiment, request: SearchRequest) -> dict:
     try:
         result = run_ensemble(experiment, size=request.ensemble_size, seed=request.seed,
                               tracking_uri=experiment.tracking_uri, read_test=True, budget=budget,
-                              device="cuda" if torch.cuda.is_available() else "cpu", budget_note=note)
+                              device=driver_device(), budget_note=note)
     except NoFit as no_fit:  # an outcome, not a failure: said, and nothing registered (see the README)
         best = summary["best"]
         part["ensemble"] = no_fit.outcome({k: best.get(k) for k in ("trial", "name", summary["metric"], "cost")})

@@ -108,11 +108,10 @@ def checked_summary(summary: dict, path: Path) -> SearchSummary:
 
 
 def json_value(value):
-    """numpy and other values as JSON's own: arrays as lists, numbers as floats, anything else as its text."""
+    """What JSON cannot write itself (json.dumps' `default`): numpy arrays and scalars as JSON's own, anything else
+    (a Path) as its text."""
     if hasattr(value, "tolist"):
         return value.tolist()
-    if isinstance(value, (int, float)):
-        return float(value)
     return str(value)
 
 
@@ -366,11 +365,16 @@ class Experiment:
         """A file in the experiment directory (its folder made), passwords in URLs masked, written whole or not at
         all: a temporary file beside it renamed over it, so a reader never sees half a file and a crash leaves the
         one before."""
+        return self._replace(name, lambda tmp: tmp.write_text(mask(text)))
+
+    def _replace(self, name: str, write) -> Path:
+        """`write(tmp)` to a temporary file beside `name` (its folder made; the same suffix, which matplotlib
+        reads; open, not mkstemp: the umask's permissions), then renamed over it; removed again if writing fails."""
         path = self.file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # (open, not mkstemp: the umask's permissions)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
         try:
-            tmp.write_text(mask(text))
+            write(tmp)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -393,13 +397,8 @@ class Experiment:
         return {"file": name, "sha256": file_sha256(path)}
 
     def write_figure(self, name: str, draw) -> Path:
-        """A PNG drawn by `draw(path)` (figures.py) to a temporary file, renamed into place."""
-        path = self.file(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # (matplotlib reads the suffix)
-        draw(tmp)
-        os.replace(tmp, path)
-        return path
+        """A PNG drawn by `draw(path)` (figures.py), written whole as write_text's files are."""
+        return self._replace(name, draw)
 
     def remove(self, name: str) -> None:
         """A file an earlier step left that no longer holds (an earlier selection's test predictions)."""

@@ -22,6 +22,7 @@ from .config import DataConfig
 from .data.loader import check_split_keys
 from .data.sources import TABLE_KINDS, DatasetIndex, describe_data, read_source
 from .data.splits import DataError
+from .driver import driver_device
 from .experiment import Experiment, TrialTask, trial_data
 from .metrics import (
     auroc_intervals,
@@ -187,8 +188,6 @@ def run(experiment: Experiment, request: SearchRequest) -> dict:
     `--external` source, checked again against the model's labels (and read with the label policies its trials
     had: their config.yaml), on the driver's device; said per source.
     Returns its part of the record (`external`)."""
-    import torch  # in the driver, as the ensemble's latency
-
     summary = experiment.summary()
     if not summary.get("search_model"):
         raise RuntimeError("no registered model to record on the external source(s)")
@@ -197,8 +196,7 @@ def run(experiment: Experiment, request: SearchRequest) -> dict:
     task = TrialTask.of(best)
     sources = check_external(request.external, request.external_split, internal, task.classes, task.task,
                              task.untrained)
-    records = record_external(experiment, sources, summary["search_model"],
-                              "cuda" if torch.cuda.is_available() else "cpu", seed=request.seed)
+    records = record_external(experiment, sources, summary["search_model"], driver_device(), seed=request.seed)
     for line in external_lines(records):
         print(line, flush=True)
     return {"external": records}

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..credentials import mask
+from ..driver import driver_device
 from ..experiment import Experiment, ExperimentError, json_value
 from ..record.names import REPORT_FILE, bare
 from ..request import SearchRequest
@@ -122,9 +123,7 @@ def wanted(request: SearchRequest) -> bool:
 def run(experiment: Experiment, request: SearchRequest) -> dict:
     """The search's last step: the report, drawn here in the driver (on its own device, whatever the trials had).
     Returns its part of the record (`report`: where it is)."""
-    import torch
-
-    return {"report": str(build_report(experiment, device="cuda" if torch.cuda.is_available() else "cpu"))}
+    return {"report": str(build_report(experiment, device=driver_device()))}
 
 
 def main(argv=None) -> int:
